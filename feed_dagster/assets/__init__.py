@@ -1,0 +1,1 @@
+"""Thin Dagster assets: load inputs, call one core function, write, report metadata."""

@@ -1,0 +1,103 @@
+"""Choosing and loading a data source by one setting (core; no dagster).
+
+A source spec is a string: `synthetic` / `synthetic:demo` (the embedded world at a scale),
+`ebnerd:/path/to/ebnerd_small` (a folder or the official zip), or `parquet:/path/to/folder`
+(canonical tables as `<table>.parquet` files, plus `world_info.parquet`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import polars as pl
+
+from feed_dagster.data.schema import TABLE_SCHEMAS, World, conform
+
+SOURCE_KINDS = ("synthetic", "ebnerd", "parquet")
+
+
+@dataclass(frozen=True)
+class SourceSpec:
+    kind: str
+    scale: str = "demo"
+    path: str | None = None
+    seed: int = 0
+
+    @classmethod
+    def parse(cls, spec: str, seed: int = 0) -> SourceSpec:
+        kind, _, arg = spec.partition(":")
+        kind = kind.strip().lower()
+        if kind not in SOURCE_KINDS:
+            raise ValueError(f"unknown source {spec!r}: expected one of {SOURCE_KINDS}")
+        if kind == "synthetic":
+            return cls(kind, scale=arg or "demo", seed=seed)
+        if not arg:
+            raise ValueError(f"source {spec!r} needs a path, e.g. '{kind}:/data/ebnerd_small'")
+        return cls(kind, path=arg, seed=seed)
+
+    def describe(self) -> str:
+        return (
+            f"synthetic:{self.scale} (seed {self.seed})"
+            if self.kind == "synthetic"
+            else (f"{self.kind}:{self.path}")
+        )
+
+
+def load_source(spec: SourceSpec) -> World:
+    if spec.kind == "synthetic":
+        from feed_dagster.world import generate_world, world_config
+
+        return generate_world(world_config(spec.scale, seed=spec.seed))
+    if spec.kind == "ebnerd":
+        from feed_dagster.ebnerd.load import load_ebnerd
+
+        return load_ebnerd(spec.path)
+    return load_parquet_world(Path(spec.path))
+
+
+def world_info(world: World, source: str) -> pl.DataFrame:
+    """The one-row table that carries a world's time frame to downstream assets."""
+    return pl.DataFrame(
+        {
+            "source": [source],
+            "window_start": [world.window_start],
+            "heldout_start": [world.heldout_start],
+            "now": [world.now],
+        },
+        schema={
+            "source": pl.String,
+            **{k: pl.Datetime("us") for k in ("window_start", "heldout_start", "now")},
+        },
+    )
+
+
+def save_parquet_world(world: World, folder: Path, source: str = "parquet") -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, df in world.tables().items():
+        df.write_parquet(folder / f"{name}.parquet")
+    world_info(world, source).write_parquet(folder / "world_info.parquet")
+
+
+def load_parquet_world(folder: Path) -> World:
+    """Canonical tables from `<table>.parquet` files; missing optional tables are empty."""
+    if not folder.is_dir():
+        raise FileNotFoundError(f"parquet source folder {folder} does not exist")
+    required = ("users", "articles", "impressions", "engagements")
+    missing = [t for t in required if not (folder / f"{t}.parquet").exists()]
+    if missing:
+        raise FileNotFoundError(f"{folder}: missing {', '.join(t + '.parquet' for t in missing)}")
+    tables = {}
+    for name, schema in TABLE_SCHEMAS.items():
+        path = folder / f"{name}.parquet"
+        df = pl.read_parquet(path) if path.exists() else pl.DataFrame(schema=schema)
+        tables[name] = conform(name, df)
+    info_path = folder / "world_info.parquet"
+    if info_path.exists():
+        info = pl.read_parquet(info_path).row(0, named=True)
+        start, heldout, now = info["window_start"], info["heldout_start"], info["now"]
+    else:
+        times = tables["impressions"]["shown_at"]
+        start, now = times.min(), times.max()
+        heldout = start + (now - start) * 0.8
+    return World(**tables, window_start=start, heldout_start=heldout, now=now)

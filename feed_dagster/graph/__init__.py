@@ -1,0 +1,1 @@
+"""Follow-graph statistics and degree-distribution summaries (core; no dagster)."""

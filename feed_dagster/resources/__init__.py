@@ -1,0 +1,1 @@
+"""Dagster resources: configuration objects that wrap the core."""

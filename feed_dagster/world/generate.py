@@ -1,0 +1,520 @@
+"""The embedded synthetic social world, generated deterministically from a seed.
+
+What it models, in order:
+- users with sparse topic interests (one dominant "community"), activity and author quality;
+- a follow graph grown by preferential attachment in arrival batches (Price's model), mostly
+  inside the follower's community, plus follow-backs: heavy-tailed in-degree, mutual follows;
+- blocks, mutes, muted keywords, followed topics;
+- posts (originals, replies with a conversation root, reposts, quotes) over the time window,
+  text drawn from topic vocabularies;
+- impressions: sessions that show a slate of recent posts (from followed accounts, from the
+  user's topics, or anything recent), and multi-action engagements drawn from a hidden
+  ground-truth model of topic match, follow, author affinity, recency, quality and position.
+For the held-out period the ground-truth probabilities are kept (impression_truth).
+
+Everything is vectorised numpy; the only Python loops run over batches and topics.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from datetime import datetime, timedelta
+
+import numpy as np
+import polars as pl
+
+from feed_dagster.data.schema import ACTIONS, World, conform
+from feed_dagster.world.config import WorldConfig
+from feed_dagster.world.vocabulary import COMMON, TOPICS
+
+HOUR = 3600
+RECENT_SECONDS = 48 * HOUR
+TOPIC_NAMES = tuple(TOPICS)
+N_TOPICS = len(TOPIC_NAMES)
+
+# Ground-truth logit weights per action:
+# (bias, topic match, follows author, author affinity, author quality, age per hour, position)
+TRUTH_WEIGHTS: dict[str, tuple[float, ...]] = {
+    "click": (-2.2, 3.2, 0.9, 1.2, 0.35, -0.025, -0.06),
+    "favorite": (-3.6, 3.6, 1.0, 0.8, 0.5, -0.02, -0.04),
+    "reply": (-5.6, 2.6, 1.5, 0.8, 0.3, -0.02, -0.03),
+    "repost": (-4.9, 2.6, 0.8, 0.6, 0.6, -0.02, -0.03),
+    "quote": (-6.0, 2.6, 0.8, 0.6, 0.4, -0.02, -0.03),
+    "share": (-5.4, 2.8, 0.3, 0.6, 0.5, -0.02, -0.03),
+    "not_interested": (-3.4, -4.0, -0.8, -1.0, -0.3, 0.0, 0.0),
+    "block_author": (-6.6, -3.0, -1.0, -1.0, -0.8, 0.0, 0.0),
+    "mute_author": (-6.2, -3.0, -1.0, -1.0, -0.5, 0.0, 0.0),
+    "report": (-7.6, -2.0, -0.5, -0.5, -1.5, 0.0, 0.0),
+}
+assert set(TRUTH_WEIGHTS) == set(ACTIONS)
+
+
+def generate_world(cfg: WorldConfig, progress: Callable[[str], None] | None = None) -> World:
+    """Generate every canonical table for `cfg`. Same config and seed give identical tables."""
+    say = progress or (lambda _msg: None)
+    streams = np.random.SeedSequence(cfg.seed).spawn(8)
+    rng_users, rng_graph, rng_social, rng_posts, rng_text, rng_sessions, rng_truth, _ = (
+        np.random.default_rng(s) for s in streams
+    )
+    # Naive datetimes are UTC throughout, as polars treats them.
+    start_us = (cfg.window_start - datetime(1970, 1, 1)).days * 86_400_000_000 + (
+        cfg.window_start - datetime(1970, 1, 1)
+    ).seconds * 1_000_000
+    span = int(cfg.days * 24 * HOUR)
+    heldout_from = span - int(cfg.heldout_days * 24 * HOUR)
+
+    say(f"users: {cfg.n_users:,}")
+    users = _users(cfg, rng_users)
+    say("follow graph")
+    follows = _follow_graph(cfg, users["community"], rng_graph)
+    say(f"follow graph: {len(follows[0]):,} edges")
+    say(f"posts: {cfg.n_posts:,}")
+    posts = _posts(cfg, users, span, rng_posts)
+    text, title = _texts(posts, rng_text)
+    social = _social_extras(cfg, users, posts, rng_social)
+    say("impressions and engagements")
+    imp, eng, truth = _impressions(
+        cfg, users, follows, posts, span, heldout_from, rng_sessions, rng_truth, say
+    )
+
+    def ts(seconds: np.ndarray) -> pl.Series:
+        return pl.Series(start_us + seconds.astype(np.int64) * 1_000_000).cast(pl.Datetime("us"))
+
+    n = cfg.n_users
+    user_ids = np.arange(n, dtype=np.int64)
+    tables = {
+        "users": pl.DataFrame(
+            {
+                "user_id": user_ids,
+                "handle": [f"user{i}" for i in range(n)],
+                "created_at": ts(users["created"]),
+            }
+        ),
+        "follows": pl.DataFrame(
+            {"follower_id": follows[0], "followee_id": follows[1], "followed_at": ts(follows[2])}
+        ),
+        "articles": pl.DataFrame(
+            {
+                "article_id": np.arange(cfg.n_posts, dtype=np.int64),
+                "author_id": posts["author"].astype(np.int64),
+                "published_at": ts(posts["time"]),
+                "kind": pl.Series(
+                    np.array(["original", "reply", "repost", "quote"])[posts["kind"]]
+                ),
+                "parent_id": _nullable(posts["parent"]),
+                "conversation_id": posts["conversation"].astype(np.int64),
+                "topic": posts["topic"].astype(np.int32),
+                "topic_name": pl.Series(np.array(TOPIC_NAMES)[posts["topic"]]),
+                "title": title,
+                "text": text,
+            }
+        ),
+        "impressions": pl.DataFrame(
+            {
+                "impression_id": imp["impression_id"],
+                "user_id": imp["user_id"],
+                "article_id": imp["article_id"],
+                "position": imp["position"],
+                "shown_at": ts(imp["time"]),
+                "is_heldout": imp["time"] >= heldout_from,
+            }
+        ),
+        "engagements": pl.DataFrame(
+            {
+                "user_id": eng["user_id"],
+                "article_id": eng["article_id"],
+                "impression_id": eng["impression_id"],
+                "engaged_at": ts(eng["time"]),
+                **{a: eng[a] for a in ACTIONS},
+                "dwell_seconds": eng["dwell_seconds"],
+            }
+        ),
+        "impression_truth": pl.DataFrame(truth),
+        "topic_follows": pl.DataFrame(
+            {"user_id": social["topic_follow_user"], "topic": social["topic_follow_topic"]}
+        ),
+        "blocks": pl.DataFrame({"user_id": social["block_user"], "blocked_id": social["block_id"]}),
+        "mutes": pl.DataFrame({"user_id": social["mute_user"], "muted_id": social["mute_id"]}),
+        "muted_keywords": pl.DataFrame(
+            {"user_id": social["kw_user"], "keyword": social["kw_word"]}
+        ),
+    }
+    tables = {name: conform(name, df) for name, df in tables.items()}
+    window_start = cfg.window_start
+    return World(
+        **tables,
+        window_start=window_start,
+        heldout_start=window_start + timedelta(seconds=heldout_from),
+        now=window_start + timedelta(seconds=span),
+    )
+
+
+def _nullable(values: np.ndarray) -> pl.Series:
+    """int64 series where negative values (our 'none' marker) become nulls."""
+    s = pl.Series(values.astype(np.int64))
+    return pl.select(pl.when(s >= 0).then(s)).to_series()
+
+
+def _users(cfg: WorldConfig, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    n = cfg.n_users
+    # Sparse Dirichlet interests: most users care about one or two topics.
+    interest = rng.dirichlet(np.full(N_TOPICS, 0.25), size=n).astype(np.float32)
+    activity = rng.lognormal(0.0, 0.7, size=n)
+    activity /= activity.mean()
+    return {
+        "interest": interest,
+        "community": interest.argmax(axis=1).astype(np.int32),
+        "activity": activity,
+        "quality": rng.normal(0.0, 1.0, size=n).astype(np.float32),
+        # Posting propensity is heavy-tailed: a few accounts write most posts.
+        "posting": rng.pareto(1.5, size=n) + 0.05,
+        "ctr_bias": rng.normal(0.0, 0.4, size=n).astype(np.float32),
+        # Accounts exist before the window opens (up to a year).
+        "created": -rng.integers(HOUR, 365 * 24 * HOUR, size=n),
+    }
+
+
+def _sample_weighted(weights: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
+    """k indices drawn with replacement with probability proportional to weights."""
+    cum = np.cumsum(weights, dtype=np.float64)
+    return np.searchsorted(cum, rng.random(k) * cum[-1], side="right").clip(0, len(cum) - 1)
+
+
+def _follow_graph(
+    cfg: WorldConfig, community: np.ndarray, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Directed follow edges (follower, followee, followed_at seconds), deduplicated.
+
+    Users arrive in id order in batches; each newcomer follows earlier accounts with
+    probability proportional to in-degree + offset (preferential attachment), inside its own
+    community with probability community_follow_share. Batching keeps it vectorised; within a
+    batch the weights are those at the batch start.
+    """
+    n = cfg.n_users
+    sigma = 1.0
+    out_deg = rng.lognormal(np.log(cfg.mean_follows) - sigma**2 / 2, sigma, size=n)
+    out_deg = np.clip(out_deg.round(), 1, n - 1).astype(np.int64)
+    indeg = np.zeros(n, dtype=np.float64)
+    members = [np.flatnonzero(community == c) for c in range(N_TOPICS)]
+    seed_size = min(n, max(20, n // 100))
+    bounds = np.unique(np.linspace(seed_size, n, 101).astype(np.int64))
+    src_parts, dst_parts = [], []
+
+    # Seed accounts follow each other uniformly at random.
+    src = np.repeat(np.arange(seed_size), np.minimum(out_deg[:seed_size], seed_size - 1))
+    dst = rng.integers(0, seed_size, size=len(src))
+    src_parts.append(src)
+    dst_parts.append(dst)
+    indeg += np.bincount(dst, minlength=n)
+
+    for lo, hi in zip(bounds[:-1], bounds[1:], strict=True):
+        src = np.repeat(np.arange(lo, hi), out_deg[lo:hi])
+        dst = np.empty(len(src), dtype=np.int64)
+        in_comm = rng.random(len(src)) < cfg.community_follow_share
+        glob = ~in_comm
+        dst[glob] = _sample_weighted(indeg[:lo] + cfg.attachment_offset, int(glob.sum()), rng)
+        src_comm = community[src]
+        for c in range(N_TOPICS):
+            pick = in_comm & (src_comm == c)
+            k = int(pick.sum())
+            if not k:
+                continue
+            earlier = members[c][: np.searchsorted(members[c], lo)]
+            if len(earlier) == 0:
+                dst[pick] = _sample_weighted(indeg[:lo] + cfg.attachment_offset, k, rng)
+            else:
+                w = indeg[earlier] + cfg.attachment_offset
+                dst[pick] = earlier[_sample_weighted(w, k, rng)]
+        src_parts.append(src)
+        dst_parts.append(dst)
+        indeg += np.bincount(dst, minlength=n)
+
+    src = np.concatenate(src_parts)
+    dst = np.concatenate(dst_parts)
+    back = rng.random(len(src)) < cfg.follow_back_prob
+    src, dst = np.concatenate([src, dst[back]]), np.concatenate([dst, src[back]])
+    keep = src != dst
+    keys = np.unique(src[keep] * n + dst[keep])
+    follower, followee = keys // n, keys % n
+    # Follows happen before the window opens, so the graph is fixed while feeds are served.
+    followed_at = -rng.integers(60, 180 * 24 * HOUR, size=len(keys))
+    return follower, followee, followed_at
+
+
+def _posts(
+    cfg: WorldConfig, users: dict[str, np.ndarray], span: int, rng: np.random.Generator
+) -> dict[str, np.ndarray]:
+    n = cfg.n_posts
+    time = np.sort(rng.integers(0, span, size=n))
+    author = _sample_weighted(users["posting"], n, rng)
+    # A post's topic comes from its author's interests.
+    cum = np.cumsum(users["interest"][author], axis=1)
+    topic = (cum < rng.random((n, 1)) * cum[:, -1:]).sum(axis=1).clip(0, N_TOPICS - 1)
+    kind = rng.choice(4, size=n, p=[0.7, 0.15, 0.1, 0.05])
+    # Parents are posts from the preceding 24 h.
+    lo = np.searchsorted(time, time - 24 * HOUR)
+    idx = np.arange(n)
+    has_earlier = idx > lo
+    kind[~has_earlier] = 0
+    parent = np.where(kind > 0, lo + (rng.random(n) * (idx - lo)).astype(np.int64), -1)
+    # Replies and reposts join the parent's conversation; quotes and originals start their own.
+    conv = np.where((kind == 1) | (kind == 2), parent, idx)
+    while True:
+        nxt = conv[conv]
+        if np.array_equal(nxt, conv):
+            break
+        conv = nxt
+    # A repost points at the original (root) post, never at another repost.
+    parent = np.where(kind == 2, conv, parent)
+    inherit = kind > 0
+    topic = np.where(inherit, topic[np.maximum(parent, 0)], topic)
+    return {
+        "time": time,
+        "author": author,
+        "topic": topic.astype(np.int32),
+        "kind": kind,
+        "parent": parent,
+        "conversation": conv,
+        "quality": users["quality"][author] + rng.normal(0, 0.3, size=n).astype(np.float32),
+    }
+
+
+def _texts(posts: dict[str, np.ndarray], rng: np.random.Generator) -> tuple[list[str], list[str]]:
+    """Post text: 8-14 words, ~70% from the topic's vocabulary. Reposts copy their parent."""
+    vocab_size = len(next(iter(TOPICS.values())))
+    topic_words = np.array([w for name in TOPIC_NAMES for w in TOPICS[name]])
+    common = np.array(COMMON)
+    n, max_len = len(posts["topic"]), 14
+    from_topic = rng.random((n, max_len)) < 0.7
+    topic_idx = posts["topic"][:, None] * vocab_size + rng.integers(0, vocab_size, (n, max_len))
+    words = np.where(
+        from_topic, topic_words[topic_idx], common[rng.integers(0, len(common), (n, max_len))]
+    )
+    lengths = rng.integers(8, max_len + 1, size=n)
+    text = [" ".join(row[:k]) for row, k in zip(words.tolist(), lengths.tolist(), strict=True)]
+    repost = np.flatnonzero(posts["kind"] == 2)
+    for i, p in zip(repost.tolist(), posts["parent"][repost].tolist(), strict=True):
+        text[i] = text[p]
+    title = [" ".join(t.split()[:5]).capitalize() for t in text]
+    return text, title
+
+
+def _social_extras(
+    cfg: WorldConfig,
+    users: dict[str, np.ndarray],
+    posts: dict[str, np.ndarray],
+    rng: np.random.Generator,
+) -> dict[str, np.ndarray]:
+    n = cfg.n_users
+    interest = users["interest"]
+    # Topic follows: every topic holding at least 25% of a user's interest (1-3 topics).
+    tf_user, tf_topic = np.nonzero(interest >= 0.25)
+    # Blocks and mutes target authors, weighted by how much they post.
+    post_counts = np.bincount(posts["author"], minlength=n).astype(np.float64) + 0.1
+
+    def pairs(mean: float) -> tuple[np.ndarray, np.ndarray]:
+        count = rng.poisson(mean, size=n)
+        u = np.repeat(np.arange(n), count)
+        t = _sample_weighted(post_counts, len(u), rng)
+        keys = np.unique(u * n + t)
+        keys = keys[keys // n != keys % n]
+        return keys // n, keys % n
+
+    block_user, block_id = pairs(0.15)
+    mute_user, mute_id = pairs(0.25)
+    # Muted keywords come from the vocabulary of the topic a user cares least about.
+    kw_count = rng.poisson(0.4, size=n)
+    kw_user = np.repeat(np.arange(n), kw_count)
+    least = interest.argmin(axis=1)[kw_user]
+    vocab = [TOPICS[name] for name in TOPIC_NAMES]
+    pick = rng.integers(0, len(vocab[0]), size=len(kw_user))
+    kw_word = np.array([vocab[t][p] for t, p in zip(least.tolist(), pick.tolist(), strict=True)])
+    kw = pl.DataFrame({"u": kw_user, "w": kw_word.astype(str)}).unique(maintain_order=True)
+    return {
+        "topic_follow_user": tf_user.astype(np.int64),
+        "topic_follow_topic": tf_topic.astype(np.int32),
+        "block_user": block_user,
+        "block_id": block_id,
+        "mute_user": mute_user,
+        "mute_id": mute_id,
+        "kw_user": kw["u"].to_numpy(),
+        "kw_word": kw["w"],
+    }
+
+
+def _range_pick(
+    sorted_keys: np.ndarray, lo_keys: np.ndarray, hi_keys: np.ndarray, rng: np.random.Generator
+) -> np.ndarray:
+    """For each query, a random position in sorted_keys within [lo_key, hi_key), or -1."""
+    lo = np.searchsorted(sorted_keys, lo_keys, side="left")
+    hi = np.searchsorted(sorted_keys, hi_keys, side="left")
+    pos = lo + (rng.random(len(lo)) * (hi - lo)).astype(np.int64)
+    return np.where(hi > lo, pos, -1)
+
+
+def _impressions(
+    cfg: WorldConfig,
+    users: dict[str, np.ndarray],
+    follows: tuple[np.ndarray, np.ndarray, np.ndarray],
+    posts: dict[str, np.ndarray],
+    span: int,
+    heldout_from: int,
+    rng: np.random.Generator,
+    rng_truth: np.random.Generator,
+    say: Callable[[str], None],
+) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], dict[str, np.ndarray]]:
+    n_users, slate = cfg.n_users, cfg.slate_size
+    follower, followee, _ = follows
+    follow_keys = follower * n_users + followee  # sorted: edges come out of np.unique
+    follow_off = np.searchsorted(follower, np.arange(n_users + 1))
+    out_deg = np.diff(follow_off)
+
+    # Sessions: each user's count follows its activity; times uniform after the first 6 h.
+    counts = rng.poisson(users["activity"] * cfg.sessions_per_user_day * cfg.days)
+    s_user = np.repeat(np.arange(n_users), counts)
+    s_time = rng.integers(6 * HOUR, span, size=len(s_user))
+    order = np.argsort(s_time, kind="stable")
+    s_user, s_time = s_user[order], s_time[order]
+    n_sessions = len(s_user)
+
+    # Lookup keys: posts by (author, time) and (topic, time), for range picks of recent posts.
+    ptime = posts["time"].astype(np.int64)
+    by_author = np.lexsort((ptime, posts["author"]))
+    author_keys = posts["author"][by_author].astype(np.int64) * span + ptime[by_author]
+    by_topic = np.lexsort((ptime, posts["topic"]))
+    topic_keys = posts["topic"][by_topic].astype(np.int64) * span + ptime[by_topic]
+    interest_cum = np.cumsum(users["interest"], axis=1)
+
+    imp_parts: list[dict[str, np.ndarray]] = []
+    eng_parts: list[dict[str, np.ndarray]] = []
+    truth_parts: list[dict[str, np.ndarray]] = []
+    chunk = max(1, 2_000_000 // slate)
+    for c0 in range(0, n_sessions, chunk):
+        sess = np.arange(c0, min(n_sessions, c0 + chunk))
+        u = np.repeat(s_user[sess], slate)
+        t = np.repeat(s_time[sess], slate).astype(np.int64)
+        sid = np.repeat(sess, slate)
+        m = len(u)
+        src = rng.random(m)
+        post = np.full(m, -1, dtype=np.int64)
+        # In-network slots: a random followee's post from the last 48 h.
+        innet = (src < cfg.in_network_share) & (out_deg[u] > 0)
+        k = follow_off[u[innet]] + (rng.random(int(innet.sum())) * out_deg[u[innet]]).astype(
+            np.int64
+        )
+        a = followee[k]
+        pos = _range_pick(
+            author_keys, a * span + t[innet] - RECENT_SECONDS, a * span + t[innet], rng
+        )
+        post[innet] = np.where(pos >= 0, by_author[np.maximum(pos, 0)], -1)
+        # Topic slots: a recent post from a topic drawn from the user's interests.
+        topical = (post < 0) & (src < 0.8)
+        r = rng.random(int(topical.sum()))[:, None] * interest_cum[u[topical], -1:]
+        tp = (interest_cum[u[topical]] < r).sum(axis=1).clip(0, N_TOPICS - 1).astype(np.int64)
+        pos = _range_pick(
+            topic_keys, tp * span + t[topical] - RECENT_SECONDS, tp * span + t[topical], rng
+        )
+        post[topical] = np.where(pos >= 0, by_topic[np.maximum(pos, 0)], -1)
+        # Remaining slots: anything recent.
+        rest = post < 0
+        pos = _range_pick(ptime, t[rest] - RECENT_SECONDS, t[rest], rng)
+        post[rest] = pos
+        ok = (post >= 0) & (posts["author"][np.maximum(post, 0)] != u)
+        u, t, sid, post = u[ok], t[ok], sid[ok], post[ok]
+        # One row per (session, post): drop repeats inside a slate.
+        _, first = np.unique(sid * cfg.n_posts + post, return_index=True)
+        first.sort()
+        u, t, sid, post = u[first], t[first], sid[first], post[first]
+        position = _rank_within(sid)
+        imp_parts.append(
+            {
+                "impression_id": sid,
+                "user_id": u,
+                "article_id": post,
+                "position": position,
+                "time": t,
+            }
+        )
+        probs, dwell_mean = _truth(users, posts, follow_keys, n_users, u, post, t, position)
+        draws = {a: rng_truth.random(len(u)) < probs[a] for a in ACTIONS}
+        any_action = np.zeros(len(u), dtype=bool)
+        for a in ACTIONS:
+            any_action |= draws[a]
+        dwell = np.where(draws["click"], rng_truth.lognormal(np.log(dwell_mean), 0.6), 0.0).astype(
+            np.float32
+        )
+        e = np.flatnonzero(any_action)
+        delay = rng_truth.integers(1, 120, size=len(e))
+        eng_parts.append(
+            {
+                "user_id": u[e],
+                "article_id": post[e],
+                "impression_id": sid[e],
+                "time": np.minimum(t[e] + delay, span - 1),
+                **{a: draws[a][e] for a in ACTIONS},
+                "dwell_seconds": dwell[e],
+            }
+        )
+        h = np.flatnonzero(t >= heldout_from)
+        if len(h):
+            truth_parts.append(
+                {
+                    "impression_id": sid[h],
+                    "article_id": post[h],
+                    **{f"true_p_{a}": probs[a][h].astype(np.float32) for a in ACTIONS},
+                    "true_dwell_seconds": (probs["click"][h] * dwell_mean[h]).astype(np.float32),
+                }
+            )
+        say(f"sessions {min(n_sessions, c0 + chunk):,}/{n_sessions:,}")
+
+    def cat(parts: list[dict[str, np.ndarray]], keys: list[str]) -> dict[str, np.ndarray]:
+        return {k: np.concatenate([p[k] for p in parts]) if parts else np.array([]) for k in keys}
+
+    imp = cat(imp_parts, list(imp_parts[0]))
+    eng = cat(eng_parts, list(eng_parts[0]))
+    truth_keys = [
+        "impression_id",
+        "article_id",
+        *[f"true_p_{a}" for a in ACTIONS],
+        "true_dwell_seconds",
+    ]
+    truth = cat(truth_parts, truth_keys)
+    return imp, eng, truth
+
+
+def _rank_within(group: np.ndarray) -> np.ndarray:
+    """0-based position of each row inside its run of equal (sorted) group values."""
+    starts = np.r_[0, np.flatnonzero(np.diff(group)) + 1]
+    run_start = np.repeat(starts, np.diff(np.r_[starts, len(group)]))
+    return (np.arange(len(group)) - run_start).astype(np.int32)
+
+
+def _truth(
+    users: dict[str, np.ndarray],
+    posts: dict[str, np.ndarray],
+    follow_keys: np.ndarray,
+    n_users: int,
+    u: np.ndarray,
+    post: np.ndarray,
+    t: np.ndarray,
+    position: np.ndarray,
+) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """Hidden ground-truth probability of every action, and mean dwell given a click."""
+    author = posts["author"][post]
+    interest = users["interest"]
+    match = interest[u, posts["topic"][post]] * 2.0
+    key = u * n_users + author
+    at = np.searchsorted(follow_keys, key).clip(0, len(follow_keys) - 1)
+    follows = (follow_keys[at] == key).astype(np.float32)
+    affinity = (interest[u] * interest[author]).sum(axis=1) * 2.0
+    quality = posts["quality"][post]
+    age_h = (t - posts["time"][post]) / HOUR
+    feats = (match, follows, affinity, quality, age_h, position.astype(np.float32))
+    probs = {}
+    for action, (bias, *w) in TRUTH_WEIGHTS.items():
+        logit = bias + sum(wi * f for wi, f in zip(w, feats, strict=True))
+        if action == "click":
+            logit = logit + users["ctr_bias"][u]
+        probs[action] = (1.0 / (1.0 + np.exp(-logit))).astype(np.float32)
+    dwell_mean = np.exp(2.3 + 1.0 * match + 0.2 * quality).astype(np.float32)
+    return probs, dwell_mean
