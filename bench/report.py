@@ -13,8 +13,6 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-import os
-
 DOC = Path(__file__).resolve().parent.parent / "docs" / "BENCHMARKS.md"
 HEADER = "# Benchmarks\n\nFigures written by the scripts under `bench/`; rerun a script to refresh its section.\n"
 
