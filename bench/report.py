@@ -6,6 +6,7 @@ and rewrites only that section so scripts can run in any order.
 
 from __future__ import annotations
 
+import os
 import platform
 import resource
 import statistics
@@ -14,7 +15,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "BENCHMARKS.md"
-HEADER = "# Benchmarks\n\nFigures written by the scripts under `bench/`; rerun a script to refresh its section.\n"
+HEADER = (
+    "# Benchmarks\n\nFigures written by the scripts under `bench/`; "
+    "rerun a script to refresh its section.\n"
+)
 
 
 def machine() -> str:
