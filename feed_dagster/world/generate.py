@@ -23,7 +23,7 @@ from datetime import datetime, timedelta
 import numpy as np
 import polars as pl
 
-from feed_dagster.data.schema import ACTIONS, World, conform
+from feed_dagster.data.schema import ACTIONS, TABLE_SCHEMAS, World, conform
 from feed_dagster.world.config import WorldConfig
 from feed_dagster.world.vocabulary import COMMON, TOPICS
 
@@ -73,12 +73,13 @@ def generate_world(cfg: WorldConfig, progress: Callable[[str], None] | None = No
     text, title = _texts(posts, rng_text)
     social = _social_extras(cfg, users, posts, rng_social)
     say("impressions and engagements")
-    imp, eng, truth = _impressions(
-        cfg, users, follows, posts, span, heldout_from, rng_sessions, rng_truth, say
-    )
 
     def ts(seconds: np.ndarray) -> pl.Series:
         return pl.Series(start_us + seconds.astype(np.int64) * 1_000_000).cast(pl.Datetime("us"))
+
+    impressions, engagements, truth = _impressions(
+        cfg, users, follows, posts, span, heldout_from, rng_sessions, rng_truth, ts, say
+    )
 
     n = cfg.n_users
     user_ids = np.arange(n, dtype=np.int64)
@@ -109,27 +110,9 @@ def generate_world(cfg: WorldConfig, progress: Callable[[str], None] | None = No
                 "text": text,
             }
         ),
-        "impressions": pl.DataFrame(
-            {
-                "impression_id": imp["impression_id"],
-                "user_id": imp["user_id"],
-                "article_id": imp["article_id"],
-                "position": imp["position"],
-                "shown_at": ts(imp["time"]),
-                "is_heldout": imp["time"] >= heldout_from,
-            }
-        ),
-        "engagements": pl.DataFrame(
-            {
-                "user_id": eng["user_id"],
-                "article_id": eng["article_id"],
-                "impression_id": eng["impression_id"],
-                "engaged_at": ts(eng["time"]),
-                **{a: eng[a] for a in ACTIONS},
-                "dwell_seconds": eng["dwell_seconds"],
-            }
-        ),
-        "impression_truth": pl.DataFrame(truth),
+        "impressions": impressions,
+        "engagements": engagements,
+        "impression_truth": truth,
         "topic_follows": pl.DataFrame(
             {"user_id": social["topic_follow_user"], "topic": social["topic_follow_topic"]}
         ),
@@ -361,8 +344,11 @@ def _impressions(
     heldout_from: int,
     rng: np.random.Generator,
     rng_truth: np.random.Generator,
+    ts: Callable[[np.ndarray], pl.Series],
     say: Callable[[str], None],
-) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], dict[str, np.ndarray]]:
+) -> tuple[pl.DataFrame, pl.DataFrame, pl.DataFrame]:
+    """Impressions, engagements and held-out truth, built chunk by chunk as canonical frames
+    so that peak memory stays near the size of the final tables."""
     n_users, slate = cfg.n_users, cfg.slate_size
     follower, followee, _ = follows
     follow_keys = follower * n_users + followee  # sorted: edges come out of np.unique
@@ -385,9 +371,9 @@ def _impressions(
     topic_keys = posts["topic"][by_topic].astype(np.int64) * span + ptime[by_topic]
     interest_cum = np.cumsum(users["interest"], axis=1)
 
-    imp_parts: list[dict[str, np.ndarray]] = []
-    eng_parts: list[dict[str, np.ndarray]] = []
-    truth_parts: list[dict[str, np.ndarray]] = []
+    imp_parts: list[pl.DataFrame] = []
+    eng_parts: list[pl.DataFrame] = []
+    truth_parts: list[pl.DataFrame] = []
     chunk = max(1, 2_000_000 // slate)
     for c0 in range(0, n_sessions, chunk):
         sess = np.arange(c0, min(n_sessions, c0 + chunk))
@@ -427,13 +413,19 @@ def _impressions(
         u, t, sid, post = u[first], t[first], sid[first], post[first]
         position = _rank_within(sid)
         imp_parts.append(
-            {
-                "impression_id": sid,
-                "user_id": u,
-                "article_id": post,
-                "position": position,
-                "time": t,
-            }
+            conform(
+                "impressions",
+                pl.DataFrame(
+                    {
+                        "impression_id": sid,
+                        "user_id": u,
+                        "article_id": post,
+                        "position": position,
+                        "shown_at": ts(t),
+                        "is_heldout": t >= heldout_from,
+                    }
+                ),
+            )
         )
         probs, dwell_mean = _truth(users, posts, follow_keys, n_users, u, post, t, position)
         draws = {a: rng_truth.random(len(u)) < probs[a] for a in ACTIONS}
@@ -446,40 +438,47 @@ def _impressions(
         e = np.flatnonzero(any_action)
         delay = rng_truth.integers(1, 120, size=len(e))
         eng_parts.append(
-            {
-                "user_id": u[e],
-                "article_id": post[e],
-                "impression_id": sid[e],
-                "time": np.minimum(t[e] + delay, span - 1),
-                **{a: draws[a][e] for a in ACTIONS},
-                "dwell_seconds": dwell[e],
-            }
+            conform(
+                "engagements",
+                pl.DataFrame(
+                    {
+                        "user_id": u[e],
+                        "article_id": post[e],
+                        "impression_id": sid[e],
+                        "engaged_at": ts(np.minimum(t[e] + delay, span - 1)),
+                        **{a: draws[a][e] for a in ACTIONS},
+                        "dwell_seconds": dwell[e],
+                    }
+                ),
+            )
         )
         h = np.flatnonzero(t >= heldout_from)
         if len(h):
             truth_parts.append(
-                {
-                    "impression_id": sid[h],
-                    "article_id": post[h],
-                    **{f"true_p_{a}": probs[a][h].astype(np.float32) for a in ACTIONS},
-                    "true_dwell_seconds": (probs["click"][h] * dwell_mean[h]).astype(np.float32),
-                }
+                conform(
+                    "impression_truth",
+                    pl.DataFrame(
+                        {
+                            "impression_id": sid[h],
+                            "article_id": post[h],
+                            **{f"true_p_{a}": probs[a][h] for a in ACTIONS},
+                            "true_dwell_seconds": probs["click"][h] * dwell_mean[h],
+                        }
+                    ),
+                )
             )
         say(f"sessions {min(n_sessions, c0 + chunk):,}/{n_sessions:,}")
 
-    def cat(parts: list[dict[str, np.ndarray]], keys: list[str]) -> dict[str, np.ndarray]:
-        return {k: np.concatenate([p[k] for p in parts]) if parts else np.array([]) for k in keys}
+    def cat(name: str, parts: list[pl.DataFrame]) -> pl.DataFrame:
+        if not parts:
+            return pl.DataFrame(schema=TABLE_SCHEMAS[name])
+        return pl.concat(parts, rechunk=False)
 
-    imp = cat(imp_parts, list(imp_parts[0]))
-    eng = cat(eng_parts, list(eng_parts[0]))
-    truth_keys = [
-        "impression_id",
-        "article_id",
-        *[f"true_p_{a}" for a in ACTIONS],
-        "true_dwell_seconds",
-    ]
-    truth = cat(truth_parts, truth_keys)
-    return imp, eng, truth
+    return (
+        cat("impressions", imp_parts),
+        cat("engagements", eng_parts),
+        cat("impression_truth", truth_parts),
+    )
 
 
 def _rank_within(group: np.ndarray) -> np.ndarray:
