@@ -4,8 +4,10 @@ import os
 
 import dagster as dg
 
+from feed_dagster.data.incoming import replay_done
 from feed_dagster.data.schema import World
 from feed_dagster.data.sources import SourceSpec, load_source
+from feed_dagster.resources.storage import incoming_dir
 
 
 class SourceResource(dg.ConfigurableResource):
@@ -17,12 +19,18 @@ class SourceResource(dg.ConfigurableResource):
 
     spec: str = "synthetic:demo"
     seed: int = 0
+    # Replay committed incoming batches (data/incoming/done) on top of the source, so a
+    # full rebuild keeps the activity the sensor ingested.
+    include_ingested: bool = True
 
     def parsed(self) -> SourceSpec:
         return SourceSpec.parse(self.spec, seed=self.seed)
 
     def load(self) -> World:
-        return load_source(self.parsed())
+        world = load_source(self.parsed())
+        if self.include_ingested:
+            world = replay_done(world, incoming_dir() / "done")
+        return world
 
 
 def default_source() -> SourceResource:

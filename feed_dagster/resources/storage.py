@@ -11,3 +11,8 @@ def data_root() -> Path:
 
 def warehouse_path() -> Path:
     return data_root() / "warehouse.duckdb"
+
+
+def incoming_dir() -> Path:
+    """Where new Parquet batches of posts and engagements are dropped for the sensor."""
+    return data_root() / "incoming"
