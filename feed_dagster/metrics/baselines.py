@@ -1,0 +1,254 @@
+"""Non-learned rankers that score canonical impression rows, for comparison with models.
+
+Every baseline sees only what was known strictly before each impression's `shown_at`:
+engagements earlier than it, the article's publish time, follows made before it. Each has
+the signature `f(impressions, engagements, articles, follows=None) -> impressions + score`
+and keeps the input row order.
+
+* random: uniform scores from a seeded generator.
+* popularity: positive engagements (favorite, reply, repost, quote, share or click) on the
+  article in the trailing window [shown_at - window, shown_at), default 24 h.
+* recency: newest first, score = -(age of the article at shown_at in seconds).
+* read_time: mean dwell_seconds of the article's earlier engagements (the mean over all
+  earlier engagements for an article nobody has read yet).
+* chronological_following: articles by authors the user followed before the impression,
+  newest first, then all others newest first (the classic following timeline).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from datetime import timedelta
+
+import numpy as np
+import polars as pl
+
+from feed_dagster.data.schema import World
+from feed_dagster.metrics.ranking import evaluate_scores
+
+SCORE = "score"
+POSITIVE_ACTIONS: tuple[str, ...] = ("favorite", "reply", "repost", "quote", "share", "click")
+# Larger than any age in seconds, so the followed block always outranks the rest.
+_FOLLOWED_BONUS = 1e12
+
+Baseline = Callable[..., pl.DataFrame]
+
+
+def _as_of(
+    impressions: pl.DataFrame,
+    events: pl.DataFrame,
+    at: pl.Expr,
+    value_cols: list[str],
+    by_article: bool = True,
+) -> pl.DataFrame:
+    """For each impression row, running totals of events strictly before `at`.
+
+    `events` has t and cumulative value columns, one row per t (and per article_id when
+    `by_article`). Returns value_cols aligned with the impression rows, 0 when nothing
+    happened before.
+    """
+    left = impressions.select(
+        pl.int_range(pl.len()).alias("_row"), "article_id", at.alias("_at")
+    ).sort("_at")
+    joined = left.join_asof(
+        events.sort("t"),
+        left_on="_at",
+        right_on="t",
+        by="article_id" if by_article else None,
+        strategy="backward",
+        allow_exact_matches=False,  # strictly before: the impression's own click never counts
+        check_sortedness=False,  # both sides are sorted on the time key just above
+    )
+    return joined.sort("_row").select(pl.col(value_cols).fill_null(0))
+
+
+def _cumulative(
+    events: pl.DataFrame, sums: dict[str, pl.Expr], by_article: bool = True
+) -> pl.DataFrame:
+    """Cumulative totals of `sums` up to and including each time (per article, or overall)."""
+    keys = ["article_id", "t"] if by_article else ["t"]
+    return (
+        events.group_by(keys)
+        .agg(**sums)
+        .sort(keys)
+        .with_columns(
+            pl.col(list(sums)).cum_sum().over("article_id")
+            if by_article
+            else pl.col(list(sums)).cum_sum()
+        )
+    )
+
+
+def random_scores(
+    impressions: pl.DataFrame,
+    engagements: pl.DataFrame | None = None,
+    articles: pl.DataFrame | None = None,
+    follows: pl.DataFrame | None = None,
+    *,
+    seed: int = 0,
+) -> pl.DataFrame:
+    """Uniform random scores (the chance level every other ranker must beat)."""
+    rng = np.random.default_rng(seed)
+    return impressions.with_columns(pl.Series(SCORE, rng.random(impressions.height)))
+
+
+def popularity_scores(
+    impressions: pl.DataFrame,
+    engagements: pl.DataFrame,
+    articles: pl.DataFrame | None = None,
+    follows: pl.DataFrame | None = None,
+    *,
+    window: timedelta = timedelta(hours=24),
+) -> pl.DataFrame:
+    """Positive engagements on the article in [shown_at - window, shown_at)."""
+    positive = pl.any_horizontal([pl.col(a) for a in POSITIVE_ACTIONS if a in engagements.columns])
+    events = _cumulative(
+        engagements.filter(positive).select("article_id", pl.col("engaged_at").alias("t")),
+        {"n": pl.len().cast(pl.Float64)},
+    )
+    upto_now = _as_of(impressions, events, pl.col("shown_at"), ["n"])["n"]
+    upto_start = _as_of(impressions, events, pl.col("shown_at") - window, ["n"])["n"]
+    return impressions.with_columns((upto_now - upto_start).alias(SCORE))
+
+
+def _age_seconds(impressions: pl.DataFrame, articles: pl.DataFrame) -> pl.Series:
+    published = impressions.select("article_id").join(
+        articles.select("article_id", "published_at"),
+        on="article_id",
+        how="left",
+        maintain_order="left",
+    )["published_at"]
+    age = (impressions["shown_at"] - published).dt.total_microseconds() / 1e6
+    # Unknown publish time: treat as the oldest article of the frame.
+    oldest = age.max()
+    return age.fill_null(0.0 if oldest is None else oldest + 1.0)
+
+
+def recency_scores(
+    impressions: pl.DataFrame,
+    engagements: pl.DataFrame | None = None,
+    articles: pl.DataFrame | None = None,
+    follows: pl.DataFrame | None = None,
+) -> pl.DataFrame:
+    """Newest first: minus the article's age in seconds at shown_at."""
+    if articles is None:
+        raise ValueError("recency_scores needs the articles table (published_at)")
+    return impressions.with_columns((-_age_seconds(impressions, articles)).alias(SCORE))
+
+
+def read_time_scores(
+    impressions: pl.DataFrame,
+    engagements: pl.DataFrame,
+    articles: pl.DataFrame | None = None,
+    follows: pl.DataFrame | None = None,
+) -> pl.DataFrame:
+    """Mean dwell of the article's engagements strictly before shown_at.
+
+    An article nobody has read yet gets the mean dwell of all earlier engagements, so the
+    score ranks depth of reading, not merely having been read (that is popularity).
+    """
+    timed = engagements.filter(pl.col("dwell_seconds").is_not_null()).select(
+        "article_id", pl.col("engaged_at").alias("t"), "dwell_seconds"
+    )
+    sums = {"dwell": pl.col("dwell_seconds").cast(pl.Float64).sum(), "n": pl.len().cast(pl.Float64)}
+    at = pl.col("shown_at")
+    own = _as_of(impressions, _cumulative(timed, sums), at, ["dwell", "n"])
+    every = _as_of(
+        impressions, _cumulative(timed, sums, by_article=False), at, ["dwell", "n"], False
+    )
+    score = (
+        pl.when(own["n"] > 0)
+        .then(own["dwell"] / own["n"])
+        .when(every["n"] > 0)
+        .then(every["dwell"] / every["n"])
+        .otherwise(0.0)
+    )
+    return impressions.with_columns(score.alias(SCORE))
+
+
+def chronological_following_scores(
+    impressions: pl.DataFrame,
+    engagements: pl.DataFrame | None = None,
+    articles: pl.DataFrame | None = None,
+    follows: pl.DataFrame | None = None,
+) -> pl.DataFrame:
+    """Followed authors' articles newest first, then every other article newest first.
+
+    A follow counts when followed_at is before shown_at (or unknown). Without follows or
+    authors this is the recency baseline.
+    """
+    if articles is None:
+        raise ValueError("chronological_following_scores needs the articles table")
+    age = _age_seconds(impressions, articles)
+    if follows is None or follows.height == 0:
+        return impressions.with_columns((-age).alias(SCORE))
+    rows = impressions.select(
+        pl.int_range(pl.len()).alias("_row"), "user_id", "article_id", "shown_at"
+    ).join(articles.select("article_id", "author_id"), on="article_id", how="left")
+    followed = (
+        rows.join(
+            follows.select("follower_id", "followee_id", "followed_at"),
+            left_on=["user_id", "author_id"],
+            right_on=["follower_id", "followee_id"],
+            how="inner",
+        )
+        .filter(pl.col("followed_at").is_null() | (pl.col("followed_at") < pl.col("shown_at")))
+        .select("_row")
+        .unique()
+    )
+    is_followed = pl.DataFrame({"_row": np.arange(impressions.height)}).with_columns(
+        pl.col("_row").is_in(followed["_row"].implode()).alias("f")
+    )["f"]
+    score = is_followed.cast(pl.Float64) * _FOLLOWED_BONUS - age
+    return impressions.with_columns(score.alias(SCORE))
+
+
+BASELINES: dict[str, Baseline] = {
+    "random": random_scores,
+    "popularity": popularity_scores,
+    "recency": recency_scores,
+    "read_time": read_time_scores,
+    "chronological_following": chronological_following_scores,
+}
+
+
+def label_impressions(
+    impressions: pl.DataFrame, engagements: pl.DataFrame, action: str = "click"
+) -> pl.DataFrame:
+    """Impressions with a boolean `label`: the user did `action` on that article in that
+    impression (an engagement row with the same impression_id and article_id)."""
+    positives = (
+        engagements.filter(pl.col("impression_id").is_not_null() & pl.col(action))
+        .select("impression_id", "article_id")
+        .unique()
+        .with_columns(label=pl.lit(True))
+    )
+    return impressions.join(
+        positives, on=["impression_id", "article_id"], how="left", maintain_order="left"
+    ).with_columns(pl.col("label").fill_null(False))
+
+
+def evaluate_baselines(
+    world: World,
+    heldout_only: bool = True,
+    action: str = "click",
+    baselines: dict[str, Baseline] | None = None,
+) -> pl.DataFrame:
+    """Score the (held-out) impressions with every baseline and compute ranking metrics.
+
+    One row per baseline: baseline, auc, mrr, ndcg@5, ndcg@10, n_impressions, n_skipped,
+    n_no_positive. chronological_following is left out when the world has no follows,
+    where it would only repeat recency.
+    """
+    chosen = dict(BASELINES if baselines is None else baselines)
+    if baselines is None and world.follows.height == 0:
+        chosen.pop("chronological_following")
+    imps = world.impressions
+    if heldout_only:
+        imps = imps.filter(pl.col("is_heldout"))
+    imps = label_impressions(imps, world.engagements, action)
+    rows = []
+    for name, fn in chosen.items():
+        scored = fn(imps, world.engagements, world.articles, world.follows)
+        rows.append({"baseline": name, **evaluate_scores(scored, SCORE, "label")})
+    return pl.DataFrame(rows)
