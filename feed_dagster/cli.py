@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import duckdb
+import polars as pl
 
 
 def _instance():
@@ -80,12 +81,62 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_make_ebnerd(args: argparse.Namespace) -> int:
+    from feed_dagster.ebnerd import (
+        article_first_seen,
+        write_articles_for_ids,
+        write_synthetic_ebnerd,
+    )
+
+    if args.articles_for:
+        folder = Path(args.articles_for)
+        behaviors = pl.read_parquet(folder / "behaviors.parquet")
+        history = pl.read_parquet(folder / "history.parquet")
+        seen = article_first_seen(behaviors, history)
+        out = write_articles_for_ids(
+            seen["article_id"], folder / "articles.parquet", seed=args.seed, first_seen=seen
+        )
+        print(f"wrote {out} ({seen.height:,} articles, exact EBNeRD articles schema)")
+        return 0
+    if not args.out:
+        print("make-ebnerd: give --out DIR (or --articles-for DIR)", file=sys.stderr)
+        return 2
+    out = write_synthetic_ebnerd(
+        args.out,
+        users=args.users,
+        articles=args.articles,
+        impressions_per_user=args.impressions_per_user,
+        seed=args.seed,
+        with_test=args.with_test,
+    )
+    print(f"wrote a synthetic EBNeRD folder to {out}")
+    print(f"use it with: FEED_DAGSTER_SOURCE=ebnerd:{out} make run")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="feed-dagster", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="materialise the whole asset graph and show what was built")
     run.add_argument("--log-level", default="WARNING", help="Dagster console log level")
     run.set_defaults(func=cmd_run)
+
+    eb = sub.add_parser(
+        "make-ebnerd",
+        help="write a synthetic EBNeRD folder (exact dtypes), or an articles file for real files",
+    )
+    eb.add_argument("--out", help="folder to write (articles.parquet, train/, validation/)")
+    eb.add_argument("--users", type=int, default=200)
+    eb.add_argument("--articles", type=int, default=1500)
+    eb.add_argument("--impressions-per-user", type=int, default=10)
+    eb.add_argument("--seed", type=int, default=0)
+    eb.add_argument("--with-test", action="store_true", help="also write test/ (no labels)")
+    eb.add_argument(
+        "--articles-for",
+        metavar="DIR",
+        help="instead: write DIR/articles.parquet for the ids in DIR's behaviors/history files",
+    )
+    eb.set_defaults(func=cmd_make_ebnerd)
     args = parser.parse_args(argv)
     return args.func(args)
 

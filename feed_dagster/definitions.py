@@ -3,23 +3,24 @@
 from __future__ import annotations
 
 import dagster as dg
-from dagster_duckdb_polars import DuckDBPolarsIOManager
 
 from feed_dagster.assets.checks import raw_table_checks
+from feed_dagster.assets.evaluation import impressions_evaluation
 from feed_dagster.assets.graph import follow_graph
 from feed_dagster.assets.raw import source_tables
 from feed_dagster.resources.source import default_source
 from feed_dagster.resources.storage import data_root, warehouse_path
+from feed_dagster.resources.warehouse import WarehouseIOManager
 
 
 def build_definitions() -> dg.Definitions:
     """Definitions bound to the current data root (tests point FEED_DAGSTER_DATA elsewhere)."""
     data_root().mkdir(parents=True, exist_ok=True)
     return dg.Definitions(
-        assets=[source_tables, follow_graph],
+        assets=[source_tables, follow_graph, impressions_evaluation],
         asset_checks=raw_table_checks,
         resources={
-            "io_manager": DuckDBPolarsIOManager(database=str(warehouse_path()), schema="main"),
+            "io_manager": WarehouseIOManager(database=str(warehouse_path()), schema="main"),
             "source": default_source(),
         },
     )

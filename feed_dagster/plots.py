@@ -31,5 +31,31 @@ def degree_ccdf(series: dict[str, np.ndarray], title: str) -> str:
     ax.set_xlabel("in-degree (followers)")
     ax.set_ylabel("P(X >= x)")
     ax.set_title(title)
-    ax.legend()
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend()
+    return png_markdown(fig, title)
+
+
+def markdown_table(df, float_digits: int = 4) -> str:
+    """A polars frame as a markdown table for Dagster metadata."""
+    cols = df.columns
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for row in df.iter_rows():
+        cells = [f"{v:.{float_digits}f}" if isinstance(v, float) else str(v) for v in row]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def metric_bars(df, label_col: str, metrics: list[str], title: str) -> str:
+    """Grouped bar chart of metric columns per row label (e.g. AUC per method)."""
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    labels = df[label_col].to_list()
+    width = 0.8 / len(metrics)
+    x = np.arange(len(labels))
+    for i, m in enumerate(metrics):
+        ax.bar(x + i * width, df[m].to_numpy(), width, label=m)
+    ax.set_xticks(x + width * (len(metrics) - 1) / 2, labels, rotation=30, ha="right")
+    ax.set_ylim(0, 1)
+    ax.set_title(title)
+    ax.legend(fontsize=7)
     return png_markdown(fig, title)

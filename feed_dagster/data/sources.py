@@ -101,3 +101,18 @@ def load_parquet_world(folder: Path) -> World:
         start, now = times.min(), times.max()
         heldout = start + (now - start) * 0.8
     return World(**tables, window_start=start, heldout_start=heldout, now=now)
+
+
+def world_from_tables(tables: dict[str, pl.DataFrame], info: pl.DataFrame) -> World:
+    """A World from warehouse tables (missing ones empty) and the one-row world_info."""
+    row = info.row(0, named=True)
+    full = {
+        name: conform(name, tables[name]) if name in tables else pl.DataFrame(schema=schema)
+        for name, schema in TABLE_SCHEMAS.items()
+    }
+    return World(
+        **full,
+        window_start=row["window_start"],
+        heldout_start=row["heldout_start"],
+        now=row["now"],
+    )
