@@ -47,7 +47,10 @@ def _corrupt_parquet_source(tmp_path, world, monkeypatch):
         [world.follows, world.follows.head(1).with_columns(followee_id=pl.col("follower_id"))]
     )
     engagements = pl.concat(
-        [world.engagements, world.engagements.head(1).with_columns(user_id=pl.lit(10**9, dtype=pl.Int64))]
+        [
+            world.engagements,
+            world.engagements.head(1).with_columns(user_id=pl.lit(10**9, dtype=pl.Int64)),
+        ]
     )
     from dataclasses import replace
 
