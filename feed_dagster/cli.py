@@ -22,35 +22,41 @@ def _instance():
     return dg.DagsterInstance.ephemeral()
 
 
-def materialize_everything(log_level: str = "WARNING") -> list[str]:
-    """Materialise the whole asset graph in-process; returns the asset keys built, in order."""
+def materialize_everything(log_level: str = "WARNING") -> None:
+    """Materialise the whole asset graph in-process: everything upstream of the feeds, then
+    every user shard of user_feeds, then the publish."""
     import dagster as dg
 
     from feed_dagster.definitions import build_definitions
 
     defs = build_definitions()
-    run_config = {"loggers": {"console": {"config": {"log_level": log_level}}}}
-    unpartitioned = [a for a in defs.assets if getattr(a, "partitions_def", None) is None]
-    partitioned = [a for a in defs.assets if getattr(a, "partitions_def", None) is not None]
-    built: list[str] = []
+    everything = [*defs.assets, *defs.asset_checks]
     instance = _instance()
-    t0 = time.perf_counter()
-    print("building the asset graph ...", flush=True)
-    result = (
-        dg.materialize(
-            [*unpartitioned, *defs.asset_checks],
+    run_config = {"loggers": {"console": {"config": {"log_level": log_level}}}}
+    feeds = dg.AssetSelection.assets("user_feeds")
+    shards = defs.resolve_assets_def("user_feeds").partitions_def.get_partition_keys()
+
+    def step(label: str, selection: dg.AssetSelection, partition_key: str | None = None) -> None:
+        t0 = time.perf_counter()
+        print(f"- {label} ...", flush=True)
+        result = dg.materialize(
+            everything,
+            selection=selection,
+            partition_key=partition_key,
             resources=defs.resources,
             instance=instance,
             run_config=run_config,
-            selection=[k for a in unpartitioned for k in a.keys],
         )
-        if not partitioned
-        else None
-    )
-    if result is not None:
-        built += [e.asset_key.to_user_string() for e in result.get_asset_materialization_events()]
-    print(f"built {len(built)} assets in {time.perf_counter() - t0:.1f}s", flush=True)
-    return built
+        built = [e.asset_key.to_user_string() for e in result.get_asset_materialization_events()]
+        failed = [c.check_name for c in result.get_asset_check_evaluations() if not c.passed]
+        print(f"  built {', '.join(built)} in {time.perf_counter() - t0:.1f}s", flush=True)
+        if failed:
+            print(f"  failed checks: {', '.join(failed)}", flush=True)
+
+    step("sources, models and vectors", dg.AssetSelection.all() - feeds.downstream())
+    for key in shards:
+        step(f"user_feeds shard {key}/{len(shards)}", feeds, partition_key=key)
+    step("publish", dg.AssetSelection.assets("published_feeds"))
 
 
 def print_warehouse_summary(path: Path) -> None:
@@ -71,12 +77,47 @@ def print_warehouse_summary(path: Path) -> None:
         con.close()
 
 
+def print_sample_feed(path: Path, user_id: int | None = None, limit: int = 10) -> None:
+    """One user's feed from the serving file (by default the user with the most engagement)."""
+    from feed_dagster.serving.read import connect, get_feed
+
+    if user_id is None:
+        con = connect(path)
+        try:
+            user_id = con.execute(
+                "select user_id from serving.feed_users order by in_network > 0 desc, posts desc, user_id limit 1"
+            ).fetchone()[0]
+        finally:
+            con.close()
+    feed = get_feed(user_id, path, limit=limit)
+    print(f"\nfeed of user {user_id} (first {limit} of the served posts) from {path}")
+    print(format_feed(feed))
+    print(f"\nmore: feed-dagster feed {user_id}   |   duckdb -readonly {path}")
+
+
+def format_feed(feed: pl.DataFrame) -> str:
+    cols = [
+        c
+        for c in ("position", "source", "score", "title", "author_handle", "reason")
+        if c in feed.columns
+    ]
+    with pl.Config(
+        tbl_rows=100,
+        tbl_width_chars=160,
+        fmt_str_lengths=48,
+        tbl_hide_dataframe_shape=True,
+        tbl_hide_column_data_types=True,
+    ):
+        return str(feed.select(cols))
+
+
 def cmd_run(args: argparse.Namespace) -> int:
-    from feed_dagster.resources.storage import warehouse_path
+    from feed_dagster.resources.storage import serving_path, warehouse_path
 
     t0 = time.perf_counter()
     materialize_everything(args.log_level)
     print_warehouse_summary(warehouse_path())
+    print_sample_feed(serving_path())
     print(f"\nmake run finished in {time.perf_counter() - t0:.1f}s")
     return 0
 
@@ -114,12 +155,41 @@ def cmd_make_ebnerd(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_feed(args: argparse.Namespace) -> int:
+    import json
+
+    from feed_dagster.resources.storage import serving_path
+    from feed_dagster.serving.read import FeedNotPublishedError, get_feed
+
+    path = Path(args.path) if args.path else serving_path()
+    try:
+        feed = get_feed(args.user_id, path, limit=args.limit)
+    except FeedNotPublishedError as exc:
+        print(f"feed-dagster feed: {exc}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(feed.to_dicts(), default=str, indent=1))
+    elif feed.is_empty():
+        print(f"user {args.user_id} has no feed in {path}")
+        return 1
+    else:
+        print(format_feed(feed))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="feed-dagster", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="materialise the whole asset graph and show what was built")
     run.add_argument("--log-level", default="WARNING", help="Dagster console log level")
     run.set_defaults(func=cmd_run)
+
+    feed = sub.add_parser("feed", help="print one user's precomputed feed from the serving file")
+    feed.add_argument("user_id", type=int)
+    feed.add_argument("--limit", type=int, default=35)
+    feed.add_argument("--json", action="store_true", help="all columns as JSON")
+    feed.add_argument("--path", help="serving file (default data/serving/feeds.duckdb)")
+    feed.set_defaults(func=cmd_feed)
 
     eb = sub.add_parser(
         "make-ebnerd",

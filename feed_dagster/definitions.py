@@ -6,6 +6,7 @@ import dagster as dg
 
 from feed_dagster.assets.checks import raw_table_checks
 from feed_dagster.assets.evaluation import impressions_evaluation
+from feed_dagster.assets.feeds import published_feeds, user_feeds
 from feed_dagster.assets.graph import follow_graph
 from feed_dagster.assets.raw import source_tables
 from feed_dagster.resources.source import default_source
@@ -17,7 +18,7 @@ def build_definitions() -> dg.Definitions:
     """Definitions bound to the current data root (tests point FEED_DAGSTER_DATA elsewhere)."""
     data_root().mkdir(parents=True, exist_ok=True)
     return dg.Definitions(
-        assets=[source_tables, follow_graph, impressions_evaluation],
+        assets=[source_tables, follow_graph, impressions_evaluation, user_feeds, published_feeds],
         asset_checks=raw_table_checks,
         resources={
             "io_manager": WarehouseIOManager(database=str(warehouse_path()), schema="main"),

@@ -16,3 +16,13 @@ def warehouse_path() -> Path:
 def incoming_dir() -> Path:
     """Where new Parquet batches of posts and engagements are dropped for the sensor."""
     return data_root() / "incoming"
+
+
+def shard_dir() -> Path:
+    """One Parquet file of feeds per user shard."""
+    return data_root() / "feeds" / "shards"
+
+
+def serving_path() -> Path:
+    """The serving DuckDB file readers query; replaced atomically on every publish."""
+    return data_root() / "serving" / "feeds.duckdb"

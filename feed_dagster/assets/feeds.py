@@ -1,0 +1,129 @@
+"""Per-user precomputed feeds (one partition per user shard) and their atomic publish."""
+
+import os
+from datetime import UTC, datetime
+from pathlib import Path
+
+import dagster as dg
+import polars as pl
+
+from feed_dagster.data.warehouse import read_tables
+from feed_dagster.feeds.build import build_feeds
+from feed_dagster.feeds.shards import users_in_shard
+from feed_dagster.pipeline.fallbacks import PopularityRetriever, TopicAffinityScorer
+from feed_dagster.resources.storage import serving_path, shard_dir, warehouse_path
+from feed_dagster.serving.publish import publish_feeds
+from feed_dagster.serving.read import read_served
+
+N_SHARDS = int(os.environ.get("FEED_DAGSTER_SHARDS", "4"))
+user_shards = dg.StaticPartitionsDefinition([str(i) for i in range(N_SHARDS)])
+
+PIPELINE_TABLES = [
+    "world_info",
+    "users",
+    "articles",
+    "engagements",
+    "impressions",
+    "follows",
+    "topic_follows",
+    "blocks",
+    "mutes",
+    "muted_keywords",
+]
+RAW_DEPS = [t for t in PIPELINE_TABLES]
+
+
+class FeedConfig(dg.Config):
+    batch_size: int = 512
+    exclude_previously_served: bool = True
+
+
+def _shard_path(shard: str) -> Path:
+    return shard_dir() / f"shard-{shard}.parquet"
+
+
+def _write_atomically(df: pl.DataFrame, path: Path) -> None:
+    """Write beside the target and rename, so readers never see a half-written shard."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    df.write_parquet(tmp)
+    os.replace(tmp, path)
+
+
+@dg.asset(
+    group_name="feeds",
+    partitions_def=user_shards,
+    deps=RAW_DEPS,
+    kinds={"polars", "parquet"},
+)
+def user_feeds(context: dg.AssetExecutionContext, config: FeedConfig) -> dg.MaterializeResult:
+    """Ranked feeds for the users of one shard: candidates -> filters -> scores -> selection,
+    written as one Parquet file per shard."""
+    shard = int(context.partition_key)
+    tables = read_tables(warehouse_path(), PIPELINE_TABLES)
+    now = tables["world_info"]["now"][0]
+    user_ids = users_in_shard(tables["users"], shard, N_SHARDS)
+    retriever = PopularityRetriever.from_tables(tables)
+    scorer = TopicAffinityScorer.from_tables(tables)
+    served = read_served(serving_path()) if config.exclude_previously_served else None
+    feeds, stats = build_feeds(
+        tables,
+        user_ids,
+        now,
+        retriever,
+        scorer,
+        served=served,
+        batch_size=config.batch_size,
+        progress=lambda m: context.log.info(f"shard {shard}: {m}"),
+    )
+    _write_atomically(feeds, _shard_path(context.partition_key))
+    seconds = stats["seconds"]
+    return dg.MaterializeResult(
+        metadata={
+            "dagster/row_count": feeds.height,
+            "users": stats["users"],
+            "users_with_feed": stats["users_with_feed"],
+            "in_network_share": round(stats["in_network_rows"] / max(1, feeds.height), 3),
+            "retriever": stats["retriever"],
+            "scorer": stats["scorer"],
+            "now": str(now),
+            "path": str(_shard_path(context.partition_key)),
+            "stage_seconds": dg.MetadataValue.json({k: round(v, 3) for k, v in seconds.items()}),
+            "filter_removed": dg.MetadataValue.json(stats["removed"]),
+        }
+    )
+
+
+@dg.asset(group_name="feeds", deps=[user_feeds], kinds={"duckdb"})
+def published_feeds(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
+    """The serving DuckDB file, built beside the live one from every shard and renamed into
+    place: readers never block the publish and never see a mix of two refreshes."""
+    paths = [_shard_path(k) for k in user_shards.get_partition_keys()]
+    missing = [p.name for p in paths if not p.exists()]
+    if missing:
+        raise FileNotFoundError(
+            f"cannot publish: shard files {missing} are missing; materialise every "
+            "user_feeds partition first"
+        )
+    tables = read_tables(warehouse_path(), ["articles", "users"])
+    result = publish_feeds(
+        [str(p) for p in paths],
+        serving_path(),
+        model_version="fallback",
+        vector_table_version="none",
+        generated_at=datetime.now(UTC).replace(tzinfo=None),
+        articles=tables["articles"],
+        users=tables["users"],
+    )
+    return dg.MaterializeResult(
+        metadata={
+            "dagster/row_count": result.rows,
+            "users": result.users,
+            "generation_id": result.generation_id,
+            "path": str(result.path),
+            "bytes": result.bytes,
+            "model_version": result.model_version,
+            "vector_table_version": result.vector_table_version,
+            "publish_seconds": round(result.seconds, 3),
+        }
+    )

@@ -1,0 +1,1 @@
+"""Per-user feeds in user shards: the batch driver around the candidate pipeline."""

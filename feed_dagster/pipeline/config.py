@@ -1,0 +1,119 @@
+"""Typed configuration of the candidate pipeline; defaults are the reference system's values.
+
+Where the public reference code fixes a number (48 h age limit, 1,200 in-network and 1,000
+out-of-network candidates, the action weights, author-diversity decay and floor, the
+out-of-network factor, top 50 / 35 served) the default here is that number. The per-author
+caps of the in-network source are ours: the reference caps originals and replies/reposts per
+author separately but does not publish the values in its open code.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from datetime import timedelta
+
+from feed_dagster.data.schema import ACTIONS
+
+
+@dataclass(frozen=True)
+class QueryConfig:
+    # Most recent engagements kept per user as the history scorers and retrievers read.
+    history_max: int = 256
+
+
+@dataclass(frozen=True)
+class SourceConfig:
+    max_age: timedelta = timedelta(hours=48)
+    in_network_max: int = 1_200
+    out_of_network_max: int = 1_000
+    # Newest posts kept per followed author: originals and quotes, then replies and reposts.
+    per_author_originals: int = 50
+    per_author_replies: int = 30
+
+
+@dataclass(frozen=True)
+class FilterConfig:
+    max_age: timedelta = timedelta(hours=48)
+    # An author who blocked the viewer is filtered like one the viewer blocked (the reference
+    # hydrates "blocked by" for the same purpose).
+    drop_blocked_by: bool = True
+
+
+@dataclass(frozen=True)
+class ScoringWeights:
+    """Weight of each predicted action probability (dwell: per expected second)."""
+
+    favorite: float = 0.5
+    reply: float = 5.0
+    repost: float = 1.0
+    quote: float = 5.0
+    share: float = 2.0
+    click: float = 0.4
+    dwell: float = 0.004
+    not_interested: float = -43.2
+    block_author: float = -31.2
+    mute_author: float = -58.8
+    report: float = -234.0
+
+    def __post_init__(self) -> None:
+        for name in ("not_interested", "block_author", "mute_author", "report"):
+            if getattr(self, name) > 0:
+                raise ValueError(f"weight {name}={getattr(self, name)} must be <= 0")
+        for name in ("favorite", "reply", "repost", "quote", "share", "click", "dwell"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"weight {name}={getattr(self, name)} must be >= 0")
+
+    def action_weights(self) -> dict[str, float]:
+        """Weight per action in schema.ACTIONS (every action has one)."""
+        return {a: getattr(self, a) for a in ACTIONS}
+
+    @property
+    def positive_sum(self) -> float:
+        return sum(getattr(self, f.name) for f in fields(self) if getattr(self, f.name) > 0)
+
+    @property
+    def negative_sum(self) -> float:
+        """Magnitude of the negative weights (a positive number)."""
+        return -sum(getattr(self, f.name) for f in fields(self) if getattr(self, f.name) < 0)
+
+    @property
+    def total_sum(self) -> float:
+        return self.positive_sum + self.negative_sum
+
+
+@dataclass(frozen=True)
+class ScoringConfig:
+    weights: ScoringWeights = field(default_factory=ScoringWeights)
+    # Upper end of the band negative totals are squashed into; positive totals are lifted by
+    # the same amount so every squashed negative ranks below every positive.
+    negative_scores_offset: float = 0.001
+    author_diversity_decay: float = 0.5
+    author_diversity_floor: float = 0.25
+    out_of_network_factor: float = 0.75
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.author_diversity_floor <= 1:
+            raise ValueError("author_diversity_floor must be in [0, 1]")
+        if not 0 < self.author_diversity_decay <= 1:
+            raise ValueError("author_diversity_decay must be in (0, 1]")
+        if self.negative_scores_offset <= 0:
+            raise ValueError("negative_scores_offset must be > 0")
+
+
+@dataclass(frozen=True)
+class SelectionConfig:
+    top_k: int = 50
+    served: int = 35
+
+    def __post_init__(self) -> None:
+        if self.served > self.top_k:
+            raise ValueError(f"served={self.served} cannot exceed top_k={self.top_k}")
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    query: QueryConfig = field(default_factory=QueryConfig)
+    sources: SourceConfig = field(default_factory=SourceConfig)
+    filters: FilterConfig = field(default_factory=FilterConfig)
+    scoring: ScoringConfig = field(default_factory=ScoringConfig)
+    selection: SelectionConfig = field(default_factory=SelectionConfig)

@@ -1,0 +1,337 @@
+"""Table-only retriever and scorer: deterministic baselines and stand-ins for the models.
+
+Neither learns anything. They use the user's engagement history (which topics and authors
+they engaged with), whether the author is followed, post popularity and age, so the
+pipeline runs end to end, and is tested, without trained models. Read their output as a
+sensible baseline, not as calibrated predictions.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+
+import numpy as np
+import polars as pl
+
+from feed_dagster.data.schema import ACTIONS, World
+from feed_dagster.pipeline.protocols import RETRIEVED_SCHEMA
+from feed_dagster.pipeline.query import Query
+from feed_dagster.pipeline.tables import Tables, as_tables, naive_utc, table
+
+POSITIVE_ACTIONS: tuple[str, ...] = ("favorite", "reply", "repost", "quote", "share", "click")
+NEGATIVE_ACTIONS: tuple[str, ...] = tuple(a for a in ACTIONS if a not in POSITIVE_ACTIONS)
+NULL_TOPIC = -1  # stand-in key so posts without a topic still get a (prior) affinity
+
+
+def positive_engagements(engagements: pl.DataFrame, now: datetime) -> pl.DataFrame:
+    """Engagements before `now` with at least one positive action and no negative one."""
+    pos = pl.any_horizontal([pl.col(a) for a in POSITIVE_ACTIONS])
+    neg = pl.any_horizontal([pl.col(a) for a in NEGATIVE_ACTIONS])
+    return engagements.filter((pl.col("engaged_at") < now) & pos & ~neg)
+
+
+def topic_prior(pos: pl.DataFrame, articles: pl.DataFrame) -> pl.DataFrame:
+    """Share of positive engagements per topic (add-one smoothed): frame(topic, prior)."""
+    topics = articles.select(pl.col("topic").fill_null(NULL_TOPIC)).unique()
+    counts = (
+        pos.join(articles.select("article_id", "topic"), on="article_id")
+        .select(pl.col("topic").fill_null(NULL_TOPIC))
+        .group_by("topic")
+        .len()
+    )
+    out = topics.join(counts, on="topic", how="left").with_columns(pl.col("len").fill_null(0) + 1)
+    return out.select("topic", (pl.col("len") / pl.col("len").sum()).alias("prior")).sort("topic")
+
+
+def topic_shares(
+    pos: pl.DataFrame, articles: pl.DataFrame, prior: pl.DataFrame, smoothing: float
+) -> pl.DataFrame:
+    """Per (user, topic) share of the user's positive engagements, shrunk towards the prior:
+    (n(u, t) + smoothing * prior(t)) / (n(u) + smoothing). Only pairs with n(u, t) > 0; any
+    other pair's share is smoothing * prior(t) / (n(u) + smoothing)."""
+    counts = (
+        pos.join(articles.select("article_id", "topic"), on="article_id")
+        .with_columns(pl.col("topic").fill_null(NULL_TOPIC))
+        .group_by("user_id", "topic")
+        .len("n")
+    )
+    totals = counts.group_by("user_id").agg(pl.col("n").sum().alias("n_user"))
+    return (
+        counts.join(totals, on="user_id")
+        .join(prior, on="topic")
+        .select(
+            "user_id",
+            "topic",
+            ((pl.col("n") + smoothing * pl.col("prior")) / (pl.col("n_user") + smoothing)).alias(
+                "share"
+            ),
+        )
+    )
+
+
+@dataclass
+class PopularityRetriever:
+    """Fallback out-of-network retrieval: recent posts ranked by topic-weighted popularity.
+
+    score(u, p) = share(u, topic(p)) * log(2 + positive engagements with p before now),
+    with share the user's smoothed topic share (see `topic_shares`). Users without history
+    get the global topic prior, i.e. plain popularity. Scores are computed as a dense
+    (users x recent posts) numpy matrix in chunks of users, which is exact and fast while
+    recent posts number in the tens of thousands.
+    """
+
+    articles: pl.DataFrame
+    engagements: pl.DataFrame
+    smoothing: float = 5.0
+    max_cells: int = 8_000_000  # matrix cells per chunk of users
+    name: str = "popularity"
+
+    @classmethod
+    def from_tables(cls, source: World | Tables, **kwargs: object) -> PopularityRetriever:
+        tables = as_tables(source)
+        return cls(table(tables, "articles"), table(tables, "engagements"), **kwargs)  # type: ignore[arg-type]
+
+    def retrieve(
+        self,
+        user_ids: np.ndarray,
+        now: datetime,
+        k: int,
+        *,
+        published_after: datetime,
+        exclude: pl.DataFrame | None = None,
+        exclude_authors: pl.DataFrame | None = None,
+    ) -> pl.DataFrame:
+        now, published_after = naive_utc(now), naive_utc(published_after)
+        users = np.unique(np.asarray(user_ids, dtype=np.int64))
+        recent = self.articles.filter(
+            (pl.col("published_at") > published_after) & (pl.col("published_at") <= now)
+        ).sort("article_id")
+        if users.size == 0 or recent.is_empty() or k <= 0:
+            return pl.DataFrame(schema=RETRIEVED_SCHEMA)
+
+        pos = positive_engagements(self.engagements, now).join(
+            pl.DataFrame({"user_id": users}), on="user_id", how="semi"
+        )
+        all_pos = positive_engagements(self.engagements, now)
+        prior = topic_prior(all_pos, self.articles)
+        topics = prior["topic"].to_numpy()
+        shares = topic_shares(pos, self.articles, prior, self.smoothing)
+
+        # Dense user x topic affinity: the prior-only share, overwritten where there is data.
+        n_user = (
+            pos.group_by("user_id")
+            .len("n")
+            .join(pl.DataFrame({"user_id": users}), on="user_id", how="right")
+        )
+        n_user = n_user.sort("user_id")["n"].fill_null(0).to_numpy().astype(np.float64)
+        aff = (self.smoothing / (n_user + self.smoothing))[:, None] * prior["prior"].to_numpy()[
+            None, :
+        ]
+        if shares.height:
+            ui = np.searchsorted(users, shares["user_id"].to_numpy())
+            ti = np.searchsorted(topics, shares["topic"].to_numpy())
+            aff[ui, ti] = shares["share"].to_numpy()
+
+        popularity = (
+            recent.select("article_id")
+            .join(all_pos.group_by("article_id").len("n"), on="article_id", how="left")
+            .sort("article_id")["n"]
+            .fill_null(0)
+            .to_numpy()
+        )
+        post_value = np.log(2.0 + popularity)
+        post_ids = recent["article_id"].to_numpy()
+        post_topic = np.searchsorted(topics, recent["topic"].fill_null(NULL_TOPIC).to_numpy())
+
+        blocked_cells = self._excluded_cells(users, post_ids, recent, exclude, exclude_authors)
+        k = min(k, len(post_ids))
+        chunk = max(1, self.max_cells // len(post_ids))
+        parts = []
+        for lo in range(0, len(users), chunk):
+            hi = min(len(users), lo + chunk)
+            scores = aff[lo:hi][:, post_topic] * post_value[None, :]
+            sel = (blocked_cells[0] >= lo) & (blocked_cells[0] < hi)
+            scores[blocked_cells[0][sel] - lo, blocked_cells[1][sel]] = -np.inf
+            if k < len(post_ids):
+                top = np.argpartition(-scores, k - 1, axis=1)[:, :k]
+            else:
+                top = np.broadcast_to(np.arange(len(post_ids)), (hi - lo, len(post_ids)))
+            # Best first within each user, ties by article id, as the source wants them.
+            top = np.sort(top, axis=1)
+            top_scores = np.take_along_axis(scores, top, axis=1)
+            order = np.argsort(-top_scores, axis=1, kind="stable")
+            top = np.take_along_axis(top, order, axis=1)
+            top_scores = np.take_along_axis(top_scores, order, axis=1)
+            keep = np.isfinite(top_scores)
+            rows = np.broadcast_to(np.arange(lo, hi)[:, None], top.shape)[keep]
+            parts.append(
+                pl.DataFrame(
+                    {
+                        "user_id": users[rows],
+                        "article_id": post_ids[top[keep]],
+                        "retrieval_score": top_scores[keep].astype(np.float64),
+                    }
+                )
+            )
+        return pl.concat(parts) if parts else pl.DataFrame(schema=RETRIEVED_SCHEMA)
+
+    @staticmethod
+    def _excluded_cells(
+        users: np.ndarray,
+        post_ids: np.ndarray,
+        recent: pl.DataFrame,
+        exclude: pl.DataFrame | None,
+        exclude_authors: pl.DataFrame | None,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """(user index, post index) of every excluded (user, recent post) pair."""
+        pairs = []
+        if exclude is not None and exclude.height:
+            pairs.append(
+                exclude.select(
+                    pl.col("user_id").cast(pl.Int64), pl.col("article_id").cast(pl.Int64)
+                )
+            )
+        if exclude_authors is not None and exclude_authors.height:
+            by_author = exclude_authors.select(
+                pl.col("user_id").cast(pl.Int64), pl.col("author_id").cast(pl.Int64)
+            ).join(recent.select("article_id", "author_id"), on="author_id")
+            pairs.append(by_author.select("user_id", "article_id"))
+        if not pairs:
+            return np.empty(0, np.int64), np.empty(0, np.int64)
+        cells = (
+            pl.concat(pairs)
+            .join(pl.DataFrame({"user_id": users}), on="user_id", how="semi")
+            .join(recent.select("article_id"), on="article_id", how="semi")
+        )
+        return (
+            np.searchsorted(users, cells["user_id"].to_numpy()),
+            np.searchsorted(post_ids, cells["article_id"].to_numpy()),
+        )
+
+
+@dataclass
+class TopicAffinityScorer:
+    """Fallback ranker from the tables: base action rates scaled by topic match, follow,
+    author affinity, popularity and age.
+
+    For action a with base rate r_a (share of impressions before now with that action):
+      match   = lift / (1 + lift), lift = share(u, topic) / prior(topic)   (0.5 = average)
+      p_a     = r_a * 2 * match * follow * author * popularity * freshness   (positive a)
+      p_a     = r_a * 2 * (1 - match)                                      (negative a)
+      follow  = follow_boost for in-network rows, else 1
+      author  = 1 + n(u, author) / (n(u, author) + 2)     (past positive engagements)
+      popularity = 1 + popularity_weight * log1p(positive engagements with the post)
+                   / mean of that log over all posts published before now
+      freshness  = 0.5 ** (age_hours / half_life_hours)
+      dwell_seconds = p_click * mean dwell of past clicks
+    all clipped to [0, 1]. The history comes from the query (the newest history_max
+    engagements); base rates and popularity from the tables before `now`.
+    """
+
+    articles: pl.DataFrame
+    engagements: pl.DataFrame
+    impressions: pl.DataFrame
+    smoothing: float = 5.0
+    follow_boost: float = 1.5
+    popularity_weight: float = 0.25
+    half_life_hours: float = 36.0
+    default_dwell_seconds: float = 30.0
+    name: str = "topic_affinity"
+
+    @classmethod
+    def from_tables(cls, source: World | Tables, **kwargs: object) -> TopicAffinityScorer:
+        tables = as_tables(source)
+        return cls(
+            table(tables, "articles"),
+            table(tables, "engagements"),
+            table(tables, "impressions"),
+            **kwargs,  # type: ignore[arg-type]
+        )
+
+    def base_rates(self, now: datetime) -> dict[str, float]:
+        """Share of impressions before `now` with each action (engagements if none logged)."""
+        eng = self.engagements.filter(pl.col("engaged_at") < now)
+        n_imp = self.impressions.filter(pl.col("shown_at") < now).height or eng.height or 1
+        sums = eng.select([pl.col(a).sum() for a in ACTIONS]).row(0)
+        return {a: min(1.0, float(s or 0) / n_imp) for a, s in zip(ACTIONS, sums, strict=True)}
+
+    def mean_dwell(self, now: datetime) -> float:
+        clicks = self.engagements.filter(
+            (pl.col("engaged_at") < now) & pl.col("click") & (pl.col("dwell_seconds") > 0)
+        )
+        value = clicks["dwell_seconds"].mean() if clicks.height else None
+        return float(value) if value is not None else self.default_dwell_seconds  # type: ignore[arg-type]
+
+    def popularity_scale(self, now: datetime) -> float:
+        """Mean log1p(positive engagements) over posts published before now (1 if none).
+
+        A property of the tables and `now`, not of the batch: a user's scores must not
+        depend on which other users share their shard.
+        """
+        published = self.articles.filter(pl.col("published_at") <= now).select("article_id")
+        counts = positive_engagements(self.engagements, now).group_by("article_id").len("n")
+        logs = published.join(counts, on="article_id", how="left").select(
+            pl.col("n").fill_null(0).cast(pl.Float64).log1p().mean()
+        )
+        value = logs.item()
+        return float(value) if value else 1.0
+
+    def score(self, candidates: pl.DataFrame, context: Query) -> pl.DataFrame:
+        now = context.now
+        rates = self.base_rates(now)
+        all_pos = positive_engagements(self.engagements, now)
+        prior = topic_prior(all_pos, self.articles)
+        history = positive_engagements(context.history, now)
+        shares = topic_shares(history, self.articles, prior, self.smoothing)
+        n_user = history.group_by("user_id").len("n_user")
+        by_author = (
+            history.join(self.articles.select("article_id", "author_id"), on="article_id")
+            .filter(pl.col("author_id").is_not_null())
+            .group_by("user_id", "author_id")
+            .len("n_author")
+        )
+        popularity = all_pos.group_by("article_id").len("n_pop")
+
+        c = candidates.select(
+            "user_id", "article_id", "author_id", "in_network", "published_at", "topic"
+        )
+        c = (
+            c.with_columns(pl.col("topic").fill_null(NULL_TOPIC))
+            .join(prior, on="topic", how="left", maintain_order="left")
+            .join(shares, on=["user_id", "topic"], how="left", maintain_order="left")
+            .join(n_user, on="user_id", how="left", maintain_order="left")
+            .join(by_author, on=["user_id", "author_id"], how="left", maintain_order="left")
+            .join(popularity, on="article_id", how="left", maintain_order="left")
+        )
+        prior_col = pl.col("prior").fill_null(pl.col("prior").mean()).fill_null(1.0)
+        share = pl.col("share").fill_null(
+            self.smoothing * prior_col / (pl.col("n_user").fill_null(0) + self.smoothing)
+        )
+        lift = share / prior_col
+        match = lift / (1.0 + lift)
+        n_author = pl.col("n_author").fill_null(0).cast(pl.Float64)
+        log_pop = pl.col("n_pop").fill_null(0).cast(pl.Float64).log1p()
+        scale = self.popularity_scale(now)
+        popularity_f = 1.0 + self.popularity_weight * log_pop / scale
+        age_h = (pl.lit(now) - pl.col("published_at")).dt.total_seconds() / 3600.0
+        freshness = pl.lit(0.5).pow(age_h.clip(0.0, None) / self.half_life_hours)
+        follow = pl.when(pl.col("in_network")).then(self.follow_boost).otherwise(1.0)
+        author = 1.0 + n_author / (n_author + 2.0)
+        # Two shared factors as columns first, so the ten probabilities reuse them
+        # instead of each re-evaluating the whole expression.
+        c = c.select(
+            "user_id",
+            "article_id",
+            (2.0 * match * follow * author * popularity_f * freshness).alias("_pos"),
+            (2.0 * (1.0 - match)).alias("_neg"),
+        )
+        probs = [
+            (rates[a] * pl.col("_pos" if a in POSITIVE_ACTIONS else "_neg"))
+            .clip(0.0, 1.0)
+            .alias(f"p_{a}")
+            for a in ACTIONS
+        ]
+        dwell = self.mean_dwell(now)
+        out = c.select("user_id", "article_id", *probs)
+        return out.with_columns(dwell_seconds=pl.col("p_click") * dwell)

@@ -1,0 +1,160 @@
+"""Filters before scoring. Each takes the hydrated candidates of a whole batch and returns
+the rows it keeps together with how many it removed (reported as run metadata).
+
+Candidates arrive ordered by user, in-network first, then by source rank, so "keep the
+first" is deterministic and prefers in-network and better-ranked rows.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import NamedTuple
+
+import polars as pl
+
+from feed_dagster.pipeline.config import FilterConfig
+from feed_dagster.pipeline.query import AUTHOR_PAIR, Query, normalise_text
+from feed_dagster.pipeline.tables import pair_key
+
+
+class FilterResult(NamedTuple):
+    kept: pl.DataFrame
+    removed: int
+
+
+FilterFn = Callable[[pl.DataFrame, Query, FilterConfig], FilterResult]
+
+
+def _result(before: pl.DataFrame, kept: pl.DataFrame) -> FilterResult:
+    return FilterResult(kept, before.height - kept.height)
+
+
+def drop_duplicates(c: pl.DataFrame, q: Query, cfg: FilterConfig) -> FilterResult:
+    """One row per (user, post): the first one."""
+    return _result(c, c.filter(pair_key(c, "user_id", "article_id").is_first_distinct()))
+
+
+def drop_missing_core_data(c: pl.DataFrame, q: Query, cfg: FilterConfig) -> FilterResult:
+    """Posts the article table does not know (no kind or publish time) cannot be shown."""
+    ok = pl.col("published_at").is_not_null() & pl.col("kind").is_not_null()
+    return _result(c, c.filter(ok))
+
+
+def drop_too_old(c: pl.DataFrame, q: Query, cfg: FilterConfig) -> FilterResult:
+    """Posts older than max_age at `now`, or published after it."""
+    fresh = (pl.col("published_at") > q.now - cfg.max_age) & (pl.col("published_at") <= q.now)
+    return _result(c, c.filter(fresh))
+
+
+def drop_own_posts(c: pl.DataFrame, q: Query, cfg: FilterConfig) -> FilterResult:
+    """The user's own posts, and reposts of them."""
+    own = (pl.col("author_id") == pl.col("user_id")) | (
+        pl.col("original_author_id") == pl.col("user_id")
+    )
+    return _result(c, c.filter(~own.fill_null(False)))
+
+
+def drop_out_of_network_replies_reposts(
+    c: pl.DataFrame, q: Query, cfg: FilterConfig
+) -> FilterResult:
+    """Out-of-network replies and reposts: without the followed context they make no sense."""
+    bad = ~pl.col("in_network") & pl.col("kind").is_in(["reply", "repost"])
+    return _result(c, c.filter(~bad.fill_null(False)))
+
+
+def dedupe_reposts(c: pl.DataFrame, q: Query, cfg: FilterConfig) -> FilterResult:
+    """A repost and its original count as one post: keep the first row per original."""
+    return _result(c, c.filter(pair_key(c, "user_id", "original_id").is_first_distinct()))
+
+
+def _drop_pairs(c: pl.DataFrame, pairs: pl.DataFrame) -> pl.DataFrame:
+    """Rows whose post or reposted original is in `pairs` (user_id, article_id)."""
+    c = c.join(pairs, on=["user_id", "article_id"], how="anti", maintain_order="left")
+    # Only reposts have an original other than themselves: check just those rows.
+    reposts = c.filter(pl.col("original_id") != pl.col("article_id"))
+    orig = pairs.rename({"article_id": "original_id"})
+    hit = reposts.join(orig, on=["user_id", "original_id"], how="semi").select(
+        "user_id", "article_id"
+    )
+    if hit.is_empty():
+        return c
+    return c.join(hit, on=["user_id", "article_id"], how="anti", maintain_order="left")
+
+
+def drop_previously_seen(c: pl.DataFrame, q: Query, cfg: FilterConfig) -> FilterResult:
+    """Posts the user was already shown or engaged with (directly or as a repost)."""
+    return _result(c, _drop_pairs(c, q.seen))
+
+
+def drop_previously_served(c: pl.DataFrame, q: Query, cfg: FilterConfig) -> FilterResult:
+    """Posts in the user's previously published feed."""
+    return _result(c, _drop_pairs(c, q.served))
+
+
+def drop_muted_keywords(c: pl.DataFrame, q: Query, cfg: FilterConfig) -> FilterResult:
+    """Posts whose title or text contains one of the user's muted keywords as whole words.
+
+    Works per distinct post rather than per (user, post) row: each post's text is tokenised
+    once, joined to the keywords on their first word, and only those few hits are checked
+    for the full (possibly multi-word) keyword.
+    """
+    if q.muted_keywords.is_empty() or c.is_empty():
+        return FilterResult(c, 0)
+    kw = q.muted_keywords.join(c.select("user_id").unique(), on="user_id", how="semi")
+    if kw.is_empty():
+        return FilterResult(c, 0)
+    kw = kw.with_columns(first=pl.col("keyword").str.strip_chars().str.split(" ").list.first())
+    posts = (
+        c.select("article_id", "title", "text")
+        .unique("article_id")
+        .select(
+            "article_id",
+            normalise_text(
+                pl.concat_str([pl.col("title"), pl.col("text")], separator=" ", ignore_nulls=True)
+            ).alias("norm"),
+        )
+    )
+    tokens = posts.select(
+        "article_id", pl.col("norm").str.strip_chars().str.split(" ").alias("first")
+    )
+    tokens = tokens.explode("first").unique()
+    hits = (
+        kw.join(tokens, on="first")
+        .join(posts, on="article_id")
+        .filter(pl.col("norm").str.contains(pl.col("keyword"), literal=True))
+        .select("user_id", "article_id")
+        .unique()
+    )
+    kept = c.join(hits, on=["user_id", "article_id"], how="anti", maintain_order="left")
+    return _result(c, kept)
+
+
+def drop_blocked_muted_authors(c: pl.DataFrame, q: Query, cfg: FilterConfig) -> FilterResult:
+    """Posts by (or reposting) authors the user blocked or muted, or who blocked the user."""
+    parts = [q.blocks.select(*AUTHOR_PAIR), q.mutes.select(*AUTHOR_PAIR)]
+    if cfg.drop_blocked_by:
+        parts.append(q.blocked_by.select(*AUTHOR_PAIR))
+    banned = pl.concat(parts).unique()
+    kept = c.join(banned, on=["user_id", "author_id"], how="anti", maintain_order="left")
+    kept = kept.join(
+        banned.rename({"author_id": "original_author_id"}),
+        on=["user_id", "original_author_id"],
+        how="anti",
+        maintain_order="left",
+    )
+    return _result(c, kept)
+
+
+# The reference order: cheap structural checks first, per-user state last.
+PRE_SCORING_FILTERS: tuple[tuple[str, FilterFn], ...] = (
+    ("duplicates", drop_duplicates),
+    ("missing_core_data", drop_missing_core_data),
+    ("too_old", drop_too_old),
+    ("own_posts", drop_own_posts),
+    ("out_of_network_replies_reposts", drop_out_of_network_replies_reposts),
+    ("repost_dedupe", dedupe_reposts),
+    ("previously_seen", drop_previously_seen),
+    ("previously_served", drop_previously_served),
+    ("muted_keywords", drop_muted_keywords),
+    ("blocked_muted_authors", drop_blocked_muted_authors),
+)

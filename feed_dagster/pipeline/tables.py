@@ -1,0 +1,85 @@
+"""Access to the canonical tables a pipeline run reads, whatever holds them."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from datetime import UTC, datetime
+
+import numpy as np
+import polars as pl
+
+from feed_dagster.data.schema import TABLE_SCHEMAS, World
+from feed_dagster.errors import DataValidationError
+
+Tables = Mapping[str, pl.DataFrame]
+
+
+def as_tables(source: World | Tables) -> Tables:
+    """The canonical tables of a World, or the mapping itself."""
+    return source.tables() if isinstance(source, World) else source
+
+
+def table(tables: World | Tables, name: str) -> pl.DataFrame:
+    """Table `name`, or an empty frame of its canonical schema when the source lacks it.
+
+    Optional tables (mutes, muted keywords, topic follows...) are absent for some sources;
+    an empty frame keeps every stage free of special cases.
+    """
+    df = as_tables(tables).get(name)
+    if df is None:
+        return pl.DataFrame(schema=TABLE_SCHEMAS[name])
+    missing = [c for c in TABLE_SCHEMAS[name] if c not in df.columns]
+    if missing:
+        raise DataValidationError(
+            f"table {name}", None, f"columns {list(TABLE_SCHEMAS[name])}", f"{missing} missing"
+        )
+    return df
+
+
+def naive_utc(moment: datetime) -> datetime:
+    """`moment` as a naive UTC datetime, the convention of the canonical tables."""
+    if moment.tzinfo is not None:
+        return moment.astimezone(UTC).replace(tzinfo=None)
+    return moment
+
+
+def user_frame(user_ids: np.ndarray | list[int] | pl.Series) -> pl.DataFrame:
+    """Sorted, unique batch of user ids as a one-column frame to join against."""
+    ids = pl.Series("user_id", np.asarray(user_ids, dtype=np.int64))
+    return pl.DataFrame(ids).unique().sort("user_id")
+
+
+def pair_key(df: pl.DataFrame, a: str, b: str) -> pl.Expr:
+    """One Int64 per (a, b) pair of `df`, for fast distinct/window operations.
+
+    Hashing one integer column is several times faster than hashing two columns or a
+    struct. Packs (a - min a) * span(b) + (b - min b) when that fits in 63 bits (it does
+    for any realistic id ranges); otherwise falls back to a struct key. Nulls stay null.
+    """
+    if df.is_empty():
+        return pl.lit(0, dtype=pl.Int64)
+    lo_a, hi_a, lo_b, hi_b = df.select(
+        pl.col(a).min().alias("a0"),
+        pl.col(a).max().alias("a1"),
+        pl.col(b).min().alias("b0"),
+        pl.col(b).max().alias("b1"),
+    ).row(0)
+    if None in (lo_a, hi_a, lo_b, hi_b):
+        return pl.struct(a, b)
+    span_b = int(hi_b) - int(lo_b) + 1
+    if (int(hi_a) - int(lo_a) + 1) * span_b >= 2**62:
+        return pl.struct(a, b)
+    return (pl.col(a).cast(pl.Int64) - lo_a) * span_b + (pl.col(b).cast(pl.Int64) - lo_b)
+
+
+def run_position(key: pl.Expr | str) -> pl.Expr:
+    """0-based position of each row within its run of equal consecutive `key` values.
+
+    On a frame sorted by key this is the rank within the group, computed without a
+    group-by: window functions over hundreds of thousands of small groups (one per user and
+    author) are far slower than this single pass. A null key starts a new run every row.
+    """
+    key = pl.col(key) if isinstance(key, str) else key
+    idx = pl.int_range(pl.len(), dtype=pl.Int64)
+    new_run = (key != key.shift(1)).fill_null(True)
+    return idx - pl.when(new_run).then(idx).otherwise(None).forward_fill()

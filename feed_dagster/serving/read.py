@@ -1,0 +1,171 @@
+"""Read precomputed feeds from the serving DuckDB file.
+
+Every read opens the file read-only, so readers never block a publish (which writes a
+different file and renames it into place) and several processes can read at once.
+Connections are made by ATTACHing the file to a private in-memory database rather than by
+`duckdb.connect(path)`: DuckDB caches one database instance per path inside a process, so
+`connect(path)` while another connection to that path is open would hand back the
+*replaced* file. User input is always a bound parameter, never part of the SQL text.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import duckdb
+import polars as pl
+
+from feed_dagster.data.schema import ACTIONS
+
+DEFAULT_SERVING_PATH = Path("data/serving/feeds.duckdb")
+ALIAS = "serving"
+FEED_QUERY = f"""
+SELECT f.user_id, f.position, f.article_id, a.title, a.author_handle, f.author_id,
+       f.score, f.source, f.reason, {", ".join(f"f.p_{a}" for a in ACTIONS)},
+       f.dwell_seconds, f.model_version, f.vector_table_version, f.generated_at
+FROM (
+    SELECT * FROM {ALIAS}.feeds WHERE user_id = $user_id ORDER BY position LIMIT $limit
+) f
+LEFT JOIN {ALIAS}.articles a ON a.article_id = f.article_id
+ORDER BY f.position
+"""
+
+
+class FeedNotPublishedError(FileNotFoundError):
+    """The serving file does not exist yet."""
+
+
+def _missing(path: Path) -> FeedNotPublishedError:
+    return FeedNotPublishedError(
+        f"no serving file at {path}: feeds have not been published yet "
+        "(run `make run` or materialise the published_feeds asset first)"
+    )
+
+
+def connect(path: str | Path = DEFAULT_SERVING_PATH) -> duckdb.DuckDBPyConnection:
+    """A read-only connection with the serving file attached as `serving` (query
+    `serving.feeds`, `serving.articles`, ...). It keeps reading the generation that was
+    live when it opened, even after a publish replaces the file."""
+    return _open(Path(path))
+
+
+def _open(path: Path) -> duckdb.DuckDBPyConnection:
+    if not path.exists():
+        raise _missing(path)
+    con = duckdb.connect(":memory:", config={"threads": 1})
+    try:
+        # ATTACH takes no bound parameters; the path is configuration, not user input,
+        # and is quoted as an SQL string literal.
+        literal = "'" + str(path).replace("'", "''") + "'"
+        con.execute(f"ATTACH {literal} AS {ALIAS} (READ_ONLY)")
+    except BaseException:
+        con.close()
+        raise
+    return con
+
+
+def _check_args(user_id: int, limit: int) -> tuple[int, int]:
+    if isinstance(user_id, bool) or not isinstance(user_id, int):
+        raise TypeError(f"user_id must be an int, got {type(user_id).__name__}: {user_id!r}")
+    if isinstance(limit, bool) or not isinstance(limit, int) or limit < 0:
+        raise ValueError(f"limit must be a non-negative int, got {limit!r}")
+    return user_id, limit
+
+
+def _feed(con: duckdb.DuckDBPyConnection, user_id: int, limit: int) -> pl.DataFrame:
+    return con.execute(FEED_QUERY, {"user_id": user_id, "limit": limit}).pl()
+
+
+def get_feed(
+    user_id: int, path: str | Path = DEFAULT_SERVING_PATH, limit: int = 35
+) -> pl.DataFrame:
+    """The precomputed feed of `user_id`, best first, with titles and author handles.
+
+    Opens the file for this one call; for many lookups use `FeedReader`, which keeps the
+    connection. An unknown user gets an empty frame.
+    """
+    user_id, limit = _check_args(user_id, limit)
+    con = _open(Path(path))
+    try:
+        return _feed(con, user_id, limit)
+    finally:
+        con.close()
+
+
+class FeedReader:
+    """Holds one read-only connection to the serving file for many lookups.
+
+    Before each lookup it compares the file's identity (device, inode) with the one it
+    opened; after a publish renamed a new file into place it reopens, so it serves the new
+    generation from the next call on, and never a mix of two.
+    """
+
+    def __init__(self, path: str | Path = DEFAULT_SERVING_PATH) -> None:
+        self.path = Path(path)
+        self._con: duckdb.DuckDBPyConnection | None = None
+        self._identity: tuple[int, int] | None = None
+
+    def _identity_now(self) -> tuple[int, int]:
+        try:
+            st = os.stat(self.path)
+        except FileNotFoundError:
+            raise _missing(self.path) from None
+        return st.st_dev, st.st_ino
+
+    def _connection(self) -> duckdb.DuckDBPyConnection:
+        identity = self._identity_now()
+        if self._con is None or identity != self._identity:
+            self.close()
+            self._con = _open(self.path)
+            self._identity = identity
+        return self._con
+
+    def get_feed(self, user_id: int, limit: int = 35) -> pl.DataFrame:
+        user_id, limit = _check_args(user_id, limit)
+        return _feed(self._connection(), user_id, limit)
+
+    def meta(self) -> dict[str, Any]:
+        return _meta(self._connection())
+
+    def close(self) -> None:
+        if self._con is not None:
+            self._con.close()
+            self._con = None
+            self._identity = None
+
+    def __enter__(self) -> FeedReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _meta(con: duckdb.DuckDBPyConnection) -> dict[str, Any]:
+    cur = con.execute(f"SELECT * FROM {ALIAS}.meta")
+    names = [d[0] for d in cur.description]
+    row = cur.fetchone()
+    return dict(zip(names, row, strict=True)) if row else {}
+
+
+def read_meta(path: str | Path = DEFAULT_SERVING_PATH) -> dict[str, Any]:
+    """The generation the serving file holds (generation_id, versions, rows, users...)."""
+    con = _open(Path(path))
+    try:
+        return _meta(con)
+    finally:
+        con.close()
+
+
+def read_served(path: str | Path = DEFAULT_SERVING_PATH) -> pl.DataFrame | None:
+    """(user_id, article_id) of the live feeds, for the previously-served filter of the
+    next run; None before the first publish."""
+    path = Path(path)
+    if not path.exists():
+        return None
+    con = _open(path)
+    try:
+        return con.execute(f"SELECT user_id, article_id FROM {ALIAS}.feeds").pl()
+    finally:
+        con.close()
