@@ -85,7 +85,8 @@ def print_sample_feed(path: Path, user_id: int | None = None, limit: int = 10) -
         con = connect(path)
         try:
             user_id = con.execute(
-                "select user_id from serving.feed_users order by in_network > 0 desc, posts desc, user_id limit 1"
+                "select user_id from serving.feed_users "
+                "order by in_network > 0 desc, posts desc, user_id limit 1"
             ).fetchone()[0]
         finally:
             con.close()
