@@ -9,6 +9,7 @@ from feed_dagster.assets.evaluation import impressions_evaluation
 from feed_dagster.assets.feeds import published_feeds, user_feeds
 from feed_dagster.assets.graph import follow_graph
 from feed_dagster.assets.raw import source_tables
+from feed_dagster.jobs.automation import JOBS, SCHEDULES, SENSORS
 from feed_dagster.resources.source import default_source
 from feed_dagster.resources.storage import data_root, warehouse_path
 from feed_dagster.resources.warehouse import WarehouseIOManager
@@ -20,6 +21,9 @@ def build_definitions() -> dg.Definitions:
     return dg.Definitions(
         assets=[source_tables, follow_graph, impressions_evaluation, user_feeds, published_feeds],
         asset_checks=raw_table_checks,
+        jobs=JOBS,
+        schedules=SCHEDULES,
+        sensors=SENSORS,
         resources={
             "io_manager": WarehouseIOManager(database=str(warehouse_path()), schema="main"),
             "source": default_source(),

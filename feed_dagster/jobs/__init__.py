@@ -1,0 +1,1 @@
+"""Jobs, schedules and sensors: how feeds stay fresh without anyone clicking."""

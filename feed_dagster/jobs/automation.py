@@ -1,0 +1,147 @@
+"""Jobs, schedules and sensors.
+
+The refresh chain, each link a separate run so that shards fan out on any executor:
+    incoming batch -> ingest_incoming -> update_vectors -> refresh_feeds (one run per shard)
+    -> publish_feeds (once every shard is newer than the last publish)
+retrain (daily) and full_rebuild end in the same refresh; a newly promoted ranker does too.
+"""
+
+import json
+import time
+from datetime import UTC, datetime
+
+import dagster as dg
+
+from feed_dagster.assets.feeds import user_shards
+from feed_dagster.data.incoming import pending_batches
+from feed_dagster.jobs.ingest import ingest_incoming
+from feed_dagster.resources.storage import data_root, incoming_dir
+
+FEEDS = dg.AssetSelection.assets("user_feeds")
+UPSTREAM_OF_FEEDS = dg.AssetSelection.all() - FEEDS.downstream()
+
+refresh_feeds = dg.define_asset_job(
+    "refresh_feeds",
+    selection=FEEDS,
+    description="Recompute the feeds of one user shard with the promoted models.",
+)
+publish_feeds_job = dg.define_asset_job(
+    "publish_feeds",
+    selection=dg.AssetSelection.assets("published_feeds"),
+    description="Swap a new serving file built from every shard into place.",
+)
+full_rebuild = dg.define_asset_job(
+    "full_rebuild",
+    selection=UPSTREAM_OF_FEEDS,
+    description="Reload the source and rebuild everything upstream of the feeds; the "
+    "refresh chain then recomputes and publishes every shard.",
+)
+
+
+def shard_requests(reason: str) -> list[dg.RunRequest]:
+    """One refresh run per user shard; the run key makes a repeated tick a no-op."""
+    stamp = f"{reason}-{int(time.time())}"
+    return [
+        dg.RunRequest(run_key=f"{stamp}-{key}", partition_key=key, tags={"refresh": reason})
+        for key in user_shards.get_partition_keys()
+    ]
+
+
+@dg.schedule(
+    cron_schedule="0 * * * *",
+    job=refresh_feeds,
+    default_status=dg.DefaultScheduleStatus.RUNNING,
+    description="Hourly: recompute every shard's feeds (then the publish sensor swaps them in).",
+)
+def hourly_feed_refresh(context: dg.ScheduleEvaluationContext):
+    tick = context.scheduled_execution_time.strftime("%Y%m%dT%H%M")
+    return [
+        dg.RunRequest(run_key=f"hourly-{tick}-{key}", partition_key=key)
+        for key in user_shards.get_partition_keys()
+    ]
+
+
+@dg.sensor(
+    job=ingest_incoming,
+    minimum_interval_seconds=30,
+    default_status=dg.DefaultSensorStatus.RUNNING,
+    description="Ingests Parquet batches of posts/engagements dropped into data/incoming/.",
+)
+def incoming_batches(context: dg.SensorEvaluationContext):
+    files = pending_batches(incoming_dir())
+    if not files:
+        return dg.SkipReason(f"no batch files in {incoming_dir()}")
+    # Same files with the same size and mtime give the same run key: never ingested twice.
+    key = "|".join(f"{p.name}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in files)
+    return dg.RunRequest(
+        run_key=key,
+        run_config={"ops": {"ingest_files": {"config": {"files": [p.name for p in files]}}}},
+        tags={"batch_files": str(len(files))},
+    )
+
+
+def _latest_storage_id(instance: dg.DagsterInstance, key: str, partition: str | None = None):
+    records = instance.fetch_materializations(
+        dg.AssetRecordsFilter(
+            asset_key=dg.AssetKey(key), asset_partitions=[partition] if partition else None
+        ),
+        limit=1,
+    ).records
+    return records[0].storage_id if records else None
+
+
+@dg.sensor(
+    job=publish_feeds_job,
+    minimum_interval_seconds=30,
+    default_status=dg.DefaultSensorStatus.RUNNING,
+    description="Publishes once every user shard has been recomputed since the last publish.",
+)
+def publish_when_shards_complete(context: dg.SensorEvaluationContext):
+    published = _latest_storage_id(context.instance, "published_feeds") or 0
+    shard_ids = [
+        _latest_storage_id(context.instance, "user_feeds", key)
+        for key in user_shards.get_partition_keys()
+    ]
+    stale = [i for i, sid in enumerate(shard_ids) if sid is None or sid <= published]
+    if stale:
+        return dg.SkipReason(f"waiting for shards {stale} to be recomputed")
+    return dg.RunRequest(run_key=f"publish-{max(shard_ids)}")
+
+
+@dg.run_status_sensor(
+    run_status=dg.DagsterRunStatus.SUCCESS,
+    monitored_jobs=[ingest_incoming, full_rebuild],
+    request_job=refresh_feeds,
+    default_status=dg.DefaultSensorStatus.RUNNING,
+    description="After new data lands or a rebuild finishes, recompute every shard.",
+)
+def refresh_after_new_data(context: dg.RunStatusSensorContext):
+    return shard_requests(f"after-{context.dagster_run.job_name}-{context.dagster_run.run_id}")
+
+
+@dg.run_failure_sensor(
+    default_status=dg.DefaultSensorStatus.RUNNING,
+    description="Records every failed run in data/logs/run_failures.jsonl.",
+)
+def record_run_failures(context: dg.RunFailureSensorContext):
+    log = data_root() / "logs" / "run_failures.jsonl"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    entry = {
+        "at": datetime.now(UTC).isoformat(),
+        "run_id": context.dagster_run.run_id,
+        "job": context.dagster_run.job_name,
+        "error": context.failure_event.message,
+    }
+    with log.open("a") as fh:
+        fh.write(json.dumps(entry) + "\n")
+    context.log.error(f"run {entry['run_id']} of {entry['job']} failed: {entry['error']}")
+
+
+JOBS = [refresh_feeds, publish_feeds_job, full_rebuild, ingest_incoming]
+SCHEDULES = [hourly_feed_refresh]
+SENSORS = [
+    incoming_batches,
+    publish_when_shards_complete,
+    refresh_after_new_data,
+    record_run_failures,
+]

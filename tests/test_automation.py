@@ -1,0 +1,100 @@
+from datetime import datetime
+
+import dagster as dg
+import duckdb
+import polars as pl
+
+from feed_dagster.world.simulate import simulate_activity
+
+
+def _defs():
+    from feed_dagster.definitions import build_definitions
+
+    return build_definitions()
+
+
+def _materialize(defs, instance, selection, partition_key=None):
+    return dg.materialize(
+        [*defs.assets, *defs.asset_checks],
+        selection=selection,
+        partition_key=partition_key,
+        resources=defs.resources,
+        instance=instance,
+    )
+
+
+def test_hourly_schedule_requests_one_refresh_run_per_shard(data_dir):
+    from feed_dagster.assets.feeds import user_shards
+    from feed_dagster.jobs.automation import hourly_feed_refresh
+
+    ctx = dg.build_schedule_context(scheduled_execution_time=datetime(2026, 1, 7, 5))
+    requests = hourly_feed_refresh(ctx)
+    assert [r.partition_key for r in requests] == user_shards.get_partition_keys()
+    assert hourly_feed_refresh.job_name == "refresh_feeds"
+    assert len({r.run_key for r in requests}) == len(requests)
+
+
+def test_incoming_sensor_requests_an_ingest_run_for_dropped_files(data_dir):
+    from feed_dagster.jobs.automation import incoming_batches
+
+    ctx = dg.build_sensor_context()
+    assert isinstance(incoming_batches(ctx), dg.SkipReason)
+    incoming = data_dir / "incoming"
+    incoming.mkdir(parents=True)
+    pl.DataFrame({"article_id": [1]}).write_parquet(incoming / "articles-1.parquet")
+    request = incoming_batches(dg.build_sensor_context())
+    assert isinstance(request, dg.RunRequest)
+    assert request.run_config["ops"]["ingest_files"]["config"]["files"] == ["articles-1.parquet"]
+    assert incoming_batches.job_name == "ingest_incoming"
+
+
+def test_drop_ingest_refresh_publish_chain(data_dir):
+    """A dropped batch is ingested by the job the sensor asks for, its posts reach feeds,
+    and the publish sensor fires only once every shard is newer than the last publish."""
+    from feed_dagster.assets.feeds import user_shards
+    from feed_dagster.jobs.automation import incoming_batches, publish_when_shards_complete
+    from feed_dagster.serving.read import connect
+
+    defs = _defs()
+    instance = dg.DagsterInstance.ephemeral()
+    upstream = dg.AssetSelection.all() - dg.AssetSelection.assets("user_feeds").downstream()
+    _materialize(defs, instance, upstream)
+
+    con = duckdb.connect(str(data_dir / "warehouse.duckdb"), read_only=True)
+    articles = con.execute("select * from articles").pl()
+    engagements = con.execute("select * from engagements").pl()
+    now = con.execute("select now from world_info").fetchone()[0]
+    con.close()
+    posts, eng = simulate_activity(articles, engagements, now, hours=2, posts_per_hour=200)
+    incoming = data_dir / "incoming"
+    incoming.mkdir(parents=True, exist_ok=True)
+    posts.write_parquet(incoming / "articles-sim.parquet")
+    eng.write_parquet(incoming / "engagements-sim.parquet")
+
+    request = incoming_batches(dg.build_sensor_context(instance=instance))
+    job = defs.resolve_job_def("ingest_incoming")
+    assert job.execute_in_process(run_config=request.run_config, instance=instance).success
+    assert sorted(p.name for p in (incoming / "done").iterdir()) == [
+        "articles-sim.parquet",
+        "engagements-sim.parquet",
+    ]
+
+    keys = user_shards.get_partition_keys()
+    for key in keys[:-1]:
+        _materialize(defs, instance, dg.AssetSelection.assets("user_feeds"), key)
+    ctx = dg.build_sensor_context(instance=instance)
+    assert isinstance(publish_when_shards_complete(ctx), dg.SkipReason)
+    _materialize(defs, instance, dg.AssetSelection.assets("user_feeds"), keys[-1])
+    assert isinstance(
+        publish_when_shards_complete(dg.build_sensor_context(instance=instance)), dg.RunRequest
+    )
+    _materialize(defs, instance, dg.AssetSelection.assets("published_feeds"))
+    assert isinstance(
+        publish_when_shards_complete(dg.build_sensor_context(instance=instance)), dg.SkipReason
+    )
+
+    con = connect(data_dir / "serving" / "feeds.duckdb")
+    new_ids = set(posts["article_id"].to_list())
+    served = set(con.execute("select distinct article_id from serving.feeds").pl()["article_id"])
+    con.close()
+    assert served & new_ids, "ingested posts should reach some feeds"
