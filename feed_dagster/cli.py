@@ -178,6 +178,29 @@ def cmd_feed(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_simulate(args: argparse.Namespace) -> int:
+    from feed_dagster.data.warehouse import read_tables
+    from feed_dagster.resources.storage import incoming_dir, warehouse_path
+    from feed_dagster.world.simulate import simulate_activity
+
+    tables = read_tables(warehouse_path(), ["articles", "engagements", "world_info"])
+    now = tables["world_info"]["now"][0]
+    posts, engagements = simulate_activity(
+        tables["articles"], tables["engagements"], now, hours=args.hours, seed=args.seed
+    )
+    folder = incoming_dir()
+    folder.mkdir(parents=True, exist_ok=True)
+    stamp = f"{now:%Y%m%dT%H%M%S}-{args.seed}"
+    for name, df in (("articles", posts), ("engagements", engagements)):
+        final = folder / f"{name}-{stamp}.parquet"
+        tmp = folder / f".{final.name}.tmp"  # not *.parquet, so the sensor ignores it
+        df.write_parquet(tmp)
+        os.replace(tmp, final)
+        print(f"wrote {final} ({df.height:,} rows)")
+    print("with `make ui` running, the incoming_batches sensor ingests them and refreshes feeds")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="feed-dagster", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -191,6 +214,13 @@ def main(argv: list[str] | None = None) -> int:
     feed.add_argument("--json", action="store_true", help="all columns as JSON")
     feed.add_argument("--path", help="serving file (default data/serving/feeds.duckdb)")
     feed.set_defaults(func=cmd_feed)
+
+    sim = sub.add_parser(
+        "simulate", help="write the next hours of synthetic activity into data/incoming/"
+    )
+    sim.add_argument("--hours", type=float, default=1.0)
+    sim.add_argument("--seed", type=int, default=0)
+    sim.set_defaults(func=cmd_simulate)
 
     eb = sub.add_parser(
         "make-ebnerd",
