@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import os
+
 import dagster as dg
 
 from feed_dagster.assets.checks import raw_table_checks
+from feed_dagster.assets.embeddings import article_embeddings
 from feed_dagster.assets.evaluation import impressions_evaluation
 from feed_dagster.assets.feeds import published_feeds, user_feeds
 from feed_dagster.assets.graph import follow_graph
 from feed_dagster.assets.raw import source_tables
 from feed_dagster.jobs.automation import JOBS, SCHEDULES, SENSORS
+from feed_dagster.resources.encoder import EncoderResource
 from feed_dagster.resources.source import default_source
 from feed_dagster.resources.storage import data_root, warehouse_path
 from feed_dagster.resources.warehouse import WarehouseIOManager
@@ -19,7 +23,14 @@ def build_definitions() -> dg.Definitions:
     """Definitions bound to the current data root (tests point FEED_DAGSTER_DATA elsewhere)."""
     data_root().mkdir(parents=True, exist_ok=True)
     return dg.Definitions(
-        assets=[source_tables, follow_graph, impressions_evaluation, user_feeds, published_feeds],
+        assets=[
+            source_tables,
+            follow_graph,
+            impressions_evaluation,
+            article_embeddings,
+            user_feeds,
+            published_feeds,
+        ],
         asset_checks=raw_table_checks,
         jobs=JOBS,
         schedules=SCHEDULES,
@@ -27,6 +38,7 @@ def build_definitions() -> dg.Definitions:
         resources={
             "io_manager": WarehouseIOManager(database=str(warehouse_path()), schema="main"),
             "source": default_source(),
+            "encoder": EncoderResource(kind=os.environ.get("FEED_DAGSTER_ENCODER", "lexical")),
         },
     )
 

@@ -1,0 +1,49 @@
+"""Content vectors for every article, re-encoding only new or changed articles."""
+
+import os
+from pathlib import Path
+
+import dagster as dg
+import polars as pl
+
+from feed_dagster.embeddings.incremental import update_embeddings
+from feed_dagster.resources.encoder import EncoderResource
+from feed_dagster.resources.storage import data_root
+
+
+def embeddings_path() -> Path:
+    # A Parquet file, not a warehouse table: vectors are a bulk columnar payload that
+    # training and LanceDB read whole, and keeping them out of DuckDB means encoding never
+    # holds the warehouse's single write lock.
+    return data_root() / "embeddings" / "article_embeddings.parquet"
+
+
+def read_embeddings() -> pl.DataFrame:
+    path = embeddings_path()
+    if not path.exists():
+        raise FileNotFoundError(f"{path} is missing: materialise article_embeddings first")
+    return pl.read_parquet(path)
+
+
+@dg.asset(group_name="embeddings", kinds={"parquet", "numpy"})
+def article_embeddings(
+    context: dg.AssetExecutionContext, articles: pl.DataFrame, encoder: EncoderResource
+) -> dg.MaterializeResult:
+    """article_id -> float32 content vector. Incremental: articles whose content hash and
+    encoder version are unchanged keep their stored vector."""
+    path = embeddings_path()
+    previous = pl.read_parquet(path) if path.exists() else None
+    enc = encoder.encoder()
+    table, stats = update_embeddings(articles, previous, enc)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    table.write_parquet(tmp)
+    os.replace(tmp, path)
+    context.log.info(f"encoded {stats.n_encoded:,}, reused {stats.n_reused:,}")
+    return dg.MaterializeResult(
+        metadata={
+            "dagster/row_count": table.height,
+            "path": str(path),
+            **{k: float(v) if isinstance(v, float) else v for k, v in stats.as_dict().items()},
+        }
+    )
