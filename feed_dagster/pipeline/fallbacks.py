@@ -8,7 +8,7 @@ sensible baseline, not as calibrated predictions.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 
 import numpy as np
@@ -70,6 +70,19 @@ def topic_shares(
     )
 
 
+@dataclass(frozen=True)
+class GlobalStats:
+    """What the fallbacks derive from all users' engagements before `now`."""
+
+    prior: pl.DataFrame  # topic, prior
+    popularity: pl.DataFrame  # article_id, n: positive engagements with the post
+
+
+def global_stats(articles: pl.DataFrame, engagements: pl.DataFrame, now: datetime) -> GlobalStats:
+    pos = positive_engagements(engagements, now)
+    return GlobalStats(topic_prior(pos, articles), pos.group_by("article_id").len("n"))
+
+
 @dataclass
 class PopularityRetriever:
     """Fallback out-of-network retrieval: recent posts ranked by topic-weighted popularity.
@@ -86,6 +99,15 @@ class PopularityRetriever:
     smoothing: float = 5.0
     max_cells: int = 8_000_000  # matrix cells per chunk of users
     name: str = "popularity"
+    # Per-`now` global statistics: every shard of a run shares them, so compute them once.
+    _stats: dict[datetime, GlobalStats] = field(
+        default_factory=dict, init=False, repr=False, compare=False
+    )
+
+    def stats(self, now: datetime) -> GlobalStats:
+        if now not in self._stats:
+            self._stats[now] = global_stats(self.articles, self.engagements, now)
+        return self._stats[now]
 
     @classmethod
     def from_tables(cls, source: World | Tables, **kwargs: object) -> PopularityRetriever:
@@ -113,8 +135,8 @@ class PopularityRetriever:
         pos = positive_engagements(self.engagements, now).join(
             pl.DataFrame({"user_id": users}), on="user_id", how="semi"
         )
-        all_pos = positive_engagements(self.engagements, now)
-        prior = topic_prior(all_pos, self.articles)
+        stats = self.stats(now)
+        prior = stats.prior
         topics = prior["topic"].to_numpy()
         shares = topic_shares(pos, self.articles, prior, self.smoothing)
 
@@ -135,7 +157,7 @@ class PopularityRetriever:
 
         popularity = (
             recent.select("article_id")
-            .join(all_pos.group_by("article_id").len("n"), on="article_id", how="left")
+            .join(stats.popularity, on="article_id", how="left")
             .sort("article_id")["n"]
             .fill_null(0)
             .to_numpy()
@@ -238,6 +260,21 @@ class TopicAffinityScorer:
     half_life_hours: float = 36.0
     default_dwell_seconds: float = 30.0
     name: str = "topic_affinity"
+    # Per-`now` statistics shared by every shard of a run.
+    _cache: dict[datetime, tuple[GlobalStats, dict[str, float], float, float]] = field(
+        default_factory=dict, init=False, repr=False, compare=False
+    )
+
+    def stats(self, now: datetime) -> tuple[GlobalStats, dict[str, float], float, float]:
+        """(global stats, base rates, popularity scale, mean dwell) at `now`, cached."""
+        if now not in self._cache:
+            self._cache[now] = (
+                global_stats(self.articles, self.engagements, now),
+                self.base_rates(now),
+                self.popularity_scale(now),
+                self.mean_dwell(now),
+            )
+        return self._cache[now]
 
     @classmethod
     def from_tables(cls, source: World | Tables, **kwargs: object) -> TopicAffinityScorer:
@@ -279,9 +316,8 @@ class TopicAffinityScorer:
 
     def score(self, candidates: pl.DataFrame, context: Query) -> pl.DataFrame:
         now = context.now
-        rates = self.base_rates(now)
-        all_pos = positive_engagements(self.engagements, now)
-        prior = topic_prior(all_pos, self.articles)
+        stats, rates, scale, dwell = self.stats(now)
+        prior = stats.prior
         history = positive_engagements(context.history, now)
         shares = topic_shares(history, self.articles, prior, self.smoothing)
         n_user = history.group_by("user_id").len("n_user")
@@ -291,7 +327,7 @@ class TopicAffinityScorer:
             .group_by("user_id", "author_id")
             .len("n_author")
         )
-        popularity = all_pos.group_by("article_id").len("n_pop")
+        popularity = stats.popularity.rename({"n": "n_pop"})
 
         c = candidates.select(
             "user_id", "article_id", "author_id", "in_network", "published_at", "topic"
@@ -312,7 +348,6 @@ class TopicAffinityScorer:
         match = lift / (1.0 + lift)
         n_author = pl.col("n_author").fill_null(0).cast(pl.Float64)
         log_pop = pl.col("n_pop").fill_null(0).cast(pl.Float64).log1p()
-        scale = self.popularity_scale(now)
         popularity_f = 1.0 + self.popularity_weight * log_pop / scale
         age_h = (pl.lit(now) - pl.col("published_at")).dt.total_seconds() / 3600.0
         freshness = pl.lit(0.5).pow(age_h.clip(0.0, None) / self.half_life_hours)
@@ -332,6 +367,5 @@ class TopicAffinityScorer:
             .alias(f"p_{a}")
             for a in ACTIONS
         ]
-        dwell = self.mean_dwell(now)
         out = c.select("user_id", "article_id", *probs)
         return out.with_columns(dwell_seconds=pl.col("p_click") * dwell)

@@ -145,7 +145,9 @@ def drop_blocked_muted_authors(c: pl.DataFrame, q: Query, cfg: FilterConfig) -> 
     return _result(c, kept)
 
 
-# The reference order: cheap structural checks first, per-user state last.
+# The reference order (structural checks first, per-user state last), with the
+# out-of-network reply/repost filter ahead of repost dedupe: an out-of-network repost must
+# not displace its original and then be dropped itself.
 PRE_SCORING_FILTERS: tuple[tuple[str, FilterFn], ...] = (
     ("duplicates", drop_duplicates),
     ("missing_core_data", drop_missing_core_data),

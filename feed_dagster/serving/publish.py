@@ -9,19 +9,23 @@ untouched; the half-built temporary file is removed (or, after a kill, swept awa
 next publish).
 
 Tables and views in the file:
-- feeds(user_id, position, article_id, author_id, score, source, p_<action>...,
-  dwell_seconds, reason, model_version, vector_table_version, generated_at),
-  ordered by user_id, position so a point lookup reads one row group;
+- feeds(user_id, position, article_id, author_id, author_handle, title, score, source,
+  p_<action>..., dwell_seconds, reason, model_version, vector_table_version,
+  generated_at), ordered by user_id, position so a point lookup reads one row group.
+  Title and author handle are joined in at publish time: a lookup then touches one table,
+  where joining the articles table per request costs several times the lookup itself
+  (docs/BENCHMARKS.md, lookup);
 - articles(article_id, title, author_id, author_handle, topic_name, published_at) for the
-  posts in feeds, so a feed is readable;
+  posts in feeds, for analysts;
 - meta: one row describing the generation;
-- views feed_summary (per source), feed_users (per user), feed_readable (feeds + titles).
+- views feed_summary (per source), feed_users (per user), feed_readable (who sees what).
 """
 
 from __future__ import annotations
 
 import os
 import secrets
+import shutil
 import time
 import uuid
 from collections.abc import Sequence
@@ -34,6 +38,7 @@ import polars as pl
 
 from feed_dagster.errors import DataValidationError
 from feed_dagster.pipeline.run import FEED_SCHEMA
+from feed_dagster.pipeline.tables import naive_utc
 
 FEED_COLUMNS: tuple[str, ...] = tuple(FEED_SCHEMA)
 VERSION_COLUMNS: tuple[str, ...] = ("model_version", "vector_table_version", "generated_at")
@@ -66,21 +71,29 @@ def publish_feeds(
     generated_at: datetime,
     articles: pl.DataFrame | None = None,
     users: pl.DataFrame | None = None,
+    memory_limit: str | None = "4GB",
 ) -> PublishResult:
     """Build the serving file from feed shards (Parquet paths or frames in FEED_SCHEMA)
     and swap it in atomically. `articles` (canonical articles table) and `users` (for
-    author handles) fill the `articles` table; without them it is empty."""
+    author handles) fill the `articles` table; without them it is empty.
+
+    `memory_limit` caps DuckDB's memory for the build (sorting and checking tens of
+    millions of rows); past it DuckDB spills to a temporary directory beside the file.
+    None leaves DuckDB's default (80% of RAM)."""
     t0 = time.perf_counter()
+    generated_at = naive_utc(generated_at)  # TIMESTAMP columns hold naive UTC
     live = Path(serving_path)
     live.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale_tmp(live)
     tmp = live.with_name(f"{live.name}{TMP_MARKER}{secrets.token_hex(6)}")
     generation_id = uuid.uuid4().hex
-    con = duckdb.connect(str(tmp))
+    config = {"memory_limit": memory_limit} if memory_limit else {}
+    con = duckdb.connect(str(tmp), config=config)
     try:
+        _register_articles(con, articles, users)
         _load_feeds(con, feeds, (model_version, vector_table_version, generated_at))
         _check_feeds(con)
-        _load_articles(con, articles, users)
+        _load_articles(con)
         _create_views(con)
         rows, n_users = _write_meta(
             con, generation_id, model_version, vector_table_version, generated_at
@@ -92,8 +105,8 @@ def publish_feeds(
         _fsync(live.parent)
     except BaseException:
         con.close()
-        for leftover in (tmp, tmp.with_name(tmp.name + ".wal")):
-            leftover.unlink(missing_ok=True)
+        for suffix in ("", ".wal", ".tmp"):
+            _remove(tmp.with_name(tmp.name + suffix))
         raise
     return PublishResult(
         path=live,
@@ -112,7 +125,9 @@ def _load_feeds(
     con: duckdb.DuckDBPyConnection, feeds: FeedsInput, versions: tuple[str, str, datetime]
 ) -> None:
     """CREATE TABLE feeds from Parquet files or frames, ordered by user_id, position."""
-    select = ", ".join(f'"{c}"' for c in FEED_COLUMNS)
+    head = ", ".join(f'f."{c}"' for c in FEED_COLUMNS[:4])
+    rest = ", ".join(f'f."{c}"' for c in FEED_COLUMNS[4:])
+    select = f"{head}, a.author_handle, a.title, {rest}"
     tail = (
         "?::VARCHAR AS model_version, ?::VARCHAR AS vector_table_version, "
         "?::TIMESTAMP AS generated_at"
@@ -131,7 +146,9 @@ def _load_feeds(
         source = "read_parquet(?)"
         params.append(paths)
     con.execute(
-        f"CREATE TABLE feeds AS SELECT {select}, {tail} FROM {source} ORDER BY user_id, position",
+        f"CREATE TABLE feeds AS SELECT {select}, {tail} FROM {source} f "
+        "LEFT JOIN articles_input a ON a.article_id = f.article_id "
+        "ORDER BY f.user_id, f.position",
         params,
     )
 
@@ -182,10 +199,10 @@ def _check_feeds(con: duckdb.DuckDBPyConnection) -> None:
         )
 
 
-def _load_articles(
+def _register_articles(
     con: duckdb.DuckDBPyConnection, articles: pl.DataFrame | None, users: pl.DataFrame | None
 ) -> None:
-    """The `articles` table: title and author handle of every post in feeds."""
+    """Register `articles_input`: title and author handle per post (empty without data)."""
     cols = {
         "article_id": pl.Int64,
         "title": pl.String,
@@ -207,6 +224,10 @@ def _load_articles(
             frame = frame.with_columns(author_handle=pl.lit(None, dtype=pl.String))
         frame = frame.select([pl.col(c).cast(t) for c, t in cols.items()])
     con.register("articles_input", frame.to_arrow())
+
+
+def _load_articles(con: duckdb.DuckDBPyConnection) -> None:
+    """The `articles` table: every post in feeds."""
     con.execute(
         "CREATE TABLE articles AS SELECT a.* FROM articles_input a "
         "WHERE a.article_id IN (SELECT DISTINCT article_id FROM feeds) ORDER BY a.article_id"
@@ -236,10 +257,8 @@ def _create_views(con: duckdb.DuckDBPyConnection) -> None:
     con.execute(
         """
         CREATE VIEW feed_readable AS
-        SELECT f.user_id, f.position, a.title, a.author_handle, f.reason, f.source,
-               f.score, f.article_id
-        FROM feeds f LEFT JOIN articles a USING (article_id)
-        ORDER BY f.user_id, f.position
+        SELECT user_id, position, title, author_handle, reason, source, score, article_id
+        FROM feeds ORDER BY user_id, position
         """
     )
 
@@ -280,6 +299,14 @@ def _remove_stale_tmp(live: Path) -> None:
     for leftover in live.parent.glob(f"{live.name}{TMP_MARKER}*"):
         try:
             if leftover.stat().st_mtime < cutoff:
-                leftover.unlink()
+                _remove(leftover)
         except FileNotFoundError:
             pass
+
+
+def _remove(path: Path) -> None:
+    """Delete a file or a directory tree (DuckDB's spill directory), if present."""
+    if path.is_dir():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)

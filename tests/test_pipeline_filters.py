@@ -1,0 +1,213 @@
+"""Candidate hydration and every pre-scoring filter, each on hand-made candidates."""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+
+import polars as pl
+
+from feed_dagster.data.schema import conform
+from feed_dagster.pipeline.config import FilterConfig
+from feed_dagster.pipeline.filters import (
+    PRE_SCORING_FILTERS,
+    dedupe_reposts,
+    drop_blocked_muted_authors,
+    drop_duplicates,
+    drop_missing_core_data,
+    drop_muted_keywords,
+    drop_out_of_network_replies_reposts,
+    drop_own_posts,
+    drop_previously_seen,
+    drop_previously_served,
+    drop_too_old,
+)
+from feed_dagster.pipeline.hydrators import hydrate_author_handles, hydrate_core_data
+from feed_dagster.pipeline.query import Query, hydrate_query
+
+NOW = datetime(2026, 1, 3)
+H = timedelta(hours=1)
+CFG = FilterConfig()
+
+# (article_id, author_id, kind, parent_id, hours before now, text)
+POSTS = [
+    (200, 20, "original", None, 1, "Great match today"),
+    (201, 1, "original", None, 1, "my own post"),
+    (202, 21, "repost", 201, 1, "my own post"),
+    (203, 22, "reply", 200, 1, "agreed"),
+    (204, 23, "repost", 200, 1, "Great match today"),
+    (205, 24, "original", None, 1, "The WORLD  cup, final!"),
+    (206, 25, "original", None, 1, "worldwide cupcakes"),
+    (207, 26, "original", None, 1, "from a blocked account"),
+    (208, 27, "original", None, 1, "from a muted account"),
+    (209, 28, "original", None, 1, "from an account that blocked me"),
+    (210, 29, "original", None, 1, "seen already"),
+    (211, 29, "original", None, 1, "served last time"),
+    (213, 30, "original", None, 49, "too old"),
+    (214, 31, "repost", 207, 1, "from a blocked account"),
+    (215, 32, "repost", 210, 1, "seen already"),
+]
+# (article_id, in_network) candidates of user 1, in pipeline order; 212 is unknown and
+# 200 comes twice.
+CANDIDATES = [
+    (200, True),
+    (204, True),
+    (201, False),
+    (202, False),
+    (203, False),
+    (205, False),
+    (206, False),
+    (207, False),
+    (208, False),
+    (209, False),
+    (210, False),
+    (211, False),
+    (212, False),
+    (213, False),
+    (214, True),
+    (215, True),
+    (200, False),
+]
+
+
+def tables() -> dict[str, pl.DataFrame]:
+    a, au, k, par, hours, text = zip(*POSTS, strict=True)
+    articles = conform(
+        "articles",
+        pl.DataFrame(
+            {
+                "article_id": a,
+                "author_id": au,
+                "kind": k,
+                "parent_id": par,
+                "conversation_id": a,
+                "published_at": [NOW - h * H for h in hours],
+                "title": [t.split()[0] for t in text],
+                "text": text,
+            }
+        ),
+    )
+    return {
+        "articles": articles,
+        "users": conform("users", pl.DataFrame({"user_id": [20, 21], "handle": ["ann", "bob"]})),
+        "blocks": conform("blocks", pl.DataFrame({"user_id": [1, 28], "blocked_id": [26, 1]})),
+        "mutes": conform("mutes", pl.DataFrame({"user_id": [1], "muted_id": [27]})),
+        "muted_keywords": conform(
+            "muted_keywords", pl.DataFrame({"user_id": [1, 1], "keyword": ["World Cup", "world"]})
+        ),
+        "impressions": conform(
+            "impressions",
+            pl.DataFrame({"user_id": [1], "article_id": [210], "shown_at": [NOW - 2 * H]}),
+        ),
+    }
+
+
+def query() -> Query:
+    served = pl.DataFrame({"user_id": [1], "article_id": [211]})
+    return hydrate_query(tables(), [1], NOW, served=served)
+
+
+def candidates() -> pl.DataFrame:
+    ids, in_net = zip(*CANDIDATES, strict=True)
+    rows = pl.DataFrame(
+        {
+            "user_id": [1] * len(ids),
+            "article_id": ids,
+            "in_network": in_net,
+            "source_rank": list(range(1, len(ids) + 1)),
+        }
+    )
+    return hydrate_core_data(rows, tables()["articles"])
+
+
+def removed_ids(fn) -> list[int]:
+    c = candidates()
+    kept, removed = fn(c, query(), CFG)
+    assert removed == c.height - kept.height
+    # Filters keep the order of the rows they keep.
+    assert kept["source_rank"].is_sorted()
+    gone = c.join(kept, on=["user_id", "source_rank"], how="anti")
+    return gone["article_id"].to_list()
+
+
+def test_hydrate_core_data_and_originals() -> None:
+    c = candidates()
+    assert c.height == len(CANDIDATES)
+    assert c["source_rank"].to_list() == list(range(1, len(CANDIDATES) + 1))
+    row = c.filter(pl.col("article_id") == 204).row(0, named=True)
+    assert (row["author_id"], row["kind"], row["original_id"], row["original_author_id"]) == (
+        23,
+        "repost",
+        200,
+        20,
+    )
+    own = c.filter(pl.col("article_id") == 205).row(0, named=True)
+    assert (own["original_id"], own["original_author_id"]) == (205, 24)
+    unknown = c.filter(pl.col("article_id") == 212).row(0, named=True)
+    assert unknown["kind"] is None and unknown["published_at"] is None
+
+
+def test_hydrate_author_handles() -> None:
+    out = hydrate_author_handles(candidates().head(4), tables()["users"])
+    assert out["author_handle"].to_list() == ["ann", None, None, "bob"]
+
+
+def test_drop_duplicates_keeps_first() -> None:
+    assert removed_ids(drop_duplicates) == [200]
+    c = candidates()
+    kept, _ = drop_duplicates(c, query(), CFG)
+    assert kept.filter(pl.col("article_id") == 200)["in_network"].to_list() == [True]
+
+
+def test_drop_missing_core_data() -> None:
+    assert removed_ids(drop_missing_core_data) == [212]
+
+
+def test_drop_too_old() -> None:
+    # The unknown post has no publish time either: it is no longer fresh.
+    assert removed_ids(drop_too_old) == [212, 213]
+
+
+def test_drop_own_posts_and_reposts_of_them() -> None:
+    assert removed_ids(drop_own_posts) == [201, 202]
+
+
+def test_drop_out_of_network_replies_reposts() -> None:
+    # 204 (repost) and 214/215 are in-network, so they stay.
+    assert removed_ids(drop_out_of_network_replies_reposts) == [202, 203]
+
+
+def test_dedupe_reposts_repost_and_original_count_once() -> None:
+    # 204 reposts 200, 202 reposts 201, 214 reposts 207, 215 reposts 210: each original
+    # came first, so the reposts go; the second 200 row is the same original again.
+    assert removed_ids(dedupe_reposts) == [204, 202, 214, 215, 200]
+
+
+def test_drop_previously_seen_including_reposts() -> None:
+    assert removed_ids(drop_previously_seen) == [210, 215]
+
+
+def test_drop_previously_served() -> None:
+    assert removed_ids(drop_previously_served) == [211]
+
+
+def test_drop_muted_keywords_whole_words_case_insensitive() -> None:
+    # "World Cup" / "world" match "The WORLD  cup, final!" but not "worldwide cupcakes".
+    assert removed_ids(drop_muted_keywords) == [205]
+
+
+def test_drop_blocked_muted_authors() -> None:
+    # 207 blocked, 208 muted, 209's author blocked the user, 214 reposts a blocked author.
+    assert removed_ids(drop_blocked_muted_authors) == [207, 208, 209, 214]
+    kept, _ = drop_blocked_muted_authors(candidates(), query(), FilterConfig(drop_blocked_by=False))
+    assert 209 in kept["article_id"].to_list()
+
+
+def test_filter_chain_reports_every_removal() -> None:
+    c = candidates()
+    q = query()
+    total = 0
+    for _name, fn in PRE_SCORING_FILTERS:
+        c, removed = fn(c, q, CFG)
+        total += removed
+    assert c["article_id"].to_list() == [200, 206]
+    assert total == len(CANDIDATES) - 2
