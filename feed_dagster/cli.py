@@ -22,6 +22,10 @@ def _instance():
     return dg.DagsterInstance.ephemeral()
 
 
+class BuildFailed(RuntimeError):
+    """A step of `run` failed; its errors have been printed."""
+
+
 def materialize_everything(log_level: str = "WARNING") -> None:
     """Materialise the whole asset graph in-process: everything upstream of the feeds, then
     every user shard of user_feeds, then the publish."""
@@ -46,12 +50,21 @@ def materialize_everything(log_level: str = "WARNING") -> None:
             resources=defs.resources,
             instance=instance,
             run_config=run_config,
+            raise_on_error=False,
         )
         built = [e.asset_key.to_user_string() for e in result.get_asset_materialization_events()]
         failed = [c.check_name for c in result.get_asset_check_evaluations() if not c.passed]
         print(f"  built {', '.join(built)} in {time.perf_counter() - t0:.1f}s", flush=True)
         if failed:
             print(f"  failed checks: {', '.join(failed)}", flush=True)
+        if not result.success:
+            for event in result.get_step_failure_events():
+                error = event.step_failure_data.error
+                print(f"  FAILED {event.step_key}: {error.message.strip() if error else ''}")
+            for check in result.get_asset_check_evaluations():
+                if not check.passed:
+                    print(f"  check {check.check_name}: {check.description}")
+            raise BuildFailed(label)
 
     step("sources, models and vectors", dg.AssetSelection.all() - feeds.downstream())
     for key in shards:
@@ -116,7 +129,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     from feed_dagster.resources.storage import serving_path, warehouse_path
 
     t0 = time.perf_counter()
-    materialize_everything(args.log_level)
+    try:
+        materialize_everything(args.log_level)
+    except BuildFailed as exc:
+        print(f"\nrun stopped: the '{exc}' step failed (see above); earlier outputs are intact")
+        return 1
     print_warehouse_summary(warehouse_path())
     print_sample_feed(serving_path())
     print(f"\nmake run finished in {time.perf_counter() - t0:.1f}s")

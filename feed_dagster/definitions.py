@@ -11,11 +11,14 @@ from feed_dagster.assets.embeddings import article_embeddings
 from feed_dagster.assets.evaluation import impressions_evaluation
 from feed_dagster.assets.feeds import published_feeds, user_feeds
 from feed_dagster.assets.graph import follow_graph
+from feed_dagster.assets.models import promoted_ranker, ranker_promotion_gate, trained_models
 from feed_dagster.assets.raw import source_tables
+from feed_dagster.assets.vectors import article_vectors, vector_index_recall, vectors_cover_articles
 from feed_dagster.jobs.automation import JOBS, SCHEDULES, SENSORS
 from feed_dagster.resources.encoder import EncoderResource
 from feed_dagster.resources.source import default_source
 from feed_dagster.resources.storage import data_root, warehouse_path
+from feed_dagster.resources.stores import LanceDBResource, ModelStoreResource
 from feed_dagster.resources.warehouse import WarehouseIOManager
 
 
@@ -28,16 +31,26 @@ def build_definitions() -> dg.Definitions:
             follow_graph,
             impressions_evaluation,
             article_embeddings,
+            trained_models,
+            promoted_ranker,
+            article_vectors,
             user_feeds,
             published_feeds,
         ],
-        asset_checks=raw_table_checks,
+        asset_checks=[
+            *raw_table_checks,
+            ranker_promotion_gate,
+            vectors_cover_articles,
+            vector_index_recall,
+        ],
         jobs=JOBS,
         schedules=SCHEDULES,
         sensors=SENSORS,
         resources={
             "io_manager": WarehouseIOManager(database=str(warehouse_path()), schema="main"),
             "source": default_source(),
+            "models": ModelStoreResource(),
+            "lancedb": LanceDBResource(),
             "encoder": EncoderResource(kind=os.environ.get("FEED_DAGSTER_ENCODER", "lexical")),
         },
     )

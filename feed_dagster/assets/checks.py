@@ -55,13 +55,14 @@ def _window(table: str, column: str, bounded_below: bool = True) -> Rule:
     )
 
 
-def _unique(table: str, key: list[str]) -> Rule:
+def _unique(table: str, key: list[str], nullable: tuple[str, ...] = ()) -> Rule:
     return Rule(
         table,
         f"{'_'.join(key)}_unique",
-        f"{table} key ({', '.join(key)}) is non-null and unique",
+        f"{table} key ({', '.join(key)}) is unique and non-null"
+        + (f" (except {', '.join(nullable)})" if nullable else ""),
         (),
-        lambda t: C.unique_non_null(t[table], table, key),
+        lambda t: C.unique_non_null(t[table], table, key, nullable),
     )
 
 
@@ -76,7 +77,10 @@ RULES: list[Rule] = [
     _ref("impressions", "user_id", "users", "user_id"),
     _ref("impressions", "article_id", "articles", "article_id"),
     _window("impressions", "shown_at"),
-    _unique("engagements", ["user_id", "article_id", "engaged_at"]),
+    # One engagement row per shown article (impression_id) or history read (no impression).
+    _unique(
+        "engagements", ["user_id", "article_id", "impression_id", "engaged_at"], ("impression_id",)
+    ),
     _ref("engagements", "user_id", "users", "user_id"),
     _ref("engagements", "article_id", "articles", "article_id"),
     _window("engagements", "engaged_at"),

@@ -1,5 +1,6 @@
 """Per-user precomputed feeds (one partition per user shard) and their atomic publish."""
 
+import json
 import os
 from datetime import UTC, datetime
 from pathlib import Path
@@ -7,13 +8,21 @@ from pathlib import Path
 import dagster as dg
 import polars as pl
 
+from feed_dagster.assets.models import RANKER, TWO_TOWER, content_vectors
 from feed_dagster.data.warehouse import read_tables
 from feed_dagster.feeds.build import build_feeds
+from feed_dagster.feeds.learned import RankerScorer, TwoTowerRetriever
 from feed_dagster.feeds.shards import users_in_shard
+from feed_dagster.models.ranker import load_ranker
+from feed_dagster.models.serve import ServingContext
+from feed_dagster.models.two_tower import load_two_tower
 from feed_dagster.pipeline.fallbacks import PopularityRetriever, TopicAffinityScorer
+from feed_dagster.pipeline.protocols import Retriever, Scorer
 from feed_dagster.resources.storage import serving_path, shard_dir, warehouse_path
+from feed_dagster.resources.stores import LanceDBResource, ModelStoreResource
 from feed_dagster.serving.publish import publish_feeds
 from feed_dagster.serving.read import read_served
+from feed_dagster.vectors import open_vectors
 
 N_SHARDS = int(os.environ.get("FEED_DAGSTER_SHARDS", "4"))
 user_shards = dg.StaticPartitionsDefinition([str(i) for i in range(N_SHARDS)])
@@ -30,7 +39,7 @@ PIPELINE_TABLES = [
     "mutes",
     "muted_keywords",
 ]
-RAW_DEPS = [t for t in PIPELINE_TABLES]
+MODEL_DEPS = ["promoted_ranker", "article_vectors"]
 
 
 class FeedConfig(dg.Config):
@@ -40,6 +49,52 @@ class FeedConfig(dg.Config):
 
 def _shard_path(shard: str) -> Path:
     return shard_dir() / f"shard-{shard}.parquet"
+
+
+def _versions_path(shard: str) -> Path:
+    return shard_dir() / f"shard-{shard}.versions.json"
+
+
+def _feed_models(
+    context: dg.AssetExecutionContext,
+    tables: dict[str, pl.DataFrame],
+    models: ModelStoreResource,
+    lancedb: LanceDBResource,
+) -> tuple[Retriever, Scorer, dict[str, str]]:
+    """The promoted ranker and two-tower + LanceDB retrieval; the table-based fallbacks
+    (and a warning) while no model has been promoted yet."""
+    store = models.store()
+    ranker_v, tower_v = store.promoted(RANKER), store.promoted(TWO_TOWER)
+    try:
+        table = open_vectors(lancedb.resolved_uri(), lancedb.table)
+    except FileNotFoundError:
+        table = None
+    if ranker_v is None or tower_v is None or table is None:
+        context.log.warning("no promoted models or vector table yet: using table fallbacks")
+        return (
+            PopularityRetriever.from_tables(tables),
+            TopicAffinityScorer.from_tables(tables),
+            {"model_version": "fallback", "vector_table_version": "none"},
+        )
+    ranker = load_ranker(*store.load(RANKER, ranker_v))
+    tower = load_two_tower(*store.load(TWO_TOWER, tower_v))
+    articles = tables["articles"]
+    ctx = ServingContext.build(
+        articles,
+        content_vectors(articles),
+        tables["engagements"],
+        tables["follows"],
+        tables["topic_follows"],
+        ranker.cfg.features,
+    )
+    return (
+        TwoTowerRetriever(tower, ctx, table),
+        RankerScorer(ranker, ctx),
+        {
+            "model_version": f"ranker:{ranker_v},two_tower:{tower_v}",
+            "vector_table_version": str(table.version),
+        },
+    )
 
 
 def _write_atomically(df: pl.DataFrame, path: Path) -> None:
@@ -53,18 +108,22 @@ def _write_atomically(df: pl.DataFrame, path: Path) -> None:
 @dg.asset(
     group_name="feeds",
     partitions_def=user_shards,
-    deps=RAW_DEPS,
+    deps=[*PIPELINE_TABLES, *MODEL_DEPS],
     kinds={"polars", "parquet"},
 )
-def user_feeds(context: dg.AssetExecutionContext, config: FeedConfig) -> dg.MaterializeResult:
+def user_feeds(
+    context: dg.AssetExecutionContext,
+    config: FeedConfig,
+    models: ModelStoreResource,
+    lancedb: LanceDBResource,
+) -> dg.MaterializeResult:
     """Ranked feeds for the users of one shard: candidates -> filters -> scores -> selection,
     written as one Parquet file per shard."""
     shard = int(context.partition_key)
     tables = read_tables(warehouse_path(), PIPELINE_TABLES)
     now = tables["world_info"]["now"][0]
     user_ids = users_in_shard(tables["users"], shard, N_SHARDS)
-    retriever = PopularityRetriever.from_tables(tables)
-    scorer = TopicAffinityScorer.from_tables(tables)
+    retriever, scorer, versions = _feed_models(context, tables, models, lancedb)
     served = read_served(serving_path()) if config.exclude_previously_served else None
     feeds, stats = build_feeds(
         tables,
@@ -77,6 +136,7 @@ def user_feeds(context: dg.AssetExecutionContext, config: FeedConfig) -> dg.Mate
         progress=lambda m: context.log.info(f"shard {shard}: {m}"),
     )
     _write_atomically(feeds, _shard_path(context.partition_key))
+    _versions_path(context.partition_key).write_text(json.dumps(versions))
     seconds = stats["seconds"]
     return dg.MaterializeResult(
         metadata={
@@ -86,6 +146,7 @@ def user_feeds(context: dg.AssetExecutionContext, config: FeedConfig) -> dg.Mate
             "in_network_share": round(stats["in_network_rows"] / max(1, feeds.height), 3),
             "retriever": stats["retriever"],
             "scorer": stats["scorer"],
+            **versions,
             "now": str(now),
             "path": str(_shard_path(context.partition_key)),
             "stage_seconds": dg.MetadataValue.json({k: round(v, 3) for k, v in seconds.items()}),
@@ -106,11 +167,16 @@ def published_feeds(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
             "user_feeds partition first"
         )
     tables = read_tables(warehouse_path(), ["articles", "users"])
+    versions = [json.loads(_versions_path(k).read_text()) for k in user_shards.get_partition_keys()]
+    # Shards built with different models (a promotion between shard runs) are published
+    # together but say so: both versions are recorded.
+    model_version = ";".join(sorted({v["model_version"] for v in versions}))
+    vector_version = ";".join(sorted({v["vector_table_version"] for v in versions}))
     result = publish_feeds(
         [str(p) for p in paths],
         serving_path(),
-        model_version="fallback",
-        vector_table_version="none",
+        model_version=model_version,
+        vector_table_version=vector_version,
         generated_at=datetime.now(UTC).replace(tzinfo=None),
         articles=tables["articles"],
         users=tables["users"],

@@ -40,10 +40,14 @@ def _outcome(table: str, column: str, what: str, bad: pl.DataFrame) -> CheckOutc
     )
 
 
-def unique_non_null(df: pl.DataFrame, table: str, key: list[str]) -> CheckOutcome:
-    """Every key column non-null and the key combination unique."""
+def unique_non_null(
+    df: pl.DataFrame, table: str, key: list[str], nullable: tuple[str, ...] = ()
+) -> CheckOutcome:
+    """The key combination is unique, and its columns non-null except those in `nullable`
+    (a null there counts as one value, e.g. engagements outside any logged impression)."""
     column = ", ".join(key)
-    nulls = df.filter(pl.any_horizontal(pl.col(key).is_null()))
+    required = [c for c in key if c not in nullable]
+    nulls = df.filter(pl.any_horizontal(pl.col(required).is_null()))
     if nulls.height:
         return _outcome(table, column, "key is never null", nulls.select(key))
     dupes = df.filter(pl.struct(key).is_duplicated()).select(key).unique(maintain_order=True)

@@ -1,0 +1,211 @@
+"""Training, evaluation and promotion of the two-tower retrieval model and the ranker."""
+
+import json
+from pathlib import Path
+
+import dagster as dg
+import numpy as np
+import polars as pl
+
+from feed_dagster.assets.embeddings import read_embeddings
+from feed_dagster.data.sources import world_from_tables
+from feed_dagster.data.warehouse import read_tables
+from feed_dagster.models.evaluate import evaluate_models, evaluation_chart, training_curves
+from feed_dagster.models.promotion import promotion_decision
+from feed_dagster.models.ranker import load_ranker
+from feed_dagster.models.train import prepare_training_data, train_ranker, train_two_tower
+from feed_dagster.models.two_tower import load_two_tower
+from feed_dagster.plots import markdown_table
+from feed_dagster.resources.storage import data_root, warehouse_path
+from feed_dagster.resources.stores import ModelStoreResource
+
+MODEL_TABLES = [
+    "world_info",
+    "users",
+    "articles",
+    "engagements",
+    "impressions",
+    "impression_truth",
+    "follows",
+    "topic_follows",
+]
+TWO_TOWER, RANKER = "two_tower", "ranker"
+
+
+def content_vectors(articles: pl.DataFrame) -> np.ndarray:
+    """The stored content vector of every article, in the order of `articles`."""
+    emb = read_embeddings().select("article_id", "vector")
+    joined = articles.select("article_id").join(
+        emb, on="article_id", how="left", maintain_order="left"
+    )
+    missing = joined.filter(pl.col("vector").is_null())
+    if missing.height:
+        raise ValueError(
+            f"{missing.height} articles have no content vector (e.g. "
+            f"{missing['article_id'].head(5).to_list()}): rematerialise article_embeddings"
+        )
+    dim = emb.schema["vector"].size
+    return joined["vector"].to_numpy().reshape(len(joined), dim).astype(np.float32)
+
+
+def evaluation_dir() -> Path:
+    return data_root() / "models" / "evaluations"
+
+
+def candidate_file() -> Path:
+    """The ranker version the latest training produced, awaiting the promotion gate."""
+    return data_root() / "models" / "ranker_candidate.json"
+
+
+def png_md(png: bytes, alt: str) -> str:
+    import base64
+
+    return f"![{alt}](data:image/png;base64,{base64.b64encode(png).decode()})"
+
+
+@dg.multi_asset(
+    specs=[
+        dg.AssetSpec(
+            "retrieval_model",
+            group_name="models",
+            kinds={"pytorch", "safetensors"},
+            deps=[*MODEL_TABLES, "article_embeddings"],
+            description="Two-tower retrieval model (user tower over history, item tower over "
+            "content + author + topic), in-batch softmax with logQ correction.",
+        ),
+        dg.AssetSpec(
+            "ranker_weights",
+            group_name="models",
+            kinds={"pytorch", "safetensors"},
+            deps=[*MODEL_TABLES, "article_embeddings"],
+            description="Transformer ranker with candidate isolation, one head per action.",
+        ),
+        dg.AssetSpec(
+            "ranker_evaluation",
+            group_name="evaluation",
+            kinds={"polars"},
+            deps=["retrieval_model", "ranker_weights"],
+            description="Held-out AUC/MRR/nDCG of the new ranker against the two-tower score, "
+            "the promoted ranker, baselines and (synthetic data) the oracle.",
+        ),
+    ],
+    can_subset=False,
+)
+def trained_models(context: dg.AssetExecutionContext, models: ModelStoreResource):
+    """Train both models on one temporal split, store them, and evaluate on held-out data."""
+    store = models.store()
+    tables = read_tables(warehouse_path(), MODEL_TABLES)
+    world = world_from_tables(tables, tables["world_info"])
+    data = prepare_training_data(world, content_vectors(world.articles))
+    context.log.info(f"training data: {len(data.ranker_train):,} train slates")
+    tt = train_two_tower(data)
+    context.log.info(f"two-tower trained in {tt.seconds:.0f}s")
+    rk = train_ranker(data)
+    context.log.info(f"ranker trained in {rk.seconds:.0f}s")
+    tt_version = store.save(TWO_TOWER, tt.state_dict, tt.config, tt.summary())
+    rk_version = store.save(RANKER, rk.state_dict, rk.config, rk.summary())
+    # The retrieval model has no gate of its own: article_vectors promotes it together with
+    # the vector table built from it, so the user and item towers always match.
+    two_tower = load_two_tower(tt.state_dict, tt.config)
+    ranker = load_ranker(rk.state_dict, rk.config)
+    incumbent = store.promoted(RANKER)
+    extra = {}
+    if incumbent and incumbent != rk_version:
+        try:
+            extra["promoted"] = load_ranker(*store.load(RANKER, incumbent))
+        except (RuntimeError, KeyError, ValueError) as exc:  # incompatible older architecture
+            context.log.warning(f"cannot evaluate the promoted ranker {incumbent}: {exc}")
+    table = evaluate_models(world, data, ranker=ranker, two_tower=two_tower, extra_rankers=extra)
+    evaluation_dir().mkdir(parents=True, exist_ok=True)
+    eval_path = evaluation_dir() / f"ranker-{rk_version}.parquet"
+    table.write_parquet(eval_path)
+    candidate_file().write_text(
+        json.dumps(
+            {
+                "ranker": rk_version,
+                "two_tower": tt_version,
+                "evaluation": str(eval_path),
+                "incumbent": incumbent if "promoted" in extra else None,
+            }
+        )
+    )
+    curves = png_md(
+        training_curves({"two_tower": tt.history, "ranker": rk.history}), "training curves"
+    )
+    metric_cols = [
+        c for c in ("method", "auc", "mrr", "ndcg@5", "ndcg@10", "ne_click") if c in table.columns
+    ]
+    yield dg.MaterializeResult(
+        asset_key="retrieval_model",
+        metadata={
+            "version": tt_version,
+            "path": f"{store.root}/{TWO_TOWER}/{tt_version}",
+            **tt.summary(),
+            "curves": dg.MetadataValue.md(curves),
+        },
+    )
+    yield dg.MaterializeResult(
+        asset_key="ranker_weights",
+        metadata={
+            "version": rk_version,
+            "path": f"{store.root}/{RANKER}/{rk_version}",
+            "heads": ", ".join(data.actions),
+            **rk.summary(),
+            "curves": dg.MetadataValue.md(curves),
+        },
+    )
+    yield dg.MaterializeResult(
+        asset_key="ranker_evaluation",
+        metadata={
+            "candidate_version": rk_version,
+            "path": str(eval_path),
+            "table": dg.MetadataValue.md(markdown_table(table.select(metric_cols))),
+            "chart": dg.MetadataValue.md(png_md(evaluation_chart(table), "evaluation")),
+            **{f"auc_{m}": float(a) for m, a in zip(table["method"], table["auc"], strict=True)},
+        },
+    )
+
+
+def _candidate() -> dict:
+    path = candidate_file()
+    if not path.exists():
+        raise FileNotFoundError(f"{path} is missing: materialise trained_models first")
+    return json.loads(path.read_text())
+
+
+@dg.asset_check(
+    asset="ranker_evaluation",
+    blocking=True,
+    description="The new ranker must beat popularity, the two-tower score and every baseline, "
+    "and lose at most 0.005 AUC to the promoted ranker; otherwise it is never promoted.",
+)
+def ranker_promotion_gate() -> dg.AssetCheckResult:
+    cand = _candidate()
+    table = pl.read_parquet(cand["evaluation"])
+    incumbent_auc = None
+    if cand.get("incumbent"):
+        incumbent_auc = float(table.filter(pl.col("method") == "promoted")["auc"][0])
+    passed, reasons = promotion_decision(table, incumbent_auc=incumbent_auc)
+    return dg.AssetCheckResult(
+        passed=passed,
+        severity=dg.AssetCheckSeverity.ERROR,
+        description="; ".join(reasons),
+        metadata={"candidate_version": cand["ranker"], "incumbent_auc": incumbent_auc or 0.0},
+    )
+
+
+@dg.asset(group_name="models", deps=["ranker_evaluation"], kinds={"pytorch"})
+def promoted_ranker(models: ModelStoreResource) -> dg.MaterializeResult:
+    """Points the model store's PROMOTED ranker at the candidate that passed the gate; feeds
+    score with the promoted ranker only."""
+    cand = _candidate()
+    store = models.store()
+    previous = store.promoted(RANKER)
+    store.promote(RANKER, cand["ranker"])
+    return dg.MaterializeResult(
+        metadata={
+            "version": cand["ranker"],
+            "previous": previous or "none",
+            "changed": previous != cand["ranker"],
+        }
+    )

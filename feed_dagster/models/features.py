@@ -1,0 +1,653 @@
+"""Model inputs built from the canonical tables: item catalog, histories and candidate groups.
+
+One code path serves training, evaluation and serving: an impression is a (user, time,
+candidates) triple, and at serving time the "impression" is (user, now, retrieved
+candidates). Every feature of an impression is computed from rows timestamped strictly before
+its time, so training inputs look exactly like serving inputs (and nothing leaks from the
+future).
+
+Everything is vectorised: polars joins for labels and flags, one sort-merge of engagement and
+query events for histories, numpy scatter for padding. No Python loop per impression.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields, replace
+from datetime import datetime
+
+import numpy as np
+import polars as pl
+
+from feed_dagster.data.schema import ACTIONS
+from feed_dagster.embeddings.hashing import hash_ints
+
+# Age of a post (hours) at the moment it is shown or engaged with. Fine steps over the first
+# two days, where a feed's posts live and freshness matters most, then coarse ones for the
+# older news articles of EBNeRD. Bucket 0 is padding.
+AGE_EDGES_HOURS: tuple[float, ...] = (
+    0.25, 0.5, 1, 2, 3, 4, 6, 8, 10, 12, 15, 18, 21, 24, 30, 36, 42, 48,
+    72, 96, 168, 336, 720,
+)  # fmt: skip
+N_AGE_BUCKETS = len(AGE_EDGES_HOURS) + 2
+N_ACTIONS = len(ACTIONS)
+# Actions that count as a positive engagement (a retrieval positive, a "liked" history item).
+POSITIVE_ACTIONS: tuple[str, ...] = ("favorite", "reply", "repost", "quote", "share", "click")
+US_PER_HOUR = 3_600_000_000
+# Long-term engagement profile of (user, candidate): positive engagements before the impression
+# on the candidate's topic, with its author, and in total, as log counts and shares.
+PROFILE_FEATURES: tuple[str, ...] = (
+    "log_topic",
+    "log_author",
+    "log_total",
+    "topic_share",
+    "author_share",
+)
+
+
+@dataclass(frozen=True)
+class FeatureConfig:
+    """Sizes of the input vocabulary; stored with every model so serving builds the same inputs."""
+
+    history_len: int = 32
+    # Longer slates are cut into groups of this many candidates; scores do not change because
+    # candidates never see each other (candidate isolation), only the padding does.
+    max_candidates: int = 16
+    author_buckets: int = 16_384
+    topic_buckets: int = 512
+    user_buckets: int = 16_384
+
+    def to_dict(self) -> dict[str, int]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, int]) -> FeatureConfig:
+        return cls(**{f.name: int(d[f.name]) for f in fields(cls) if f.name in d})
+
+
+def age_bucket(age_us: np.ndarray) -> np.ndarray:
+    """Bucket index (1..N_AGE_BUCKETS-1) of ages in microseconds; 0 stays free for padding."""
+    hours = np.maximum(np.asarray(age_us, dtype=np.float64), 0.0) / US_PER_HOUR
+    return (np.searchsorted(np.asarray(AGE_EDGES_HOURS), hours, side="right") + 1).astype(np.int16)
+
+
+def hash_bucket(ids: np.ndarray, buckets: int, seed: int) -> np.ndarray:
+    """Hashed embedding row of ids in 1..buckets-1; negative ids (our null marker) map to 0."""
+    ids = np.asarray(ids, dtype=np.int64)
+    rows = (hash_ints(ids, seed=seed) % np.uint64(buckets - 1)).astype(np.int64) + 1
+    return np.where(ids < 0, 0, rows).astype(np.int32)
+
+
+def _micros(s: pl.Series) -> np.ndarray:
+    return s.cast(pl.Datetime("us")).dt.epoch("us").fill_null(0).to_numpy().astype(np.int64)
+
+
+def _to_micros(t: datetime) -> int:
+    return int(pl.Series([t]).cast(pl.Datetime("us")).dt.epoch("us")[0])
+
+
+@dataclass(frozen=True)
+class ItemCatalog:
+    """Per-article features aligned by row; row 0 is the padding item (all zeros)."""
+
+    article_ids: np.ndarray  # int64 [n], sorted ascending; article row i+1 <-> article_ids[i]
+    content: np.ndarray  # float32 [n+1, dim]
+    author_id: np.ndarray  # int64 [n+1], -1 when unknown
+    author_bucket: np.ndarray  # int32 [n+1]
+    topic: np.ndarray  # int32 [n+1], -1 when unknown
+    topic_bucket: np.ndarray  # int32 [n+1]
+    published_us: np.ndarray  # int64 [n+1]
+
+    @property
+    def dim(self) -> int:
+        return int(self.content.shape[1])
+
+    def __len__(self) -> int:
+        return len(self.article_ids)
+
+    @classmethod
+    def build(
+        cls, articles: pl.DataFrame, content_vectors: np.ndarray, cfg: FeatureConfig
+    ) -> ItemCatalog:
+        """Catalog of `articles`; `content_vectors[i]` is the vector of `articles` row i."""
+        vectors = np.asarray(content_vectors, dtype=np.float32)
+        if vectors.ndim != 2 or len(vectors) != articles.height:
+            raise ValueError(
+                f"content_vectors: expected shape [{articles.height}, dim] aligned with the "
+                f"articles table, got {vectors.shape}"
+            )
+        ids = articles["article_id"].to_numpy().astype(np.int64)
+        order = np.argsort(ids, kind="stable")
+        ids = ids[order]
+        if len(ids) > 1 and (np.diff(ids) == 0).any():
+            dup = ids[1:][np.diff(ids) == 0][:5].tolist()
+            raise ValueError(f"articles.article_id: expected unique ids, duplicates {dup}")
+
+        def padded(values: np.ndarray, fill: int) -> np.ndarray:
+            return np.concatenate([np.array([fill], dtype=values.dtype), values[order]])
+
+        author = articles["author_id"].fill_null(-1).to_numpy().astype(np.int64)
+        topic = articles["topic"].fill_null(-1).to_numpy().astype(np.int64)
+        content = np.zeros((len(ids) + 1, vectors.shape[1]), dtype=np.float32)
+        content[1:] = vectors[order]
+        author_p = padded(author, -1)
+        topic_p = padded(topic, -1)
+        topic_bucket = np.where(topic_p < 0, 0, topic_p % (cfg.topic_buckets - 1) + 1)
+        return cls(
+            article_ids=ids,
+            content=content,
+            author_id=author_p,
+            author_bucket=hash_bucket(author_p, cfg.author_buckets, seed=1),
+            topic=topic_p.astype(np.int32),
+            topic_bucket=topic_bucket.astype(np.int32),
+            published_us=padded(_micros(articles["published_at"]), 0),
+        )
+
+    def rows(self, article_ids: np.ndarray, what: str = "article_id") -> np.ndarray:
+        """Catalog rows (>= 1) of article ids; raises naming the first unknown ids."""
+        ids = np.asarray(article_ids, dtype=np.int64)
+        pos = np.searchsorted(self.article_ids, ids).clip(0, max(len(self.article_ids) - 1, 0))
+        found = self.article_ids[pos] == ids if len(self.article_ids) else np.zeros(0, bool)
+        if not found.all():
+            missing = np.unique(ids[~found])[:5].tolist()
+            raise ValueError(f"{what}: ids not in the articles table, e.g. {missing}")
+        return (pos + 1).astype(np.int32)
+
+
+@dataclass(frozen=True)
+class History:
+    """The last H engagements of each query (user, time), oldest first, left-padded."""
+
+    item: np.ndarray  # int32 [Q, H] catalog rows, 0 = padding
+    actions: np.ndarray  # int16 [Q, H] bit a set <=> ACTIONS[a] happened
+    dwell: np.ndarray  # float32 [Q, H] log1p(seconds)
+    age: np.ndarray  # int16 [Q, H] age bucket of the post when engaged with, 0 = padding
+
+    @property
+    def mask(self) -> np.ndarray:
+        return self.item > 0
+
+    def take(self, idx: np.ndarray) -> History:
+        return History(*(getattr(self, f.name)[idx] for f in fields(self)))
+
+
+@dataclass(frozen=True)
+class EngagementLog:
+    """Engagements sorted by (user, time) with the per-row features history tokens need."""
+
+    user: np.ndarray  # int64 [E]
+    time_us: np.ndarray  # int64 [E]
+    item: np.ndarray  # int32 [E] catalog rows
+    actions: np.ndarray  # int16 [E] action bitmask
+    dwell: np.ndarray  # float32 [E] log1p(seconds)
+    age: np.ndarray  # int16 [E]
+
+    @classmethod
+    def build(cls, engagements: pl.DataFrame, catalog: ItemCatalog) -> EngagementLog:
+        # Ties are broken by article id so the history order never depends on input order.
+        e = engagements.sort(["user_id", "engaged_at", "article_id"])
+        item = catalog.rows(e["article_id"].to_numpy(), "engagements.article_id")
+        bits = np.zeros(e.height, dtype=np.int16)
+        for a, name in enumerate(ACTIONS):
+            bits |= e[name].fill_null(False).to_numpy().astype(np.int16) << a
+        time_us = _micros(e["engaged_at"])
+        return cls(
+            user=e["user_id"].to_numpy().astype(np.int64),
+            time_us=time_us,
+            item=item,
+            actions=bits,
+            dwell=np.log1p(e["dwell_seconds"].fill_null(0.0).to_numpy().clip(0)).astype(np.float32),
+            age=age_bucket(time_us - catalog.published_us[item]),
+        )
+
+    def positive(self) -> np.ndarray:
+        bits = sum(1 << ACTIONS.index(a) for a in POSITIVE_ACTIONS)
+        return (self.actions & bits) != 0
+
+    def history(self, users: np.ndarray, times_us: np.ndarray, length: int) -> History:
+        """Last `length` engagements of each user strictly before each time.
+
+        A sort-merge: query events sort before engagement events at the same (user, time),
+        so the running count of engagements at a query is the end of its window in the
+        engagement order, and "strictly before" holds by construction.
+        """
+        users = np.asarray(users, dtype=np.int64)
+        times_us = np.asarray(times_us, dtype=np.int64)
+        q = len(users)
+        ev_user = np.concatenate([self.user, users])
+        ev_time = np.concatenate([self.time_us, times_us])
+        ev_is_eng = np.concatenate([np.ones(len(self.user), np.int8), np.zeros(q, np.int8)])
+        order = np.lexsort((ev_is_eng, ev_time, ev_user))
+        n_before = np.cumsum(ev_is_eng[order]) - ev_is_eng[order]
+        end = np.empty(q, dtype=np.int64)
+        is_query = order >= len(self.user)
+        end[order[is_query] - len(self.user)] = n_before[is_query]
+        start = np.searchsorted(self.user, users, side="left")
+        idx = end[:, None] - length + np.arange(length)[None, :]
+        valid = idx >= start[:, None]
+        idx = np.where(valid, idx, 0)
+        if len(self.user) == 0:
+            valid[:] = False
+
+        def gather(values: np.ndarray, fill: float | int) -> np.ndarray:
+            if len(values) == 0:
+                return np.full((q, length), fill, dtype=values.dtype)
+            return np.where(valid, values[idx], fill).astype(values.dtype)
+
+        return History(
+            item=gather(self.item, 0),
+            actions=gather(self.actions, 0),
+            dwell=gather(self.dwell, 0.0),
+            age=gather(self.age, 0),
+        )
+
+
+@dataclass(frozen=True)
+class RankerData:
+    """Candidate groups: one (user, time) context with up to C candidates each.
+
+    An impression with more than C candidates spans several groups (`group_impression`
+    repeats). Arrays are numpy; `to_torch` in the model modules gathers content vectors per
+    mini-batch so the full dataset never holds [G, C, dim] floats.
+    """
+
+    group_impression: np.ndarray  # int64 [G]
+    group_user: np.ndarray  # int64 [G]
+    group_time_us: np.ndarray  # int64 [G]
+    user_bucket: np.ndarray  # int32 [G]
+    history: History  # [G, H]
+    cand_article: np.ndarray  # int64 [G, C], -1 = padding
+    cand_item: np.ndarray  # int32 [G, C] catalog rows, 0 = padding
+    cand_age: np.ndarray  # int16 [G, C]
+    cand_in_network: np.ndarray  # int8 [G, C]
+    cand_topic_follow: np.ndarray  # int8 [G, C]
+    cand_profile: np.ndarray  # float32 [G, C, len(PROFILE_FEATURES)]
+    cand_position: np.ndarray  # int32 [G, C] slate position (evaluation only, never an input)
+    labels: np.ndarray  # bool [G, C, N_ACTIONS] over schema.ACTIONS
+    dwell: np.ndarray  # float32 [G, C] log1p(seconds)
+
+    @property
+    def cand_mask(self) -> np.ndarray:
+        return self.cand_item > 0
+
+    def __len__(self) -> int:
+        return len(self.group_impression)
+
+    def take(self, idx: np.ndarray) -> RankerData:
+        out = {}
+        for f in fields(self):
+            v = getattr(self, f.name)
+            out[f.name] = v.take(idx) if isinstance(v, History) else v[idx]
+        return RankerData(**out)
+
+    def rows(self) -> pl.DataFrame:
+        """One row per real candidate, in group order: the keys scores are reported against."""
+        m = self.cand_mask
+        g = np.nonzero(m)[0]
+        return pl.DataFrame(
+            {
+                "impression_id": self.group_impression[g],
+                "user_id": self.group_user[g],
+                "article_id": self.cand_article[m],
+                "position": self.cand_position[m],
+                **{a: self.labels[..., i][m] for i, a in enumerate(ACTIONS)},
+                "dwell_log1p": self.dwell[m],
+            }
+        )
+
+
+def _follow_flags(
+    pairs: pl.DataFrame, follows: pl.DataFrame, topic_follows: pl.DataFrame
+) -> pl.DataFrame:
+    """In-network and followed-topic flags of (row, user_id, author_id, topic, time_us) pairs.
+
+    A follow counts only if it happened strictly before the impression; topic follows carry
+    no time and are taken as they are.
+    """
+    f = (
+        follows.select(
+            pl.col("follower_id").alias("user_id"),
+            pl.col("followee_id").alias("author_id"),
+            pl.col("followed_at").cast(pl.Datetime("us")).dt.epoch("us").alias("followed_us"),
+        )
+        .group_by("user_id", "author_id")
+        .agg(pl.col("followed_us").min())
+    )
+    tf = topic_follows.select("user_id", pl.col("topic").cast(pl.Int64)).unique()
+    out = (
+        pairs.join(f, on=["user_id", "author_id"], how="left")
+        .join(tf.with_columns(pl.lit(1, pl.Int8).alias("tf")), on=["user_id", "topic"], how="left")
+        .select(
+            "row",
+            (
+                pl.col("followed_us").is_not_null()
+                & (pl.col("followed_us").fill_null(0) < pl.col("time_us"))
+            )
+            .cast(pl.Int8)
+            .alias("in_network"),
+            pl.col("tf").fill_null(0).cast(pl.Int8).alias("topic_follow"),
+        )
+        .sort("row")
+    )
+    return out
+
+
+def _prior_counts(events: pl.DataFrame, queries: pl.DataFrame, by: list[str]) -> np.ndarray:
+    """For each query row (row, *by, time_us): how many events with the same `by` keys have
+    time_us strictly before the query's. Events: (*by, time_us)."""
+    if events.height == 0 or queries.height == 0:
+        return np.zeros(queries.height, dtype=np.float32)
+    cum = (
+        events.group_by(*by, "time_us")
+        .agg(pl.len().alias("n"))
+        .sort("time_us")
+        .with_columns(pl.col("n").cum_sum().over(by))
+        .rename({"time_us": "t"})
+    )
+    joined = queries.sort("time_us").join_asof(
+        cum,
+        left_on="time_us",
+        right_on="t",
+        by=by,
+        strategy="backward",
+        allow_exact_matches=False,  # strictly before: nothing at the impression time counts
+        check_sortedness=False,
+    )
+    return joined.sort("row")["n"].fill_null(0).to_numpy().astype(np.float32)
+
+
+def engagement_profile(
+    log: EngagementLog,
+    catalog: ItemCatalog,
+    user: np.ndarray,
+    item: np.ndarray,
+    time_us: np.ndarray,
+) -> np.ndarray:
+    """[n, len(PROFILE_FEATURES)] long-term profile of each (user, candidate item, time).
+
+    The 32-item history only covers a few days of an active user; these counts cover every
+    earlier positive engagement, so the model sees a user's lasting topic and author tastes.
+    """
+    pos = log.positive()
+    ev = pl.DataFrame(
+        {
+            "user_id": log.user[pos],
+            "topic": catalog.topic[log.item[pos]].astype(np.int64),
+            "author_id": catalog.author_id[log.item[pos]],
+            "time_us": log.time_us[pos],
+        }
+    )
+    q = pl.DataFrame(
+        {
+            "row": np.arange(len(user)),
+            "user_id": np.asarray(user, dtype=np.int64),
+            "topic": catalog.topic[item].astype(np.int64),
+            "author_id": catalog.author_id[item],
+            "time_us": np.asarray(time_us, dtype=np.int64),
+        }
+    )
+    n_topic = _prior_counts(ev.filter(pl.col("topic") >= 0), q, ["user_id", "topic"])
+    n_author = _prior_counts(ev.filter(pl.col("author_id") >= 0), q, ["user_id", "author_id"])
+    n_total = _prior_counts(ev, q, ["user_id"])
+    # Unknown topics/authors (EBNeRD has no authors) carry no evidence: zero, not a match.
+    n_topic = np.where(q["topic"].to_numpy() >= 0, n_topic, 0.0)
+    n_author = np.where(q["author_id"].to_numpy() >= 0, n_author, 0.0)
+    return np.stack(
+        [
+            np.log1p(n_topic),
+            np.log1p(n_author),
+            np.log1p(n_total),
+            n_topic / (n_total + 1.0),
+            n_author / (n_total + 1.0),
+        ],
+        axis=1,
+    ).astype(np.float32)
+
+
+def build_ranker_data(
+    impressions: pl.DataFrame,
+    engagements: pl.DataFrame,
+    follows: pl.DataFrame,
+    topic_follows: pl.DataFrame,
+    catalog: ItemCatalog,
+    cfg: FeatureConfig,
+    log: EngagementLog | None = None,
+    history_until: datetime | None = None,
+) -> RankerData:
+    """Candidate groups for impression rows (impression_id, user_id, article_id, position,
+    shown_at), with labels joined from `engagements` on (impression_id, article_id).
+
+    `log` (the engagement log, built once and reused) must come from the same `engagements`.
+    `history_until` caps histories at a fixed time (a batch system that scores a whole period
+    with the histories of its start); by default each impression sees everything before it.
+    """
+    log = log if log is not None else EngagementLog.build(engagements, catalog)
+    imp = impressions.select("impression_id", "user_id", "article_id", "position", "shown_at").sort(
+        ["impression_id", "position", "article_id"]
+    )
+    n = imp.height
+    imp_id = imp["impression_id"].to_numpy().astype(np.int64)
+    user = imp["user_id"].to_numpy().astype(np.int64)
+    time_us = _micros(imp["shown_at"])
+    item = catalog.rows(imp["article_id"].to_numpy(), "impressions.article_id")
+
+    # Rank inside the impression, then cut into groups of max_candidates.
+    starts = np.r_[0, np.flatnonzero(np.diff(imp_id)) + 1] if n else np.zeros(0, np.int64)
+    run_len = np.diff(np.r_[starts, n])
+    rank = np.arange(n) - np.repeat(starts, run_len)
+    # Pad to the longest slate present (at most max_candidates): no compute on empty slots.
+    c = int(min(cfg.max_candidates, run_len.max())) if n else 1
+    chunk = rank // c
+    new_group = np.ones(n, dtype=bool)
+    if n:
+        new_group[1:] = (imp_id[1:] != imp_id[:-1]) | (chunk[1:] != chunk[:-1])
+    group = np.cumsum(new_group) - 1
+    g_first = np.flatnonzero(new_group)
+    slot = rank % c
+    n_groups = len(g_first)
+
+    labels_df = (
+        engagements.filter(pl.col("impression_id").is_not_null())
+        .group_by("impression_id", "article_id")
+        .agg(
+            *[pl.col(a).fill_null(False).any() for a in ACTIONS],
+            pl.col("dwell_seconds").fill_null(0.0).sum(),
+        )
+    )
+    joined = imp.select("impression_id", "article_id").join(
+        labels_df, on=["impression_id", "article_id"], how="left", maintain_order="left"
+    )
+    labels = np.stack([joined[a].fill_null(False).to_numpy() for a in ACTIONS], axis=1).astype(bool)
+    dwell = np.log1p(joined["dwell_seconds"].fill_null(0.0).to_numpy().clip(0)).astype(np.float32)
+
+    flags = _follow_flags(
+        pl.DataFrame(
+            {
+                "row": np.arange(n),
+                "user_id": user,
+                "author_id": catalog.author_id[item],
+                "topic": catalog.topic[item].astype(np.int64),
+                "time_us": time_us,
+            }
+        ),
+        follows,
+        topic_follows,
+    )
+
+    def scatter(values: np.ndarray, fill: float | int, dtype: type) -> np.ndarray:
+        out = np.full((n_groups, c) + values.shape[1:], fill, dtype=dtype)
+        out[group, slot] = values
+        return out
+
+    g_time = time_us[g_first]
+    hist_time = g_time if history_until is None else np.minimum(g_time, _to_micros(history_until))
+    run_len_g = np.diff(np.r_[g_first, n])
+    return RankerData(
+        group_impression=imp_id[g_first],
+        group_user=user[g_first],
+        group_time_us=g_time,
+        user_bucket=hash_bucket(user[g_first], cfg.user_buckets, seed=2),
+        history=log.history(user[g_first], hist_time, cfg.history_len),
+        cand_article=scatter(imp["article_id"].to_numpy(), -1, np.int64),
+        cand_item=scatter(item, 0, np.int32),
+        cand_age=scatter(age_bucket(time_us - catalog.published_us[item]), 0, np.int16),
+        cand_in_network=scatter(flags["in_network"].to_numpy(), 0, np.int8),
+        cand_topic_follow=scatter(flags["topic_follow"].to_numpy(), 0, np.int8),
+        cand_profile=scatter(
+            engagement_profile(log, catalog, user, item, np.repeat(hist_time, run_len_g)),
+            0.0,
+            np.float32,
+        ),
+        cand_position=scatter(imp["position"].fill_null(0).to_numpy(), -1, np.int32),
+        labels=scatter(labels, False, bool),
+        dwell=scatter(dwell, 0.0, np.float32),
+    )
+
+
+def serving_impressions(candidates: pl.DataFrame, now: datetime) -> pl.DataFrame:
+    """Impression rows for serving: each user's candidates form one slate shown at `now`.
+
+    `candidates` has (user_id, article_id); row order inside a user is kept as the position.
+    The impression id is the user id, so scores map back to users directly.
+    """
+    return candidates.select(
+        pl.col("user_id").cast(pl.Int64), pl.col("article_id").cast(pl.Int64)
+    ).with_columns(
+        pl.col("user_id").alias("impression_id"),
+        pl.int_range(pl.len()).over("user_id").cast(pl.Int32).alias("position"),
+        pl.lit(now).cast(pl.Datetime("us")).alias("shown_at"),
+    )
+
+
+def build_serving_data(
+    candidates: pl.DataFrame,
+    now: datetime,
+    engagements: pl.DataFrame,
+    follows: pl.DataFrame,
+    topic_follows: pl.DataFrame,
+    catalog: ItemCatalog,
+    cfg: FeatureConfig,
+    log: EngagementLog | None = None,
+) -> RankerData:
+    """Ranker inputs for (user_id, article_id) candidate rows scored at time `now`.
+
+    The same tensors training uses: histories and follows strictly before `now`; the labels
+    are whatever engagements exist for impression id = user id (normally none) and unused.
+    """
+    no_labels = engagements.clear()
+    return build_ranker_data(
+        serving_impressions(candidates, now),
+        no_labels,
+        follows,
+        topic_follows,
+        catalog,
+        cfg,
+        log=log if log is not None else EngagementLog.build(engagements, catalog),
+    )
+
+
+def user_histories(
+    user_ids: np.ndarray,
+    now: datetime,
+    engagements: pl.DataFrame,
+    catalog: ItemCatalog,
+    cfg: FeatureConfig,
+    log: EngagementLog | None = None,
+) -> History:
+    """Serving-time histories of users at `now` (the two-tower user tower's input)."""
+    log = log if log is not None else EngagementLog.build(engagements, catalog)
+    users = np.asarray(user_ids, dtype=np.int64)
+    return log.history(users, np.full(len(users), _to_micros(now), np.int64), cfg.history_len)
+
+
+@dataclass(frozen=True)
+class RetrievalExamples:
+    """Positive (history, engaged item) pairs for the two-tower model."""
+
+    user: np.ndarray  # int64 [P]
+    time_us: np.ndarray  # int64 [P], the engagement time; the history is taken before it
+    item: np.ndarray  # int32 [P] catalog rows
+    history: History  # [P, H]
+
+    def __len__(self) -> int:
+        return len(self.user)
+
+    def take(self, idx: np.ndarray) -> RetrievalExamples:
+        return replace(
+            self,
+            user=self.user[idx],
+            time_us=self.time_us[idx],
+            item=self.item[idx],
+            history=self.history.take(idx),
+        )
+
+
+def positive_mask(engagements: pl.DataFrame, actions: tuple[str, ...]) -> pl.Expr:
+    present = [a for a in actions if a in engagements.columns]
+    return pl.any_horizontal([pl.col(a).fill_null(False) for a in present])
+
+
+def build_retrieval_examples(
+    engagements: pl.DataFrame,
+    catalog: ItemCatalog,
+    cfg: FeatureConfig,
+    start: datetime | None = None,
+    end: datetime | None = None,
+    log: EngagementLog | None = None,
+    positive_actions: tuple[str, ...] = POSITIVE_ACTIONS,
+) -> RetrievalExamples:
+    """Positives = engagements with a positive action and engaged_at in [start, end), each
+    with the user's history strictly before it: what retrieval would have had to find.
+
+    Engagements outside any logged slate count too (EBNeRD's reading history is most of its
+    positives); a repeat of the same (user, article) counts once, at its first time.
+    """
+    log = log if log is not None else EngagementLog.build(engagements, catalog)
+    rows = engagements.filter(positive_mask(engagements, positive_actions))
+    if start is not None:
+        rows = rows.filter(pl.col("engaged_at") >= start)
+    if end is not None:
+        rows = rows.filter(pl.col("engaged_at") < end)
+    rows = (
+        rows.group_by("user_id", "article_id")
+        .agg(pl.col("engaged_at").min())
+        .sort(["engaged_at", "user_id", "article_id"])
+    )
+    users = rows["user_id"].to_numpy().astype(np.int64)
+    times = _micros(rows["engaged_at"])
+    items = catalog.rows(rows["article_id"].to_numpy(), "engagements.article_id")
+    # An engagement with a post before it was published is a source error, not a positive.
+    ok = catalog.published_us[items] <= times
+    users, times, items = users[ok], times[ok], items[ok]
+    return RetrievalExamples(
+        user=users,
+        time_us=times,
+        item=items,
+        history=log.history(users, times, cfg.history_len),
+    )
+
+
+@dataclass(frozen=True)
+class Split:
+    """Temporal split of a world's impressions: train < valid_start <= valid < heldout."""
+
+    train: pl.DataFrame
+    valid: pl.DataFrame
+    heldout: pl.DataFrame
+
+
+def temporal_split(impressions: pl.DataFrame, valid_fraction: float = 0.1) -> Split:
+    """Held-out impressions (is_heldout) are the test set; the last `valid_fraction` of the
+    remaining time span is the validation set used for early stopping.
+
+    Whole impressions go to one side: the cut is on impression time, and all rows of an
+    impression share one shown_at.
+    """
+    held = impressions.filter(pl.col("is_heldout"))
+    rest = impressions.filter(~pl.col("is_heldout"))
+    if rest.height == 0 or valid_fraction <= 0:
+        return Split(rest, rest.clear(), held)
+    t0, t1 = rest["shown_at"].min(), rest["shown_at"].max()
+    cut = t0 + (t1 - t0) * (1.0 - valid_fraction)
+    return Split(
+        rest.filter(pl.col("shown_at") < cut), rest.filter(pl.col("shown_at") >= cut), held
+    )

@@ -1,0 +1,147 @@
+"""Shared torch building blocks: token embeddings and the candidate-isolated transformer."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from feed_dagster.models.features import N_ACTIONS, N_AGE_BUCKETS, History, ItemCatalog
+
+
+class CatalogTensors:
+    """Torch views of an ItemCatalog, built once per catalog and shared by batches."""
+
+    def __init__(self, catalog: ItemCatalog):
+        self.content = torch.from_numpy(catalog.content)
+        self.author = torch.from_numpy(catalog.author_bucket.astype(np.int64))
+        self.topic = torch.from_numpy(catalog.topic_bucket.astype(np.int64))
+
+
+def action_multi_hot(bits: torch.Tensor) -> torch.Tensor:
+    """[..., N_ACTIONS] float multi-hot from an int16 action bitmask."""
+    shifts = torch.arange(N_ACTIONS, device=bits.device, dtype=torch.int32)
+    return ((bits.to(torch.int32).unsqueeze(-1) >> shifts) & 1).to(torch.float32)
+
+
+def history_tensors(history: History, idx: np.ndarray | None = None) -> dict[str, torch.Tensor]:
+    h = history if idx is None else history.take(idx)
+    return {
+        "hist_item": torch.from_numpy(h.item.astype(np.int64)),
+        "hist_actions": action_multi_hot(torch.from_numpy(h.actions)),
+        "hist_dwell": torch.from_numpy(h.dwell),
+        "hist_age": torch.from_numpy(h.age.astype(np.int64)),
+    }
+
+
+class ItemEncoder(nn.Module):
+    """Item identity shared by history and candidate tokens: content, author, topic."""
+
+    def __init__(
+        self,
+        content_dim: int,
+        d: int,
+        author_buckets: int,
+        topic_buckets: int,
+        emb_std: float = 0.02,
+    ):
+        super().__init__()
+        self.content = nn.Linear(content_dim, d)
+        self.author = nn.Embedding(author_buckets, d, padding_idx=0)
+        self.topic = nn.Embedding(topic_buckets, d, padding_idx=0)
+        nn.init.normal_(self.author.weight, std=emb_std)
+        nn.init.normal_(self.topic.weight, std=emb_std)
+        with torch.no_grad():
+            self.author.weight[0].zero_()
+            self.topic.weight[0].zero_()
+
+    def forward(
+        self, content: torch.Tensor, author: torch.Tensor, topic: torch.Tensor
+    ) -> torch.Tensor:
+        return self.content(content) + self.author(author) + self.topic(topic)
+
+
+class HistoryEncoder(nn.Module):
+    """History token = item + what the user did (actions, dwell) + the post's age then +
+    recency rank (most recent engagement last)."""
+
+    def __init__(self, d: int, history_len: int):
+        super().__init__()
+        self.actions = nn.Linear(N_ACTIONS, d)
+        self.dwell = nn.Linear(1, d, bias=False)
+        self.age = nn.Embedding(N_AGE_BUCKETS, d, padding_idx=0)
+        self.rank = nn.Embedding(history_len, d)
+        nn.init.normal_(self.age.weight, std=0.02)
+        nn.init.normal_(self.rank.weight, std=0.02)
+
+    def forward(
+        self, item: torch.Tensor, actions: torch.Tensor, dwell: torch.Tensor, age: torch.Tensor
+    ) -> torch.Tensor:
+        h = item.shape[1]
+        rank = self.rank.weight[-h:].unsqueeze(0)
+        return item + self.actions(actions) + self.dwell(dwell.unsqueeze(-1)) + self.age(age) + rank
+
+
+class IsolatedBlock(nn.Module):
+    """Pre-LayerNorm transformer block over a context (user + history) and candidates.
+
+    Context tokens attend to the (unpadded) context only. Each candidate attends to the
+    context and to itself, never to another candidate: the same result as one sequence
+    [user, history, candidates] with the reference ranker's candidate-isolation mask, but
+    computed without an (L+C)^2 mask, so a context can be scored against any number of
+    candidates and a candidate's score cannot depend on the rest of the slate.
+    """
+
+    def __init__(self, d: int, n_heads: int, ffn_mult: int, dropout: float):
+        super().__init__()
+        if d % n_heads:
+            raise ValueError(f"d_model={d} must be divisible by n_heads={n_heads}")
+        self.h, self.dh = n_heads, d // n_heads
+        self.ln1 = nn.LayerNorm(d)
+        self.qkv = nn.Linear(d, 3 * d)
+        self.out = nn.Linear(d, d)
+        self.ln2 = nn.LayerNorm(d)
+        self.ffn = nn.Sequential(nn.Linear(d, ffn_mult * d), nn.GELU(), nn.Linear(ffn_mult * d, d))
+        self.drop = nn.Dropout(dropout)
+
+    def _split(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        b, n, _ = x.shape
+        q, k, v = self.qkv(x).view(b, n, 3, self.h, self.dh).permute(2, 0, 3, 1, 4)
+        return q, k, v  # each [B, heads, N, dh]
+
+    def _merge(self, x: torch.Tensor) -> torch.Tensor:
+        b, _, n, _ = x.shape
+        return x.transpose(1, 2).reshape(b, n, self.h * self.dh)
+
+    def forward(
+        self,
+        ctx: torch.Tensor,
+        cand: torch.Tensor,
+        ctx_mask: torch.Tensor,
+        update_ctx: bool = True,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """`update_ctx=False` (the last block) skips the context's own update, which nothing
+        reads afterwards: a quarter of the work saved, identical candidate outputs."""
+        qc, kc, vc = self._split(self.ln1(ctx))
+        qx, kx, vx = self._split(self.ln1(cand))
+        key_bias = torch.zeros(ctx_mask.shape, dtype=ctx.dtype, device=ctx.device)
+        key_bias = key_bias.masked_fill(~ctx_mask, float("-inf"))[:, None, None, :]
+        scale = 1.0 / math.sqrt(self.dh)
+        s_ctx = (qx @ kc.transpose(-1, -2)) * scale + key_bias  # [B, h, C, L]
+        s_self = (qx * kx).sum(-1, keepdim=True) * scale  # [B, h, C, 1]
+        p = torch.softmax(torch.cat([s_ctx, s_self], dim=-1), dim=-1)
+        att_x = p[..., :-1] @ vc + p[..., -1:] * vx
+        cand = cand + self.drop(self.out(self._merge(att_x)))
+        cand = cand + self.drop(self.ffn(self.ln2(cand)))
+        if update_ctx:
+            att_c = F.scaled_dot_product_attention(qc, kc, vc, attn_mask=key_bias)
+            ctx = ctx + self.drop(self.out(self._merge(att_c)))
+            ctx = ctx + self.drop(self.ffn(self.ln2(ctx)))
+        return ctx, cand
+
+
+def l2_normalise(x: torch.Tensor) -> torch.Tensor:
+    return F.normalize(x, dim=-1, eps=1e-8)

@@ -1,0 +1,232 @@
+"""Transformer ranker over [user, history, candidates] with candidate isolation.
+
+Modelled on the reference "Phoenix" ranker: the user token and the engagement-history tokens
+form a context; each candidate token attends to the context and to itself only, so a post's
+predicted probabilities do not depend on which other posts share its slate (scores can be
+cached and candidates scored in any grouping). One sigmoid head per action the source logs,
+plus a dwell regression head (log1p seconds).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import polars as pl
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from feed_dagster.data.schema import ACTIONS
+from feed_dagster.models.features import (
+    N_AGE_BUCKETS,
+    PROFILE_FEATURES,
+    FeatureConfig,
+    ItemCatalog,
+    RankerData,
+)
+from feed_dagster.models.layers import (
+    CatalogTensors,
+    HistoryEncoder,
+    IsolatedBlock,
+    ItemEncoder,
+    history_tensors,
+)
+
+# Loss weight per action head. Clicks carry most of the signal and drive evaluation; the rare
+# actions (replies, blocks, reports) still get a head but a smaller share of the gradient.
+DEFAULT_ACTION_WEIGHTS: dict[str, float] = {
+    "click": 1.0,
+    "favorite": 0.5,
+    "reply": 0.25,
+    "repost": 0.25,
+    "quote": 0.25,
+    "share": 0.25,
+    "not_interested": 0.25,
+    "block_author": 0.1,
+    "mute_author": 0.1,
+    "report": 0.1,
+}
+
+
+@dataclass(frozen=True)
+class RankerConfig:
+    content_dim: int
+    actions: tuple[str, ...] = ACTIONS
+    d_model: int = 64
+    n_heads: int = 4
+    n_layers: int = 2
+    ffn_mult: int = 2
+    dropout: float = 0.0
+    # A hashed user-id embedding in the user token. Off lets the model rely on history only
+    # (every user is "new" to it); on, it can remember each user's tastes beyond 32 items.
+    user_embedding: bool = True
+    # Long-term (user, topic) and (user, author) engagement counts on each candidate token.
+    profile_features: bool = True
+    action_weights: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_ACTION_WEIGHTS))
+    dwell_weight: float = 0.05
+    features: FeatureConfig = field(default_factory=FeatureConfig)
+
+    def __post_init__(self) -> None:
+        unknown = set(self.actions) - set(ACTIONS)
+        if unknown or not self.actions:
+            raise ValueError(f"ranker actions must be a non-empty subset of {ACTIONS}")
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["actions"] = list(self.actions)
+        d["features"] = self.features.to_dict()
+        d["kind"] = "ranker"
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> RankerConfig:
+        kw = {k: v for k, v in d.items() if k in cls.__dataclass_fields__}
+        kw["actions"] = tuple(kw.get("actions", ACTIONS))
+        kw["features"] = FeatureConfig.from_dict(d.get("features", {}))
+        return cls(**kw)
+
+
+def ranker_batch(data: RankerData, idx: np.ndarray | None = None) -> dict[str, torch.Tensor]:
+    """Tensors of groups `idx` (all when None): catalog rows, not vectors, to stay small."""
+    d = data if idx is None else data.take(idx)
+    return {
+        "user": torch.from_numpy(d.user_bucket.astype(np.int64)),
+        **history_tensors(d.history),
+        "cand_item": torch.from_numpy(d.cand_item.astype(np.int64)),
+        "cand_age": torch.from_numpy(d.cand_age.astype(np.int64)),
+        "cand_in_network": torch.from_numpy(d.cand_in_network.astype(np.int64)),
+        "cand_topic_follow": torch.from_numpy(d.cand_topic_follow.astype(np.int64)),
+        "cand_profile": torch.from_numpy(d.cand_profile),
+        "labels": torch.from_numpy(d.labels).to(torch.float32),
+        "dwell": torch.from_numpy(d.dwell),
+    }
+
+
+class PhoenixRanker(nn.Module):
+    def __init__(self, cfg: RankerConfig):
+        super().__init__()
+        self.cfg = cfg
+        f, d = cfg.features, cfg.d_model
+        self.item = ItemEncoder(cfg.content_dim, d, f.author_buckets, f.topic_buckets)
+        self.hist = HistoryEncoder(d, f.history_len)
+        self.user_base = nn.Parameter(torch.zeros(d))
+        self.user = nn.Embedding(f.user_buckets, d) if cfg.user_embedding else None
+        if self.user is not None:
+            nn.init.normal_(self.user.weight, std=0.02)
+        self.cand_age = nn.Embedding(N_AGE_BUCKETS, d, padding_idx=0)
+        self.in_network = nn.Embedding(2, d)
+        self.topic_follow = nn.Embedding(2, d)
+        self.profile = nn.Linear(len(PROFILE_FEATURES), d) if cfg.profile_features else None
+        # Segment embeddings tell the blocks which tokens are history and which candidates.
+        self.segment = nn.Embedding(3, d)
+        for emb in (self.cand_age, self.in_network, self.topic_follow, self.segment):
+            nn.init.normal_(emb.weight, std=0.02)
+        self.blocks = nn.ModuleList(
+            IsolatedBlock(d, cfg.n_heads, cfg.ffn_mult, cfg.dropout) for _ in range(cfg.n_layers)
+        )
+        self.ln = nn.LayerNorm(d)
+        self.head = nn.Linear(d, len(cfg.actions) + 1)
+
+    def forward(
+        self, b: dict[str, torch.Tensor], cat: CatalogTensors
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(action logits [B, C, n_actions], predicted log1p dwell [B, C])."""
+        hi, ci = b["hist_item"], b["cand_item"]
+        hist_item = self.item(cat.content[hi], cat.author[hi], cat.topic[hi])
+        hist = self.hist(hist_item, b["hist_actions"], b["hist_dwell"], b["hist_age"])
+        hist = hist + self.segment.weight[1]
+        user = self.user_base + self.segment.weight[0]
+        user = user.expand(hi.shape[0], -1)
+        if self.user is not None:
+            user = user + self.user(b["user"])
+        ctx = torch.cat([user.unsqueeze(1), hist], dim=1)
+        ctx_mask = torch.cat([torch.ones_like(hi[:, :1], dtype=torch.bool), hi > 0], dim=1)
+        cand = (
+            self.item(cat.content[ci], cat.author[ci], cat.topic[ci])
+            + self.cand_age(b["cand_age"])
+            + self.in_network(b["cand_in_network"])
+            + self.topic_follow(b["cand_topic_follow"])
+            + self.segment.weight[2]
+        )
+        if self.profile is not None:
+            cand = cand + self.profile(b["cand_profile"])
+        for i, block in enumerate(self.blocks):
+            ctx, cand = block(ctx, cand, ctx_mask, update_ctx=i < len(self.blocks) - 1)
+        out = self.head(self.ln(cand))
+        return out[..., :-1], out[..., -1]
+
+
+def action_columns(actions: tuple[str, ...]) -> list[int]:
+    return [ACTIONS.index(a) for a in actions]
+
+
+def ranker_loss(
+    model: PhoenixRanker, b: dict[str, torch.Tensor], cat: CatalogTensors
+) -> torch.Tensor:
+    """Weighted sum of per-action binary cross-entropies plus the dwell regression, averaged
+    over real (unpadded) candidates."""
+    cfg = model.cfg
+    logits, dwell = model(b, cat)
+    mask = (b["cand_item"] > 0).to(torch.float32)
+    n = mask.sum().clamp(min=1.0)
+    labels = b["labels"][..., action_columns(cfg.actions)]
+    bce = F.binary_cross_entropy_with_logits(logits, labels, reduction="none")
+    w = torch.tensor([cfg.action_weights.get(a, 1.0) for a in cfg.actions], dtype=torch.float32)
+    loss = ((bce * w).sum(-1) * mask).sum() / n
+    mse = ((dwell - b["dwell"]) ** 2 * mask).sum() / n
+    return loss + cfg.dwell_weight * mse
+
+
+@torch.no_grad()
+def predict(
+    model: PhoenixRanker,
+    data: RankerData,
+    catalog: ItemCatalog | CatalogTensors,
+    batch_size: int = 1024,
+) -> tuple[np.ndarray, np.ndarray]:
+    """(probabilities [G, C, n_actions], dwell seconds [G, C]) for every group of `data`."""
+    cat = catalog if isinstance(catalog, CatalogTensors) else CatalogTensors(catalog)
+    was_training = model.training
+    model.eval()
+    probs, dwell = [], []
+    for s in range(0, len(data), batch_size):
+        b = ranker_batch(data, np.arange(s, min(len(data), s + batch_size)))
+        logits, d = model(b, cat)
+        probs.append(torch.sigmoid(logits).numpy())
+        dwell.append(torch.expm1(d.clamp(min=0)).numpy())
+    model.train(was_training)
+    n_a = len(model.cfg.actions)
+    c = data.cand_item.shape[1]
+    if not probs:
+        return np.zeros((0, c, n_a), np.float32), np.zeros((0, c), np.float32)
+    return np.concatenate(probs), np.concatenate(dwell)
+
+
+def score_frame(
+    model: PhoenixRanker,
+    data: RankerData,
+    catalog: ItemCatalog | CatalogTensors,
+    batch_size: int = 1024,
+) -> pl.DataFrame:
+    """One row per candidate: impression_id, user_id, article_id, position, the logged labels,
+    p_<action> for each head and dwell_seconds (expected seconds)."""
+    probs, dwell = predict(model, data, catalog, batch_size)
+    m = data.cand_mask
+    return data.rows().with_columns(
+        *[pl.Series(f"p_{a}", probs[..., i][m]) for i, a in enumerate(model.cfg.actions)],
+        pl.Series("dwell_seconds", dwell[m]),
+    )
+
+
+def build_ranker(cfg: RankerConfig, seed: int = 0) -> PhoenixRanker:
+    torch.manual_seed(seed)
+    return PhoenixRanker(cfg)
+
+
+def load_ranker(state_dict: dict[str, torch.Tensor], config: dict[str, Any]) -> PhoenixRanker:
+    model = PhoenixRanker(RankerConfig.from_dict(config))
+    model.load_state_dict(state_dict)
+    model.eval()
+    return model

@@ -1,0 +1,135 @@
+"""Serving-time entry points: user vectors and candidate scores for batches of users.
+
+Build one `ServingContext` per feed run (catalog, engagement log, follow tables), then call
+`user_vectors_at` / `score_candidates` once per user shard. Both use the exact feature code of
+training, with everything strictly before `now`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+
+import numpy as np
+import polars as pl
+
+from feed_dagster.data.schema import World
+from feed_dagster.models.features import (
+    EngagementLog,
+    FeatureConfig,
+    ItemCatalog,
+    build_serving_data,
+    user_histories,
+)
+from feed_dagster.models.layers import CatalogTensors
+from feed_dagster.models.ranker import PhoenixRanker, predict
+from feed_dagster.models.two_tower import TwoTower, catalog_item_vectors, user_vectors
+
+
+@dataclass(frozen=True)
+class ServingContext:
+    """The tables a feed run scores against, indexed once and shared by every shard."""
+
+    catalog: ItemCatalog
+    tensors: CatalogTensors
+    log: EngagementLog
+    engagements: pl.DataFrame
+    follows: pl.DataFrame
+    topic_follows: pl.DataFrame
+    features: FeatureConfig
+
+    @classmethod
+    def build(
+        cls,
+        articles: pl.DataFrame,
+        content_vectors: np.ndarray,
+        engagements: pl.DataFrame,
+        follows: pl.DataFrame,
+        topic_follows: pl.DataFrame,
+        features: FeatureConfig | None = None,
+    ) -> ServingContext:
+        """`content_vectors[i]` belongs to `articles` row i; `features` must be the models'
+        (their config's `features`), since hashed buckets depend on it."""
+        features = features or FeatureConfig()
+        catalog = ItemCatalog.build(articles, content_vectors, features)
+        return cls(
+            catalog=catalog,
+            tensors=CatalogTensors(catalog),
+            log=EngagementLog.build(engagements, catalog),
+            engagements=engagements,
+            follows=follows,
+            topic_follows=topic_follows,
+            features=features,
+        )
+
+    @classmethod
+    def from_world(
+        cls, world: World, content_vectors: np.ndarray, features: FeatureConfig | None = None
+    ) -> ServingContext:
+        return cls.build(
+            world.articles,
+            content_vectors,
+            world.engagements,
+            world.follows,
+            world.topic_follows,
+            features,
+        )
+
+
+def user_vectors_at(
+    model: TwoTower, ctx: ServingContext, user_ids: np.ndarray, now: datetime
+) -> np.ndarray:
+    """float32 [len(user_ids), dim] unit user vectors from each user's history before `now`.
+
+    Users with no history (new users) get the model's "no history yet" vector.
+    """
+    hist = user_histories(user_ids, now, ctx.engagements, ctx.catalog, ctx.features, ctx.log)
+    return user_vectors(model, hist, ctx.tensors)
+
+
+def item_vectors_of(model: TwoTower, ctx: ServingContext) -> pl.DataFrame:
+    """(article_id, vector) of every article, for the vector index."""
+    vecs = catalog_item_vectors(model, ctx.tensors)[1:]
+    return pl.DataFrame(
+        {"article_id": ctx.catalog.article_ids, "vector": vecs},
+        schema={"article_id": pl.Int64, "vector": pl.Array(pl.Float32, vecs.shape[1])},
+    )
+
+
+def score_candidates(
+    model: PhoenixRanker,
+    ctx: ServingContext,
+    candidates: pl.DataFrame,
+    now: datetime,
+    batch_size: int = 1024,
+) -> pl.DataFrame:
+    """Ranker predictions for (user_id, article_id) candidate rows scored at `now`.
+
+    Returns user_id, article_id, p_<action> for each head of the model and dwell_seconds,
+    one row per input row, in input order. A candidate's scores do not depend on the other
+    candidates (candidate isolation), so any sharding of users and candidates gives the same
+    numbers.
+    """
+    keyed = candidates.select(
+        pl.col("user_id").cast(pl.Int64), pl.col("article_id").cast(pl.Int64)
+    ).with_row_index("_row")
+    # Group each user's candidates together (any order works; a user's rows stay in order).
+    ordered = keyed.sort("user_id", "_row")
+    data = build_serving_data(
+        ordered.select("user_id", "article_id"),
+        now,
+        ctx.engagements,
+        ctx.follows,
+        ctx.topic_follows,
+        ctx.catalog,
+        ctx.features,
+        log=ctx.log,
+    )
+    probs, dwell = predict(model, data, ctx.tensors, batch_size)
+    m = data.cand_mask
+    # Groups come out sorted by (user, position) = the order of `ordered`.
+    out = ordered.with_columns(
+        *[pl.Series(f"p_{a}", probs[..., i][m]) for i, a in enumerate(model.cfg.actions)],
+        pl.Series("dwell_seconds", dwell[m]),
+    )
+    return out.sort("_row").drop("_row")

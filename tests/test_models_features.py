@@ -1,0 +1,223 @@
+"""Model inputs: histories, labels, flags, leakage and serving/training parity (tiny world)."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import numpy as np
+import polars as pl
+import pytest
+import torch
+
+from feed_dagster.data.schema import ACTIONS
+from feed_dagster.embeddings import LexicalEncoder
+from feed_dagster.models.features import (
+    EngagementLog,
+    FeatureConfig,
+    ItemCatalog,
+    RankerData,
+    build_ranker_data,
+    build_retrieval_examples,
+    build_serving_data,
+    temporal_split,
+)
+from feed_dagster.models.layers import CatalogTensors
+from feed_dagster.models.ranker import RankerConfig, build_ranker, predict
+from feed_dagster.models.train import drop_impossible_rows
+from feed_dagster.world import generate_world, world_config
+
+CFG = FeatureConfig(history_len=8, max_candidates=16)
+INPUT_FIELDS = (
+    "group_impression",
+    "group_user",
+    "group_time_us",
+    "user_bucket",
+    "cand_article",
+    "cand_item",
+    "cand_age",
+    "cand_in_network",
+    "cand_topic_follow",
+    "cand_profile",
+)
+
+
+@pytest.fixture(scope="module")
+def world():
+    return generate_world(world_config("tiny"))
+
+
+@pytest.fixture(scope="module")
+def catalog(world):
+    return ItemCatalog.build(world.articles, LexicalEncoder().encode(world.articles), CFG)
+
+
+def _data(world, catalog, impressions, engagements=None, follows=None) -> RankerData:
+    engagements = world.engagements if engagements is None else engagements
+    follows = world.follows if follows is None else follows
+    return build_ranker_data(impressions, engagements, follows, world.topic_follows, catalog, CFG)
+
+
+def test_history_is_the_last_engagements_strictly_before(world, catalog):
+    log = EngagementLog.build(world.engagements, catalog)
+    user = int(world.engagements["user_id"].mode()[0])
+    mine = world.engagements.filter(pl.col("user_id") == user).sort("engaged_at", "article_id")
+    t = mine["engaged_at"][12]  # an engagement time: that engagement itself must be excluded
+    t_us = int(pl.Series([t]).dt.epoch("us")[0])
+    h = log.history(np.array([user, user + 10_000]), np.array([t_us, t_us]), 8)
+    expected = mine.filter(pl.col("engaged_at") < t).tail(8)["article_id"].to_numpy()
+    got = catalog.article_ids[h.item[0][h.item[0] > 0] - 1]
+    np.testing.assert_array_equal(got, expected)
+    assert (h.item[1] == 0).all(), "a user without engagements has an empty history"
+
+
+def test_labels_and_slates_match_the_tables(world, catalog):
+    imps = world.impressions.filter(pl.col("impression_id") < 200)
+    data = _data(world, catalog, imps)
+    rows = data.rows()
+    assert rows.height == imps.height
+    expected = imps.join(
+        world.engagements.select("impression_id", "article_id", *ACTIONS),
+        on=["impression_id", "article_id"],
+        how="left",
+    ).with_columns(pl.col(list(ACTIONS)).fill_null(False))
+    got = rows.sort("impression_id", "article_id")
+    want = expected.sort("impression_id", "article_id")
+    for a in ACTIONS:
+        assert got[a].to_list() == want[a].to_list(), a
+    assert data.cand_in_network.sum() > 0 and data.cand_topic_follow.sum() > 0
+
+
+def test_long_slates_are_split_into_groups(world, catalog):
+    imps = world.impressions.filter(pl.col("impression_id") < 50)
+    small = build_ranker_data(
+        imps,
+        world.engagements,
+        world.follows,
+        world.topic_follows,
+        catalog,
+        FeatureConfig(history_len=8, max_candidates=3),
+    )
+    assert small.cand_item.shape[1] == 3
+    assert small.rows().height == imps.height
+    assert len(small) > imps["impression_id"].n_unique()
+
+
+def test_inputs_never_use_anything_at_or_after_the_impression(world, catalog):
+    """Perturb every engagement and follow at or after T (and add new ones exactly at T):
+    the model inputs, and a model's scores, for impressions shown at or before T stay equal.
+    """
+    imps = drop_impossible_rows(world.impressions, world.articles).filter(~pl.col("is_heldout"))
+    t_cut = imps["shown_at"].sort()[imps.height // 2]
+    before = imps.filter(pl.col("shown_at") <= t_cut)
+    eng = world.engagements
+    late = pl.col("engaged_at") >= t_cut
+    rng = np.random.default_rng(0)
+    n_late = int(eng.filter(late).height)
+    shuffled_articles = rng.permutation(eng.filter(late)["article_id"].to_numpy())
+    perturbed = pl.concat(
+        [
+            eng.filter(~late),
+            eng.filter(late).with_columns(
+                pl.Series("article_id", shuffled_articles),
+                *[pl.Series(a, rng.random(n_late) < 0.5) for a in ACTIONS],
+                pl.Series("dwell_seconds", rng.random(n_late).astype(np.float32) * 500),
+            ),
+            # New engagements stamped exactly at T by the users shown something at T.
+            before.filter(pl.col("shown_at") == t_cut)
+            .select(
+                "user_id", "article_id", "impression_id", pl.col("shown_at").alias("engaged_at")
+            )
+            .with_columns(
+                *[pl.lit(True).alias(a) for a in ACTIONS],
+                pl.lit(999.0, pl.Float32).alias("dwell_seconds"),
+            ),
+        ],
+        how="diagonal_relaxed",
+    )
+    new_follows = before.join(
+        world.articles.select("article_id", "author_id"), on="article_id"
+    ).select(
+        pl.col("user_id").alias("follower_id"),
+        pl.col("author_id").alias("followee_id"),
+        pl.lit(t_cut).alias("followed_at"),
+    )
+    follows = pl.concat([world.follows, new_follows]).unique(
+        ["follower_id", "followee_id"], keep="first"
+    )
+
+    a = _data(world, catalog, before)
+    b = _data(world, catalog, before, engagements=perturbed, follows=follows)
+    for name in INPUT_FIELDS:
+        np.testing.assert_array_equal(getattr(a, name), getattr(b, name), err_msg=name)
+    for name in ("item", "actions", "dwell", "age"):
+        np.testing.assert_array_equal(
+            getattr(a.history, name), getattr(b.history, name), err_msg=f"history.{name}"
+        )
+    # And end to end through a model.
+    model = build_ranker(RankerConfig(content_dim=catalog.dim, features=CFG), seed=0)
+    pa, _ = predict(model, a, CatalogTensors(catalog))
+    pb, _ = predict(model, b, CatalogTensors(catalog))
+    np.testing.assert_array_equal(pa, pb)
+
+    # The perturbation is real: impressions after T do see it.
+    after = imps.filter(pl.col("shown_at") > t_cut + timedelta(hours=2))
+    a2 = _data(world, catalog, after)
+    b2 = _data(world, catalog, after, engagements=perturbed, follows=follows)
+    assert not np.array_equal(a2.history.item, b2.history.item)
+
+
+def test_serving_inputs_equal_training_inputs(world, catalog):
+    imps = world.impressions.filter(pl.col("is_heldout"))
+    first = imps.filter(pl.col("impression_id") == imps["impression_id"].min()).sort("position")
+    train = _data(world, catalog, first)
+    now = first["shown_at"][0]
+    serve = build_serving_data(
+        first.select("user_id", "article_id"),
+        now,
+        world.engagements,
+        world.follows,
+        world.topic_follows,
+        catalog,
+        CFG,
+    )
+    for name in ("group_user", "group_time_us", "user_bucket", "cand_article", "cand_item",
+                 "cand_age", "cand_in_network", "cand_topic_follow"):  # fmt: skip
+        np.testing.assert_array_equal(getattr(train, name), getattr(serve, name), err_msg=name)
+    np.testing.assert_array_equal(train.history.item, serve.history.item)
+    assert not serve.labels.any()
+    model = build_ranker(RankerConfig(content_dim=catalog.dim, features=CFG), seed=1)
+    torch.testing.assert_close(
+        torch.from_numpy(predict(model, train, catalog)[0]),
+        torch.from_numpy(predict(model, serve, catalog)[0]),
+    )
+
+
+def test_temporal_split_is_ordered(world):
+    s = temporal_split(world.impressions, 0.2)
+    assert s.train["shown_at"].max() < s.valid["shown_at"].min()
+    assert s.valid["shown_at"].max() < s.heldout["shown_at"].min()
+    assert s.heldout["is_heldout"].all()
+    assert s.train.height + s.valid.height + s.heldout.height == world.impressions.height
+
+
+def test_catalog_rejects_misaligned_vectors_and_unknown_ids(world, catalog):
+    with pytest.raises(ValueError, match="aligned"):
+        ItemCatalog.build(world.articles, np.zeros((3, 4), np.float32), CFG)
+    with pytest.raises(ValueError, match="not in the articles table"):
+        catalog.rows(np.array([10**12]))
+
+
+def test_retrieval_positives_follow_the_time_cut(world, catalog):
+    start = world.heldout_start
+    ex = build_retrieval_examples(world.engagements, catalog, CFG, start=start)
+    start_us = int(pl.Series([start]).dt.epoch("us")[0])
+    assert len(ex) > 100 and (ex.time_us >= start_us).all()
+    # Only positive actions, one per (user, article), never a post before it exists.
+    pos = world.engagements.filter(
+        (pl.col("engaged_at") >= start)
+        & pl.any_horizontal("favorite", "reply", "repost", "quote", "share", "click")
+    )
+    assert len(ex) <= pos.select("user_id", "article_id").n_unique()
+    assert (catalog.published_us[ex.item] <= ex.time_us).all()
+    before = build_retrieval_examples(world.engagements, catalog, CFG, end=start)
+    assert (before.time_us < start_us).all()
