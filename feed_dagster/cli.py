@@ -26,50 +26,70 @@ class BuildFailed(RuntimeError):
     """A step of `run` failed; its errors have been printed."""
 
 
-def materialize_everything(log_level: str = "WARNING") -> None:
-    """Materialise the whole asset graph in-process: everything upstream of the feeds, then
-    every user shard of user_feeds, then the publish."""
+def _run_step(label: str, which: str, partition_key: str | None, log_level: str) -> str:
+    """Materialise one step of `run` in this process; returns its report lines.
+
+    `which`: "upstream" (everything upstream of the feeds), "shard" (one user_feeds
+    partition) or "publish". Raises BuildFailed(report) when anything fails.
+    """
     import dagster as dg
 
     from feed_dagster.definitions import build_definitions
 
     defs = build_definitions()
-    everything = [*defs.assets, *defs.asset_checks]
-    instance = _instance()
-    run_config = {"loggers": {"console": {"config": {"log_level": log_level}}}}
     feeds = dg.AssetSelection.assets("user_feeds")
-    shards = defs.resolve_assets_def("user_feeds").partitions_def.get_partition_keys()
+    selection = {
+        "upstream": dg.AssetSelection.all() - feeds.downstream(),
+        "shard": feeds,
+        "publish": dg.AssetSelection.assets("published_feeds"),
+    }[which]
+    t0 = time.perf_counter()
+    result = dg.materialize(
+        [*defs.assets, *defs.asset_checks],
+        selection=selection,
+        partition_key=partition_key,
+        resources=defs.resources,
+        instance=_instance(),
+        run_config={"loggers": {"console": {"config": {"log_level": log_level}}}},
+        raise_on_error=False,
+    )
+    built = [e.asset_key.to_user_string() for e in result.get_asset_materialization_events()]
+    lines = [f"- {label}: built {', '.join(built)} in {time.perf_counter() - t0:.1f}s"]
+    lines += [
+        f"  check {c.check_name} FAILED: {c.description}"
+        for c in result.get_asset_check_evaluations()
+        if not c.passed
+    ]
+    if not result.success:
+        for event in result.get_step_failure_events():
+            error = event.step_failure_data.error
+            lines.append(f"  FAILED {event.step_key}: {error.message.strip() if error else ''}")
+        raise BuildFailed("\n".join(lines))
+    return "\n".join(lines)
 
-    def step(label: str, selection: dg.AssetSelection, partition_key: str | None = None) -> None:
-        t0 = time.perf_counter()
-        print(f"- {label} ...", flush=True)
-        result = dg.materialize(
-            everything,
-            selection=selection,
-            partition_key=partition_key,
-            resources=defs.resources,
-            instance=instance,
-            run_config=run_config,
-            raise_on_error=False,
-        )
-        built = [e.asset_key.to_user_string() for e in result.get_asset_materialization_events()]
-        failed = [c.check_name for c in result.get_asset_check_evaluations() if not c.passed]
-        print(f"  built {', '.join(built)} in {time.perf_counter() - t0:.1f}s", flush=True)
-        if failed:
-            print(f"  failed checks: {', '.join(failed)}", flush=True)
-        if not result.success:
-            for event in result.get_step_failure_events():
-                error = event.step_failure_data.error
-                print(f"  FAILED {event.step_key}: {error.message.strip() if error else ''}")
-            for check in result.get_asset_check_evaluations():
-                if not check.passed:
-                    print(f"  check {check.check_name}: {check.description}")
-            raise BuildFailed(label)
 
-    step("sources, models and vectors", dg.AssetSelection.all() - feeds.downstream())
-    for key in shards:
-        step(f"user_feeds shard {key}/{len(shards)}", feeds, partition_key=key)
-    step("publish", dg.AssetSelection.assets("published_feeds"))
+def materialize_everything(log_level: str = "WARNING", workers: int | None = None) -> None:
+    """Materialise the whole asset graph: everything upstream of the feeds, then every user
+    shard of user_feeds (shards in parallel worker processes, as an executor would fan them
+    out), then the publish."""
+    from concurrent.futures import ProcessPoolExecutor
+    from multiprocessing import get_context
+
+    from feed_dagster.assets.feeds import user_shards
+
+    print("- sources, models and vectors (training takes a few minutes) ...", flush=True)
+    print(_run_step("sources, models and vectors", "upstream", None, log_level), flush=True)
+    shards = user_shards.get_partition_keys()
+    workers = workers or min(len(shards), os.cpu_count() or 1)
+    print(f"- user_feeds: {len(shards)} shards on {workers} worker processes ...", flush=True)
+    # spawn, not fork: the parent has used torch's thread pool, which a fork can deadlock.
+    with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
+        futures = [
+            pool.submit(_run_step, f"user_feeds shard {k}", "shard", k, log_level) for k in shards
+        ]
+        for future in futures:
+            print(future.result(), flush=True)
+    print(_run_step("publish", "publish", None, log_level), flush=True)
 
 
 def print_warehouse_summary(path: Path) -> None:
@@ -132,7 +152,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     try:
         materialize_everything(args.log_level)
     except BuildFailed as exc:
-        print(f"\nrun stopped: the '{exc}' step failed (see above); earlier outputs are intact")
+        print(f"{exc}\n\nrun stopped: a step failed (above); earlier outputs are intact")
         return 1
     print_warehouse_summary(warehouse_path())
     print_sample_feed(serving_path())
