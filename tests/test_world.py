@@ -108,3 +108,12 @@ def test_unknown_scale_and_setting_are_refused():
         world_config("huge")
     with pytest.raises(ValueError, match="unknown world settings"):
         world_config("tiny", n_userz=3)
+
+
+def test_slates_only_show_posts_published_before_the_session(tiny_world):
+    shown = tiny_world.impressions.join(
+        tiny_world.articles.select("article_id", "published_at"), on="article_id"
+    )
+    assert (shown["published_at"] <= shown["shown_at"]).all()
+    age = (shown["shown_at"] - shown["published_at"]).dt.total_hours()
+    assert age.max() <= 48

@@ -246,7 +246,7 @@ class RankerData:
     """Candidate groups: one (user, time) context with up to C candidates each.
 
     An impression with more than C candidates spans several groups (`group_impression`
-    repeats). Arrays are numpy; `to_torch` in the model modules gathers content vectors per
+    repeats). Arrays are numpy; the model gathers content vectors from the catalog per
     mini-batch so the full dataset never holds [G, C, dim] floats.
     """
 

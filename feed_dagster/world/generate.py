@@ -392,16 +392,14 @@ def _impressions(
             np.int64
         )
         a = followee[k]
-        pos = _range_pick(
-            author_keys, a * span + t[innet] - RECENT_SECONDS, a * span + t[innet], rng
-        )
+        pos = _range_pick(author_keys, a * span + _recent_from(t[innet]), a * span + t[innet], rng)
         post[innet] = np.where(pos >= 0, by_author[np.maximum(pos, 0)], -1)
         # Topic slots: a recent post from a topic drawn from the user's interests.
         topical = (post < 0) & (src < 0.8)
         r = rng.random(int(topical.sum()))[:, None] * interest_cum[u[topical], -1:]
         tp = (interest_cum[u[topical]] < r).sum(axis=1).clip(0, N_TOPICS - 1).astype(np.int64)
         pos = _range_pick(
-            topic_keys, tp * span + t[topical] - RECENT_SECONDS, tp * span + t[topical], rng
+            topic_keys, tp * span + _recent_from(t[topical]), tp * span + t[topical], rng
         )
         post[topical] = np.where(pos >= 0, by_topic[np.maximum(pos, 0)], -1)
         # Remaining slots: anything recent.
@@ -482,6 +480,12 @@ def _impressions(
         cat("engagements", eng_parts),
         cat("impression_truth", truth_parts),
     )
+
+
+def _recent_from(t: np.ndarray) -> np.ndarray:
+    """Start of the 48 h recency window, never before the window opens: a negative offset
+    would reach into the previous author's (or topic's) key range and pick future posts."""
+    return np.maximum(t - RECENT_SECONDS, 0)
 
 
 def _rank_within(group: np.ndarray) -> np.ndarray:
