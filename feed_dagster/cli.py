@@ -60,10 +60,17 @@ def _run_step(label: str, which: str, partition_key: str | None, log_level: str)
         for c in result.get_asset_check_evaluations()
         if not c.passed
     ]
-    if not result.success:
-        for event in result.get_step_failure_events():
-            error = event.step_failure_data.error
-            lines.append(f"  FAILED {event.step_key}: {error.message.strip() if error else ''}")
+    fatal = False
+    for event in result.get_step_failure_events():
+        error = event.step_failure_data.error
+        if error is not None and error.cls_name == "DagsterAssetCheckFailedError":
+            # A blocking check did its job (e.g. the promotion gate refused a ranker): what
+            # depends on it was skipped, and the rest of the build goes on.
+            lines.append(f"  blocking check failed in {event.step_key}; dependants skipped")
+            continue
+        fatal = True
+        lines.append(f"  FAILED {event.step_key}: {error.message.strip() if error else ''}")
+    if fatal:
         raise BuildFailed("\n".join(lines))
     return "\n".join(lines)
 

@@ -4,9 +4,13 @@ import dagster as dg
 import duckdb
 import pytest
 
+from feed_dagster.cli import main
 from feed_dagster.ebnerd import article_first_seen, write_articles_for_ids, write_synthetic_ebnerd
+from feed_dagster.serving.read import connect, get_feed
 
-SELECTION = dg.AssetSelection.groups("raw", "social_graph", "evaluation")
+SELECTION = dg.AssetSelection.groups("raw", "social_graph") | dg.AssetSelection.assets(
+    "impressions_evaluation"
+)
 
 
 def _materialize():
@@ -22,6 +26,14 @@ def _materialize():
     )
 
 
+def _users_with_feeds(data_dir):
+    con = connect(data_dir / "serving" / "feeds.duckdb")
+    try:
+        return [r[0] for r in con.execute("select user_id from serving.feed_users").fetchall()]
+    finally:
+        con.close()
+
+
 def _baselines(data_dir):
     con = duckdb.connect(str(data_dir / "warehouse.duckdb"), read_only=True)
     try:
@@ -33,8 +45,10 @@ def _baselines(data_dir):
 def test_graph_materialises_on_a_synthetic_ebnerd_folder(data_dir, tmp_path, monkeypatch):
     folder = write_synthetic_ebnerd(tmp_path / "ebnerd", users=60, articles=300)
     monkeypatch.setenv("FEED_DAGSTER_SOURCE", f"ebnerd:{folder}")
-    result = _materialize()
-    assert result.success
+    assert main(["run"]) == 0  # the whole graph: models, vectors, feeds, publish
+    assert get_feed(
+        int(_users_with_feeds(data_dir)[0]), data_dir / "serving" / "feeds.duckdb"
+    ).height
     auc = _baselines(data_dir)
     assert set(auc) >= {"random", "popularity", "recency", "read_time"}
     assert auc["popularity"] > auc["random"]
@@ -55,8 +69,9 @@ def test_graph_materialises_on_the_real_sample(data_dir, tmp_path, monkeypatch, 
     )
     write_articles_for_ids(seen["article_id"], folder / "articles.parquet", first_seen=seen)
     monkeypatch.setenv("FEED_DAGSTER_SOURCE", f"ebnerd:{folder}")
-    assert _materialize().success
+    assert main(["run"]) == 0
     assert len(_baselines(data_dir)) == 4
+    assert len(_users_with_feeds(data_dir)) > 0
 
 
 def test_broken_folder_fails_clearly_and_keeps_earlier_tables(data_dir, tmp_path, monkeypatch):

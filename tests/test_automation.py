@@ -79,6 +79,9 @@ def test_drop_ingest_refresh_publish_chain(data_dir):
         "engagements-sim.parquet",
     ]
 
+    vectors = defs.resolve_job_def("update_vectors")
+    assert vectors.execute_in_process(instance=instance).success
+
     keys = user_shards.get_partition_keys()
     for key in keys[:-1]:
         _materialize(defs, instance, dg.AssetSelection.assets("user_feeds"), key)

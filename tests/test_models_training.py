@@ -64,7 +64,7 @@ def test_training_data_shapes(data):
     assert len(data.ranker_train) > 1000 and len(data.ranker_heldout) > 100
     assert data.split.train["shown_at"].max() < data.split.heldout["shown_at"].min()
     assert data.actions[0] == "favorite" and "click" in data.actions
-    assert data.dropped_rows > 0, "the tiny world shows some posts before they exist"
+    assert data.dropped_rows == 0, "the world never shows a post before it exists"
 
 
 def test_ranker_learns_and_reports_history(ranker_result):

@@ -30,6 +30,11 @@ publish_feeds_job = dg.define_asset_job(
     selection=dg.AssetSelection.assets("published_feeds"),
     description="Swap a new serving file built from every shard into place.",
 )
+update_vectors = dg.define_asset_job(
+    "update_vectors",
+    selection=dg.AssetSelection.assets("article_embeddings", "article_vectors"),
+    description="Encode new or changed articles and upsert their vectors into LanceDB.",
+)
 full_rebuild = dg.define_asset_job(
     "full_rebuild",
     selection=UPSTREAM_OF_FEEDS,
@@ -110,10 +115,21 @@ def publish_when_shards_complete(context: dg.SensorEvaluationContext):
 
 @dg.run_status_sensor(
     run_status=dg.DagsterRunStatus.SUCCESS,
-    monitored_jobs=[ingest_incoming, full_rebuild],
+    monitored_jobs=[ingest_incoming],
+    request_job=update_vectors,
+    default_status=dg.DefaultSensorStatus.RUNNING,
+    description="After new posts land, encode them and add them to the vector table.",
+)
+def vectors_after_ingest(context: dg.RunStatusSensorContext):
+    return dg.RunRequest(run_key=f"vectors-after-{context.dagster_run.run_id}")
+
+
+@dg.run_status_sensor(
+    run_status=dg.DagsterRunStatus.SUCCESS,
+    monitored_jobs=[update_vectors, full_rebuild],
     request_job=refresh_feeds,
     default_status=dg.DefaultSensorStatus.RUNNING,
-    description="After new data lands or a rebuild finishes, recompute every shard.",
+    description="After the vectors are updated or a rebuild finishes, recompute every shard.",
 )
 def refresh_after_new_data(context: dg.RunStatusSensorContext):
     return shard_requests(f"after-{context.dagster_run.job_name}-{context.dagster_run.run_id}")
@@ -137,10 +153,11 @@ def record_run_failures(context: dg.RunFailureSensorContext):
     context.log.error(f"run {entry['run_id']} of {entry['job']} failed: {entry['error']}")
 
 
-JOBS = [refresh_feeds, publish_feeds_job, full_rebuild, ingest_incoming]
+JOBS = [refresh_feeds, publish_feeds_job, update_vectors, full_rebuild, ingest_incoming]
 SCHEDULES = [hourly_feed_refresh]
 SENSORS = [
     incoming_batches,
+    vectors_after_ingest,
     publish_when_shards_complete,
     refresh_after_new_data,
     record_run_failures,
