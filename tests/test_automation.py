@@ -79,8 +79,16 @@ def test_drop_ingest_refresh_publish_chain(data_dir):
         "engagements-sim.parquet",
     ]
 
-    vectors = defs.resolve_job_def("update_vectors")
-    assert vectors.execute_in_process(instance=instance).success
+    vectors = defs.resolve_job_def("update_vectors").execute_in_process(instance=instance)
+    assert vectors.success
+    # Only the ingested posts are encoded; every earlier vector is reused.
+    meta = {
+        e.asset_key.path[-1]: e.materialization.metadata
+        for e in vectors.get_asset_materialization_events()
+    }
+    assert meta["article_embeddings"]["n_encoded"].value == posts.height
+    assert meta["article_embeddings"]["n_reused"].value == articles.height
+    assert meta["article_vectors"]["dagster/row_count"].value == articles.height + posts.height
 
     keys = user_shards.get_partition_keys()
     for key in keys[:-1]:
