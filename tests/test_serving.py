@@ -201,3 +201,45 @@ def test_missing_file_and_bad_input(tmp_path: Path, feeds, tiny_world) -> None:
     with pytest.raises(ValueError):
         get_feed(3, path, limit=-1)
     assert get_feed(3, path).height == 35  # the table is still there
+
+
+KILLED_PUBLISH = """
+import sys
+from datetime import datetime
+import polars as pl
+from feed_dagster.serving import publish_feeds
+feeds = pl.read_parquet(sys.argv[1])
+big = pl.concat([feeds.with_columns(user_id=feeds["user_id"] + i * 1_000_000) for i in range(400)])
+print("start", flush=True)
+publish_feeds(big, sys.argv[2], model_version="m2", vector_table_version="v2",
+              generated_at=datetime(2026, 1, 7, 1))
+print("done", flush=True)
+"""
+
+
+def test_killed_publish_leaves_the_previous_feeds_served(tmp_path: Path, feeds, tiny_world) -> None:
+    import signal
+    import subprocess
+    import sys
+
+    path = tmp_path / "feeds.duckdb"
+    first = publish(feeds, path, tiny_world, "m1")
+    shard = tmp_path / "shard.parquet"
+    feeds.write_parquet(shard)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", KILLED_PUBLISH, str(shard), str(path)],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stdout.readline().strip() == "start"
+    time.sleep(0.5)  # well inside a publish of a few hundred thousand rows
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    meta = read_meta(path)
+    if meta["generation_id"] == first.generation_id:
+        # Killed mid-build: the old generation is served whole, the new one left no trace
+        # in the live file (its temporary file is swept by a later publish).
+        assert set(get_feed(3, path)["model_version"]) == {"m1"}
+        assert meta["rows"] == feeds.height
+    else:  # the machine was fast enough to finish before the kill: a whole new generation
+        assert meta["rows"] == feeds.height * 400
