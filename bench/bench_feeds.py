@@ -1,142 +1,687 @@
-"""Feed precompute throughput: the whole candidate pipeline for every user of a world.
+"""Feed precompute with the learned models: throughput, ranker FLOP/s and offline quality.
 
-    .venv/bin/python bench/bench_feeds.py                 # demo world, fallback models
-    .venv/bin/python bench/bench_feeds.py --scorer my.module:make_scorer
+    .venv/bin/python bench/bench_feeds.py                # demo world, 3 repeats
+    .venv/bin/python bench/bench_feeds.py --no-quality --repeats 1
 
---scorer / --retriever take a built-in name or `module:callable`; the callable gets the
-World and returns a Scorer / Retriever, so a learned ranker can be benchmarked the same way.
+Self-contained: generates the world in-process, encodes content vectors with the lexical
+encoder, trains the two-tower model and the ranker with their default configs (cached under
+data/bench/feeds_models/<world key>/ so a rerun on the same world skips training), writes
+the item-tower vectors to a LanceDB table in a temporary directory, then measures
+
+1. throughput of `build_feeds` for every user at `world.now` with TwoTowerRetriever +
+   RankerScorer, and with the table fallbacks for comparison;
+2. the ranker's achieved FLOP/s against a float32 matmul peak measured in the same run;
+3. recall@35 of held-out positive engagements for feeds built at `world.heldout_start` from
+   data before it, against a chronological-following and a popularity feed.
+
 Writes the "feeds" section of docs/BENCHMARKS.md (unless --no-write).
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
+import hashlib
+import json
 import os
 import statistics
 import sys
+import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from datetime import datetime
 from pathlib import Path
+from typing import Any
+
+import numpy as np
+import polars as pl
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from report import machine, markdown_table, peak_rss_mb, write_section  # noqa: E402
+from report import machine, markdown_table, write_section  # noqa: E402
 
+import feed_dagster.models.serve as serve  # noqa: E402
 from feed_dagster.data.schema import World  # noqa: E402
-from feed_dagster.pipeline import (  # noqa: E402
-    PopularityRetriever,
-    TopicAffinityScorer,
-    run_pipeline,
+from feed_dagster.embeddings import LexicalEncoder  # noqa: E402
+from feed_dagster.feeds.build import build_feeds  # noqa: E402
+from feed_dagster.feeds.learned import RankerScorer, TwoTowerRetriever  # noqa: E402, serving_features
+from feed_dagster.feeds.quality import (  # noqa: E402
+    Recall,
+    chronological_following_feed,
+    later_positives,
+    popularity_feed,
+    recall_at_k,
 )
+from feed_dagster.models.features import N_ACTIONS, PROFILE_FEATURES  # noqa: E402
+from feed_dagster.models.ranker import PhoenixRanker, load_ranker, ranker_batch  # noqa: E402
+from feed_dagster.models.serve import ServingContext, item_vectors_of  # noqa: E402
+from feed_dagster.models.store import ModelStore  # noqa: E402
+from feed_dagster.models.train import (  # noqa: E402
+    prepare_training_data,
+    train_ranker,
+    train_two_tower,
+)
+from feed_dagster.models.two_tower import TwoTower, load_two_tower  # noqa: E402
+from feed_dagster.pipeline import PopularityRetriever, TopicAffinityScorer  # noqa: E402
+from feed_dagster.vectors import ensure_index, open_vectors, write_vectors  # noqa: E402
 from feed_dagster.world import generate_world, world_config  # noqa: E402
 
-SCORERS: dict[str, Callable[[World], object]] = {"topic-affinity": TopicAffinityScorer.from_tables}
-RETRIEVERS: dict[str, Callable[[World], object]] = {"popularity": PopularityRetriever.from_tables}
+ROOT = Path(__file__).resolve().parent.parent
+CACHE = ROOT / "data" / "bench" / "feeds_models"
+RANKER, TWO_TOWER = "ranker", "two_tower"
+VECTOR_TABLE = "article_vectors"
+SERVED = 35
+# Stage names of run_pipeline's stats["seconds"], grouped for the report (first match wins).
+STAGE_GROUPS: list[tuple[str, Callable[[str], bool]]] = [
+    ("hydration (query + candidates)", lambda s: s.endswith("hydration")),
+    ("source: in-network", lambda s: s == "source.in_network"),
+    ("source: out-of-network (retriever)", lambda s: s == "source.out_of_network"),
+    ("filters", lambda s: s.startswith("filter.")),
+    ("scorer model", lambda s: s == "scorer.model"),
+    ("score rules (weights, diversity, OON)", lambda s: s.startswith("scorer.")),
+    ("selection + serve", lambda s: s.startswith(("selector.", "post_selection."))),
+]
 
 
-def load(spec: str, builtins: dict[str, Callable[[World], object]]) -> Callable[[World], object]:
-    """A built-in factory by name, or `module:callable` taking the World."""
-    if spec in builtins:
-        return builtins[spec]
-    module, _, attr = spec.partition(":")
-    if not attr:
-        raise SystemExit(f"unknown {spec!r}: use one of {sorted(builtins)} or module:callable")
-    target: object = importlib.import_module(module)
-    for part in attr.split("."):
-        target = getattr(target, part)
-    return target  # type: ignore[return-value]
+def group_of(stage: str) -> str:
+    for name, match in STAGE_GROUPS:
+        if match(stage):
+            return name
+    return stage
 
 
-def current_rss_mb() -> float:
+# -- memory --------------------------------------------------------------------------------
+
+
+def _status_mb(key: str) -> float:
     for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
+        if line.startswith(key + ":"):
             return int(line.split()[1]) / 1024
     return float("nan")
 
 
+def reset_peak_rss() -> None:
+    """Restart the kernel's high-water mark of this process (VmHWM) at the current RSS."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+
+
+def peak_rss_mb() -> float:
+    return _status_mb("VmHWM")
+
+
+def rss_mb() -> float:
+    return _status_mb("VmRSS")
+
+
+# -- the ranker's forward, timed ----------------------------------------------------------
+
+
+@dataclass
+class ForwardLog:
+    """What score_candidates spent in feature building and in the forward, per call."""
+
+    feature_seconds: float = 0.0
+    forward_seconds: float = 0.0
+    groups: int = 0  # candidate groups (rows of the [G, C] tensors)
+    slots: int = 0  # G * C, padding included
+    real: int = 0  # real candidates
+    shapes: set[tuple[int, int]] = field(default_factory=set)  # (C, history length)
+    sample: Any = None  # the first RankerData, for the FLOP counter
+
+    def reset(self) -> None:
+        self.__init__()  # type: ignore[misc]
+
+
+LOG = ForwardLog()
+
+
+def instrument_serving() -> None:
+    """Time the two halves of serve.score_candidates (features, forward) by wrapping the
+    module-level functions it calls; results are unchanged."""
+    build, predict = serve.build_serving_data, serve.predict
+
+    def timed_build(*a: Any, **kw: Any) -> Any:
+        t = time.perf_counter()
+        out = build(*a, **kw)
+        LOG.feature_seconds += time.perf_counter() - t
+        return out
+
+    def timed_predict(model: PhoenixRanker, data: Any, *a: Any, **kw: Any) -> Any:
+        t = time.perf_counter()
+        out = predict(model, data, *a, **kw)
+        LOG.forward_seconds += time.perf_counter() - t
+        g, c = data.cand_item.shape
+        LOG.groups += g
+        LOG.slots += g * c
+        LOG.real += int(data.cand_mask.sum())
+        LOG.shapes.add((c, data.history.item.shape[1]))
+        if LOG.sample is None:
+            LOG.sample = data
+        return out
+
+    serve.build_serving_data = timed_build
+    serve.predict = timed_predict
+
+
+def ranker_flops_per_group(model: PhoenixRanker, c: int, h: int) -> dict[str, float]:
+    """Matmul FLOPs (2 per multiply-add) of one forward group of `c` candidate slots and a
+    history of `h` tokens, as PhoenixRanker.forward executes it (padding included).
+
+    Context = user token + h history tokens, L = h + 1. Item encoder: content Linear
+    (content_dim -> d) on the h history and c candidate tokens; history encoder: the action
+    (N_ACTIONS -> d) and dwell (1 -> d) Linears; profile Linear (5 -> d) per candidate. Per
+    block, every token: qkv 3d^2 (the context's too, also in the last block). Candidate
+    token: scores against the L context keys + itself and the weighted sum of values,
+    2 * 2d(L+1), out d^2, FFN 2 ffn_mult d^2. The context tokens' own update (attention over
+    L keys, out, FFN) runs in every block but the last. Head: d -> n_actions + 1 per
+    candidate. Embedding lookups, LayerNorm, softmax, GELU and the elementwise adds are not
+    counted.
+    """
+    cfg = model.cfg
+    d, f, lyr = cfg.d_model, cfg.ffn_mult, cfg.n_layers
+    L = h + 1
+    mm = 2.0  # FLOPs per multiply-add
+    encoder = mm * (h + c) * cfg.content_dim * d + mm * h * (N_ACTIONS + 1) * d
+    if model.profile is not None:
+        encoder += mm * c * len(PROFILE_FEATURES) * d
+    cand_layer = mm * (3 * d * d + d * d + f * d * d * 2) + mm * 2 * d * (L + 1)
+    ctx_qkv = mm * 3 * d * d * L
+    ctx_update = mm * (d * d + 2 * f * d * d) * L + mm * 2 * d * L * L
+    blocks = lyr * (c * cand_layer + ctx_qkv) + (lyr - 1) * ctx_update
+    head = mm * c * d * (len(cfg.actions) + 1)
+    return {
+        "item/history encoders": encoder,
+        "blocks: candidates": lyr * c * cand_layer,
+        "blocks: context": lyr * ctx_qkv + (lyr - 1) * ctx_update,
+        "head": head,
+        "total": encoder + blocks + head,
+    }
+
+
+def counted_flops(model: PhoenixRanker, data: Any, ctx: ServingContext, groups: int) -> float:
+    """FLOPs torch's FlopCounterMode sees in one forward of the first `groups` groups."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    b = ranker_batch(data, np.arange(min(groups, len(data))))
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(b, ctx.tensors)
+    return float(counter.get_total_flops())
+
+
+def matmul_peak(threads: int, n: int = 2048, repeats: int = 7) -> tuple[float, list[float]]:
+    """Median float32 FLOP/s of an n x n @ n x n matmul with `threads` intra-op threads."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        gen = torch.Generator().manual_seed(0)
+        a = torch.randn(n, n, generator=gen)
+        b = torch.randn(n, n, generator=gen)
+        out = torch.empty(n, n)
+        torch.mm(a, b, out=out)  # warm-up
+        samples = []
+        for _ in range(repeats):
+            t = time.perf_counter()
+            torch.mm(a, b, out=out)
+            samples.append(time.perf_counter() - t)
+    finally:
+        torch.set_num_threads(before)
+    flops = 2.0 * n**3
+    return flops / statistics.median(samples), [flops / s for s in samples]
+
+
+# -- models ---------------------------------------------------------------------------------
+
+
+def world_key(scale: str, encoder: LexicalEncoder) -> str:
+    """Cache key: the whole world config (seed included) and the content encoder."""
+    cfg = asdict(world_config(scale))
+    text = json.dumps({"world": cfg, "encoder": encoder.version}, sort_keys=True, default=str)
+    return f"{scale}-s{cfg['seed']}-{hashlib.sha256(text.encode()).hexdigest()[:12]}"
+
+
+def trained_models(
+    world: World, vectors: np.ndarray, store: ModelStore, retrain: bool
+) -> tuple[TwoTower, PhoenixRanker, dict[str, Any]]:
+    """The cached models of this world, or train both (default configs) and cache them."""
+    tower_v, ranker_v = store.promoted(TWO_TOWER), store.promoted(RANKER)
+    info: dict[str, Any] = {"cached": True}
+    if retrain or tower_v is None or ranker_v is None:
+        t = time.perf_counter()
+        data = prepare_training_data(world, vectors)
+        info["prepare_seconds"] = time.perf_counter() - t
+        print(f"training data: {len(data.ranker_train):,} train slates", flush=True)
+        tt = train_two_tower(data)
+        print(f"two-tower trained in {tt.seconds:.0f} s", flush=True)
+        rk = train_ranker(data)
+        print(f"ranker trained in {rk.seconds:.0f} s", flush=True)
+        tower_v = store.save(TWO_TOWER, tt.state_dict, tt.config, tt.summary())
+        ranker_v = store.save(RANKER, rk.state_dict, rk.config, rk.summary())
+        store.promote(TWO_TOWER, tower_v)
+        store.promote(RANKER, ranker_v)
+        info["cached"] = False
+    info["two_tower"] = {"version": tower_v, **store.metrics(TWO_TOWER, tower_v)}
+    info["ranker"] = {"version": ranker_v, **store.metrics(RANKER, ranker_v)}
+    tower = load_two_tower(*store.load(TWO_TOWER, tower_v))
+    ranker = load_ranker(*store.load(RANKER, ranker_v))
+    return tower, ranker, info
+
+
+def retrieval_frame(items: pl.DataFrame, articles: pl.DataFrame) -> pl.DataFrame:
+    """Item vectors with the filter columns the LanceDB prefilter reads."""
+    return items.join(
+        articles.select(
+            "article_id",
+            "author_id",
+            "published_at",
+            "topic",
+            (pl.col("kind") == "reply").alias("is_reply"),
+            (pl.col("kind") == "repost").alias("is_repost"),
+        ),
+        on="article_id",
+    )
+
+
+# -- measurements ---------------------------------------------------------------------------
+
+
+@dataclass
+class Throughput:
+    label: str
+    users: int
+    totals: list[float]
+    groups: dict[str, list[float]]  # group -> seconds per repeat
+    rows_into_scoring: int
+    feed_rows: int
+    peak_rss: float
+    rss_before: float
+    retriever: str
+    scorer: str
+    forward: list[ForwardLog]
+
+    @property
+    def total(self) -> float:
+        return statistics.median(self.totals)
+
+
+def measure(
+    label: str,
+    tables: World,
+    users: np.ndarray,
+    now: datetime,
+    retriever: Any,
+    scorer: Any,
+    repeats: int,
+    batch_size: int,
+) -> Throughput:
+    reset_peak_rss()
+    rss_before = rss_mb()
+    totals: list[float] = []
+    groups: dict[str, list[float]] = {}
+    forward: list[ForwardLog] = []
+    stats: dict[str, Any] = {}
+    feeds = pl.DataFrame()
+    for r in range(repeats):
+        LOG.reset()
+        t = time.perf_counter()
+        feeds, stats = build_feeds(tables, users, now, retriever, scorer, batch_size=batch_size)
+        totals.append(time.perf_counter() - t)
+        per: dict[str, float] = {}
+        for stage, sec in stats["seconds"].items():
+            per[group_of(stage)] = per.get(group_of(stage), 0.0) + sec
+        for g, sec in per.items():
+            groups.setdefault(g, []).append(sec)
+        forward.append(ForwardLog(**{k: getattr(LOG, k) for k in LOG.__dataclass_fields__}))
+        print(f"  {label} repeat {r + 1}/{repeats}: {totals[-1]:.2f} s", flush=True)
+    # Rows entering the model stage = rows out of the last filter.
+    filters = [s for s in stats["rows"] if s.startswith("filter.")]
+    return Throughput(
+        label=label,
+        users=len(users),
+        totals=totals,
+        groups=groups,
+        rows_into_scoring=stats["rows"][filters[-1]],
+        feed_rows=feeds.height,
+        peak_rss=peak_rss_mb(),
+        rss_before=rss_before,
+        retriever=stats["retriever"],
+        scorer=stats["scorer"],
+        forward=forward,
+    )
+
+
+def before(world: World, cut: datetime) -> dict[str, pl.DataFrame]:
+    """The world's tables as known just before `cut`: timestamped rows strictly before it
+    (posts: published at or before it, as the pipeline's sources allow). Blocks, mutes,
+    muted keywords and topic follows carry no timestamp and are kept whole."""
+    t = world.tables()
+    t.pop("impression_truth")
+    t["engagements"] = world.engagements.filter(pl.col("engaged_at") < cut)
+    t["impressions"] = world.impressions.filter(pl.col("shown_at") < cut)
+    t["follows"] = world.follows.filter(pl.col("followed_at") < cut)
+    t["articles"] = world.articles.filter(pl.col("published_at") <= cut)
+    return t
+
+
+def fmt_recall(r: Recall) -> list[str]:
+    return [f"{r.macro:.3f}", f"{r.micro:.3f}", f"{r.hits:,} / {r.positives:,}"]
+
+
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--scale", default="demo")
-    ap.add_argument("--scorer", default="topic-affinity")
-    ap.add_argument("--retriever", default="popularity")
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--batch-size", type=int, default=0, help="users per run (0: all at once)")
+    ap.add_argument("--batch-size", type=int, default=512, help="users per pipeline run")
+    ap.add_argument("--retrain", action="store_true", help="ignore the cached models")
+    ap.add_argument("--no-quality", action="store_true")
     ap.add_argument("--no-write", action="store_true")
     args = ap.parse_args()
+    load_start = os.getloadavg()[0]
+    instrument_serving()
 
     t0 = time.perf_counter()
     world = generate_world(world_config(args.scale))
     gen_s = time.perf_counter() - t0
-    retriever = load(args.retriever, RETRIEVERS)(world)
-    scorer = load(args.scorer, SCORERS)(world)
-    users = world.users["user_id"].to_numpy()
-    batch = args.batch_size or len(users)
-    batches = [users[i : i + batch] for i in range(0, len(users), batch)]
-    rss_before = current_rss_mb()
+    encoder = LexicalEncoder()
+    t0 = time.perf_counter()
+    vectors = encoder.encode(world.articles)
+    enc_s = time.perf_counter() - t0
+    key = world_key(args.scale, encoder)
+    store = ModelStore(CACHE / key)
+    t0 = time.perf_counter()
+    tower, ranker, info = trained_models(world, vectors, store, args.retrain)
+    train_s = time.perf_counter() - t0
+    if tower.cfg.features != ranker.cfg.features:
+        raise SystemExit("the two models were trained with different feature configs")
 
-    totals: list[float] = []
-    stage_samples: dict[str, list[float]] = {}
-    rows: dict[str, int] = {}
-    last_stats: dict = {}
-    for repeat in range(args.repeats):
-        per_stage: dict[str, float] = {}
-        t = time.perf_counter()
-        feed_rows = 0
-        for part in batches:
-            feeds, stats = run_pipeline(world, part, world.now, retriever, scorer)  # type: ignore[arg-type]
-            feed_rows += feeds.height
-            for name, sec in stats["seconds"].items():
-                per_stage[name] = per_stage.get(name, 0.0) + sec
-                if repeat == 0:
-                    rows[name] = rows.get(name, 0) + stats["rows"][name]
-            last_stats = stats
-        totals.append(time.perf_counter() - t)
-        for name, sec in per_stage.items():
-            stage_samples.setdefault(name, []).append(sec)
-    total = statistics.median(totals)
-    n = len(users)
-    peak = peak_rss_mb()
-
-    stage_rows = []
-    for name, samples in stage_samples.items():
-        sec = statistics.median(samples)
-        stage_rows.append(
-            [
-                f"`{name}`",
-                f"{rows[name]:,}",
-                f"{sec * 1000:,.0f}",
-                f"{sec / total:.0%}",
-                f"{n / sec:,.0f}" if sec > 0 else "-",
-            ]
-        )
-    summary = [
-        ["world", f"{args.scale}: {n:,} users, {world.articles.height:,} posts"],
-        ["retriever / scorer", f"{last_stats['retriever']} / {last_stats['scorer']}"],
-        ["batch size", f"{batch:,} users ({len(batches)} run(s) per repeat)"],
-        [f"end to end (median of {args.repeats})", f"{total:.2f} s"],
-        ["throughput", f"**{n / total:,.0f} users/s**"],
-        ["feed rows", f"{feed_rows:,}"],
-        ["peak RSS", f"{peak:,.0f} MiB (world + models loaded: {rss_before:,.0f} MiB)"],
-        ["world generation", f"{gen_s:.2f} s (not included)"],
-        ["machine", f"{machine()}, load average {os.getloadavg()[0]:.1f} at the end"],
-    ]
-    body = "\n".join(
-        [
-            "## Feed precompute (`bench/bench_feeds.py`)",
-            "",
-            f"Command: `{' '.join(['.venv/bin/python', 'bench/bench_feeds.py', *sys.argv[1:]])}`",
-            "",
-            markdown_table(["", ""], summary),
-            "",
-            "Per stage (rows out of the stage; time is the median over repeats, summed "
-            "over batches):",
-            "",
-            markdown_table(["stage", "rows", "ms", "share", "users/s"], stage_rows),
-            "",
-            "The fallback retriever and scorer are table-only stand-ins; pass "
-            "`--scorer module:callable` to time a learned ranker through the same pipeline.",
-        ]
+    t0 = time.perf_counter()
+    ctx = ServingContext.build(
+        world.articles,
+        vectors,
+        world.engagements,
+        world.follows,
+        world.topic_follows,
+        serving_features(ranker.cfg.features),
     )
+    ctx_s = time.perf_counter() - t0
+    users = world.users["user_id"].to_numpy()
+
+    with tempfile.TemporaryDirectory(prefix="bench-feeds-lancedb-") as lance_dir:
+        t0 = time.perf_counter()
+        write_vectors(
+            lance_dir, VECTOR_TABLE, retrieval_frame(item_vectors_of(tower, ctx), world.articles)
+        )
+        table = open_vectors(lance_dir, VECTOR_TABLE)
+        index = ensure_index(table)
+        table = open_vectors(lance_dir, VECTOR_TABLE)
+        vec_s = time.perf_counter() - t0
+        print(f"vector table: {index.kind}, {index.n_rows:,} rows, {vec_s:.1f} s", flush=True)
+
+        # 1. Throughput at world.now.
+        threads = torch.get_num_threads()
+        learned = measure(
+            "learned",
+            world,
+            users,
+            world.now,
+            TwoTowerRetriever(tower, ctx, table),
+            RankerScorer(ranker, ctx),
+            args.repeats,
+            args.batch_size,
+        )
+        fallback = measure(
+            "fallback",
+            world,
+            users,
+            world.now,
+            PopularityRetriever.from_tables(world),
+            TopicAffinityScorer.from_tables(world),
+            args.repeats,
+            args.batch_size,
+        )
+
+        # 2. Ranker FLOP/s against the matmul peak, same thread count, same run.
+        peak, peak_samples = matmul_peak(threads)
+        shapes = set().union(*(f.shapes for f in learned.forward))
+        if len(shapes) != 1:
+            raise SystemExit(f"expected one (candidates, history) shape, got {shapes}")
+        (c, h) = shapes.pop()
+        per_group = ranker_flops_per_group(ranker, c, h)
+        fwd = learned.forward[0]
+        flops = per_group["total"] * fwd.groups
+        fwd_s = statistics.median(f.forward_seconds for f in learned.forward)
+        feat_s = statistics.median(f.feature_seconds for f in learned.forward)
+        model_stage_s = statistics.median(learned.groups["scorer model"])
+        sample_groups = min(1024, len(fwd.sample))
+        counted = counted_flops(ranker, fwd.sample, ctx, sample_groups)
+        analytic_sample = per_group["total"] * sample_groups
+
+        # 3. Quality at world.heldout_start, from the data before it.
+        quality_rows: list[list[str]] = []
+        quality_note = ""
+        if not args.no_quality:
+            cut = world.heldout_start
+            known = before(world, cut)
+            art = known["articles"]
+            keep = world.articles["published_at"].to_numpy() <= np.datetime64(cut, "us")
+            q_ctx = ServingContext.build(
+                art,
+                vectors[keep],
+                known["engagements"],
+                known["follows"],
+                known["topic_follows"],
+                serving_features(ranker.cfg.features),
+            )
+            positives = later_positives(world.engagements, world.articles, cut)
+            t0 = time.perf_counter()
+            served, _ = build_feeds(
+                known,
+                users,
+                cut,
+                TwoTowerRetriever(tower, q_ctx, table),
+                RankerScorer(ranker, q_ctx),
+                batch_size=args.batch_size,
+            )
+            q_learned_s = time.perf_counter() - t0
+            served_fb, _ = build_feeds(
+                known,
+                users,
+                cut,
+                PopularityRetriever.from_tables(known),
+                TopicAffinityScorer.from_tables(known),
+                batch_size=args.batch_size,
+            )
+            chrono = chronological_following_feed(art, known["follows"], users, cut, SERVED)
+            popular = popularity_feed(art, known["engagements"], users, cut, SERVED)
+            for name, feed in [
+                ("served feed, learned (two-tower + ranker)", served),
+                ("served feed, table fallbacks", served_fb),
+                ("chronological following (35 newest followed)", chrono),
+                ("popularity (35 most engaged, 48 h)", popular),
+            ]:
+                r = recall_at_k(feed, positives, SERVED)
+                per_user = feed.group_by("user_id").len()["len"]
+                quality_rows.append(
+                    [name, *fmt_recall(r), f"{per_user.mean():.1f}" if len(per_user) else "0"]
+                )
+            n_all = world.engagements.filter(pl.col("engaged_at") >= cut)
+            quality_note = (
+                f"{r.users:,} users have a held-out positive on a post published before "
+                f"`heldout_start` ({r.positives:,} pairs); the learned feed at the cut took "
+                f"{q_learned_s:.1f} s. Held-out engagement rows: {n_all.height:,}."
+            )
+
+    load_end = os.getloadavg()[0]
+    n = len(users)
+
+    def stage_table(tp: Throughput) -> str:
+        rows = []
+        for g, samples in tp.groups.items():
+            sec = statistics.median(samples)
+            rows.append([g, f"{sec:,.2f}", f"{sec / tp.total:.0%}"])
+        return markdown_table(["stage group", "s (median)", "share"], rows)
+
+    def summary(tp: Throughput) -> list[list[str]]:
+        return [
+            [f"{tp.label}: retriever / scorer", f"`{tp.retriever}` / `{tp.scorer}`"],
+            [
+                f"{tp.label}: end to end (median of {len(tp.totals)})",
+                f"{tp.total:.2f} s ({', '.join(f'{t:.2f}' for t in tp.totals)})",
+            ],
+            [f"{tp.label}: throughput", f"**{tp.users / tp.total:,.0f} users/s**"],
+            [
+                f"{tp.label}: candidates into scoring",
+                f"{tp.rows_into_scoring:,} ({tp.rows_into_scoring / tp.users:,.0f} per user)",
+            ],
+            [f"{tp.label}: feed rows", f"{tp.feed_rows:,}"],
+            [
+                f"{tp.label}: peak RSS",
+                f"{tp.peak_rss:,.0f} MiB ({tp.rss_before:,.0f} MiB before the runs)",
+            ],
+        ]
+
+    trained = (
+        "loaded from the cache"
+        if info["cached"]
+        else f"trained in {train_s:.0f} s (data {info['prepare_seconds']:.0f} s)"
+    )
+    rk, tt = info["ranker"], info["two_tower"]
+    setup = [
+        ["world", f"{args.scale}: {n:,} users, {world.articles.height:,} posts"],
+        ["models", f"{trained}, `{CACHE.relative_to(ROOT) / key}`"],
+        [
+            "ranker",
+            f"`{rk['version']}`: {rk.get('n_params', 0):,} params, d={ranker.cfg.d_model}, "
+            f"{ranker.cfg.n_layers} layers, ffn x{ranker.cfg.ffn_mult}, "
+            f"valid AUC {rk.get('valid_valid_auc', float('nan')):.3f}, "
+            f"trained {rk.get('train_seconds', 0):.0f} s",
+        ],
+        [
+            "two-tower",
+            f"`{tt['version']}`: {tt.get('n_params', 0):,} params, valid recall@100 "
+            f"{tt.get('valid_valid_recall@100', float('nan')):.3f}, "
+            f"trained {tt.get('train_seconds', 0):.0f} s",
+        ],
+        [
+            "vector table",
+            f"LanceDB in a temp dir, {index.kind}, {index.n_rows:,} rows, {vec_s:.1f} s "
+            "(write + index)",
+        ],
+        [
+            "setup (not timed below)",
+            f"world {gen_s:.1f} s, lexical vectors {enc_s:.1f} s, serving context {ctx_s:.1f} s",
+        ],
+        ["batch size", f"{args.batch_size} users per pipeline run"],
+        ["torch threads (ranker, matmul)", f"{threads}"],
+        [
+            "machine",
+            f"{machine()}, load average {load_start:.1f} at start, {load_end:.1f} at the end "
+            "(shared box)",
+        ],
+    ]
+    ratio = learned.total / fallback.total
+
+    flop_rows = [
+        ["groups scored per run (x slots)", f"{fwd.groups:,} x {c} (history {h} tokens)"],
+        [
+            "real candidates / slots",
+            f"{fwd.real:,} / {fwd.slots:,} ({fwd.real / max(fwd.slots, 1):.0%} of slots used)",
+        ],
+        [
+            "FLOPs per group (analytic)",
+            ", ".join(f"{k} {v / 1e6:.2f} M" for k, v in per_group.items()),
+        ],
+        [
+            "FlopCounterMode check",
+            f"{counted / 1e9:.2f} GFLOP counted vs {analytic_sample / 1e9:.2f} analytic on "
+            f"{sample_groups:,} groups (ratio {counted / analytic_sample:.3f})",
+        ],
+        ["ranker FLOPs per run", f"{flops / 1e9:,.1f} GFLOP"],
+        [
+            "ranker time (median)",
+            f"forward {fwd_s:.2f} s + feature building {feat_s:.2f} s, of a "
+            f"{model_stage_s:.2f} s `scorer.model` stage",
+        ],
+        [
+            "achieved",
+            f"**{flops / fwd_s / 1e9:.1f} GFLOP/s** in the forward, "
+            f"{flops / model_stage_s / 1e9:.1f} GFLOP/s over the whole model stage",
+        ],
+        [
+            f"float32 matmul peak ({2048}^3, {threads} threads, median of 7)",
+            f"{peak / 1e9:.1f} GFLOP/s (samples {min(peak_samples) / 1e9:.0f}-"
+            f"{max(peak_samples) / 1e9:.0f})",
+        ],
+        [
+            "fraction of peak",
+            f"**{flops / fwd_s / peak:.1%}** (forward), {flops / model_stage_s / peak:.1%} "
+            "(model stage)",
+        ],
+    ]
+
+    parts = [
+        "## Feed precompute (`bench/bench_feeds.py`)",
+        "",
+        f"Command: `{' '.join(['.venv/bin/python', 'bench/bench_feeds.py', *sys.argv[1:]])}`",
+        "",
+        "Self-contained: world generated in-process, lexical content vectors, both models "
+        "trained with their default configs (weights cached by world config + seed), item "
+        "vectors in a LanceDB table in a temporary directory.",
+        "",
+        markdown_table(["", ""], setup),
+        "",
+        f"### Throughput: every user at `world.now`, batches of {args.batch_size}",
+        "",
+        markdown_table(["", ""], summary(learned) + summary(fallback)),
+        "",
+        f"Learned / fallback end-to-end time, same run: **{ratio:.1f}x**.",
+        "",
+        "Learned models, per stage group (seconds summed over batches, median over repeats):",
+        "",
+        stage_table(learned),
+        "",
+        "Table fallbacks, per stage group:",
+        "",
+        stage_table(fallback),
+        "",
+        "### Ranker FLOP/s vs float32 matmul peak",
+        "",
+        "FLOPs are counted analytically for the padded tensors the forward executes "
+        "(`ranker_flops_per_group` in the script: matmuls only, 2 FLOPs per multiply-add; per "
+        "candidate token per block qkv 3d^2 + out d^2 + FFN 2*ffn_mult*d^2 multiply-adds "
+        "+ attention over the L = history + 1 context keys and itself; the context's qkv in "
+        "every block and its update in all but the last; item encoder content Linear on "
+        "history and candidate tokens; head) and cross-checked with "
+        "`torch.utils.flop_counter.FlopCounterMode` on one 1,024-group forward.",
+        "",
+        markdown_table(["", ""], flop_rows),
+    ]
+    if quality_rows:
+        parts += [
+            "",
+            "### Quality: recall@35 of held-out positive engagements",
+            "",
+            "Feeds built at `world.heldout_start` from data strictly before it (engagements, "
+            "impressions and follows cut at the start; posts published up to it); positives = "
+            "(user, post) pairs with a positive action (click, favorite, reply, repost, quote, "
+            "share) at or after the start on a post published before it. Recall per user = "
+            "positives in the user's 35 served posts / positives, macro-averaged over users "
+            "with at least one positive; micro = all hits / all positives. Baselines: the 35 "
+            "newest posts of the previous 48 h by followed accounts, and the 35 posts of the "
+            "previous 48 h with the most positive engagements before the start (own posts "
+            "excluded in both). The served feeds also drop posts the user has already seen; "
+            "the baselines do not.",
+            "",
+            markdown_table(
+                ["feed", "recall@35 (macro)", "micro", "hits / positives", "posts per user"],
+                quality_rows,
+            ),
+            "",
+            quality_note,
+        ]
+    body = "\n".join(parts)
     print(body)
     if not args.no_write:
         write_section("feeds", body)

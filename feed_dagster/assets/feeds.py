@@ -11,7 +11,7 @@ import polars as pl
 from feed_dagster.assets.models import RANKER, TWO_TOWER, content_vectors
 from feed_dagster.data.warehouse import read_tables
 from feed_dagster.feeds.build import build_feeds
-from feed_dagster.feeds.learned import RankerScorer, TwoTowerRetriever
+from feed_dagster.feeds.learned import RankerScorer, TwoTowerRetriever, serving_features
 from feed_dagster.feeds.shards import users_in_shard
 from feed_dagster.models.ranker import load_ranker
 from feed_dagster.models.serve import ServingContext
@@ -85,7 +85,7 @@ def _feed_models(
         tables["engagements"],
         tables["follows"],
         tables["topic_follows"],
-        ranker.cfg.features,
+        serving_features(ranker.cfg.features),
     )
     return (
         TwoTowerRetriever(tower, ctx, table),
