@@ -44,7 +44,11 @@ import feed_dagster.models.serve as serve  # noqa: E402
 from feed_dagster.data.schema import World  # noqa: E402
 from feed_dagster.embeddings import LexicalEncoder  # noqa: E402
 from feed_dagster.feeds.build import build_feeds  # noqa: E402
-from feed_dagster.feeds.learned import RankerScorer, TwoTowerRetriever  # noqa: E402, serving_features
+from feed_dagster.feeds.learned import (  # noqa: E402
+    RankerScorer,
+    TwoTowerRetriever,
+    serving_features,
+)
 from feed_dagster.feeds.quality import (  # noqa: E402
     Recall,
     chronological_following_feed,
