@@ -67,7 +67,12 @@ from feed_dagster.models.train import (  # noqa: E402
 )
 from feed_dagster.models.two_tower import TwoTower, load_two_tower  # noqa: E402
 from feed_dagster.pipeline import PopularityRetriever, TopicAffinityScorer  # noqa: E402
-from feed_dagster.vectors import ensure_index, open_vectors, write_vectors  # noqa: E402
+from feed_dagster.vectors import (  # noqa: E402
+    ensure_index,
+    open_vectors,
+    retrieval_frame,
+    write_vectors,
+)
 from feed_dagster.world import generate_world, world_config  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -271,21 +276,6 @@ def trained_models(
     tower = load_two_tower(*store.load(TWO_TOWER, tower_v))
     ranker = load_ranker(*store.load(RANKER, ranker_v))
     return tower, ranker, info
-
-
-def retrieval_frame(items: pl.DataFrame, articles: pl.DataFrame) -> pl.DataFrame:
-    """Item vectors with the filter columns the LanceDB prefilter reads."""
-    return items.join(
-        articles.select(
-            "article_id",
-            "author_id",
-            "published_at",
-            "topic",
-            (pl.col("kind") == "reply").alias("is_reply"),
-            (pl.col("kind") == "repost").alias("is_repost"),
-        ),
-        on="article_id",
-    )
 
 
 # -- measurements ---------------------------------------------------------------------------

@@ -16,7 +16,7 @@ from feed_dagster.models.ranker import RankerConfig, build_ranker
 from feed_dagster.models.serve import ServingContext, item_vectors_of, score_candidates
 from feed_dagster.models.two_tower import TwoTower, TwoTowerConfig
 from feed_dagster.pipeline import run_pipeline
-from feed_dagster.vectors import open_vectors, write_vectors
+from feed_dagster.vectors import open_vectors, retrieval_frame, write_vectors
 
 
 @pytest.fixture(scope="module")
@@ -55,17 +55,7 @@ def test_serving_groups_change_no_score(tiny_world, models):
 def test_learned_models_drive_the_pipeline(tiny_world, models, tmp_path):
     vectors, ranker, tower = models
     ctx = _context(tiny_world, vectors, serving_features(ranker.cfg.features))
-    items = item_vectors_of(tower, ctx).join(
-        tiny_world.articles.select(
-            "article_id",
-            "author_id",
-            "published_at",
-            "topic",
-            (pl.col("kind") == "reply").alias("is_reply"),
-            (pl.col("kind") == "repost").alias("is_repost"),
-        ),
-        on="article_id",
-    )
+    items = retrieval_frame(item_vectors_of(tower, ctx), tiny_world.articles)
     write_vectors(tmp_path / "lance", "article_vectors", items)
     table = open_vectors(tmp_path / "lance", "article_vectors")
     retriever = TwoTowerRetriever(tower, ctx, table)

@@ -18,6 +18,7 @@ from feed_dagster.vectors import (
     measure_recall,
     open_vectors,
     optimize,
+    retrieval_frame,
     vector_index,
     write_vectors,
 )
@@ -25,21 +26,6 @@ from feed_dagster.vectors.index import proxy_queries
 from feed_dagster.vectors.search import read_vectors
 
 VECTOR_TABLES = ["articles", "engagements", "follows", "topic_follows"]
-
-
-def retrieval_frame(item_vectors: pl.DataFrame, articles: pl.DataFrame) -> pl.DataFrame:
-    """Item vectors with the filter columns retrieval prefilters on."""
-    return item_vectors.join(
-        articles.select(
-            "article_id",
-            "author_id",
-            "published_at",
-            "topic",
-            (pl.col("kind") == "reply").alias("is_reply"),
-            (pl.col("kind") == "repost").alias("is_repost"),
-        ),
-        on="article_id",
-    )
 
 
 @dg.asset(

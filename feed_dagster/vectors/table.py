@@ -134,6 +134,22 @@ def _prepare(frame: pl.DataFrame) -> tuple[pa.Table, int]:
     return out.to_arrow(), dim
 
 
+def retrieval_frame(vectors: pl.DataFrame, articles: pl.DataFrame) -> pl.DataFrame:
+    """(article_id, vector) rows with the filter columns retrieval prefilters on, taken from
+    the canonical articles table: the frame `write_vectors` expects."""
+    return vectors.join(
+        articles.select(
+            "article_id",
+            "author_id",
+            "published_at",
+            "topic",
+            (pl.col("kind") == "reply").alias("is_reply"),
+            (pl.col("kind") == "repost").alias("is_repost"),
+        ),
+        on="article_id",
+    )
+
+
 def write_vectors(
     uri: str | Path,
     name: str,
