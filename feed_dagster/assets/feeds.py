@@ -8,13 +8,12 @@ from pathlib import Path
 import dagster as dg
 import polars as pl
 
-from feed_dagster.assets.models import RANKER, TWO_TOWER, content_vectors
+from feed_dagster.assets.models import RANKER, TWO_TOWER, serving_context
 from feed_dagster.data.warehouse import read_tables
 from feed_dagster.feeds.build import build_feeds
 from feed_dagster.feeds.learned import RankerScorer, TwoTowerRetriever, serving_features
 from feed_dagster.feeds.shards import users_in_shard
 from feed_dagster.models.ranker import load_ranker
-from feed_dagster.models.serve import ServingContext
 from feed_dagster.models.two_tower import load_two_tower
 from feed_dagster.pipeline.fallbacks import PopularityRetriever, TopicAffinityScorer
 from feed_dagster.pipeline.protocols import Retriever, Scorer
@@ -78,15 +77,7 @@ def _feed_models(
         )
     ranker = load_ranker(*store.load(RANKER, ranker_v))
     tower = load_two_tower(*store.load(TWO_TOWER, tower_v))
-    articles = tables["articles"]
-    ctx = ServingContext.build(
-        articles,
-        content_vectors(articles),
-        tables["engagements"],
-        tables["follows"],
-        tables["topic_follows"],
-        serving_features(ranker.cfg.features),
-    )
+    ctx = serving_context(tables, serving_features(ranker.cfg.features))
     return (
         TwoTowerRetriever(tower, ctx, table),
         RankerScorer(ranker, ctx),

@@ -11,8 +11,10 @@ from feed_dagster.assets.embeddings import read_embeddings
 from feed_dagster.data.sources import world_from_tables
 from feed_dagster.data.warehouse import read_tables
 from feed_dagster.models.evaluate import evaluate_models, evaluation_chart, training_curves
+from feed_dagster.models.features import FeatureConfig
 from feed_dagster.models.promotion import promotion_decision
 from feed_dagster.models.ranker import load_ranker
+from feed_dagster.models.serve import ServingContext
 from feed_dagster.models.train import prepare_training_data, train_ranker, train_two_tower
 from feed_dagster.models.two_tower import load_two_tower
 from feed_dagster.plots import markdown_table
@@ -46,6 +48,19 @@ def content_vectors(articles: pl.DataFrame) -> np.ndarray:
         )
     dim = emb.schema["vector"].size
     return joined["vector"].to_numpy().reshape(len(joined), dim).astype(np.float32)
+
+
+def serving_context(tables: dict[str, pl.DataFrame], features: FeatureConfig) -> ServingContext:
+    """The models' serving inputs from warehouse tables and the stored content vectors."""
+    articles = tables["articles"]
+    return ServingContext.build(
+        articles,
+        content_vectors(articles),
+        tables["engagements"],
+        tables["follows"],
+        tables["topic_follows"],
+        features,
+    )
 
 
 def evaluation_dir() -> Path:

@@ -6,9 +6,9 @@ import dagster as dg
 import numpy as np
 import polars as pl
 
-from feed_dagster.assets.models import TWO_TOWER, candidate_file, content_vectors
+from feed_dagster.assets.models import TWO_TOWER, candidate_file, serving_context
 from feed_dagster.data.warehouse import read_tables
-from feed_dagster.models.serve import ServingContext, item_vectors_of
+from feed_dagster.models.serve import item_vectors_of
 from feed_dagster.models.two_tower import load_two_tower
 from feed_dagster.resources.storage import warehouse_path
 from feed_dagster.resources.stores import LanceDBResource, ModelStoreResource
@@ -44,16 +44,8 @@ def article_vectors(
     version = json.loads(candidate_file().read_text())["two_tower"]
     model = load_two_tower(*store.load(TWO_TOWER, version))
     tables = read_tables(warehouse_path(), VECTOR_TABLES)
-    articles = tables["articles"]
-    ctx = ServingContext.build(
-        articles,
-        content_vectors(articles),
-        tables["engagements"],
-        tables["follows"],
-        tables["topic_follows"],
-        model.cfg.features,
-    )
-    frame = retrieval_frame(item_vectors_of(model, ctx), articles)
+    ctx = serving_context(tables, model.cfg.features)
+    frame = retrieval_frame(item_vectors_of(model, ctx), tables["articles"])
     uri, name = lancedb.resolved_uri(), lancedb.table
     try:
         table_version = write_vectors(uri, name, frame)

@@ -59,7 +59,7 @@ SCALES: dict[str, WorldConfig] = {
         n_posts=1_000_000,
         days=14,
         heldout_days=2,
-        sessions_per_user_day=3.5,
+        sessions_per_user_day=3.8,
         slate_size=12,
         mean_follows=40,
     ),
