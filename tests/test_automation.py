@@ -109,3 +109,43 @@ def test_drop_ingest_refresh_publish_chain(data_dir):
     served = set(con.execute("select distinct article_id from serving.feeds").pl()["article_id"])
     con.close()
     assert served & new_ids, "ingested posts should reach some feeds"
+
+
+def test_daily_retrain_schedule_targets_the_retrain_job(data_dir):
+    from feed_dagster.jobs.automation import daily_retrain
+
+    assert daily_retrain.job_name == "retrain"
+    assert daily_retrain.cron_schedule == "0 3 * * *"
+    job = _defs().resolve_job_def("retrain")
+    keys = {k.to_user_string() for k in job.asset_layer.executable_asset_keys}
+    assert {"ranker_weights", "promoted_ranker", "article_vectors"} <= keys
+
+
+def test_a_newly_promoted_ranker_requests_a_refresh_of_every_shard(data_dir):
+    import torch
+
+    from feed_dagster.assets.feeds import user_shards
+    from feed_dagster.jobs.automation import refresh_on_promotion
+    from feed_dagster.models.store import ModelStore
+    from feed_dagster.resources.stores import ModelStoreResource
+
+    store = ModelStore(str(data_dir / "models"))
+    v1 = store.save("ranker", {"w": torch.zeros(2)}, {"kind": "ranker"})
+    v2 = store.save("ranker", {"w": torch.ones(2)}, {"kind": "ranker"})
+    resources = {"models": ModelStoreResource()}
+
+    def tick(cursor):
+        ctx = dg.build_sensor_context(cursor=cursor, resources=resources)
+        return refresh_on_promotion(ctx), ctx.cursor
+
+    result, cursor = tick(None)
+    assert isinstance(result, dg.SkipReason)  # nothing promoted yet
+    store.promote("ranker", v1)
+    result, cursor = tick(cursor)
+    assert isinstance(result, dg.SkipReason) and cursor == v1  # first look: just watch
+    result, cursor = tick(cursor)
+    assert isinstance(result, dg.SkipReason)  # unchanged
+    store.promote("ranker", v2)
+    result, cursor = tick(cursor)
+    assert [r.partition_key for r in result] == user_shards.get_partition_keys()
+    assert cursor == v2

@@ -3,7 +3,7 @@
 The refresh chain, each link a separate run so that shards fan out on any executor:
     incoming batch -> ingest_incoming -> update_vectors -> refresh_feeds (one run per shard)
     -> publish_feeds (once every shard is newer than the last publish)
-retrain (daily) and full_rebuild end in the same refresh; a newly promoted ranker does too.
+full_rebuild ends in the same refresh; retrain (daily) does when it promotes a new ranker.
 """
 
 import json
@@ -16,6 +16,7 @@ from feed_dagster.assets.feeds import user_shards
 from feed_dagster.data.incoming import pending_batches
 from feed_dagster.jobs.ingest import ingest_incoming
 from feed_dagster.resources.storage import data_root, incoming_dir
+from feed_dagster.resources.stores import ModelStoreResource
 
 FEEDS = dg.AssetSelection.assets("user_feeds")
 UPSTREAM_OF_FEEDS = dg.AssetSelection.all() - FEEDS.downstream()
@@ -34,6 +35,18 @@ update_vectors = dg.define_asset_job(
     "update_vectors",
     selection=dg.AssetSelection.assets("article_embeddings", "article_vectors"),
     description="Encode new or changed articles and upsert their vectors into LanceDB.",
+)
+retrain = dg.define_asset_job(
+    "retrain",
+    selection=dg.AssetSelection.assets(
+        "retrieval_model",
+        "ranker_weights",
+        "ranker_evaluation",
+        "promoted_ranker",
+        "article_vectors",
+    ),
+    description="Retrain both models, evaluate, promote the ranker only if the gate passes, "
+    "and rebuild the item vectors with the new two-tower.",
 )
 full_rebuild = dg.define_asset_job(
     "full_rebuild",
@@ -64,6 +77,33 @@ def hourly_feed_refresh(context: dg.ScheduleEvaluationContext):
         dg.RunRequest(run_key=f"hourly-{tick}-{key}", partition_key=key)
         for key in user_shards.get_partition_keys()
     ]
+
+
+daily_retrain = dg.ScheduleDefinition(
+    name="daily_retrain",
+    job=retrain,
+    cron_schedule="0 3 * * *",
+    default_status=dg.DefaultScheduleStatus.RUNNING,
+    description="Daily at 03:00: retrain, evaluate and (if the gate passes) promote.",
+)
+
+
+@dg.sensor(
+    job=refresh_feeds,
+    minimum_interval_seconds=30,
+    default_status=dg.DefaultSensorStatus.RUNNING,
+    description="A newly promoted ranker triggers a refresh of every shard.",
+)
+def refresh_on_promotion(context: dg.SensorEvaluationContext, models: ModelStoreResource):
+    promoted = models.store().promoted("ranker")
+    if promoted is None or promoted == context.cursor:
+        return dg.SkipReason(f"promoted ranker unchanged ({promoted})")
+    first_look = context.cursor is None
+    context.update_cursor(promoted)
+    if first_look:
+        # The sensor just started: whatever is promoted now is what feeds were built with.
+        return dg.SkipReason(f"now watching the promoted ranker ({promoted})")
+    return shard_requests(f"promoted-{promoted}")
 
 
 @dg.sensor(
@@ -153,10 +193,11 @@ def record_run_failures(context: dg.RunFailureSensorContext):
     context.log.error(f"run {entry['run_id']} of {entry['job']} failed: {entry['error']}")
 
 
-JOBS = [refresh_feeds, publish_feeds_job, update_vectors, full_rebuild, ingest_incoming]
-SCHEDULES = [hourly_feed_refresh]
+JOBS = [refresh_feeds, publish_feeds_job, update_vectors, retrain, full_rebuild, ingest_incoming]
+SCHEDULES = [hourly_feed_refresh, daily_retrain]
 SENSORS = [
     incoming_batches,
+    refresh_on_promotion,
     vectors_after_ingest,
     publish_when_shards_complete,
     refresh_after_new_data,
