@@ -7,7 +7,7 @@ only these tables, so a new data source is a new mapper, never a change downstre
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
-from datetime import datetime
+from datetime import datetime, timedelta
 
 import polars as pl
 
@@ -87,6 +87,8 @@ BLOCKS = {"user_id": pl.Int64, "blocked_id": pl.Int64}
 MUTES = {"user_id": pl.Int64, "muted_id": pl.Int64}
 MUTED_KEYWORDS = {"user_id": pl.Int64, "keyword": pl.String}
 
+DEFAULT_CANDIDATE_WINDOW = timedelta(hours=48)
+
 TABLE_SCHEMAS: dict[str, dict[str, pl.DataType]] = {
     "users": USERS,
     "articles": ARTICLES,
@@ -122,6 +124,9 @@ class World:
     window_start: datetime
     heldout_start: datetime
     now: datetime
+    # How old a post may be and still be a feed candidate: news lives hours to days, a
+    # catalog's items do not age (None = no limit). Sources and the age filter follow it.
+    candidate_window: timedelta | None = DEFAULT_CANDIDATE_WINDOW
 
     def tables(self) -> dict[str, pl.DataFrame]:
         return {f.name: getattr(self, f.name) for f in fields(self) if f.name in TABLE_SCHEMAS}

@@ -8,11 +8,12 @@ A source spec is a string: `synthetic` / `synthetic:demo` (the embedded world at
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 
 import polars as pl
 
-from feed_dagster.data.schema import TABLE_SCHEMAS, World, conform
+from feed_dagster.data.schema import DEFAULT_CANDIDATE_WINDOW, TABLE_SCHEMAS, World, conform
 
 SOURCE_KINDS = ("synthetic", "ebnerd", "parquet")
 
@@ -64,12 +65,27 @@ def world_info(world: World, source: str) -> pl.DataFrame:
             "window_start": [world.window_start],
             "heldout_start": [world.heldout_start],
             "now": [world.now],
+            "candidate_window_hours": [window_hours(world.candidate_window)],
         },
         schema={
             "source": pl.String,
             **{k: pl.Datetime("us") for k in ("window_start", "heldout_start", "now")},
+            "candidate_window_hours": pl.Float64,
         },
     )
+
+
+def window_hours(window: timedelta | None) -> float | None:
+    return None if window is None else window.total_seconds() / 3600.0
+
+
+def window_from_info(row: dict) -> timedelta | None:
+    """The candidate window of a world_info row; tables written before the column existed
+    carry the news default."""
+    if "candidate_window_hours" not in row:
+        return DEFAULT_CANDIDATE_WINDOW
+    hours = row["candidate_window_hours"]
+    return None if hours is None else timedelta(hours=float(hours))
 
 
 def save_parquet_world(world: World, folder: Path, source: str = "parquet") -> None:
@@ -96,11 +112,15 @@ def load_parquet_world(folder: Path) -> World:
     if info_path.exists():
         info = pl.read_parquet(info_path).row(0, named=True)
         start, heldout, now = info["window_start"], info["heldout_start"], info["now"]
+        window = window_from_info(info)
     else:
+        window = DEFAULT_CANDIDATE_WINDOW
         times = tables["impressions"]["shown_at"]
         start, now = times.min(), times.max()
         heldout = start + (now - start) * 0.8
-    return World(**tables, window_start=start, heldout_start=heldout, now=now)
+    return World(
+        **tables, window_start=start, heldout_start=heldout, now=now, candidate_window=window
+    )
 
 
 def world_from_tables(tables: dict[str, pl.DataFrame], info: pl.DataFrame) -> World:
@@ -115,4 +135,5 @@ def world_from_tables(tables: dict[str, pl.DataFrame], info: pl.DataFrame) -> Wo
         window_start=row["window_start"],
         heldout_start=row["heldout_start"],
         now=row["now"],
+        candidate_window=window_from_info(row),
     )
