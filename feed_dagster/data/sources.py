@@ -48,7 +48,10 @@ class SourceSpec:
 def load_source(spec: SourceSpec) -> World:
     if spec.kind == "synthetic":
         from feed_dagster.world import generate_world, world_config
+        from feed_dagster.world.catalog import CATALOG_SCALES, catalog_config, generate_catalog
 
+        if spec.scale in CATALOG_SCALES:
+            return generate_catalog(catalog_config(spec.scale, seed=spec.seed))
         return generate_world(world_config(spec.scale, seed=spec.seed))
     if spec.kind == "ebnerd":
         from feed_dagster.ebnerd.load import load_ebnerd
