@@ -69,10 +69,20 @@ def _run_step(label: str, which: str, partition_key: str | None, log_level: str)
             lines.append(f"  blocking check failed in {event.step_key}; dependants skipped")
             continue
         fatal = True
-        lines.append(f"  FAILED {event.step_key}: {error.message.strip() if error else ''}")
+        lines.append(f"  FAILED {event.step_key}: {error_text(error)}")
     if fatal:
         raise BuildFailed("\n".join(lines))
     return "\n".join(lines)
+
+
+def error_text(error: object) -> str:
+    """The message of a step's error and of the errors that caused it: Dagster wraps what
+    the asset raised ("Error occurred while executing op ...") and keeps it as the cause."""
+    parts = []
+    while error is not None:
+        parts.append(str(getattr(error, "message", "")).strip())
+        error = getattr(error, "cause", None)
+    return "\n    ".join(p for p in parts if p)
 
 
 def materialize_everything(log_level: str = "WARNING", workers: int | None = None) -> None:
@@ -117,23 +127,44 @@ def print_warehouse_summary(path: Path) -> None:
         con.close()
 
 
-def print_sample_feed(path: Path, user_id: int | None = None, limit: int = 10) -> None:
-    """One user's feed from the serving file (by default the user with the most engagement)."""
-    from feed_dagster.serving.read import connect, get_feed
+def print_sample_feed(path: Path, user_id: int | None = None, limit: int = 10) -> bool:
+    """One user's feed from the serving file (by default the user with the most engagement).
 
-    if user_id is None:
-        con = connect(path)
-        try:
-            user_id = con.execute(
-                "select user_id from serving.feed_users "
-                "order by in_network > 0 desc, posts desc, user_id limit 1"
-            ).fetchone()[0]
-        finally:
-            con.close()
-    feed = get_feed(user_id, path, limit=limit)
+    Returns False, after saying what happened and what to do, when there is nothing to show:
+    no serving file, a file without feeds, or a user without a feed.
+    """
+    from feed_dagster.serving.read import FeedNotPublishedError, connect, get_feed
+
+    try:
+        if user_id is None:
+            con = connect(path)
+            try:
+                row = con.execute(
+                    "select user_id from serving.feed_users "
+                    "order by in_network > 0 desc, posts desc, user_id limit 1"
+                ).fetchone()
+            finally:
+                con.close()
+            if row is None:
+                print(
+                    f"\nthe serving file {path} holds no feeds: no user got a post. Check the "
+                    "user_feeds candidate window against the articles' publication times "
+                    "(world_info.candidate_window_hours, user_feeds config "
+                    "candidate_window_hours) and rerun"
+                )
+                return False
+            user_id = int(row[0])
+        feed = get_feed(user_id, path, limit=limit)
+    except FeedNotPublishedError as exc:
+        print(f"\n{exc}")
+        return False
+    if feed.is_empty():
+        print(f"\nuser {user_id} has no feed in {path}; try `feed-dagster feed` with another user")
+        return False
     print(f"\nfeed of user {user_id} (first {limit} of the served posts) from {path}")
     print(format_feed(feed))
     print(f"\nmore: feed-dagster feed {user_id}   |   duckdb -readonly {path}")
+    return True
 
 
 def format_feed(feed: pl.DataFrame) -> str:
@@ -162,7 +193,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"{exc}\n\nrun stopped: a step failed (above); earlier outputs are intact")
         return 1
     print_warehouse_summary(warehouse_path())
-    print_sample_feed(serving_path())
+    if not print_sample_feed(serving_path()):
+        print("\nrun finished without a feed to show (above)")
+        return 1
     print(f"\nmake run finished in {time.perf_counter() - t0:.1f}s")
     return 0
 

@@ -1,4 +1,7 @@
 import json
+from datetime import datetime
+
+import polars as pl
 
 from feed_dagster.cli import main
 
@@ -29,3 +32,42 @@ def test_make_ebnerd_writes_a_loadable_folder(tmp_path, capsys):
     assert main(["make-ebnerd", "--out", str(tmp_path / "eb"), "--users", "30"]) == 0
     world = load_ebnerd(tmp_path / "eb")
     assert world.users.height == 30
+
+
+def test_sample_feed_says_what_happened_instead_of_crashing(tmp_path, capsys, tiny_world):
+    from feed_dagster.cli import print_sample_feed
+    from feed_dagster.pipeline.run import FEED_SCHEMA
+    from feed_dagster.serving import publish_feeds
+
+    path = tmp_path / "serving" / "feeds.duckdb"
+    assert print_sample_feed(path) is False
+    assert "make run" in capsys.readouterr().out
+
+    publish_feeds(
+        pl.DataFrame(schema=FEED_SCHEMA),
+        path,
+        model_version="m",
+        vector_table_version="v",
+        generated_at=datetime(2026, 1, 1),
+    )
+    assert print_sample_feed(path) is False
+    out = capsys.readouterr().out
+    assert "holds no feeds" in out and "candidate_window_hours" in out
+    assert print_sample_feed(path, user_id=1) is False
+    assert "user 1 has no feed" in capsys.readouterr().out
+
+
+def test_run_reports_a_failed_or_empty_build_with_exit_code_1(data_dir, capsys, monkeypatch):
+    import feed_dagster.cli as cli
+
+    def fail(log_level):
+        raise cli.BuildFailed("  FAILED user_feeds: no candidates ... candidate window 48 h")
+
+    monkeypatch.setattr(cli, "materialize_everything", fail)
+    assert main(["run"]) == 1
+    out = capsys.readouterr().out
+    assert "candidate window 48 h" in out and "run stopped" in out
+
+    monkeypatch.setattr(cli, "materialize_everything", lambda log_level: None)
+    assert main(["run"]) == 1  # the graph "succeeded" but nothing was published
+    assert "feeds have not been published" in capsys.readouterr().out

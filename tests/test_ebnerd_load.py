@@ -317,3 +317,41 @@ def test_real_sample(tmp_path: Path) -> None:
         assert result[col].is_between(0.0, 1.0).all()
     by_name = {r["baseline"]: r for r in result.to_dicts()}
     assert by_name["popularity"]["auc"] > 0.5
+
+
+def test_candidate_window_rule() -> None:
+    from datetime import timedelta
+
+    from feed_dagster.ebnerd.load import derive_candidate_window
+
+    t0 = datetime(2026, 1, 10)
+    articles = pl.DataFrame(
+        {"article_id": list(range(100)), "published_at": [t0] * 100}
+    ).with_columns(pl.col("published_at").cast(pl.Datetime("us")))
+
+    def shown(hours: list[float]) -> pl.DataFrame:
+        return pl.DataFrame(
+            {
+                "article_id": list(range(len(hours))),
+                "shown_at": [t0 + timedelta(hours=h) for h in hours],
+            }
+        ).with_columns(pl.col("shown_at").cast(pl.Datetime("us")))
+
+    # Fresh news keeps the 48 h floor.
+    assert derive_candidate_window(shown([1.0] * 100), articles) == timedelta(hours=48)
+    # 96% of shown articles at most 100.2 h old, 4 ancient outliers: 101 h (rounded up),
+    # not the outliers' 10,000 h.
+    ages = [100.2] * 96 + [10_000.0] * 4
+    assert derive_candidate_window(shown(ages), articles) == timedelta(hours=101)
+    # Shown before their stated publication time: ignored; nothing usable: the floor.
+    assert derive_candidate_window(shown([-5.0] * 10), articles) == timedelta(hours=48)
+
+
+def test_world_carries_the_derived_window(world: World) -> None:
+    from feed_dagster.data.sources import window_from_info, world_info
+
+    assert world.candidate_window is not None
+    assert world.candidate_window.total_seconds() >= 48 * 3600
+    assert world.candidate_window.total_seconds() % 3600 == 0
+    info = world_info(world, "ebnerd").row(0, named=True)
+    assert window_from_info(info) == world.candidate_window

@@ -83,3 +83,54 @@ def test_shards_partition_users_stably(tiny_world):
     np.testing.assert_array_equal(shard_of(ids, 4), shard_of(ids.copy(), 4))
     with pytest.raises(ValueError):
         users_in_shard(tiny_world.users, 4, 4)
+
+
+@pytest.fixture(scope="module")
+def retriever(tiny_world, models, tmp_path_factory):
+    vectors, ranker, tower = models
+    ctx = _context(tiny_world, vectors, serving_features(ranker.cfg.features))
+    items = retrieval_frame(item_vectors_of(tower, ctx), tiny_world.articles)
+    uri = tmp_path_factory.mktemp("lance")
+    write_vectors(uri, "article_vectors", items)
+    return TwoTowerRetriever(tower, ctx, open_vectors(uri, "article_vectors"))
+
+
+def test_learned_retriever_honours_exclusions_and_fills_k(tiny_world, retriever):
+    w, k = tiny_world, 60
+    users = w.users["user_id"].to_numpy()[:30]
+    after = w.now - timedelta(hours=48)
+    plain = retriever.retrieve(users, w.now, k, published_after=after)
+    # Exclude half of what each user would get, plus every post by two authors per user.
+    exclude = plain.filter(pl.col("retrieval_score").rank("ordinal").over("user_id") % 2 == 0)
+    authors = w.articles.select("article_id", "author_id")
+    excluded_authors = (
+        plain.join(authors, on="article_id")
+        .filter(pl.col("author_id").is_not_null())
+        .group_by("user_id")
+        .agg(pl.col("author_id").unique().sort().head(2))
+        .explode("author_id")
+    )
+    got = retriever.retrieve(
+        users,
+        w.now,
+        k,
+        published_after=after,
+        exclude=exclude.select("user_id", "article_id"),
+        exclude_authors=excluded_authors,
+    )
+    assert got.join(exclude, on=["user_id", "article_id"], how="semi").is_empty()
+    by_author = got.join(authors, on="article_id")
+    assert by_author.join(excluded_authors, on=["user_id", "author_id"], how="semi").is_empty()
+    sizes = got.group_by("user_id").len()
+    assert sizes.height == len(users) and (sizes["len"] == k).all()
+    published = got.join(w.articles, on="article_id")["published_at"]
+    assert (published > after).all() and (published <= w.now).all()
+
+
+def test_learned_retriever_without_age_limit_searches_every_post(tiny_world, retriever):
+    w = tiny_world
+    users = w.users["user_id"].to_numpy()[:10]
+    got = retriever.retrieve(users, w.now, 400, published_after=None)
+    published = got.join(w.articles, on="article_id")["published_at"]
+    assert (published <= w.now).all()
+    assert (published <= w.now - timedelta(hours=48)).any()

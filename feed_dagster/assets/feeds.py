@@ -7,6 +7,7 @@ from pathlib import Path
 
 import dagster as dg
 import polars as pl
+from pydantic import Field
 
 from feed_dagster.assets.models import RANKER, TWO_TOWER, serving_context
 from feed_dagster.data.warehouse import read_tables
@@ -15,8 +16,10 @@ from feed_dagster.feeds.learned import RankerScorer, TwoTowerRetriever, serving_
 from feed_dagster.feeds.shards import users_in_shard
 from feed_dagster.models.ranker import load_ranker
 from feed_dagster.models.two_tower import load_two_tower
+from feed_dagster.pipeline.config import PipelineConfig, resolve_window
 from feed_dagster.pipeline.fallbacks import PopularityRetriever, TopicAffinityScorer
 from feed_dagster.pipeline.protocols import Retriever, Scorer
+from feed_dagster.pipeline.tables import candidate_window
 from feed_dagster.resources.storage import serving_path, shard_dir, warehouse_path
 from feed_dagster.resources.stores import LanceDBResource, ModelStoreResource
 from feed_dagster.serving.publish import publish_feeds
@@ -44,6 +47,16 @@ MODEL_DEPS = ["promoted_ranker", "article_vectors"]
 class FeedConfig(dg.Config):
     batch_size: int = 512
     exclude_previously_served: bool = True
+    candidate_window_hours: float | None = Field(
+        default=None,
+        description="Oldest post (hours before now) a feed may hold; null = the source's "
+        "window (world_info.candidate_window_hours). Must be > 0.",
+    )
+    no_candidate_window: bool = Field(
+        default=False,
+        description="True = no age limit (catalogs of long-lived items), whatever the source "
+        "says; leave candidate_window_hours null then.",
+    )
 
 
 def _shard_path(shard: str) -> Path:
@@ -113,15 +126,20 @@ def user_feeds(
     shard = int(context.partition_key)
     tables = read_tables(warehouse_path(), PIPELINE_TABLES)
     now = tables["world_info"]["now"][0]
+    window = resolve_window(
+        candidate_window(tables), config.candidate_window_hours, config.no_candidate_window
+    )
     user_ids = users_in_shard(tables["users"], shard, N_SHARDS)
     retriever, scorer, versions = _feed_models(context, tables, models, lancedb)
     served = read_served(serving_path()) if config.exclude_previously_served else None
+    # Raises NoCandidatesError before anything is written when the window misses the data.
     feeds, stats = build_feeds(
         tables,
         user_ids,
         now,
         retriever,
         scorer,
+        PipelineConfig().with_max_age(window),
         served=served,
         batch_size=config.batch_size,
         progress=lambda m: context.log.info(f"shard {shard}: {m}"),
@@ -139,6 +157,8 @@ def user_feeds(
             "scorer": stats["scorer"],
             **versions,
             "now": str(now),
+            "candidate_window_hours": stats["candidate_window_hours"],
+            "active_users_with_candidates": stats["active_users_with_candidates"],
             "path": str(_shard_path(context.partition_key)),
             "stage_seconds": dg.MetadataValue.json({k: round(v, 3) for k, v in seconds.items()}),
             "filter_removed": dg.MetadataValue.json(stats["removed"]),
@@ -156,6 +176,13 @@ def published_feeds(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
         raise FileNotFoundError(
             f"cannot publish: shard files {missing} are missing; materialise every "
             "user_feeds partition first"
+        )
+    rows = pl.scan_parquet(paths).select(pl.len()).collect().item()
+    if rows == 0:
+        raise ValueError(
+            f"cannot publish: the {len(paths)} shard files hold 0 feed rows (expected at "
+            f"least one); the live serving file {serving_path()} stays as it was. Look at "
+            "the user_feeds runs: their candidate window may miss every post."
         )
     tables = read_tables(warehouse_path(), ["articles", "users"])
     versions = [json.loads(_versions_path(k).read_text()) for k in user_shards.get_partition_keys()]

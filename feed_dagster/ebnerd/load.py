@@ -41,7 +41,8 @@ Mapping to canonical tables
   `topic_follow_min_reads` (default 3) reads.
 * follows, blocks, mutes, muted_keywords, impression_truth: empty.
 * window_start = earliest history or behaviour time, heldout_start = first held-out
-  impression time, now = latest impression time.
+  impression time, now = latest impression time; the candidate window from the ages at
+  which articles were shown (`derive_candidate_window`).
 
 Columns that describe the future (`layout.FUTURE_COLUMNS`: article totals over the whole
 period, the next page's read time and scroll) are validated but never mapped.
@@ -50,16 +51,17 @@ period, the next page's read time and scroll) are validated but never mapped.
 from __future__ import annotations
 
 import io
+import math
 import zipfile
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path, PurePosixPath
 
 import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from feed_dagster.data.schema import TABLE_SCHEMAS, World, conform
+from feed_dagster.data.schema import DEFAULT_CANDIDATE_WINDOW, TABLE_SCHEMAS, World, conform
 from feed_dagster.ebnerd.layout import (
     ARTICLES_FILE,
     ARTICLES_SCHEMA,
@@ -544,6 +546,7 @@ def to_world(
         reads, articles, min_share=topic_follow_min_share, min_reads=topic_follow_min_reads
     )
 
+    candidate_window = derive_candidate_window(impressions, articles)
     window_start = seen["t"].min()
     heldout_start = beh.filter("is_heldout")["impression_time"].min()
     now = beh["impression_time"].max()
@@ -560,8 +563,40 @@ def to_world(
         window_start=window_start,  # type: ignore[arg-type]
         heldout_start=heldout_start,  # type: ignore[arg-type]
         now=now,  # type: ignore[arg-type]
+        candidate_window=candidate_window,
         **empty,
     )
+
+
+# The candidate window covers the ages at which EBNeRD's own platform showed articles: the
+# WINDOW_QUANTILE of (impression time - published time) over every inview article, rounded
+# up to whole hours, never below the news default of 48 h. A high quantile rather than the
+# maximum, so a handful of very old articles in some slates do not open the window to the
+# whole archive; at least 48 h, so a sample of fresh news keeps the usual window.
+WINDOW_QUANTILE = 0.95
+
+
+def derive_candidate_window(
+    impressions: pl.DataFrame,
+    articles: pl.DataFrame,
+    quantile: float = WINDOW_QUANTILE,
+    minimum: timedelta = DEFAULT_CANDIDATE_WINDOW,
+) -> timedelta:
+    """The candidate window of an EBNeRD world (rule above). `impressions` needs article_id
+    and shown_at, `articles` article_id and published_at. Ages below zero (an article shown
+    before its stated publication) are ignored; with no usable age the window is `minimum`."""
+    ages = (
+        impressions.select("article_id", "shown_at")
+        .join(articles.select("article_id", "published_at"), on="article_id")
+        .select(
+            ((pl.col("shown_at") - pl.col("published_at")).dt.total_seconds() / 3600).alias("h")
+        )
+        .filter(pl.col("h") >= 0)
+    )
+    if ages.is_empty():
+        return minimum
+    hours = math.ceil(float(ages["h"].quantile(quantile, interpolation="higher")))  # type: ignore[arg-type]
+    return max(minimum, timedelta(hours=hours))
 
 
 def derive_topic_follows(

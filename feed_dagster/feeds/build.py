@@ -9,10 +9,12 @@ from typing import Any
 import numpy as np
 import polars as pl
 
+from feed_dagster.errors import NoCandidatesError
 from feed_dagster.pipeline.config import PipelineConfig
 from feed_dagster.pipeline.protocols import Retriever, Scorer
 from feed_dagster.pipeline.run import FEED_SCHEMA, run_pipeline
-from feed_dagster.pipeline.tables import Tables
+from feed_dagster.pipeline.sources import published_after
+from feed_dagster.pipeline.tables import Tables, candidate_window, published_between, table
 
 
 def build_feeds(
@@ -26,22 +28,32 @@ def build_feeds(
     batch_size: int = 512,
     progress: Callable[[str], None] | None = None,
 ) -> tuple[pl.DataFrame, dict[str, Any]]:
-    """Feeds for `user_ids` in batches of `batch_size` users; stats summed over batches."""
+    """Feeds for `user_ids` in batches of `batch_size` users; stats summed over batches.
+
+    Without `config` the candidate window is the world's (the `world_info` table among
+    `tables`; the news default of 48 h when absent). Raises NoCandidatesError, before
+    returning anything, when more than half of the users with engagements got no candidate:
+    the window and the data disagree, and empty feeds must not replace working ones.
+    """
+    config = config or PipelineConfig().with_max_age(candidate_window(tables))
     parts: list[pl.DataFrame] = []
-    total: dict[str, Any] = {
-        "users": 0,
-        "users_with_feed": 0,
-        "feed_rows": 0,
-        "in_network_rows": 0,
-        "seconds": {},
-        "rows": {},
-        "removed": {},
-    }
+    counted = (
+        "users",
+        "users_with_feed",
+        "feed_rows",
+        "in_network_rows",
+        "active_users",
+        "active_users_with_candidates",
+    )
+    total: dict[str, Any] = {key: 0 for key in counted}
+    total.update(seconds={}, rows={}, removed={})
+    window = config.sources.max_age
+    total["candidate_window_hours"] = None if window is None else window.total_seconds() / 3600
     for start in range(0, len(user_ids), batch_size):
         batch = user_ids[start : start + batch_size]
         feeds, stats = run_pipeline(tables, batch, now, retriever, scorer, config, served)
         parts.append(feeds)
-        for key in ("users", "users_with_feed", "feed_rows", "in_network_rows"):
+        for key in counted:
             total[key] += stats[key]
         for key in ("seconds", "rows", "removed"):
             for stage, value in stats[key].items():
@@ -49,5 +61,30 @@ def build_feeds(
         total["retriever"], total["scorer"] = stats["retriever"], stats["scorer"]
         if progress:
             progress(f"{min(start + batch_size, len(user_ids)):,}/{len(user_ids):,} users")
+    check_candidates(tables, now, config, total)
     feeds = pl.concat(parts) if parts else pl.DataFrame(schema=FEED_SCHEMA)
     return feeds, total
+
+
+def check_candidates(
+    tables: Tables, now: datetime, config: PipelineConfig, stats: dict[str, Any]
+) -> None:
+    """Raise NoCandidatesError when more than half of the users with engagements (stats
+    active_users, active_users_with_candidates) got no candidate."""
+    active = stats["active_users"]
+    without = active - stats["active_users_with_candidates"]
+    if 2 * without <= active:
+        return
+    articles = table(tables, "articles")
+    published = pl.col("published_at")
+    lo, hi = articles.select(published.min().alias("lo"), published.max().alias("hi")).row(0)
+    window = published_between(published_after(now, config.sources), now)
+    raise NoCandidatesError(
+        window=config.sources.max_age,
+        now=now,
+        published_min=lo,
+        published_max=hi,
+        in_window=articles.filter(window).height,
+        active_users=active,
+        without_candidates=without,
+    )

@@ -7,7 +7,7 @@ Both read features strictly before `now` through the models' own serving code.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any
 
@@ -18,7 +18,9 @@ from feed_dagster.models.features import FeatureConfig
 from feed_dagster.models.ranker import PhoenixRanker
 from feed_dagster.models.serve import ServingContext, score_candidates, user_vectors_at
 from feed_dagster.models.two_tower import TwoTower
+from feed_dagster.pipeline.protocols import RETRIEVED_SCHEMA
 from feed_dagster.pipeline.query import Query
+from feed_dagster.pipeline.tables import naive_utc, published_between
 from feed_dagster.vectors import search_batch
 
 # Candidates scored per context at serving time. Training groups slates by 16; at serving a
@@ -35,10 +37,39 @@ def serving_features(features: FeatureConfig) -> FeatureConfig:
 
 @dataclass
 class TwoTowerRetriever:
+    """Top-k posts per user by user-tower x item-tower dot product from the LanceDB table.
+
+    `exclude` (user_id, article_id) and `exclude_authors` (user_id, author_id) are honoured:
+    the search fetches k plus the user's number of excluded posts inside the window and
+    drops them, so all k slots hold usable posts whenever that many exist. A LanceDB `where`
+    prefilter would be exact too, but the filter differs per user, so it costs one search per
+    user: on synthetic:demo (30k posts, 512 users, k=1,000, 48 h window) the batched search
+    took 1.1 s against 4.7 s (+0.6 s of user vectors) for per-user prefiltered searches.
+    """
+
     model: TwoTower
     context: ServingContext
     table: Any  # the LanceDB article-vector table
     name: str = "two_tower+lancedb"
+    _posts: pl.DataFrame | None = field(default=None, init=False, repr=False, compare=False)
+
+    def posts(self) -> pl.DataFrame:
+        """(article_id, author_id, published_at) of the serving catalog, built once."""
+        if self._posts is None:
+            catalog = self.context.catalog
+            self._posts = pl.DataFrame(
+                {
+                    "article_id": catalog.article_ids,
+                    "author_id": catalog.author_id[1:],
+                    "published_at": catalog.published_us[1:],
+                }
+            ).select(
+                pl.col("article_id").cast(pl.Int64),
+                # The catalog marks an unknown author -1; no exclusion may match it.
+                pl.when(pl.col("author_id") >= 0).then(pl.col("author_id")).alias("author_id"),
+                pl.from_epoch("published_at", time_unit="us"),
+            )
+        return self._posts
 
     def retrieve(
         self,
@@ -46,28 +77,72 @@ class TwoTowerRetriever:
         now: datetime,
         k: int,
         *,
-        published_after: datetime,
+        published_after: datetime | None,
         exclude: pl.DataFrame | None = None,
         exclude_authors: pl.DataFrame | None = None,
     ) -> pl.DataFrame:
         users = np.asarray(user_ids, dtype=np.int64)
         if users.size == 0 or k <= 0:
-            return pl.DataFrame(
-                schema={"user_id": pl.Int64, "article_id": pl.Int64, "retrieval_score": pl.Float64}
-            )
+            return pl.DataFrame(schema=RETRIEVED_SCHEMA)
+        now = naive_utc(now)
+        after = None if published_after is None else naive_utc(published_after)
+        # The protocol's window is (published_after, now]; spelled here rather than through
+        # search_batch's inclusive published_after.
+        where = f"published_at <= TIMESTAMP '{now.isoformat(sep=' ')}'"
+        if after is not None:
+            where += f" AND published_at > TIMESTAMP '{after.isoformat(sep=' ')}'"
         vectors = user_vectors_at(self.model, self.context, users, now)
         hits = search_batch(
             self.table,
             vectors,
             k,
-            published_after=published_after,
-            where=f"published_at <= TIMESTAMP '{now.isoformat(sep=' ')}'",
+            where=where,
+            exclude=self.excluded(users, now, after, exclude, exclude_authors),
         )
         ids = pl.Series("user_id", users)
         return hits.select(
             ids.gather(hits["query_idx"].cast(pl.UInt32)).alias("user_id"),
             pl.col("article_id").cast(pl.Int64),
             pl.col("score").cast(pl.Float64).alias("retrieval_score"),
+        )
+
+    def excluded(
+        self,
+        users: np.ndarray,
+        now: datetime,
+        after: datetime | None,
+        exclude: pl.DataFrame | None,
+        exclude_authors: pl.DataFrame | None,
+    ) -> pl.DataFrame | None:
+        """(query_idx, article_id) of the excluded posts inside the window: the pairs, and
+        every post of an excluded author. Posts outside the window cannot come back anyway,
+        and leaving them out keeps the over-fetch small."""
+        window = self.posts().filter(published_between(after, now))
+        pairs = []
+        if exclude is not None and exclude.height:
+            pairs.append(
+                exclude.select(
+                    pl.col("user_id").cast(pl.Int64), pl.col("article_id").cast(pl.Int64)
+                )
+            )
+        if exclude_authors is not None and exclude_authors.height:
+            authors = exclude_authors.select(
+                pl.col("user_id").cast(pl.Int64), pl.col("author_id").cast(pl.Int64)
+            )
+            pairs.append(
+                authors.join(window.select("article_id", "author_id"), on="author_id").select(
+                    "user_id", "article_id"
+                )
+            )
+        if not pairs:
+            return None
+        queries = pl.DataFrame({"user_id": users, "query_idx": np.arange(len(users))})
+        return (
+            pl.concat(pairs)
+            .join(window.select("article_id"), on="article_id", how="semi")
+            .join(queries, on="user_id")
+            .select("query_idx", "article_id")
+            .unique()
         )
 
 

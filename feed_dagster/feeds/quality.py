@@ -16,7 +16,9 @@ from datetime import datetime, timedelta
 import numpy as np
 import polars as pl
 
+from feed_dagster.data.schema import DEFAULT_CANDIDATE_WINDOW
 from feed_dagster.models.features import POSITIVE_ACTIONS
+from feed_dagster.pipeline.tables import published_between
 
 PAIR = {"user_id": pl.Int64, "article_id": pl.Int64}
 
@@ -82,11 +84,12 @@ def recall_at_k(feeds: pl.DataFrame, positives: pl.DataFrame, k: int = 35) -> Re
     )
 
 
-def _recent(articles: pl.DataFrame, now: datetime, window: timedelta) -> pl.DataFrame:
-    """Posts published in (now - window, now)."""
-    return articles.filter(
-        (pl.col("published_at") > now - window) & (pl.col("published_at") < now)
-    ).select("article_id", "author_id", "published_at")
+def _recent(articles: pl.DataFrame, now: datetime, window: timedelta | None) -> pl.DataFrame:
+    """Posts published in (now - window, now); every post before `now` when window is None."""
+    after = None if window is None else now - window
+    return articles.filter(published_between(after, now, include_now=False)).select(
+        "article_id", "author_id", "published_at"
+    )
 
 
 def _users(user_ids: np.ndarray | list[int]) -> pl.DataFrame:
@@ -99,10 +102,11 @@ def chronological_following_feed(
     user_ids: np.ndarray | list[int],
     now: datetime,
     k: int = 35,
-    window: timedelta = timedelta(hours=48),
+    window: timedelta | None = DEFAULT_CANDIDATE_WINDOW,
 ) -> pl.DataFrame:
     """Per user the `k` newest posts of (now - window, now) by accounts followed before
-    `now`, own posts excluded: (user_id, article_id, position)."""
+    `now`, own posts excluded: (user_id, article_id, position). `window` is the world's
+    candidate window (None = no age limit)."""
     followed = follows.filter(pl.col("followed_at") < now).select(
         pl.col("follower_id").cast(pl.Int64).alias("user_id"),
         pl.col("followee_id").cast(pl.Int64).alias("author_id"),
@@ -123,10 +127,11 @@ def popularity_feed(
     user_ids: np.ndarray | list[int],
     now: datetime,
     k: int = 35,
-    window: timedelta = timedelta(hours=48),
+    window: timedelta | None = DEFAULT_CANDIDATE_WINDOW,
 ) -> pl.DataFrame:
     """Per user the `k` posts of (now - window, now) with the most positive engagements
-    before `now` (ties: newer first), own posts excluded: (user_id, article_id, position)."""
+    before `now` (ties: newer first), own posts excluded: (user_id, article_id, position).
+    `window` is the world's candidate window (None = no age limit)."""
     counts = (
         engagements.filter((pl.col("engaged_at") < now) & _positive(engagements))
         .group_by("article_id")

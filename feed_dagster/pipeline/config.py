@@ -9,10 +9,11 @@ author separately but does not publish the values in its open code.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+import math
+from dataclasses import dataclass, field, fields, replace
 from datetime import timedelta
 
-from feed_dagster.data.schema import ACTIONS
+from feed_dagster.data.schema import ACTIONS, DEFAULT_CANDIDATE_WINDOW
 
 
 @dataclass(frozen=True)
@@ -21,22 +22,35 @@ class QueryConfig:
     history_max: int = 256
 
 
+def check_max_age(max_age: timedelta | None, what: str) -> None:
+    if max_age is not None and max_age <= timedelta(0):
+        raise ValueError(f"{what}: expected a positive window or None (no limit), got {max_age}")
+
+
 @dataclass(frozen=True)
 class SourceConfig:
-    max_age: timedelta = timedelta(hours=48)
+    # Oldest post a source returns; None = no age limit (catalogs of long-lived items). The
+    # feed build sets it from the world's candidate window.
+    max_age: timedelta | None = DEFAULT_CANDIDATE_WINDOW
     in_network_max: int = 1_200
     out_of_network_max: int = 1_000
     # Newest posts kept per followed author: originals and quotes, then replies and reposts.
     per_author_originals: int = 50
     per_author_replies: int = 30
 
+    def __post_init__(self) -> None:
+        check_max_age(self.max_age, "SourceConfig.max_age")
+
 
 @dataclass(frozen=True)
 class FilterConfig:
-    max_age: timedelta = timedelta(hours=48)
+    max_age: timedelta | None = DEFAULT_CANDIDATE_WINDOW
     # An author who blocked the viewer is filtered like one the viewer blocked (the reference
     # hydrates "blocked by" for the same purpose).
     drop_blocked_by: bool = True
+
+    def __post_init__(self) -> None:
+        check_max_age(self.max_age, "FilterConfig.max_age")
 
 
 @dataclass(frozen=True)
@@ -117,3 +131,37 @@ class PipelineConfig:
     filters: FilterConfig = field(default_factory=FilterConfig)
     scoring: ScoringConfig = field(default_factory=ScoringConfig)
     selection: SelectionConfig = field(default_factory=SelectionConfig)
+
+    def with_max_age(self, max_age: timedelta | None) -> PipelineConfig:
+        """This config with one candidate window for the sources and the age filter: a
+        source that returned posts the filter then drops would only waste slots."""
+        return replace(
+            self,
+            sources=replace(self.sources, max_age=max_age),
+            filters=replace(self.filters, max_age=max_age),
+        )
+
+
+def resolve_window(
+    source_window: timedelta | None, hours: float | None = None, no_limit: bool = False
+) -> timedelta | None:
+    """The candidate window of a feed run: the source's unless overridden.
+
+    `hours` (> 0) overrides it with that many hours; `no_limit` lifts the age limit (both at
+    once is a contradiction and refused). Raises ValueError naming the expected values.
+    """
+    if no_limit and hours is not None:
+        raise ValueError(
+            f"candidate window: got candidate_window_hours={hours} and no_candidate_window="
+            "True; set one of them (no_candidate_window means no age limit)"
+        )
+    if no_limit:
+        return None
+    if hours is None:
+        return source_window
+    if not math.isfinite(hours) or hours <= 0:
+        raise ValueError(
+            f"candidate_window_hours: expected a positive number of hours (or null for the "
+            f"source's window, or no_candidate_window=True for no limit), got {hours}"
+        )
+    return timedelta(hours=hours)

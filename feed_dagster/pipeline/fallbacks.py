@@ -17,7 +17,7 @@ import polars as pl
 from feed_dagster.data.schema import ACTIONS, World
 from feed_dagster.pipeline.protocols import RETRIEVED_SCHEMA
 from feed_dagster.pipeline.query import Query
-from feed_dagster.pipeline.tables import Tables, as_tables, naive_utc, table
+from feed_dagster.pipeline.tables import Tables, as_tables, naive_utc, published_between, table
 
 POSITIVE_ACTIONS: tuple[str, ...] = ("favorite", "reply", "repost", "quote", "share", "click")
 NEGATIVE_ACTIONS: tuple[str, ...] = tuple(a for a in ACTIONS if a not in POSITIVE_ACTIONS)
@@ -91,7 +91,8 @@ class PopularityRetriever:
     with share the user's smoothed topic share (see `topic_shares`). Users without history
     get the global topic prior, i.e. plain popularity. Scores are computed as a dense
     (users x recent posts) numpy matrix in chunks of users, which is exact and fast while
-    recent posts number in the tens of thousands.
+    recent posts number in the tens of thousands. Without an age limit
+    (`published_after=None`) every post up to `now` is scored, in more, smaller chunks.
     """
 
     articles: pl.DataFrame
@@ -120,15 +121,14 @@ class PopularityRetriever:
         now: datetime,
         k: int,
         *,
-        published_after: datetime,
+        published_after: datetime | None,
         exclude: pl.DataFrame | None = None,
         exclude_authors: pl.DataFrame | None = None,
     ) -> pl.DataFrame:
-        now, published_after = naive_utc(now), naive_utc(published_after)
+        now = naive_utc(now)
+        after = None if published_after is None else naive_utc(published_after)
         users = np.unique(np.asarray(user_ids, dtype=np.int64))
-        recent = self.articles.filter(
-            (pl.col("published_at") > published_after) & (pl.col("published_at") <= now)
-        ).sort("article_id")
+        recent = self.articles.filter(published_between(after, now)).sort("article_id")
         if users.size == 0 or recent.is_empty() or k <= 0:
             return pl.DataFrame(schema=RETRIEVED_SCHEMA)
 

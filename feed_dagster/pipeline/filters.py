@@ -14,7 +14,7 @@ import polars as pl
 
 from feed_dagster.pipeline.config import FilterConfig
 from feed_dagster.pipeline.query import AUTHOR_PAIR, Query, normalise_text
-from feed_dagster.pipeline.tables import pair_key
+from feed_dagster.pipeline.tables import pair_key, published_between
 
 
 class FilterResult(NamedTuple):
@@ -41,9 +41,9 @@ def drop_missing_core_data(c: pl.DataFrame, q: Query, cfg: FilterConfig) -> Filt
 
 
 def drop_too_old(c: pl.DataFrame, q: Query, cfg: FilterConfig) -> FilterResult:
-    """Posts older than max_age at `now`, or published after it."""
-    fresh = (pl.col("published_at") > q.now - cfg.max_age) & (pl.col("published_at") <= q.now)
-    return _result(c, c.filter(fresh))
+    """Posts older than max_age at `now` (none when max_age is None), or published after it."""
+    after = None if cfg.max_age is None else q.now - cfg.max_age
+    return _result(c, c.filter(published_between(after, q.now)))
 
 
 def drop_own_posts(c: pl.DataFrame, q: Query, cfg: FilterConfig) -> FilterResult:

@@ -31,13 +31,14 @@ class Retriever(Protocol):
         now: datetime,
         k: int,
         *,
-        published_after: datetime,
+        published_after: datetime | None,
         exclude: pl.DataFrame | None = None,
         exclude_authors: pl.DataFrame | None = None,
     ) -> pl.DataFrame:
         """Up to `k` posts per user: frame(user_id, article_id, retrieval_score), any order.
 
-        Only posts published in (published_after, now] qualify; higher scores are better.
+        Only posts published in (published_after, now] qualify (up to `now` when
+        published_after is None: no age limit); higher scores are better.
         `exclude` (user_id, article_id) and `exclude_authors` (user_id, author_id) list what
         the pipeline drops afterwards anyway (in-network candidates, seen and served posts,
         followed authors): a retriever that honours them fills its k with usable posts.

@@ -33,7 +33,7 @@ from feed_dagster.pipeline.scoring import (
 )
 from feed_dagster.pipeline.selection import dedupe_conversations, select_top_k, serve
 from feed_dagster.pipeline.sources import in_network_source, out_of_network_source
-from feed_dagster.pipeline.tables import Tables, as_tables, table
+from feed_dagster.pipeline.tables import Tables, as_tables, candidate_window, table
 
 IN_NETWORK, OUT_OF_NETWORK = "in_network", "out_of_network"
 FEED_SCHEMA: dict[str, pl.DataType] = {
@@ -77,12 +77,16 @@ def run_pipeline(
     """Feeds for the batch `user_ids` at `now`.
 
     Returns (feeds, stats). feeds has FEED_SCHEMA columns, ordered by user_id, position.
-    stats: users, users_with_feed, rows (rows out of each stage), seconds (per stage),
+    stats: users, users_with_feed, active_users (with engagements before now),
+    active_users_with_candidates, rows (rows out of each stage), seconds (per stage),
     removed (rows each filter removed), retriever, scorer.
+    Without `config` the sources and the age filter use the world's candidate window
+    (World.candidate_window, or the world_info table among `tables`).
     `served` (user_id, article_id) is the previously published feed, whose posts are not
     served again.
     """
-    cfg = config or PipelineConfig()
+    # The world's own candidate window unless the caller configured one.
+    cfg = config or PipelineConfig().with_max_age(candidate_window(tables))
     tables = as_tables(tables)
     articles = table(tables, "articles")
     st = _Stages()
@@ -103,6 +107,10 @@ def run_pipeline(
         )
         cands = hydrate_core_data(cands, articles)
         out["rows"] = cands.height
+    # Users with any engagement before now, and how many of them the sources found posts
+    # for: the feed build refuses a run where most of them got none.
+    active = query.history.select("user_id").unique()
+    active_with_candidates = cands.select("user_id").unique().join(active, on="user_id").height
     removed: dict[str, int] = {}
     for name, fn in PRE_SCORING_FILTERS:
         with st.stage(f"filter.{name}") as out:
@@ -135,6 +143,8 @@ def run_pipeline(
         "users_with_feed": feeds["user_id"].n_unique(),
         "feed_rows": feeds.height,
         "in_network_rows": int((feeds["source"] == IN_NETWORK).sum()),
+        "active_users": active.height,
+        "active_users_with_candidates": active_with_candidates,
         "retriever": component_name(retriever),
         "scorer": component_name(scorer),
         "rows": st.rows,

@@ -14,7 +14,7 @@ from feed_dagster.errors import DataValidationError
 from feed_dagster.pipeline.config import SourceConfig
 from feed_dagster.pipeline.protocols import RETRIEVED_SCHEMA, Retriever, component_name
 from feed_dagster.pipeline.query import PAIR, Query
-from feed_dagster.pipeline.tables import pair_key, run_position
+from feed_dagster.pipeline.tables import pair_key, published_between, run_position
 
 CANDIDATE_SCHEMA = {
     "user_id": pl.Int64,
@@ -29,11 +29,64 @@ SECONDARY_KINDS = ("reply", "repost")
 ROOT_KINDS = ("original", "quote")
 
 
+def published_after(now: datetime, cfg: SourceConfig) -> datetime | None:
+    """Start of the candidate window (exclusive); None when there is no age limit."""
+    return None if cfg.max_age is None else now - cfg.max_age
+
+
 def recent_posts(articles: pl.DataFrame, now: datetime, cfg: SourceConfig) -> pl.DataFrame:
-    """Posts published in (now - max_age, now]."""
-    return articles.filter(
-        (pl.col("published_at") > now - cfg.max_age) & (pl.col("published_at") <= now)
+    """Posts published in (now - max_age, now]; every post up to `now` without an age limit."""
+    return articles.filter(published_between(published_after(now, cfg), now))
+
+
+def newest_per_author(
+    posts: pl.DataFrame, articles: pl.DataFrame, cfg: SourceConfig
+) -> pl.DataFrame:
+    """The posts of `posts` that can still be in some user's in-network list after the caps.
+
+    Without an age limit a followed author brings every post they ever wrote, so the join
+    with the follows would grow with the catalog. The caps keep only each author's newest
+    posts, and which ones survive depends on the user only through reply eligibility, so
+    capping per group of posts a user sees all-or-nothing drops nothing a user could get:
+    per author, the newest `per_author_originals` originals/quotes, the newest
+    `per_author_replies` replies/reposts everyone may see, and the newest
+    `per_author_replies` of the other replies per thread-root author (seen by the root
+    author's followers only). Authorless posts are capped per topic at `in_network_max`.
+    Replies no one may see (in a thread without a root author) are dropped.
+    """
+    parents = articles.select(
+        pl.col("article_id").alias("parent_id"), pl.col("kind").alias("_parent_kind")
     )
+    roots = articles.select(
+        pl.col("article_id").alias("conversation_id"), pl.col("author_id").alias("_root")
+    )
+    rows = posts.join(parents, on="parent_id", how="left").join(
+        roots, on="conversation_id", how="left"
+    )
+    for_all = (pl.col("kind") != "reply") | pl.col("_parent_kind").is_in(ROOT_KINDS).fill_null(
+        False
+    )
+    # Group keys with -1 for "none" (ids are >= 0): run_position starts a new run at a null.
+    rows = rows.filter(for_all | pl.col("_root").is_not_null()).with_columns(
+        _author=pl.col("author_id").fill_null(-1),
+        _topic=pl.when(pl.col("author_id").is_null()).then(pl.col("topic")).fill_null(-1),
+        _secondary=pl.col("kind").is_in(SECONDARY_KINDS),
+        _root=pl.when(for_all).then(-1).otherwise(pl.col("_root")),
+    )
+    keys = ["_author", "_topic", "_secondary", "_root"]
+    rows = rows.sort(
+        [*keys, "published_at", "article_id"],
+        descending=[False] * len(keys) + [True, True],
+        nulls_last=True,
+    ).with_columns(_k=run_position(pl.struct(keys)))
+    cap = (
+        pl.when(pl.col("author_id").is_null())
+        .then(cfg.in_network_max)
+        .when(pl.col("_secondary"))
+        .then(min(cfg.per_author_replies, cfg.in_network_max))
+        .otherwise(min(cfg.per_author_originals, cfg.in_network_max))
+    )
+    return rows.filter(pl.col("_k") < cap).select(posts.columns)
 
 
 def with_reply_eligibility(
@@ -76,7 +129,7 @@ def in_network_source(query: Query, articles: pl.DataFrame, cfg: SourceConfig) -
     at most `in_network_max` per user.
     """
     cols = ["article_id", "author_id", "kind", "parent_id", "conversation_id", "published_at"]
-    recent = recent_posts(articles, query.now, cfg)
+    recent = newest_per_author(recent_posts(articles, query.now, cfg), articles, cfg)
     by_author = query.follows.join(
         recent.filter(pl.col("author_id").is_not_null()).select(cols), on="author_id"
     )
@@ -127,7 +180,7 @@ def out_of_network_source(
         query.user_ids,
         query.now,
         cfg.out_of_network_max,
-        published_after=query.now - cfg.max_age,
+        published_after=published_after(query.now, cfg),
         exclude=exclude,
         exclude_authors=query.follows,
     )

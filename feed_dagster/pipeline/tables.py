@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 import numpy as np
 import polars as pl
 
-from feed_dagster.data.schema import TABLE_SCHEMAS, World
+from feed_dagster.data.schema import DEFAULT_CANDIDATE_WINDOW, TABLE_SCHEMAS, World
+from feed_dagster.data.sources import window_from_info
 from feed_dagster.errors import DataValidationError
 
 Tables = Mapping[str, pl.DataFrame]
@@ -34,6 +35,26 @@ def table(tables: World | Tables, name: str) -> pl.DataFrame:
             f"table {name}", None, f"columns {list(TABLE_SCHEMAS[name])}", f"{missing} missing"
         )
     return df
+
+
+def candidate_window(source: World | Tables) -> timedelta | None:
+    """The world's candidate window (None = no age limit), from a World or from the
+    `world_info` table among `source`; the news default when neither says."""
+    if isinstance(source, World):
+        return source.candidate_window
+    info = source.get("world_info")
+    if info is None or info.is_empty():
+        return DEFAULT_CANDIDATE_WINDOW
+    return window_from_info(info.row(0, named=True))
+
+
+def published_between(
+    after: datetime | None, now: datetime, *, include_now: bool = True
+) -> pl.Expr:
+    """published_at in (after, now] (or (after, now) without `include_now`); no lower bound
+    when `after` is None."""
+    upper = pl.col("published_at") <= now if include_now else pl.col("published_at") < now
+    return upper if after is None else upper & (pl.col("published_at") > after)
 
 
 def naive_utc(moment: datetime) -> datetime:

@@ -130,8 +130,10 @@ def search_batch(
       `where` is an extra SQL predicate on the filter columns (e.g. "NOT is_reply"); both
       filter before ranking, so the k results come from the allowed rows.
     - `exclude` holds, per query, article ids never to return (a list of sets, or a frame of
-      (query_idx, article_id)); they are removed after the search, which fetches k + the
-      query's number of exclusions so k rows remain whenever enough rows are allowed.
+      (query_idx, article_id)). The exact path masks them before its top-k; the LanceDB
+      path removes them after the search, which fetches k + the query's number of
+      exclusions (queries batched by that size) so k rows remain whenever enough rows are
+      allowed.
     - Exact or approximate: with `exact=None` the search is exact (the allowed rows are read
       once and ranked in memory for all queries together) when the table has no vector index
       or fewer than `exact_below` rows pass the filters, as with a 48-hour recency window;
@@ -171,13 +173,16 @@ def search_batch(
     given = {"nprobes": nprobes, "refine_factor": refine_factor, "ef": ef}
     tuning.update({key: value for key, value in given.items() if value})
     fetch = _fetch_sizes(excluded, n, k)
+    # Queries in order of their fetch size: a batch shares one limit, so one user with
+    # thousands of exclusions then raises the limit of a batch of similar users only.
+    order = np.argsort(fetch, kind="stable")
     parts = []
     for start in range(0, n, batch_size):
-        stop = min(n, start + batch_size)
+        members = order[start : start + batch_size]
         # One LanceDB call per batch: it takes a list of query vectors and tags each hit with
         # query_index. The limit is shared, so the batch fetches its largest need.
-        query = table.search(list(queries[start:stop]), vector_column_name=VECTOR_COLUMN)
-        query = query.distance_type(METRIC).limit(int(fetch[start:stop].max()))
+        query = table.search(list(queries[members]), vector_column_name=VECTOR_COLUMN)
+        query = query.distance_type(METRIC).limit(int(fetch[members].max()))
         if tuning.get("nprobes"):
             if flt:
                 # Probe as many allowed rows as an unfiltered search would, and keep probing
@@ -196,9 +201,10 @@ def search_batch(
         hits = query.select(["article_id", "_distance"]).to_polars()
         if "query_index" not in hits.columns:  # a single query comes back without it
             hits = hits.with_columns(pl.lit(0, dtype=pl.Int32).alias("query_index"))
+        query_idx = members.astype(np.int64)[hits["query_index"].to_numpy()]
         parts.append(
             hits.select(
-                (pl.col("query_index").cast(pl.Int64) + start).alias("query_idx"),
+                pl.Series("query_idx", query_idx),
                 pl.col("article_id"),
                 (1.0 - pl.col("_distance")).alias("score"),
             )
@@ -234,17 +240,29 @@ def exact_topk(
         )
     q = _as_queries(queries, items.shape[1])
     excluded = _exclusion_frame(exclude, len(q))
-    fetch = int(_fetch_sizes(excluded, len(q), k).max()) if len(q) else k
-    fetch = min(fetch, items.shape[0])
+    fetch = min(k, items.shape[0])
     if len(q) == 0 or fetch == 0:
         return _empty_result()
     ids = np.asarray(ids, dtype=np.int64)
+    # Excluded pairs as (query, item row) cells, masked to -inf before the top-k: the top-k
+    # then needs no room for them, however many a query has.
+    cells = (np.empty(0, np.int64), np.empty(0, np.int64))
+    if excluded is not None and len(excluded):
+        rows = pl.DataFrame({"article_id": ids, "row": np.arange(len(ids), dtype=np.int64)})
+        hit = excluded.join(rows, on="article_id").filter(
+            (pl.col("query_idx") >= 0) & (pl.col("query_idx") < len(q))
+        )
+        cells = (hit["query_idx"].to_numpy(), hit["row"].to_numpy())
     # Queries per matmul: keep the [chunk, n] score block near 512 MiB for large tables.
     chunk = chunk or max(1, min(1024, 2**27 // max(1, items.shape[0])))
     idx_parts, score_parts = [], []
     with torch.inference_mode():
         for start in range(0, len(q), chunk):
             scores = torch.from_numpy(q[start : start + chunk]) @ items.T
+            sel = (cells[0] >= start) & (cells[0] < start + len(scores))
+            if sel.any():
+                qi = torch.from_numpy(cells[0][sel] - start)
+                scores[qi, torch.from_numpy(cells[1][sel])] = float("-inf")
             top = torch.topk(scores, fetch, dim=1)
             idx_parts.append(top.indices.numpy())
             score_parts.append(top.values.numpy())
@@ -255,8 +273,8 @@ def exact_topk(
             "article_id": ids[idx.ravel()],
             "score": np.concatenate(score_parts).ravel(),
         }
-    )
-    return _finish(hits, excluded, k)
+    ).filter(pl.col("score") > float("-inf"))
+    return _finish(hits, None, k)
 
 
 def read_vectors(table: Any, where: str | None = None) -> tuple[np.ndarray, np.ndarray]:
