@@ -70,7 +70,7 @@ def test_graph_materialises_on_the_real_sample(data_dir, tmp_path, monkeypatch, 
     write_articles_for_ids(seen["article_id"], folder / "articles.parquet", first_seen=seen)
     monkeypatch.setenv("FEED_DAGSTER_SOURCE", f"ebnerd:{folder}")
     assert main(["run"]) == 0
-    assert len(_baselines(data_dir)) == 4
+    assert len(_baselines(data_dir)) == 8  # four baselines, four classic peers
     assert len(_users_with_feeds(data_dir)) > 0
 
 

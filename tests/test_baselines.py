@@ -200,7 +200,14 @@ def test_label_impressions(world: World) -> None:
 
 def test_evaluate_baselines(world: World) -> None:
     result = evaluate_baselines(world)
-    assert result["baseline"].to_list() == ["random", "popularity", "recency", "read_time"]
+    classic = ["popularity_all_time", "item_knn", "als", "ease"]
+    assert result["baseline"].to_list() == [
+        "random",
+        "popularity",
+        "recency",
+        "read_time",
+        *classic,
+    ]
     assert set(result.columns) >= {"auc", "mrr", "ndcg@5", "ndcg@10", "n_impressions"}
     heldout = world.impressions.filter("is_heldout")["impression_id"].n_unique()
     assert (result["n_impressions"] == heldout).all()

@@ -311,7 +311,10 @@ def test_real_sample(tmp_path: Path) -> None:
 
     result = evaluate_baselines(w)
     heldout = w.impressions.filter("is_heldout")["impression_id"].n_unique()
-    assert set(result["baseline"]) == {"random", "popularity", "recency", "read_time"}
+    assert set(result["baseline"]) == {
+        *("random", "popularity", "recency", "read_time"),
+        *("popularity_all_time", "item_knn", "als", "ease"),
+    }
     assert (result["n_impressions"] == heldout).all()
     for col in ("auc", "mrr", "ndcg@5", "ndcg@10"):
         assert result[col].is_between(0.0, 1.0).all()

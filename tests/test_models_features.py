@@ -31,7 +31,7 @@ INPUT_FIELDS = (
     "group_impression",
     "group_user",
     "group_time_us",
-    "user_bucket",
+    "group_logged",
     "cand_article",
     "cand_item",
     "cand_age",
@@ -63,7 +63,7 @@ def test_history_is_the_last_engagements_strictly_before(world, catalog):
     mine = world.engagements.filter(pl.col("user_id") == user).sort("engaged_at", "article_id")
     t = mine["engaged_at"][12]  # an engagement time: that engagement itself must be excluded
     t_us = int(pl.Series([t]).dt.epoch("us")[0])
-    h = log.history(np.array([user, user + 10_000]), np.array([t_us, t_us]), 8)
+    h = log.history(np.array([user, user + 10_000]), np.array([t_us, t_us]), CFG)
     expected = mine.filter(pl.col("engaged_at") < t).tail(8)["article_id"].to_numpy()
     got = catalog.article_ids[h.item[0][h.item[0] > 0] - 1]
     np.testing.assert_array_equal(got, expected)
@@ -180,10 +180,11 @@ def test_serving_inputs_equal_training_inputs(world, catalog):
         catalog,
         CFG,
     )
-    for name in ("group_user", "group_time_us", "user_bucket", "cand_article", "cand_item",
+    for name in ("group_user", "group_time_us", "group_logged", "cand_article", "cand_item",
                  "cand_age", "cand_in_network", "cand_topic_follow"):  # fmt: skip
         np.testing.assert_array_equal(getattr(train, name), getattr(serve, name), err_msg=name)
     np.testing.assert_array_equal(train.history.item, serve.history.item)
+    np.testing.assert_array_equal(train.history.user_bucket, serve.history.user_bucket)
     assert not serve.labels.any()
     model = build_ranker(RankerConfig(content_dim=catalog.dim, features=CFG), seed=1)
     torch.testing.assert_close(

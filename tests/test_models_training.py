@@ -26,8 +26,8 @@ from feed_dagster.models.two_tower import item_vectors, load_two_tower, user_vec
 from feed_dagster.world import generate_world, world_config
 
 FEATURES = FeatureConfig(history_len=16, author_buckets=4096, user_buckets=4096)
-RANKER_TRAIN = TrainConfig(epochs=3, batch_size=256, lr=3e-3, patience=3)
-TT_TRAIN = TrainConfig(epochs=3, batch_size=512, lr=3e-3, patience=3)
+RANKER_TRAIN = TrainConfig(epochs=3, min_steps=0, batch_size=256, lr=3e-3, patience=3)
+TT_TRAIN = TrainConfig(epochs=3, min_steps=0, batch_size=512, lr=3e-3, patience=3)
 
 
 @pytest.fixture(scope="module")
@@ -120,7 +120,7 @@ def test_training_is_deterministic(data):
         ranker_train=data.ranker_train.take(np.arange(600)),
         retrieval_train=data.retrieval_train.take(np.arange(3000)),
     )
-    quick = TrainConfig(epochs=2, batch_size=128, lr=3e-3)
+    quick = TrainConfig(epochs=2, min_steps=0, batch_size=128, lr=3e-3)
     a = train_ranker(small, train=quick)
     b = train_ranker(small, train=quick)
     assert a.state_dict.keys() == b.state_dict.keys()

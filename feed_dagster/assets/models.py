@@ -8,6 +8,7 @@ import numpy as np
 import polars as pl
 
 from feed_dagster.assets.embeddings import read_embeddings
+from feed_dagster.assets.raw import WAREHOUSE_POOL
 from feed_dagster.data.sources import world_from_tables
 from feed_dagster.data.warehouse import read_tables
 from feed_dagster.models.evaluate import evaluate_models, evaluation_chart, training_curves
@@ -78,32 +79,42 @@ def png_md(png: bytes, alt: str) -> str:
     return f"![{alt}](data:image/png;base64,{base64.b64encode(png).decode()})"
 
 
+INPUTS = {dg.AssetKey(t) for t in [*MODEL_TABLES, "article_embeddings"]}
+
+
 @dg.multi_asset(
-    specs=[
-        dg.AssetSpec(
-            "retrieval_model",
+    outs={
+        "retrieval_model": dg.AssetOut(
             group_name="models",
             kinds={"pytorch", "safetensors"},
-            deps=[*MODEL_TABLES, "article_embeddings"],
-            description="Two-tower retrieval model (user tower over history, item tower over "
-            "content + author + topic), in-batch softmax with logQ correction.",
+            dagster_type=dg.Nothing,
+            description="Two-tower retrieval model (user tower over history and hashed user "
+            "id, item tower over content + hashed post/author ids + topic), in-batch softmax "
+            "with logQ correction.",
         ),
-        dg.AssetSpec(
-            "ranker_weights",
+        "ranker_weights": dg.AssetOut(
             group_name="models",
             kinds={"pytorch", "safetensors"},
-            deps=[*MODEL_TABLES, "article_embeddings"],
-            description="Transformer ranker with candidate isolation, one head per action.",
+            dagster_type=dg.Nothing,
+            description="Transformer ranker with candidate isolation, one head per action; "
+            "hashed post/author/user ids, classic-peer scores as inputs.",
         ),
-        dg.AssetSpec(
-            "ranker_evaluation",
+        # Returned as a table: the warehouse I/O manager stores it in DuckDB.
+        "ranker_evaluation": dg.AssetOut(
             group_name="evaluation",
-            kinds={"polars"},
-            deps=["retrieval_model", "ranker_weights"],
+            kinds={"duckdb", "polars"},
             description="Held-out AUC/MRR/nDCG of the new ranker against the two-tower score, "
-            "the promoted ranker, baselines and (synthetic data) the oracle.",
+            "the promoted ranker, baselines, the classic peers (all-time popularity, item-kNN, "
+            "ALS, EASE) and (synthetic data) the oracle. Warehouse table `ranker_evaluation`.",
         ),
-    ],
+    },
+    deps=sorted(INPUTS, key=str),
+    internal_asset_deps={
+        "retrieval_model": INPUTS,
+        "ranker_weights": INPUTS,
+        "ranker_evaluation": {dg.AssetKey("retrieval_model"), dg.AssetKey("ranker_weights")},
+    },
+    pool=WAREHOUSE_POOL,
     can_subset=False,
 )
 def trained_models(context: dg.AssetExecutionContext, models: ModelStoreResource):
@@ -112,7 +123,11 @@ def trained_models(context: dg.AssetExecutionContext, models: ModelStoreResource
     tables = read_tables(warehouse_path(), MODEL_TABLES)
     world = world_from_tables(tables, tables["world_info"])
     data = prepare_training_data(world, content_vectors(world.articles))
-    context.log.info(f"training data: {len(data.ranker_train):,} train slates")
+    context.log.info(
+        f"training data: {data.logged_groups:,} logged slates + "
+        f"{len(data.ranker_train) - data.logged_groups:,} groups sampled from engagements; "
+        f"{len(data.retrieval_train):,} retrieval positives"
+    )
     tt = train_two_tower(data)
     context.log.info(f"two-tower trained in {tt.seconds:.0f}s")
     rk = train_ranker(data)
@@ -150,8 +165,9 @@ def trained_models(context: dg.AssetExecutionContext, models: ModelStoreResource
     metric_cols = [
         c for c in ("method", "auc", "mrr", "ndcg@5", "ndcg@10", "ne_click") if c in table.columns
     ]
-    yield dg.MaterializeResult(
-        asset_key="retrieval_model",
+    yield dg.Output(
+        None,
+        output_name="retrieval_model",
         metadata={
             "version": tt_version,
             "path": f"{store.root}/{TWO_TOWER}/{tt_version}",
@@ -159,25 +175,43 @@ def trained_models(context: dg.AssetExecutionContext, models: ModelStoreResource
             "curves": dg.MetadataValue.md(curves),
         },
     )
-    yield dg.MaterializeResult(
-        asset_key="ranker_weights",
+    yield dg.Output(
+        None,
+        output_name="ranker_weights",
         metadata={
             "version": rk_version,
             "path": f"{store.root}/{RANKER}/{rk_version}",
             "heads": ", ".join(data.actions),
+            "logged_slates": data.logged_groups,
+            "sampled_groups": len(data.ranker_train) - data.logged_groups,
+            "training_mix": dg.MetadataValue.json(data.mix.to_dict()),
             **rk.summary(),
             "curves": dg.MetadataValue.md(curves),
         },
     )
-    yield dg.MaterializeResult(
-        asset_key="ranker_evaluation",
+    yield dg.Output(
+        evaluation_table(table, rk_version, tt_version),
+        output_name="ranker_evaluation",
         metadata={
+            "dagster/row_count": table.height,
             "candidate_version": rk_version,
             "path": str(eval_path),
             "table": dg.MetadataValue.md(markdown_table(table.select(metric_cols))),
             "chart": dg.MetadataValue.md(png_md(evaluation_chart(table), "evaluation")),
             **{f"auc_{m}": float(a) for m, a in zip(table["method"], table["auc"], strict=True)},
         },
+    )
+
+
+def evaluation_table(table: pl.DataFrame, ranker: str, two_tower: str) -> pl.DataFrame:
+    """The evaluation as stored in the warehouse: one row per method, with the versions of
+    the models this training run produced (the candidate ranker the gate judges)."""
+    head = ["method", "auc", "mrr", "ndcg@5", "ndcg@10", "n_impressions", "ne_click"]
+    return table.select(
+        *[c for c in head if c in table.columns],
+        pl.lit(ranker).alias("model_version"),
+        pl.lit(two_tower).alias("two_tower_version"),
+        *[c for c in table.columns if c.startswith("auc_")],
     )
 
 

@@ -237,12 +237,18 @@ def evaluate_baselines(
     """Score the (held-out) impressions with every baseline and compute ranking metrics.
 
     One row per baseline: baseline, auc, mrr, ndcg@5, ndcg@10, n_impressions, n_skipped,
-    n_no_positive. chronological_following is left out when the world has no follows,
-    where it would only repeat recency.
+    n_no_positive. By default the classic collaborative-filtering peers (metrics.classic)
+    come too, each fitted at the first scored impression; chronological_following is left
+    out when the world has no follows, where it would only repeat recency.
     """
     chosen = dict(BASELINES if baselines is None else baselines)
     if baselines is None and world.follows.height == 0:
         chosen.pop("chronological_following")
+    if baselines is None:
+        # Imported here: the classic peers build on this module's definitions.
+        from feed_dagster.metrics.classic import CLASSIC_PEERS
+
+        chosen.update(CLASSIC_PEERS)
     imps = world.impressions
     if heldout_only:
         imps = imps.filter(pl.col("is_heldout"))

@@ -21,6 +21,7 @@ import polars as pl  # noqa: E402
 
 from feed_dagster.data.schema import ACTIONS, World  # noqa: E402
 from feed_dagster.metrics.baselines import BASELINES  # noqa: E402
+from feed_dagster.metrics.classic import CLASSIC_METHODS, ClassicPeers  # noqa: E402
 from feed_dagster.metrics.ranking import evaluate_scores, group_auc  # noqa: E402
 from feed_dagster.models.features import RankerData  # noqa: E402
 from feed_dagster.models.layers import CatalogTensors  # noqa: E402
@@ -86,6 +87,7 @@ def evaluate_models(
     two_tower: TwoTower | None = None,
     extra_rankers: Mapping[str, PhoenixRanker] | None = None,
     baselines: tuple[str, ...] | None = None,
+    classic: bool = True,
 ) -> pl.DataFrame:
     """One row per method on the held-out impressions: method, auc, mrr, ndcg@5, ndcg@10,
     ne_click (normalized entropy, probabilistic methods only, else NaN), n_impressions
@@ -93,8 +95,9 @@ def evaluate_models(
 
     Methods: `ranker`, `two_tower` (dot product), each extra ranker under its key (e.g. the
     promoted incumbent), the baselines of metrics.baselines (chronological_following only
-    when the world has follows), and `oracle` (true click probability) when the world has
-    ground truth. Sorted by AUC, best first.
+    when the world has follows), with `classic` the collaborative-filtering peers of
+    metrics.classic (popularity_all_time, item_knn, als, ease), and `oracle` (true click
+    probability) when the world has ground truth. Sorted by AUC, best first.
     """
     held = data.ranker_heldout
     base = held.rows()
@@ -133,6 +136,20 @@ def evaluate_models(
         scored = BASELINES[name](impressions, world.engagements, world.articles, world.follows)
         frame = base.with_columns(scored["score"].cast(pl.Float64).alias("score"))
         rows.append(_method_row(name, frame, {"click": "score"}, actions))
+    # The classic collaborative-filtering peers, fitted once on everything before the
+    # held-out period.
+    if classic and impressions.height:
+        cut = impressions["shown_at"].min()
+        peers = data.heldout_classic
+        if peers is None or peers.cut != cut or set(peers.methods) != set(CLASSIC_METHODS):
+            peers = ClassicPeers.fit(world.engagements, cut)
+        users = impressions["user_id"].to_numpy()
+        articles = impressions["article_id"].to_numpy()
+        for name in CLASSIC_METHODS:
+            frame = base.with_columns(
+                pl.Series("score", peers.score(name, users, articles), dtype=pl.Float64)
+            )
+            rows.append(_method_row(name, frame, {"click": "score"}, actions))
 
     truth = world.impression_truth
     if truth.height:

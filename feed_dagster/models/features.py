@@ -12,8 +12,9 @@ query events for histories, numpy scatter for padding. No Python loop per impres
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, fields, replace
-from datetime import datetime
+from datetime import datetime, timedelta
 
 import numpy as np
 import polars as pl
@@ -33,6 +34,8 @@ N_ACTIONS = len(ACTIONS)
 # Actions that count as a positive engagement (a retrieval positive, a "liked" history item).
 POSITIVE_ACTIONS: tuple[str, ...] = ("favorite", "reply", "repost", "quote", "share", "click")
 US_PER_HOUR = 3_600_000_000
+# "Never": the first-engagement time of an item or user nobody has engaged with yet.
+NEVER_US = np.iinfo(np.int64).max
 # Long-term engagement profile of (user, candidate): positive engagements before the impression
 # on the candidate's topic, with its author, and in total, as log counts and shares.
 PROFILE_FEATURES: tuple[str, ...] = (
@@ -42,6 +45,13 @@ PROFILE_FEATURES: tuple[str, ...] = (
     "topic_share",
     "author_share",
 )
+
+
+# Classic-peer inputs per candidate: ALS, item-kNN, all-time popularity, "present" flag
+# (computed by models.peers.PeerFeatures, which must produce this many columns).
+N_PEER_FEATURES = 4
+# (user ids, article ids, impression times in us) -> float32 [n, N_PEER_FEATURES]
+PeerScores = Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray]
 
 
 @dataclass(frozen=True)
@@ -55,6 +65,10 @@ class FeatureConfig:
     author_buckets: int = 16_384
     topic_buckets: int = 512
     user_buckets: int = 16_384
+    post_buckets: int = 65_536
+    # Hash functions per id: an id's embedding is the sum of this many rows of one table, so
+    # two ids share their whole embedding only when every one of their hashes collides.
+    id_hashes: int = 2
 
     def to_dict(self) -> dict[str, int]:
         return {f.name: getattr(self, f.name) for f in fields(self)}
@@ -77,6 +91,23 @@ def hash_bucket(ids: np.ndarray, buckets: int, seed: int) -> np.ndarray:
     return np.where(ids < 0, 0, rows).astype(np.int32)
 
 
+def hash_buckets(ids: np.ndarray, buckets: int, seed: int, hashes: int) -> np.ndarray:
+    """int32 [len(ids), hashes]: one row per hash function (seeds seed*1000 + j)."""
+    return np.stack([hash_bucket(ids, buckets, seed * 1000 + j) for j in range(hashes)], axis=-1)
+
+
+def first_engaged(keys: np.ndarray, times_us: np.ndarray, queries: np.ndarray) -> np.ndarray:
+    """Earliest time of each query key among (keys, times_us) events; NEVER_US if none."""
+    keys = np.asarray(keys, dtype=np.int64)
+    queries = np.asarray(queries, dtype=np.int64)
+    if len(keys) == 0:
+        return np.full(len(queries), NEVER_US, dtype=np.int64)
+    order = np.lexsort((times_us, keys))
+    k, t = keys[order], np.asarray(times_us, dtype=np.int64)[order]
+    pos = np.searchsorted(k, queries).clip(0, len(k) - 1)
+    return np.where(k[pos] == queries, t[pos], NEVER_US).astype(np.int64)
+
+
 def _micros(s: pl.Series) -> np.ndarray:
     return s.cast(pl.Datetime("us")).dt.epoch("us").fill_null(0).to_numpy().astype(np.int64)
 
@@ -91,8 +122,13 @@ class ItemCatalog:
 
     article_ids: np.ndarray  # int64 [n], sorted ascending; article row i+1 <-> article_ids[i]
     content: np.ndarray  # float32 [n+1, dim]
+    post_bucket: np.ndarray  # int32 [n+1, id_hashes], hashed post id (row 0: padding)
+    # First engagement with the post (NEVER_US if none): a post's id embedding is used only
+    # for posts engaged with before the scoring time and before the model's training cut, so
+    # a post the model never saw ranks by content alone, never by an untrained hash row.
+    first_engaged_us: np.ndarray  # int64 [n+1]
     author_id: np.ndarray  # int64 [n+1], -1 when unknown
-    author_bucket: np.ndarray  # int32 [n+1]
+    author_bucket: np.ndarray  # int32 [n+1, id_hashes]
     topic: np.ndarray  # int32 [n+1], -1 when unknown
     topic_bucket: np.ndarray  # int32 [n+1]
     published_us: np.ndarray  # int64 [n+1]
@@ -106,9 +142,16 @@ class ItemCatalog:
 
     @classmethod
     def build(
-        cls, articles: pl.DataFrame, content_vectors: np.ndarray, cfg: FeatureConfig
+        cls,
+        articles: pl.DataFrame,
+        content_vectors: np.ndarray,
+        cfg: FeatureConfig,
+        engagements: pl.DataFrame | None = None,
     ) -> ItemCatalog:
-        """Catalog of `articles`; `content_vectors[i]` is the vector of `articles` row i."""
+        """Catalog of `articles`; `content_vectors[i]` is the vector of `articles` row i.
+
+        `engagements` give each post's first engagement time (without them no post counts
+        as engaged, and models score by content, author and topic only)."""
         vectors = np.asarray(content_vectors, dtype=np.float32)
         if vectors.ndim != 2 or len(vectors) != articles.height:
             raise ValueError(
@@ -132,11 +175,19 @@ class ItemCatalog:
         author_p = padded(author, -1)
         topic_p = padded(topic, -1)
         topic_bucket = np.where(topic_p < 0, 0, topic_p % (cfg.topic_buckets - 1) + 1)
+        ids_p = np.concatenate([[-1], ids])
+        first = np.full(len(ids_p), NEVER_US, dtype=np.int64)
+        if engagements is not None and engagements.height:
+            first[1:] = first_engaged(
+                engagements["article_id"].to_numpy(), _micros(engagements["engaged_at"]), ids
+            )
         return cls(
             article_ids=ids,
             content=content,
+            post_bucket=hash_buckets(ids_p, cfg.post_buckets, 3, cfg.id_hashes),
+            first_engaged_us=first,
             author_id=author_p,
-            author_bucket=hash_bucket(author_p, cfg.author_buckets, seed=1),
+            author_bucket=hash_buckets(author_p, cfg.author_buckets, 1, cfg.id_hashes),
             topic=topic_p.astype(np.int32),
             topic_bucket=topic_bucket.astype(np.int32),
             published_us=padded(_micros(articles["published_at"]), 0),
@@ -161,6 +212,11 @@ class History:
     actions: np.ndarray  # int16 [Q, H] bit a set <=> ACTIONS[a] happened
     dwell: np.ndarray  # float32 [Q, H] log1p(seconds)
     age: np.ndarray  # int16 [Q, H] age bucket of the post when engaged with, 0 = padding
+    time_us: np.ndarray  # int64 [Q] the query time the history was taken before
+    user_bucket: np.ndarray  # int32 [Q, id_hashes] hashed user id
+    # The user's first engagement (NEVER_US if none): the user-id embedding is used only for
+    # users who had engaged before the query time and the model's training cut.
+    user_first_us: np.ndarray  # int64 [Q]
 
     @property
     def mask(self) -> np.ndarray:
@@ -203,13 +259,14 @@ class EngagementLog:
         bits = sum(1 << ACTIONS.index(a) for a in POSITIVE_ACTIONS)
         return (self.actions & bits) != 0
 
-    def history(self, users: np.ndarray, times_us: np.ndarray, length: int) -> History:
-        """Last `length` engagements of each user strictly before each time.
+    def history(self, users: np.ndarray, times_us: np.ndarray, cfg: FeatureConfig) -> History:
+        """Last `cfg.history_len` engagements of each user strictly before each time.
 
         A sort-merge: query events sort before engagement events at the same (user, time),
         so the running count of engagements at a query is the end of its window in the
         engagement order, and "strictly before" holds by construction.
         """
+        length = cfg.history_len
         users = np.asarray(users, dtype=np.int64)
         times_us = np.asarray(times_us, dtype=np.int64)
         q = len(users)
@@ -233,11 +290,19 @@ class EngagementLog:
                 return np.full((q, length), fill, dtype=values.dtype)
             return np.where(valid, values[idx], fill).astype(values.dtype)
 
+        # The log is sorted by (user, time): a user's first engagement sits at `start`.
+        user_first = np.full(q, NEVER_US, dtype=np.int64)
+        if len(self.user):
+            pos = start.clip(0, len(self.user) - 1)
+            user_first = np.where(self.user[pos] == users, self.time_us[pos], NEVER_US)
         return History(
             item=gather(self.item, 0),
             actions=gather(self.actions, 0),
             dwell=gather(self.dwell, 0.0),
             age=gather(self.age, 0),
+            time_us=times_us,
+            user_bucket=hash_buckets(users, cfg.user_buckets, 2, cfg.id_hashes),
+            user_first_us=user_first.astype(np.int64),
         )
 
 
@@ -253,14 +318,18 @@ class RankerData:
     group_impression: np.ndarray  # int64 [G]
     group_user: np.ndarray  # int64 [G]
     group_time_us: np.ndarray  # int64 [G]
-    user_bucket: np.ndarray  # int32 [G]
-    history: History  # [G, H]
+    # 1 for a logged slate (and always at evaluation and serving), 0 for a group built from
+    # an engagement and sampled negatives: the model calibrates the two apart.
+    group_logged: np.ndarray  # int8 [G]
+    history: History  # [G, H], with the user's hashed id and first engagement
     cand_article: np.ndarray  # int64 [G, C], -1 = padding
     cand_item: np.ndarray  # int32 [G, C] catalog rows, 0 = padding
     cand_age: np.ndarray  # int16 [G, C]
     cand_in_network: np.ndarray  # int8 [G, C]
     cand_topic_follow: np.ndarray  # int8 [G, C]
     cand_profile: np.ndarray  # float32 [G, C, len(PROFILE_FEATURES)]
+    # Classic peers' scores fitted before the impression (models.peers), zeros when absent.
+    cand_peer: np.ndarray  # float32 [G, C, N_PEER_FEATURES]
     cand_position: np.ndarray  # int32 [G, C] slate position (evaluation only, never an input)
     labels: np.ndarray  # bool [G, C, N_ACTIONS] over schema.ACTIONS
     dwell: np.ndarray  # float32 [G, C] log1p(seconds)
@@ -277,6 +346,29 @@ class RankerData:
         for f in fields(self):
             v = getattr(self, f.name)
             out[f.name] = v.take(idx) if isinstance(v, History) else v[idx]
+        return RankerData(**out)
+
+    @staticmethod
+    def concat(parts: list[RankerData]) -> RankerData:
+        """Groups of every part in order, candidate slots padded to the widest part."""
+        c = max(p.cand_item.shape[1] for p in parts)
+        pad_fill = {"cand_article": -1, "cand_position": -1}
+        out = {}
+        for f in fields(RankerData):
+            values = [getattr(p, f.name) for p in parts]
+            if f.name == "history":
+                out[f.name] = History(
+                    *(np.concatenate([getattr(h, g.name) for h in values]) for g in fields(History))
+                )
+            elif f.name.startswith("cand_") or f.name in ("labels", "dwell"):
+                widened = []
+                for v in values:
+                    width = [(0, 0)] * v.ndim
+                    width[1] = (0, c - v.shape[1])
+                    widened.append(np.pad(v, width, constant_values=pad_fill.get(f.name, 0)))
+                out[f.name] = np.concatenate(widened)
+            else:
+                out[f.name] = np.concatenate(values)
         return RankerData(**out)
 
     def rows(self) -> pl.DataFrame:
@@ -412,6 +504,8 @@ def build_ranker_data(
     cfg: FeatureConfig,
     log: EngagementLog | None = None,
     history_until: datetime | None = None,
+    logged: bool = True,
+    peers: PeerScores | None = None,
 ) -> RankerData:
     """Candidate groups for impression rows (impression_id, user_id, article_id, position,
     shown_at), with labels joined from `engagements` on (impression_id, article_id).
@@ -419,6 +513,8 @@ def build_ranker_data(
     `log` (the engagement log, built once and reused) must come from the same `engagements`.
     `history_until` caps histories at a fixed time (a batch system that scores a whole period
     with the histories of its start); by default each impression sees everything before it.
+    `peers` gives each row's classic-peer features (see models.peers); without it they are
+    zeros ("absent").
     """
     log = log if log is not None else EngagementLog.build(engagements, catalog)
     imp = impressions.select("impression_id", "user_id", "article_id", "position", "shown_at").sort(
@@ -485,8 +581,8 @@ def build_ranker_data(
         group_impression=imp_id[g_first],
         group_user=user[g_first],
         group_time_us=g_time,
-        user_bucket=hash_bucket(user[g_first], cfg.user_buckets, seed=2),
-        history=log.history(user[g_first], hist_time, cfg.history_len),
+        group_logged=np.full(n_groups, 1 if logged else 0, dtype=np.int8),
+        history=log.history(user[g_first], hist_time, cfg),
         cand_article=scatter(imp["article_id"].to_numpy(), -1, np.int64),
         cand_item=scatter(item, 0, np.int32),
         cand_age=scatter(age_bucket(time_us - catalog.published_us[item]), 0, np.int16),
@@ -497,10 +593,98 @@ def build_ranker_data(
             0.0,
             np.float32,
         ),
+        cand_peer=scatter(
+            peers(user, imp["article_id"].to_numpy(), time_us)
+            if peers is not None
+            else np.zeros((n, N_PEER_FEATURES), np.float32),
+            0.0,
+            np.float32,
+        ),
         cand_position=scatter(imp["position"].fill_null(0).to_numpy(), -1, np.int32),
         labels=scatter(labels, False, bool),
         dwell=scatter(dwell, 0.0, np.float32),
     )
+
+
+def sampled_slates(
+    log: EngagementLog,
+    catalog: ItemCatalog,
+    start: datetime | None,
+    end: datetime | None,
+    n_groups: int,
+    negatives: int,
+    popularity_alpha: float,
+    window: timedelta | None,
+    seed: int = 0,
+) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """Groups of one positive engagement and `negatives` sampled posts: (impression rows,
+    their label rows), ready for `build_ranker_data(..., logged=False)`.
+
+    Positives are engagements with a positive action in [start, end), `n_groups` of them
+    drawn at random (all when fewer). Negatives are posts published before the engagement
+    (and within `window` of it, when the source has a candidate window), drawn with
+    probability proportional to (positives + 1) ** popularity_alpha: popular posts are
+    negatives often enough that popularity alone does not separate the classes, as logged
+    slates (full of popular posts) do not let it either. Impression ids are negative, so
+    they never collide with logged ones.
+    """
+    rng = np.random.default_rng(seed)
+    pos = log.positive()
+    if start is not None:
+        pos &= log.time_us >= _to_micros(start)
+    if end is not None:
+        pos &= log.time_us < _to_micros(end)
+    # Popularity of every catalog row among the positives of the period.
+    counts = np.bincount(log.item[pos], minlength=len(catalog) + 1).astype(np.float64)
+    rows = np.flatnonzero(pos)
+    if len(rows) > n_groups:
+        rows = np.sort(rng.choice(rows, size=n_groups, replace=False))
+    t = log.time_us[rows]
+    # Catalog rows by publish time, with cumulative sampling weights over that order.
+    by_pub = np.argsort(catalog.published_us[1:], kind="stable") + 1
+    pub = catalog.published_us[by_pub]
+    weights = (counts[by_pub] + 1.0) ** popularity_alpha
+    cum = np.concatenate([[0.0], np.cumsum(weights)])
+    hi = np.searchsorted(pub, t, side="left")  # published strictly before the engagement
+    lo = (
+        np.zeros_like(hi)
+        if window is None
+        else np.searchsorted(pub, t - int(window.total_seconds() * 1e6), side="left")
+    )
+    ok = hi - lo >= 2
+    rows, t, lo, hi = rows[ok], t[ok], lo[ok], hi[ok]
+    g = len(rows)
+    u = cum[lo][:, None] + rng.random((g, negatives)) * (cum[hi] - cum[lo])[:, None]
+    k = (np.searchsorted(cum, u, side="right") - 1).clip(lo[:, None], hi[:, None] - 1)
+    neg = by_pub[k]
+    # A draw of the positive itself becomes its neighbour in publish order.
+    same = neg == log.item[rows][:, None]
+    neighbour = np.where(k + 1 < hi[:, None], k + 1, k - 1)
+    neg = np.where(same, by_pub[neighbour], neg)
+    imp_id = -(np.arange(g, dtype=np.int64) + 1)
+    items = np.concatenate([log.item[rows][:, None], neg], axis=1)
+    aid = catalog.article_ids[items - 1]
+    impressions = pl.DataFrame(
+        {
+            "impression_id": np.repeat(imp_id, negatives + 1),
+            "user_id": np.repeat(log.user[rows], negatives + 1),
+            "article_id": aid.reshape(-1),
+            "position": np.tile(np.arange(negatives + 1, dtype=np.int32), g),
+            "shown_at": np.repeat(t, negatives + 1),
+        }
+    ).with_columns(pl.col("shown_at").cast(pl.Datetime("us")))
+    # Two draws of the same negative in one group would be one candidate twice.
+    impressions = impressions.unique(["impression_id", "article_id"], maintain_order=True)
+    bits = log.actions[rows]
+    labels = pl.DataFrame(
+        {
+            "impression_id": imp_id,
+            "article_id": aid[:, 0],
+            **{a: (bits >> i) & 1 == 1 for i, a in enumerate(ACTIONS)},
+            "dwell_seconds": np.expm1(log.dwell[rows]),
+        }
+    )
+    return impressions, labels
 
 
 def serving_impressions(candidates: pl.DataFrame, now: datetime) -> pl.DataFrame:
@@ -527,6 +711,7 @@ def build_serving_data(
     catalog: ItemCatalog,
     cfg: FeatureConfig,
     log: EngagementLog | None = None,
+    peers: PeerScores | None = None,
 ) -> RankerData:
     """Ranker inputs for (user_id, article_id) candidate rows scored at time `now`.
 
@@ -542,6 +727,7 @@ def build_serving_data(
         catalog,
         cfg,
         log=log if log is not None else EngagementLog.build(engagements, catalog),
+        peers=peers,
     )
 
 
@@ -556,7 +742,7 @@ def user_histories(
     """Serving-time histories of users at `now` (the two-tower user tower's input)."""
     log = log if log is not None else EngagementLog.build(engagements, catalog)
     users = np.asarray(user_ids, dtype=np.int64)
-    return log.history(users, np.full(len(users), _to_micros(now), np.int64), cfg.history_len)
+    return log.history(users, np.full(len(users), _to_micros(now), np.int64), cfg)
 
 
 @dataclass(frozen=True)
@@ -622,7 +808,7 @@ def build_retrieval_examples(
         user=users,
         time_us=times,
         item=items,
-        history=log.history(users, times, cfg.history_len),
+        history=log.history(users, times, cfg),
     )
 
 

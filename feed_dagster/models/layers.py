@@ -17,6 +17,8 @@ class CatalogTensors:
 
     def __init__(self, catalog: ItemCatalog):
         self.content = torch.from_numpy(catalog.content)
+        self.post = torch.from_numpy(catalog.post_bucket.astype(np.int64))
+        self.first_engaged = torch.from_numpy(catalog.first_engaged_us)
         self.author = torch.from_numpy(catalog.author_bucket.astype(np.int64))
         self.topic = torch.from_numpy(catalog.topic_bucket.astype(np.int64))
 
@@ -34,11 +36,42 @@ def history_tensors(history: History, idx: np.ndarray | None = None) -> dict[str
         "hist_actions": action_multi_hot(torch.from_numpy(h.actions)),
         "hist_dwell": torch.from_numpy(h.dwell),
         "hist_age": torch.from_numpy(h.age.astype(np.int64)),
+        "time_us": torch.from_numpy(h.time_us.astype(np.int64)),
+        "user": torch.from_numpy(h.user_bucket.astype(np.int64)),
+        "user_first_us": torch.from_numpy(h.user_first_us.astype(np.int64)),
     }
 
 
+def id_limit(b: dict[str, torch.Tensor], cutoff_us: int) -> torch.Tensor:
+    """[B] the time before which an id must have been engaged for its embedding to be used:
+    the query time, and never later than the model's training cut (ids first seen after
+    it were never trained)."""
+    return b["time_us"].clamp(max=cutoff_us)
+
+
+class HashedIdEmbedding(nn.Module):
+    """Sum of one table's rows over several hashes of an id ([..., hashes] bucket indices);
+    row 0 is the null id and stays zero."""
+
+    def __init__(self, buckets: int, d: int, std: float):
+        super().__init__()
+        self.table = nn.Embedding(buckets, d, padding_idx=0)
+        nn.init.normal_(self.table.weight, std=std)
+        with torch.no_grad():
+            self.table.weight[0].zero_()
+
+    def forward(self, buckets: torch.Tensor) -> torch.Tensor:
+        return self.table(buckets).sum(-2)
+
+
 class ItemEncoder(nn.Module):
-    """Item identity shared by history and candidate tokens: content, author, topic."""
+    """Item identity shared by history and candidate tokens: content, hashed post id,
+    hashed author id, topic.
+
+    The post-id embedding is gated: it is added only for posts engaged with before the
+    caller's `limit` time (see `id_limit`), and during training a share `id_dropout` of them
+    is dropped at random, so the content path alone must rank well too (cold posts).
+    """
 
     def __init__(
         self,
@@ -46,22 +79,32 @@ class ItemEncoder(nn.Module):
         d: int,
         author_buckets: int,
         topic_buckets: int,
+        post_buckets: int,
         emb_std: float = 0.02,
+        id_dropout: float = 0.1,
     ):
         super().__init__()
         self.content = nn.Linear(content_dim, d)
-        self.author = nn.Embedding(author_buckets, d, padding_idx=0)
+        self.post = HashedIdEmbedding(post_buckets, d, emb_std)
+        self.author = HashedIdEmbedding(author_buckets, d, emb_std)
         self.topic = nn.Embedding(topic_buckets, d, padding_idx=0)
-        nn.init.normal_(self.author.weight, std=emb_std)
+        self.id_dropout = id_dropout
         nn.init.normal_(self.topic.weight, std=emb_std)
         with torch.no_grad():
-            self.author.weight[0].zero_()
             self.topic.weight[0].zero_()
 
-    def forward(
-        self, content: torch.Tensor, author: torch.Tensor, topic: torch.Tensor
-    ) -> torch.Tensor:
-        return self.content(content) + self.author(author) + self.topic(topic)
+    def forward(self, rows: torch.Tensor, cat: CatalogTensors, limit: torch.Tensor) -> torch.Tensor:
+        """Item vectors of catalog `rows` [...]; `limit` broadcasts against `rows`."""
+        known = cat.first_engaged[rows] < limit
+        if self.training and self.id_dropout > 0:
+            known = known & (torch.rand(rows.shape) >= self.id_dropout)
+        post = self.post(cat.post[rows]) * known.unsqueeze(-1).to(torch.float32)
+        return (
+            self.content(cat.content[rows])
+            + post
+            + self.author(cat.author[rows])
+            + self.topic(cat.topic[rows])
+        )
 
 
 class HistoryEncoder(nn.Module):

@@ -7,6 +7,7 @@ import math
 import polars as pl
 
 from feed_dagster.metrics.baselines import BASELINES
+from feed_dagster.metrics.classic import CLASSIC_METHODS
 
 # A new ranker may be slightly worse than the incumbent (noise between retrains) but no more.
 MAX_AUC_REGRESSION = 0.005
@@ -33,7 +34,8 @@ def promotion_decision(
 
     `evaluation` has one row per method (`method`, `metric`), as `evaluate_models` returns.
     The candidate must beat every method in `must_beat` (which must be present) and, with
-    `beat_all_baselines`, every non-learned baseline in the table, each by at least
+    `beat_all_baselines`, every non-learned baseline and classic collaborative-filtering
+    peer (popularity_all_time, item_knn, als, ease) in the table, each by at least
     `min_lift`. When a ranker is already promoted it must not be worse than `incumbent_auc`
     (the incumbent evaluated on the same held-out impressions) by more than
     `max_regression`. With `max_ne`, the candidate's click probabilities must also beat a
@@ -50,7 +52,8 @@ def promotion_decision(
         return False, [f"FAIL: no finite {metric} for the candidate {candidate!r}"]
     others = list(must_beat)
     if beat_all_baselines:
-        others += [m for m in values if m in BASELINES and m not in others]
+        peers = (*BASELINES, *CLASSIC_METHODS)
+        others += [m for m in values if m in peers and m not in others]
     for other in others:
         value = values.get(other)
         if value is None or not math.isfinite(value):

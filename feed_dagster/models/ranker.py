@@ -21,6 +21,7 @@ from torch import nn
 from feed_dagster.data.schema import ACTIONS
 from feed_dagster.models.features import (
     N_AGE_BUCKETS,
+    N_PEER_FEATURES,
     PROFILE_FEATURES,
     FeatureConfig,
     ItemCatalog,
@@ -28,10 +29,12 @@ from feed_dagster.models.features import (
 )
 from feed_dagster.models.layers import (
     CatalogTensors,
+    HashedIdEmbedding,
     HistoryEncoder,
     IsolatedBlock,
     ItemEncoder,
     history_tensors,
+    id_limit,
 )
 
 # Loss weight per action head. Clicks carry most of the signal and drive evaluation; the rare
@@ -64,8 +67,20 @@ class RankerConfig:
     user_embedding: bool = True
     # Long-term (user, topic) and (user, author) engagement counts on each candidate token.
     profile_features: bool = True
+    # Classic peers' scores (ALS, item-kNN, popularity; fitted before the impression) on
+    # each candidate token: the ranker stacks on collaborative filtering.
+    peer_features: bool = True
+    # Ids (post, user) first engaged at or after this time were never trained: their
+    # embeddings are left out (set by the trainer to the end of its training data).
+    id_cutoff_us: int = 0
+    # Share of known post ids dropped per training step, so content alone ranks cold posts.
+    id_dropout: float = 0.1
     action_weights: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_ACTION_WEIGHTS))
     dwell_weight: float = 0.05
+    # Weight of a listwise term: softmax cross-entropy of the click head over each group's
+    # candidates, for groups with a click. The per-action BCE calibrates probabilities; this
+    # term optimises the order inside a slate, which AUC and nDCG judge.
+    listwise_weight: float = 1.0
     features: FeatureConfig = field(default_factory=FeatureConfig)
 
     def __post_init__(self) -> None:
@@ -92,13 +107,14 @@ def ranker_batch(data: RankerData, idx: np.ndarray | None = None) -> dict[str, t
     """Tensors of groups `idx` (all when None): catalog rows, not vectors, to stay small."""
     d = data if idx is None else data.take(idx)
     return {
-        "user": torch.from_numpy(d.user_bucket.astype(np.int64)),
         **history_tensors(d.history),
+        "logged": torch.from_numpy(d.group_logged.astype(np.int64)),
         "cand_item": torch.from_numpy(d.cand_item.astype(np.int64)),
         "cand_age": torch.from_numpy(d.cand_age.astype(np.int64)),
         "cand_in_network": torch.from_numpy(d.cand_in_network.astype(np.int64)),
         "cand_topic_follow": torch.from_numpy(d.cand_topic_follow.astype(np.int64)),
         "cand_profile": torch.from_numpy(d.cand_profile),
+        "cand_peer": torch.from_numpy(d.cand_peer),
         "labels": torch.from_numpy(d.labels).to(torch.float32),
         "dwell": torch.from_numpy(d.dwell),
     }
@@ -109,19 +125,26 @@ class PhoenixRanker(nn.Module):
         super().__init__()
         self.cfg = cfg
         f, d = cfg.features, cfg.d_model
-        self.item = ItemEncoder(cfg.content_dim, d, f.author_buckets, f.topic_buckets)
+        self.item = ItemEncoder(
+            cfg.content_dim,
+            d,
+            f.author_buckets,
+            f.topic_buckets,
+            f.post_buckets,
+            id_dropout=cfg.id_dropout,
+        )
         self.hist = HistoryEncoder(d, f.history_len)
         self.user_base = nn.Parameter(torch.zeros(d))
-        self.user = nn.Embedding(f.user_buckets, d) if cfg.user_embedding else None
-        if self.user is not None:
-            nn.init.normal_(self.user.weight, std=0.02)
+        self.user = HashedIdEmbedding(f.user_buckets, d, 0.02) if cfg.user_embedding else None
         self.cand_age = nn.Embedding(N_AGE_BUCKETS, d, padding_idx=0)
         self.in_network = nn.Embedding(2, d)
         self.topic_follow = nn.Embedding(2, d)
+        self.logged = nn.Embedding(2, d)
         self.profile = nn.Linear(len(PROFILE_FEATURES), d) if cfg.profile_features else None
+        self.peer = nn.Linear(N_PEER_FEATURES, d) if cfg.peer_features else None
         # Segment embeddings tell the blocks which tokens are history and which candidates.
         self.segment = nn.Embedding(3, d)
-        for emb in (self.cand_age, self.in_network, self.topic_follow, self.segment):
+        for emb in (self.cand_age, self.in_network, self.topic_follow, self.logged, self.segment):
             nn.init.normal_(emb.weight, std=0.02)
         self.blocks = nn.ModuleList(
             IsolatedBlock(d, cfg.n_heads, cfg.ffn_mult, cfg.dropout) for _ in range(cfg.n_layers)
@@ -134,24 +157,29 @@ class PhoenixRanker(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(action logits [B, C, n_actions], predicted log1p dwell [B, C])."""
         hi, ci = b["hist_item"], b["cand_item"]
-        hist_item = self.item(cat.content[hi], cat.author[hi], cat.topic[hi])
+        limit = id_limit(b, self.cfg.id_cutoff_us)
+        hist_item = self.item(hi, cat, limit[:, None])
         hist = self.hist(hist_item, b["hist_actions"], b["hist_dwell"], b["hist_age"])
         hist = hist + self.segment.weight[1]
         user = self.user_base + self.segment.weight[0]
         user = user.expand(hi.shape[0], -1)
         if self.user is not None:
-            user = user + self.user(b["user"])
+            known = (b["user_first_us"] < limit).to(torch.float32)[:, None]
+            user = user + known * self.user(b["user"])
         ctx = torch.cat([user.unsqueeze(1), hist], dim=1)
         ctx_mask = torch.cat([torch.ones_like(hi[:, :1], dtype=torch.bool), hi > 0], dim=1)
         cand = (
-            self.item(cat.content[ci], cat.author[ci], cat.topic[ci])
+            self.item(ci, cat, limit[:, None])
             + self.cand_age(b["cand_age"])
+            + self.logged(b["logged"])[:, None, :]
             + self.in_network(b["cand_in_network"])
             + self.topic_follow(b["cand_topic_follow"])
             + self.segment.weight[2]
         )
         if self.profile is not None:
             cand = cand + self.profile(b["cand_profile"])
+        if self.peer is not None:
+            cand = cand + self.peer(b["cand_peer"])
         for i, block in enumerate(self.blocks):
             ctx, cand = block(ctx, cand, ctx_mask, update_ctx=i < len(self.blocks) - 1)
         out = self.head(self.ln(cand))
@@ -176,7 +204,16 @@ def ranker_loss(
     w = torch.tensor([cfg.action_weights.get(a, 1.0) for a in cfg.actions], dtype=torch.float32)
     loss = ((bce * w).sum(-1) * mask).sum() / n
     mse = ((dwell - b["dwell"]) ** 2 * mask).sum() / n
-    return loss + cfg.dwell_weight * mse
+    loss = loss + cfg.dwell_weight * mse
+    if cfg.listwise_weight > 0 and "click" in cfg.actions:
+        c = cfg.actions.index("click")
+        clicked = labels[..., c] * mask
+        groups = clicked.sum(-1) > 0
+        if groups.any():
+            logp = torch.log_softmax(logits[..., c].masked_fill(mask == 0, -1e9), dim=-1)
+            per_group = -(logp * clicked).sum(-1) / clicked.sum(-1).clamp(min=1.0)
+            loss = loss + cfg.listwise_weight * per_group[groups].mean()
+    return loss
 
 
 @torch.no_grad()

@@ -7,7 +7,7 @@ training, with everything strictly before `now`.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 
 import numpy as np
@@ -22,6 +22,7 @@ from feed_dagster.models.features import (
     user_histories,
 )
 from feed_dagster.models.layers import CatalogTensors
+from feed_dagster.models.peers import PeerFeatures
 from feed_dagster.models.ranker import PhoenixRanker, predict
 from feed_dagster.models.two_tower import TwoTower, catalog_item_vectors, user_vectors
 
@@ -37,6 +38,15 @@ class ServingContext:
     follows: pl.DataFrame
     topic_follows: pl.DataFrame
     features: FeatureConfig
+    # Classic peers fitted at a scoring time, kept for the next shard scored at that time.
+    _peers: dict[datetime, PeerFeatures] = field(default_factory=dict, repr=False)
+
+    def peers_at(self, now: datetime) -> PeerFeatures:
+        """Peer features fitted on the engagements strictly before `now` (cached)."""
+        if now not in self._peers:
+            self._peers.clear()
+            self._peers[now] = PeerFeatures.fit(self.engagements, now)
+        return self._peers[now]
 
     @classmethod
     def build(
@@ -51,7 +61,7 @@ class ServingContext:
         """`content_vectors[i]` belongs to `articles` row i; `features` must be the models'
         (their config's `features`), since hashed buckets depend on it."""
         features = features or FeatureConfig()
-        catalog = ItemCatalog.build(articles, content_vectors, features)
+        catalog = ItemCatalog.build(articles, content_vectors, features, engagements)
         return cls(
             catalog=catalog,
             tensors=CatalogTensors(catalog),
@@ -124,6 +134,7 @@ def score_candidates(
         ctx.catalog,
         ctx.features,
         log=ctx.log,
+        peers=ctx.peers_at(now) if model.cfg.peer_features else None,
     )
     probs, dwell = predict(model, data, ctx.tensors, batch_size)
     m = data.cand_mask

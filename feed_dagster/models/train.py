@@ -20,19 +20,23 @@ import polars as pl
 import torch
 
 from feed_dagster.data.schema import ACTIONS, World
+from feed_dagster.metrics.classic import ClassicPeers
 from feed_dagster.metrics.ranking import evaluate_scores
 from feed_dagster.models.features import (
     EngagementLog,
     FeatureConfig,
     ItemCatalog,
+    PeerScores,
     RankerData,
     RetrievalExamples,
     Split,
     build_ranker_data,
     build_retrieval_examples,
+    sampled_slates,
     temporal_split,
 )
 from feed_dagster.models.layers import CatalogTensors
+from feed_dagster.models.peers import PeerFeatures, RollingPeerFeatures
 from feed_dagster.models.ranker import (
     PhoenixRanker,
     RankerConfig,
@@ -56,6 +60,10 @@ class TrainConfig:
     # Sized for the demo world (about 45k training slates): validation AUC levels off after
     # two or three epochs, and three epochs of both models fit well inside five minutes.
     epochs: int = 3
+    # Small worlds get more epochs, up to max_epochs, until this many optimiser steps: a
+    # catalog of a few thousand slates learns nothing in three passes of a few dozen steps.
+    min_steps: int = 600
+    max_epochs: int = 20
     batch_size: int = 256
     lr: float = 2e-3
     weight_decay: float = 0.0
@@ -95,6 +103,32 @@ class TrainResult:
 
 
 @dataclass(frozen=True)
+class TrainingMix:
+    """What the ranker learns from: logged slates, and groups built from engagements (one
+    positive plus sampled negatives, see `features.sampled_slates`)."""
+
+    logged_slates: bool = True
+    # Sampled groups per logged training slate (0 = logged slates only); without logged
+    # slates, per positive engagement.
+    sampled_per_logged: float = 1.0
+    negatives: int = 7
+    popularity_alpha: float = 0.75
+    # Cap on sampled groups, so training time follows a budget, not the size of the world.
+    max_sampled: int = 60_000
+    # Classic peers' scores as ranker inputs (see models.peers), fitted at this many cuts
+    # spread from `peer_cut` to the end of the training period.
+    peer_features: bool = True
+    peer_fits: int = 3
+
+    def n_sampled(self, n_logged: int, n_positives: int) -> int:
+        want = self.sampled_per_logged * (n_logged if self.logged_slates else n_positives)
+        return int(min(self.max_sampled, want, n_positives))
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
 class TrainingData:
     """Everything both trainers and the evaluation read, built once from a world."""
 
@@ -110,6 +144,11 @@ class TrainingData:
     actions: tuple[str, ...]  # actions the source logs (each gets a ranker head)
     features: FeatureConfig
     dropped_rows: int  # impression rows whose post was published after it was shown
+    # End of the training data (the validation start): ids first seen later were not trained.
+    id_cutoff_us: int = 0
+    mix: TrainingMix = field(default_factory=TrainingMix)
+    logged_groups: int = 0  # training groups from logged slates (the rest are sampled)
+    heldout_classic: ClassicPeers | None = None  # fitted at the first held-out impression
 
 
 def source_actions(engagements: pl.DataFrame) -> tuple[str, ...]:
@@ -137,41 +176,111 @@ def prepare_training_data(
     content_vectors: np.ndarray,
     features: FeatureConfig | None = None,
     valid_fraction: float = 0.1,
+    mix: TrainingMix | None = None,
 ) -> TrainingData:
     """Temporal split + model inputs of a world; `content_vectors` aligned with world.articles."""
     features = features or FeatureConfig()
-    catalog = ItemCatalog.build(world.articles, content_vectors, features)
+    mix = mix or TrainingMix()
+    catalog = ItemCatalog.build(world.articles, content_vectors, features, world.engagements)
     log = EngagementLog.build(world.engagements, catalog)
     impressions = drop_impossible_rows(world.impressions, world.articles)
     split = temporal_split(impressions, valid_fraction)
-
-    def ranker(imp: pl.DataFrame) -> RankerData:
-        return build_ranker_data(
-            imp, world.engagements, world.follows, world.topic_follows, catalog, features, log=log
-        )
 
     # Retrieval positives follow the same time cut as the impressions.
     valid_start = split.valid["shown_at"].min() if split.valid.height else None
     heldout_start = split.heldout["shown_at"].min() if split.heldout.height else world.now
     valid_start = valid_start or heldout_start
+    # The classic peers at the held-out start: evaluated as methods of their own, and the
+    # ranker's peer inputs on held-out impressions.
+    heldout_classic = ClassicPeers.fit(world.engagements, heldout_start)
+    train_peers = heldout_peers = None
+    if mix.peer_features:
+        first = peer_cut(log, split, valid_start)
+        step = (valid_start - first) / max(1, mix.peer_fits)
+        cuts = [first + step * i for i in range(max(1, mix.peer_fits))]
+        train_peers = RollingPeerFeatures.fit(world.engagements, cuts)
+        heldout_peers = PeerFeatures.of(heldout_classic)
+
+    def ranker(imp: pl.DataFrame, peers: PeerScores | None = train_peers) -> RankerData:
+        return build_ranker_data(
+            imp,
+            world.engagements,
+            world.follows,
+            world.topic_follows,
+            catalog,
+            features,
+            log=log,
+            peers=peers,
+        )
 
     def retrieval(start: datetime | None, end: datetime | None) -> RetrievalExamples:
         return build_retrieval_examples(world.engagements, catalog, features, start, end, log=log)
+
+    logged = ranker(split.train if mix.logged_slates else split.train.clear())
+    n_positives = int((log.positive() & (log.time_us < _micros_of(valid_start))).sum())
+    n_sampled = mix.n_sampled(len(logged), n_positives)
+    train_groups = logged
+    if n_sampled > 0:
+        imp, labels = sampled_slates(
+            log,
+            catalog,
+            None,
+            valid_start,
+            n_sampled,
+            mix.negatives,
+            mix.popularity_alpha,
+            world.candidate_window,
+        )
+        sampled = build_ranker_data(
+            imp,
+            labels,
+            world.follows,
+            world.topic_follows,
+            catalog,
+            features,
+            log,
+            logged=False,
+            peers=train_peers,
+        )
+        train_groups = RankerData.concat([logged, sampled]) if len(logged) else sampled
 
     return TrainingData(
         catalog=catalog,
         log=log,
         split=split,
-        ranker_train=ranker(split.train),
+        ranker_train=train_groups,
         ranker_valid=ranker(split.valid),
-        ranker_heldout=ranker(split.heldout),
+        ranker_heldout=ranker(split.heldout, heldout_peers),
         retrieval_train=retrieval(None, valid_start),
         retrieval_valid=retrieval(valid_start, heldout_start),
         retrieval_heldout=retrieval(heldout_start, None),
         actions=source_actions(world.engagements),
         features=features,
         dropped_rows=world.impressions.height - impressions.height,
+        id_cutoff_us=_micros_of(valid_start),
+        mix=mix,
+        logged_groups=len(logged),
+        heldout_classic=heldout_classic,
     )
+
+
+def peer_cut(log: EngagementLog, split: Split, valid_start: datetime) -> datetime:
+    """Where the training-time peers are fitted: the first training impression, or later
+    when that leaves less than half of the training positives to fit on. Slates at or after
+    the cut learn how far to trust the peers on clicks the peers never saw."""
+    end = _micros_of(valid_start)
+    times = np.sort(log.time_us[log.positive() & (log.time_us < end)])
+    median = int(times[len(times) // 2]) if len(times) else end
+    first = _micros_of(split.train["shown_at"].min()) if split.train.height else end
+    return _from_micros(max(first, median))
+
+
+def _from_micros(us: int) -> datetime:
+    return pl.Series([us]).cast(pl.Datetime("us"))[0]
+
+
+def _micros_of(t: datetime) -> int:
+    return int(pl.Series([t]).cast(pl.Datetime("us")).dt.epoch("us")[0])
 
 
 @contextlib.contextmanager
@@ -200,7 +309,9 @@ def _fit(
 ) -> TrainResult:
     t0 = time.perf_counter()
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    n_steps = cfg.epochs * max(1, -(-n_examples // cfg.batch_size))
+    per_epoch = max(1, -(-n_examples // cfg.batch_size))
+    epochs = max(cfg.epochs, min(cfg.max_epochs, -(-cfg.min_steps // per_epoch)))
+    n_steps = epochs * per_epoch
     # Linear warm-up over the first 5% of steps, then cosine decay to 10% of the peak: fixed
     # by the config, so it is reproducible and needs no tuning per world size.
     warmup = max(1, n_steps // 20)
@@ -215,7 +326,7 @@ def _fit(
     rng = np.random.default_rng(cfg.seed)
     history: list[dict[str, float]] = []
     best_value, best_epoch, best_state, stale = -np.inf, 0, None, 0
-    for epoch in range(1, cfg.epochs + 1):
+    for epoch in range(1, epochs + 1):
         te = time.perf_counter()
         model.train()
         order = rng.permutation(n_examples)
@@ -273,7 +384,10 @@ def train_ranker(
     """Fit the ranker on data.ranker_train; the best epoch by validation click AUC wins."""
     train = train or TrainConfig()
     cfg = cfg or RankerConfig(
-        content_dim=data.catalog.dim, actions=data.actions, features=data.features
+        content_dim=data.catalog.dim,
+        actions=data.actions,
+        features=data.features,
+        id_cutoff_us=data.id_cutoff_us,
     )
     with torch_threads(train.threads):
         torch.manual_seed(train.seed)
@@ -302,7 +416,9 @@ def train_two_tower(
 ) -> TrainResult:
     """Fit the two-tower model; the best epoch by validation recall@100 wins."""
     train = train or TWO_TOWER_TRAIN
-    cfg = cfg or TwoTowerConfig(content_dim=data.catalog.dim, features=data.features)
+    cfg = cfg or TwoTowerConfig(
+        content_dim=data.catalog.dim, features=data.features, id_cutoff_us=data.id_cutoff_us
+    )
     ex = data.retrieval_train
     with torch_threads(train.threads):
         torch.manual_seed(train.seed)

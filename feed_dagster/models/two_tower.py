@@ -28,10 +28,12 @@ from feed_dagster.models.features import (
 )
 from feed_dagster.models.layers import (
     CatalogTensors,
+    HashedIdEmbedding,
     HistoryEncoder,
     IsolatedBlock,
     ItemEncoder,
     history_tensors,
+    id_limit,
     l2_normalise,
 )
 
@@ -46,6 +48,12 @@ class TwoTowerConfig:
     hidden: int = 128
     temperature: float = 0.05
     emb_std: float = 0.3
+    # Hashed user id next to the history in the user tower, and the post-id gate and
+    # dropout of the item tower (see layers.ItemEncoder); ids first engaged at or after
+    # id_cutoff_us (the end of the training data) are never used.
+    user_embedding: bool = True
+    id_cutoff_us: int = 0
+    id_dropout: float = 0.2
     positive_actions: tuple[str, ...] = POSITIVE_ACTIONS
     features: FeatureConfig = field(default_factory=FeatureConfig)
 
@@ -77,8 +85,15 @@ class TwoTower(nn.Module):
         # the EBNeRD-shaped data (no authors, 16 categories, held-out AUC 0.51); at 0.3 it
         # learnt the category tastes (0.64).
         self.item = ItemEncoder(
-            cfg.content_dim, d, f.author_buckets, f.topic_buckets, emb_std=cfg.emb_std
+            cfg.content_dim,
+            d,
+            f.author_buckets,
+            f.topic_buckets,
+            f.post_buckets,
+            emb_std=cfg.emb_std,
+            id_dropout=cfg.id_dropout,
         )
+        self.user = HashedIdEmbedding(f.user_buckets, d, 0.02) if cfg.user_embedding else None
         self.hist = HistoryEncoder(d, f.history_len)
         self.base = nn.Parameter(torch.zeros(d))
         self.query = nn.Parameter(torch.randn(d) * 0.02)
@@ -95,14 +110,20 @@ class TwoTower(nn.Module):
     def user_vectors(self, b: dict[str, torch.Tensor], cat: CatalogTensors) -> torch.Tensor:
         """[B, dim] unit vectors from history tensors (`history_tensors`)."""
         hi = b["hist_item"]
+        limit = id_limit(b, self.cfg.id_cutoff_us)
         hist = self.hist(
-            self.item(cat.content[hi], cat.author[hi], cat.topic[hi]),
+            self.item(hi, cat, limit[:, None]),
             b["hist_actions"],
             b["hist_dwell"],
             b["hist_age"],
         )
-        # The always-present base token keeps attention defined for users with no history.
-        ctx = torch.cat([self.base.expand(hi.shape[0], 1, -1), hist], dim=1)
+        # The always-present base token keeps attention defined for users with no history;
+        # it carries the user's id embedding when the user was seen in training.
+        base = self.base.expand(hi.shape[0], -1)
+        if self.user is not None:
+            known = (b["user_first_us"] < limit).to(torch.float32)[:, None]
+            base = base + known * self.user(b["user"])
+        ctx = torch.cat([base.unsqueeze(1), hist], dim=1)
         mask = torch.cat([torch.ones_like(hi[:, :1], dtype=torch.bool), hi > 0], dim=1)
         q = self.query.expand(hi.shape[0], 1, -1)
         for i, block in enumerate(self.blocks):
@@ -110,8 +131,9 @@ class TwoTower(nn.Module):
         return l2_normalise(self.user_out(q[:, 0]))
 
     def item_vectors(self, rows: torch.Tensor, cat: CatalogTensors) -> torch.Tensor:
-        """[N, dim] unit vectors of catalog rows."""
-        x = self.item(cat.content[rows], cat.author[rows], cat.topic[rows])
+        """[N, dim] unit vectors of catalog rows (query-independent, for the vector index:
+        a post's id counts when it was engaged with before the training cut)."""
+        x = self.item(rows, cat, torch.tensor(self.cfg.id_cutoff_us))
         return l2_normalise(self.item_out(x))
 
 

@@ -1,0 +1,104 @@
+"""Classic peers' scores as ranker inputs (stacking), fitted strictly before the impressions.
+
+Production rankers take retrieval and collaborative scores as features. The catch is time:
+a peer fitted on data that includes an impression's own click would hand the ranker its
+label. So peers are fitted once at a cut; impressions at or after the cut see the peer's
+scores (and a flag saying they are present), earlier ones see zeros and the flag off. The
+trainer fits at a cut inside the training period, evaluation at the held-out start, serving
+at `now`: always strictly before every impression scored.
+
+Scores are standardised by their mean and spread over a fixed sample of (user, post) pairs
+of the fit, so the ranker sees the same scale from fits on more or less data.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+
+import numpy as np
+import polars as pl
+
+from feed_dagster.metrics.classic import ClassicPeers
+from feed_dagster.models.features import N_PEER_FEATURES
+
+# Peers the ranker sees (one column each, then the "fitted before this impression" flag).
+PEER_METHODS: tuple[str, ...] = ("als", "item_knn", "popularity_all_time")
+assert N_PEER_FEATURES == len(PEER_METHODS) + 1
+_STATS_PAIRS = 20_000
+
+
+@dataclass(frozen=True)
+class PeerFeatures:
+    peers: ClassicPeers
+    cut_us: int
+    mean: np.ndarray  # float32 [len(PEER_METHODS)]
+    std: np.ndarray
+
+    @classmethod
+    def fit(cls, engagements: pl.DataFrame, cut: datetime) -> PeerFeatures:
+        return cls.of(ClassicPeers.fit(engagements, cut, methods=PEER_METHODS))
+
+    @classmethod
+    def of(cls, peers: ClassicPeers, seed: int = 0) -> PeerFeatures:
+        """Features from peers already fitted (with at least PEER_METHODS)."""
+        missing = set(PEER_METHODS) - set(peers.methods)
+        if missing:
+            raise ValueError(f"peer features need the methods {sorted(missing)} fitted")
+        cut = peers.cut
+        rng = np.random.default_rng(seed)
+        mean = np.zeros(len(PEER_METHODS), np.float32)
+        std = np.ones(len(PEER_METHODS), np.float32)
+        if len(peers.user_ids) and len(peers.item_ids):
+            users = rng.choice(peers.user_ids, _STATS_PAIRS)
+            items = rng.choice(peers.item_ids, _STATS_PAIRS)
+            raw = cls._raw(peers, users, items)
+            mean = raw.mean(0).astype(np.float32)
+            std = np.maximum(raw.std(0), 1e-6).astype(np.float32)
+        cut_us = int(pl.Series([cut]).cast(pl.Datetime("us")).dt.epoch("us")[0])
+        return cls(peers=peers, cut_us=cut_us, mean=mean, std=std)
+
+    @staticmethod
+    def _raw(peers: ClassicPeers, users: np.ndarray, items: np.ndarray) -> np.ndarray:
+        cols = [peers.score(m, users, items).astype(np.float64) for m in PEER_METHODS]
+        # Counts are heavy-tailed: their log is what a linear layer can use.
+        i = PEER_METHODS.index("popularity_all_time")
+        cols[i] = np.log1p(cols[i])
+        return np.stack(cols, axis=1)
+
+    def __call__(self, users: np.ndarray, articles: np.ndarray, times_us: np.ndarray) -> np.ndarray:
+        """float32 [n, N_PEER_FEATURES] for (user, article, time) rows; zeros and flag 0 for
+        rows earlier than the fit's cut."""
+        out = np.zeros((len(users), N_PEER_FEATURES), np.float32)
+        present = np.asarray(times_us) >= self.cut_us
+        if present.any():
+            raw = self._raw(self.peers, np.asarray(users)[present], np.asarray(articles)[present])
+            out[present, :-1] = np.clip((raw - self.mean) / self.std, -10, 10)
+            out[present, -1] = 1.0
+        return out
+
+
+@dataclass(frozen=True)
+class RollingPeerFeatures:
+    """Several fits at increasing cuts; each row takes the latest fit at or before its time,
+    so training slates late in the period see peers fitted on about as much data as the
+    held-out ones do."""
+
+    fits: tuple[PeerFeatures, ...]  # by cut, ascending
+
+    @classmethod
+    def fit(cls, engagements: pl.DataFrame, cuts: list[datetime]) -> RollingPeerFeatures:
+        return cls(tuple(PeerFeatures.fit(engagements, c) for c in sorted(set(cuts))))
+
+    def __call__(self, users: np.ndarray, articles: np.ndarray, times_us: np.ndarray) -> np.ndarray:
+        times_us = np.asarray(times_us)
+        out = np.zeros((len(users), N_PEER_FEATURES), np.float32)
+        for i, f in enumerate(self.fits):
+            nxt = self.fits[i + 1].cut_us if i + 1 < len(self.fits) else None
+            rows = times_us >= f.cut_us
+            if nxt is not None:
+                rows &= times_us < nxt
+            if rows.any():
+                idx = np.flatnonzero(rows)
+                out[idx] = f(np.asarray(users)[idx], np.asarray(articles)[idx], times_us[idx])
+        return out
