@@ -219,3 +219,4 @@ def test_feed_quality_materialises_and_is_readable_from_the_warehouse(data_dir) 
     con.close()
     assert table["feed"].to_list() == ["table_fallbacks", CHRONOLOGICAL, POPULARITY]
     assert (table["users"] == 30).all()
+    assert (table["model_version"] == "fallback").all()

@@ -60,12 +60,20 @@ def feed_quality(
         batch_size=config.batch_size,
         progress=context.log.info,
     )
+    # Which models were judged, in the table itself: a reader of the warehouse alone can
+    # tell whether the figures belong to the feeds being served.
+    result = result.with_columns(
+        model_version=pl.lit(versions["model_version"]),
+        vector_table_version=pl.lit(versions["vector_table_version"]),
+    )
     k = int(result["k"][0])
     recall = {
         f"recall@{k} {feed}": dg.MetadataValue.float(float(value))
         for feed, value in result.select("feed", "recall_macro").iter_rows()
     }
-    table = result.drop("cut", "k").with_columns(pl.col("seconds").round(1))
+    table = result.drop("cut", "k", "model_version", "vector_table_version").with_columns(
+        pl.col("seconds").round(1)
+    )
     return dg.Output(
         result,
         metadata={
