@@ -103,6 +103,17 @@ def test_classic_feeds_go_through_the_pipeline_exclusions() -> None:
     assert feeds[POPULARITY] == {1: [105, 100, 101], 2: [102, 100, 101], 3: [100, 101]}
 
 
+def test_the_worlds_candidate_window_applies_to_every_feed() -> None:
+    tables = small_world()
+    tables["world_info"] = pl.DataFrame(
+        {"candidate_window_hours": [None]}, schema={"candidate_window_hours": pl.Float64}
+    )
+    feeds = feed_lists(build_compared_feeds(tables, NOW, np.array([1, 2, 3]), {}))
+    # No age limit (a catalog): post 104, 50 h old, is now a candidate, still the oldest.
+    assert feeds[CHRONOLOGICAL] == {1: [100, 101, 104], 2: [100, 101]}
+    assert feeds[POPULARITY][3] == [100, 101, 104]
+
+
 def test_recall_matches_a_hand_count() -> None:
     result = evaluate_feeds(small_world(), NOW, {"fallback": fallbacks})
     by_feed = {r["feed"]: r for r in result.iter_rows(named=True)}

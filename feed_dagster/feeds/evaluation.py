@@ -30,16 +30,18 @@ import numpy as np
 import polars as pl
 
 from feed_dagster.data.schema import World
-from feed_dagster.feeds.build import build_feeds
 from feed_dagster.feeds.quality import later_positives, recall_at_k
 from feed_dagster.pipeline.config import PipelineConfig
 from feed_dagster.pipeline.fallbacks import positive_engagements
 from feed_dagster.pipeline.protocols import RETRIEVED_SCHEMA, Retriever, Scorer, component_name
 from feed_dagster.pipeline.query import Query
+from feed_dagster.pipeline.run import FEED_SCHEMA, run_pipeline
 from feed_dagster.pipeline.tables import (
     Tables,
     as_tables,
+    candidate_window,
     naive_utc,
+    published_between,
     run_position,
     table,
     user_frame,
@@ -111,10 +113,12 @@ def _probabilities(candidates: pl.DataFrame, key: pl.Expr) -> pl.DataFrame:
 
 
 def _freshness(now: datetime, scale_hours: float) -> pl.Expr:
-    """exp(-age / scale) in (0, 1]: strictly decreasing with age at float32 precision over
-    any candidate window of a few days (a second of age moves it by ~1e-5 relative)."""
+    """scale / (scale + age) in (0, 1], strictly decreasing with age. Hyperbolic rather than
+    exponential so it never underflows: the scorer's probabilities are float32, and without
+    an age limit (catalogs) posts can be years old; float32 still tells apart ages a minute
+    apart at ten years."""
     age_h = (pl.lit(now) - pl.col("published_at")).dt.total_seconds() / 3600.0
-    return (-age_h.clip(0.0, None) / scale_hours).exp()
+    return scale_hours / (scale_hours + age_h.clip(0.0, None))
 
 
 @dataclass
@@ -188,7 +192,7 @@ class NoRetriever:
         now: datetime,
         k: int,
         *,
-        published_after: datetime,
+        published_after: datetime | None,
         exclude: pl.DataFrame | None = None,
         exclude_authors: pl.DataFrame | None = None,
     ) -> pl.DataFrame:
@@ -225,17 +229,14 @@ class MostEngagedRetriever:
         now: datetime,
         k: int,
         *,
-        published_after: datetime,
+        published_after: datetime | None,
         exclude: pl.DataFrame | None = None,
         exclude_authors: pl.DataFrame | None = None,
     ) -> pl.DataFrame:
-        now, published_after = naive_utc(now), naive_utc(published_after)
+        now = naive_utc(now)
+        after = None if published_after is None else naive_utc(published_after)
         users = user_frame(user_ids)
-        recent = (
-            self.ranked(now)
-            .filter(pl.col("published_at") > published_after)
-            .with_row_index("_rank")
-        )
+        recent = self.ranked(now).filter(published_between(after, now)).with_row_index("_rank")
         if users.is_empty() or recent.is_empty() or k <= 0:
             return pl.DataFrame(schema=RETRIEVED_SCHEMA)
         parts = [pl.DataFrame(schema={"user_id": pl.Int64, "article_id": pl.Int64})]
@@ -297,6 +298,28 @@ class ComparedFeed:
     seconds: float
 
 
+def _feed_rows(
+    known: Tables,
+    users: np.ndarray,
+    cut: datetime,
+    retriever: Retriever,
+    scorer: Scorer,
+    config: PipelineConfig,
+    batch_size: int,
+) -> pl.DataFrame:
+    """The served rows of `users`, batch by batch through `run_pipeline`.
+
+    Not `build_feeds`: it refuses a run where most active users got no candidate, which
+    guards a publish but would hide a result here; a chronological feed is empty for users
+    who follow no one, and that emptiness is what it scores.
+    """
+    parts = [
+        run_pipeline(known, users[i : i + batch_size], cut, retriever, scorer, config)[0]
+        for i in range(0, len(users), batch_size)
+    ]
+    return pl.concat(parts) if parts else pl.DataFrame(schema=FEED_SCHEMA)
+
+
 def build_compared_feeds(
     tables: World | Tables,
     cut: datetime,
@@ -307,10 +330,11 @@ def build_compared_feeds(
     batch_size: int = 512,
 ) -> list[ComparedFeed]:
     """Each feed of `learned`, then the two classic feeds, for `users` at `cut` from
-    `tables_before(tables, cut)`, all through `build_feeds` with the same filters,
-    selection and served count (the classic ones with `classic_config`)."""
+    `tables_before(tables, cut)`, all through the candidate pipeline with the same window,
+    filters, selection and served count (the classic ones with `classic_config`). The
+    window is the world's (`candidate_window`) unless `config` says otherwise."""
     cut = naive_utc(cut)
-    cfg = config or PipelineConfig()
+    cfg = config or PipelineConfig().with_max_age(candidate_window(tables))
     clash = set(learned) & set(CLASSIC_FEEDS)
     if clash:
         raise ValueError(f"feed names {sorted(clash)} are reserved for the classic feeds")
@@ -322,9 +346,7 @@ def build_compared_feeds(
     for name, factory, feed_cfg in specs:
         t0 = time.perf_counter()
         retriever, scorer = factory(known)
-        rows, _ = build_feeds(
-            known, users, cut, retriever, scorer, config=feed_cfg, batch_size=batch_size
-        )
+        rows = _feed_rows(known, users, cut, retriever, scorer, feed_cfg, batch_size)
         out.append(
             ComparedFeed(
                 name,
@@ -358,7 +380,7 @@ def evaluate_feeds(
     recall is over the users with a positive, posts_per_user over every evaluated user.
     """
     cut = naive_utc(cut)
-    cfg = config or PipelineConfig()
+    cfg = config or PipelineConfig().with_max_age(candidate_window(tables))
     full = as_tables(tables)
     positives = later_positives(table(full, "engagements"), table(full, "articles"), cut)
     eligible = positives["user_id"].n_unique()
