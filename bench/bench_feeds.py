@@ -496,7 +496,8 @@ def main() -> None:
             quality_note = (
                 f"{first['eligible_users']:,} users have a held-out positive on a post "
                 f"published before `heldout_start`; a seeded sample of {first['users']:,} of "
-                f"them is evaluated ({first['positives']:,} pairs). Feed build times at the "
+                f"them is evaluated ({first['positives']:,} pairs). Build time of each feed "
+                "at the cut: "
                 + ", ".join(f"{feed} {rows[feed]['seconds']:.1f} s" for feed in labels)
                 + f". Held-out engagement rows: {n_all.height:,}."
             )
