@@ -4,11 +4,11 @@ A feed is judged by the recall@k of later positives (`quality.later_positives`):
 built at a cut time from data strictly before it, and a hit is a post in a user's first k
 served posts that the user engaged with positively at or after the cut.
 
-The classic feeds (chronological following, popularity) used to be computed beside the
-pipeline, so they skipped its exclusions: they could "recall" a post the user had already
-seen or engaged with, which the served feed never shows. Here every feed runs through the
-same candidate pipeline (same filters, selection and served count); only the sources and
-the scorer differ:
+Computed beside the pipeline (as `quality.chronological_following_feed` and
+`quality.popularity_feed` do), the classic feeds skip its exclusions and can "recall" a
+post the user had already seen or engaged with, which a served feed never shows. Here every
+feed runs through the same candidate pipeline (same window, filters, selection and served
+count); only the sources and the scorer differ:
 
 - each learned feed: the retriever and scorer given (models or table fallbacks);
 - chronological following: the in-network source alone, a recency scorer;
