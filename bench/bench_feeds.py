@@ -44,17 +44,16 @@ import feed_dagster.models.serve as serve  # noqa: E402
 from feed_dagster.data.schema import World  # noqa: E402
 from feed_dagster.embeddings import LexicalEncoder  # noqa: E402
 from feed_dagster.feeds.build import build_feeds  # noqa: E402
+from feed_dagster.feeds.evaluation import (  # noqa: E402
+    CHRONOLOGICAL,
+    DEFAULT_SAMPLE,
+    POPULARITY,
+    evaluate_feeds,
+)
 from feed_dagster.feeds.learned import (  # noqa: E402
     RankerScorer,
     TwoTowerRetriever,
     serving_features,
-)
-from feed_dagster.feeds.quality import (  # noqa: E402
-    Recall,
-    chronological_following_feed,
-    later_positives,
-    popularity_feed,
-    recall_at_k,
 )
 from feed_dagster.models.features import N_ACTIONS, PROFILE_FEATURES  # noqa: E402
 from feed_dagster.models.ranker import PhoenixRanker, load_ranker, ranker_batch  # noqa: E402
@@ -346,21 +345,12 @@ def measure(
     )
 
 
-def before(world: World, cut: datetime) -> dict[str, pl.DataFrame]:
-    """The world's tables as known just before `cut`: timestamped rows strictly before it
-    (posts: published at or before it, as the pipeline's sources allow). Blocks, mutes,
-    muted keywords and topic follows carry no timestamp and are kept whole."""
-    t = world.tables()
-    t.pop("impression_truth")
-    t["engagements"] = world.engagements.filter(pl.col("engaged_at") < cut)
-    t["impressions"] = world.impressions.filter(pl.col("shown_at") < cut)
-    t["follows"] = world.follows.filter(pl.col("followed_at") < cut)
-    t["articles"] = world.articles.filter(pl.col("published_at") <= cut)
-    return t
-
-
-def fmt_recall(r: Recall) -> list[str]:
-    return [f"{r.macro:.3f}", f"{r.micro:.3f}", f"{r.hits:,} / {r.positives:,}"]
+def fmt_recall(row: dict[str, Any]) -> list[str]:
+    return [
+        f"{row['recall_macro']:.3f}",
+        f"{row['recall_micro']:.3f}",
+        f"{row['hits']:,} / {row['positives']:,}",
+    ]
 
 
 def main() -> None:
@@ -370,6 +360,12 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=512, help="users per pipeline run")
     ap.add_argument("--retrain", action="store_true", help="ignore the cached models")
     ap.add_argument("--no-quality", action="store_true")
+    ap.add_argument(
+        "--quality-users",
+        type=int,
+        default=DEFAULT_SAMPLE,
+        help="seeded sample of users with a held-out positive for the quality section",
+    )
     ap.add_argument("--no-write", action="store_true")
     args = ap.parse_args()
     load_start = os.getloadavg()[0]
@@ -452,59 +448,58 @@ def main() -> None:
         counted = counted_flops(ranker, fwd.sample, ctx, sample_groups)
         analytic_sample = per_group["total"] * sample_groups
 
-        # 3. Quality at world.heldout_start, from the data before it.
+        # 3. Quality at world.heldout_start, from the data before it: the same core
+        # function as the feed_quality asset, so the benchmark and the graph agree.
         quality_rows: list[list[str]] = []
         quality_note = ""
         if not args.no_quality:
             cut = world.heldout_start
-            known = before(world, cut)
-            art = known["articles"]
-            keep = world.articles["published_at"].to_numpy() <= np.datetime64(cut, "us")
-            q_ctx = ServingContext.build(
-                art,
-                vectors[keep],
-                known["engagements"],
-                known["follows"],
-                known["topic_follows"],
-                serving_features(ranker.cfg.features),
-            )
-            positives = later_positives(world.engagements, world.articles, cut)
-            t0 = time.perf_counter()
-            served, _ = build_feeds(
-                known,
-                users,
-                cut,
-                TwoTowerRetriever(tower, q_ctx, table),
-                RankerScorer(ranker, q_ctx),
-                batch_size=args.batch_size,
-            )
-            q_learned_s = time.perf_counter() - t0
-            served_fb, _ = build_feeds(
-                known,
-                users,
-                cut,
-                PopularityRetriever.from_tables(known),
-                TopicAffinityScorer.from_tables(known),
-                batch_size=args.batch_size,
-            )
-            chrono = chronological_following_feed(art, known["follows"], users, cut, SERVED)
-            popular = popularity_feed(art, known["engagements"], users, cut, SERVED)
-            for name, feed in [
-                ("served feed, learned (two-tower + ranker)", served),
-                ("served feed, table fallbacks", served_fb),
-                ("chronological following (35 newest followed)", chrono),
-                ("popularity (35 most engaged, 48 h)", popular),
-            ]:
-                r = recall_at_k(feed, positives, SERVED)
-                per_user = feed.group_by("user_id").len()["len"]
-                quality_rows.append(
-                    [name, *fmt_recall(r), f"{per_user.mean():.1f}" if len(per_user) else "0"]
+
+            def learned_at_cut(known: dict[str, pl.DataFrame]) -> tuple[Any, Any]:
+                # The serving context sees the posts and engagements before the cut only.
+                keep = world.articles["published_at"].to_numpy() <= np.datetime64(cut, "us")
+                q_ctx = ServingContext.build(
+                    known["articles"],
+                    vectors[keep],
+                    known["engagements"],
+                    known["follows"],
+                    known["topic_follows"],
+                    serving_features(ranker.cfg.features),
                 )
+                return TwoTowerRetriever(tower, q_ctx, table), RankerScorer(ranker, q_ctx)
+
+            def fallbacks_at_cut(known: dict[str, pl.DataFrame]) -> tuple[Any, Any]:
+                return PopularityRetriever.from_tables(known), TopicAffinityScorer.from_tables(
+                    known
+                )
+
+            result = evaluate_feeds(
+                world,
+                cut,
+                {"learned": learned_at_cut, "fallback": fallbacks_at_cut},
+                sample_size=args.quality_users,
+                batch_size=args.batch_size,
+                progress=lambda m: print(f"  quality {m}", flush=True),
+            )
+            labels = {
+                "learned": "served feed, learned (two-tower + ranker)",
+                "fallback": "served feed, table fallbacks",
+                CHRONOLOGICAL: "chronological following (in-network source, newest first)",
+                POPULARITY: "popularity (most positive engagements, 48 h)",
+            }
+            rows = {r["feed"]: r for r in result.iter_rows(named=True)}
+            for feed, label in labels.items():
+                r = rows[feed]
+                quality_rows.append([label, *fmt_recall(r), f"{r['posts_per_user']:.1f}"])
+            first = rows["learned"]
             n_all = world.engagements.filter(pl.col("engaged_at") >= cut)
             quality_note = (
-                f"{r.users:,} users have a held-out positive on a post published before "
-                f"`heldout_start` ({r.positives:,} pairs); the learned feed at the cut took "
-                f"{q_learned_s:.1f} s. Held-out engagement rows: {n_all.height:,}."
+                f"{first['eligible_users']:,} users have a held-out positive on a post "
+                f"published before `heldout_start`; a seeded sample of {first['users']:,} of "
+                f"them is evaluated ({first['positives']:,} pairs). Build time of each feed "
+                "at the cut: "
+                + ", ".join(f"{feed} {rows[feed]['seconds']:.1f} s" for feed in labels)
+                + f". Held-out engagement rows: {n_all.height:,}."
             )
 
     load_end = os.getloadavg()[0]
@@ -658,15 +653,18 @@ def main() -> None:
             "### Quality: recall@35 of held-out positive engagements",
             "",
             "Feeds built at `world.heldout_start` from data strictly before it (engagements, "
-            "impressions and follows cut at the start; posts published up to it); positives = "
-            "(user, post) pairs with a positive action (click, favorite, reply, repost, quote, "
-            "share) at or after the start on a post published before it. Recall per user = "
-            "positives in the user's 35 served posts / positives, macro-averaged over users "
-            "with at least one positive; micro = all hits / all positives. Baselines: the 35 "
-            "newest posts of the previous 48 h by followed accounts, and the 35 posts of the "
-            "previous 48 h with the most positive engagements before the start (own posts "
-            "excluded in both). The served feeds also drop posts the user has already seen; "
-            "the baselines do not.",
+            "impressions and follows cut at the start; posts published up to it) by "
+            "`feed_dagster.feeds.evaluation.evaluate_feeds`, the function behind the "
+            "`feed_quality` asset; positives = (user, post) pairs with a positive action "
+            "(click, favorite, reply, repost, quote, share) at or after the start on a post "
+            "published before it. Recall per user = positives in the user's 35 served posts / "
+            "positives, macro-averaged over the sampled users; micro = all hits / all "
+            "positives. Every feed goes through the same candidate pipeline (filters: seen, "
+            "own, blocked/muted, too old, ...; top 50, conversation dedupe, 35 served). "
+            "Chronological following = the in-network source alone ranked newest first; "
+            "popularity = in-network plus the most-engaged recent posts, ranked by positive "
+            "engagements before the start; both without author diversity or the "
+            "out-of-network factor, which would reorder them.",
             "",
             markdown_table(
                 ["feed", "recall@35 (macro)", "micro", "hits / positives", "posts per user"],

@@ -9,6 +9,7 @@ import dagster as dg
 from feed_dagster.assets.checks import raw_table_checks
 from feed_dagster.assets.embeddings import article_embeddings
 from feed_dagster.assets.evaluation import impressions_evaluation
+from feed_dagster.assets.feed_quality import feed_quality
 from feed_dagster.assets.feeds import published_feeds, user_feeds
 from feed_dagster.assets.graph import follow_graph
 from feed_dagster.assets.models import promoted_ranker, ranker_promotion_gate, trained_models
@@ -36,6 +37,7 @@ def build_definitions() -> dg.Definitions:
             article_vectors,
             user_feeds,
             published_feeds,
+            feed_quality,
         ],
         asset_checks=[
             *raw_table_checks,

@@ -19,7 +19,10 @@ from feed_dagster.resources.storage import data_root, incoming_dir
 from feed_dagster.resources.stores import ModelStoreResource
 
 FEEDS = dg.AssetSelection.assets("user_feeds")
-UPSTREAM_OF_FEEDS = dg.AssetSelection.all() - FEEDS.downstream()
+FEED_QUALITY = dg.AssetSelection.assets("feed_quality")
+# Feed quality is evaluation, not a link of the refresh chain: a slow or failing
+# evaluation must not stop the rebuild whose success starts the refresh.
+UPSTREAM_OF_FEEDS = dg.AssetSelection.all() - FEEDS.downstream() - FEED_QUALITY
 
 refresh_feeds = dg.define_asset_job(
     "refresh_feeds",
@@ -47,6 +50,12 @@ retrain = dg.define_asset_job(
     ),
     description="Retrain both models, evaluate, promote the ranker only if the gate passes, "
     "and rebuild the item vectors with the new two-tower.",
+)
+evaluate_feeds_job = dg.define_asset_job(
+    "evaluate_feeds",
+    selection=FEED_QUALITY,
+    description="Held-out recall of the promoted models' feed against the chronological and "
+    "popularity feeds, all through the same pipeline.",
 )
 full_rebuild = dg.define_asset_job(
     "full_rebuild",
@@ -175,6 +184,17 @@ def refresh_after_new_data(context: dg.RunStatusSensorContext):
     return shard_requests(f"after-{context.dagster_run.job_name}-{context.dagster_run.run_id}")
 
 
+@dg.run_status_sensor(
+    run_status=dg.DagsterRunStatus.SUCCESS,
+    monitored_jobs=[retrain, full_rebuild],
+    request_job=evaluate_feeds_job,
+    default_status=dg.DefaultSensorStatus.RUNNING,
+    description="After new models or a rebuild, re-measure feed quality (in its own run).",
+)
+def quality_after_new_models(context: dg.RunStatusSensorContext):
+    return dg.RunRequest(run_key=f"quality-after-{context.dagster_run.run_id}")
+
+
 @dg.run_failure_sensor(
     default_status=dg.DefaultSensorStatus.RUNNING,
     description="Records every failed run in data/logs/run_failures.jsonl.",
@@ -193,7 +213,15 @@ def record_run_failures(context: dg.RunFailureSensorContext):
     context.log.error(f"run {entry['run_id']} of {entry['job']} failed: {entry['error']}")
 
 
-JOBS = [refresh_feeds, publish_feeds_job, update_vectors, retrain, full_rebuild, ingest_incoming]
+JOBS = [
+    refresh_feeds,
+    publish_feeds_job,
+    update_vectors,
+    retrain,
+    full_rebuild,
+    ingest_incoming,
+    evaluate_feeds_job,
+]
 SCHEDULES = [hourly_feed_refresh, daily_retrain]
 SENSORS = [
     incoming_batches,
@@ -201,5 +229,6 @@ SENSORS = [
     vectors_after_ingest,
     publish_when_shards_complete,
     refresh_after_new_data,
+    quality_after_new_models,
     record_run_failures,
 ]

@@ -1,0 +1,93 @@
+"""Held-out recall of the served feed against the classic feeds, built through one pipeline.
+
+Evaluation only: nothing downstream of the feeds depends on it, so a failure here never
+holds back a publish.
+"""
+
+import dagster as dg
+import polars as pl
+
+from feed_dagster.assets.feeds import MODEL_DEPS, PIPELINE_TABLES, _feed_models
+from feed_dagster.data.warehouse import read_tables
+from feed_dagster.feeds.evaluation import (
+    DEFAULT_SAMPLE,
+    LEARNED,
+    beats_classics,
+    evaluate_feeds,
+    tables_before,
+)
+from feed_dagster.plots import markdown_table
+from feed_dagster.resources.storage import warehouse_path
+from feed_dagster.resources.stores import LanceDBResource, ModelStoreResource
+
+FALLBACK = "table_fallbacks"
+
+
+class FeedQualityConfig(dg.Config):
+    sample_size: int = DEFAULT_SAMPLE
+    seed: int = 0
+    batch_size: int = 512
+
+
+@dg.asset(
+    group_name="evaluation",
+    deps=[*PIPELINE_TABLES, *MODEL_DEPS],
+    kinds={"duckdb", "polars"},
+    pool="warehouse",
+)
+def feed_quality(
+    context: dg.AssetExecutionContext,
+    config: FeedQualityConfig,
+    models: ModelStoreResource,
+    lancedb: LanceDBResource,
+) -> dg.Output[pl.DataFrame]:
+    """Recall@35 of held-out positives for feeds built at heldout_start from the data before
+    it: the promoted models' feed (the table fallbacks while none is promoted) against the
+    chronological-following and popularity feeds, all with the same filters and selection,
+    on a fixed seeded sample of users with a held-out positive."""
+    tables = read_tables(warehouse_path(), PIPELINE_TABLES)
+    cut = tables["world_info"]["heldout_start"][0]
+    # The models' serving context is built from the data before the cut only.
+    retriever, scorer, versions = _feed_models(context, tables_before(tables, cut), models, lancedb)
+    fallback = versions["model_version"] == "fallback"
+    name = FALLBACK if fallback else LEARNED
+    result = evaluate_feeds(
+        tables,
+        cut,
+        {name: lambda known: (retriever, scorer)},
+        sample_size=config.sample_size,
+        seed=config.seed,
+        batch_size=config.batch_size,
+        progress=context.log.info,
+    )
+    # Which models were judged, in the table itself: a reader of the warehouse alone can
+    # tell whether the figures belong to the feeds being served.
+    result = result.with_columns(
+        model_version=pl.lit(versions["model_version"]),
+        vector_table_version=pl.lit(versions["vector_table_version"]),
+    )
+    k = int(result["k"][0])
+    recall = {
+        f"recall@{k} {feed}": dg.MetadataValue.float(float(value))
+        for feed, value in result.select("feed", "recall_macro").iter_rows()
+    }
+    table = result.drop("cut", "k", "model_version", "vector_table_version").with_columns(
+        pl.col("seconds").round(1)
+    )
+    return dg.Output(
+        result,
+        metadata={
+            "dagster/row_count": result.height,
+            "comparison": dg.MetadataValue.md(markdown_table(table, float_digits=3)),
+            **recall,
+            "sample_users": int(result["users"][0]),
+            "eligible_users": int(result["eligible_users"][0]),
+            "beats_classic_feeds": beats_classics(result, name),
+            "models": (
+                "none promoted: evaluated the table fallbacks"
+                if fallback
+                else versions["model_version"]
+            ),
+            "cut": str(cut),
+        },
+    )
