@@ -1,18 +1,25 @@
 """Benchmark of the learned models: training time, retrieval recall, held-out ranking quality.
 
-Usage: .venv/bin/python bench/bench_models.py [--scale demo] [--no-ebnerd] [--no-write]
+Usage: .venv/bin/python bench/bench_models.py [--scale demo] [--seeds 3] [--no-ebnerd]
+       [--no-catalog] [--no-write]
 
-On the synthetic world it trains the two-tower model and the ranker, evaluates them against
-the baselines and the oracle (true click probabilities) on the held-out impressions, and runs
-the promotion gate. On a synthetic EBNeRD folder (clicks only, no authors, no follows) it
-does the same without an oracle. Wall and CPU seconds are both reported: on a shared machine
-wall time includes waiting for the cores.
+Three data shapes, each with the same protocol: the news/social world (`synthetic:demo`),
+the catalog world (`synthetic:catalog`: long-lived items, collaborative signal) and a
+synthetic EBNeRD folder (clicks only, no authors, no follows). On each it trains the two-tower
+model and the ranker, evaluates them on the held-out impressions against the baselines, the
+classic collaborative-filtering peers (all-time popularity, item-kNN, ALS, EASE) fitted in
+the same run, and the oracle (true click probabilities) where the data has one, and runs the
+promotion gate. The catalog and EBNeRD shapes train quickly, so they run over several seeds
+(world and training) and report medians. Wall and CPU seconds are both reported: on a shared
+machine wall time includes waiting for the cores.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -27,6 +34,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from report import machine, markdown_table, peak_rss_mb, write_section  # noqa: E402
 
 from feed_dagster.data.schema import World  # noqa: E402
+from feed_dagster.ebnerd.load import load_ebnerd  # noqa: E402
+from feed_dagster.ebnerd.synth import write_synthetic_ebnerd  # noqa: E402
 from feed_dagster.embeddings import LexicalEncoder  # noqa: E402
 from feed_dagster.models.evaluate import evaluate_models  # noqa: E402
 from feed_dagster.models.promotion import promotion_decision  # noqa: E402
@@ -42,6 +51,7 @@ from feed_dagster.models.train import (  # noqa: E402
 )
 from feed_dagster.models.two_tower import load_two_tower  # noqa: E402
 from feed_dagster.world import generate_world, world_config  # noqa: E402
+from feed_dagster.world.catalog import catalog_config, generate_catalog  # noqa: E402
 
 
 class Clock:
@@ -112,6 +122,67 @@ def run(
     }
 
 
+CLASSIC = ("popularity_all_time", "item_knn", "als", "ease")
+
+
+def margins(table: pl.DataFrame) -> dict[str, float]:
+    """Ranker minus the best classic peer (AUC, nDCG@10), and the oracle gap when known."""
+    rows = {r["method"]: r for r in table.iter_rows(named=True)}
+    out = {"ranker_auc": rows["ranker"]["auc"], "ranker_ndcg": rows["ranker"]["ndcg@10"]}
+    peers = [rows[m] for m in CLASSIC if m in rows]
+    best_auc = max(peers, key=lambda r: r["auc"])
+    best_ndcg = max(peers, key=lambda r: r["ndcg@10"])
+    out.update(
+        best_peer_auc=best_auc["auc"],
+        best_peer_ndcg=best_ndcg["ndcg@10"],
+        auc_margin=out["ranker_auc"] - best_auc["auc"],
+        ndcg_margin=out["ranker_ndcg"] - best_ndcg["ndcg@10"],
+        oracle_gap=rows["oracle"]["auc"] - out["ranker_auc"] if "oracle" in rows else math.nan,
+    )
+    out["best_peer"] = f"{best_auc['method']} / {best_ndcg['method']}"
+    return out
+
+
+def summary(results: list[dict]) -> list[str]:
+    """One row per data shape: medians over its seeds."""
+    by_shape: dict[str, list[dict]] = {}
+    for r in results:
+        by_shape.setdefault(r["shape"], []).append(r)
+    rows = []
+    for shape, rs in by_shape.items():
+        ms = [margins(r["table"]) for r in rs]
+
+        def med(key: str, ms: list[dict] = ms) -> float:
+            return statistics.median(m[key] for m in ms)
+
+        gates = sum(r["promotion"][0] for r in rs)
+        rows.append(
+            [
+                shape,
+                str(len(rs)),
+                f"{med('ranker_auc'):.4f}",
+                f"{med('best_peer_auc'):.4f}",
+                f"**{med('auc_margin'):+.4f}**",
+                f"{med('ranker_ndcg'):.4f}",
+                f"{med('best_peer_ndcg'):.4f}",
+                f"**{med('ndcg_margin'):+.4f}**",
+                "" if math.isnan(med("oracle_gap")) else f"{med('oracle_gap'):.4f}",
+                f"{gates}/{len(rs)}",
+                ms[0]["best_peer"],
+            ]
+        )
+    header = [
+        *("shape", "seeds", "ranker AUC", "best peer AUC", "margin", "ranker nDCG@10"),
+        *("best peer nDCG@10", "margin", "oracle gap (AUC)", "gate passed", "best peer"),
+    ]
+    return [
+        "### Summary: the ranker against the best classic peer (medians over seeds)",
+        "",
+        markdown_table(header, rows),
+        "",
+    ]
+
+
 def _fmt(x: object) -> str:
     return f"{x:.4f}" if isinstance(x, float) else str(x)
 
@@ -125,8 +196,13 @@ def section(results: list[dict], args: argparse.Namespace) -> str:
         f"shared, so wall time includes waiting for a core; CPU seconds are the work). "
         f"Peak RSS {peak_rss_mb():.0f} MiB.",
         "",
+        *summary(results),
+        "The full tables below are for seed 0 of each shape.",
+        "",
     ]
     for r in results:
+        if r["seed"] != 0:
+            continue
         d = r["data"]
         total_wall = r["tt_time"][0] + r["rk_time"][0]
         total_cpu = r["tt_time"][1] + r["rk_time"][1]
@@ -206,6 +282,8 @@ def main() -> None:
     ap.add_argument("--ranker-epochs", type=int, default=TrainConfig().epochs)
     ap.add_argument("--tt-epochs", type=int, default=TWO_TOWER_TRAIN.epochs)
     ap.add_argument("--no-ebnerd", action="store_true")
+    ap.add_argument("--no-catalog", action="store_true")
+    ap.add_argument("--seeds", type=int, default=3, help="seeds of the catalog and EBNeRD runs")
     ap.add_argument("--ebnerd-users", type=int, default=1000)
     ap.add_argument("--no-write", action="store_true")
     args = ap.parse_args()
@@ -213,22 +291,28 @@ def main() -> None:
     tt_train = replace(TWO_TOWER_TRAIN, epochs=args.tt_epochs, threads=args.threads)
 
     results = []
-    world = generate_world(world_config(args.scale))
-    results.append(run(f"synthetic:{args.scale}", world, ranker_train, tt_train, 48.0))
-    if not args.no_ebnerd:
-        from feed_dagster.ebnerd.load import load_ebnerd
-        from feed_dagster.ebnerd.synth import write_synthetic_ebnerd
 
-        with tempfile.TemporaryDirectory() as tmp:
-            folder = write_synthetic_ebnerd(
-                Path(tmp) / "ebnerd", users=args.ebnerd_users, articles=3000,
-                impressions_per_user=10, seed=0,
-            )  # fmt: skip
-            eb = load_ebnerd(folder)
-        # The synthetic EBNeRD slates show articles of the last 72 h: the retrieval corpus.
-        results.append(
-            run(f"EBNeRD synthetic ({args.ebnerd_users} users)", eb, ranker_train, tt_train, 72.0)
-        )
+    def add(shape: str, name: str, world: World, seed: int, recent_hours: float | None) -> None:
+        rk, tt = replace(ranker_train, seed=seed), replace(tt_train, seed=seed)
+        r = run(name, world, rk, tt, recent_hours)
+        results.append({**r, "shape": shape, "seed": seed})
+
+    world = generate_world(world_config(args.scale))
+    add(f"synthetic:{args.scale}", f"synthetic:{args.scale}", world, 0, 48.0)
+    for seed in range(args.seeds):
+        if not args.no_catalog:
+            cat = generate_catalog(catalog_config("catalog", seed=seed))
+            add("synthetic:catalog", f"synthetic:catalog (seed {seed})", cat, seed, None)
+        if not args.no_ebnerd:
+            with tempfile.TemporaryDirectory() as tmp:
+                folder = write_synthetic_ebnerd(
+                    Path(tmp) / "ebnerd", users=args.ebnerd_users, articles=3000,
+                    impressions_per_user=10, seed=seed,
+                )  # fmt: skip
+                eb = load_ebnerd(folder)
+            # The synthetic EBNeRD slates show articles of the last 72 h: the retrieval corpus.
+            name = f"EBNeRD synthetic ({args.ebnerd_users} users, seed {seed})"
+            add("EBNeRD synthetic", name, eb, seed, 72.0)
     if not args.no_write:
         write_section("models", section(results, args))
 

@@ -9,7 +9,7 @@ import polars as pl
 
 from feed_dagster.data.schema import ACTIONS
 from feed_dagster.models.features import N_PEER_FEATURES
-from feed_dagster.models.peers import PEER_METHODS, PeerFeatures, RollingPeerFeatures
+from feed_dagster.models.peers import PEER_METHODS, PER_USER, PeerFeatures, RollingPeerFeatures
 
 T0 = datetime(2026, 1, 1)
 
@@ -42,7 +42,7 @@ def test_rows_before_the_cut_get_nothing_and_later_rows_get_scores():
     items = np.array([2, 3, 2, 3])
     times = np.array([_us(cut) - 1, _us(cut), _us(cut), _us(cut) + 10**9])
     f = peers(users, items, times)
-    assert f.shape == (4, N_PEER_FEATURES) == (4, len(PEER_METHODS) + 1)
+    assert f.shape == (4, N_PEER_FEATURES) == (4, len(PEER_METHODS) + len(PER_USER) + 1)
     assert (f[0] == 0).all()  # before the cut: absent
     assert (f[1:, -1] == 1).all()
     assert np.isfinite(f).all()

@@ -20,7 +20,8 @@ from feed_dagster.pipeline.scoring import (
     with_reason,
 )
 
-CFG = ScoringConfig()
+# The reference system's values, which the formula tests spell out.
+CFG = ScoringConfig(author_diversity_floor=0.25, out_of_network_factor=0.75)
 
 
 def probs(**values: float) -> dict[str, float]:

@@ -225,8 +225,9 @@ def _candidate() -> dict:
 @dg.asset_check(
     asset="ranker_evaluation",
     blocking=True,
-    description="The new ranker must beat popularity, the two-tower score and every baseline, "
-    "and lose at most 0.005 AUC to the promoted ranker; otherwise it is never promoted.",
+    description="The new ranker must beat popularity, the two-tower score, every baseline and "
+    "every classic peer (all-time popularity, item-kNN, ALS, EASE) by 0.01 AUC, and lose at "
+    "most 0.005 AUC to the promoted ranker; otherwise it is never promoted.",
 )
 def ranker_promotion_gate() -> dg.AssetCheckResult:
     cand = _candidate()

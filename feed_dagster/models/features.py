@@ -47,9 +47,9 @@ PROFILE_FEATURES: tuple[str, ...] = (
 )
 
 
-# Classic-peer inputs per candidate: ALS, item-kNN, all-time popularity, "present" flag
+# Classic-peer inputs per candidate: ALS, item-kNN, EASE, all-time popularity, "present" flag
 # (computed by models.peers.PeerFeatures, which must produce this many columns).
-N_PEER_FEATURES = 4
+N_PEER_FEATURES = 8
 # (user ids, article ids, impression times in us) -> float32 [n, N_PEER_FEATURES]
 PeerScores = Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray]
 

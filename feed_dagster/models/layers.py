@@ -55,7 +55,7 @@ class HashedIdEmbedding(nn.Module):
 
     def __init__(self, buckets: int, d: int, std: float):
         super().__init__()
-        self.table = nn.Embedding(buckets, d, padding_idx=0)
+        self.table = nn.Embedding(buckets, d, padding_idx=0, sparse=True)
         nn.init.normal_(self.table.weight, std=std)
         with torch.no_grad():
             self.table.weight[0].zero_()
@@ -95,16 +95,17 @@ class ItemEncoder(nn.Module):
 
     def forward(self, rows: torch.Tensor, cat: CatalogTensors, limit: torch.Tensor) -> torch.Tensor:
         """Item vectors of catalog `rows` [...]; `limit` broadcasts against `rows`."""
-        known = cat.first_engaged[rows] < limit
-        if self.training and self.id_dropout > 0:
-            known = known & (torch.rand(rows.shape) >= self.id_dropout)
-        post = self.post(cat.post[rows]) * known.unsqueeze(-1).to(torch.float32)
-        return (
+        x = (
             self.content(cat.content[rows])
-            + post
             + self.author(cat.author[rows])
             + self.topic(cat.topic[rows])
         )
+        if self.id_dropout >= 1.0:  # post ids switched off altogether
+            return x
+        known = cat.first_engaged[rows] < limit
+        if self.training and self.id_dropout > 0:
+            known = known & (torch.rand(rows.shape) >= self.id_dropout)
+        return x + self.post(cat.post[rows]) * known.unsqueeze(-1).to(torch.float32)
 
 
 class HistoryEncoder(nn.Module):

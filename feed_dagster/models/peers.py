@@ -22,10 +22,16 @@ import polars as pl
 from feed_dagster.metrics.classic import ClassicPeers
 from feed_dagster.models.features import N_PEER_FEATURES
 
-# Peers the ranker sees (one column each, then the "fitted before this impression" flag).
-PEER_METHODS: tuple[str, ...] = ("als", "item_knn", "popularity_all_time")
-assert N_PEER_FEATURES == len(PEER_METHODS) + 1
+# Peers the ranker sees.
+PEER_METHODS: tuple[str, ...] = ("als", "item_knn", "ease", "popularity_all_time")
+# Collaborative methods whose scores also come standardised per user: their scale differs
+# from user to user (a heavy reader's item-kNN sums are large for every post), and within a
+# slate only how a post stands among the user's own scores matters.
+PER_USER: tuple[str, ...] = ("als", "item_knn", "ease")
 _STATS_PAIRS = 20_000
+_ITEMS_PER_USER = 64
+# Columns: each method standardised globally, the PER_USER ones per user, the present flag.
+assert N_PEER_FEATURES == len(PEER_METHODS) + len(PER_USER) + 1
 
 
 @dataclass(frozen=True)
@@ -34,6 +40,8 @@ class PeerFeatures:
     cut_us: int
     mean: np.ndarray  # float32 [len(PEER_METHODS)]
     std: np.ndarray
+    user_mean: np.ndarray  # float32 [len(peers.user_ids), len(PER_USER)]
+    user_std: np.ndarray
 
     @classmethod
     def fit(cls, engagements: pl.DataFrame, cut: datetime) -> PeerFeatures:
@@ -55,8 +63,20 @@ class PeerFeatures:
             raw = cls._raw(peers, users, items)
             mean = raw.mean(0).astype(np.float32)
             std = np.maximum(raw.std(0), 1e-6).astype(np.float32)
+        # Each user's scores over one shared random set of posts.
+        n_u = len(peers.user_ids)
+        k = min(_ITEMS_PER_USER, len(peers.item_ids))
+        user_mean = np.zeros((n_u, len(PER_USER)), np.float32)
+        user_std = np.ones((n_u, len(PER_USER)), np.float32)
+        if n_u and k:
+            items = rng.choice(peers.item_ids, k, replace=False)
+            users = np.repeat(peers.user_ids, k)
+            for j, m in enumerate(PER_USER):
+                s = peers.score(m, users, np.tile(items, n_u)).reshape(n_u, k).astype(np.float64)
+                user_mean[:, j] = s.mean(1)
+                user_std[:, j] = np.maximum(s.std(1), 1e-6)
         cut_us = int(pl.Series([cut]).cast(pl.Datetime("us")).dt.epoch("us")[0])
-        return cls(peers=peers, cut_us=cut_us, mean=mean, std=std)
+        return cls(peers, cut_us, mean, std, user_mean, user_std)
 
     @staticmethod
     def _raw(peers: ClassicPeers, users: np.ndarray, items: np.ndarray) -> np.ndarray:
@@ -72,8 +92,21 @@ class PeerFeatures:
         out = np.zeros((len(users), N_PEER_FEATURES), np.float32)
         present = np.asarray(times_us) >= self.cut_us
         if present.any():
-            raw = self._raw(self.peers, np.asarray(users)[present], np.asarray(articles)[present])
-            out[present, :-1] = np.clip((raw - self.mean) / self.std, -10, 10)
+            u = np.asarray(users)[present]
+            raw = self._raw(self.peers, u, np.asarray(articles)[present])
+            n = len(PEER_METHODS)
+            out[present, :n] = np.clip((raw - self.mean) / self.std, -10, 10)
+            # Users unseen by the fit keep the global standardisation.
+            pos = np.searchsorted(self.peers.user_ids, u).clip(0, max(len(self.user_mean) - 1, 0))
+            seen = (
+                (self.peers.user_ids[pos] == u) if len(self.user_mean) else np.zeros(len(u), bool)
+            )
+            cols = [PEER_METHODS.index(m) for m in PER_USER]
+            per_user = out[present][:, cols]
+            if seen.any():
+                z = (raw[seen][:, cols] - self.user_mean[pos[seen]]) / self.user_std[pos[seen]]
+                per_user[seen] = np.clip(z, -10, 10)
+            out[present, n : n + len(PER_USER)] = per_user
             out[present, -1] = 1.0
         return out
 

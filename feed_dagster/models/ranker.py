@@ -67,14 +67,15 @@ class RankerConfig:
     user_embedding: bool = True
     # Long-term (user, topic) and (user, author) engagement counts on each candidate token.
     profile_features: bool = True
-    # Classic peers' scores (ALS, item-kNN, popularity; fitted before the impression) on
+    # Classic peers' scores (ALS, item-kNN, EASE, popularity; fitted before the impression) on
     # each candidate token: the ranker stacks on collaborative filtering.
     peer_features: bool = True
     # Ids (post, user) first engaged at or after this time were never trained: their
     # embeddings are left out (set by the trainer to the end of its training data).
     id_cutoff_us: int = 0
-    # Share of known post ids dropped per training step, so content alone ranks cold posts.
-    id_dropout: float = 0.1
+    # Share of known post ids dropped per training step, so content alone ranks cold posts
+    # (news: most candidates at serving time are newer than the training cut).
+    id_dropout: float = 0.5
     action_weights: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_ACTION_WEIGHTS))
     dwell_weight: float = 0.05
     # Weight of a listwise term: softmax cross-entropy of the click head over each group's
