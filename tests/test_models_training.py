@@ -18,6 +18,7 @@ from feed_dagster.models.store import ModelStore
 from feed_dagster.models.train import (
     TrainConfig,
     prepare_training_data,
+    train_both,
     train_ranker,
     train_two_tower,
     two_tower_recall,
@@ -201,3 +202,12 @@ def test_store_round_trip_gives_identical_scores(tmp_path, data, ranker_result):
     a = score_frame(original, data.ranker_heldout, data.catalog)
     b = score_frame(reloaded, data.ranker_heldout, data.catalog)
     assert a.equals(b)
+
+
+def test_training_both_models_in_two_processes_gives_the_same_weights(data):
+    parallel = train_both(data, parallel=True)
+    sequential = train_both(data, parallel=False)
+    for a, b in zip(parallel, sequential, strict=True):
+        assert a.state_dict.keys() == b.state_dict.keys()
+        for key in a.state_dict:
+            assert torch.equal(a.state_dict[key], b.state_dict[key]), key

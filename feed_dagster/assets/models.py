@@ -16,7 +16,7 @@ from feed_dagster.models.features import FeatureConfig
 from feed_dagster.models.promotion import promotion_decision
 from feed_dagster.models.ranker import load_ranker
 from feed_dagster.models.serve import ServingContext
-from feed_dagster.models.train import prepare_training_data, train_ranker, train_two_tower
+from feed_dagster.models.train import prepare_training_data, train_both
 from feed_dagster.models.two_tower import load_two_tower
 from feed_dagster.plots import markdown_table
 from feed_dagster.resources.storage import data_root, warehouse_path
@@ -61,6 +61,7 @@ def serving_context(tables: dict[str, pl.DataFrame], features: FeatureConfig) ->
         tables["follows"],
         tables["topic_follows"],
         features,
+        peers_dir=data_root() / "models" / "serving_peers",
     )
 
 
@@ -128,10 +129,8 @@ def trained_models(context: dg.AssetExecutionContext, models: ModelStoreResource
         f"{len(data.ranker_train) - data.logged_groups:,} groups sampled from engagements; "
         f"{len(data.retrieval_train):,} retrieval positives"
     )
-    tt = train_two_tower(data)
-    context.log.info(f"two-tower trained in {tt.seconds:.0f}s")
-    rk = train_ranker(data)
-    context.log.info(f"ranker trained in {rk.seconds:.0f}s")
+    tt, rk = train_both(data)
+    context.log.info(f"two-tower trained in {tt.seconds:.0f}s, ranker in {rk.seconds:.0f}s")
     tt_version = store.save(TWO_TOWER, tt.state_dict, tt.config, tt.summary())
     rk_version = store.save(RANKER, rk.state_dict, rk.config, rk.summary())
     # The retrieval model has no gate of its own: article_vectors promotes it together with

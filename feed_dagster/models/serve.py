@@ -7,8 +7,12 @@ training, with everything strictly before `now`.
 
 from __future__ import annotations
 
+import hashlib
+import os
+import pickle
 from dataclasses import dataclass, field
 from datetime import datetime
+from pathlib import Path
 
 import numpy as np
 import polars as pl
@@ -38,15 +42,28 @@ class ServingContext:
     follows: pl.DataFrame
     topic_follows: pl.DataFrame
     features: FeatureConfig
-    # Classic peers fitted at a scoring time, kept for the next shard scored at that time.
+    # Where fitted peers are shared between processes (the shards of one refresh fit once).
+    peers_dir: Path | None = None
+    # Classic peers fitted at a scoring time, kept for the next batch scored at that time.
     _peers: dict[datetime, PeerFeatures] = field(default_factory=dict, repr=False)
 
     def peers_at(self, now: datetime) -> PeerFeatures:
-        """Peer features fitted on the engagements strictly before `now` (cached)."""
-        if now not in self._peers:
-            self._peers.clear()
-            self._peers[now] = PeerFeatures.fit(self.engagements, now)
-        return self._peers[now]
+        """Peer features fitted on the engagements strictly before `now`: from memory, from
+        `peers_dir` when another process fitted them on the same engagements, else fitted."""
+        if now in self._peers:
+            return self._peers[now]
+        path = None
+        peers = None
+        if self.peers_dir is not None:
+            path = self.peers_dir / f"peers-{_fingerprint(self.engagements, now)}.pkl"
+            peers = _load_peers(path)
+        if peers is None:
+            peers = PeerFeatures.fit(self.engagements, now)
+            if path is not None:
+                _save_peers(peers, path)
+        self._peers.clear()
+        self._peers[now] = peers
+        return peers
 
     @classmethod
     def build(
@@ -57,6 +74,7 @@ class ServingContext:
         follows: pl.DataFrame,
         topic_follows: pl.DataFrame,
         features: FeatureConfig | None = None,
+        peers_dir: Path | None = None,
     ) -> ServingContext:
         """`content_vectors[i]` belongs to `articles` row i; `features` must be the models'
         (their config's `features`), since hashed buckets depend on it."""
@@ -70,6 +88,7 @@ class ServingContext:
             follows=follows,
             topic_follows=topic_follows,
             features=features,
+            peers_dir=peers_dir,
         )
 
     @classmethod
@@ -84,6 +103,39 @@ class ServingContext:
             world.topic_follows,
             features,
         )
+
+
+def _fingerprint(engagements: pl.DataFrame, now: datetime) -> str:
+    """Names one fit: the scoring time and a summary of the engagements it saw."""
+    e = engagements.select(
+        pl.len().alias("n"),
+        pl.col("engaged_at").max().cast(pl.String).alias("last"),
+        pl.col("user_id").sum().alias("users"),
+        pl.col("article_id").sum().alias("articles"),
+    ).row(0)
+    return hashlib.sha256(f"{now.isoformat()}|{e}".encode()).hexdigest()[:16]
+
+
+def _load_peers(path: Path) -> PeerFeatures | None:
+    try:
+        with path.open("rb") as f:
+            peers = pickle.load(f)
+    except (OSError, pickle.UnpicklingError, EOFError, AttributeError):
+        return None  # absent or unreadable: fit again
+    return peers if isinstance(peers, PeerFeatures) else None
+
+
+def _save_peers(peers: PeerFeatures, path: Path, keep: int = 4) -> None:
+    """Written beside and renamed, so a concurrent reader sees all of it or nothing; only
+    the `keep` newest fits stay."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    with tmp.open("wb") as f:
+        pickle.dump(peers, f, protocol=pickle.HIGHEST_PROTOCOL)
+    os.replace(tmp, path)
+    old = sorted(path.parent.glob("peers-*.pkl"), key=lambda p: p.stat().st_mtime)[:-keep]
+    for p in old:
+        p.unlink(missing_ok=True)
 
 
 def user_vectors_at(
