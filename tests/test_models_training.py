@@ -211,3 +211,13 @@ def test_training_both_models_in_two_processes_gives_the_same_weights(data):
         assert a.state_dict.keys() == b.state_dict.keys()
         for key in a.state_dict:
             assert torch.equal(a.state_dict[key], b.state_dict[key]), key
+
+
+def test_without_a_validation_period_the_last_epoch_is_kept(world):
+    data = prepare_training_data(
+        world, LexicalEncoder().encode(world.articles), FEATURES, valid_fraction=0.0
+    )
+    assert len(data.ranker_valid) == 0
+    result = train_ranker(data, train=replace(RANKER_TRAIN, epochs=2))
+    assert len(result.history) == 2
+    assert result.best_epoch == 2

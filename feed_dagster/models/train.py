@@ -371,7 +371,9 @@ def _fit(
         row["seconds"] = time.perf_counter() - te
         history.append(row)
         value = row.get(metric, float("nan"))
-        if best_state is None or (np.isfinite(value) and value > best_value):
+        # Without a validation metric (no validation period) the last epoch is kept.
+        no_metric = not np.isfinite(value) and not np.isfinite(best_value)
+        if best_state is None or no_metric or (np.isfinite(value) and value > best_value):
             best_value, best_epoch, stale = value, epoch, 0
             best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
         else:
