@@ -40,6 +40,7 @@ from feed_dagster.pipeline.tables import (
     Tables,
     as_tables,
     candidate_window,
+    excluded_pairs,
     naive_utc,
     published_between,
     run_position,
@@ -239,21 +240,8 @@ class MostEngagedRetriever:
         recent = self.ranked(now).filter(published_between(after, now)).with_row_index("_rank")
         if users.is_empty() or recent.is_empty() or k <= 0:
             return pl.DataFrame(schema=RETRIEVED_SCHEMA)
-        parts = [pl.DataFrame(schema={"user_id": pl.Int64, "article_id": pl.Int64})]
-        if exclude is not None:
-            parts.append(exclude.select(pl.col("user_id", "article_id").cast(pl.Int64)))
-        if exclude_authors is not None:
-            by_author = exclude_authors.select(pl.col("user_id", "author_id").cast(pl.Int64))
-            parts.append(
-                by_author.join(recent.select("article_id", "author_id"), on="author_id").select(
-                    "user_id", "article_id"
-                )
-            )
-        excluded = (
-            pl.concat(parts)
-            .join(users, on="user_id", how="semi")
-            .join(recent.select("article_id"), on="article_id", how="semi")
-            .unique()
+        excluded = excluded_pairs(exclude, exclude_authors, recent).join(
+            users, on="user_id", how="semi"
         )
         # Only the head of the global list can reach anyone's k: k plus the most posts any
         # one user has excluded from it.

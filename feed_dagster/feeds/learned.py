@@ -20,7 +20,7 @@ from feed_dagster.models.serve import ServingContext, score_candidates, user_vec
 from feed_dagster.models.two_tower import TwoTower
 from feed_dagster.pipeline.protocols import RETRIEVED_SCHEMA
 from feed_dagster.pipeline.query import Query
-from feed_dagster.pipeline.tables import naive_utc, published_between
+from feed_dagster.pipeline.tables import excluded_pairs, naive_utc, published_between
 from feed_dagster.vectors import search_batch
 
 # Candidates scored per context at serving time. Training groups slates by 16; at serving a
@@ -117,29 +117,14 @@ class TwoTowerRetriever:
         """(query_idx, article_id) of the excluded posts inside the window: the pairs, and
         every post of an excluded author. Posts outside the window cannot come back anyway,
         and leaving them out keeps the over-fetch small."""
-        window = self.posts().filter(published_between(after, now))
-        pairs = []
-        if exclude is not None and exclude.height:
-            pairs.append(
-                exclude.select(
-                    pl.col("user_id").cast(pl.Int64), pl.col("article_id").cast(pl.Int64)
-                )
-            )
-        if exclude_authors is not None and exclude_authors.height:
-            authors = exclude_authors.select(
-                pl.col("user_id").cast(pl.Int64), pl.col("author_id").cast(pl.Int64)
-            )
-            pairs.append(
-                authors.join(window.select("article_id", "author_id"), on="author_id").select(
-                    "user_id", "article_id"
-                )
-            )
-        if not pairs:
+        if (exclude is None or exclude.is_empty()) and (
+            exclude_authors is None or exclude_authors.is_empty()
+        ):
             return None
+        window = self.posts().filter(published_between(after, now))
         queries = pl.DataFrame({"user_id": users, "query_idx": np.arange(len(users))})
         return (
-            pl.concat(pairs)
-            .join(window.select("article_id"), on="article_id", how="semi")
+            excluded_pairs(exclude, exclude_authors, window)
             .join(queries, on="user_id")
             .select("query_idx", "article_id")
             .unique()

@@ -112,7 +112,8 @@ def _micros(s: pl.Series) -> np.ndarray:
     return s.cast(pl.Datetime("us")).dt.epoch("us").fill_null(0).to_numpy().astype(np.int64)
 
 
-def _to_micros(t: datetime) -> int:
+def to_micros(t: datetime) -> int:
+    """Microseconds since the epoch of a (naive UTC) datetime, as the tables store them."""
     return int(pl.Series([t]).cast(pl.Datetime("us")).dt.epoch("us")[0])
 
 
@@ -575,7 +576,7 @@ def build_ranker_data(
         return out
 
     g_time = time_us[g_first]
-    hist_time = g_time if history_until is None else np.minimum(g_time, _to_micros(history_until))
+    hist_time = g_time if history_until is None else np.minimum(g_time, to_micros(history_until))
     run_len_g = np.diff(np.r_[g_first, n])
     return RankerData(
         group_impression=imp_id[g_first],
@@ -631,9 +632,9 @@ def sampled_slates(
     rng = np.random.default_rng(seed)
     pos = log.positive()
     if start is not None:
-        pos &= log.time_us >= _to_micros(start)
+        pos &= log.time_us >= to_micros(start)
     if end is not None:
-        pos &= log.time_us < _to_micros(end)
+        pos &= log.time_us < to_micros(end)
     # Popularity of every catalog row among the positives of the period.
     counts = np.bincount(log.item[pos], minlength=len(catalog) + 1).astype(np.float64)
     rows = np.flatnonzero(pos)
@@ -742,7 +743,7 @@ def user_histories(
     """Serving-time histories of users at `now` (the two-tower user tower's input)."""
     log = log if log is not None else EngagementLog.build(engagements, catalog)
     users = np.asarray(user_ids, dtype=np.int64)
-    return log.history(users, np.full(len(users), _to_micros(now), np.int64), cfg)
+    return log.history(users, np.full(len(users), to_micros(now), np.int64), cfg)
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,7 @@ import numpy as np
 import polars as pl
 
 from feed_dagster.metrics.classic import ClassicPeers
-from feed_dagster.models.features import N_PEER_FEATURES
+from feed_dagster.models.features import N_PEER_FEATURES, to_micros
 
 # Peers the ranker sees.
 PEER_METHODS: tuple[str, ...] = ("als", "item_knn", "ease", "popularity_all_time")
@@ -75,7 +75,7 @@ class PeerFeatures:
                 s = peers.score(m, users, np.tile(items, n_u)).reshape(n_u, k).astype(np.float64)
                 user_mean[:, j] = s.mean(1)
                 user_std[:, j] = np.maximum(s.std(1), 1e-6)
-        cut_us = int(pl.Series([cut]).cast(pl.Datetime("us")).dt.epoch("us")[0])
+        cut_us = to_micros(cut)
         return cls(peers, cut_us, mean, std, user_mean, user_std)
 
     @staticmethod

@@ -36,6 +36,7 @@ from feed_dagster.models.features import (
     build_retrieval_examples,
     sampled_slates,
     temporal_split,
+    to_micros,
 )
 from feed_dagster.models.layers import CatalogTensors
 from feed_dagster.models.peers import PeerFeatures, RollingPeerFeatures
@@ -230,7 +231,7 @@ def prepare_training_data(
         return build_retrieval_examples(world.engagements, catalog, features, start, end, log=log)
 
     logged = ranker(split.train if mix.logged_slates else split.train.clear())
-    n_positives = int((log.positive() & (log.time_us < _micros_of(valid_start))).sum())
+    n_positives = int((log.positive() & (log.time_us < to_micros(valid_start))).sum())
     n_sampled = mix.n_sampled(len(logged), n_positives)
     train_groups = logged
     if n_sampled > 0:
@@ -270,7 +271,7 @@ def prepare_training_data(
         actions=source_actions(world.engagements),
         features=features,
         dropped_rows=world.impressions.height - impressions.height,
-        id_cutoff_us=_micros_of(valid_start),
+        id_cutoff_us=to_micros(valid_start),
         mix=mix,
         logged_groups=len(logged),
         heldout_classic=heldout_classic,
@@ -283,19 +284,15 @@ def peer_cut(
     """Where the first training-time peers are fitted: the first training impression, or
     later when that leaves less than `quantile` of the training positives to fit on. Slates
     at or after the cut learn how far to trust the peers on clicks the peers never saw."""
-    end = _micros_of(valid_start)
+    end = to_micros(valid_start)
     times = np.sort(log.time_us[log.positive() & (log.time_us < end)])
     median = int(times[int(len(times) * quantile)]) if len(times) else end
-    first = _micros_of(split.train["shown_at"].min()) if split.train.height else end
+    first = to_micros(split.train["shown_at"].min()) if split.train.height else end
     return _from_micros(max(first, median))
 
 
 def _from_micros(us: int) -> datetime:
     return pl.Series([us]).cast(pl.Datetime("us"))[0]
-
-
-def _micros_of(t: datetime) -> int:
-    return int(pl.Series([t]).cast(pl.Datetime("us")).dt.epoch("us")[0])
 
 
 @contextlib.contextmanager

@@ -17,7 +17,14 @@ import polars as pl
 from feed_dagster.data.schema import ACTIONS, World
 from feed_dagster.pipeline.protocols import RETRIEVED_SCHEMA
 from feed_dagster.pipeline.query import Query
-from feed_dagster.pipeline.tables import Tables, as_tables, naive_utc, published_between, table
+from feed_dagster.pipeline.tables import (
+    Tables,
+    as_tables,
+    excluded_pairs,
+    naive_utc,
+    published_between,
+    table,
+)
 
 POSITIVE_ACTIONS: tuple[str, ...] = ("favorite", "reply", "repost", "quote", "share", "click")
 NEGATIVE_ACTIONS: tuple[str, ...] = tuple(a for a in ACTIONS if a not in POSITIVE_ACTIONS)
@@ -207,24 +214,8 @@ class PopularityRetriever:
         exclude_authors: pl.DataFrame | None,
     ) -> tuple[np.ndarray, np.ndarray]:
         """(user index, post index) of every excluded (user, recent post) pair."""
-        pairs = []
-        if exclude is not None and exclude.height:
-            pairs.append(
-                exclude.select(
-                    pl.col("user_id").cast(pl.Int64), pl.col("article_id").cast(pl.Int64)
-                )
-            )
-        if exclude_authors is not None and exclude_authors.height:
-            by_author = exclude_authors.select(
-                pl.col("user_id").cast(pl.Int64), pl.col("author_id").cast(pl.Int64)
-            ).join(recent.select("article_id", "author_id"), on="author_id")
-            pairs.append(by_author.select("user_id", "article_id"))
-        if not pairs:
-            return np.empty(0, np.int64), np.empty(0, np.int64)
-        cells = (
-            pl.concat(pairs)
-            .join(pl.DataFrame({"user_id": users}), on="user_id", how="semi")
-            .join(recent.select("article_id"), on="article_id", how="semi")
+        cells = excluded_pairs(exclude, exclude_authors, recent).join(
+            pl.DataFrame({"user_id": users}), on="user_id", how="semi"
         )
         return (
             np.searchsorted(users, cells["user_id"].to_numpy()),

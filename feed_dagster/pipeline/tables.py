@@ -70,6 +70,26 @@ def user_frame(user_ids: np.ndarray | list[int] | pl.Series) -> pl.DataFrame:
     return pl.DataFrame(ids).unique().sort("user_id")
 
 
+def excluded_pairs(
+    exclude: pl.DataFrame | None,
+    exclude_authors: pl.DataFrame | None,
+    posts: pl.DataFrame,
+) -> pl.DataFrame:
+    """Distinct (user_id, article_id) a retriever must not return, among `posts` (article_id,
+    author_id): the `exclude` pairs, and every post of a user's `exclude_authors`."""
+    parts = [pl.DataFrame(schema={"user_id": pl.Int64, "article_id": pl.Int64})]
+    if exclude is not None and exclude.height:
+        parts.append(exclude.select(pl.col("user_id", "article_id").cast(pl.Int64)))
+    if exclude_authors is not None and exclude_authors.height:
+        by_author = exclude_authors.select(pl.col("user_id", "author_id").cast(pl.Int64))
+        parts.append(
+            by_author.join(posts.select("article_id", "author_id"), on="author_id").select(
+                "user_id", "article_id"
+            )
+        )
+    return pl.concat(parts).join(posts.select("article_id"), on="article_id", how="semi").unique()
+
+
 def pair_key(df: pl.DataFrame, a: str, b: str) -> pl.Expr:
     """One Int64 per (a, b) pair of `df`, for fast distinct/window operations.
 
