@@ -17,6 +17,7 @@ from feed_dagster.models.ranker import RankerConfig, build_ranker, load_ranker, 
 from feed_dagster.models.store import ModelStore
 from feed_dagster.models.train import (
     TrainConfig,
+    prepare_and_train,
     prepare_training_data,
     train_both,
     train_ranker,
@@ -204,13 +205,19 @@ def test_store_round_trip_gives_identical_scores(tmp_path, data, ranker_result):
     assert a.equals(b)
 
 
-def test_training_both_models_in_two_processes_gives_the_same_weights(data):
+def test_training_both_models_in_two_processes_gives_the_same_weights(world, data):
     parallel = train_both(data, parallel=True)
     sequential = train_both(data, parallel=False)
-    for a, b in zip(parallel, sequential, strict=True):
-        assert a.state_dict.keys() == b.state_dict.keys()
-        for key in a.state_dict:
-            assert torch.equal(a.state_dict[key], b.state_dict[key]), key
+    # Overlapped: the two-tower trains while the ranker's data is still being built.
+    overlapped_data, *overlapped = prepare_and_train(
+        world, LexicalEncoder().encode(world.articles), FEATURES
+    )
+    assert len(overlapped_data.ranker_train) == len(data.ranker_train) > 0
+    for run in (parallel, overlapped):
+        for a, b in zip(run, sequential, strict=True):
+            assert a.state_dict.keys() == b.state_dict.keys()
+            for key in a.state_dict:
+                assert torch.equal(a.state_dict[key], b.state_dict[key]), key
 
 
 def test_without_a_validation_period_the_last_epoch_is_kept(world):

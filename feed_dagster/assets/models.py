@@ -16,7 +16,7 @@ from feed_dagster.models.features import FeatureConfig
 from feed_dagster.models.promotion import promotion_decision
 from feed_dagster.models.ranker import load_ranker
 from feed_dagster.models.serve import ServingContext
-from feed_dagster.models.train import prepare_training_data, train_both
+from feed_dagster.models.train import prepare_and_train
 from feed_dagster.models.two_tower import load_two_tower
 from feed_dagster.plots import markdown_table
 from feed_dagster.resources.storage import data_root, warehouse_path
@@ -123,13 +123,12 @@ def trained_models(context: dg.AssetExecutionContext, models: ModelStoreResource
     store = models.store()
     tables = read_tables(warehouse_path(), MODEL_TABLES)
     world = world_from_tables(tables, tables["world_info"])
-    data = prepare_training_data(world, content_vectors(world.articles))
+    data, tt, rk = prepare_and_train(world, content_vectors(world.articles))
     context.log.info(
         f"training data: {data.logged_groups:,} logged slates + "
         f"{len(data.ranker_train) - data.logged_groups:,} groups sampled from engagements; "
         f"{len(data.retrieval_train):,} retrieval positives"
     )
-    tt, rk = train_both(data)
     context.log.info(f"two-tower trained in {tt.seconds:.0f}s, ranker in {rk.seconds:.0f}s")
     tt_version = store.save(TWO_TOWER, tt.state_dict, tt.config, tt.summary())
     rk_version = store.save(RANKER, rk.state_dict, rk.config, rk.summary())

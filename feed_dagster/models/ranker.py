@@ -217,15 +217,25 @@ def ranker_loss(
     return loss
 
 
-@torch.no_grad()
+# Candidate tokens per forward pass at inference. With d_model 64 the forward is bound by
+# memory traffic, not matmuls: batches whose activations stay in cache ran 2.2x faster on
+# one core (demo ranker, 256-candidate groups: 138k candidates/s at 4k-16k tokens per
+# batch, 62k at 131k tokens).
+PREDICT_TOKENS = 8192
+
+
+@torch.inference_mode()
 def predict(
     model: PhoenixRanker,
     data: RankerData,
     catalog: ItemCatalog | CatalogTensors,
-    batch_size: int = 1024,
+    batch_size: int | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """(probabilities [G, C, n_actions], dwell seconds [G, C]) for every group of `data`."""
+    """(probabilities [G, C, n_actions], dwell seconds [G, C]) for every group of `data`,
+    `batch_size` groups per forward pass (default: about PREDICT_TOKENS candidates)."""
     cat = catalog if isinstance(catalog, CatalogTensors) else CatalogTensors(catalog)
+    if batch_size is None:
+        batch_size = max(1, PREDICT_TOKENS // max(1, data.cand_item.shape[1]))
     was_training = model.training
     model.eval()
     probs, dwell = [], []
@@ -246,7 +256,7 @@ def score_frame(
     model: PhoenixRanker,
     data: RankerData,
     catalog: ItemCatalog | CatalogTensors,
-    batch_size: int = 1024,
+    batch_size: int | None = None,
 ) -> pl.DataFrame:
     """One row per candidate: impression_id, user_id, article_id, position, the logged labels,
     p_<action> for each head and dwell_seconds (expected seconds)."""

@@ -163,7 +163,7 @@ def score_candidates(
     ctx: ServingContext,
     candidates: pl.DataFrame,
     now: datetime,
-    batch_size: int = 1024,
+    batch_size: int | None = None,
 ) -> pl.DataFrame:
     """Ranker predictions for (user_id, article_id) candidate rows scored at `now`.
 

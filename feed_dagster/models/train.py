@@ -12,7 +12,7 @@ import math
 import multiprocessing
 import time
 from collections.abc import Callable, Iterator
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime
 from typing import Any
@@ -193,17 +193,70 @@ def prepare_training_data(
     mix: TrainingMix | None = None,
 ) -> TrainingData:
     """Temporal split + model inputs of a world; `content_vectors` aligned with world.articles."""
+    base = prepare_retrieval_data(world, content_vectors, features, valid_fraction)
+    return add_ranker_data(base, world, mix)
+
+
+def prepare_retrieval_data(
+    world: World,
+    content_vectors: np.ndarray,
+    features: FeatureConfig | None = None,
+    valid_fraction: float = 0.1,
+) -> TrainingData:
+    """The temporal split and the two-tower's examples; the ranker's groups are left empty
+    (`add_ranker_data` fills them), so the two-tower can start training before they exist."""
     features = features or FeatureConfig()
-    mix = mix or TrainingMix()
     catalog = ItemCatalog.build(world.articles, content_vectors, features, world.engagements)
     log = EngagementLog.build(world.engagements, catalog)
     impressions = drop_impossible_rows(world.impressions, world.articles)
     split = temporal_split(impressions, valid_fraction)
-
     # Retrieval positives follow the same time cut as the impressions.
+    valid_start, heldout_start = _period_starts(split, world.now)
+
+    def retrieval(start: datetime | None, end: datetime | None) -> RetrievalExamples:
+        return build_retrieval_examples(world.engagements, catalog, features, start, end, log=log)
+
+    empty = build_ranker_data(
+        split.train.clear(),
+        world.engagements,
+        world.follows,
+        world.topic_follows,
+        catalog,
+        features,
+        log=log,
+    )
+    return TrainingData(
+        catalog=catalog,
+        log=log,
+        split=split,
+        ranker_train=empty,
+        ranker_valid=empty,
+        ranker_heldout=empty,
+        retrieval_train=retrieval(None, valid_start),
+        retrieval_valid=retrieval(valid_start, heldout_start),
+        retrieval_heldout=retrieval(heldout_start, None),
+        actions=source_actions(world.engagements),
+        features=features,
+        dropped_rows=world.impressions.height - impressions.height,
+        id_cutoff_us=to_micros(valid_start),
+    )
+
+
+def _period_starts(split: Split, now: datetime) -> tuple[datetime, datetime]:
+    """(validation start, held-out start); an empty period starts where the next one does."""
     valid_start = split.valid["shown_at"].min() if split.valid.height else None
-    heldout_start = split.heldout["shown_at"].min() if split.heldout.height else world.now
-    valid_start = valid_start or heldout_start
+    heldout_start = split.heldout["shown_at"].min() if split.heldout.height else now
+    return valid_start or heldout_start, heldout_start
+
+
+def add_ranker_data(
+    base: TrainingData, world: World, mix: TrainingMix | None = None
+) -> TrainingData:
+    """`base` (from prepare_retrieval_data) with the ranker's training, validation and
+    held-out groups, and the classic peers they read."""
+    mix = mix or TrainingMix()
+    catalog, log, split, features = base.catalog, base.log, base.split, base.features
+    valid_start, heldout_start = _period_starts(split, world.now)
     # The classic peers at the held-out start: evaluated as methods of their own, and the
     # ranker's peer inputs on held-out impressions.
     heldout_classic = ClassicPeers.fit(world.engagements, heldout_start)
@@ -226,9 +279,6 @@ def prepare_training_data(
             log=log,
             peers=peers,
         )
-
-    def retrieval(start: datetime | None, end: datetime | None) -> RetrievalExamples:
-        return build_retrieval_examples(world.engagements, catalog, features, start, end, log=log)
 
     logged = ranker(split.train if mix.logged_slates else split.train.clear())
     n_positives = int((log.positive() & (log.time_us < to_micros(valid_start))).sum())
@@ -258,20 +308,11 @@ def prepare_training_data(
         )
         train_groups = RankerData.concat([logged, sampled]) if len(logged) else sampled
 
-    return TrainingData(
-        catalog=catalog,
-        log=log,
-        split=split,
+    return replace(
+        base,
         ranker_train=train_groups,
         ranker_valid=ranker(split.valid),
         ranker_heldout=ranker(split.heldout, heldout_peers),
-        retrieval_train=retrieval(None, valid_start),
-        retrieval_valid=retrieval(valid_start, heldout_start),
-        retrieval_heldout=retrieval(heldout_start, None),
-        actions=source_actions(world.engagements),
-        features=features,
-        dropped_rows=world.impressions.height - impressions.height,
-        id_cutoff_us=to_micros(valid_start),
         mix=mix,
         logged_groups=len(logged),
         heldout_classic=heldout_classic,
@@ -508,8 +549,31 @@ def train_both(data: TrainingData, parallel: bool = True) -> tuple[TrainResult, 
     the same either way (fixed seeds, one thread each)."""
     if not parallel:
         return train_two_tower(data), train_ranker(data)
-    # The child gets only what the two-tower reads; "spawn" keeps it clear of this
-    # process's thread pools.
+    with _two_tower_in_background(data) as pending:
+        ranker = train_ranker(data)
+        return pending.result(), ranker
+
+
+def prepare_and_train(
+    world: World,
+    content_vectors: np.ndarray,
+    features: FeatureConfig | None = None,
+    mix: TrainingMix | None = None,
+) -> tuple[TrainingData, TrainResult, TrainResult]:
+    """prepare_training_data + train_both, overlapped: the two-tower starts training in a
+    second process as soon as its examples exist, while this process fits the classic peers
+    and builds the ranker's groups. Same data and weights as the two calls in sequence."""
+    base = prepare_retrieval_data(world, content_vectors, features)
+    with _two_tower_in_background(base) as pending:
+        data = add_ranker_data(base, world, mix)
+        ranker = train_ranker(data)
+        return data, pending.result(), ranker
+
+
+@contextlib.contextmanager
+def _two_tower_in_background(data: TrainingData) -> Iterator[Future[TrainResult]]:
+    """The two-tower trained in a spawned process ("spawn" keeps it clear of this process's
+    thread pools), which gets only what the two-tower reads."""
     slim = replace(
         data,
         ranker_train=data.ranker_train.take(np.arange(0)),
@@ -519,6 +583,4 @@ def train_both(data: TrainingData, parallel: bool = True) -> tuple[TrainResult, 
     )
     ctx = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(max_workers=1, mp_context=ctx) as pool:
-        pending = pool.submit(_two_tower_job, slim)
-        ranker = train_ranker(data)
-        return pending.result(), ranker
+        yield pool.submit(_two_tower_job, slim)
