@@ -57,7 +57,7 @@ def test_bad_batch_is_quarantined_and_nothing_is_written(tmp_path, warehouse, ti
     incoming.mkdir()
     posts, eng = simulate_activity(tiny_world.articles, tiny_world.engagements, tiny_world.now)
     posts.write_parquet(incoming / "articles-0001.parquet")
-    eng.with_columns(user_id=pl.lit(10**9, dtype=pl.Int64)).write_parquet(
+    eng.with_columns(user_id=pl.col("user_id") + 10**9).write_parquet(
         incoming / "engagements-0001.parquet"
     )
     before = _count(warehouse, "articles")

@@ -161,3 +161,106 @@ def check_canonical(name: str, df: pl.DataFrame, file: str) -> None:
         check_range(df, file, column, low, high, keys=keys)
     for column in TIME_COLUMNS.get(name, ()):
         check_time_window(df, file, column, keys=keys)
+
+
+def _kind(dtype: pl.DataType) -> str:
+    if dtype == pl.Null:
+        return "null"
+    if dtype.is_integer():
+        return "integer"
+    if dtype.is_float():
+        return "float"
+    if dtype.is_temporal():
+        return "temporal"
+    if dtype == pl.Boolean:
+        return "boolean"
+    if dtype in (pl.String, pl.Categorical):
+        return "string"
+    return str(dtype)
+
+
+# Which source kinds may be cast to a canonical kind without changing meaning: ids must be
+# integers in the file (a float id that casts to an int hides a broken export), a float
+# column accepts any number, a timestamp only a date or datetime (never text or epoch ints,
+# whose unit is a guess).
+_CASTS = {
+    "integer": {"integer", "null"},
+    "float": {"integer", "float", "null"},
+    "temporal": {"temporal", "null"},
+    "boolean": {"boolean", "null"},
+    "string": {"string", "null"},
+}
+
+
+def conform_checked(
+    name: str, df: pl.DataFrame, file: str, required: Iterable[str] = ()
+) -> pl.DataFrame:
+    """`schema.conform` with the checks a user's file needs first: every `required` column
+    present and non-null, and every present column of a type that casts to the canonical
+    one without a guess (see _CASTS)."""
+    from feed_dagster.data.schema import conform
+
+    schema = TABLE_SCHEMAS[name]
+    required = tuple(required)
+    for column in required:
+        if column not in df.columns:
+            raise DataValidationError(
+                file, column, f"a column of type {schema[column]}", "no column"
+            )
+    for column, target in schema.items():
+        if column not in df.columns:
+            continue
+        found = df.schema[column]
+        if _kind(found) not in _CASTS.get(_kind(target), {_kind(target)}):
+            raise DataValidationError(file, column, f"type {target}", f"type {found}")
+    try:
+        out = conform(name, df)
+    except Exception as exc:  # overflow and other casts polars refuses
+        raise DataValidationError(
+            file, None, f"columns that cast to the {name} schema", f"a cast failure ({exc})"
+        ) from exc
+    for column in required:
+        bad = out.with_row_index("row").filter(pl.col(column).is_null())
+        if bad.height:
+            raise DataValidationError.from_frame(
+                file,
+                column,
+                "no null values",
+                f"{bad.height} rows with null",
+                bad.select("row", *[c for c in required if c != column]).with_columns(
+                    pl.col(pl.Datetime).cast(pl.String)
+                ),
+            )
+    return out
+
+
+def check_unique(df: pl.DataFrame, file: str, key: list[str]) -> None:
+    """The key (one or more columns) identifies at most one row."""
+    bad = df.with_row_index("row").filter(pl.struct(key).is_duplicated())
+    if bad.height:
+        raise DataValidationError.from_frame(
+            file,
+            ", ".join(key),
+            "unique values",
+            f"{bad.height} rows with duplicate ids",
+            bad.sort(key).select("row", *key),
+        )
+
+
+def check_references(
+    df: pl.DataFrame, file: str, column: str, known: pl.Series, target: str
+) -> None:
+    """Every non-null value of `column` is among `known` (the ids of `target`)."""
+    bad = (
+        df.with_row_index("row")
+        .filter(pl.col(column).is_not_null() & ~pl.col(column).is_in(known.implode()))
+        .select("row", column)
+    )
+    if bad.height:
+        raise DataValidationError.from_frame(
+            file,
+            column,
+            f"ids present in {target}",
+            f"{bad.height} rows referring to unknown ids",
+            bad,
+        )
