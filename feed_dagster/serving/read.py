@@ -140,7 +140,9 @@ class FeedReader:
 
     Before each lookup it compares the file's identity (device, inode) with the one it
     opened; after a publish renamed a new file into place it reopens, so it serves the new
-    generation from the next call on, and never a mix of two.
+    generation from the next call on, and never a mix of two. It also drops what the
+    safety list beside the file hides (deleted posts, newly blocked or muted authors),
+    reloading that list only when the ingest replaced it.
     """
 
     def __init__(

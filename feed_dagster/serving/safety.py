@@ -140,15 +140,25 @@ class SafetyList:
         posts by authors hidden from `user_id`. Returns `feed` itself when nothing matches."""
         if feed.is_empty() or self.empty:
             return feed
-        drop = np.isin(feed["article_id"].to_numpy(), self.deleted)
-        authors = self.authors_hidden_from(user_id)
+        drop = _members(feed["article_id"].to_numpy(), self.deleted)
+        authors = np.sort(self.authors_hidden_from(user_id))
         if authors.size:
             # author_id is null for authorless news: -1 never matches an id (ids are >= 0).
             ids = feed["author_id"].fill_null(-1).to_numpy()
-            drop |= np.isin(ids, authors)
+            drop |= _members(ids, authors)
         if not drop.any():
             return feed
         return feed.filter(pl.Series(~drop))
+
+
+def _members(values: np.ndarray, sorted_set: np.ndarray) -> np.ndarray:
+    """values in sorted_set, by binary search: a few microseconds for a page of 35 against
+    any list size, where np.isin sorts the whole set on every call (~2 ms at 10k ids)."""
+    if sorted_set.size == 0:
+        return np.zeros(values.shape, dtype=bool)
+    at = np.searchsorted(sorted_set, values)
+    at[at == sorted_set.size] = 0
+    return sorted_set[at] == values
 
 
 EMPTY = SafetyList(
