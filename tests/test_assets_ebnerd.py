@@ -85,3 +85,40 @@ def test_broken_folder_fails_clearly_and_keeps_earlier_tables(data_dir, tmp_path
     failure = result.get_step_failure_events()[0].step_failure_data.error
     assert "history.parquet" in str(failure)
     assert _baselines(data_dir) == before  # nothing half-written
+
+
+def _warehouse(data_dir):
+    con = duckdb.connect(str(data_dir / "warehouse.duckdb"), read_only=True)
+    try:
+        names = [r[0] for r in con.execute("show tables").fetchall()]
+        return {n: con.execute(f'select * from "{n}"').pl() for n in names}
+    finally:
+        con.close()
+
+
+def test_refused_inputs_leave_every_warehouse_table_unchanged(data_dir, tmp_path, monkeypatch):
+    import polars as pl
+    import pyarrow.parquet as pq
+
+    folder = write_synthetic_ebnerd(tmp_path / "ebnerd", users=40, articles=200)
+    monkeypatch.setenv("FEED_DAGSTER_SOURCE", f"ebnerd:{folder}")
+    assert _materialize().success
+    before = _warehouse(data_dir)
+    assert before["impressions"].height > 0
+
+    behaviors = folder / "train" / "behaviors.parquet"
+    good = pq.read_table(behaviors)
+    negative = pl.from_arrow(good).with_columns(read_time=-pl.col("read_time").abs() - 1)
+    breakages = [
+        (lambda: behaviors.write_bytes(behaviors.read_bytes()[:1000]), "a readable Parquet file"),
+        (lambda: pq.write_table(negative.to_arrow().cast(good.schema), behaviors), "read_time"),
+    ]
+    for breakage, named in breakages:
+        breakage()
+        result = _materialize()
+        assert not result.success
+        error = str(result.get_step_failure_events()[0].step_failure_data.error)
+        assert "train/behaviors.parquet" in error and named in error
+        after = _warehouse(data_dir)
+        assert after.keys() == before.keys()
+        assert all(after[n].equals(before[n]) for n in before)

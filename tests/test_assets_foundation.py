@@ -41,17 +41,21 @@ def test_raw_assets_and_follow_graph_materialise_on_tiny(data_dir, tiny_world):
     assert stats[2] > 0
 
 
-def _corrupt_parquet_source(tmp_path, world, monkeypatch):
+def _corrupt_parquet_source(tmp_path, world, monkeypatch, *, dangling: bool = False):
+    """A parquet source with a self-follow (which only the asset checks catch) and, with
+    `dangling`, an engagement by an unknown user (which the loader itself refuses)."""
     folder = tmp_path / "drop"
     follows = pl.concat(
         [world.follows, world.follows.head(1).with_columns(followee_id=pl.col("follower_id"))]
     )
-    engagements = pl.concat(
-        [
-            world.engagements,
-            world.engagements.head(1).with_columns(user_id=pl.lit(10**9, dtype=pl.Int64)),
-        ]
-    )
+    engagements = world.engagements
+    if dangling:
+        engagements = pl.concat(
+            [
+                world.engagements,
+                world.engagements.head(1).with_columns(user_id=pl.lit(10**9, dtype=pl.Int64)),
+            ]
+        )
     from dataclasses import replace
 
     save_parquet_world(replace(world, follows=follows, engagements=engagements), folder)
@@ -62,10 +66,22 @@ def test_checks_fail_and_block_on_corrupted_input(data_dir, tiny_world, tmp_path
     _corrupt_parquet_source(tmp_path, tiny_world, monkeypatch)
     _, result = _materialize(selection=dg.AssetSelection.groups("raw", "social_graph"))
     failed = {c.check_name: c for c in result.get_asset_check_evaluations() if not c.passed}
-    assert "no_self_follows" in failed
+    assert set(failed) == {"no_self_follows"}
     assert "follows" in failed["no_self_follows"].description
-    bad_ref = [c for c in failed.values() if c.asset_key.path == ["engagements"]]
-    assert bad_ref and "1000000000" in bad_ref[0].description
     # The blocking self-follow check keeps follow_graph from being built on bad edges.
     built = {e.asset_key.path[-1] for e in result.get_asset_materialization_events()}
     assert "follows" in built and "follow_graph" not in built
+
+
+def test_loader_refuses_dangling_references_before_writing(
+    data_dir, tiny_world, tmp_path, monkeypatch
+):
+    # What the loader can tell (here an engagement by an unknown user) never reaches the
+    # warehouse: the source asset fails naming the file, and no table is written.
+    _corrupt_parquet_source(tmp_path, tiny_world, monkeypatch, dangling=True)
+    _, result = _materialize(selection=dg.AssetSelection.groups("raw", "social_graph"))
+    assert not result.success
+    error = str(result.get_step_failure_events()[0].step_failure_data.error)
+    assert "engagements.parquet" in error and "user_id" in error and "1000000000" in error
+    assert not result.get_asset_materialization_events()
+    assert not (data_dir / "warehouse.duckdb").exists()

@@ -271,3 +271,215 @@ def test_null_inside_inview_list(folder: Path) -> None:
     )
     err = expect_error(folder, "train/behaviors.parquet", "article_ids_inview")
     assert err.expected == "no null elements" and err.rows[0]["row"] == 4
+
+
+# --------------------------------------------------------------------------------------
+# file-level damage: every error names the file and what it should have been
+
+
+@pytest.mark.parametrize(
+    ("file", "damage"),
+    [
+        ("validation/behaviors.parquet", lambda b: b[: len(b) // 2]),  # torn copy
+        ("articles.parquet", lambda b: b"article_id,title\n1,hello\n"),  # a CSV
+        ("train/history.parquet", lambda b: b""),  # zero bytes
+        ("train/behaviors.parquet", lambda b: b[:-12]),  # footer cut off
+    ],
+    ids=["truncated", "csv_named_parquet", "zero_bytes", "no_footer"],
+)
+def test_unreadable_parquet_names_the_file(folder: Path, file: str, damage) -> None:
+    path = folder / file
+    path.write_bytes(damage(path.read_bytes()))
+    err = expect_error(folder, file, None)
+    assert err.expected == "a readable Parquet file"
+    assert "not a readable Parquet file" in err.found
+
+
+@pytest.mark.parametrize(
+    "file",
+    ["articles.parquet", "train/behaviors.parquet", "validation/history.parquet"],
+)
+def test_empty_required_table(folder: Path, file: str) -> None:
+    rewrite(folder / file, lambda d: d.head(0))
+    err = expect_error(folder, file, None)
+    assert err.found == "0 rows" and "at least one row" in err.expected
+
+
+def _set_row(column: str, row: int, value, dtype: pl.DataType):
+    def change(d: pl.DataFrame) -> pl.DataFrame:
+        return d.with_columns(
+            pl.when(pl.int_range(pl.len()) == row)
+            .then(pl.lit(value, dtype=dtype))
+            .otherwise(pl.col(column))
+            .alias(column)
+        )
+
+    return change
+
+
+@pytest.mark.parametrize(
+    ("file", "column", "value", "dtype"),
+    [
+        ("train/behaviors.parquet", "read_time", -3.0, pl.Float32),
+        ("train/behaviors.parquet", "read_time", float("nan"), pl.Float32),
+        ("validation/behaviors.parquet", "scroll_percentage", 140.0, pl.Float32),
+        ("validation/behaviors.parquet", "scroll_percentage", -0.5, pl.Float32),
+        ("train/behaviors.parquet", "next_read_time", -1.0, pl.Float32),
+        ("train/behaviors.parquet", "next_scroll_percentage", 101.0, pl.Float32),
+        ("train/behaviors.parquet", "age", -4, pl.Int8),
+        ("train/behaviors.parquet", "device_type", -1, pl.Int8),
+        ("articles.parquet", "total_inviews", -7, pl.Int32),
+        ("articles.parquet", "total_pageviews", -1, pl.Int32),
+        ("articles.parquet", "total_read_time", -0.1, pl.Float32),
+        ("articles.parquet", "sentiment_score", 1.5, pl.Float32),
+        ("articles.parquet", "category", -2, pl.Int16),
+    ],
+    ids=lambda v: str(v).replace("/", "_"),
+)
+def test_out_of_domain_values(folder: Path, file: str, column: str, value, dtype) -> None:
+    rewrite(folder / file, _set_row(column, 3, value, dtype))
+    err = expect_error(folder, file, column)
+    assert "out of range" in err.found
+    assert err.rows[0]["row"] == 3
+
+
+@pytest.mark.parametrize(
+    ("column", "value"),
+    [("read_time_fixed", -5.0), ("scroll_percentage_fixed", 250.0)],
+)
+def test_out_of_domain_history_list_elements(folder: Path, column: str, value: float) -> None:
+    bad = pl.lit([value], dtype=pl.List(pl.Float32))
+    rewrite(
+        folder / "train" / "history.parquet",
+        lambda d: d.with_columns(
+            pl.when(pl.int_range(pl.len()) == 1)
+            .then(pl.col(column).list.head(1).list.concat(bad))
+            .otherwise(pl.col(column))
+            .alias(column)
+        ).with_columns(
+            # keep every history list the same length, so only the domain rule fires
+            *[
+                pl.when(pl.int_range(pl.len()) == 1)
+                .then(pl.col(c).list.head(2))
+                .otherwise(pl.col(c))
+                .alias(c)
+                for c in (
+                    "impression_time_fixed",
+                    "scroll_percentage_fixed",
+                    "article_id_fixed",
+                    "read_time_fixed",
+                )
+                if c != column
+            ]
+        ),
+    )
+    err = expect_error(folder, "train/history.parquet", column)
+    assert err.rows[0]["row"] == 1 and "out of range" in err.found
+
+
+@pytest.mark.parametrize("year", [1970, 2200])
+@pytest.mark.parametrize(
+    ("file", "column"),
+    [
+        ("train/behaviors.parquet", "impression_time"),
+        ("articles.parquet", "published_time"),
+        ("articles.parquet", "last_modified_time"),
+    ],
+)
+def test_implausible_timestamps(folder: Path, file: str, column: str, year: int) -> None:
+    from datetime import datetime
+
+    rewrite(folder / file, _set_row(column, 0, datetime(year, 1, 1), pl.Datetime("us")))
+    err = expect_error(folder, file, column)
+    assert "plausible window" in err.expected
+    assert err.rows[0]["row"] == 0 and str(year) in str(err.rows[0][column])
+
+
+def test_history_time_in_1970(folder: Path) -> None:
+    from datetime import datetime
+
+    # The epoch as the first read keeps the list ascending: only the window rule can fire.
+    rewrite(
+        folder / "validation" / "history.parquet",
+        lambda d: d.with_columns(
+            pl.concat_list(
+                pl.lit([datetime(1970, 1, 1)], dtype=pl.List(pl.Datetime("us"))),
+                pl.col("impression_time_fixed").list.slice(1),
+            ).alias("impression_time_fixed")
+        ),
+    )
+    err = expect_error(folder, "validation/history.parquet", "impression_time_fixed")
+    assert "plausible window" in err.expected
+
+
+def test_negative_article_id_is_refused(folder: Path) -> None:
+    rewrite(folder / "articles.parquet", _set_row("article_id", 5, -9, pl.Int32))
+    err = expect_error(folder, "articles.parquet", "article_id")
+    assert err.rows[0]["row"] == 5
+
+
+# --------------------------------------------------------------------------------------
+# zips
+
+
+def _zip(folder: Path, out: Path, *, skip: str | None = None, stored: bool = False) -> Path:
+    import zipfile
+
+    method = zipfile.ZIP_STORED if stored else zipfile.ZIP_DEFLATED
+    with zipfile.ZipFile(out, "w", method) as zf:
+        for p in sorted(folder.rglob("*.parquet")):
+            rel = p.relative_to(folder).as_posix()
+            if rel != skip:
+                zf.write(p, f"ebnerd_demo/{rel}")
+    return out
+
+
+def test_zip_loads_like_the_folder(folder: Path, tmp_path: Path) -> None:
+    # The control case for the zip tests below: the same zip, undamaged, loads.
+    assert load_ebnerd(_zip(folder, tmp_path / "ok.zip")).impressions.height > 0
+
+
+def test_zip_missing_a_member(folder: Path, tmp_path: Path) -> None:
+    archive = _zip(folder, tmp_path / "part.zip", skip="validation/history.parquet")
+    with pytest.raises(DataValidationError) as info:
+        load_ebnerd(archive)
+    assert info.value.file.endswith("part.zip!ebnerd_demo/validation/history.parquet")
+    assert info.value.found == "missing file"
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [lambda b: b[: len(b) // 2], lambda b: b"PK\x03\x04" + b"\x00" * 64, lambda b: b"hello"],
+    ids=["truncated", "header_only", "not_a_zip"],
+)
+def test_corrupt_zip_names_the_archive(folder: Path, tmp_path: Path, damage) -> None:
+    archive = _zip(folder, tmp_path / "broken.zip")
+    archive.write_bytes(damage(archive.read_bytes()))
+    with pytest.raises(DataValidationError) as info:
+        load_ebnerd(archive)
+    assert info.value.file == str(archive)
+    assert "readable zip archive" in info.value.expected
+
+
+def test_zip_member_failing_its_checksum(folder: Path, tmp_path: Path) -> None:
+    archive = _zip(folder, tmp_path / "crc.zip", stored=True)
+    data = bytearray(archive.read_bytes())
+    member = (folder / "train" / "behaviors.parquet").read_bytes()
+    at = bytes(data).find(member)
+    assert at > 0
+    data[at + len(member) // 2] ^= 0xFF  # flip one byte inside the member's data
+    archive.write_bytes(bytes(data))
+    with pytest.raises(DataValidationError) as info:
+        load_ebnerd(archive)
+    err = info.value
+    assert err.file.endswith("crc.zip!ebnerd_demo/train/behaviors.parquet")
+    assert err.expected == "a readable zip member"
+
+
+def test_zip_member_that_is_not_parquet(folder: Path, tmp_path: Path) -> None:
+    (folder / "articles.parquet").write_bytes(b"\x00" * 100)
+    archive = _zip(folder, tmp_path / "notparquet.zip")
+    with pytest.raises(DataValidationError) as info:
+        load_ebnerd(archive)
+    assert info.value.file.endswith("notparquet.zip!ebnerd_demo/articles.parquet")
+    assert info.value.expected == "a readable Parquet file"

@@ -12,6 +12,7 @@ from feed_dagster.pipeline.filters import (
     PRE_SCORING_FILTERS,
     dedupe_reposts,
     drop_blocked_muted_authors,
+    drop_deleted_posts,
     drop_duplicates,
     drop_missing_core_data,
     drop_muted_keywords,
@@ -193,6 +194,18 @@ def test_drop_previously_served() -> None:
 def test_drop_muted_keywords_whole_words_case_insensitive() -> None:
     # "World Cup" / "world" match "The WORLD  cup, final!" but not "worldwide cupcakes".
     assert removed_ids(drop_muted_keywords) == [205]
+
+
+def test_drop_deleted_posts() -> None:
+    assert removed_ids(drop_deleted_posts) == []  # no tombstones: nothing goes
+    deleted = conform("deleted_posts", pl.DataFrame({"article_id": [200, 207]}))
+    q = hydrate_query({**tables(), "deleted_posts": deleted}, [1], NOW)
+    c = candidates()
+    kept, removed = drop_deleted_posts(c, q, CFG)
+    # 200 (twice) and 207 are deleted; 204 and 214 repost them and show their content.
+    gone = c.join(kept, on=["user_id", "source_rank"], how="anti")["article_id"].to_list()
+    assert gone == [200, 204, 207, 214, 200]
+    assert removed == 5 and kept["source_rank"].is_sorted()
 
 
 def test_drop_blocked_muted_authors() -> None:

@@ -128,6 +128,7 @@ def test_stats_cover_every_stage(run) -> None:
         "candidate_hydration",
         "filter.duplicates",
         "filter.missing_core_data",
+        "filter.deleted_posts",
         "filter.too_old",
         "filter.own_posts",
         "filter.out_of_network_replies_reposts",

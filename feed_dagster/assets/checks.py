@@ -96,6 +96,8 @@ RULES: list[Rule] = [
     _ref("follows", "followee_id", "users", "user_id"),
     _ref("blocks", "user_id", "users", "user_id"),
     _ref("mutes", "user_id", "users", "user_id"),
+    _unique("deleted_posts", ["article_id"]),
+    _ref("deleted_posts", "article_id", "articles", "article_id"),
 ]
 
 

@@ -7,7 +7,7 @@ holds back a publish.
 import dagster as dg
 import polars as pl
 
-from feed_dagster.assets.feeds import MODEL_DEPS, PIPELINE_TABLES, _feed_models
+from feed_dagster.assets.feeds import MODEL_DEPS, OPTIONAL_TABLES, PIPELINE_TABLES, _feed_models
 from feed_dagster.data.warehouse import read_tables
 from feed_dagster.feeds.evaluation import (
     LEARNED,
@@ -46,7 +46,7 @@ def feed_quality(
     it: the promoted models' feed (the table fallbacks while none is promoted) against the
     chronological-following and popularity feeds, all with the same filters and selection,
     on a fixed seeded sample of users with a held-out positive."""
-    tables = read_tables(warehouse_path(), PIPELINE_TABLES)
+    tables = read_tables(warehouse_path(), PIPELINE_TABLES, OPTIONAL_TABLES)
     cut = tables["world_info"]["heldout_start"][0]
     # The models' serving context is built from the data before the cut only.
     retriever, scorer, versions = _feed_models(context, tables_before(tables, cut), models, lancedb)

@@ -40,7 +40,10 @@ PIPELINE_TABLES = [
     "blocks",
     "mutes",
     "muted_keywords",
+    "deleted_posts",
 ]
+# Warehouses built before tombstones existed have no deleted_posts table: read as empty.
+OPTIONAL_TABLES = ("deleted_posts",)
 MODEL_DEPS = ["promoted_ranker", "article_vectors"]
 
 
@@ -124,7 +127,7 @@ def user_feeds(
     """Ranked feeds for the users of one shard: candidates -> filters -> scores -> selection,
     written as one Parquet file per shard."""
     shard = int(context.partition_key)
-    tables = read_tables(warehouse_path(), PIPELINE_TABLES)
+    tables = read_tables(warehouse_path(), PIPELINE_TABLES, OPTIONAL_TABLES)
     now = tables["world_info"]["now"][0]
     window = resolve_window(
         candidate_window(tables), config.candidate_window_hours, config.no_candidate_window

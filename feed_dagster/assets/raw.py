@@ -28,6 +28,10 @@ RAW_TABLES: dict[str, tuple[str, str]] = {
     "blocks": (SOCIAL_GROUP, "Accounts a user blocked."),
     "mutes": (SOCIAL_GROUP, "Accounts a user muted."),
     "muted_keywords": (SOCIAL_GROUP, "Words a user never wants to see."),
+    "deleted_posts": (
+        RAW_GROUP,
+        "Tombstones of deleted posts (from incoming batches): feeds and readers never show them.",
+    ),
 }
 
 

@@ -6,7 +6,7 @@ only these tables, so a new data source is a new mapper, never a change downstre
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from datetime import datetime, timedelta
 
 import polars as pl
@@ -86,6 +86,9 @@ TOPIC_FOLLOWS = {"user_id": pl.Int64, "topic": pl.Int32}
 BLOCKS = {"user_id": pl.Int64, "blocked_id": pl.Int64}
 MUTES = {"user_id": pl.Int64, "muted_id": pl.Int64}
 MUTED_KEYWORDS = {"user_id": pl.Int64, "keyword": pl.String}
+# Tombstones: posts their author (or moderation) deleted. The rows of `articles` stay, so
+# engagement history and evaluation keep their meaning; feeds and readers never show them.
+DELETED_POSTS = {"article_id": pl.Int64, "deleted_at": TS}
 
 DEFAULT_CANDIDATE_WINDOW = timedelta(hours=48)
 
@@ -100,6 +103,7 @@ TABLE_SCHEMAS: dict[str, dict[str, pl.DataType]] = {
     "blocks": BLOCKS,
     "mutes": MUTES,
     "muted_keywords": MUTED_KEYWORDS,
+    "deleted_posts": DELETED_POSTS,
 }
 
 
@@ -127,6 +131,10 @@ class World:
     # How old a post may be and still be a feed candidate: news lives hours to days, a
     # catalog's items do not age (None = no limit). Sources and the age filter follow it.
     candidate_window: timedelta | None = DEFAULT_CANDIDATE_WINDOW
+    # Sources know no deletions; only ingested batches (replayed on a rebuild) bring them.
+    deleted_posts: pl.DataFrame = field(
+        default_factory=lambda: pl.DataFrame(schema=TABLE_SCHEMAS["deleted_posts"])
+    )
 
     def tables(self) -> dict[str, pl.DataFrame]:
         return {f.name: getattr(self, f.name) for f in fields(self) if f.name in TABLE_SCHEMAS}

@@ -28,10 +28,25 @@ def connect_read_only(path: Path, timeout_s: float = 120.0) -> duckdb.DuckDBPyCo
             delay = min(delay * 2, 5.0)
 
 
-def read_tables(path: Path, names: list[str]) -> dict[str, pl.DataFrame]:
-    """Whole tables by name, read in one read-only session (one consistent snapshot)."""
+def read_tables(
+    path: Path, names: list[str], optional: tuple[str, ...] = ()
+) -> dict[str, pl.DataFrame]:
+    """Whole tables by name, read in one read-only session (one consistent snapshot).
+
+    Names in `optional` that the warehouse lacks (tables added after it was built, such as
+    deleted_posts) are left out of the result instead of failing the read."""
     con = connect_read_only(path)
     try:
-        return {name: con.execute(f'select * from main."{name}"').pl() for name in names}
+        present = {
+            r[0]
+            for r in con.execute(
+                "select table_name from information_schema.tables where table_schema = 'main'"
+            ).fetchall()
+        }
+        return {
+            name: con.execute(f'select * from main."{name}"').pl()
+            for name in names
+            if name in present or name not in optional
+        }
     finally:
         con.close()

@@ -21,7 +21,12 @@ its values: null ids, duplicate impression ids (within and across splits), dupli
 article or history user ids, empty inview lists, clicked articles not in the inview list,
 history lists of unequal length, history times not ascending, history not strictly before
 the first impression of its split, and article ids (inview, clicked, history) missing from
-`articles.parquet`. Any failure raises one `DataValidationError` naming file and column.
+`articles.parquet`. Value domains: read times, counts, ids and codes >= 0, scroll
+percentages in 0-100, sentiment in 0-1, age in 0-120, every timestamp inside the
+plausible window of `feed_dagster.data.validate`; articles, behaviours and history must
+each hold at least one row. A file that is not readable Parquet, a zip that is not a
+readable archive, or a zip member that fails to inflate is named as such. Any failure
+raises one `DataValidationError` naming file and column.
 
 Mapping to canonical tables
 ---------------------------
@@ -53,6 +58,7 @@ from __future__ import annotations
 import io
 import math
 import zipfile
+import zlib
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path, PurePosixPath
@@ -62,6 +68,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from feed_dagster.data.schema import DEFAULT_CANDIDATE_WINDOW, TABLE_SCHEMAS, World, conform
+from feed_dagster.data.validate import (
+    check_not_empty,
+    check_range,
+    check_time_window,
+    read_parquet,
+)
 from feed_dagster.ebnerd.layout import (
     ARTICLES_FILE,
     ARTICLES_SCHEMA,
@@ -117,8 +129,21 @@ class _Source:
         self.path = Path(path)
         self._zip: zipfile.ZipFile | None = None
         self._members: dict[str, str] = {}
-        if self.path.is_file() and zipfile.is_zipfile(self.path):
-            self._zip = zipfile.ZipFile(self.path)
+        self._root = PurePosixPath(".")
+        if self.path.is_file():
+            # A truncated or corrupt archive has no readable central directory: say so,
+            # rather than "no such folder", since the file is right there.
+            try:
+                if not zipfile.is_zipfile(self.path):
+                    raise zipfile.BadZipFile("no zip end-of-archive record")
+                self._zip = zipfile.ZipFile(self.path)
+            except (zipfile.BadZipFile, OSError) as exc:
+                raise DataValidationError(
+                    str(self.path),
+                    None,
+                    "an EBNeRD folder or a readable zip archive",
+                    f"a file that is not a readable zip archive ({exc})",
+                ) from exc
             self._index_zip()
         elif not self.path.is_dir():
             raise DataValidationError(
@@ -139,6 +164,7 @@ class _Source:
             key=lambda p: len(p.parts),
         )
         root = roots[0] if roots else PurePosixPath(".")
+        self._root = root
         for n in names:
             p = PurePosixPath(n)
             if root == PurePosixPath(".") or p.is_relative_to(root):
@@ -152,7 +178,9 @@ class _Source:
     def display(self, rel: str) -> str:
         """How a file is named in error messages."""
         if self._zip is not None:
-            return f"{self.path}!{self._members.get(rel, rel)}"
+            # A missing member is named where it should be, below the archive's root.
+            where = self._members.get(rel, (self._root / rel).as_posix())
+            return f"{self.path}!{where}"
         return str(self.path / rel)
 
     def exists(self, rel: str) -> bool:
@@ -166,14 +194,34 @@ class _Source:
         return sorted(p.relative_to(self.path).as_posix() for p in self.path.rglob("*.parquet"))
 
     def schema(self, rel: str) -> pa.Schema:
-        return pq.read_schema(self._open(rel))
+        try:
+            return pq.read_schema(self._open(rel))
+        except DataValidationError:
+            raise
+        except Exception as exc:  # truncated, empty or not Parquet at all
+            raise DataValidationError(
+                self.display(rel),
+                None,
+                "a readable Parquet file",
+                f"not a readable Parquet file ({exc})",
+            ) from exc
 
     def read(self, rel: str) -> pl.DataFrame:
-        return pl.from_arrow(pq.read_table(self._open(rel)))  # type: ignore[return-value]
+        return read_parquet(self._open(rel), self.display(rel))
 
     def _open(self, rel: str) -> str | io.BytesIO:
         if self._zip is not None:
-            return io.BytesIO(self._zip.read(self._members[rel]))
+            # A member whose bytes fail their CRC or do not inflate is a damaged archive,
+            # not a bad Parquet file: name the member and the zip.
+            try:
+                return io.BytesIO(self._zip.read(self._members[rel]))
+            except (zipfile.BadZipFile, zlib.error, OSError, EOFError) as exc:
+                raise DataValidationError(
+                    self.display(rel),
+                    None,
+                    "a readable zip member",
+                    f"a damaged zip member ({exc})",
+                ) from exc
         return str(self.path / rel)
 
 
@@ -288,15 +336,70 @@ def _check_unique(df: pl.DataFrame, file: str, column: str) -> None:
     _fail_if(bad.select("row", column), file, column, "unique values", "rows with duplicate ids")
 
 
+# Value domains (inclusive; None = open). Percentages are EBNeRD's 0-100 scroll depths,
+# times are seconds, `sentiment_score` is a classifier probability, codes and ids are
+# non-negative. Nulls are allowed where EBNeRD has them (e.g. scroll depth not measured).
+PERCENT = (0.0, 100.0)
+NON_NEGATIVE = (0.0, None)
+ARTICLE_RANGES: dict[str, tuple[float | None, float | None]] = {
+    "article_id": NON_NEGATIVE,
+    "image_ids": NON_NEGATIVE,
+    "category": NON_NEGATIVE,
+    "subcategory": NON_NEGATIVE,
+    "total_inviews": NON_NEGATIVE,
+    "total_pageviews": NON_NEGATIVE,
+    "total_read_time": NON_NEGATIVE,
+    "sentiment_score": (0.0, 1.0),
+}
+BEHAVIOR_RANGES: dict[str, tuple[float | None, float | None]] = {
+    "article_id": NON_NEGATIVE,
+    "read_time": NON_NEGATIVE,
+    "scroll_percentage": PERCENT,
+    "device_type": NON_NEGATIVE,
+    "gender": NON_NEGATIVE,
+    "postcode": NON_NEGATIVE,
+    "age": (0.0, 120.0),
+    "next_read_time": NON_NEGATIVE,
+    "next_scroll_percentage": PERCENT,
+}
+HISTORY_RANGES: dict[str, tuple[float | None, float | None]] = {
+    "scroll_percentage_fixed": PERCENT,
+    "read_time_fixed": NON_NEGATIVE,
+}
+TIME_COLUMNS: dict[str, tuple[str, ...]] = {
+    ARTICLES_FILE: ("published_time", "last_modified_time"),
+    BEHAVIORS_FILE: ("impression_time",),
+    HISTORY_FILE: ("impression_time_fixed",),
+}
+
+
+def _check_values(
+    df: pl.DataFrame,
+    file: str,
+    ranges: dict[str, tuple[float | None, float | None]],
+    times: tuple[str, ...],
+    keys: list[str],
+) -> None:
+    """Domain ranges and the plausible time window (feed_dagster.data.validate)."""
+    for column, (low, high) in ranges.items():
+        check_range(df, file, column, low, high, keys=keys)
+    for column in times:
+        check_time_window(df, file, column, keys=keys)
+
+
 def _check_articles(df: pl.DataFrame, file: str) -> None:
+    check_not_empty(df, file, "the articles every impression refers to")
+    _check_values(df, file, ARTICLE_RANGES, TIME_COLUMNS[ARTICLES_FILE], ["article_id"])
     df = df.with_row_index("row")
     _check_not_null(df, file, ["article_id"], [])
     _check_unique(df, file, "article_id")
 
 
 def _check_behaviors(df: pl.DataFrame, file: str) -> None:
-    df = df.with_row_index("row")
+    check_not_empty(df, file, "the impressions to train and evaluate on")
     keys = ["impression_id", "user_id"]
+    _check_values(df, file, BEHAVIOR_RANGES, TIME_COLUMNS[BEHAVIORS_FILE], keys)
+    df = df.with_row_index("row")
     _check_not_null(
         df,
         file,
@@ -325,6 +428,8 @@ def _check_behaviors(df: pl.DataFrame, file: str) -> None:
 
 
 def _check_history(df: pl.DataFrame, file: str, behaviors_start: datetime | None) -> None:
+    check_not_empty(df, file, "the reading history of the split's users")
+    _check_values(df, file, HISTORY_RANGES, TIME_COLUMNS[HISTORY_FILE], ["user_id"])
     df = df.with_row_index("row")
     _check_not_null(df, file, ["user_id", "impression_time_fixed", "article_id_fixed"], ["user_id"])
     _check_unique(df, file, "user_id")

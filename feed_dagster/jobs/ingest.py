@@ -1,9 +1,10 @@
-"""The op that appends dropped Parquet batches to the warehouse."""
+"""The op that appends dropped Parquet batches (activity, deletions, blocks, mutes) to the
+warehouse and refreshes the readers' safety list."""
 
 import dagster as dg
 
 from feed_dagster.data.incoming import BatchError, ingest_batches
-from feed_dagster.resources.storage import incoming_dir, warehouse_path
+from feed_dagster.resources.storage import incoming_dir, safety_path, warehouse_path
 
 
 class IngestConfig(dg.Config):
@@ -12,14 +13,15 @@ class IngestConfig(dg.Config):
 
 @dg.op(pool="warehouse", out={})
 def ingest_files(context: dg.OpExecutionContext, config: IngestConfig):
-    """Validate and append the batch files in one transaction, then move them to done/."""
+    """Validate and append the batch files in one transaction, then move them to done/;
+    deletions, blocks and mutes also rewrite the safety list readers apply at once."""
     paths = [incoming_dir() / name for name in config.files]
     present = [p for p in paths if p.exists()]
     if not present:
         context.log.info("nothing to ingest: the files were already handled")
         return
     try:
-        report = ingest_batches(warehouse_path(), present)
+        report = ingest_batches(warehouse_path(), present, safety_path())
     except BatchError as exc:
         raise dg.Failure(description=str(exc)) from exc
     for table, rows in report.rows.items():
@@ -28,9 +30,14 @@ def ingest_files(context: dg.OpExecutionContext, config: IngestConfig):
             description=f"appended {rows:,} rows from incoming batches",
             metadata={"appended_rows": rows, "files": ", ".join(report.files)},
         )
+    if report.safety_file is not None:
+        context.log.info(f"readers now drop deletions, blocks and mutes from {report.safety_file}")
     yield dg.AssetMaterialization(asset_key="world_info", metadata={"now": str(report.now)})
 
 
-@dg.job(description="Append Parquet batches dropped into data/incoming/ to the warehouse.")
+@dg.job(
+    description="Append Parquet batches dropped into data/incoming/ (posts, engagements, "
+    "deletions, blocks, mutes) to the warehouse."
+)
 def ingest_incoming():
     ingest_files()

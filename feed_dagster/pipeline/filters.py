@@ -40,6 +40,15 @@ def drop_missing_core_data(c: pl.DataFrame, q: Query, cfg: FilterConfig) -> Filt
     return _result(c, c.filter(ok))
 
 
+def drop_deleted_posts(c: pl.DataFrame, q: Query, cfg: FilterConfig) -> FilterResult:
+    """Deleted posts, and reposts of them (a repost shows the deleted content)."""
+    if q.deleted.is_empty():
+        return FilterResult(c, 0)
+    gone = q.deleted["article_id"].implode()
+    hit = pl.col("article_id").is_in(gone) | pl.col("original_id").is_in(gone).fill_null(False)
+    return _result(c, c.filter(~hit))
+
+
 def drop_too_old(c: pl.DataFrame, q: Query, cfg: FilterConfig) -> FilterResult:
     """Posts older than max_age at `now` (none when max_age is None), or published after it."""
     after = None if cfg.max_age is None else q.now - cfg.max_age
@@ -151,6 +160,7 @@ def drop_blocked_muted_authors(c: pl.DataFrame, q: Query, cfg: FilterConfig) -> 
 PRE_SCORING_FILTERS: tuple[tuple[str, FilterFn], ...] = (
     ("duplicates", drop_duplicates),
     ("missing_core_data", drop_missing_core_data),
+    ("deleted_posts", drop_deleted_posts),
     ("too_old", drop_too_old),
     ("own_posts", drop_own_posts),
     ("out_of_network_replies_reposts", drop_out_of_network_replies_reposts),

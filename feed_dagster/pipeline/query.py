@@ -6,7 +6,7 @@ frame keyed by user_id; `hydrate_query` runs them all and bundles the result in 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 
 import numpy as np
@@ -25,6 +25,7 @@ from feed_dagster.pipeline.tables import (
 
 PAIR = {"user_id": pl.Int64, "article_id": pl.Int64}
 AUTHOR_PAIR = {"user_id": pl.Int64, "author_id": pl.Int64}
+ARTICLE_ID = {"article_id": pl.Int64}
 
 
 @dataclass(frozen=True)
@@ -45,6 +46,8 @@ class Query:
     muted_keywords: pl.DataFrame  # user_id, keyword (lower case, whitespace-normalised)
     seen: pl.DataFrame  # user_id, article_id: impressed or engaged before now
     served: pl.DataFrame  # user_id, article_id: in the previously published feed
+    # article_id of every deleted post (the same for all users of the batch)
+    deleted: pl.DataFrame = field(default_factory=lambda: pl.DataFrame(schema=ARTICLE_ID))
 
     @property
     def user_ids(self) -> np.ndarray:
@@ -179,6 +182,11 @@ def hydrate_served(served: pl.DataFrame | None, batch: pl.DataFrame) -> pl.DataF
     )
 
 
+def hydrate_deleted(tables: Tables) -> pl.DataFrame:
+    """Ids of deleted posts (tombstones): never served to anyone, whoever follows the author."""
+    return table(tables, "deleted_posts").select(pl.col("article_id").cast(pl.Int64)).unique()
+
+
 def hydrate_query(
     tables: World | Tables,
     user_ids: np.ndarray | list[int],
@@ -204,4 +212,5 @@ def hydrate_query(
         muted_keywords=hydrate_muted_keywords(tables, batch),
         seen=hydrate_seen(tables, batch, now),
         served=hydrate_served(served, batch),
+        deleted=hydrate_deleted(tables),
     )

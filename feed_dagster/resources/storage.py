@@ -26,3 +26,11 @@ def shard_dir() -> Path:
 def serving_path() -> Path:
     """The serving DuckDB file readers query; replaced atomically on every publish."""
     return data_root() / "serving" / "feeds.duckdb"
+
+
+def safety_path() -> Path:
+    """Deleted posts and block/mute edges readers drop at read time, beside the serving file
+    (written by the ingest; see feed_dagster/serving/safety.py)."""
+    from feed_dagster.serving.safety import safety_path_for
+
+    return safety_path_for(serving_path())

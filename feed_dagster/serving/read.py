@@ -6,6 +6,11 @@ Connections are made by ATTACHing the file to a private in-memory database rathe
 `duckdb.connect(path)`: DuckDB caches one database instance per path inside a process, so
 `connect(path)` while another connection to that path is open would hand back the
 *replaced* file. User input is always a bound parameter, never part of the SQL text.
+
+Deleted posts and authors blocked or muted since the publish are dropped at read time from
+the safety list beside the serving file (`serving/safety.py`), so a delete holds from the
+ingest that recorded it, before any refresh. The remaining rows keep their published
+positions (a gap shows where a post was removed).
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import duckdb
 import polars as pl
 
 from feed_dagster.data.schema import ACTIONS
+from feed_dagster.serving.safety import SafetyCache, SafetyList, safety_path_for
 
 DEFAULT_SERVING_PATH = Path("data/serving/feeds.duckdb")
 ALIAS = "serving"
@@ -86,6 +92,32 @@ def _feed(con: duckdb.DuckDBPyConnection, user_id: int, limit: int) -> pl.DataFr
     return con.execute(FEED_QUERY, {"user_id": user_id, "limit": limit}).pl()
 
 
+# Every position of a user's feed: with rows to drop, the page is filled from the rest.
+ALL_POSITIONS = 2**31 - 1
+
+
+def _safe_feed(
+    con: duckdb.DuckDBPyConnection, safety: SafetyList, user_id: int, limit: int
+) -> pl.DataFrame:
+    """The feed without what the safety list hides; the plain lookup when it is empty."""
+    if safety.empty:
+        return _feed(con, user_id, limit)
+    return safety.apply(_feed(con, user_id, ALL_POSITIONS), user_id).head(limit)
+
+
+# One safety cache per serving file for one-shot `get_feed` calls: a stat per call, a
+# reload only after an ingest replaced the file.
+_SAFETY: dict[Path, SafetyCache] = {}
+
+
+def _safety_for(path: Path) -> SafetyList:
+    safety_path = safety_path_for(path)
+    cache = _SAFETY.get(safety_path)
+    if cache is None:
+        cache = _SAFETY[safety_path] = SafetyCache(safety_path)
+    return cache.current()
+
+
 def get_feed(
     user_id: int, path: str | Path = DEFAULT_SERVING_PATH, limit: int = 35
 ) -> pl.DataFrame:
@@ -95,9 +127,10 @@ def get_feed(
     connection. An unknown user gets an empty frame.
     """
     user_id, limit = _check_args(user_id, limit)
-    con = _open(Path(path))
+    path = Path(path)
+    con = _open(path)
     try:
-        return _feed(con, user_id, limit)
+        return _safe_feed(con, _safety_for(path), user_id, limit)
     finally:
         con.close()
 
@@ -107,7 +140,9 @@ class FeedReader:
 
     Before each lookup it compares the file's identity (device, inode) with the one it
     opened; after a publish renamed a new file into place it reopens, so it serves the new
-    generation from the next call on, and never a mix of two.
+    generation from the next call on, and never a mix of two. It also drops what the
+    safety list beside the file hides (deleted posts, newly blocked or muted authors),
+    reloading that list only when the ingest replaced it.
     """
 
     def __init__(
@@ -117,6 +152,7 @@ class FeedReader:
         self.memory_limit = memory_limit
         self._con: duckdb.DuckDBPyConnection | None = None
         self._identity: tuple[int, int] | None = None
+        self._safety = SafetyCache(safety_path_for(self.path))
 
     def _identity_now(self) -> tuple[int, int]:
         try:
@@ -135,7 +171,7 @@ class FeedReader:
 
     def get_feed(self, user_id: int, limit: int = 35) -> pl.DataFrame:
         user_id, limit = _check_args(user_id, limit)
-        return _feed(self._connection(), user_id, limit)
+        return _safe_feed(self._connection(), self._safety.current(), user_id, limit)
 
     def meta(self) -> dict[str, Any]:
         return _meta(self._connection())
