@@ -12,6 +12,8 @@ import torch
 from feed_dagster.data.schema import ACTIONS
 from feed_dagster.embeddings import LexicalEncoder
 from feed_dagster.models.features import (
+    POST_RECENT_US,
+    PROFILE_FEATURES,
     EngagementLog,
     FeatureConfig,
     ItemCatalog,
@@ -19,6 +21,7 @@ from feed_dagster.models.features import (
     build_ranker_data,
     build_retrieval_examples,
     build_serving_data,
+    engagement_profile,
     temporal_split,
 )
 from feed_dagster.models.layers import CatalogTensors
@@ -222,3 +225,26 @@ def test_retrieval_positives_follow_the_time_cut(world, catalog):
     assert (catalog.published_us[ex.item] <= ex.time_us).all()
     before = build_retrieval_examples(world.engagements, catalog, CFG, end=start)
     assert (before.time_us < start_us).all()
+
+
+def test_post_counts_see_everyone_strictly_before_and_the_recent_window(world, catalog):
+    """log_post counts every user's positive engagements with the candidate strictly before
+    the impression; log_post_recent only those in the POST_RECENT_US before it."""
+    t0 = world.engagements["engaged_at"].min()
+    article = int(world.articles["article_id"][0])
+    hours = [0, 1, 9, 10]  # the last one is at the query time: not counted
+    rows = world.engagements.head(len(hours)).with_columns(
+        pl.Series("user_id", [101, 102, 103, 104], dtype=world.engagements.schema["user_id"]),
+        pl.lit(article).cast(world.engagements.schema["article_id"]).alias("article_id"),
+        pl.Series("engaged_at", [t0 + timedelta(hours=h) for h in hours]),
+        *[pl.lit(a == "click").alias(a) for a in ACTIONS],
+    )
+    log = EngagementLog.build(rows, catalog)
+    item = catalog.rows(np.array([article]))
+    query_us = int(pl.Series([t0 + timedelta(hours=10)]).cast(pl.Int64)[0])
+    profile = engagement_profile(log, catalog, np.array([999]), item, np.array([query_us]))
+    got = dict(zip(PROFILE_FEATURES, profile[0].tolist(), strict=True))
+    assert POST_RECENT_US == 6 * 3_600_000_000
+    assert got["log_post"] == pytest.approx(np.log1p(3))  # 0 h, 1 h, 9 h
+    assert got["log_post_recent"] == pytest.approx(np.log1p(1))  # 9 h only
+    assert got["log_total"] == 0.0  # user 999 engaged with nothing

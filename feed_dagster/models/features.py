@@ -44,7 +44,11 @@ PROFILE_FEATURES: tuple[str, ...] = (
     "log_total",
     "topic_share",
     "author_share",
+    "log_post",
+    "log_post_recent",
 )
+# "Recent" in log_post_recent: a post's engagement in the hours before the impression.
+POST_RECENT_US = 6 * US_PER_HOUR
 
 
 # Classic-peer inputs per candidate: ALS, item-kNN, EASE, all-time popularity, "present" flag
@@ -463,6 +467,7 @@ def engagement_profile(
     pos = log.positive()
     ev = pl.DataFrame(
         {
+            "item": log.item[pos].astype(np.int64),
             "user_id": log.user[pos],
             "topic": catalog.topic[log.item[pos]].astype(np.int64),
             "author_id": catalog.author_id[log.item[pos]],
@@ -472,6 +477,7 @@ def engagement_profile(
     q = pl.DataFrame(
         {
             "row": np.arange(len(user)),
+            "item": np.asarray(item, dtype=np.int64),
             "user_id": np.asarray(user, dtype=np.int64),
             "topic": catalog.topic[item].astype(np.int64),
             "author_id": catalog.author_id[item],
@@ -481,6 +487,11 @@ def engagement_profile(
     n_topic = _prior_counts(ev.filter(pl.col("topic") >= 0), q, ["user_id", "topic"])
     n_author = _prior_counts(ev.filter(pl.col("author_id") >= 0), q, ["user_id", "author_id"])
     n_total = _prior_counts(ev, q, ["user_id"])
+    # Everyone's engagement with the post so far: a fresh post's only quality signal before
+    # its id is trained.
+    n_post = _prior_counts(ev, q, ["item"])
+    earlier = q.with_columns(pl.col("time_us") - POST_RECENT_US)
+    n_post_recent = n_post - _prior_counts(ev, earlier, ["item"])
     # Unknown topics/authors (EBNeRD has no authors) carry no evidence: zero, not a match.
     n_topic = np.where(q["topic"].to_numpy() >= 0, n_topic, 0.0)
     n_author = np.where(q["author_id"].to_numpy() >= 0, n_author, 0.0)
@@ -491,6 +502,8 @@ def engagement_profile(
             np.log1p(n_total),
             n_topic / (n_total + 1.0),
             n_author / (n_total + 1.0),
+            np.log1p(n_post),
+            np.log1p(n_post_recent),
         ],
         axis=1,
     ).astype(np.float32)
