@@ -26,7 +26,7 @@ from feed_dagster.resources.stores import LanceDBResource, ModelStoreResource
 from feed_dagster.serving.guard import GuardConfig, GuardDecision, check_publish
 from feed_dagster.serving.publish import publish_feeds
 from feed_dagster.serving.read import read_served
-from feed_dagster.vectors import open_vectors
+from feed_dagster.vectors import open_verified
 
 N_SHARDS = int(os.environ.get("FEED_DAGSTER_SHARDS", "4"))
 user_shards = dg.StaticPartitionsDefinition([str(i) for i in range(N_SHARDS)])
@@ -105,13 +105,20 @@ def _feed_models(
     lancedb: LanceDBResource,
 ) -> tuple[Retriever, Scorer, dict[str, str]]:
     """The promoted ranker and two-tower + LanceDB retrieval; the table-based fallbacks
-    (and a warning) while no model has been promoted yet."""
+    (and a warning) while no model has been promoted or the vector table does not exist.
+
+    A vector table that exists but cannot be read fails the run (VectorTableError, naming
+    the table): quietly serving fallback feeds in place of the models' would be a quality
+    drop no check downstream sees, whereas a missing table is the normal state before the
+    first article_vectors run."""
     store = models.store()
     ranker_v, tower_v = store.promoted(RANKER), store.promoted(TWO_TOWER)
-    try:
-        table = open_vectors(lancedb.resolved_uri(), lancedb.table)
-    except FileNotFoundError:
-        table = None
+    table = None
+    if ranker_v is not None and tower_v is not None:
+        try:
+            table = open_verified(lancedb.resolved_uri(), lancedb.table)
+        except FileNotFoundError as exc:
+            context.log.warning(f"{exc}: rematerialise article_vectors")
     if ranker_v is None or tower_v is None or table is None:
         context.log.warning("no promoted models or vector table yet: using table fallbacks")
         return (
