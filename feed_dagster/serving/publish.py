@@ -6,9 +6,7 @@ POSIX file system, so a reader opening the path gets either the old file or the 
 never a mix; a reader that already has the old file open keeps reading the old inode,
 which stays intact until it closes. If the build fails or is killed, the live file is
 untouched; the half-built temporary file is removed (or, after a kill, swept away by the
-next publish). Publishes to one path hold an exclusive lock on `<file>.lock` from start to
-rename, so they run one at a time, and a temporary file found while holding the lock can
-only be left over from a killed publish.
+next publish).
 
 Tables and views in the file:
 - feeds(user_id, position, article_id, author_id, author_handle, title, score, source,
@@ -25,16 +23,14 @@ Tables and views in the file:
 
 from __future__ import annotations
 
-import fcntl
 import os
 import secrets
 import shutil
 import time
 import uuid
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import duckdb
@@ -47,6 +43,8 @@ from feed_dagster.pipeline.tables import naive_utc
 FEED_COLUMNS: tuple[str, ...] = tuple(FEED_SCHEMA)
 VERSION_COLUMNS: tuple[str, ...] = ("model_version", "vector_table_version", "generated_at")
 TMP_MARKER = ".tmp-"
+# A temporary file this old is left over from a killed publish, not one in progress.
+STALE_TMP_AFTER = timedelta(hours=6)
 
 FeedsInput = str | Path | pl.DataFrame | Sequence[str | Path] | Sequence[pl.DataFrame]
 
@@ -86,32 +84,7 @@ def publish_feeds(
     generated_at = naive_utc(generated_at)  # TIMESTAMP columns hold naive UTC
     live = Path(serving_path)
     live.parent.mkdir(parents=True, exist_ok=True)
-    with _publish_lock(live):
-        _remove_leftovers(live)
-        return _build_and_swap(
-            feeds,
-            live,
-            model_version,
-            vector_table_version,
-            generated_at,
-            articles,
-            users,
-            memory_limit,
-            t0,
-        )
-
-
-def _build_and_swap(
-    feeds: FeedsInput,
-    live: Path,
-    model_version: str,
-    vector_table_version: str,
-    generated_at: datetime,
-    articles: pl.DataFrame | None,
-    users: pl.DataFrame | None,
-    memory_limit: str | None,
-    t0: float,
-) -> PublishResult:
+    _remove_stale_tmp(live)
     tmp = live.with_name(f"{live.name}{TMP_MARKER}{secrets.token_hex(6)}")
     generation_id = uuid.uuid4().hex
     config = {"memory_limit": memory_limit} if memory_limit else {}
@@ -320,21 +293,15 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
-@contextmanager
-def _publish_lock(live: Path) -> Iterator[None]:
-    """One publish at a time per serving path; the kernel drops the lock if we are killed."""
-    fd = os.open(live.with_name(live.name + ".lock"), os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)
-
-
-def _remove_leftovers(live: Path) -> None:
-    """Delete temporary files a killed publish left beside `live` (call under the lock)."""
+def _remove_stale_tmp(live: Path) -> None:
+    """Delete temporary files a killed publish left beside `live`."""
+    cutoff = time.time() - STALE_TMP_AFTER.total_seconds()
     for leftover in live.parent.glob(f"{live.name}{TMP_MARKER}*"):
-        _remove(leftover)
+        try:
+            if leftover.stat().st_mtime < cutoff:
+                _remove(leftover)
+        except FileNotFoundError:
+            pass
 
 
 def _remove(path: Path) -> None:
