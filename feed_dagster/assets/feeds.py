@@ -13,7 +13,7 @@ from feed_dagster.assets.retry import IO_RETRY, fail_fast
 from feed_dagster.data.warehouse import read_tables
 from feed_dagster.feeds.build import build_feeds
 from feed_dagster.feeds.learned import RankerScorer, TwoTowerRetriever, serving_features
-from feed_dagster.feeds.shard_files import read_versions, shard_path, versions_path, write_shard
+from feed_dagster.feeds.shard_files import read_versions, shard_path, write_shard
 from feed_dagster.feeds.shards import users_in_shard
 from feed_dagster.models.ranker import load_ranker
 from feed_dagster.models.two_tower import load_two_tower
@@ -92,10 +92,6 @@ PUBLISH_GUARD = dg.AssetCheckSpec(
 
 def _shard_path(shard: str) -> Path:
     return shard_path(shard_dir(), shard)
-
-
-def _versions_path(shard: str) -> Path:
-    return versions_path(shard_dir(), shard)
 
 
 def _feed_models(

@@ -9,7 +9,7 @@ import polars as pl
 
 from feed_dagster.assets.embeddings import read_embeddings
 from feed_dagster.assets.raw import WAREHOUSE_POOL
-from feed_dagster.assets.retry import IO_RETRY
+from feed_dagster.assets.retry import IO_RETRY, fail_fast
 from feed_dagster.data.sources import world_from_tables
 from feed_dagster.data.warehouse import read_tables
 from feed_dagster.models.evaluate import evaluate_models, evaluation_chart, training_curves
@@ -251,7 +251,8 @@ def promoted_ranker(models: ModelStoreResource) -> dg.MaterializeResult:
     cand = _candidate()
     store = models.store()
     previous = store.promoted(RANKER)
-    store.promote(RANKER, cand["ranker"])
+    with fail_fast():  # a damaged candidate is refused and the incumbent stays promoted
+        store.promote(RANKER, cand["ranker"])
     return dg.MaterializeResult(
         metadata={
             "version": cand["ranker"],

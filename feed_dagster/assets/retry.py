@@ -14,6 +14,7 @@ from contextlib import contextmanager
 import dagster as dg
 
 from feed_dagster.errors import DataValidationError, NoCandidatesError
+from feed_dagster.models.store import CorruptModelError
 
 # Two more attempts, 2 s then ~4 s apart (jittered so shards retried together spread out).
 IO_RETRY = dg.RetryPolicy(
@@ -23,6 +24,7 @@ IO_RETRY = dg.RetryPolicy(
 DETERMINISTIC_ERRORS: tuple[type[BaseException], ...] = (
     DataValidationError,
     NoCandidatesError,
+    CorruptModelError,
 )
 
 

@@ -1,15 +1,17 @@
-"""One shard of feeds on disk: `shard-<key>.parquet` plus `shard-<key>.versions.json`.
+"""One shard of feeds on disk: `shard-<key>.parquet`, the model versions in its footer.
 
-Readers (the publish) look only at the final names, and a shard is written in a way that a
-killed or concurrent writer can never leave them half-written or mixed:
+Readers (the publish) look only at the final name, and a shard is written in a way that a
+killed or concurrent writer can never leave it half-written or mixed:
 
-- both files are written to temporary names unique to the writer and renamed into place, so
-  a process killed mid-write leaves at most a temporary file, never a partial shard;
-- a writer holds an exclusive lock on `shard-<key>.lock` from its first byte to its last
+- the file is written to a temporary name unique to the writer and renamed into place, so a
+  process killed mid-write leaves at most a temporary file, never a partial shard; the
+  model versions the feeds were built with travel in the same file's key-value metadata,
+  so data and versions are replaced by one rename and always belong together;
+- a writer holds an exclusive lock on `shard-<key>.lock` from its first byte to its
   rename. Two refreshes of the same shard (a schedule and a manual run, a retry racing the
-  original) therefore write one after the other: the pair of files always comes from one
-  run, and one writer cannot truncate the other's file. While holding the lock, temporary
-  files of the shard can only be leftovers of a killed writer, so they are removed.
+  original) therefore write one after the other and never into each other's file. While
+  holding the lock, temporary files of the shard can only be leftovers of a killed writer,
+  so they are removed.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from pathlib import Path
 import polars as pl
 
 TMP_MARKER = ".tmp-"
+VERSIONS_KEY = "feed_dagster:versions"
 
 
 def shard_path(directory: Path, key: str) -> Path:
@@ -49,26 +52,26 @@ def shard_lock(directory: Path, key: str) -> Iterator[None]:
 
 def write_shard(directory: Path, key: str, feeds: pl.DataFrame, versions: dict[str, str]) -> Path:
     """Write one shard's feeds and model versions atomically; returns the Parquet path."""
-    final, final_versions = shard_path(directory, key), versions_path(directory, key)
+    final = shard_path(directory, key)
     with shard_lock(directory, key):
-        for leftover in directory.glob(f"shard-{key}.*{TMP_MARKER}*"):
+        for leftover in directory.glob(f"shard-{key}.parquet{TMP_MARKER}*"):
             leftover.unlink(missing_ok=True)
-        token = f"{TMP_MARKER}{os.getpid()}-{secrets.token_hex(4)}"
-        tmp = final.with_name(final.name + token)
-        tmp_versions = final_versions.with_name(final_versions.name + token)
+        tmp = final.with_name(f"{final.name}{TMP_MARKER}{os.getpid()}-{secrets.token_hex(4)}")
         try:
-            feeds.write_parquet(tmp)
-            tmp_versions.write_text(json.dumps(versions))
+            feeds.write_parquet(tmp, metadata={VERSIONS_KEY: json.dumps(versions)})
             _fsync(tmp)
             os.replace(tmp, final)
-            os.replace(tmp_versions, final_versions)
         finally:
             tmp.unlink(missing_ok=True)
-            tmp_versions.unlink(missing_ok=True)
     return final
 
 
 def read_versions(directory: Path, key: str) -> dict[str, str]:
+    """The model versions a shard was built with (from its footer; shards written before
+    the footer held them have a `shard-<key>.versions.json` beside them)."""
+    meta = pl.read_parquet_metadata(shard_path(directory, key))
+    if VERSIONS_KEY in meta:
+        return json.loads(meta[VERSIONS_KEY])
     return json.loads(versions_path(directory, key).read_text())
 
 
