@@ -83,10 +83,12 @@ def published(data_dir):
 
 def _rewrite_shards(keep: pl.Expr) -> None:
     from feed_dagster.assets.feeds import _shard_path, user_shards
+    from feed_dagster.feeds.shard_files import read_versions, write_shard
+    from feed_dagster.resources.storage import shard_dir
 
     for key in user_shards.get_partition_keys():
-        path = _shard_path(key)
-        pl.read_parquet(path).filter(keep).write_parquet(path)
+        feeds = pl.read_parquet(_shard_path(key)).filter(keep)
+        write_shard(shard_dir(), key, feeds, read_versions(shard_dir(), key))
 
 
 def _guard(result) -> dg.AssetCheckEvaluation:
