@@ -47,8 +47,24 @@ def test_a_shrink_against_the_live_generation_needs_the_override(new, what) -> N
 
 
 def test_thresholds_are_checked() -> None:
+    from feed_dagster.assets.feeds import PublishConfig
+
     with pytest.raises(ValueError, match="min_active_coverage"):
         GuardConfig(min_active_coverage=90)
+    with pytest.raises(ValueError, match="min_share_of_live"):
+        PublishConfig(min_share_of_live=1.5)
+
+
+def test_an_unreadable_live_file_is_no_yardstick(tmp_path) -> None:
+    from feed_dagster.serving.guard import live_generation
+
+    assert live_generation(tmp_path / "none.duckdb") == (None, None)
+    damaged = tmp_path / "feeds.duckdb"
+    damaged.write_bytes(b"not a database")
+    live, note = live_generation(damaged)
+    assert live is None and str(damaged) in note and "unreadable" in note
+    d = decide(GenerationStats(10, 1), live, 1, 1, GuardConfig(), [note])
+    assert d.passed and "unreadable" in d.description()
 
 
 # --- the guard in the asset graph ---------------------------------------------------------

@@ -66,11 +66,15 @@ class PublishConfig(dg.Config):
 
     min_active_coverage: float = Field(
         default=0.9,
+        ge=0.0,
+        le=1.0,
         description="Refuse when fewer than this share of active users (users with "
         "engagements in the source) get a feed.",
     )
     min_share_of_live: float = Field(
         default=0.5,
+        ge=0.0,
+        le=1.0,
         description="Refuse when the new generation has fewer than this share of the live "
         "generation's users or rows.",
     )
