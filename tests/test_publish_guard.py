@@ -181,3 +181,37 @@ def test_the_cli_reports_a_refused_publish_and_keeps_serving(published, capsys, 
     out = capsys.readouterr().out
     assert "feed of user" in out  # the live generation is still shown
     assert "publish was refused" in out and "allow_shrink: true" in out
+
+
+def test_active_users_are_engaged_users_with_something_left_to_see(tmp_path) -> None:
+    import duckdb
+
+    from feed_dagster.serving.guard import active_user_ids
+
+    path = tmp_path / "warehouse.duckdb"
+    con = duckdb.connect(str(path))
+    con.execute(
+        "CREATE TABLE world_info AS SELECT TIMESTAMP '2026-01-03' AS now, "
+        "48.0 AS candidate_window_hours"
+    )
+    # Posts 1 and 2 are inside the 48 h window, post 3 is older.
+    con.execute(
+        "CREATE TABLE articles AS SELECT * FROM (VALUES (1, TIMESTAMP '2026-01-02'), "
+        "(2, TIMESTAMP '2026-01-02 12:00'), (3, TIMESTAMP '2025-12-01')) "
+        "t(article_id, published_at)"
+    )
+    # User 10 engaged with an old post; 11 read post 1 and was shown post 2 (nothing left);
+    # 12 read both fresh posts (nothing left); 13 only saw impressions (not engaged); 14 read
+    # post 1 and has post 2 left.
+    con.execute(
+        "CREATE TABLE engagements AS SELECT * FROM (VALUES (10, 3, TIMESTAMP '2025-12-02'), "
+        "(11, 1, TIMESTAMP '2026-01-02 13:00'), (12, 1, TIMESTAMP '2026-01-02 14:00'), "
+        "(12, 2, TIMESTAMP '2026-01-02 15:00'), (14, 1, TIMESTAMP '2026-01-02 16:00')) "
+        "t(user_id, article_id, engaged_at)"
+    )
+    con.execute(
+        "CREATE TABLE impressions AS SELECT * FROM (VALUES (11, 2, TIMESTAMP '2026-01-02 13:00'), "
+        "(13, 1, TIMESTAMP '2026-01-02 13:00')) t(user_id, article_id, shown_at)"
+    )
+    con.close()
+    assert sorted(active_user_ids(path).to_list()) == [10, 14]

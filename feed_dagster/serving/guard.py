@@ -8,9 +8,12 @@ before anything is built, and refuses when:
 
 - the new generation holds no rows;
 - it covers less than `min_active_coverage` of the *active users*: users with at least one
-  engagement in the source (the warehouse `engagements` table). Users who never engaged are
-  left out on purpose: their feeds come from fallbacks and an empty one is expected, while an
-  engaged user without a feed is a failure somebody notices;
+  engagement in the source (the warehouse `engagements` table) who still have a post inside
+  the source's candidate window that they have not been shown or engaged with. Users who
+  never engaged are left out because an empty feed is expected for them; users who have
+  seen every fresh post are left out because no refresh can serve them anything (on a small
+  catalog a heavy reader exhausts it). An engaged user with something left to see but no
+  feed is a failure somebody notices;
 - it holds fewer than `min_share_of_live` of the live generation's users or rows (a collapse
   against what readers see now). `allow_shrink` lifts this rule for an intended shrink
   (users deleted, a smaller feed size); the empty and coverage rules stay.
@@ -27,6 +30,7 @@ from typing import Any
 
 import polars as pl
 
+from feed_dagster.data.sources import window_from_info
 from feed_dagster.data.warehouse import connect_read_only
 
 
@@ -107,7 +111,8 @@ def decide(
     if new.rows and coverage < config.min_active_coverage:
         reasons.append(
             f"it covers {active_covered:,} of {active_users:,} active users "
-            f"({coverage:.1%}; users with engagements in the source), expected at least "
+            f"({coverage:.1%}; users with engagements and an unseen post in the candidate "
+            f"window), expected at least "
             f"{config.min_active_coverage:.0%} (published_feeds config min_active_coverage)"
         )
     if new.rows and live is not None:
@@ -145,11 +150,38 @@ def generation_users(shard_paths: Sequence[str | Path]) -> tuple[int, pl.Series]
     return users.height, users["user_id"].unique()
 
 
+# Users with engagements who have not seen every post inside the candidate window (`?` =
+# now, then the window's lower bound or NULL for no age limit). "Seen" is what the
+# pipeline's previously-seen filter drops: shown in an impression or engaged with, before now.
+ACTIVE_USERS_SQL = """
+WITH fresh AS (
+    SELECT article_id FROM main.articles
+    WHERE published_at <= $now AND ($after IS NULL OR published_at > $after)
+),
+seen AS (
+    SELECT user_id, article_id FROM main.impressions WHERE shown_at < $now
+    UNION
+    SELECT user_id, article_id FROM main.engagements WHERE engaged_at < $now
+),
+seen_fresh AS (
+    SELECT s.user_id, count(*) AS k FROM seen s JOIN fresh f ON f.article_id = s.article_id
+    GROUP BY s.user_id
+)
+SELECT DISTINCT e.user_id FROM main.engagements e
+LEFT JOIN seen_fresh sf ON sf.user_id = e.user_id
+WHERE coalesce(sf.k, 0) < (SELECT count(*) FROM fresh)
+"""
+
+
 def active_user_ids(warehouse: Path) -> pl.Series:
-    """Users with at least one engagement in the warehouse: who must get a feed."""
+    """Users who must get a feed: engaged, with a fresh post they have not seen."""
     con = connect_read_only(warehouse)
     try:
-        return con.execute("SELECT DISTINCT user_id FROM main.engagements").pl()["user_id"]
+        info = con.execute("SELECT * FROM main.world_info").pl().row(0, named=True)
+        window = window_from_info(info)
+        now = info["now"]
+        after = None if window is None else now - window
+        return con.execute(ACTIVE_USERS_SQL, {"now": now, "after": after}).pl()["user_id"]
     finally:
         con.close()
 
