@@ -26,6 +26,10 @@ class BuildFailed(RuntimeError):
     """A step of `run` failed; its errors have been printed."""
 
 
+class PublishRefused(BuildFailed):
+    """The publish guard refused the new generation; the live serving file is unchanged."""
+
+
 def _run_step(label: str, which: str, partition_key: str | None, log_level: str) -> str:
     """Materialise one step of `run` in this process; returns its report lines.
 
@@ -62,6 +66,7 @@ def _run_step(label: str, which: str, partition_key: str | None, log_level: str)
         for c in result.get_asset_check_evaluations()
         if not c.passed
     ]
+    refused = [c for c in result.get_asset_check_evaluations() if c.check_name == "publish_guard"]
     fatal = False
     for event in result.get_step_failure_events():
         error = event.step_failure_data.error
@@ -70,6 +75,11 @@ def _run_step(label: str, which: str, partition_key: str | None, log_level: str)
             # depends on it was skipped, and the rest of the build goes on.
             lines.append(f"  blocking check failed in {event.step_key}; dependants skipped")
             continue
+        if event.step_key == "published_feeds" and any(not c.passed for c in refused):
+            # The guard did its job: report it apart from a crash (the reasons are in the
+            # check line above), so `run` can go on and show the live feeds.
+            lines.append("  publish refused by publish_guard; the live serving file is unchanged")
+            raise PublishRefused("\n".join(lines))
         fatal = True
         lines.append(f"  FAILED {event.step_key}: {error_text(error)}")
     if fatal:
@@ -87,10 +97,13 @@ def error_text(error: object) -> str:
     return "\n    ".join(p for p in parts if p)
 
 
-def materialize_everything(log_level: str = "WARNING", workers: int | None = None) -> None:
+def materialize_everything(log_level: str = "WARNING", workers: int | None = None) -> str | None:
     """Materialise the whole asset graph: everything upstream of the feeds, then every user
     shard of user_feeds (shards in parallel worker processes, as an executor would fan them
-    out), then the publish, then the feed-quality evaluation."""
+    out), then the publish, then the feed-quality evaluation.
+
+    Returns None, or the report of a publish the guard refused (the build goes on: the
+    live generation stays served and feed quality is still measured)."""
     from concurrent.futures import ProcessPoolExecutor
     from multiprocessing import get_context
 
@@ -108,13 +121,19 @@ def materialize_everything(log_level: str = "WARNING", workers: int | None = Non
         ]
         for future in futures:
             print(future.result(), flush=True)
-    print(_run_step("publish", "publish", None, log_level), flush=True)
+    refused = None
+    try:
+        print(_run_step("publish", "publish", None, log_level), flush=True)
+    except PublishRefused as exc:
+        refused = str(exc)
+        print(refused, flush=True)
     print("- feed quality (held-out recall vs chronological and popularity) ...", flush=True)
     try:
         print(_run_step("feed quality", "quality", None, log_level), flush=True)
     except BuildFailed as exc:
         # Evaluation only: the feeds are published already, so report and carry on.
         print(f"{exc}\n  feed quality failed; the published feeds are unaffected", flush=True)
+    return refused
 
 
 def print_warehouse_summary(path: Path) -> None:
@@ -196,12 +215,20 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     t0 = time.perf_counter()
     try:
-        materialize_everything(args.log_level)
+        refused = materialize_everything(args.log_level)
     except BuildFailed as exc:
         print(f"{exc}\n\nrun stopped: a step failed (above); earlier outputs are intact")
         return 1
     print_warehouse_summary(warehouse_path())
-    if not print_sample_feed(serving_path()):
+    shown = print_sample_feed(serving_path())
+    if refused:
+        print(
+            "\nrun finished, but the publish was refused (publish_guard, above): readers "
+            "still get the previous generation, if any. Fix the cause, or publish an intended "
+            "shrink with published_feeds config allow_shrink: true"
+        )
+        return 1
+    if not shown:
         print("\nrun finished without a feed to show (above)")
         return 1
     print(f"\nmake run finished in {time.perf_counter() - t0:.1f}s")

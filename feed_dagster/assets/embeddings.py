@@ -6,6 +6,7 @@ from pathlib import Path
 import dagster as dg
 import polars as pl
 
+from feed_dagster.assets.retry import IO_RETRY
 from feed_dagster.embeddings.incremental import update_embeddings
 from feed_dagster.resources.encoder import EncoderResource
 from feed_dagster.resources.storage import data_root
@@ -25,7 +26,7 @@ def read_embeddings() -> pl.DataFrame:
     return pl.read_parquet(path)
 
 
-@dg.asset(group_name="embeddings", kinds={"parquet", "numpy"})
+@dg.asset(group_name="embeddings", kinds={"parquet", "numpy"}, retry_policy=IO_RETRY)
 def article_embeddings(
     context: dg.AssetExecutionContext, articles: pl.DataFrame, encoder: EncoderResource
 ) -> dg.MaterializeResult:

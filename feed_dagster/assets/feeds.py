@@ -1,6 +1,5 @@
 """Per-user precomputed feeds (one partition per user shard) and their atomic publish."""
 
-import json
 import os
 from datetime import UTC, datetime
 from pathlib import Path
@@ -10,9 +9,11 @@ import polars as pl
 from pydantic import Field
 
 from feed_dagster.assets.models import RANKER, TWO_TOWER, serving_context
+from feed_dagster.assets.retry import IO_RETRY, fail_fast
 from feed_dagster.data.warehouse import read_tables
 from feed_dagster.feeds.build import build_feeds
 from feed_dagster.feeds.learned import RankerScorer, TwoTowerRetriever, serving_features
+from feed_dagster.feeds.shard_files import read_versions, shard_path, write_shard
 from feed_dagster.feeds.shards import users_in_shard
 from feed_dagster.models.ranker import load_ranker
 from feed_dagster.models.two_tower import load_two_tower
@@ -22,9 +23,10 @@ from feed_dagster.pipeline.protocols import Retriever, Scorer
 from feed_dagster.pipeline.tables import candidate_window
 from feed_dagster.resources.storage import serving_path, shard_dir, warehouse_path
 from feed_dagster.resources.stores import LanceDBResource, ModelStoreResource
+from feed_dagster.serving.guard import GuardConfig, GuardDecision, check_publish
 from feed_dagster.serving.publish import publish_feeds
 from feed_dagster.serving.read import read_served
-from feed_dagster.vectors import open_vectors
+from feed_dagster.vectors import open_verified
 
 N_SHARDS = int(os.environ.get("FEED_DAGSTER_SHARDS", "4"))
 user_shards = dg.StaticPartitionsDefinition([str(i) for i in range(N_SHARDS)])
@@ -62,12 +64,41 @@ class FeedConfig(dg.Config):
     )
 
 
+class PublishConfig(dg.Config):
+    """The publish guard's thresholds (feed_dagster/serving/guard.py), settable per run."""
+
+    min_active_coverage: float = Field(
+        default=0.9,
+        ge=0.0,
+        le=1.0,
+        description="Refuse when fewer than this share of active users (users with "
+        "engagements in the source) get a feed.",
+    )
+    min_share_of_live: float = Field(
+        default=0.5,
+        ge=0.0,
+        le=1.0,
+        description="Refuse when the new generation has fewer than this share of the live "
+        "generation's users or rows.",
+    )
+    allow_shrink: bool = Field(
+        default=False,
+        description="True = publish even when the generation shrinks below min_share_of_live "
+        "(an intended shrink); empty and coverage rules still apply.",
+    )
+
+
+PUBLISH_GUARD = dg.AssetCheckSpec(
+    "publish_guard",
+    asset="published_feeds",
+    blocking=True,
+    description="The new generation is not empty, covers enough active users and has not "
+    "collapsed against the live one; otherwise nothing is published and the live file stays.",
+)
+
+
 def _shard_path(shard: str) -> Path:
-    return shard_dir() / f"shard-{shard}.parquet"
-
-
-def _versions_path(shard: str) -> Path:
-    return shard_dir() / f"shard-{shard}.versions.json"
+    return shard_path(shard_dir(), shard)
 
 
 def _feed_models(
@@ -77,13 +108,20 @@ def _feed_models(
     lancedb: LanceDBResource,
 ) -> tuple[Retriever, Scorer, dict[str, str]]:
     """The promoted ranker and two-tower + LanceDB retrieval; the table-based fallbacks
-    (and a warning) while no model has been promoted yet."""
+    (and a warning) while no model has been promoted or the vector table does not exist.
+
+    A vector table that exists but cannot be read fails the run (VectorTableError, naming
+    the table): quietly serving fallback feeds in place of the models' would be a quality
+    drop no check downstream sees, whereas a missing table is the normal state before the
+    first article_vectors run."""
     store = models.store()
     ranker_v, tower_v = store.promoted(RANKER), store.promoted(TWO_TOWER)
-    try:
-        table = open_vectors(lancedb.resolved_uri(), lancedb.table)
-    except FileNotFoundError:
-        table = None
+    table = None
+    if ranker_v is not None and tower_v is not None:
+        try:
+            table = open_verified(lancedb.resolved_uri(), lancedb.table)
+        except FileNotFoundError as exc:
+            context.log.warning(f"{exc}: rematerialise article_vectors")
     if ranker_v is None or tower_v is None or table is None:
         context.log.warning("no promoted models or vector table yet: using table fallbacks")
         return (
@@ -104,19 +142,12 @@ def _feed_models(
     )
 
 
-def _write_atomically(df: pl.DataFrame, path: Path) -> None:
-    """Write beside the target and rename, so readers never see a half-written shard."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    df.write_parquet(tmp)
-    os.replace(tmp, path)
-
-
 @dg.asset(
     group_name="feeds",
     partitions_def=user_shards,
     deps=[*PIPELINE_TABLES, *MODEL_DEPS],
     kinds={"polars", "parquet"},
+    retry_policy=IO_RETRY,
 )
 def user_feeds(
     context: dg.AssetExecutionContext,
@@ -136,19 +167,19 @@ def user_feeds(
     retriever, scorer, versions = _feed_models(context, tables, models, lancedb)
     served = read_served(serving_path()) if config.exclude_previously_served else None
     # Raises NoCandidatesError before anything is written when the window misses the data.
-    feeds, stats = build_feeds(
-        tables,
-        user_ids,
-        now,
-        retriever,
-        scorer,
-        PipelineConfig().with_max_age(window),
-        served=served,
-        batch_size=config.batch_size,
-        progress=lambda m: context.log.info(f"shard {shard}: {m}"),
-    )
-    _write_atomically(feeds, _shard_path(context.partition_key))
-    _versions_path(context.partition_key).write_text(json.dumps(versions))
+    with fail_fast():
+        feeds, stats = build_feeds(
+            tables,
+            user_ids,
+            now,
+            retriever,
+            scorer,
+            PipelineConfig().with_max_age(window),
+            served=served,
+            batch_size=config.batch_size,
+            progress=lambda m: context.log.info(f"shard {shard}: {m}"),
+        )
+    write_shard(shard_dir(), context.partition_key, feeds, versions)
     seconds = stats["seconds"]
     return dg.MaterializeResult(
         metadata={
@@ -169,26 +200,48 @@ def user_feeds(
     )
 
 
-@dg.asset(group_name="feeds", deps=[user_feeds], kinds={"duckdb"})
-def published_feeds(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
+def _guard_result(decision: GuardDecision) -> dg.AssetCheckResult:
+    return dg.AssetCheckResult(
+        check_name=PUBLISH_GUARD.name,
+        passed=decision.passed,
+        severity=dg.AssetCheckSeverity.ERROR,
+        description=decision.description(),
+        metadata=decision.metadata(),
+    )
+
+
+@dg.asset(
+    group_name="feeds",
+    deps=[user_feeds],
+    kinds={"duckdb"},
+    check_specs=[PUBLISH_GUARD],
+    retry_policy=IO_RETRY,
+)
+def published_feeds(context: dg.AssetExecutionContext, config: PublishConfig):
     """The serving DuckDB file, built beside the live one from every shard and renamed into
-    place: readers never block the publish and never see a mix of two refreshes."""
-    paths = [_shard_path(k) for k in user_shards.get_partition_keys()]
+    place: readers never block the publish and never see a mix of two refreshes. The
+    publish_guard check runs first; when it fails nothing is built and the live file stays."""
+    keys = user_shards.get_partition_keys()
+    paths = [_shard_path(k) for k in keys]
     missing = [p.name for p in paths if not p.exists()]
     if missing:
         raise FileNotFoundError(
             f"cannot publish: shard files {missing} are missing; materialise every "
             "user_feeds partition first"
         )
-    rows = pl.scan_parquet(paths).select(pl.len()).collect().item()
-    if rows == 0:
-        raise ValueError(
-            f"cannot publish: the {len(paths)} shard files hold 0 feed rows (expected at "
-            f"least one); the live serving file {serving_path()} stays as it was. Look at "
-            "the user_feeds runs: their candidate window may miss every post."
+    guard = GuardConfig(config.min_active_coverage, config.min_share_of_live, config.allow_shrink)
+    decision = check_publish(paths, serving_path(), warehouse_path(), guard)
+    if not decision.passed:
+        # The check result first (the UI's check tab), then a failure nobody retries: the
+        # same shards would be refused again.
+        yield _guard_result(decision)
+        context.log.error(decision.description())
+        raise dg.Failure(
+            description=decision.description(), metadata=decision.metadata(), allow_retries=False
         )
+    context.log.info(decision.description())
     tables = read_tables(warehouse_path(), ["articles", "users"])
-    versions = [json.loads(_versions_path(k).read_text()) for k in user_shards.get_partition_keys()]
+    versions = [read_versions(shard_dir(), k) for k in keys]
     # Shards built with different models (a promotion between shard runs) are published
     # together but say so: both versions are recorded.
     model_version = ";".join(sorted({v["model_version"] for v in versions}))
@@ -202,7 +255,7 @@ def published_feeds(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
         articles=tables["articles"],
         users=tables["users"],
     )
-    return dg.MaterializeResult(
+    yield dg.MaterializeResult(
         metadata={
             "dagster/row_count": result.rows,
             "users": result.users,
@@ -212,5 +265,6 @@ def published_feeds(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
             "model_version": result.model_version,
             "vector_table_version": result.vector_table_version,
             "publish_seconds": round(result.seconds, 3),
-        }
+        },
+        check_results=[_guard_result(decision)],
     )

@@ -9,6 +9,7 @@ import polars as pl
 
 from feed_dagster.assets.embeddings import read_embeddings
 from feed_dagster.assets.raw import WAREHOUSE_POOL
+from feed_dagster.assets.retry import IO_RETRY, fail_fast
 from feed_dagster.data.sources import world_from_tables
 from feed_dagster.data.warehouse import read_tables
 from feed_dagster.models.evaluate import evaluate_models, evaluation_chart, training_curves
@@ -242,14 +243,15 @@ def ranker_promotion_gate() -> dg.AssetCheckResult:
     )
 
 
-@dg.asset(group_name="models", deps=["ranker_evaluation"], kinds={"pytorch"})
+@dg.asset(group_name="models", deps=["ranker_evaluation"], kinds={"pytorch"}, retry_policy=IO_RETRY)
 def promoted_ranker(models: ModelStoreResource) -> dg.MaterializeResult:
     """Points the model store's PROMOTED ranker at the candidate that passed the gate; feeds
     score with the promoted ranker only."""
     cand = _candidate()
     store = models.store()
     previous = store.promoted(RANKER)
-    store.promote(RANKER, cand["ranker"])
+    with fail_fast():  # a damaged candidate is refused and the incumbent stays promoted
+        store.promote(RANKER, cand["ranker"])
     return dg.MaterializeResult(
         metadata={
             "version": cand["ranker"],

@@ -7,6 +7,7 @@ import numpy as np
 import polars as pl
 
 from feed_dagster.assets.models import TWO_TOWER, candidate_file, serving_context
+from feed_dagster.assets.retry import IO_RETRY
 from feed_dagster.data.warehouse import read_tables
 from feed_dagster.models.serve import item_vectors_of
 from feed_dagster.models.two_tower import load_two_tower
@@ -34,6 +35,7 @@ VECTOR_TABLES = ["articles", "engagements", "follows", "topic_follows"]
     # content vectors would be this one dependency (and the function below) changing.
     deps=["retrieval_model", "article_embeddings", *VECTOR_TABLES],
     kinds={"lancedb"},
+    retry_policy=IO_RETRY,
 )
 def article_vectors(
     context: dg.AssetExecutionContext, models: ModelStoreResource, lancedb: LanceDBResource

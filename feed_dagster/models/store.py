@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 WEIGHTS = "model.safetensors"
@@ -31,6 +32,11 @@ CONFIG = "config.json"
 METRICS = "metrics.json"
 POINTER = "PROMOTED"
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+class CorruptModelError(ValueError):
+    """A stored version whose files cannot be read or no longer match their content hash
+    (a truncated copy, a full disk, bytes changed by hand)."""
 
 
 def _check_component(value: str, what: str) -> str:
@@ -140,7 +146,26 @@ class ModelStore:
                 f"model store: {d / WEIGHTS} does not exist; versions of {name!r}: "
                 f"{self.versions(name)}"
             )
-        return load_file(str(d / WEIGHTS)), json.loads((d / CONFIG).read_text())
+        try:
+            return load_file(str(d / WEIGHTS)), json.loads((d / CONFIG).read_text())
+        except (SafetensorError, json.JSONDecodeError, FileNotFoundError) as exc:
+            raise CorruptModelError(
+                f"model store: {name}/{version} in {d} is unreadable ({exc}); expected a "
+                f"complete {WEIGHTS} and {CONFIG} as written by save(). The file is "
+                f"truncated or damaged: retrain, or promote another version of {name!r} "
+                f"({self.versions(name)}); promoted now: {self.promoted(name)}"
+            ) from exc
+
+    def verify(self, name: str, version: str) -> None:
+        """Raise CorruptModelError unless the version's files load and hash to `version`."""
+        state_dict, config = self.load(name, version)
+        actual = content_version(state_dict, config)
+        if actual != version:
+            raise CorruptModelError(
+                f"model store: {name}/{version} in {self._version_dir(name, version)} holds "
+                f"content hashing to {actual}, expected {version}: its files were changed "
+                "after saving"
+            )
 
     def metrics(self, name: str, version: str) -> dict[str, Any]:
         path = self._version_dir(name, version) / METRICS
@@ -165,10 +190,13 @@ class ModelStore:
         return path.read_text().strip() or None
 
     def promote(self, name: str, version: str) -> None:
-        """Point `name` at `version` atomically (temp file + os.replace)."""
+        """Point `name` at `version` atomically (temp file + os.replace), after checking
+        that the version loads and matches its content hash: a damaged version is never
+        promoted, and the previously promoted one stays."""
         if not (self._version_dir(name, version) / WEIGHTS).exists():
             raise FileNotFoundError(
                 f"model store {self.root}: cannot promote {name}/{version}: no such version; "
                 f"versions: {self.versions(name)}"
             )
+        self.verify(name, version)
         _atomic_write_text(self._model_dir(name) / POINTER, version + "\n")

@@ -66,6 +66,35 @@ def open_vectors(uri: str | Path, name: str, storage_options: dict[str, str] | N
     return table
 
 
+class VectorTableError(RuntimeError):
+    """A vector table that exists but cannot be read (damaged manifest or data files)."""
+
+
+def open_verified(uri: str | Path, name: str, storage_options: dict[str, str] | None = None) -> Any:
+    """`open_vectors`, then read every row's article_id once.
+
+    Opening reads only the manifest; a missing or truncated data file would otherwise
+    surface as a bare lance error half-way through a feed run. Reading one narrow column of
+    every fragment touches every data file (a truncated Lance file has lost its footer, so
+    any read of it fails) for a few milliseconds per 100k rows. A missing table stays a
+    FileNotFoundError (callers may fall back); a damaged one is a VectorTableError naming
+    the table and the way out.
+    """
+    try:
+        table = open_vectors(uri, name, storage_options)
+        table.search().select(["article_id"]).limit(None).to_arrow()
+    except FileNotFoundError:
+        raise
+    except (RuntimeError, OSError, ValueError) as exc:
+        raise VectorTableError(
+            f"LanceDB table {name!r} under {uri} exists but cannot be read "
+            f"({type(exc).__name__}: {str(exc).splitlines()[0][:300]}); expected a readable "
+            f"manifest and data files. Remove {Path(str(uri)) / (name + '.lance')} and "
+            "rematerialise article_vectors (job update_vectors) to rebuild it"
+        ) from exc
+    return table
+
+
 def _open_if_exists(db: Any, name: str) -> Any | None:
     # Asking for the table, rather than listing names, avoids paginated listings.
     try:
