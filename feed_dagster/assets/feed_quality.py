@@ -7,7 +7,13 @@ holds back a publish.
 import dagster as dg
 import polars as pl
 
-from feed_dagster.assets.feeds import MODEL_DEPS, OPTIONAL_TABLES, PIPELINE_TABLES, _feed_models
+from feed_dagster.assets.feeds import (
+    FEED_TORCH_THREADS,
+    MODEL_DEPS,
+    OPTIONAL_TABLES,
+    PIPELINE_TABLES,
+    _feed_models,
+)
 from feed_dagster.data.warehouse import read_tables
 from feed_dagster.feeds.evaluation import (
     LEARNED,
@@ -15,6 +21,7 @@ from feed_dagster.feeds.evaluation import (
     evaluate_feeds,
     tables_before,
 )
+from feed_dagster.models.train import torch_threads
 from feed_dagster.plots import markdown_table
 from feed_dagster.resources.storage import warehouse_path
 from feed_dagster.resources.stores import LanceDBResource, ModelStoreResource
@@ -28,6 +35,7 @@ class FeedQualityConfig(dg.Config):
     sample_size: int = 600
     seed: int = 0
     batch_size: int = 512
+    torch_threads: int = FEED_TORCH_THREADS
 
 
 @dg.asset(
@@ -52,15 +60,16 @@ def feed_quality(
     retriever, scorer, versions = _feed_models(context, tables_before(tables, cut), models, lancedb)
     fallback = versions["model_version"] == "fallback"
     name = FALLBACK if fallback else LEARNED
-    result = evaluate_feeds(
-        tables,
-        cut,
-        {name: lambda known: (retriever, scorer)},
-        sample_size=config.sample_size,
-        seed=config.seed,
-        batch_size=config.batch_size,
-        progress=context.log.info,
-    )
+    with torch_threads(config.torch_threads):
+        result = evaluate_feeds(
+            tables,
+            cut,
+            {name: lambda known: (retriever, scorer)},
+            sample_size=config.sample_size,
+            seed=config.seed,
+            batch_size=config.batch_size,
+            progress=context.log.info,
+        )
     # Which models were judged, in the table itself: a reader of the warehouse alone can
     # tell whether the figures belong to the feeds being served.
     result = result.with_columns(

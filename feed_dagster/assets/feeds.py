@@ -16,6 +16,7 @@ from feed_dagster.feeds.learned import RankerScorer, TwoTowerRetriever, serving_
 from feed_dagster.feeds.shard_files import read_versions, shard_path, write_shard
 from feed_dagster.feeds.shards import users_in_shard
 from feed_dagster.models.ranker import load_ranker
+from feed_dagster.models.train import torch_threads
 from feed_dagster.models.two_tower import load_two_tower
 from feed_dagster.pipeline.config import PipelineConfig, resolve_window
 from feed_dagster.pipeline.fallbacks import PopularityRetriever, TopicAffinityScorer
@@ -49,8 +50,20 @@ OPTIONAL_TABLES = ("deleted_posts",)
 MODEL_DEPS = ["promoted_ranker", "article_vectors"]
 
 
+# Intra-op torch threads of a feed step. Shard runs go side by side, one per core, and the
+# ranker scores in cache-sized batches: with two threads per process on two busy cores every
+# batch waits on a spinning partner thread (measured: a demo shard took 143 s with the
+# default two threads next to another shard and other work, against 17 s alone).
+FEED_TORCH_THREADS = Field(
+    default=1,
+    ge=1,
+    description="torch intra-op threads for scoring; keep 1 when shards run side by side",
+)
+
+
 class FeedConfig(dg.Config):
     batch_size: int = 512
+    torch_threads: int = FEED_TORCH_THREADS
     exclude_previously_served: bool = True
     candidate_window_hours: float | None = Field(
         default=None,
@@ -167,7 +180,7 @@ def user_feeds(
     retriever, scorer, versions = _feed_models(context, tables, models, lancedb)
     served = read_served(serving_path()) if config.exclude_previously_served else None
     # Raises NoCandidatesError before anything is written when the window misses the data.
-    with fail_fast():
+    with fail_fast(), torch_threads(config.torch_threads):
         feeds, stats = build_feeds(
             tables,
             user_ids,
