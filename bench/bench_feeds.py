@@ -55,6 +55,7 @@ from feed_dagster.feeds.learned import (  # noqa: E402
     TwoTowerRetriever,
     serving_features,
 )
+from feed_dagster.memory import peak_rss_mib, reset_peak_rss, rss_mib  # noqa: E402
 from feed_dagster.models.features import N_ACTIONS, PROFILE_FEATURES  # noqa: E402
 from feed_dagster.models.ranker import PhoenixRanker, load_ranker, ranker_batch  # noqa: E402
 from feed_dagster.models.serve import ServingContext, item_vectors_of  # noqa: E402
@@ -99,29 +100,6 @@ def group_of(stage: str) -> str:
 
 
 # -- memory --------------------------------------------------------------------------------
-
-
-def _status_mb(key: str) -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(key + ":"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
-
-
-def reset_peak_rss() -> None:
-    """Restart the kernel's high-water mark of this process (VmHWM) at the current RSS."""
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-    except OSError:
-        pass
-
-
-def peak_rss_mb() -> float:
-    return _status_mb("VmHWM")
-
-
-def rss_mb() -> float:
-    return _status_mb("VmRSS")
 
 
 # -- the ranker's forward, timed ----------------------------------------------------------
@@ -310,7 +288,7 @@ def measure(
     batch_size: int,
 ) -> Throughput:
     reset_peak_rss()
-    rss_before = rss_mb()
+    rss_before = rss_mib()
     totals: list[float] = []
     groups: dict[str, list[float]] = {}
     forward: list[ForwardLog] = []
@@ -337,7 +315,7 @@ def measure(
         groups=groups,
         rows_into_scoring=stats["rows"][filters[-1]],
         feed_rows=feeds.height,
-        peak_rss=peak_rss_mb(),
+        peak_rss=peak_rss_mib(),
         rss_before=rss_before,
         retriever=stats["retriever"],
         scorer=stats["scorer"],

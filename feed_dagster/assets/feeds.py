@@ -15,6 +15,7 @@ from feed_dagster.feeds.build import build_feeds
 from feed_dagster.feeds.learned import RankerScorer, TwoTowerRetriever, serving_features
 from feed_dagster.feeds.shard_files import read_versions, shard_path, write_shard
 from feed_dagster.feeds.shards import users_in_shard
+from feed_dagster.memory import StepMemory
 from feed_dagster.models.ranker import load_ranker
 from feed_dagster.models.train import torch_threads
 from feed_dagster.models.two_tower import load_two_tower
@@ -170,6 +171,7 @@ def user_feeds(
 ) -> dg.MaterializeResult:
     """Ranked feeds for the users of one shard: candidates -> filters -> scores -> selection,
     written as one Parquet file per shard."""
+    memory = StepMemory().start()
     shard = int(context.partition_key)
     tables = read_tables(warehouse_path(), PIPELINE_TABLES, OPTIONAL_TABLES)
     now = tables["world_info"]["now"][0]
@@ -194,9 +196,11 @@ def user_feeds(
         )
     write_shard(shard_dir(), context.partition_key, feeds, versions)
     seconds = stats["seconds"]
+    memory.stop()
     return dg.MaterializeResult(
         metadata={
             "dagster/row_count": feeds.height,
+            **memory.metadata(),
             "users": stats["users"],
             "users_with_feed": stats["users_with_feed"],
             "in_network_share": round(stats["in_network_rows"] / max(1, feeds.height), 3),

@@ -6,12 +6,14 @@ from pathlib import Path
 import dagster as dg
 import numpy as np
 import polars as pl
+from pydantic import Field
 
 from feed_dagster.assets.embeddings import read_embeddings
 from feed_dagster.assets.raw import WAREHOUSE_POOL
 from feed_dagster.assets.retry import IO_RETRY, fail_fast
 from feed_dagster.data.sources import world_from_tables
-from feed_dagster.data.warehouse import read_tables
+from feed_dagster.memory import StepMemory
+from feed_dagster.models.budget import TrainingBudget, read_training_tables
 from feed_dagster.models.evaluate import evaluate_models, evaluation_chart, training_curves
 from feed_dagster.models.features import FeatureConfig
 from feed_dagster.models.promotion import promotion_decision
@@ -75,6 +77,22 @@ def candidate_file() -> Path:
     return data_root() / "models" / "ranker_candidate.json"
 
 
+class TrainingBudgetConfig(dg.Config):
+    """How much of the world the models train and are evaluated on (models.budget): worlds
+    within the budget are used whole; bigger ones are sampled, and the sample is stated in
+    the ranker_weights metadata."""
+
+    train_slates: int = Field(default=TrainingBudget.train_slates, ge=1)
+    valid_slates: int = Field(default=TrainingBudget.valid_slates, ge=1)
+    heldout_users: int = Field(
+        default=TrainingBudget.heldout_users,
+        ge=1,
+        description="held-out metrics on every impression of this many random users",
+    )
+    retrieval_positives: int = Field(default=TrainingBudget.retrieval_positives, ge=1)
+    seed: int = TrainingBudget.seed
+
+
 def png_md(png: bytes, alt: str) -> str:
     import base64
 
@@ -119,12 +137,19 @@ INPUTS = {dg.AssetKey(t) for t in [*MODEL_TABLES, "article_embeddings"]}
     pool=WAREHOUSE_POOL,
     can_subset=False,
 )
-def trained_models(context: dg.AssetExecutionContext, models: ModelStoreResource):
+def trained_models(
+    context: dg.AssetExecutionContext, config: TrainingBudgetConfig, models: ModelStoreResource
+):
     """Train both models on one temporal split, store them, and evaluate on held-out data."""
+    memory = StepMemory().start()
     store = models.store()
-    tables = read_tables(warehouse_path(), MODEL_TABLES)
+    budget = TrainingBudget(**config.model_dump())
+    tables, sample = read_training_tables(warehouse_path(), MODEL_TABLES, budget)
+    context.log.info(f"training sample (budget {budget.to_dict()}): {sample.summary()}")
     world = world_from_tables(tables, tables["world_info"])
-    data, tt, rk = prepare_and_train(world, content_vectors(world.articles))
+    data, tt, rk = prepare_and_train(
+        world, content_vectors(world.articles), budget=budget, valid_start=sample.valid_start
+    )
     context.log.info(
         f"training data: {data.logged_groups:,} logged slates + "
         f"{len(data.ranker_train) - data.logged_groups:,} groups sampled from engagements; "
@@ -161,6 +186,8 @@ def trained_models(context: dg.AssetExecutionContext, models: ModelStoreResource
     curves = png_md(
         training_curves({"two_tower": tt.history, "ranker": rk.history}), "training curves"
     )
+    memory.stop()
+    sampling = dg.MetadataValue.json({"budget": budget.to_dict(), **sample.summary()})
     metric_cols = [
         c for c in ("method", "auc", "mrr", "ndcg@5", "ndcg@10", "ne_click") if c in table.columns
     ]
@@ -184,6 +211,8 @@ def trained_models(context: dg.AssetExecutionContext, models: ModelStoreResource
             "logged_slates": data.logged_groups,
             "sampled_groups": len(data.ranker_train) - data.logged_groups,
             "training_mix": dg.MetadataValue.json(data.mix.to_dict()),
+            "training_sample": sampling,
+            **memory.metadata(),
             **rk.summary(),
             "curves": dg.MetadataValue.md(curves),
         },

@@ -794,12 +794,16 @@ def build_retrieval_examples(
     end: datetime | None = None,
     log: EngagementLog | None = None,
     positive_actions: tuple[str, ...] = POSITIVE_ACTIONS,
+    max_examples: int | None = None,
+    seed: int = 0,
 ) -> RetrievalExamples:
     """Positives = engagements with a positive action and engaged_at in [start, end), each
     with the user's history strictly before it: what retrieval would have had to find.
 
     Engagements outside any logged slate count too (EBNeRD's reading history is most of its
-    positives); a repeat of the same (user, article) counts once, at its first time.
+    positives); a repeat of the same (user, article) counts once, at its first time. With
+    `max_examples`, a seeded uniform sample of that many positives (in time order) is kept
+    before any history is gathered.
     """
     log = log if log is not None else EngagementLog.build(engagements, catalog)
     rows = engagements.filter(positive_mask(engagements, positive_actions))
@@ -818,6 +822,9 @@ def build_retrieval_examples(
     # An engagement with a post before it was published is a source error, not a positive.
     ok = catalog.published_us[items] <= times
     users, times, items = users[ok], times[ok], items[ok]
+    if max_examples is not None and len(users) > max_examples:
+        keep = np.sort(np.random.default_rng(seed).choice(len(users), max_examples, replace=False))
+        users, times, items = users[keep], times[keep], items[keep]
     return RetrievalExamples(
         user=users,
         time_us=times,
@@ -835,19 +842,22 @@ class Split:
     heldout: pl.DataFrame
 
 
-def temporal_split(impressions: pl.DataFrame, valid_fraction: float = 0.1) -> Split:
+def temporal_split(
+    impressions: pl.DataFrame, valid_fraction: float = 0.1, valid_start: datetime | None = None
+) -> Split:
     """Held-out impressions (is_heldout) are the test set; the last `valid_fraction` of the
-    remaining time span is the validation set used for early stopping.
+    remaining time span is the validation set used for early stopping (from `valid_start`
+    when given: a sample of the impressions is split where the whole log was).
 
     Whole impressions go to one side: the cut is on impression time, and all rows of an
     impression share one shown_at.
     """
     held = impressions.filter(pl.col("is_heldout"))
     rest = impressions.filter(~pl.col("is_heldout"))
-    if rest.height == 0 or valid_fraction <= 0:
+    if rest.height == 0 or (valid_fraction <= 0 and valid_start is None):
         return Split(rest, rest.clear(), held)
     t0, t1 = rest["shown_at"].min(), rest["shown_at"].max()
-    cut = t0 + (t1 - t0) * (1.0 - valid_fraction)
+    cut = valid_start if valid_start is not None else t0 + (t1 - t0) * (1.0 - valid_fraction)
     return Split(
         rest.filter(pl.col("shown_at") < cut), rest.filter(pl.col("shown_at") >= cut), held
     )

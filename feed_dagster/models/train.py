@@ -24,6 +24,7 @@ import torch
 from feed_dagster.data.schema import ACTIONS, World
 from feed_dagster.metrics.classic import ClassicPeers
 from feed_dagster.metrics.ranking import evaluate_scores
+from feed_dagster.models.budget import TrainingBudget
 from feed_dagster.models.features import (
     EngagementLog,
     FeatureConfig,
@@ -191,9 +192,16 @@ def prepare_training_data(
     features: FeatureConfig | None = None,
     valid_fraction: float = 0.1,
     mix: TrainingMix | None = None,
+    budget: TrainingBudget | None = None,
+    valid_start: datetime | None = None,
 ) -> TrainingData:
-    """Temporal split + model inputs of a world; `content_vectors` aligned with world.articles."""
-    base = prepare_retrieval_data(world, content_vectors, features, valid_fraction)
+    """Temporal split + model inputs of a world; `content_vectors` aligned with world.articles.
+
+    `budget` caps the two-tower's training positives; `valid_start` (from the budget's
+    sample, see models.budget) fixes where validation begins."""
+    base = prepare_retrieval_data(
+        world, content_vectors, features, valid_fraction, budget, valid_start
+    )
     return add_ranker_data(base, world, mix)
 
 
@@ -202,6 +210,8 @@ def prepare_retrieval_data(
     content_vectors: np.ndarray,
     features: FeatureConfig | None = None,
     valid_fraction: float = 0.1,
+    budget: TrainingBudget | None = None,
+    valid_start: datetime | None = None,
 ) -> TrainingData:
     """The temporal split and the two-tower's examples; the ranker's groups are left empty
     (`add_ranker_data` fills them), so the two-tower can start training before they exist."""
@@ -209,12 +219,17 @@ def prepare_retrieval_data(
     catalog = ItemCatalog.build(world.articles, content_vectors, features, world.engagements)
     log = EngagementLog.build(world.engagements, catalog)
     impressions = drop_impossible_rows(world.impressions, world.articles)
-    split = temporal_split(impressions, valid_fraction)
+    split = temporal_split(impressions, valid_fraction, valid_start)
     # Retrieval positives follow the same time cut as the impressions.
     valid_start, heldout_start = _period_starts(split, world.now)
 
-    def retrieval(start: datetime | None, end: datetime | None) -> RetrievalExamples:
-        return build_retrieval_examples(world.engagements, catalog, features, start, end, log=log)
+    def retrieval(
+        start: datetime | None, end: datetime | None, cap: int | None = None
+    ) -> RetrievalExamples:
+        seed = budget.seed if budget is not None else 0
+        return build_retrieval_examples(
+            world.engagements, catalog, features, start, end, log=log, max_examples=cap, seed=seed
+        )
 
     empty = build_ranker_data(
         split.train.clear(),
@@ -232,7 +247,9 @@ def prepare_retrieval_data(
         ranker_train=empty,
         ranker_valid=empty,
         ranker_heldout=empty,
-        retrieval_train=retrieval(None, valid_start),
+        retrieval_train=retrieval(
+            None, valid_start, budget.retrieval_positives if budget is not None else None
+        ),
         retrieval_valid=retrieval(valid_start, heldout_start),
         retrieval_heldout=retrieval(heldout_start, None),
         actions=source_actions(world.engagements),
@@ -559,11 +576,16 @@ def prepare_and_train(
     content_vectors: np.ndarray,
     features: FeatureConfig | None = None,
     mix: TrainingMix | None = None,
+    budget: TrainingBudget | None = None,
+    valid_start: datetime | None = None,
 ) -> tuple[TrainingData, TrainResult, TrainResult]:
     """prepare_training_data + train_both, overlapped: the two-tower starts training in a
     second process as soon as its examples exist, while this process fits the classic peers
     and builds the ranker's groups. Same data and weights as the two calls in sequence."""
-    base = prepare_retrieval_data(world, content_vectors, features)
+    valid_fraction = budget.valid_fraction if budget is not None else 0.1
+    base = prepare_retrieval_data(
+        world, content_vectors, features, valid_fraction, budget, valid_start
+    )
     with _two_tower_in_background(base) as pending:
         data = add_ranker_data(base, world, mix)
         ranker = train_ranker(data)

@@ -1,0 +1,146 @@
+"""Training budgets: how much of a world the models learn from and are evaluated on.
+
+A world's impression log grows with its users (62M rows at 100k users), but a ranker learns
+what it can from tens of thousands of slates: training time and memory must follow a
+budget, not the size of the world. The sample is drawn in DuckDB, so only the sampled
+impressions ever reach Python:
+
+- training and validation slates: uniform samples of whole impressions from each period
+  (the validation period is the last `valid_fraction` of the pre-held-out time span, as in
+  `features.temporal_split`);
+- held-out evaluation: every held-out impression of a fixed-size random sample of users
+  (per-user metrics stay comparable across world sizes);
+- two-tower positives: a uniform sample of the positive engagements before the validation
+  start (`features.build_retrieval_examples(max_examples=...)`).
+
+The choice is a seeded hash of the ids, so the same warehouse and budget give the same
+sample. Worlds within the budget (the demo world) are read whole.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+
+from feed_dagster.data.warehouse import connect_read_only
+
+
+@dataclass(frozen=True)
+class TrainingBudget:
+    # The demo world has 45,773 training and 4,960 validation slates and 3,000 users: it
+    # fits whole, so its models and figures do not change with the budget.
+    train_slates: int = 60_000
+    valid_slates: int = 6_000
+    heldout_users: int = 5_000
+    # Two-tower positives per training run (the demo world has about 150k).
+    retrieval_positives: int = 400_000
+    valid_fraction: float = 0.1
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("train_slates", "valid_slates", "heldout_users", "retrieval_positives"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"training budget: {name} must be >= 1")
+        if not 0.0 <= self.valid_fraction < 1.0:
+            raise ValueError("training budget: valid_fraction must be in [0, 1)")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class TrainingSample:
+    """What a budget kept: the validation start it was cut at, and per period the number of
+    impressions (slates) sampled and available."""
+
+    valid_start: datetime | None
+    kept: dict[str, int]
+    available: dict[str, int]
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            f"{period}_{what}": counts.get(period, 0)
+            for what, counts in (("sampled", self.kept), ("available", self.available))
+            for period in ("train", "valid", "heldout")
+        }
+
+
+# Every impression once, with the period it belongs to.
+_PERIODS_SQL = """
+with imp as (
+    select impression_id, any_value(user_id) as user_id, min(shown_at) as shown_at,
+           bool_or(is_heldout) as heldout
+    from main.impressions group by impression_id
+),
+bounds as (
+    select epoch_us(min(shown_at)) as t0, epoch_us(max(shown_at)) as t1
+    from imp where not heldout
+)
+select impression_id, user_id, shown_at,
+       case when heldout then 'heldout'
+            when $valid_fraction > 0 and epoch_us(shown_at)
+                 >= (select t0 + floor((t1 - t0) * (1 - $valid_fraction)) from bounds)
+                then 'valid'
+            else 'train' end as period
+from imp
+"""
+
+# The budget's share of each period: whole impressions, by a seeded hash of their ids.
+_SAMPLE_SQL = """
+with heldout_users as (
+    select user_id from (select distinct user_id from periods where period = 'heldout')
+    order by hash(user_id, $seed), user_id limit $heldout_users
+),
+ranked as (
+    select *, row_number() over (
+        partition by period order by hash(impression_id, $seed), impression_id
+    ) as r
+    from periods
+)
+select impression_id, period from ranked
+where (period = 'train' and r <= $train_slates)
+   or (period = 'valid' and r <= $valid_slates)
+   or (period = 'heldout' and user_id in (select user_id from heldout_users))
+"""
+
+
+def read_training_tables(
+    path: Path, names: list[str], budget: TrainingBudget
+) -> tuple[dict[str, pl.DataFrame], TrainingSample]:
+    """Warehouse tables `names` for training, with `impressions` (and `impression_truth`)
+    cut to the budget's sample of whole impressions; every other table is read whole."""
+    con = connect_read_only(path)
+    try:
+        con.execute(
+            f"create temp table periods as {_PERIODS_SQL}",
+            {"valid_fraction": budget.valid_fraction},
+        )
+        con.execute(
+            f"create temp table sampled as {_SAMPLE_SQL}",
+            {
+                "seed": budget.seed,
+                "heldout_users": budget.heldout_users,
+                "train_slates": budget.train_slates,
+                "valid_slates": budget.valid_slates,
+            },
+        )
+        count = "select period, count(*) from {} group by period"
+        available = dict(con.execute(count.format("periods")).fetchall())
+        kept = dict(con.execute(count.format("sampled")).fetchall())
+        # The first validation impression of the whole log (not of the sample), so the
+        # split of the sampled rows is the split of the world.
+        start = con.execute("select min(shown_at) from periods where period = 'valid'").fetchone()
+        tables = {}
+        for name in names:
+            if name in ("impressions", "impression_truth"):
+                query = f'select t.* from main."{name}" t semi join sampled using (impression_id)'
+            else:
+                query = f'select * from main."{name}"'
+            tables[name] = con.execute(query).pl()
+    finally:
+        con.close()
+    return tables, TrainingSample(valid_start=start[0], kept=kept, available=available)

@@ -1,0 +1,112 @@
+"""Training budgets: sampled slates and users read from DuckDB, and training on the sample."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import duckdb
+import numpy as np
+import polars as pl
+import pytest
+
+from feed_dagster.data.sources import world_from_tables, world_info
+from feed_dagster.embeddings import LexicalEncoder
+from feed_dagster.memory import StepMemory
+from feed_dagster.models.budget import TrainingBudget, read_training_tables
+from feed_dagster.models.features import FeatureConfig, temporal_split
+from feed_dagster.models.train import TrainConfig, prepare_training_data, train_ranker
+
+TABLES = ["world_info", "users", "articles", "engagements", "impressions", "impression_truth"]
+FEATURES = FeatureConfig(history_len=8, author_buckets=1024, user_buckets=1024)
+
+
+@pytest.fixture(scope="module")
+def warehouse(tmp_path_factory, tiny_world):
+    path = tmp_path_factory.mktemp("budget") / "warehouse.duckdb"
+    con = duckdb.connect(str(path))
+    for name, df in {"world_info": world_info(tiny_world, "test"), **tiny_world.tables()}.items():
+        con.register("df", df)
+        con.execute(f"create table main.{name} as select * from df")
+        con.unregister("df")
+    con.close()
+    return path
+
+
+def _periods(impressions: pl.DataFrame, valid_start) -> dict[str, set[int]]:
+    split = temporal_split(impressions, 0.1, valid_start)
+    return {
+        name: set(getattr(split, name)["impression_id"].to_list())
+        for name in ("train", "valid", "heldout")
+    }
+
+
+def test_a_world_within_the_budget_is_read_whole_and_split_as_before(warehouse, tiny_world):
+    tables, sample = read_training_tables(warehouse, TABLES, TrainingBudget())
+    assert tables["impressions"].height == tiny_world.impressions.height
+    assert tables["impression_truth"].height == tiny_world.impression_truth.height
+    assert sample.kept == sample.available
+    # The same periods as the unsampled split.
+    assert _periods(tables["impressions"], sample.valid_start) == _periods(
+        tiny_world.impressions, None
+    )
+
+
+def test_a_small_budget_samples_whole_impressions_and_users(warehouse, tiny_world):
+    budget = TrainingBudget(train_slates=200, valid_slates=30, heldout_users=25)
+    tables, sample = read_training_tables(warehouse, TABLES, budget)
+    imp = tables["impressions"]
+    full = _periods(tiny_world.impressions, None)
+    got = _periods(imp, sample.valid_start)
+    assert len(got["train"]) == 200 and got["train"] <= full["train"]
+    assert len(got["valid"]) == 30 and got["valid"] <= full["valid"]
+    assert sample.kept["train"] == 200 and sample.available["train"] == len(full["train"])
+    # Whole impressions: every row of a sampled impression is there.
+    rows = tiny_world.impressions.filter(pl.col("impression_id").is_in(imp["impression_id"].implode()))
+    assert rows.height == imp.height
+    # Held out: every held-out impression of exactly 25 users.
+    held = imp.filter(pl.col("is_heldout"))
+    users = held["user_id"].unique()
+    assert users.len() == 25
+    all_theirs = tiny_world.impressions.filter(
+        pl.col("is_heldout") & pl.col("user_id").is_in(users.implode())
+    )
+    assert held.height == all_theirs.height
+    truth_ids = set(tables["impression_truth"]["impression_id"].to_list())
+    assert truth_ids <= set(imp["impression_id"].to_list())
+    # Deterministic per seed; another seed draws another sample.
+    again, _ = read_training_tables(warehouse, TABLES, budget)
+    assert again["impressions"].equals(imp)
+    other, _ = read_training_tables(warehouse, TABLES, replace(budget, seed=1))
+    assert set(other["impressions"]["impression_id"]) != set(imp["impression_id"])
+
+
+def test_models_train_on_a_sample_within_its_budget(warehouse, tiny_world):
+    budget = TrainingBudget(
+        train_slates=150, valid_slates=40, heldout_users=20, retrieval_positives=500
+    )
+    tables, sample = read_training_tables(warehouse, TABLES, budget)
+    world = world_from_tables(tables, tables["world_info"])
+    vectors = LexicalEncoder().encode(world.articles)
+    data = prepare_training_data(
+        world, vectors, FEATURES, budget=budget, valid_start=sample.valid_start
+    )
+    assert len(data.retrieval_train) == 500  # capped, from more positives than that
+    assert data.logged_groups >= 150  # long slates become several groups
+    assert set(data.ranker_train.group_impression.tolist()) <= set(
+        tables["impressions"]["impression_id"].to_list()
+    )
+    times = data.retrieval_train.time_us
+    assert np.all(np.diff(times) >= 0)  # still in time order
+    result = train_ranker(data, train=TrainConfig(epochs=1, min_steps=0, batch_size=64))
+    assert np.isfinite(result.history[0]["train_loss"])
+    assert 0.0 <= result.history[0]["valid_auc"] <= 1.0
+
+
+def test_step_memory_reports_a_blocks_own_peak():
+    with StepMemory() as small:
+        pass
+    with StepMemory() as big:
+        block = np.ones(200 * 1024 * 1024 // 8)  # 200 MiB, touched
+        del block
+    assert big.peak_mib - small.peak_mib > 150
+    assert big.metadata()["peak_rss_mib"] == round(big.peak_mib, 1)
