@@ -223,8 +223,10 @@ def _error(status: int, message: str, **extra: Any) -> Response:
 def create_app(
     serving_path: str | Path = DEFAULT_SERVING_PATH,
     stale_after: timedelta = DEFAULT_STALE_AFTER,
+    page_size: int = DEFAULT_LIMIT,
 ) -> Starlette:
-    """The ASGI app over `serving_path`; one FeedReader per app (per worker process)."""
+    """The ASGI app over `serving_path`; one FeedReader per app (per worker process).
+    `page_size`: posts per page of the HTML page (the API takes `limit`)."""
     service = FeedService(serving_path, stale_after)
 
     async def feed(request: Request) -> Response:
@@ -272,7 +274,7 @@ def create_app(
         status, error, page, next_cursor, user_id = 200, None, None, None, None
         try:
             user_id = parse_user_id(raw_user.strip())
-            page, next_cursor = service.page(user_id, DEFAULT_LIMIT, cursor)
+            page, next_cursor = service.page(user_id, page_size, cursor)
         except BadRequest as exc:
             status, error = 422, str(exc)
         except GenerationChanged as exc:
