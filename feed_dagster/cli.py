@@ -268,13 +268,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from feed_dagster.resources.storage import serving_path
-    from feed_dagster.serving.http import ENV_PATH, ENV_STALE
+    from feed_dagster.serving.http import ENV_MEMORY, ENV_PATH, ENV_STALE
 
     path = Path(args.path).resolve() if args.path else serving_path()
     # Every worker process builds its own app (and its own FeedReader) through the
     # factory, which reads its configuration from the environment it inherits.
     os.environ[ENV_PATH] = str(path)
     os.environ[ENV_STALE] = str(args.stale_after_hours * 3600)
+    os.environ[ENV_MEMORY] = args.memory_limit
     print(f"serving {path} on http://{args.host}:{args.port}/ ({args.workers} worker(s))")
     uvicorn.run(
         "feed_dagster.serving.http:app_from_env",
@@ -338,6 +339,11 @@ def main(argv: list[str] | None = None) -> int:
         type=float,
         default=2.0,
         help="/v1/health reports 'stale' when the live generation is older than this",
+    )
+    serve.add_argument(
+        "--memory-limit",
+        default="1GB",
+        help="DuckDB buffer pool per worker; more keeps more of a large file decompressed",
     )
     serve.add_argument("--access-log", action="store_true", help="log every request")
     serve.set_defaults(func=cmd_serve)

@@ -379,20 +379,23 @@ def test_serve_command_wires_uvicorn(monkeypatch, tmp_path) -> None:
     import uvicorn
 
     from feed_dagster.cli import main
-    from feed_dagster.serving.http import ENV_PATH, ENV_STALE, app_from_env
+    from feed_dagster.serving.http import ENV_MEMORY, ENV_PATH, ENV_STALE, app_from_env
 
     seen: dict = {}
     monkeypatch.setattr(uvicorn, "run", lambda app, **kw: seen.update(app=app, **kw))
-    monkeypatch.delenv(ENV_PATH, raising=False)
+    for name in (ENV_PATH, ENV_STALE, ENV_MEMORY):
+        monkeypatch.delenv(name, raising=False)
     path = tmp_path / "f.duckdb"
-    assert main(["serve", "--port", "8123", "--path", str(path), "--workers", "2"]) == 0
+    args = ["serve", "--port", "8123", "--path", str(path), "--workers", "2"]
+    assert main([*args, "--memory-limit", "512MB", "--stale-after-hours", "0.5"]) == 0
     assert seen["port"] == 8123 and seen["host"] == "127.0.0.1" and seen["workers"] == 2
     assert seen["factory"] and seen["app"] == "feed_dagster.serving.http:app_from_env"
     app = app_from_env()
     assert app.state.service.reader.path == path
-    assert app.state.service.stale_after == timedelta(hours=2)
-    monkeypatch.delenv(ENV_PATH)
-    monkeypatch.delenv(ENV_STALE)
+    assert app.state.service.stale_after == timedelta(minutes=30)
+    assert app.state.service.reader.memory_limit == "512MB"
+    for name in (ENV_PATH, ENV_STALE, ENV_MEMORY):
+        monkeypatch.delenv(name)
 
 
 def test_generated_at_is_iso(server, feeds) -> None:
