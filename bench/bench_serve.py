@@ -149,7 +149,7 @@ def profile_lookup(path: Path, users: int, memory: str) -> tuple[float, float, f
         samples.append(time.perf_counter() - t)
     t = time.perf_counter()
     for _ in range(1000):
-        _json({"items": [item_json(r) for r in page.rows]})
+        _json({"items": [item_json(r, page.meta) for r in page.rows]})
     encode_us = (time.perf_counter() - t) * 1000
     reader.close()
     ms = np.array(samples) * 1000

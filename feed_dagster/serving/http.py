@@ -133,8 +133,8 @@ def _iso(value: Any) -> Any:
     return value.isoformat() if isinstance(value, datetime) else value
 
 
-def item_json(row: tuple[Any, ...]) -> dict[str, Any]:
-    """One feed row as the API shows it."""
+def item_json(row: tuple[Any, ...], meta: dict[str, Any]) -> dict[str, Any]:
+    """One feed row as the API shows it (`meta`: the generation it was read from)."""
     return {
         "position": row[_COL["position"]],
         "post": {"article_id": row[_COL["article_id"]], "title": row[_COL["title"]]},
@@ -144,8 +144,8 @@ def item_json(row: tuple[Any, ...]) -> dict[str, Any]:
         "probabilities": {a: row[i] for a, i in _PROBS},
         "dwell_seconds": row[_COL["dwell_seconds"]],
         "reason": row[_COL["reason"]],
-        "model_version": row[_COL["model_version"]],
-        "vector_table_version": row[_COL["vector_table_version"]],
+        "model_version": meta.get("model_version"),
+        "vector_table_version": meta.get("vector_table_version"),
     }
 
 
@@ -257,7 +257,7 @@ def create_app(
                 "generated_at": _iso(meta.get("generated_at")),
                 "model_version": meta.get("model_version"),
                 "vector_table_version": meta.get("vector_table_version"),
-                "items": [item_json(r) for r in page.rows],
+                "items": [item_json(r, meta) for r in page.rows],
                 "next_cursor": next_cursor,
             }
         )

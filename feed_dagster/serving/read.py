@@ -45,7 +45,9 @@ FROM {ALIAS}.feeds WHERE user_id = $user_id AND position <= $limit ORDER BY posi
 
 
 # The columns of one page of a feed for the HTTP service: fetched as tuples, not a polars
-# frame, because at ~35 rows building a DataFrame costs more than the lookup itself.
+# frame, because at ~35 rows building a DataFrame costs more than the lookup itself. The
+# version columns are left out: publish writes one value per generation into every row
+# and into `meta`, and each column read costs a lookup ~0.15 ms (docs/BENCHMARKS.md).
 PAGE_COLUMNS: tuple[str, ...] = (
     "position",
     "article_id",
@@ -57,9 +59,6 @@ PAGE_COLUMNS: tuple[str, ...] = (
     "reason",
     *(f"p_{a}" for a in ACTIONS),
     "dwell_seconds",
-    "model_version",
-    "vector_table_version",
-    "generated_at",
 )
 PAGE_QUERY = f"""
 SELECT {", ".join(PAGE_COLUMNS)}
