@@ -31,6 +31,8 @@ from pathlib import Path
 
 import numpy as np
 
+# This checkout's package first, whichever checkout the environment was installed from.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_lookup import articles_frame, generate_shard  # noqa: E402
 from report import machine, markdown_table, write_section  # noqa: E402

@@ -64,6 +64,7 @@ PAGE_QUERY = f"""
 SELECT {", ".join(PAGE_COLUMNS)}
 FROM {ALIAS}.feeds WHERE user_id = $user_id AND position > $after ORDER BY position
 """
+_ARTICLE, _AUTHOR = PAGE_COLUMNS.index("article_id"), PAGE_COLUMNS.index("author_id")
 USER_EXISTS_QUERY = f"SELECT 1 FROM {ALIAS}.feeds WHERE user_id = $user_id LIMIT 1"
 
 
@@ -236,8 +237,12 @@ class FeedReader:
             return Page(meta, [], False, known)
         safety = self._safety.current()
         if not safety.empty:
-            articles = np.fromiter((r[1] for r in rows), np.int64, len(rows))
-            authors = np.fromiter((-1 if r[3] is None else r[3] for r in rows), np.int64, len(rows))
+            n = len(rows)
+            articles = np.fromiter((r[_ARTICLE] for r in rows), np.int64, n)
+            # -1 for authorless news: ids are >= 0, so it never matches a hidden author.
+            authors = np.fromiter(
+                (-1 if r[_AUTHOR] is None else r[_AUTHOR] for r in rows), np.int64, n
+            )
             drop = safety.hidden(user_id, articles, authors)
             rows = [r for r, d in zip(rows, drop.tolist(), strict=True) if not d]
         return Page(meta, rows[:limit], len(rows) > limit, True)
