@@ -290,6 +290,33 @@ def cmd_feed(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    """Run the HTTP service (feed_dagster/serving/http.py) under uvicorn."""
+    import uvicorn
+
+    from feed_dagster.resources.storage import serving_path
+    from feed_dagster.serving.http import ENV_MEMORY, ENV_PATH, ENV_STALE
+
+    path = Path(args.path).resolve() if args.path else serving_path()
+    # Every worker process builds its own app (and its own FeedReader) through the
+    # factory, which reads its configuration from the environment it inherits.
+    os.environ[ENV_PATH] = str(path)
+    os.environ[ENV_STALE] = str(args.stale_after_hours * 3600)
+    os.environ[ENV_MEMORY] = args.memory_limit
+    print(f"serving {path} on http://{args.host}:{args.port}/ ({args.workers} worker(s))")
+    uvicorn.run(
+        "feed_dagster.serving.http:app_from_env",
+        factory=True,
+        host=args.host,
+        port=args.port,
+        workers=args.workers,
+        # One log line per request costs a worker about a fifth of its throughput.
+        access_log=args.access_log,
+        log_level="info" if args.access_log else "warning",
+    )
+    return 0
+
+
 def cmd_simulate(args: argparse.Namespace) -> int:
     from feed_dagster.data.warehouse import read_tables
     from feed_dagster.resources.storage import incoming_dir, warehouse_path
@@ -326,6 +353,27 @@ def main(argv: list[str] | None = None) -> int:
     feed.add_argument("--json", action="store_true", help="all columns as JSON")
     feed.add_argument("--path", help="serving file (default data/serving/feeds.duckdb)")
     feed.set_defaults(func=cmd_feed)
+
+    serve = sub.add_parser("serve", help="HTTP service and page over the serving file")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8080)
+    serve.add_argument("--path", help="serving file (default data/serving/feeds.duckdb)")
+    serve.add_argument(
+        "--workers", type=int, default=1, help="worker processes, each with its own reader"
+    )
+    serve.add_argument(
+        "--stale-after-hours",
+        type=float,
+        default=2.0,
+        help="/v1/health reports 'stale' when the live generation is older than this",
+    )
+    serve.add_argument(
+        "--memory-limit",
+        default="1GB",
+        help="DuckDB buffer pool per worker; more keeps more of a large file decompressed",
+    )
+    serve.add_argument("--access-log", action="store_true", help="log every request")
+    serve.set_defaults(func=cmd_serve)
 
     sim = sub.add_parser(
         "simulate", help="write the next hours of synthetic activity into data/incoming/"

@@ -23,6 +23,21 @@ from feed_dagster.resources.stores import LanceDBResource, ModelStoreResource
 from feed_dagster.resources.warehouse import WarehouseIOManager
 
 
+def default_executor() -> dg.ExecutorDefinition | None:
+    """The executor of jobs that name none (the UI's "Materialize" runs among them).
+
+    Dagster's default starts one subprocess per step, and each re-imports the project
+    (torch included): on a small world a run of a few quick steps spends most of its time
+    starting processes. FEED_DAGSTER_EXECUTOR=in_process runs every step in the run's own
+    process instead; unset or "multiprocess" keeps Dagster's default."""
+    kind = os.environ.get("FEED_DAGSTER_EXECUTOR", "multiprocess")
+    if kind == "in_process":
+        return dg.in_process_executor
+    if kind == "multiprocess":
+        return None
+    raise ValueError(f"FEED_DAGSTER_EXECUTOR must be 'in_process' or 'multiprocess', got {kind!r}")
+
+
 def build_definitions() -> dg.Definitions:
     """Definitions bound to the current data root (tests point FEED_DAGSTER_DATA elsewhere)."""
     data_root().mkdir(parents=True, exist_ok=True)
@@ -48,6 +63,7 @@ def build_definitions() -> dg.Definitions:
         jobs=JOBS,
         schedules=SCHEDULES,
         sensors=SENSORS,
+        executor=default_executor(),
         resources={
             "io_manager": WarehouseIOManager(database=str(warehouse_path()), schema="main"),
             "source": default_source(),

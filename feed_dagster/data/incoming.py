@@ -21,9 +21,10 @@ their meaning); a block or mute already recorded, or a post already deleted, is 
 recorded twice. A file with the columns but no rows is a no-op (an exporter with nothing
 to report), not an error.
 
-When a batch carried deletions, blocks or mutes, the ingest also rewrites the safety list
-beside the serving file (`serving/safety.py`), so readers drop those posts and authors
-from the next lookup on, before any feed refresh. Committed batches in `done/` are
+When a batch carried deletions, blocks or mutes, or engagements while feeds are published,
+the ingest also rewrites the safety list beside the serving file (`serving/safety.py`), so
+readers drop those posts and authors, and the posts a user has just engaged with, from the
+next lookup on, before any feed refresh. Committed batches in `done/` are
 replayed on top of the source when the raw tables are rebuilt, so a full rebuild never
 loses ingested activity or deletions.
 """
@@ -248,7 +249,12 @@ def ingest_batches(
     rewrites the safety list there (built inside the transaction, renamed into place after
     the commit).
     """
-    from feed_dagster.serving.safety import build_safety_file, publish_safety_file
+    from feed_dagster.serving.safety import (
+        build_safety_file,
+        publish_safety_file,
+        seen_in_live_feeds,
+        serving_path_for,
+    )
 
     report = IngestReport()
     if not files:
@@ -265,7 +271,11 @@ def ingest_batches(
         [df for _, k, df in batches if k == "articles"]
         or [pl.DataFrame(schema=TABLE_SCHEMAS["articles"])]
     )
+    engaged = [df for _, k, df in batches if k == "engagements" and df.height]
     safety_changed = any(k in SAFETY_KINDS for _, k, _ in batches)
+    if safety_path is not None and engaged:
+        # New engagements make posts in live feeds "seen": the list must learn them.
+        safety_changed = safety_changed or serving_path_for(safety_path).exists()
     tmp_safety: Path | None = None
     committed = False
     con = duckdb.connect(str(warehouse))
@@ -296,7 +306,13 @@ def ingest_batches(
                 "update main.world_info set now = greatest(now, ?::timestamp)", [report.now]
             )
         if safety_path is not None and safety_changed:
-            tmp_safety = build_safety_file(con, safety_path)
+            seen = seen_in_live_feeds(
+                safety_path,
+                pl.concat([df.select("user_id", "article_id") for df in engaged])
+                if engaged
+                else pl.DataFrame(schema={"user_id": pl.Int64, "article_id": pl.Int64}),
+            )
+            tmp_safety = build_safety_file(con, safety_path, seen)
         con.execute("commit")
         committed = True
     except BatchError:

@@ -14,7 +14,8 @@ class IngestConfig(dg.Config):
 @dg.op(pool="warehouse", out={})
 def ingest_files(context: dg.OpExecutionContext, config: IngestConfig):
     """Validate and append the batch files in one transaction, then move them to done/;
-    deletions, blocks and mutes also rewrite the safety list readers apply at once."""
+    deletions, blocks and mutes (and engagements, once feeds are published) also rewrite the
+    safety list readers apply at once."""
     paths = [incoming_dir() / name for name in config.files]
     present = [p for p in paths if p.exists()]
     if not present:
@@ -31,7 +32,10 @@ def ingest_files(context: dg.OpExecutionContext, config: IngestConfig):
             metadata={"appended_rows": rows, "files": ", ".join(report.files)},
         )
     if report.safety_file is not None:
-        context.log.info(f"readers now drop deletions, blocks and mutes from {report.safety_file}")
+        context.log.info(
+            "readers now drop deleted posts, blocked or muted authors and newly seen posts "
+            f"listed in {report.safety_file}"
+        )
     yield dg.AssetMaterialization(asset_key="world_info", metadata={"now": str(report.now)})
 
 

@@ -16,10 +16,12 @@ positions (a gap shows where a post was removed).
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import duckdb
+import numpy as np
 import polars as pl
 
 from feed_dagster.data.schema import ACTIONS
@@ -40,6 +42,40 @@ SELECT user_id, position, article_id, title, author_handle, author_id, score, so
        model_version, vector_table_version, generated_at
 FROM {ALIAS}.feeds WHERE user_id = $user_id AND position <= $limit ORDER BY position
 """
+
+
+# The columns of one page of a feed for the HTTP service: fetched as tuples, not a polars
+# frame, because at ~35 rows building a DataFrame costs more than the lookup itself. The
+# version columns are left out: publish writes one value per generation into every row
+# and into `meta`, and each column read costs a lookup ~0.15 ms (docs/BENCHMARKS.md).
+PAGE_COLUMNS: tuple[str, ...] = (
+    "position",
+    "article_id",
+    "title",
+    "author_id",
+    "author_handle",
+    "source",
+    "score",
+    "reason",
+    *(f"p_{a}" for a in ACTIONS),
+    "dwell_seconds",
+)
+PAGE_QUERY = f"""
+SELECT {", ".join(PAGE_COLUMNS)}
+FROM {ALIAS}.feeds WHERE user_id = $user_id AND position > $after ORDER BY position
+"""
+_ARTICLE, _AUTHOR = PAGE_COLUMNS.index("article_id"), PAGE_COLUMNS.index("author_id")
+USER_EXISTS_QUERY = f"SELECT 1 FROM {ALIAS}.feeds WHERE user_id = $user_id LIMIT 1"
+
+
+@dataclass(frozen=True)
+class Page:
+    """One page of a user's feed, read on one connection, so rows and generation agree."""
+
+    meta: dict[str, Any]  # the generation the rows come from (generation_id, versions...)
+    rows: list[tuple[Any, ...]]  # PAGE_COLUMNS, by position, without hidden posts
+    has_more: bool  # more visible rows after the last one
+    user_known: bool  # the user has a feed in this generation
 
 
 class FeedNotPublishedError(FileNotFoundError):
@@ -152,6 +188,7 @@ class FeedReader:
         self.memory_limit = memory_limit
         self._con: duckdb.DuckDBPyConnection | None = None
         self._identity: tuple[int, int] | None = None
+        self._meta: dict[str, Any] = {}
         self._safety = SafetyCache(safety_path_for(self.path))
 
     def _identity_now(self) -> tuple[int, int]:
@@ -167,6 +204,8 @@ class FeedReader:
             self.close()
             self._con = _open(self.path, self.memory_limit)
             self._identity = identity
+            # The generation is fixed for the life of the connection: read it once.
+            self._meta = _meta(self._con)
         return self._con
 
     def get_feed(self, user_id: int, limit: int = 35) -> pl.DataFrame:
@@ -174,7 +213,53 @@ class FeedReader:
         return _safe_feed(self._connection(), self._safety.current(), user_id, limit)
 
     def meta(self) -> dict[str, Any]:
-        return _meta(self._connection())
+        """The live generation (follows publishes like `get_feed`)."""
+        self._connection()
+        return dict(self._meta)
+
+    def page(self, user_id: int, limit: int = 35, after: int = 0) -> Page:
+        """Up to `limit` visible rows of the user's feed with position > `after`, as
+        tuples of PAGE_COLUMNS, and the generation they were read from.
+
+        Hidden rows (safety list) are skipped and the page is filled from the rows after
+        them, so `after` = the last position of one page starts the next one."""
+        user_id, limit = _check_args(user_id, limit)
+        if isinstance(after, bool) or not isinstance(after, int) or after < 0:
+            raise ValueError(f"after must be a non-negative int, got {after!r}")
+        con = self._connection()
+        meta = self._meta
+        rows = con.execute(PAGE_QUERY, {"user_id": user_id, "after": after}).fetchall()
+        if not rows:
+            known = (
+                after > 0
+                and con.execute(USER_EXISTS_QUERY, {"user_id": user_id}).fetchone() is not None
+            )
+            return Page(meta, [], False, known)
+        safety = self._safety.current()
+        if not safety.empty:
+            n = len(rows)
+            articles = np.fromiter((r[_ARTICLE] for r in rows), np.int64, n)
+            # -1 for authorless news: ids are >= 0, so it never matches a hidden author.
+            authors = np.fromiter(
+                (-1 if r[_AUTHOR] is None else r[_AUTHOR] for r in rows), np.int64, n
+            )
+            drop = safety.hidden(user_id, articles, authors)
+            rows = [r for r, d in zip(rows, drop.tolist(), strict=True) if not d]
+        return Page(meta, rows[:limit], len(rows) > limit, True)
+
+    def example_users(self, n: int = 6) -> list[int]:
+        """A few users with the fullest feeds among the first rows of the file: cheap on
+        any size (reads the first row groups only), for a page to offer as examples."""
+        rows = (
+            self._connection()
+            .execute(
+                f"SELECT user_id FROM (SELECT user_id FROM {ALIAS}.feeds LIMIT 5000) "
+                "GROUP BY user_id ORDER BY count(*) DESC, user_id LIMIT $n",
+                {"n": n},
+            )
+            .fetchall()
+        )
+        return [int(r[0]) for r in rows]
 
     def close(self) -> None:
         if self._con is not None:

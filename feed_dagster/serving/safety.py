@@ -17,9 +17,18 @@ The file holds the full current state (every tombstone, every block and mute), r
 from the warehouse on every ingest that changed it, so a later unblock or a rebuilt
 warehouse is reflected by the next write, not accumulated forever.
 
-Columns: kind ("deleted" | "block" | "mute"), user_id (null for "deleted"), target_id (the
-deleted post, or the blocked/muted author). The reposts of a deleted post are listed as
-deleted too: a repost shows the deleted content.
+Columns: kind ("deleted" | "block" | "mute" | "seen"), user_id (null for "deleted"),
+target_id (the deleted post, the blocked/muted author, or the post the user has seen). The
+reposts of a deleted post are listed as deleted too: a repost shows the deleted content.
+
+"seen" rows are the posts a user engaged with after their live feed was built: the
+refresh drops seen posts, so any ingested engagement with a post still in the user's live
+feed is news to that feed. The ingest keeps exactly those pairs (the previous list's seen
+pairs plus the batch's engagements, intersected with the live feed), so the list stays as
+small as the live feeds' overlap with new activity and is pruned by the first ingest after
+a publish. Limit: an engagement ingested while a publish swaps in a generation built
+before it is checked against the generation that was live at the ingest, and the new
+generation may show that post until the next ingest or refresh.
 
 Lookups stay on the p99 < 10 ms path: the list is held as sorted arrays, a reader checks
 the file's identity with one `stat` per lookup and reloads only when it changed.
@@ -29,7 +38,7 @@ from __future__ import annotations
 
 import os
 import secrets
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import duckdb
@@ -64,12 +73,63 @@ SELECT 'mute', user_id, muted_id FROM main.mutes
 """
 
 
-def build_safety_file(con: duckdb.DuckDBPyConnection, path: Path) -> Path:
-    """Write the safety list from the warehouse connection `con` to a temporary file
-    beside `path` and return it; `publish_safety_file` renames it into place. Split in two
-    so the ingest can build inside its transaction and rename only after the commit."""
+def serving_path_for(safety_path: str | Path) -> Path:
+    """The serving file a safety list belongs to: `feeds.safety.parquet` -> `feeds.duckdb`."""
+    safety_path = Path(safety_path)
+    return safety_path.with_name(safety_path.name.removesuffix(SAFETY_SUFFIX) + ".duckdb")
+
+
+def seen_in_live_feeds(safety_path: Path, engaged: pl.DataFrame) -> pl.DataFrame:
+    """(user_id, article_id) pairs to list as "seen": the current list's seen pairs plus
+    `engaged` (new engagements' user_id, article_id), kept only where the post is in that
+    user's live feed. Empty when nothing is published yet."""
+    pairs = engaged.select(pl.col("user_id").cast(pl.Int64), pl.col("article_id").cast(pl.Int64))
+    if safety_path.exists():
+        previous = SafetyList.read(safety_path)
+        old = pl.DataFrame(
+            {"user_id": previous.seen_users, "article_id": previous.seen_articles},
+            schema={"user_id": pl.Int64, "article_id": pl.Int64},
+        )
+        pairs = pl.concat([old, pairs])
+    pairs = pairs.drop_nulls().unique()
+    serving = serving_path_for(safety_path)
+    if pairs.is_empty() or not serving.exists():
+        return pairs.head(0)
+    from feed_dagster.serving.read import connect
+
+    con = connect(serving)
+    try:
+        con.register("pairs", pairs.to_arrow())
+        # The pairs are the small side; DuckDB pushes their user_id range into the scan of
+        # the (user_id-sorted) feeds table, so this reads only the row groups it needs.
+        return con.execute(
+            "SELECT DISTINCT f.user_id, f.article_id FROM serving.feeds f "
+            "JOIN pairs p ON f.user_id = p.user_id AND f.article_id = p.article_id"
+        ).pl()
+    finally:
+        con.close()
+
+
+def build_safety_file(
+    con: duckdb.DuckDBPyConnection, path: Path, seen: pl.DataFrame | None = None
+) -> Path:
+    """Write the safety list from the warehouse connection `con` (plus `seen` pairs, see
+    `seen_in_live_feeds`) to a temporary file beside `path` and return it;
+    `publish_safety_file` renames it into place. Split in two so the ingest can build
+    inside its transaction and rename only after the commit."""
     path.parent.mkdir(parents=True, exist_ok=True)
     df = con.execute(SAFETY_SQL).pl()
+    if seen is not None and seen.height:
+        df = pl.concat(
+            [
+                df.select([pl.col(c).cast(t) for c, t in SAFETY_SCHEMA.items()]),
+                seen.select(
+                    kind=pl.lit("seen"),
+                    user_id=pl.col("user_id").cast(pl.Int64),
+                    target_id=pl.col("article_id").cast(pl.Int64),
+                ),
+            ]
+        )
     df = df.select([pl.col(c).cast(t) for c, t in SAFETY_SCHEMA.items()]).sort(
         "kind", "user_id", "target_id", nulls_last=True
     )
@@ -85,16 +145,19 @@ def publish_safety_file(tmp: Path, path: Path) -> None:
 
 @dataclass(frozen=True)
 class SafetyList:
-    """Deleted post ids and, per viewer, the authors whose posts the viewer must not see
-    (blocked, muted, or who blocked the viewer: the refresh's filter drops those too)."""
+    """Deleted post ids; per viewer, the authors whose posts the viewer must not see
+    (blocked, muted, or who blocked the viewer: the refresh's filter drops those too); per
+    user, the posts they have seen since their feed was built."""
 
     deleted: np.ndarray  # sorted int64
     viewers: np.ndarray  # sorted int64, one per (viewer, hidden author) pair
     hidden_authors: np.ndarray  # int64, aligned with viewers
+    seen_users: np.ndarray = field(default_factory=lambda: np.empty(0, np.int64))  # sorted
+    seen_articles: np.ndarray = field(default_factory=lambda: np.empty(0, np.int64))
 
     @property
     def empty(self) -> bool:
-        return self.deleted.size == 0 and self.viewers.size == 0
+        return self.deleted.size == 0 and self.viewers.size == 0 and self.seen_users.size == 0
 
     @classmethod
     def from_frame(cls, df: pl.DataFrame) -> SafetyList:
@@ -109,10 +172,19 @@ class SafetyList:
             .unique()
             .sort("user_id", "target_id")
         )
+        seen = (
+            df.filter(pl.col("kind") == "seen")
+            .select("user_id", "target_id")
+            .drop_nulls()
+            .unique()
+            .sort("user_id", "target_id")
+        )
         return cls(
             deleted=np.unique(deleted.drop_nulls().to_numpy().astype(np.int64)),
             viewers=pairs["user_id"].to_numpy().astype(np.int64),
             hidden_authors=pairs["target_id"].to_numpy().astype(np.int64),
+            seen_users=seen["user_id"].to_numpy().astype(np.int64),
+            seen_articles=seen["target_id"].to_numpy().astype(np.int64),
         )
 
     @classmethod
@@ -135,17 +207,35 @@ class SafetyList:
         hi = np.searchsorted(self.viewers, user_id, side="right")
         return self.hidden_authors[lo:hi]
 
-    def apply(self, feed: pl.DataFrame, user_id: int) -> pl.DataFrame:
-        """`feed` (one user's rows with article_id, author_id) without deleted posts and
-        posts by authors hidden from `user_id`. Returns `feed` itself when nothing matches."""
-        if feed.is_empty() or self.empty:
-            return feed
-        drop = _members(feed["article_id"].to_numpy(), self.deleted)
+    def seen_by(self, user_id: int) -> np.ndarray:
+        """The posts `user_id` has seen since their live feed was built, sorted."""
+        lo = np.searchsorted(self.seen_users, user_id, side="left")
+        hi = np.searchsorted(self.seen_users, user_id, side="right")
+        return self.seen_articles[lo:hi]
+
+    def hidden(self, user_id: int, article_ids: np.ndarray, author_ids: np.ndarray) -> np.ndarray:
+        """A boolean mask over one user's rows: True where the post must not be shown
+        (deleted, by an author hidden from the user, or seen since the build). Author ids
+        use -1 for "no author" (ids are >= 0, so it never matches)."""
+        drop = _members(article_ids, self.deleted)
         authors = np.sort(self.authors_hidden_from(user_id))
         if authors.size:
-            # author_id is null for authorless news: -1 never matches an id (ids are >= 0).
-            ids = feed["author_id"].fill_null(-1).to_numpy()
-            drop |= _members(ids, authors)
+            drop |= _members(author_ids, authors)
+        seen = self.seen_by(user_id)
+        if seen.size:
+            drop |= _members(article_ids, seen)
+        return drop
+
+    def apply(self, feed: pl.DataFrame, user_id: int) -> pl.DataFrame:
+        """`feed` (one user's rows with article_id, author_id) without deleted posts, posts
+        by authors hidden from `user_id` and posts the user has seen since the build.
+        Returns `feed` itself when nothing matches."""
+        if feed.is_empty() or self.empty:
+            return feed
+        # author_id is null for authorless news: -1 never matches an id (ids are >= 0).
+        drop = self.hidden(
+            user_id, feed["article_id"].to_numpy(), feed["author_id"].fill_null(-1).to_numpy()
+        )
         if not drop.any():
             return feed
         return feed.filter(pl.Series(~drop))
