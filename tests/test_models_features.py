@@ -248,3 +248,15 @@ def test_post_counts_see_everyone_strictly_before_and_the_recent_window(world, c
     assert got["log_post"] == pytest.approx(np.log1p(3))  # 0 h, 1 h, 9 h
     assert got["log_post_recent"] == pytest.approx(np.log1p(1))  # 9 h only
     assert got["log_total"] == 0.0  # user 999 engaged with nothing
+
+
+def test_post_counts_match_a_brute_force_count(world, catalog):
+    log = EngagementLog.build(world.engagements, catalog)
+    pos = log.positive()
+    rng = np.random.default_rng(0)
+    item = rng.choice(log.item[pos], 400)
+    # Query times at, just after, and around real engagement times.
+    time_us = rng.choice(log.time_us[pos], 400) + rng.choice([-1, 0, 1, 3_600_000_000], 400)
+    pairs = zip(item, time_us, strict=True)
+    brute = np.array([np.sum((log.item[pos] == i) & (log.time_us[pos] < t)) for i, t in pairs])
+    np.testing.assert_array_equal(log.positives_before(item, time_us), brute)

@@ -61,7 +61,9 @@ def test_a_small_budget_samples_whole_impressions_and_users(warehouse, tiny_worl
     assert len(got["valid"]) == 30 and got["valid"] <= full["valid"]
     assert sample.kept["train"] == 200 and sample.available["train"] == len(full["train"])
     # Whole impressions: every row of a sampled impression is there.
-    rows = tiny_world.impressions.filter(pl.col("impression_id").is_in(imp["impression_id"].implode()))
+    rows = tiny_world.impressions.filter(
+        pl.col("impression_id").is_in(imp["impression_id"].implode())
+    )
     assert rows.height == imp.height
     # Held out: every held-out impression of exactly 25 users.
     held = imp.filter(pl.col("is_heldout"))

@@ -12,6 +12,7 @@ query events for histories, numpy scatter for padding. No Python loop per impres
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass, fields, replace
 from datetime import datetime, timedelta
@@ -260,6 +261,39 @@ class EngagementLog:
             age=age_bucket(time_us - catalog.published_us[item]),
         )
 
+    @functools.cached_property
+    def _item_positives(self) -> tuple[np.ndarray, int, int, int]:
+        """(sorted keys, time origin, time resolution, step) of the positive engagements,
+        keyed item * step + time: one sorted array answers "how many before t" per item."""
+        pos = self.positive()
+        item = self.item[pos].astype(np.int64)
+        time_us = self.time_us[pos]
+        t0 = int(time_us.min()) if time_us.size else 0
+        span = int(time_us.max()) - t0 + 2 if time_us.size else 2
+        # Coarser time steps when item * span would overflow int64. Counting floor(e / r) <
+        # floor(t / r) still counts only events strictly before t (it may miss a few in
+        # the same step), so no future engagement leaks in.
+        n_items = int(item.max()) + 2 if item.size else 2
+        resolution = 1
+        while n_items * (span // resolution + 2) >= 2**62:
+            resolution *= 2
+        step = span // resolution + 2
+        keys = np.sort(item * step + (time_us - t0) // resolution)
+        return keys, t0, resolution, step
+
+    def positives_before(self, item: np.ndarray, time_us: np.ndarray) -> np.ndarray:
+        """Everyone's positive engagements with catalog row `item` strictly before `time_us`
+        (element-wise), as float32 counts."""
+        keys, t0, resolution, step = self._item_positives
+        if keys.size == 0:
+            return np.zeros(len(item), dtype=np.float32)
+        item = np.asarray(item, dtype=np.int64)
+        # Times before the log's start count nothing; later ones are capped inside the item.
+        rel = np.clip((np.asarray(time_us, dtype=np.int64) - t0) // resolution, 0, step - 1)
+        first = np.searchsorted(keys, item * step, side="left")
+        upto = np.searchsorted(keys, item * step + rel, side="left")
+        return (upto - first).astype(np.float32)
+
     def positive(self) -> np.ndarray:
         bits = sum(1 << ACTIONS.index(a) for a in POSITIVE_ACTIONS)
         return (self.actions & bits) != 0
@@ -467,7 +501,6 @@ def engagement_profile(
     pos = log.positive()
     ev = pl.DataFrame(
         {
-            "item": log.item[pos].astype(np.int64),
             "user_id": log.user[pos],
             "topic": catalog.topic[log.item[pos]].astype(np.int64),
             "author_id": catalog.author_id[log.item[pos]],
@@ -477,7 +510,6 @@ def engagement_profile(
     q = pl.DataFrame(
         {
             "row": np.arange(len(user)),
-            "item": np.asarray(item, dtype=np.int64),
             "user_id": np.asarray(user, dtype=np.int64),
             "topic": catalog.topic[item].astype(np.int64),
             "author_id": catalog.author_id[item],
@@ -489,9 +521,8 @@ def engagement_profile(
     n_total = _prior_counts(ev, q, ["user_id"])
     # Everyone's engagement with the post so far: a fresh post's only quality signal before
     # its id is trained.
-    n_post = _prior_counts(ev, q, ["item"])
-    earlier = q.with_columns(pl.col("time_us") - POST_RECENT_US)
-    n_post_recent = n_post - _prior_counts(ev, earlier, ["item"])
+    n_post = log.positives_before(item, time_us)
+    n_post_recent = n_post - log.positives_before(item, np.asarray(time_us) - POST_RECENT_US)
     # Unknown topics/authors (EBNeRD has no authors) carry no evidence: zero, not a match.
     n_topic = np.where(q["topic"].to_numpy() >= 0, n_topic, 0.0)
     n_author = np.where(q["author_id"].to_numpy() >= 0, n_author, 0.0)
