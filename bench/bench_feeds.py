@@ -222,9 +222,13 @@ def matmul_peak(threads: int, n: int = 2048, repeats: int = 7) -> tuple[float, l
 
 
 def world_key(scale: str, encoder: LexicalEncoder) -> str:
-    """Cache key: the whole world config (seed included) and the content encoder."""
+    """Cache key: the whole world config (seed included), the content encoder and the
+    models' input layout (a model with other inputs cannot be reloaded)."""
     cfg = asdict(world_config(scale))
-    text = json.dumps({"world": cfg, "encoder": encoder.version}, sort_keys=True, default=str)
+    inputs = {"profile": PROFILE_FEATURES, "actions": N_ACTIONS}
+    text = json.dumps(
+        {"world": cfg, "encoder": encoder.version, "inputs": inputs}, sort_keys=True, default=str
+    )
     return f"{scale}-s{cfg['seed']}-{hashlib.sha256(text.encode()).hexdigest()[:12]}"
 
 
