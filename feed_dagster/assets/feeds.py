@@ -195,24 +195,25 @@ def user_feeds(
             progress=lambda m: context.log.info(f"shard {shard}: {m}"),
         )
     write_shard(shard_dir(), context.partition_key, feeds, versions)
-    seconds = stats["seconds"]
     memory.stop()
     return dg.MaterializeResult(
         metadata={
             "dagster/row_count": feeds.height,
             **memory.metadata(),
-            "users": stats["users"],
-            "users_with_feed": stats["users_with_feed"],
-            "in_network_share": round(stats["in_network_rows"] / max(1, feeds.height), 3),
-            "retriever": stats["retriever"],
-            "scorer": stats["scorer"],
+            "users": stats.users,
+            "users_with_feed": stats.users_with_feed,
+            "in_network_share": round(stats.in_network_share, 3),
+            "retriever": stats.retriever,
+            "scorer": stats.scorer,
             **versions,
             "now": str(now),
-            "candidate_window_hours": stats["candidate_window_hours"],
-            "active_users_with_candidates": stats["active_users_with_candidates"],
+            "candidate_window_hours": stats.candidate_window_hours,
+            "active_users_with_candidates": stats.active_users_with_candidates,
             "path": str(_shard_path(context.partition_key)),
-            "stage_seconds": dg.MetadataValue.json({k: round(v, 3) for k, v in seconds.items()}),
-            "filter_removed": dg.MetadataValue.json(stats["removed"]),
+            "stage_seconds": dg.MetadataValue.json(
+                {k: round(v, 3) for k, v in stats.seconds.items()}
+            ),
+            "filter_removed": dg.MetadataValue.json(stats.removed),
         }
     )
 
