@@ -13,6 +13,7 @@ from feed_dagster.assets.retry import IO_RETRY, fail_fast
 from feed_dagster.data.warehouse import read_tables
 from feed_dagster.feeds.build import build_feeds
 from feed_dagster.feeds.learned import RankerScorer, TwoTowerRetriever, serving_features
+from feed_dagster.feeds.report import feed_preview_markdown, stage_timings_markdown
 from feed_dagster.feeds.shard_files import read_versions, shard_path, write_shard
 from feed_dagster.feeds.shards import users_in_shard
 from feed_dagster.memory import StepMemory
@@ -210,6 +211,10 @@ def user_feeds(
             "candidate_window_hours": stats.candidate_window_hours,
             "active_users_with_candidates": stats.active_users_with_candidates,
             "path": str(_shard_path(context.partition_key)),
+            "feed_preview": dg.MetadataValue.md(
+                feed_preview_markdown(feeds, tables["articles"], tables["users"])
+            ),
+            "stage_timings": dg.MetadataValue.md(stage_timings_markdown(stats)),
             "stage_seconds": dg.MetadataValue.json(
                 {k: round(v, 3) for k, v in stats.seconds.items()}
             ),
