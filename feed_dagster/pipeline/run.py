@@ -88,8 +88,10 @@ def run_pipeline(
         t0 = time.perf_counter()
         out = stage.run(rows, batch)
         if kind == SOURCE:
-            # In-network first, then by source rank: "keep the first" filters prefer these.
-            sourced = pl.concat([rows, out.select(list(CANDIDATE_SCHEMA))]).sort(
+            # Only the candidate columns, in their types, so any source's rows stack. In-network
+            # first, then by source rank: "keep the first" filters prefer these rows.
+            found = out.select([pl.col(c).cast(t) for c, t in CANDIDATE_SCHEMA.items()])
+            sourced = pl.concat([rows, found]).sort(
                 ["user_id", "in_network", "source_rank"], descending=[False, True, False]
             )
             new = sourced
