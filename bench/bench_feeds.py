@@ -66,7 +66,11 @@ from feed_dagster.models.train import (  # noqa: E402
     train_two_tower,
 )
 from feed_dagster.models.two_tower import TwoTower, load_two_tower  # noqa: E402
-from feed_dagster.pipeline import PopularityRetriever, TopicAffinityScorer  # noqa: E402
+from feed_dagster.pipeline import (  # noqa: E402
+    PipelineStats,
+    PopularityRetriever,
+    TopicAffinityScorer,
+)
 from feed_dagster.vectors import (  # noqa: E402
     ensure_index,
     open_vectors,
@@ -80,9 +84,9 @@ CACHE = ROOT / "data" / "bench" / "feeds_models"
 RANKER, TWO_TOWER = "ranker", "two_tower"
 VECTOR_TABLE = "article_vectors"
 SERVED = 35
-# Stage names of run_pipeline's stats["seconds"], grouped for the report (first match wins).
+# Stage labels of run_pipeline's stats.seconds, grouped for the report (first match wins).
 STAGE_GROUPS: list[tuple[str, Callable[[str], bool]]] = [
-    ("hydration (query + candidates)", lambda s: s.endswith("hydration")),
+    ("hydration (query + candidates)", lambda s: s.startswith(("query_hydrator.", "hydrator."))),
     ("source: in-network", lambda s: s == "source.in_network"),
     ("source: out-of-network (retriever)", lambda s: s == "source.out_of_network"),
     ("filters", lambda s: s.startswith("filter.")),
@@ -296,7 +300,7 @@ def measure(
     totals: list[float] = []
     groups: dict[str, list[float]] = {}
     forward: list[ForwardLog] = []
-    stats: dict[str, Any] = {}
+    stats = PipelineStats()
     feeds = pl.DataFrame()
     for r in range(repeats):
         LOG.reset()
@@ -304,25 +308,25 @@ def measure(
         feeds, stats = build_feeds(tables, users, now, retriever, scorer, batch_size=batch_size)
         totals.append(time.perf_counter() - t)
         per: dict[str, float] = {}
-        for stage, sec in stats["seconds"].items():
+        for stage, sec in stats.seconds.items():
             per[group_of(stage)] = per.get(group_of(stage), 0.0) + sec
         for g, sec in per.items():
             groups.setdefault(g, []).append(sec)
         forward.append(ForwardLog(**{k: getattr(LOG, k) for k in LOG.__dataclass_fields__}))
         print(f"  {label} repeat {r + 1}/{repeats}: {totals[-1]:.2f} s", flush=True)
     # Rows entering the model stage = rows out of the last filter.
-    filters = [s for s in stats["rows"] if s.startswith("filter.")]
+    filters = [s for s in stats.rows if s.startswith("filter.")]
     return Throughput(
         label=label,
         users=len(users),
         totals=totals,
         groups=groups,
-        rows_into_scoring=stats["rows"][filters[-1]],
+        rows_into_scoring=stats.rows[filters[-1]],
         feed_rows=feeds.height,
         peak_rss=peak_rss_mib(),
         rss_before=rss_before,
-        retriever=stats["retriever"],
-        scorer=stats["scorer"],
+        retriever=stats.retriever,
+        scorer=stats.scorer,
         forward=forward,
     )
 

@@ -54,10 +54,10 @@ def test_world_info_window_reaches_sources_and_filter(tiny_world) -> None:
     w = tiny_world
     spy, published, stats = _feeds(w, H48)
     assert spy.after == w.now - H48
-    assert (published > w.now - H48).all() and stats["candidate_window_hours"] == 48
+    assert (published > w.now - H48).all() and stats.candidate_window_hours == 48
 
     spy, published, stats = _feeds(w, None)
-    assert spy.after is None and stats["candidate_window_hours"] is None
+    assert spy.after is None and stats.candidate_window_hours is None
     assert (published <= w.now).all()
     assert (published <= w.now - H48).any()  # old posts are candidates and survive the filter
 

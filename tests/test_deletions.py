@@ -14,7 +14,12 @@ import pytest
 from feed_dagster.data.incoming import BatchError, ingest_batches, pending_batches, replay_done
 from feed_dagster.data.sources import world_info
 from feed_dagster.data.warehouse import read_tables
-from feed_dagster.pipeline import PopularityRetriever, TopicAffinityScorer, run_pipeline
+from feed_dagster.pipeline import (
+    PipelineStats,
+    PopularityRetriever,
+    TopicAffinityScorer,
+    run_pipeline,
+)
 from feed_dagster.serving import FeedReader, get_feed, publish_feeds, read_meta
 from feed_dagster.serving import safety as safety_mod
 from feed_dagster.serving.safety import SafetyCache, SafetyList, safety_path_for
@@ -46,7 +51,7 @@ def make_warehouse(path: Path, world) -> Path:
     return path
 
 
-def build(tables) -> tuple[pl.DataFrame, dict]:
+def build(tables) -> tuple[pl.DataFrame, PipelineStats]:
     users = tables["users"]["user_id"].sort().to_numpy()[:N_USERS]
     now = tables["world_info"]["now"][0]
     return run_pipeline(
@@ -171,7 +176,7 @@ def test_next_refresh_never_serves_them(tmp_path, warehouse, feeds, tiny_world) 
     assert after.height > 0
     assert t["article"] not in after["article_id"].to_list()
     assert not set(reposts.to_list()) & set(after["article_id"].to_list())
-    assert stats["removed"]["deleted_posts"] > 0
+    assert stats.removed["deleted_posts"] > 0
     assert t["y"] not in served(after, t["u"])["author_id"].to_list()
     assert t["z"] not in served(after, t["v"])["author_id"].to_list()
     # A block or mute is per viewer: other users still get those authors when they did.

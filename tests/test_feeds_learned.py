@@ -70,7 +70,7 @@ def test_learned_models_drive_the_pipeline(tiny_world, models, tmp_path):
     feeds, stats = run_pipeline(
         tiny_world, users, tiny_world.now, retriever, RankerScorer(ranker, ctx)
     )
-    assert stats["scorer"] == "phoenix_ranker" and stats["retriever"] == "two_tower+lancedb"
+    assert stats.scorer == "phoenix_ranker" and stats.retriever == "two_tower+lancedb"
     assert feeds["user_id"].n_unique() == len(users)
     assert set(feeds["source"]) == {"in_network", "out_of_network"}
 

@@ -40,7 +40,7 @@ def test_every_active_user_gets_a_full_ordered_feed(run) -> None:
     assert feeds.select("user_id", "position").is_duplicated().sum() == 0
     # Best first within each feed.
     assert feeds.group_by("user_id").agg(pl.col("score").diff().max().alias("d"))["d"].max() <= 0
-    assert stats["users_with_feed"] == stats["users"] == w.users.height
+    assert stats.users_with_feed == stats.users == w.users.height
 
 
 def test_nothing_the_user_excluded_or_already_saw(run) -> None:
@@ -82,8 +82,8 @@ def test_in_and_out_of_network_mix(run) -> None:
     )
     assert (per_user["oon"] > 0).all()
     assert (per_user["inn"] > 0).mean() > 0.5
-    assert stats["in_network_rows"] == per_user["inn"].sum()
-    assert feeds["reason"].str.starts_with("you follow").sum() == stats["in_network_rows"]
+    assert stats.in_network_rows == per_user["inn"].sum()
+    assert feeds["reason"].str.starts_with("you follow").sum() == stats.in_network_rows
 
 
 def test_per_author_caps_hold(tiny_world) -> None:
@@ -116,16 +116,16 @@ def test_rerun_is_identical_shard_independent_and_served_not_repeated(run) -> No
     served = feeds.select("user_id", "article_id")
     nxt, stats = run_pipeline(w, users, w.now, retriever, scorer, served=served)
     assert nxt.join(served, on=["user_id", "article_id"]).is_empty()
-    assert stats["removed"]["previously_served"] >= 0
+    assert stats.removed["previously_served"] >= 0
 
 
 def test_stats_cover_every_stage(run) -> None:
     _, _, _, feeds, stats = run
     expected = [
-        "query_hydration",
+        "query_hydrator.user_query",
         "source.in_network",
         "source.out_of_network",
-        "candidate_hydration",
+        "hydrator.core_data",
         "filter.duplicates",
         "filter.missing_core_data",
         "filter.deleted_posts",
@@ -145,13 +145,13 @@ def test_stats_cover_every_stage(run) -> None:
         "post_selection.conversation_dedupe",
         "post_selection.serve",
     ]
-    assert list(stats["rows"]) == expected and list(stats["seconds"]) == expected
-    rows = stats["rows"]
-    assert rows["candidate_hydration"] == rows["source.in_network"] + rows["source.out_of_network"]
-    removed = sum(stats["removed"].values())
-    assert rows["filter.blocked_muted_authors"] == rows["candidate_hydration"] - removed
+    assert list(stats.rows) == expected and list(stats.seconds) == expected
+    rows = stats.rows
+    assert rows["hydrator.core_data"] == rows["source.in_network"] + rows["source.out_of_network"]
+    removed = sum(stats.removed.values())
+    assert rows["filter.blocked_muted_authors"] == rows["hydrator.core_data"] - removed
     assert rows["post_selection.serve"] == feeds.height
-    assert stats["retriever"] == "popularity" and stats["scorer"] == "topic_affinity"
+    assert stats.retriever == "popularity" and stats.scorer == "topic_affinity"
 
 
 def test_empty_batch(tiny_world) -> None:
@@ -160,7 +160,7 @@ def test_empty_batch(tiny_world) -> None:
         w, [], w.now, PopularityRetriever.from_tables(w), TopicAffinityScorer.from_tables(w)
     )
     assert feeds.is_empty() and dict(feeds.schema) == FEED_SCHEMA
-    assert stats["users_with_feed"] == 0
+    assert stats.users_with_feed == 0
 
 
 def test_authorless_source_uses_followed_topics(tiny_world) -> None:

@@ -13,6 +13,7 @@ from feed_dagster.assets.retry import IO_RETRY, fail_fast
 from feed_dagster.data.warehouse import read_tables
 from feed_dagster.feeds.build import build_feeds
 from feed_dagster.feeds.learned import RankerScorer, TwoTowerRetriever, serving_features
+from feed_dagster.feeds.report import feed_preview_markdown, stage_timings_markdown
 from feed_dagster.feeds.shard_files import read_versions, shard_path, write_shard
 from feed_dagster.feeds.shards import users_in_shard
 from feed_dagster.memory import StepMemory
@@ -195,24 +196,29 @@ def user_feeds(
             progress=lambda m: context.log.info(f"shard {shard}: {m}"),
         )
     write_shard(shard_dir(), context.partition_key, feeds, versions)
-    seconds = stats["seconds"]
     memory.stop()
     return dg.MaterializeResult(
         metadata={
             "dagster/row_count": feeds.height,
             **memory.metadata(),
-            "users": stats["users"],
-            "users_with_feed": stats["users_with_feed"],
-            "in_network_share": round(stats["in_network_rows"] / max(1, feeds.height), 3),
-            "retriever": stats["retriever"],
-            "scorer": stats["scorer"],
+            "users": stats.users,
+            "users_with_feed": stats.users_with_feed,
+            "in_network_share": round(stats.in_network_share, 3),
+            "retriever": stats.retriever,
+            "scorer": stats.scorer,
             **versions,
             "now": str(now),
-            "candidate_window_hours": stats["candidate_window_hours"],
-            "active_users_with_candidates": stats["active_users_with_candidates"],
+            "candidate_window_hours": stats.candidate_window_hours,
+            "active_users_with_candidates": stats.active_users_with_candidates,
             "path": str(_shard_path(context.partition_key)),
-            "stage_seconds": dg.MetadataValue.json({k: round(v, 3) for k, v in seconds.items()}),
-            "filter_removed": dg.MetadataValue.json(stats["removed"]),
+            "feed_preview": dg.MetadataValue.md(
+                feed_preview_markdown(feeds, tables["articles"], tables["users"])
+            ),
+            "stage_timings": dg.MetadataValue.md(stage_timings_markdown(stats)),
+            "stage_seconds": dg.MetadataValue.json(
+                {k: round(v, 3) for k, v in stats.seconds.items()}
+            ),
+            "filter_removed": dg.MetadataValue.json(stats.removed),
         }
     )
 

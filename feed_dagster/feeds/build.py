@@ -4,16 +4,17 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from datetime import datetime
-from typing import Any
 
 import numpy as np
 import polars as pl
 
 from feed_dagster.errors import NoCandidatesError
 from feed_dagster.pipeline.config import PipelineConfig
-from feed_dagster.pipeline.protocols import Retriever, Scorer
+from feed_dagster.pipeline.protocols import Retriever, Scorer, component_name
 from feed_dagster.pipeline.run import FEED_SCHEMA, run_pipeline
 from feed_dagster.pipeline.sources import published_after
+from feed_dagster.pipeline.stages import PipelineSpec
+from feed_dagster.pipeline.stats import PipelineStats, window_hours
 from feed_dagster.pipeline.tables import Tables, candidate_window, published_between, table
 
 
@@ -27,8 +28,10 @@ def build_feeds(
     served: pl.DataFrame | None = None,
     batch_size: int = 512,
     progress: Callable[[str], None] | None = None,
-) -> tuple[pl.DataFrame, dict[str, Any]]:
-    """Feeds for `user_ids` in batches of `batch_size` users; stats summed over batches.
+    spec: PipelineSpec | None = None,
+) -> tuple[pl.DataFrame, PipelineStats]:
+    """Feeds for `user_ids` in batches of `batch_size` users through the stages of `spec`
+    (run.DEFAULT_SPEC unless given); stats summed over batches.
 
     Without `config` the candidate window is the world's (the `world_info` table among
     `tables`; the news default of 48 h when absent). Raises NoCandidatesError, before
@@ -37,28 +40,16 @@ def build_feeds(
     """
     config = config or PipelineConfig().with_max_age(candidate_window(tables))
     parts: list[pl.DataFrame] = []
-    counted = (
-        "users",
-        "users_with_feed",
-        "feed_rows",
-        "in_network_rows",
-        "active_users",
-        "active_users_with_candidates",
+    total = PipelineStats(
+        retriever=component_name(retriever),
+        scorer=component_name(scorer),
+        candidate_window_hours=window_hours(config.sources.max_age),
     )
-    total: dict[str, Any] = {key: 0 for key in counted}
-    total.update(seconds={}, rows={}, removed={})
-    window = config.sources.max_age
-    total["candidate_window_hours"] = None if window is None else window.total_seconds() / 3600
     for start in range(0, len(user_ids), batch_size):
         batch = user_ids[start : start + batch_size]
-        feeds, stats = run_pipeline(tables, batch, now, retriever, scorer, config, served)
+        feeds, stats = run_pipeline(tables, batch, now, retriever, scorer, config, served, spec)
         parts.append(feeds)
-        for key in counted:
-            total[key] += stats[key]
-        for key in ("seconds", "rows", "removed"):
-            for stage, value in stats[key].items():
-                total[key][stage] = total[key].get(stage, 0) + value
-        total["retriever"], total["scorer"] = stats["retriever"], stats["scorer"]
+        total += stats
         if progress:
             progress(f"{min(start + batch_size, len(user_ids)):,}/{len(user_ids):,} users")
     check_candidates(tables, now, config, total)
@@ -67,12 +58,12 @@ def build_feeds(
 
 
 def check_candidates(
-    tables: Tables, now: datetime, config: PipelineConfig, stats: dict[str, Any]
+    tables: Tables, now: datetime, config: PipelineConfig, stats: PipelineStats
 ) -> None:
     """Raise NoCandidatesError when more than half of the users with engagements (stats
     active_users, active_users_with_candidates) got no candidate."""
-    active = stats["active_users"]
-    without = active - stats["active_users_with_candidates"]
+    active = stats.active_users
+    without = active - stats.active_users_with_candidates
     if 2 * without <= active:
         return
     articles = table(tables, "articles")

@@ -14,20 +14,46 @@ from feed_dagster.pipeline.fallbacks import PopularityRetriever, TopicAffinitySc
 from feed_dagster.pipeline.protocols import ACTION_COLUMNS, Retriever, Scorer
 from feed_dagster.pipeline.query import Query, hydrate_query
 from feed_dagster.pipeline.run import FEED_SCHEMA, run_pipeline
+from feed_dagster.pipeline.spec import DEFAULT_SPEC
+from feed_dagster.pipeline.stages import (
+    Batch,
+    CandidateHydrator,
+    CandidateScorer,
+    Filter,
+    PipelineSpec,
+    PostSelection,
+    QueryHydrator,
+    Request,
+    Selector,
+    Source,
+)
+from feed_dagster.pipeline.stats import PipelineStats
 
 __all__ = [
     "ACTION_COLUMNS",
+    "DEFAULT_SPEC",
     "FEED_SCHEMA",
+    "Batch",
+    "CandidateHydrator",
+    "CandidateScorer",
+    "Filter",
     "FilterConfig",
     "PipelineConfig",
+    "PipelineSpec",
+    "PipelineStats",
     "PopularityRetriever",
+    "PostSelection",
     "Query",
     "QueryConfig",
+    "QueryHydrator",
+    "Request",
     "Retriever",
     "Scorer",
     "ScoringConfig",
     "ScoringWeights",
     "SelectionConfig",
+    "Selector",
+    "Source",
     "SourceConfig",
     "TopicAffinityScorer",
     "hydrate_query",

@@ -1,5 +1,6 @@
 """Filters before scoring. Each takes the hydrated candidates of a whole batch and returns
-the rows it keeps together with how many it removed (reported as run metadata).
+the rows it keeps together with how many it removed; spec.DEFAULT_SPEC runs each as a
+FunctionFilter stage, whose removals the pipeline's stats report.
 
 Candidates arrive ordered by user, in-network first, then by source rank, so "keep the
 first" is deterministic and prefers in-network and better-ranked rows.

@@ -1,10 +1,28 @@
-"""Selector and post-selection filters: top k per user, conversation dedupe, the served cut."""
+"""Selector and post-selection stages: top k per user, conversation dedupe, the served cut
+and the served rows' final shape."""
 
 from __future__ import annotations
 
 import polars as pl
 
+from feed_dagster.pipeline.config import PipelineConfig
+from feed_dagster.pipeline.hydrators import hydrate_author_handles
+from feed_dagster.pipeline.protocols import ACTION_COLUMNS
+from feed_dagster.pipeline.scoring import with_reason
 from feed_dagster.pipeline.tables import pair_key, run_position
+
+IN_NETWORK, OUT_OF_NETWORK = "in_network", "out_of_network"
+FEED_SCHEMA: dict[str, pl.DataType] = {
+    "user_id": pl.Int64(),
+    "position": pl.Int32(),
+    "article_id": pl.Int64(),
+    "author_id": pl.Int64(),
+    "score": pl.Float64(),
+    "source": pl.String(),
+    **{c: pl.Float32() for c in ACTION_COLUMNS},
+    "dwell_seconds": pl.Float32(),
+    "reason": pl.String(),
+}
 
 BEST_FIRST = (["user_id", "score", "article_id"], [False, True, False])
 
@@ -40,3 +58,16 @@ def serve(selected: pl.DataFrame, n: int) -> pl.DataFrame:
     """The first n rows per user (rows come best first) with a 1-based `position`."""
     position = (run_position("user_id") + 1).cast(pl.Int32)
     return selected.with_columns(position=position).filter(pl.col("position") <= n)
+
+
+def finalise(served: pl.DataFrame, users: pl.DataFrame, cfg: PipelineConfig) -> pl.DataFrame:
+    """Served rows in FEED_SCHEMA: author handle and top reason hydrated, ordered."""
+    rows = hydrate_author_handles(served, users)
+    rows = with_reason(rows, cfg.scoring.weights).with_columns(
+        source=pl.when(pl.col("in_network"))
+        .then(pl.lit(IN_NETWORK))
+        .otherwise(pl.lit(OUT_OF_NETWORK))
+    )
+    return rows.select([pl.col(c).cast(t) for c, t in FEED_SCHEMA.items()]).sort(
+        ["user_id", "position"]
+    )
