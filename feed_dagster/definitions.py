@@ -55,7 +55,7 @@ def build_definitions() -> dg.Definitions:
             feed_quality,
         ],
         asset_checks=[
-            *raw_table_checks,
+            raw_table_checks,
             ranker_promotion_gate,
             vectors_cover_articles,
             vector_index_recall,

@@ -1,19 +1,20 @@
 """Asset checks on every raw table: keys, references, self-follows, time window.
 
-Blocking checks stop downstream assets in the same run, so a corrupt table never reaches
-models or feeds. Every check's logic lives in feed_dagster.data.checks.
+All rules run in one step as SQL over the warehouse (feed_dagster.data.checks), so no table
+is loaded into Python: at 100k users the impressions alone are 60M rows. The checks are
+blocking, so a corrupt table never reaches models or feeds.
 """
 
-import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import dagster as dg
-import polars as pl
+import duckdb
 
 from feed_dagster.data import checks as C
-
-Tables = dict[str, pl.DataFrame]
+from feed_dagster.data.warehouse import connect_read_only
+from feed_dagster.resources.storage import warehouse_path
+from feed_dagster.resources.warehouse import WAREHOUSE_POOL
 
 
 @dataclass(frozen=True)
@@ -22,12 +23,7 @@ class Rule:
     name: str
     description: str
     needs: tuple[str, ...]
-    run: Callable[[Tables], C.CheckOutcome]
-    blocking: bool = True
-
-
-def _info(t: Tables) -> dict:
-    return t["world_info"].row(0, named=True)
+    run: Callable[[duckdb.DuckDBPyConnection], C.CheckOutcome]
 
 
 def _ref(table: str, column: str, target: str, target_column: str) -> Rule:
@@ -36,15 +32,14 @@ def _ref(table: str, column: str, target: str, target_column: str) -> Rule:
         f"{column}_references_{target}",
         f"every {table}.{column} exists in {target}.{target_column}",
         (target,),
-        lambda t: C.references(t[table], table, column, t[target], target_column, target),
+        lambda con: C.references(con, table, column, target, target_column),
     )
 
 
 def _window(table: str, column: str, bounded_below: bool = True) -> Rule:
-    def run(t: Tables) -> C.CheckOutcome:
-        info = _info(t)
-        start = info["window_start"] if bounded_below else None
-        return C.within_window(t[table], table, column, start, info["now"])
+    def run(con: duckdb.DuckDBPyConnection) -> C.CheckOutcome:
+        start, now = con.execute("select window_start, now from main.world_info").fetchone()
+        return C.within_window(con, table, column, start if bounded_below else None, now)
 
     return Rule(
         table,
@@ -62,7 +57,7 @@ def _unique(table: str, key: list[str], nullable: tuple[str, ...] = ()) -> Rule:
         f"{table} key ({', '.join(key)}) is unique and non-null"
         + (f" (except {', '.join(nullable)})" if nullable else ""),
         (),
-        lambda t: C.unique_non_null(t[table], table, key, nullable),
+        lambda con: C.unique_non_null(con, table, key, nullable),
     )
 
 
@@ -89,7 +84,7 @@ RULES: list[Rule] = [
         "no_self_follows",
         "nobody follows themselves",
         (),
-        lambda t: C.no_self_follows(t["follows"]),
+        C.no_self_follows,
     ),
     _unique("follows", ["follower_id", "followee_id"]),
     _ref("follows", "follower_id", "users", "user_id"),
@@ -101,34 +96,40 @@ RULES: list[Rule] = [
 ]
 
 
-def _build(rule: Rule) -> dg.AssetChecksDefinition:
+def _spec(rule: Rule) -> dg.AssetCheckSpec:
     extra = [n for n in dict.fromkeys(rule.needs) if n != rule.table]
-
-    def _check(**inputs: pl.DataFrame) -> dg.AssetCheckResult:
-        outcome = rule.run(inputs)
-        return dg.AssetCheckResult(
-            passed=outcome.passed,
-            severity=dg.AssetCheckSeverity.ERROR,
-            description=outcome.description,
-            metadata=outcome.metadata(),
-        )
-
-    # Dagster maps inputs by parameter name; one generic body serves every rule, so give it
-    # the signature (checked table first, then the extra tables) that this rule needs.
-    _check.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
-        [
-            inspect.Parameter(n, inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=pl.DataFrame)
-            for n in [rule.table, *extra]
-        ],
-        return_annotation=dg.AssetCheckResult,
-    )
-    return dg.asset_check(
+    return dg.AssetCheckSpec(
+        rule.name,
         asset=rule.table,
-        name=rule.name,
         description=rule.description,
-        blocking=rule.blocking,
-        additional_ins={n: dg.AssetIn(n) for n in extra},
-    )(_check)
+        additional_deps=extra,
+        blocking=True,
+    )
 
 
-raw_table_checks = [_build(rule) for rule in RULES]
+@dg.multi_asset_check(
+    specs=[_spec(rule) for rule in RULES],
+    name="raw_table_checks",
+    description="Keys, references, self-follows and time windows of the raw tables (SQL).",
+    can_subset=True,
+    pool=WAREHOUSE_POOL,
+)
+def raw_table_checks(context: dg.AssetCheckExecutionContext) -> Iterator[dg.AssetCheckResult]:
+    selected = context.selected_asset_check_keys
+    con = connect_read_only(warehouse_path())
+    try:
+        for rule in RULES:
+            key = dg.AssetCheckKey(dg.AssetKey(rule.table), rule.name)
+            if key not in selected:
+                continue
+            outcome = rule.run(con)
+            yield dg.AssetCheckResult(
+                asset_key=rule.table,
+                check_name=rule.name,
+                passed=outcome.passed,
+                severity=dg.AssetCheckSeverity.ERROR,
+                description=outcome.description,
+                metadata=outcome.metadata(),
+            )
+    finally:
+        con.close()

@@ -9,7 +9,6 @@ import polars as pl
 from pydantic import Field
 
 from feed_dagster.assets.embeddings import read_embeddings
-from feed_dagster.assets.raw import WAREHOUSE_POOL
 from feed_dagster.assets.retry import IO_RETRY, fail_fast
 from feed_dagster.data.sources import world_from_tables
 from feed_dagster.memory import StepMemory
@@ -24,6 +23,7 @@ from feed_dagster.models.two_tower import load_two_tower
 from feed_dagster.plots import markdown_table
 from feed_dagster.resources.storage import data_root, warehouse_path
 from feed_dagster.resources.stores import ModelStoreResource
+from feed_dagster.resources.warehouse import WAREHOUSE_POOL
 
 MODEL_TABLES = [
     "world_info",

@@ -5,10 +5,10 @@ import polars as pl
 
 from feed_dagster.data.sources import world_info
 from feed_dagster.resources.source import SourceResource
+from feed_dagster.resources.warehouse import WAREHOUSE_POOL
 
 RAW_GROUP = "raw"
 SOCIAL_GROUP = "social_graph"
-WAREHOUSE_POOL = "warehouse"
 
 RAW_TABLES: dict[str, tuple[str, str]] = {
     "world_info": (RAW_GROUP, "The source and time frame: window start, held-out start, now."),

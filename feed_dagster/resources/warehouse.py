@@ -14,6 +14,10 @@ from dagster._core.storage.db_io_manager import DbTypeHandler, TableSlice
 from dagster_duckdb import DuckDBIOManager
 from dagster_duckdb_polars import DuckDBPolarsTypeHandler
 
+# The concurrency pool of every step that writes the warehouse (DuckDB allows one writer
+# process per file) or reads it while another step may write.
+WAREHOUSE_POOL = "warehouse"
+
 
 class ReplacingPolarsTypeHandler(DuckDBPolarsTypeHandler):
     def handle_output(
