@@ -318,6 +318,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
+    from feed_dagster.atomic import atomic_path
     from feed_dagster.data.warehouse import read_tables
     from feed_dagster.resources.storage import incoming_dir, warehouse_path
     from feed_dagster.world.simulate import simulate_activity
@@ -332,9 +333,9 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     stamp = f"{now:%Y%m%dT%H%M%S}-{args.seed}"
     for name, df in (("articles", posts), ("engagements", engagements)):
         final = folder / f"{name}-{stamp}.parquet"
-        tmp = folder / f".{final.name}.tmp"  # not *.parquet, so the sensor ignores it
-        df.write_parquet(tmp)
-        os.replace(tmp, final)
+        # The temporary name does not end in .parquet, so the sensor ignores it.
+        with atomic_path(final) as tmp:
+            df.write_parquet(tmp)
         print(f"wrote {final} ({df.height:,} rows)")
     print("with `make ui` running, the incoming_batches sensor ingests them and refreshes feeds")
     return 0
