@@ -40,6 +40,9 @@ from feed_dagster.pipeline.tables import naive_utc
 
 FEED_COLUMNS: tuple[str, ...] = tuple(FEED_SCHEMA)
 VERSION_COLUMNS: tuple[str, ...] = ("model_version", "vector_table_version", "generated_at")
+# The served table leads with these columns, then the author handle and title joined in at
+# publish time, then the rest of FEED_COLUMNS (scores, probabilities, reason).
+KEY_COLUMNS: tuple[str, ...] = ("user_id", "position", "article_id", "author_id")
 # A temporary file this old is left over from a killed publish, not one in progress.
 STALE_TMP_AFTER = timedelta(hours=6)
 
@@ -120,8 +123,10 @@ def _load_feeds(
     con: duckdb.DuckDBPyConnection, feeds: FeedsInput, versions: tuple[str, str, datetime]
 ) -> None:
     """CREATE TABLE feeds from Parquet files or frames, ordered by user_id, position."""
-    head = ", ".join(f'f."{c}"' for c in FEED_COLUMNS[:4])
-    rest = ", ".join(f'f."{c}"' for c in FEED_COLUMNS[4:])
+    # By name, not position: a column added to or moved in FEED_SCHEMA cannot shift
+    # another one into the key block.
+    head = ", ".join(f'f."{c}"' for c in KEY_COLUMNS)
+    rest = ", ".join(f'f."{c}"' for c in FEED_COLUMNS if c not in KEY_COLUMNS)
     select = f"{head}, a.author_handle, a.title, {rest}"
     tail = (
         "?::VARCHAR AS model_version, ?::VARCHAR AS vector_table_version, "
