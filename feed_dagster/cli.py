@@ -3,13 +3,21 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import os
 import sys
+import textwrap
 import time
+import uuid
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import duckdb
 import polars as pl
+
+from feed_dagster.progress import PlainProgress, Progress, make_progress
 
 
 def _instance():
@@ -30,12 +38,85 @@ class PublishRefused(BuildFailed):
     """The publish guard refused the new generation; the live serving file is unchanged."""
 
 
-def _run_step(label: str, which: str, partition_key: str | None, log_level: str) -> str:
+# The name `dg.materialize` gives its job: runs of `run` look the same in the UI's history.
+EPHEMERAL_JOB = "__ephemeral_asset_job__"
+# (phase, kind, step, payload): kind "start" | "done" (payload (seconds, ok)) | "log" (text).
+StepEvent = tuple[str, str, str, Any]
+
+
+def _step_listener(
+    phase: str, emit: Callable[[StepEvent], None], log_level: str
+) -> Callable[[Any], None]:
+    """An instance event listener that turns a run's events into StepEvents.
+
+    Log lines of steps at INFO up to (not including) the console's `log_level` are passed
+    on: those at or above it the Dagster console logger prints already."""
+    import logging
+
+    import dagster as dg
+
+    threshold = logging.getLevelName(log_level.upper())
+    if not isinstance(threshold, int):
+        threshold = logging.WARNING
+    started: dict[str, float] = {}
+    ends = {
+        dg.DagsterEventType.STEP_SUCCESS: True,
+        dg.DagsterEventType.STEP_FAILURE: False,
+    }
+
+    def on_event(entry: Any) -> None:
+        # Runs inside Dagster's event handling: it must never raise into the run.
+        try:
+            step = entry.step_key
+            if step is None:
+                return
+            kind = entry.dagster_event_type
+            if kind == dg.DagsterEventType.STEP_START:
+                started[step] = time.monotonic()
+                emit((phase, "start", step, None))
+            elif kind in ends:
+                seconds = time.monotonic() - started.pop(step, time.monotonic())
+                emit((phase, "done", step, (seconds, ends[kind])))
+            elif kind is None and logging.INFO <= entry.level < threshold:
+                emit((phase, "log", step, entry.user_message))
+        except Exception:  # progress is best effort; the run must go on regardless
+            pass
+
+    return on_event
+
+
+def _dispatch(progress: Progress, event: StepEvent) -> None:
+    phase, kind, step, payload = event
+    if kind == "start":
+        progress.step_started(phase, step)
+    elif kind == "done":
+        progress.step_finished(phase, step, *payload)
+    elif kind == "log":
+        progress.step_message(phase, step, payload)
+
+
+# Set in each shard worker process: where its StepEvents go (the parent shows them).
+_WORKER_EVENTS: Any = None
+
+
+def _worker_init(events: Any) -> None:
+    global _WORKER_EVENTS
+    _WORKER_EVENTS = events
+
+
+def _run_step(
+    label: str,
+    which: str,
+    partition_key: str | None,
+    log_level: str,
+    emit: Callable[[StepEvent], None] | None = None,
+) -> str:
     """Materialise one step of `run` in this process; returns its report lines.
 
     `which`: "upstream" (everything upstream of the feeds), "shard" (one user_feeds
-    partition), "publish" or "quality" (feed_quality). Raises BuildFailed(report) when
-    anything fails.
+    partition), "publish" or "quality" (feed_quality). `emit` receives the steps' progress
+    (in a shard worker: the queue the pool was started with). Raises BuildFailed(report)
+    when anything fails.
     """
     import dagster as dg
 
@@ -49,15 +130,26 @@ def _run_step(label: str, which: str, partition_key: str | None, log_level: str)
         "publish": dg.AssetSelection.assets("published_feeds"),
         "quality": FEED_QUALITY,
     }[which]
+    if emit is None and _WORKER_EVENTS is not None:
+        emit = _WORKER_EVENTS.put
     t0 = time.perf_counter()
-    result = dg.materialize(
-        [*defs.assets, *defs.asset_checks],
-        selection=selection,
-        partition_key=partition_key,
+    # What dg.materialize does, with a run id known up front, so a listener can follow the
+    # run's events as they happen.
+    job = dg.Definitions(
+        jobs=[dg.define_asset_job(EPHEMERAL_JOB, selection=selection)],
+        assets=[*defs.assets, *defs.asset_checks],
         resources=defs.resources,
-        instance=_instance(),
+    ).resolve_job_def(EPHEMERAL_JOB)
+    instance = _instance()
+    run_id = str(uuid.uuid4())
+    if emit is not None:
+        instance.add_event_listener(run_id, _step_listener(label, emit, log_level))
+    result = job.execute_in_process(
         run_config={"loggers": {"console": {"config": {"log_level": log_level}}}},
+        instance=instance,
+        partition_key=partition_key,
         raise_on_error=False,
+        run_id=run_id,
     )
     built = [e.asset_key.to_user_string() for e in result.get_asset_materialization_events()]
     lines = [f"- {label}: built {', '.join(built)} in {time.perf_counter() - t0:.1f}s"]
@@ -97,43 +189,91 @@ def error_text(error: object) -> str:
     return "\n    ".join(p for p in parts if p)
 
 
-def materialize_everything(log_level: str = "WARNING", workers: int | None = None) -> str | None:
+def materialize_everything(
+    log_level: str = "WARNING", workers: int | None = None, progress: Progress | None = None
+) -> str | None:
     """Materialise the whole asset graph: everything upstream of the feeds, then every user
     shard of user_feeds (shards in parallel worker processes, as an executor would fan them
-    out), then the publish, then the feed-quality evaluation.
+    out), then the publish, then the feed-quality evaluation. `progress` shows each phase,
+    step, shard and step log line as it happens (default: plain lines on stdout).
 
     Returns None, or the report of a publish the guard refused (the build goes on: the
     live generation stays served and feed quality is still measured)."""
-    from concurrent.futures import ProcessPoolExecutor
-    from multiprocessing import get_context
-
     from feed_dagster.assets.feeds import user_shards
 
-    print("- sources, models and vectors (training takes a few minutes) ...", flush=True)
-    print(_run_step("sources, models and vectors", "upstream", None, log_level), flush=True)
-    shards = user_shards.get_partition_keys()
-    workers = workers or min(len(shards), os.cpu_count() or 1)
-    print(f"- user_feeds: {len(shards)} shards on {workers} worker processes ...", flush=True)
-    # spawn, not fork: the parent has used torch's thread pool, which a fork can deadlock.
-    with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
-        futures = [
-            pool.submit(_run_step, f"user_feeds shard {k}", "shard", k, log_level) for k in shards
-        ]
-        for future in futures:
-            print(future.result(), flush=True)
+    own = progress is None
+    progress = progress or PlainProgress()
+    try:
+        return _materialize_phases(log_level, workers, progress, user_shards.get_partition_keys())
+    finally:
+        if own:
+            progress.close()
+
+
+def _materialize_phases(
+    log_level: str, workers: int | None, progress: Progress, shards: list[str]
+) -> str | None:
+    def phase(label: str, which: str, note: str = "") -> str:
+        progress.phase_started(label, note)
+        report = _run_step(label, which, None, log_level, lambda e: _dispatch(progress, e))
+        progress.phase_finished(label, report)
+        return report
+
+    phase("sources, models and vectors", "upstream", "training takes a few minutes")
+    _run_shards(log_level, workers, progress, shards)
     refused = None
     try:
-        print(_run_step("publish", "publish", None, log_level), flush=True)
+        phase("publish", "publish")
     except PublishRefused as exc:
         refused = str(exc)
-        print(refused, flush=True)
-    print("- feed quality (held-out recall vs chronological and popularity) ...", flush=True)
+        progress.error(refused)
     try:
-        print(_run_step("feed quality", "quality", None, log_level), flush=True)
+        phase("feed quality", "quality", "held-out recall vs chronological and popularity")
     except BuildFailed as exc:
         # Evaluation only: the feeds are published already, so report and carry on.
-        print(f"{exc}\n  feed quality failed; the published feeds are unaffected", flush=True)
+        progress.error(f"{exc}\n  feed quality failed; the published feeds are unaffected")
     return refused
+
+
+def _run_shards(log_level: str, workers: int | None, progress: Progress, shards: list[str]) -> None:
+    """Every user_feeds shard in its own worker process; their step events come back over
+    a queue, so shard progress shows while they run."""
+    import queue
+    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+    from multiprocessing import get_context
+
+    workers = workers or min(len(shards), os.cpu_count() or 1)
+    progress.shards_started(len(shards), workers)
+    # spawn, not fork: the parent has used torch's thread pool, which a fork can deadlock.
+    ctx = get_context("spawn")
+    events = ctx.Queue()
+
+    def drain(timeout: float) -> None:
+        try:
+            while True:
+                _dispatch(progress, events.get(timeout=timeout))
+                timeout = 0.0
+        except queue.Empty:
+            pass
+
+    with ProcessPoolExecutor(
+        workers, mp_context=ctx, initializer=_worker_init, initargs=(events,)
+    ) as pool:
+        pending = {
+            pool.submit(_run_step, f"user_feeds shard {k}", "shard", k, log_level): k
+            for k in shards
+        }
+        done = 0
+        while pending:
+            finished, _ = wait(pending, timeout=0.2, return_when=FIRST_COMPLETED)
+            drain(0.05)
+            for future in finished:
+                key = pending.pop(future)
+                report = future.result()  # a failed shard raises BuildFailed: run stops
+                done += 1
+                progress.shard_finished(f"user_feeds shard {key}", report, done, len(shards))
+        drain(0.2)  # events a worker queued just before its result came back
+    events.close()
 
 
 def print_warehouse_summary(path: Path) -> None:
@@ -210,23 +350,43 @@ def format_feed(feed: pl.DataFrame) -> str:
         return str(feed.select(cols))
 
 
+REFUSED = (
+    "run finished, but the publish was refused (publish_guard, above): readers still get "
+    "the previous generation, if any. Fix the cause, or publish an intended shrink with "
+    "published_feeds config allow_shrink: true"
+)
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from feed_dagster.resources.storage import serving_path, warehouse_path
 
     t0 = time.perf_counter()
-    try:
-        refused = materialize_everything(args.log_level)
-    except BuildFailed as exc:
-        print(f"{exc}\n\nrun stopped: a step failed (above); earlier outputs are intact")
-        return 1
+    # Quiet: Dagster's console logger shows errors only, like the rest of the output.
+    log_level = args.log_level or ("ERROR" if args.quiet else "WARNING")
+    with make_progress(args.quiet) as progress:
+        try:
+            refused = materialize_everything(log_level, progress=progress)
+        except BuildFailed as exc:
+            progress.error(
+                f"{exc}\n\nrun stopped: a step failed (above); earlier outputs are intact"
+            )
+            return 1
+    if args.quiet:
+        # Only the outcome: the sample feed's notes matter only when there is no feed.
+        with contextlib.redirect_stdout(io.StringIO()) as notes:
+            shown = print_sample_feed(serving_path())
+        if refused:
+            print(REFUSED, file=sys.stderr)
+            return 1
+        if not shown:
+            print(f"{notes.getvalue().strip()}\nrun finished without a feed", file=sys.stderr)
+            return 1
+        print(f"run finished in {time.perf_counter() - t0:.1f}s; feeds in {serving_path()}")
+        return 0
     print_warehouse_summary(warehouse_path())
     shown = print_sample_feed(serving_path())
     if refused:
-        print(
-            "\nrun finished, but the publish was refused (publish_guard, above): readers "
-            "still get the previous generation, if any. Fix the cause, or publish an intended "
-            "shrink with published_feeds config allow_shrink: true"
-        )
+        print(f"\n{REFUSED}")
         return 1
     if not shown:
         print("\nrun finished without a feed to show (above)")
@@ -318,6 +478,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
+    from feed_dagster.atomic import atomic_path
     from feed_dagster.data.warehouse import read_tables
     from feed_dagster.resources.storage import incoming_dir, warehouse_path
     from feed_dagster.world.simulate import simulate_activity
@@ -332,73 +493,216 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     stamp = f"{now:%Y%m%dT%H%M%S}-{args.seed}"
     for name, df in (("articles", posts), ("engagements", engagements)):
         final = folder / f"{name}-{stamp}.parquet"
-        tmp = folder / f".{final.name}.tmp"  # not *.parquet, so the sensor ignores it
-        df.write_parquet(tmp)
-        os.replace(tmp, final)
+        # The temporary name does not end in .parquet, so the sensor ignores it.
+        with atomic_path(final) as tmp:
+            df.write_parquet(tmp)
         print(f"wrote {final} ({df.height:,} rows)")
     print("with `make ui` running, the incoming_batches sensor ingests them and refreshes feeds")
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="feed-dagster", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
-    run = sub.add_parser("run", help="materialise the whole asset graph and show what was built")
-    run.add_argument("--log-level", default="WARNING", help="Dagster console log level")
+# Every variable the command and the code it runs read, with its default.
+ENVIRONMENT = {
+    "FEED_DAGSTER_DATA": "storage root: warehouse, embeddings, models, vectors, shard files, "
+    "serving file, incoming batches (default: ./data)",
+    "FEED_DAGSTER_SOURCE": "where the tables come from: synthetic[:scale] (tiny, demo, ...), "
+    "ebnerd:DIR (a folder or the official zip) or parquet:DIR (default: synthetic:demo)",
+    "DAGSTER_HOME": "Dagster instance folder; set, runs of `run` are kept and show in the UI "
+    "(the Makefile sets .dagster_home); unset, they are kept in memory only",
+    "FEED_DAGSTER_EXECUTOR": "executor of jobs started from the UI, schedules and sensors: "
+    "multiprocess (one process per step) or in_process (default: multiprocess); `run` "
+    "always runs its steps in its own process and its shards in worker processes",
+    "FEED_DAGSTER_SHARDS": "number of user shards of user_feeds (default: 4)",
+    "FEED_DAGSTER_ENCODER": "article content encoder: lexical, minilm (needs the [text] "
+    "extra) or precomputed (default: lexical)",
+}
+# Set by `serve` for its worker processes (from its options), read by the app factory.
+SERVE_ENVIRONMENT = {
+    "FEED_DAGSTER_SERVING_FILE": "the serving file (from --path)",
+    "FEED_DAGSTER_STALE_AFTER_SECONDS": "from --stale-after-hours",
+    "FEED_DAGSTER_READER_MEMORY": "from --memory-limit",
+}
+
+
+def _environment_help(variables: dict[str, str], title: str = "environment variables") -> str:
+    lines = [f"{title}:"]
+    for name, text in variables.items():
+        lines.append(f"  {name}")
+        lines += textwrap.wrap(text, 76, initial_indent="      ", subsequent_indent="      ")
+    return "\n".join(lines)
+
+
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Keeps the line breaks of descriptions and the environment list."""
+
+    def __init__(self, prog: str) -> None:
+        super().__init__(prog, max_help_position=32, width=100)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The `feed-dagster` parser: every command, option, default and variable it reads."""
+    env = _environment_help(ENVIRONMENT)
+    parser = argparse.ArgumentParser(
+        prog="feed-dagster",
+        description=textwrap.fill(
+            "Build the precomputed 'For You' feeds (a Dagster asset graph) and read them: "
+            "`run` builds everything, `feed` prints one user's feed, `serve` answers over "
+            "HTTP, `simulate` and `make-ebnerd` write data to try it on.",
+            88,
+        ),
+        epilog=f"{env}\n\n`feed-dagster COMMAND --help` describes a command.",
+        formatter_class=_HelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name: str, summary: str, description: str) -> argparse.ArgumentParser:
+        return sub.add_parser(
+            name,
+            help=summary,
+            description=textwrap.fill(description, 88),
+            epilog=env,
+            formatter_class=_HelpFormatter,
+        )
+
+    run = command(
+        "run",
+        "materialise the whole asset graph and show what was built",
+        "Materialise every asset: sources, models and vectors, then each user shard of "
+        "user_feeds in worker processes, then the publish and the feed-quality evaluation. "
+        "Shows each step with its elapsed time, training epochs and shard progress (a live "
+        "display on a terminal, plain lines otherwise), then the warehouse's tables and "
+        "one user's feed. Exit status 1 when a step failed, the publish was refused or "
+        "there is no feed to show.",
+    )
+    run.add_argument(
+        "--log-level",
+        default=None,
+        choices=["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"],
+        type=str.upper,
+        help="Dagster console log level (default: WARNING, or ERROR with --quiet); step "
+        "log lines below it appear in the progress display",
+    )
+    run.add_argument(
+        "--quiet",
+        action="store_true",
+        help="for scripts: no progress, warehouse summary or sample feed; errors on stderr "
+        "and one final line on stdout (default: off)",
+    )
     run.set_defaults(func=cmd_run)
 
-    feed = sub.add_parser("feed", help="print one user's precomputed feed from the serving file")
-    feed.add_argument("user_id", type=int)
-    feed.add_argument("--limit", type=int, default=35)
-    feed.add_argument("--json", action="store_true", help="all columns as JSON")
-    feed.add_argument("--path", help="serving file (default data/serving/feeds.duckdb)")
+    feed = command(
+        "feed",
+        "print one user's precomputed feed from the serving file",
+        "Print USER_ID's feed from the live serving file as a table (position, source, "
+        "score, title, author, reason), best first. Posts deleted and authors blocked or "
+        "muted since the publish are left out. Exit status 1 when the user has no feed or "
+        "nothing is published yet.",
+    )
+    feed.add_argument("user_id", type=int, help="the user whose feed to print")
+    feed.add_argument(
+        "--limit", type=int, default=35, help="at most this many posts (default: %(default)s)"
+    )
+    feed.add_argument(
+        "--json", action="store_true", help="print all columns as JSON (default: a table)"
+    )
+    feed.add_argument(
+        "--path",
+        help="serving file to read (default: serving/feeds.duckdb under FEED_DAGSTER_DATA)",
+    )
     feed.set_defaults(func=cmd_feed)
 
-    serve = sub.add_parser("serve", help="HTTP service and page over the serving file")
-    serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--port", type=int, default=8080)
-    serve.add_argument("--path", help="serving file (default data/serving/feeds.duckdb)")
+    serve = command(
+        "serve",
+        "HTTP service and page over the serving file",
+        "Serve the precomputed feeds over HTTP with uvicorn: GET /v1/feeds/USER_ID "
+        "(?limit=, ?cursor=), GET /v1/health and a page at / to read a user's feed. Each "
+        "worker holds one read-only connection and follows publishes.",
+    )
+    serve.epilog = f"{env}\n\n{_environment_help(SERVE_ENVIRONMENT, 'set for the workers')}"
     serve.add_argument(
-        "--workers", type=int, default=1, help="worker processes, each with its own reader"
+        "--host", default="127.0.0.1", help="address to listen on (default: %(default)s)"
+    )
+    serve.add_argument(
+        "--port", type=int, default=8080, help="port to listen on (default: %(default)s)"
+    )
+    serve.add_argument(
+        "--path",
+        help="serving file to serve (default: serving/feeds.duckdb under FEED_DAGSTER_DATA)",
+    )
+    serve.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="worker processes, each with its own reader (default: %(default)s)",
     )
     serve.add_argument(
         "--stale-after-hours",
         type=float,
         default=2.0,
-        help="/v1/health reports 'stale' when the live generation is older than this",
+        help="/v1/health reports 'stale' when the live generation is older than this "
+        "(default: %(default)s)",
     )
     serve.add_argument(
         "--memory-limit",
         default="1GB",
-        help="DuckDB buffer pool per worker; more keeps more of a large file decompressed",
+        help="DuckDB buffer pool per worker; more keeps more of a large file decompressed "
+        "(default: %(default)s)",
     )
-    serve.add_argument("--access-log", action="store_true", help="log every request")
+    serve.add_argument("--access-log", action="store_true", help="log every request (default: off)")
     serve.set_defaults(func=cmd_serve)
 
-    sim = sub.add_parser(
-        "simulate", help="write the next hours of synthetic activity into data/incoming/"
+    sim = command(
+        "simulate",
+        "write the next hours of synthetic activity into the incoming folder",
+        "Write the next HOURS of synthetic posts and engagements after the warehouse's "
+        "`now` as Parquet batches into incoming/ under FEED_DAGSTER_DATA, where the "
+        "incoming_batches sensor (with `make ui` running) ingests them and refreshes feeds. "
+        "Needs a built warehouse (`run` first).",
     )
-    sim.add_argument("--hours", type=float, default=1.0)
-    sim.add_argument("--seed", type=int, default=0)
+    sim.add_argument(
+        "--hours", type=float, default=1.0, help="hours of activity to write (default: %(default)s)"
+    )
+    sim.add_argument(
+        "--seed", type=int, default=0, help="random seed of the activity (default: %(default)s)"
+    )
     sim.set_defaults(func=cmd_simulate)
 
-    eb = sub.add_parser(
+    eb = command(
         "make-ebnerd",
-        help="write a synthetic EBNeRD folder (exact dtypes), or an articles file for real files",
+        "write a synthetic EBNeRD folder (exact dtypes), or an articles file for real files",
+        "Write a synthetic EBNeRD folder with the exact schema and dtypes of the real "
+        "dataset (articles.parquet, train/, validation/, optionally test/), to use as "
+        "FEED_DAGSTER_SOURCE=ebnerd:DIR; or, with --articles-for DIR, an articles.parquet "
+        "for the article ids in real behaviors/history files.",
     )
-    eb.add_argument("--out", help="folder to write (articles.parquet, train/, validation/)")
-    eb.add_argument("--users", type=int, default=200)
-    eb.add_argument("--articles", type=int, default=1500)
-    eb.add_argument("--impressions-per-user", type=int, default=10)
-    eb.add_argument("--seed", type=int, default=0)
-    eb.add_argument("--with-test", action="store_true", help="also write test/ (no labels)")
+    eb.add_argument("--out", help="folder to write (required unless --articles-for is given)")
+    eb.add_argument(
+        "--users", type=int, default=200, help="users to generate (default: %(default)s)"
+    )
+    eb.add_argument(
+        "--articles", type=int, default=1500, help="articles to generate (default: %(default)s)"
+    )
+    eb.add_argument(
+        "--impressions-per-user",
+        type=int,
+        default=10,
+        help="impressions per user (default: %(default)s)",
+    )
+    eb.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
+    eb.add_argument(
+        "--with-test", action="store_true", help="also write test/ (no labels) (default: off)"
+    )
     eb.add_argument(
         "--articles-for",
         metavar="DIR",
         help="instead: write DIR/articles.parquet for the ids in DIR's behaviors/history files",
     )
     eb.set_defaults(func=cmd_make_ebnerd)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     return args.func(args)
 
 

@@ -12,11 +12,17 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 
+def png_bytes_markdown(png: bytes, alt: str) -> str:
+    """PNG bytes as a markdown image tag (a data URI: Dagster metadata holds no files)."""
+    return f"![{alt}](data:image/png;base64,{base64.b64encode(png).decode()})"
+
+
 def png_markdown(fig: plt.Figure, alt: str) -> str:
+    """A figure as a markdown image tag; closes the figure."""
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=80, bbox_inches="tight")
     plt.close(fig)
-    return f"![{alt}](data:image/png;base64,{base64.b64encode(buf.getvalue()).decode()})"
+    return png_bytes_markdown(buf.getvalue(), alt)
 
 
 def degree_ccdf(series: dict[str, np.ndarray], title: str) -> str:

@@ -1,12 +1,16 @@
-"""Shared fixtures: a tiny synthetic world, generated once per test session."""
+"""Shared fixtures: a tiny synthetic world (generated once per test session), a DuckDB
+warehouse holding it, and the tiny world's feeds published and served over HTTP."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import duckdb
+import polars as pl
 import pytest
 
 from feed_dagster.data.schema import World
+from feed_dagster.data.sources import world_info
 from feed_dagster.world import generate_world, world_config
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -21,6 +25,62 @@ def shared_data() -> Path:
 @pytest.fixture(scope="session")
 def tiny_world() -> World:
     return generate_world(world_config("tiny"))
+
+
+def write_warehouse(path: Path, world: World) -> Path:
+    """A DuckDB warehouse at `path` holding every table of `world` (and world_info)."""
+    con = duckdb.connect(str(path))
+    try:
+        for name, df in {"world_info": world_info(world, "test"), **world.tables()}.items():
+            con.register("df", df)
+            con.execute(f"create table main.{name} as select * from df")
+            con.unregister("df")
+    finally:
+        con.close()
+    return path
+
+
+@pytest.fixture(scope="session")
+def make_warehouse():
+    """`write_warehouse(path, world)`, for a warehouse at a path of the test's choosing."""
+    return write_warehouse
+
+
+@pytest.fixture()
+def warehouse(tmp_path: Path, tiny_world: World) -> Path:
+    """The tiny world in a fresh warehouse of this test's own."""
+    return write_warehouse(tmp_path / "warehouse.duckdb", tiny_world)
+
+
+@pytest.fixture(scope="session")
+def feeds(tiny_world: World) -> pl.DataFrame:
+    """Feeds of the tiny world's first users from the table-only pipeline (no models)."""
+    from serving_helpers import tiny_feeds
+
+    return tiny_feeds(tiny_world)
+
+
+@pytest.fixture()
+def serving(tmp_path: Path, feeds: pl.DataFrame, tiny_world: World) -> Path:
+    """`feeds` published into a fresh serving file (model version m1)."""
+    from serving_helpers import publish
+
+    path = tmp_path / "serving" / "feeds.duckdb"
+    publish(feeds, path, tiny_world)
+    return path
+
+
+@pytest.fixture()
+def server(serving: Path):
+    """The HTTP service over `serving` on a free loopback port; `.app` is the app."""
+    from serving_helpers import ServerThread
+
+    from feed_dagster.serving.http import create_app
+
+    app = create_app(serving)
+    with ServerThread(app) as srv:
+        srv.app = app
+        yield srv
 
 
 @pytest.fixture()

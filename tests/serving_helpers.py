@@ -13,27 +13,35 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-import duckdb
 import polars as pl
 import uvicorn
 
 from feed_dagster.data.sources import world_info
-from feed_dagster.pipeline import PopularityRetriever, TopicAffinityScorer, run_pipeline
+from feed_dagster.pipeline import (
+    PipelineStats,
+    PopularityRetriever,
+    TopicAffinityScorer,
+    run_pipeline,
+)
 from feed_dagster.serving import publish_feeds
 
 N_USERS = 60
 
 
-def tiny_feeds(world) -> pl.DataFrame:
-    tables = {"world_info": world_info(world, "test"), **world.tables()}
-    users = tables["users"]["user_id"].sort().to_numpy()[:N_USERS]
-    out, _ = run_pipeline(
+def table_feeds(tables, n_users: int = N_USERS) -> tuple[pl.DataFrame, PipelineStats]:
+    """(feeds, stats) of the first `n_users` users by the table-only retriever and scorer."""
+    users = tables["users"]["user_id"].sort().to_numpy()[:n_users]
+    return run_pipeline(
         tables,
         users,
-        world.now,
+        tables["world_info"]["now"][0],
         PopularityRetriever.from_tables(tables),
         TopicAffinityScorer.from_tables(tables),
     )
+
+
+def tiny_feeds(world, n_users: int = N_USERS) -> pl.DataFrame:
+    out, _ = table_feeds({"world_info": world_info(world, "test"), **world.tables()}, n_users)
     assert out.height
     return out
 
@@ -48,16 +56,6 @@ def publish(feeds: pl.DataFrame, path: Path, world, model_version: str = "m1") -
         articles=world.articles,
         users=world.users,
     ).generation_id
-
-
-def make_warehouse(path: Path, world) -> Path:
-    con = duckdb.connect(str(path))
-    for name, df in {"world_info": world_info(world, "test"), **world.tables()}.items():
-        con.register("df", df)
-        con.execute(f"create table main.{name} as select * from df")
-        con.unregister("df")
-    con.close()
-    return path
 
 
 def free_port() -> int:

@@ -52,13 +52,16 @@ def test_drop_ingest_refresh_publish_chain(data_dir):
     """A dropped batch is ingested by the job the sensor asks for, its posts reach feeds,
     and the publish sensor fires only once every shard is newer than the last publish."""
     from feed_dagster.assets.feeds import user_shards
-    from feed_dagster.jobs.automation import incoming_batches, publish_when_shards_complete
+    from feed_dagster.jobs.automation import (
+        UPSTREAM_OF_FEEDS,
+        incoming_batches,
+        publish_when_shards_complete,
+    )
     from feed_dagster.serving.read import connect
 
     defs = _defs()
     instance = dg.DagsterInstance.ephemeral()
-    upstream = dg.AssetSelection.all() - dg.AssetSelection.assets("user_feeds").downstream()
-    _materialize(defs, instance, upstream)
+    _materialize(defs, instance, UPSTREAM_OF_FEEDS)
 
     con = duckdb.connect(str(data_dir / "warehouse.duckdb"), read_only=True)
     articles = con.execute("select * from articles").pl()

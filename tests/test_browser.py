@@ -21,7 +21,7 @@ from pathlib import Path
 
 import polars as pl
 import pytest
-from serving_helpers import ServerThread, free_port, get, make_warehouse, publish, tiny_feeds
+from serving_helpers import ServerThread, free_port, get
 
 from feed_dagster.data.incoming import ingest_batches, pending_batches
 from feed_dagster.serving import read_meta
@@ -68,18 +68,6 @@ def page(browser, request):
         pg.screenshot(path=str(shot), full_page=True)
         print(f"screenshot of the failure: {shot}")
     context.close()
-
-
-@pytest.fixture(scope="module")
-def feeds(tiny_world) -> pl.DataFrame:
-    return tiny_feeds(tiny_world)
-
-
-@pytest.fixture()
-def serving(tmp_path, feeds, tiny_world) -> Path:
-    path = tmp_path / "serving" / "feeds.duckdb"
-    publish(feeds, path, tiny_world)
-    return path
 
 
 def user_with_longest_feed(feeds: pl.DataFrame) -> int:
@@ -161,28 +149,26 @@ def test_feed_page_shows_a_users_feed_and_pages(page, serving, feeds) -> None:
 
 
 def test_a_deleted_post_leaves_the_page_without_a_republish(
-    page, tmp_path, serving, feeds, tiny_world
+    page, tmp_path, server, serving, feeds, tiny_world, warehouse
 ) -> None:
     user = user_with_longest_feed(feeds)
     mine = feeds.filter(pl.col("user_id") == user).sort("position")
     victim = int(mine["article_id"][1])
     generation = read_meta(serving)["generation_id"]
-    warehouse = make_warehouse(tmp_path / "warehouse.duckdb", tiny_world)
-    with ServerThread(create_app(serving)) as srv:
-        page.goto(f"{srv.base}/?user={user}")
-        assert page.locator(f'li.item[data-article="{victim}"]').count() == 1
-        incoming = tmp_path / "incoming"
-        incoming.mkdir()
-        pl.DataFrame(
-            {"article_id": [victim], "deleted_at": [tiny_world.now]},
-            schema={"article_id": pl.Int64, "deleted_at": pl.Datetime("us")},
-        ).write_parquet(incoming / "deletions-1.parquet")
-        ingest_batches(warehouse, pending_batches(incoming), safety_path_for(serving))
-        page.reload()
-        page.wait_for_selector("li.item")
-        assert page.locator(f'li.item[data-article="{victim}"]').count() == 0
-        assert dom_articles(page) == [a for a in mine["article_id"].to_list() if a != victim]
-        assert generation in page.locator("#generation").inner_text()  # same generation
+    page.goto(f"{server.base}/?user={user}")
+    assert page.locator(f'li.item[data-article="{victim}"]').count() == 1
+    incoming = tmp_path / "incoming"
+    incoming.mkdir()
+    pl.DataFrame(
+        {"article_id": [victim], "deleted_at": [tiny_world.now]},
+        schema={"article_id": pl.Int64, "deleted_at": pl.Datetime("us")},
+    ).write_parquet(incoming / "deletions-1.parquet")
+    ingest_batches(warehouse, pending_batches(incoming), safety_path_for(serving))
+    page.reload()
+    page.wait_for_selector("li.item")
+    assert page.locator(f'li.item[data-article="{victim}"]').count() == 0
+    assert dom_articles(page) == [a for a in mine["article_id"].to_list() if a != victim]
+    assert generation in page.locator("#generation").inner_text()  # same generation
 
 
 # --- the Dagster UI ---------------------------------------------------------------------

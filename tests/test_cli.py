@@ -6,12 +6,28 @@ import polars as pl
 from feed_dagster.cli import main
 
 
-def test_run_builds_everything_and_prints_a_feed(data_dir, capsys):
+def test_run_builds_everything_and_prints_a_feed(data_dir, capsys, monkeypatch):
+    import feed_dagster.cli as cli
+
     assert main(["run"]) == 0
     out = capsys.readouterr().out
     assert "warehouse" in out and "users" in out
     assert "feed of user" in out
     assert (data_dir / "serving" / "feeds.duckdb").exists()
+    # Progress a person can follow (plain lines: the output is not a terminal): each step
+    # with its time, every training epoch with loss and metric, every shard.
+    assert "trained_models done in" in out
+    assert "ranker epoch 1/" in out and "two_tower epoch 1/" in out and "train_loss" in out
+    assert "user_feeds shard 0: built user_feeds" in out and "4/4 shards done" in out
+    assert "- publish: built published_feeds" in out
+
+    # --quiet: one line on stdout, nothing on stderr (the build itself is skipped here).
+    monkeypatch.setattr(cli, "materialize_everything", lambda log_level, **kw: None)
+    assert main(["run", "--quiet"]) == 0
+    captured = capsys.readouterr()
+    assert captured.out.count("\n") == 1 and "run finished in" in captured.out
+    assert str(data_dir / "serving" / "feeds.duckdb") in captured.out
+    assert captured.err == ""
 
     assert main(["feed", "0", "--limit", "3", "--json"]) in (0, 1)
     rows = json.loads(capsys.readouterr().out)
@@ -60,7 +76,7 @@ def test_sample_feed_says_what_happened_instead_of_crashing(tmp_path, capsys, ti
 def test_run_reports_a_failed_or_empty_build_with_exit_code_1(data_dir, capsys, monkeypatch):
     import feed_dagster.cli as cli
 
-    def fail(log_level):
+    def fail(log_level, **kw):
         raise cli.BuildFailed("  FAILED user_feeds: no candidates ... candidate window 48 h")
 
     monkeypatch.setattr(cli, "materialize_everything", fail)
@@ -68,6 +84,16 @@ def test_run_reports_a_failed_or_empty_build_with_exit_code_1(data_dir, capsys, 
     out = capsys.readouterr().out
     assert "candidate window 48 h" in out and "run stopped" in out
 
-    monkeypatch.setattr(cli, "materialize_everything", lambda log_level: None)
+    monkeypatch.setattr(cli, "materialize_everything", lambda log_level, **kw: None)
     assert main(["run"]) == 1  # the graph "succeeded" but nothing was published
     assert "feeds have not been published" in capsys.readouterr().out
+
+    # --quiet: the same outcomes, on stderr, and nothing else.
+    assert main(["run", "--quiet"]) == 1
+    captured = capsys.readouterr()
+    assert captured.out == "" and "feeds have not been published" in captured.err
+    monkeypatch.setattr(cli, "materialize_everything", fail)
+    assert main(["run", "--quiet"]) == 1
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert "candidate window 48 h" in captured.err and "run stopped" in captured.err

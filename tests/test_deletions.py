@@ -7,73 +7,28 @@ import json
 from datetime import datetime
 from pathlib import Path
 
-import duckdb
 import polars as pl
 import pytest
+from serving_helpers import publish, table_feeds, tiny_feeds
 
+from feed_dagster.assets.feeds import PIPELINE_TABLES
 from feed_dagster.data.incoming import BatchError, ingest_batches, pending_batches, replay_done
-from feed_dagster.data.sources import world_info
 from feed_dagster.data.warehouse import read_tables
-from feed_dagster.pipeline import (
-    PipelineStats,
-    PopularityRetriever,
-    TopicAffinityScorer,
-    run_pipeline,
-)
-from feed_dagster.serving import FeedReader, get_feed, publish_feeds, read_meta
+from feed_dagster.serving import FeedReader, get_feed, read_meta
 from feed_dagster.serving import safety as safety_mod
 from feed_dagster.serving.safety import SafetyCache, SafetyList, safety_path_for
 
-PIPELINE_TABLES = [
-    "world_info",
-    "users",
-    "articles",
-    "engagements",
-    "impressions",
-    "follows",
-    "topic_follows",
-    "blocks",
-    "mutes",
-    "muted_keywords",
-    "deleted_posts",
-]
 N_USERS = 80
 
 
-def make_warehouse(path: Path, world) -> Path:
-    con = duckdb.connect(str(path))
-    tables = {"world_info": world_info(world, "test"), **world.tables()}
-    for name, df in tables.items():
-        con.register("df", df)
-        con.execute(f"create table main.{name} as select * from df")
-        con.unregister("df")
-    con.close()
-    return path
-
-
-def build(tables) -> tuple[pl.DataFrame, PipelineStats]:
-    users = tables["users"]["user_id"].sort().to_numpy()[:N_USERS]
-    now = tables["world_info"]["now"][0]
-    return run_pipeline(
-        tables,
-        users,
-        now,
-        PopularityRetriever.from_tables(tables),
-        TopicAffinityScorer.from_tables(tables),
-    )
-
-
-@pytest.fixture()
-def warehouse(tmp_path: Path, tiny_world) -> Path:
-    return make_warehouse(tmp_path / "warehouse.duckdb", tiny_world)
+def build(tables):
+    return table_feeds(tables, N_USERS)
 
 
 @pytest.fixture(scope="module")
 def feeds(tiny_world) -> pl.DataFrame:
-    tables = {"world_info": world_info(tiny_world, "test"), **tiny_world.tables()}
-    out, _ = build(tables)
-    assert out.height
-    return out
+    """More users than the shared fixture's, so every victim below has company."""
+    return tiny_feeds(tiny_world, N_USERS)
 
 
 def victims(feeds: pl.DataFrame) -> dict[str, int]:
@@ -190,18 +145,6 @@ def test_next_refresh_never_serves_them(tmp_path, warehouse, feeds, tiny_world) 
     assert kept.height > 0
 
 
-def publish(feeds: pl.DataFrame, path: Path, world) -> None:
-    publish_feeds(
-        feeds,
-        path,
-        model_version="m1",
-        vector_table_version="v1",
-        generated_at=datetime(2026, 1, 7),
-        articles=world.articles,
-        users=world.users,
-    )
-
-
 def test_readers_drop_them_before_any_refresh(
     tmp_path, warehouse, feeds, tiny_world, capsys
 ) -> None:
@@ -245,7 +188,9 @@ def test_readers_drop_them_before_any_refresh(
     assert page["article_id"].to_list() == u_after["article_id"].to_list()[:3]
 
 
-def test_the_ingest_job_makes_deletes_visible_to_readers(data_dir, tiny_world, feeds) -> None:
+def test_the_ingest_job_makes_deletes_visible_to_readers(
+    data_dir, tiny_world, feeds, make_warehouse
+) -> None:
     """Through the Dagster op the incoming sensor starts: one run, and readers drop them."""
     import dagster as dg
 

@@ -7,12 +7,11 @@ import base64
 import threading
 from collections import Counter
 from datetime import datetime, timedelta
-from pathlib import Path
 from urllib.parse import quote
 
 import polars as pl
 import pytest
-from serving_helpers import ServerThread, get, make_warehouse, publish, tiny_feeds
+from serving_helpers import ServerThread, get, publish
 
 from feed_dagster.data.incoming import ingest_batches, pending_batches
 from feed_dagster.data.schema import ACTIONS
@@ -25,26 +24,6 @@ from feed_dagster.serving.http import (
     encode_cursor,
 )
 from feed_dagster.serving.safety import SafetyList, safety_path_for
-
-
-@pytest.fixture(scope="module")
-def feeds(tiny_world) -> pl.DataFrame:
-    return tiny_feeds(tiny_world)
-
-
-@pytest.fixture()
-def serving(tmp_path, feeds, tiny_world) -> Path:
-    path = tmp_path / "serving" / "feeds.duckdb"
-    publish(feeds, path, tiny_world)
-    return path
-
-
-@pytest.fixture()
-def server(serving):
-    app = create_app(serving)
-    with ServerThread(app) as srv:
-        srv.app = app
-        yield srv
 
 
 def fullest_user(feeds: pl.DataFrame) -> int:
@@ -200,10 +179,11 @@ def test_hostile_limits_and_cursors_are_422(server, feeds, query) -> None:
     assert ("limit" in body["error"]) or ("cursor" in body["error"])
 
 
-def test_request_time_filters_without_a_republish(tmp_path, server, serving, feeds, tiny_world):
+def test_request_time_filters_without_a_republish(
+    tmp_path, server, serving, feeds, tiny_world, warehouse
+):
     """Deleted posts (everyone), blocked and muted authors (that viewer) and posts the
     viewer engaged with since the publish (that viewer) leave the API's answers at once."""
-    warehouse = make_warehouse(tmp_path / "warehouse.duckdb", tiny_world)
     incoming = tmp_path / "incoming"
     incoming.mkdir()
     user = fullest_user(feeds)
@@ -269,8 +249,9 @@ def test_request_time_filters_without_a_republish(tmp_path, server, serving, fee
     assert walked == expected
 
 
-def test_seen_pairs_are_kept_only_while_in_a_live_feed(tmp_path, serving, feeds, tiny_world):
-    warehouse = make_warehouse(tmp_path / "warehouse.duckdb", tiny_world)
+def test_seen_pairs_are_kept_only_while_in_a_live_feed(
+    tmp_path, serving, feeds, tiny_world, warehouse
+):
     incoming = tmp_path / "incoming"
     incoming.mkdir()
     user = fullest_user(feeds)

@@ -5,22 +5,8 @@ import polars as pl
 import pytest
 
 from feed_dagster.data.incoming import BatchError, ingest_batches, pending_batches, replay_done
-from feed_dagster.data.sources import world_info
 from feed_dagster.errors import DataValidationError
 from feed_dagster.world.simulate import simulate_activity
-
-
-@pytest.fixture()
-def warehouse(tmp_path, tiny_world):
-    path = tmp_path / "warehouse.duckdb"
-    con = duckdb.connect(str(path))
-    tables = {"world_info": world_info(tiny_world, "test"), **tiny_world.tables()}
-    for name, df in tables.items():
-        con.register("df", df)
-        con.execute(f"create table main.{name} as select * from df")
-        con.unregister("df")
-    con.close()
-    return path
 
 
 def _count(path, table):

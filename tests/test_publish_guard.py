@@ -176,7 +176,7 @@ def test_the_cli_reports_a_refused_publish_and_keeps_serving(published, capsys, 
     assert "check publish_guard FAILED" in report and "shrinks against" in report
     assert "live serving file is unchanged" in report
 
-    monkeypatch.setattr(cli, "materialize_everything", lambda log_level: report)
+    monkeypatch.setattr(cli, "materialize_everything", lambda log_level, **kw: report)
     assert cli.main(["run"]) == 1
     out = capsys.readouterr().out
     assert "feed of user" in out  # the live generation is still shown

@@ -243,3 +243,49 @@ def test_killed_publish_leaves_the_previous_feeds_served(tmp_path: Path, feeds, 
         assert meta["rows"] == feeds.height
     else:  # the machine was fast enough to finish before the kill: a whole new generation
         assert meta["rows"] == feeds.height * 400
+
+
+def test_readers_default_to_the_serving_file_under_the_data_root(
+    tmp_path: Path, feeds, tiny_world, monkeypatch
+) -> None:
+    from feed_dagster.serving.http import create_app
+
+    root = tmp_path / "elsewhere"
+    monkeypatch.setenv("FEED_DAGSTER_DATA", str(root))
+    monkeypatch.chdir(tmp_path)  # no ./data here: a hard-coded relative default would miss
+    path = root / "serving" / "feeds.duckdb"
+    publish(feeds, path, tiny_world, "m1")
+    user = int(feeds["user_id"][0])
+    expected = get_feed(user, path)
+    assert get_feed(user).equals(expected)
+    assert FeedReader().path == path and FeedReader().get_feed(user).equals(expected)
+    assert read_meta()["model_version"] == "m1"
+    assert read_served().height == feeds.height
+    con = connect()
+    try:
+        assert con.execute("select count(*) from serving.feeds").fetchone()[0] == feeds.height
+    finally:
+        con.close()
+    assert create_app().state.service.reader.path == path
+
+
+def test_publish_picks_the_served_columns_by_name(
+    tmp_path: Path, feeds, tiny_world, monkeypatch
+) -> None:
+    plain = tmp_path / "plain" / "feeds.duckdb"
+    publish(feeds, plain, tiny_world, "m1")
+    # The same columns in another order (as if FEED_SCHEMA gained or moved a column).
+    monkeypatch.setattr(publish_mod, "FEED_COLUMNS", tuple(reversed(publish_mod.FEED_COLUMNS)))
+    shuffled = tmp_path / "shuffled" / "feeds.duckdb"
+    publish(feeds, shuffled, tiny_world, "m1")
+    con = connect(shuffled)
+    try:
+        cols = [r[0] for r in con.execute("describe serving.feeds").fetchall()]
+    finally:
+        con.close()
+    assert cols[:6] == ["user_id", "position", "article_id", "author_id", "author_handle", "title"]
+    assert sorted(cols) == sorted(
+        [*publish_mod.FEED_COLUMNS, "author_handle", "title", *publish_mod.VERSION_COLUMNS]
+    )
+    user = int(feeds["user_id"][0])
+    assert get_feed(user, shuffled).equals(get_feed(user, plain))

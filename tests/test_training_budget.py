@@ -4,12 +4,11 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-import duckdb
 import numpy as np
 import polars as pl
 import pytest
 
-from feed_dagster.data.sources import world_from_tables, world_info
+from feed_dagster.data.sources import world_from_tables
 from feed_dagster.embeddings import LexicalEncoder
 from feed_dagster.memory import StepMemory
 from feed_dagster.models.budget import TrainingBudget, read_training_tables
@@ -21,15 +20,9 @@ FEATURES = FeatureConfig(history_len=8, author_buckets=1024, user_buckets=1024)
 
 
 @pytest.fixture(scope="module")
-def warehouse(tmp_path_factory, tiny_world):
-    path = tmp_path_factory.mktemp("budget") / "warehouse.duckdb"
-    con = duckdb.connect(str(path))
-    for name, df in {"world_info": world_info(tiny_world, "test"), **tiny_world.tables()}.items():
-        con.register("df", df)
-        con.execute(f"create table main.{name} as select * from df")
-        con.unregister("df")
-    con.close()
-    return path
+def warehouse(tmp_path_factory, tiny_world, make_warehouse):
+    """One warehouse for the module: these tests only read it."""
+    return make_warehouse(tmp_path_factory.mktemp("budget") / "warehouse.duckdb", tiny_world)
 
 
 def _periods(impressions: pl.DataFrame, valid_start) -> dict[str, set[int]]:

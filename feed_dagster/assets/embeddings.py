@@ -1,12 +1,12 @@
 """Content vectors for every article, re-encoding only new or changed articles."""
 
-import os
 from pathlib import Path
 
 import dagster as dg
 import polars as pl
 
 from feed_dagster.assets.retry import IO_RETRY
+from feed_dagster.atomic import atomic_path
 from feed_dagster.embeddings.incremental import update_embeddings
 from feed_dagster.resources.encoder import EncoderResource
 from feed_dagster.resources.storage import data_root
@@ -36,10 +36,9 @@ def article_embeddings(
     previous = pl.read_parquet(path) if path.exists() else None
     enc = encoder.encoder()
     table, stats = update_embeddings(articles, previous, enc)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    table.write_parquet(tmp)
-    os.replace(tmp, path)
+    # A unique temporary name: two overlapping runs never write into the same file.
+    with atomic_path(path) as tmp:
+        table.write_parquet(tmp)
     context.log.info(f"encoded {stats.n_encoded:,}, reused {stats.n_reused:,}")
     return dg.MaterializeResult(
         metadata={

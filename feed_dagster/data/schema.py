@@ -25,6 +25,9 @@ ACTIONS: tuple[str, ...] = (
     "mute_author",
     "report",
 )
+# Actions that count as a positive engagement (a "liked" item for baselines, peers, feed
+# quality and the models' retrieval positives); the rest of ACTIONS are negative feedback.
+POSITIVE_ACTIONS: tuple[str, ...] = ("favorite", "reply", "repost", "quote", "share", "click")
 POST_KINDS: tuple[str, ...] = ("original", "reply", "repost", "quote")
 
 TS = pl.Datetime("us")

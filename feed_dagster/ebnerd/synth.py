@@ -31,6 +31,7 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from feed_dagster.atomic import atomic_path
 from feed_dagster.ebnerd.layout import (
     ARTICLES_FILE,
     ARTICLES_SCHEMA,
@@ -133,12 +134,10 @@ def _articles_frame(
 
 def _write(df: pl.DataFrame, schema: pa.Schema, path: Path) -> None:
     """Write a frame with exactly the given Arrow schema (column order and types)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
     table = df.select(schema.names).to_arrow().cast(schema)
-    tmp = path.with_suffix(".parquet.tmp")
-    # Non-compliant nested names ("item", not "element") are what the real files carry.
-    pq.write_table(table, tmp, use_compliant_nested_type=False)
-    tmp.replace(path)  # never leave a half-written file where a reader looks
+    with atomic_path(path) as tmp:  # never leave a half-written file where a reader looks
+        # Non-compliant nested names ("item", not "element") are what the real files carry.
+        pq.write_table(table, tmp, use_compliant_nested_type=False)
 
 
 def write_articles_for_ids(

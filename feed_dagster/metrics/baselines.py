@@ -23,11 +23,10 @@ from datetime import timedelta
 import numpy as np
 import polars as pl
 
-from feed_dagster.data.schema import World
+from feed_dagster.data.schema import POSITIVE_ACTIONS, World
 from feed_dagster.metrics.ranking import evaluate_scores
 
 SCORE = "score"
-POSITIVE_ACTIONS: tuple[str, ...] = ("favorite", "reply", "repost", "quote", "share", "click")
 # Larger than any age in seconds, so the followed block always outranks the rest.
 _FOLLOWED_BONUS = 1e12
 

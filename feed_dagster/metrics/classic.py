@@ -57,7 +57,8 @@ from implicit.cpu.als import AlternatingLeastSquares
 from scipy.linalg import lapack
 from threadpoolctl import threadpool_limits
 
-from feed_dagster.metrics.baselines import POSITIVE_ACTIONS, SCORE
+from feed_dagster.data.schema import POSITIVE_ACTIONS
+from feed_dagster.metrics.baselines import SCORE
 
 CLASSIC_METHODS: tuple[str, ...] = ("popularity_all_time", "item_knn", "als", "ease")
 

@@ -7,11 +7,12 @@ shipped zipped as `predictions.zip`.
 
 from __future__ import annotations
 
-import os
 import zipfile
 from pathlib import Path
 
 import polars as pl
+
+from feed_dagster.atomic import atomic_path, write_text_atomic
 
 PREDICTIONS_TXT = "predictions.txt"
 
@@ -57,15 +58,15 @@ def write_submission(
     ).to_series()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    txt = out / PREDICTIONS_TXT
-    tmp = out / f".{PREDICTIONS_TXT}.tmp"
-    tmp.write_text("\n".join(lines.to_list()) + ("\n" if len(lines) else ""))
-    os.replace(tmp, txt)
+    txt = write_text_atomic(
+        out / PREDICTIONS_TXT, "\n".join(lines.to_list()) + ("\n" if len(lines) else "")
+    )
     zpath = out / "predictions.zip"
-    ztmp = out / ".predictions.zip.tmp"
-    with zipfile.ZipFile(ztmp, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+    with (
+        atomic_path(zpath) as ztmp,
+        zipfile.ZipFile(ztmp, "w", compression=zipfile.ZIP_DEFLATED) as zf,
+    ):
         zf.write(txt, arcname=PREDICTIONS_TXT)
-    os.replace(ztmp, zpath)
     return zpath
 
 

@@ -3,7 +3,6 @@ and renamed into place by `publish_feeds`, read with `get_feed` / `FeedReader`."
 
 from feed_dagster.serving.publish import PublishResult, publish_feeds
 from feed_dagster.serving.read import (
-    DEFAULT_SERVING_PATH,
     FeedNotPublishedError,
     FeedReader,
     connect,
@@ -13,7 +12,6 @@ from feed_dagster.serving.read import (
 )
 
 __all__ = [
-    "DEFAULT_SERVING_PATH",
     "FeedNotPublishedError",
     "FeedReader",
     "PublishResult",

@@ -42,7 +42,6 @@ from starlette.routing import Route
 from feed_dagster.data.schema import ACTIONS
 from feed_dagster.serving.page import render_items, render_page
 from feed_dagster.serving.read import (
-    DEFAULT_SERVING_PATH,
     PAGE_COLUMNS,
     READER_MEMORY,
     FeedNotPublishedError,
@@ -154,7 +153,7 @@ class FeedService:
 
     def __init__(
         self,
-        serving_path: str | Path = DEFAULT_SERVING_PATH,
+        serving_path: str | Path | None = None,
         stale_after: timedelta = DEFAULT_STALE_AFTER,
         memory_limit: str = READER_MEMORY,
     ) -> None:
@@ -226,12 +225,13 @@ def _error(status: int, message: str, **extra: Any) -> Response:
 
 
 def create_app(
-    serving_path: str | Path = DEFAULT_SERVING_PATH,
+    serving_path: str | Path | None = None,
     stale_after: timedelta = DEFAULT_STALE_AFTER,
     page_size: int = DEFAULT_LIMIT,
     memory_limit: str = READER_MEMORY,
 ) -> Starlette:
-    """The ASGI app over `serving_path`; one FeedReader per app (per worker process).
+    """The ASGI app over `serving_path` (None: the serving file under FEED_DAGSTER_DATA);
+    one FeedReader per app (per worker process).
     `page_size`: posts per page of the HTML page (the API takes `limit`);
     `memory_limit`: the reader's DuckDB buffer pool."""
     service = FeedService(serving_path, stale_after, memory_limit)
@@ -317,7 +317,7 @@ def create_app(
 
 def app_from_env() -> Starlette:
     """The factory uvicorn calls in each worker (`feed-dagster serve` sets the env)."""
-    path = os.environ.get(ENV_PATH, str(DEFAULT_SERVING_PATH))
+    path = os.environ.get(ENV_PATH)  # unset: the serving file under FEED_DAGSTER_DATA
     stale = float(os.environ.get(ENV_STALE, DEFAULT_STALE_AFTER.total_seconds()))
     memory = os.environ.get(ENV_MEMORY, READER_MEMORY)
-    return create_app(Path(path), timedelta(seconds=stale), memory_limit=memory)
+    return create_app(path, timedelta(seconds=stale), memory_limit=memory)

@@ -23,9 +23,6 @@ Tables and views in the file:
 
 from __future__ import annotations
 
-import os
-import secrets
-import shutil
 import time
 import uuid
 from collections.abc import Sequence
@@ -36,13 +33,16 @@ from pathlib import Path
 import duckdb
 import polars as pl
 
+from feed_dagster.atomic import TMP_MARKER, remove_temp, replace_atomically, temp_path_beside
 from feed_dagster.errors import DataValidationError
 from feed_dagster.pipeline.run import FEED_SCHEMA
 from feed_dagster.pipeline.tables import naive_utc
 
 FEED_COLUMNS: tuple[str, ...] = tuple(FEED_SCHEMA)
 VERSION_COLUMNS: tuple[str, ...] = ("model_version", "vector_table_version", "generated_at")
-TMP_MARKER = ".tmp-"
+# The served table leads with these columns, then the author handle and title joined in at
+# publish time, then the rest of FEED_COLUMNS (scores, probabilities, reason).
+KEY_COLUMNS: tuple[str, ...] = ("user_id", "position", "article_id", "author_id")
 # A temporary file this old is left over from a killed publish, not one in progress.
 STALE_TMP_AFTER = timedelta(hours=6)
 
@@ -85,7 +85,7 @@ def publish_feeds(
     live = Path(serving_path)
     live.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale_tmp(live)
-    tmp = live.with_name(f"{live.name}{TMP_MARKER}{secrets.token_hex(6)}")
+    tmp = temp_path_beside(live)
     generation_id = uuid.uuid4().hex
     config = {"memory_limit": memory_limit} if memory_limit else {}
     con = duckdb.connect(str(tmp), config=config)
@@ -100,13 +100,11 @@ def publish_feeds(
         )
         con.execute("CHECKPOINT")
         con.close()
-        _fsync(tmp)
-        os.replace(tmp, live)
-        _fsync(live.parent)
+        replace_atomically(tmp, live)
     except BaseException:
         con.close()
         for suffix in ("", ".wal", ".tmp"):
-            _remove(tmp.with_name(tmp.name + suffix))
+            remove_temp(tmp.with_name(tmp.name + suffix))
         raise
     return PublishResult(
         path=live,
@@ -125,8 +123,10 @@ def _load_feeds(
     con: duckdb.DuckDBPyConnection, feeds: FeedsInput, versions: tuple[str, str, datetime]
 ) -> None:
     """CREATE TABLE feeds from Parquet files or frames, ordered by user_id, position."""
-    head = ", ".join(f'f."{c}"' for c in FEED_COLUMNS[:4])
-    rest = ", ".join(f'f."{c}"' for c in FEED_COLUMNS[4:])
+    # By name, not position: a column added to or moved in FEED_SCHEMA cannot shift
+    # another one into the key block.
+    head = ", ".join(f'f."{c}"' for c in KEY_COLUMNS)
+    rest = ", ".join(f'f."{c}"' for c in FEED_COLUMNS if c not in KEY_COLUMNS)
     select = f"{head}, a.author_handle, a.title, {rest}"
     tail = (
         "?::VARCHAR AS model_version, ?::VARCHAR AS vector_table_version, "
@@ -284,29 +284,12 @@ def _write_meta(
     return int(rows), int(users)
 
 
-def _fsync(path: Path) -> None:
-    """Flush a file or directory to disk so the rename survives a crash with its data."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _remove_stale_tmp(live: Path) -> None:
     """Delete temporary files a killed publish left beside `live`."""
     cutoff = time.time() - STALE_TMP_AFTER.total_seconds()
     for leftover in live.parent.glob(f"{live.name}{TMP_MARKER}*"):
         try:
             if leftover.stat().st_mtime < cutoff:
-                _remove(leftover)
+                remove_temp(leftover)
         except FileNotFoundError:
             pass
-
-
-def _remove(path: Path) -> None:
-    """Delete a file or a directory tree (DuckDB's spill directory), if present."""
-    if path.is_dir():
-        shutil.rmtree(path, ignore_errors=True)
-    else:
-        path.unlink(missing_ok=True)

@@ -25,9 +25,9 @@ import numpy as np
 import polars as pl
 
 from feed_dagster.data.schema import ACTIONS
+from feed_dagster.resources.storage import serving_path
 from feed_dagster.serving.safety import SafetyCache, SafetyList, safety_path_for
 
-DEFAULT_SERVING_PATH = Path("data/serving/feeds.duckdb")
 ALIAS = "serving"
 # DuckDB buffer pool of a reader. Lookups of random users over a 2 GB file run ~1.4x
 # faster with a 4 GB pool than with 1 GB (blocks stay decompressed in memory) and ~1.2x
@@ -82,6 +82,12 @@ class FeedNotPublishedError(FileNotFoundError):
     """The serving file does not exist yet."""
 
 
+def resolve_path(path: str | Path | None) -> Path:
+    """`path`, or the serving file under the storage root (FEED_DAGSTER_DATA) when None;
+    resolved at call time, so a changed environment is followed."""
+    return serving_path() if path is None else Path(path)
+
+
 def _missing(path: Path) -> FeedNotPublishedError:
     return FeedNotPublishedError(
         f"no serving file at {path}: feeds have not been published yet "
@@ -90,12 +96,12 @@ def _missing(path: Path) -> FeedNotPublishedError:
 
 
 def connect(
-    path: str | Path = DEFAULT_SERVING_PATH, memory_limit: str = READER_MEMORY
+    path: str | Path | None = None, memory_limit: str = READER_MEMORY
 ) -> duckdb.DuckDBPyConnection:
     """A read-only connection with the serving file attached as `serving` (query
     `serving.feeds`, `serving.articles`, ...). It keeps reading the generation that was
     live when it opened, even after a publish replaces the file."""
-    return _open(Path(path), memory_limit)
+    return _open(resolve_path(path), memory_limit)
 
 
 def _open(path: Path, memory_limit: str = READER_MEMORY) -> duckdb.DuckDBPyConnection:
@@ -154,16 +160,14 @@ def _safety_for(path: Path) -> SafetyList:
     return cache.current()
 
 
-def get_feed(
-    user_id: int, path: str | Path = DEFAULT_SERVING_PATH, limit: int = 35
-) -> pl.DataFrame:
+def get_feed(user_id: int, path: str | Path | None = None, limit: int = 35) -> pl.DataFrame:
     """The precomputed feed of `user_id`, best first, with titles and author handles.
 
     Opens the file for this one call; for many lookups use `FeedReader`, which keeps the
     connection. An unknown user gets an empty frame.
     """
     user_id, limit = _check_args(user_id, limit)
-    path = Path(path)
+    path = resolve_path(path)
     con = _open(path)
     try:
         return _safe_feed(con, _safety_for(path), user_id, limit)
@@ -181,10 +185,8 @@ class FeedReader:
     reloading that list only when the ingest replaced it.
     """
 
-    def __init__(
-        self, path: str | Path = DEFAULT_SERVING_PATH, memory_limit: str = READER_MEMORY
-    ) -> None:
-        self.path = Path(path)
+    def __init__(self, path: str | Path | None = None, memory_limit: str = READER_MEMORY) -> None:
+        self.path = resolve_path(path)
         self.memory_limit = memory_limit
         self._con: duckdb.DuckDBPyConnection | None = None
         self._identity: tuple[int, int] | None = None
@@ -281,19 +283,19 @@ def _meta(con: duckdb.DuckDBPyConnection) -> dict[str, Any]:
     return dict(zip(names, row, strict=True)) if row else {}
 
 
-def read_meta(path: str | Path = DEFAULT_SERVING_PATH) -> dict[str, Any]:
+def read_meta(path: str | Path | None = None) -> dict[str, Any]:
     """The generation the serving file holds (generation_id, versions, rows, users...)."""
-    con = _open(Path(path))
+    con = _open(resolve_path(path))
     try:
         return _meta(con)
     finally:
         con.close()
 
 
-def read_served(path: str | Path = DEFAULT_SERVING_PATH) -> pl.DataFrame | None:
+def read_served(path: str | Path | None = None) -> pl.DataFrame | None:
     """(user_id, article_id) of the live feeds, for the previously-served filter of the
     next run; None before the first publish."""
-    path = Path(path)
+    path = resolve_path(path)
     if not path.exists():
         return None
     con = _open(path)

@@ -37,7 +37,6 @@ the file's identity with one `stat` per lookup and reloads only when it changed.
 from __future__ import annotations
 
 import os
-import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -45,6 +44,7 @@ import duckdb
 import numpy as np
 import polars as pl
 
+from feed_dagster.atomic import replace_atomically, temp_path_beside
 from feed_dagster.errors import DataValidationError
 
 SAFETY_SCHEMA = {"kind": pl.String, "user_id": pl.Int64, "target_id": pl.Int64}
@@ -133,14 +133,14 @@ def build_safety_file(
     df = df.select([pl.col(c).cast(t) for c, t in SAFETY_SCHEMA.items()]).sort(
         "kind", "user_id", "target_id", nulls_last=True
     )
-    tmp = path.with_name(f"{path.name}.tmp-{secrets.token_hex(4)}")
+    tmp = temp_path_beside(path)
     df.write_parquet(tmp)
     return tmp
 
 
 def publish_safety_file(tmp: Path, path: Path) -> None:
-    """Rename a built safety file into place (atomic on POSIX)."""
-    os.replace(tmp, path)
+    """Rename a built safety file into place (atomic on POSIX, fsynced)."""
+    replace_atomically(tmp, path)
 
 
 @dataclass(frozen=True)
