@@ -380,6 +380,7 @@ def main() -> None:
         world.follows,
         world.topic_follows,
         serving_features(ranker.cfg.features),
+        impressions=world.impressions,
     )
     ctx_s = time.perf_counter() - t0
     users = world.users["user_id"].to_numpy()
@@ -451,6 +452,7 @@ def main() -> None:
                     known["follows"],
                     known["topic_follows"],
                     serving_features(ranker.cfg.features),
+                    impressions=known.get("impressions"),
                 )
                 return TwoTowerRetriever(tower, q_ctx, table), RankerScorer(ranker, q_ctx)
 

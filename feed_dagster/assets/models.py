@@ -65,6 +65,7 @@ def serving_context(tables: dict[str, pl.DataFrame], features: FeatureConfig) ->
         tables["topic_follows"],
         features,
         peers_dir=data_root() / "models" / "serving_peers",
+        impressions=tables.get("impressions"),
     )
 
 

@@ -47,7 +47,15 @@ PROFILE_FEATURES: tuple[str, ...] = (
     "author_share",
     "log_post",
     "log_post_recent",
+    "log_shown_topic",
+    "log_shown_author",
+    "log_shown_post",
 )
+# The exposure counts (last three) next to the engagement counts let the ranker read a
+# click-through rate (log engaged - log shown): how often this user clicks this topic or
+# author when shown it, and how often anyone clicks this post, rather than how much of each
+# happened to be shown. Rankers stored before they existed read the first seven only.
+PROFILE_FEATURES_V1: tuple[str, ...] = PROFILE_FEATURES[:7]
 # "Recent" in log_post_recent: a post's engagement in the hours before the impression.
 POST_RECENT_US = 6 * US_PER_HOUR
 
@@ -113,6 +121,28 @@ def first_engaged(keys: np.ndarray, times_us: np.ndarray, queries: np.ndarray) -
     return np.where(k[pos] == queries, t[pos], NEVER_US).astype(np.int64)
 
 
+def author_profiles(
+    author: np.ndarray, content: np.ndarray, use: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """(row of every item's author, normalised mean content per author) over the items
+    where `use` holds; row 0 (zeros) for unknown authors and authors with no used item."""
+    known = author >= 0
+    authors, row = np.unique(author[known], return_inverse=True)
+    item_row = np.zeros(len(author), dtype=np.int32)
+    item_row[known] = row + 1
+    sums = np.zeros((len(authors) + 1, content.shape[1]), dtype=np.float64)
+    rows = item_row[known & use]
+    order = np.argsort(rows, kind="stable")
+    rows, vecs = rows[order], content[known & use][order]
+    if len(rows):
+        starts = np.r_[0, np.flatnonzero(np.diff(rows)) + 1]
+        sums[rows[starts]] = np.add.reduceat(vecs.astype(np.float64), starts, axis=0)
+    norms = np.linalg.norm(sums, axis=1, keepdims=True)
+    profile = np.where(norms > 0, sums / np.maximum(norms, 1e-12), 0.0).astype(np.float32)
+    profile[0] = 0.0
+    return item_row, profile
+
+
 def _micros(s: pl.Series) -> np.ndarray:
     return s.cast(pl.Datetime("us")).dt.epoch("us").fill_null(0).to_numpy().astype(np.int64)
 
@@ -138,6 +168,11 @@ class ItemCatalog:
     topic: np.ndarray  # int32 [n+1], -1 when unknown
     topic_bucket: np.ndarray  # int32 [n+1]
     published_us: np.ndarray  # int64 [n+1]
+    # The author's profile: the normalised mean content of the author's posts published
+    # before `profile_before` (row 0: zeros, for unknown authors and authors with no posts
+    # then). What an author writes about is how a ranker tells a user's affinity to them.
+    author_row: np.ndarray  # int32 [n+1] row of author_content
+    author_content: np.ndarray  # float32 [authors+1, dim]
 
     @property
     def dim(self) -> int:
@@ -153,11 +188,14 @@ class ItemCatalog:
         content_vectors: np.ndarray,
         cfg: FeatureConfig,
         engagements: pl.DataFrame | None = None,
+        profile_before: datetime | None = None,
     ) -> ItemCatalog:
         """Catalog of `articles`; `content_vectors[i]` is the vector of `articles` row i.
 
         `engagements` give each post's first engagement time (without them no post counts
-        as engaged, and models score by content, author and topic only)."""
+        as engaged, and models score by content, author and topic only). Author profiles
+        read only posts published before `profile_before` (all posts when None), so an
+        evaluation never sees what an author writes later."""
         vectors = np.asarray(content_vectors, dtype=np.float32)
         if vectors.ndim != 2 or len(vectors) != articles.height:
             raise ValueError(
@@ -187,6 +225,9 @@ class ItemCatalog:
             first[1:] = first_engaged(
                 engagements["article_id"].to_numpy(), _micros(engagements["engaged_at"]), ids
             )
+        published = padded(_micros(articles["published_at"]), 0)
+        limit = NEVER_US if profile_before is None else to_micros(profile_before)
+        author_row, author_content = author_profiles(author_p, content, published < limit)
         return cls(
             article_ids=ids,
             content=content,
@@ -196,7 +237,9 @@ class ItemCatalog:
             author_bucket=hash_buckets(author_p, cfg.author_buckets, 1, cfg.id_hashes),
             topic=topic_p.astype(np.int32),
             topic_bucket=topic_bucket.astype(np.int32),
-            published_us=padded(_micros(articles["published_at"]), 0),
+            published_us=published,
+            author_row=author_row,
+            author_content=author_content,
         )
 
     def rows(self, article_ids: np.ndarray, what: str = "article_id") -> np.ndarray:
@@ -232,6 +275,94 @@ class History:
         return History(*(getattr(self, f.name)[idx] for f in fields(self)))
 
 
+def _time_keys(item: np.ndarray, time_us: np.ndarray) -> tuple[np.ndarray, int, int, int]:
+    """(sorted keys, time origin, time resolution, step) of events keyed item * step + time:
+    one sorted array answers "how many events of this item before t"."""
+    item = np.asarray(item, dtype=np.int64)
+    t0 = int(time_us.min()) if time_us.size else 0
+    span = int(time_us.max()) - t0 + 2 if time_us.size else 2
+    # Coarser time steps when item * span would overflow int64. Counting floor(e / r) <
+    # floor(t / r) still counts only events strictly before t (it may miss a few in the same
+    # step), so no future event leaks in.
+    n_items = int(item.max()) + 2 if item.size else 2
+    resolution = 1
+    while n_items * (span // resolution + 2) >= 2**62:
+        resolution *= 2
+    step = span // resolution + 2
+    keys = np.sort(item * step + (time_us - t0) // resolution)
+    return keys, t0, resolution, step
+
+
+def _count_before(
+    index: tuple[np.ndarray, int, int, int], item: np.ndarray, time_us: np.ndarray
+) -> np.ndarray:
+    """Events of `item` strictly before `time_us` (element-wise) in a `_time_keys` index."""
+    keys, t0, resolution, step = index
+    if keys.size == 0:
+        return np.zeros(len(item), dtype=np.float32)
+    item = np.asarray(item, dtype=np.int64)
+    # Times before the index's start count nothing; later ones are capped inside the item.
+    rel = np.clip((np.asarray(time_us, dtype=np.int64) - t0) // resolution, 0, step - 1)
+    first = np.searchsorted(keys, item * step, side="left")
+    upto = np.searchsorted(keys, item * step + rel, side="left")
+    return (upto - first).astype(np.float32)
+
+
+@dataclass(frozen=True)
+class ExposureLog:
+    """Logged impressions (who was shown which catalog row when), for exposure counts."""
+
+    user: np.ndarray  # int64 [N]
+    item: np.ndarray  # int32 [N] catalog rows
+    time_us: np.ndarray  # int64 [N]
+
+    @classmethod
+    def build(cls, impressions: pl.DataFrame, catalog: ItemCatalog) -> ExposureLog:
+        return cls(
+            user=impressions["user_id"].to_numpy().astype(np.int64),
+            item=catalog.rows(impressions["article_id"].to_numpy(), "impressions.article_id"),
+            time_us=_micros(impressions["shown_at"]),
+        )
+
+    @functools.cached_property
+    def _item_index(self) -> tuple[np.ndarray, int, int, int]:
+        return _time_keys(self.item, self.time_us)
+
+    def shown_before(self, item: np.ndarray, time_us: np.ndarray) -> np.ndarray:
+        """How often catalog row `item` was shown (to anyone) strictly before `time_us`."""
+        return _count_before(self._item_index, item, time_us)
+
+    def pair_counter(self, of_item: np.ndarray) -> PairCounter:
+        """Counts of (user, of_item[item]) exposures, e.g. of_item = the catalog's topics;
+        values < 0 (unknown) are not counted."""
+        key = of_item[self.item].astype(np.int64)
+        known = key >= 0
+        return PairCounter.build(self.user[known], key[known], self.time_us[known])
+
+
+@dataclass(frozen=True)
+class PairCounter:
+    """How many (a, b) events happened strictly before a time: the pairs get dense ids, so
+    one sorted (pair, time) key array answers every query with two binary searches."""
+
+    pairs: np.ndarray  # int64 sorted unique a * 2**31 + b
+    index: tuple[np.ndarray, int, int, int]
+
+    @classmethod
+    def build(cls, a: np.ndarray, b: np.ndarray, time_us: np.ndarray) -> PairCounter:
+        key = np.asarray(a, np.int64) * 2**31 + np.asarray(b, np.int64)
+        pairs, dense = np.unique(key, return_inverse=True)
+        return cls(pairs, _time_keys(dense, np.asarray(time_us, np.int64)))
+
+    def before(self, a: np.ndarray, b: np.ndarray, time_us: np.ndarray) -> np.ndarray:
+        key = np.asarray(a, np.int64) * 2**31 + np.asarray(b, np.int64)
+        if self.pairs.size == 0:
+            return np.zeros(len(key), dtype=np.float32)
+        pos = np.searchsorted(self.pairs, key).clip(0, self.pairs.size - 1)
+        found = (self.pairs[pos] == key) & (np.asarray(b) >= 0)
+        return np.where(found, _count_before(self.index, pos, time_us), 0.0).astype(np.float32)
+
+
 @dataclass(frozen=True)
 class EngagementLog:
     """Engagements sorted by (user, time) with the per-row features history tokens need."""
@@ -242,9 +373,19 @@ class EngagementLog:
     actions: np.ndarray  # int16 [E] action bitmask
     dwell: np.ndarray  # float32 [E] log1p(seconds)
     age: np.ndarray  # int16 [E]
+    # Logged impressions, when the source has them: exposure counts for the profile.
+    exposures: ExposureLog | None = None
+    # The catalog's topic and author per row, for the exposure counters.
+    catalog_topic: np.ndarray | None = None
+    catalog_author: np.ndarray | None = None
 
     @classmethod
-    def build(cls, engagements: pl.DataFrame, catalog: ItemCatalog) -> EngagementLog:
+    def build(
+        cls,
+        engagements: pl.DataFrame,
+        catalog: ItemCatalog,
+        impressions: pl.DataFrame | None = None,
+    ) -> EngagementLog:
         # Ties are broken by article id so the history order never depends on input order.
         e = engagements.sort(["user_id", "engaged_at", "article_id"])
         item = catalog.rows(e["article_id"].to_numpy(), "engagements.article_id")
@@ -259,40 +400,31 @@ class EngagementLog:
             actions=bits,
             dwell=np.log1p(e["dwell_seconds"].fill_null(0.0).to_numpy().clip(0)).astype(np.float32),
             age=age_bucket(time_us - catalog.published_us[item]),
+            exposures=None if impressions is None else ExposureLog.build(impressions, catalog),
+            catalog_topic=catalog.topic,
+            catalog_author=catalog.author_id,
         )
 
     @functools.cached_property
+    def shown_topic(self) -> PairCounter:
+        """(user, topic) exposures; needs `exposures` and the catalog the log was built on."""
+        assert self.exposures is not None and self.catalog_topic is not None
+        return self.exposures.pair_counter(self.catalog_topic)
+
+    @functools.cached_property
+    def shown_author(self) -> PairCounter:
+        assert self.exposures is not None and self.catalog_author is not None
+        return self.exposures.pair_counter(self.catalog_author)
+
+    @functools.cached_property
     def _item_positives(self) -> tuple[np.ndarray, int, int, int]:
-        """(sorted keys, time origin, time resolution, step) of the positive engagements,
-        keyed item * step + time: one sorted array answers "how many before t" per item."""
         pos = self.positive()
-        item = self.item[pos].astype(np.int64)
-        time_us = self.time_us[pos]
-        t0 = int(time_us.min()) if time_us.size else 0
-        span = int(time_us.max()) - t0 + 2 if time_us.size else 2
-        # Coarser time steps when item * span would overflow int64. Counting floor(e / r) <
-        # floor(t / r) still counts only events strictly before t (it may miss a few in
-        # the same step), so no future engagement leaks in.
-        n_items = int(item.max()) + 2 if item.size else 2
-        resolution = 1
-        while n_items * (span // resolution + 2) >= 2**62:
-            resolution *= 2
-        step = span // resolution + 2
-        keys = np.sort(item * step + (time_us - t0) // resolution)
-        return keys, t0, resolution, step
+        return _time_keys(self.item[pos], self.time_us[pos])
 
     def positives_before(self, item: np.ndarray, time_us: np.ndarray) -> np.ndarray:
         """Everyone's positive engagements with catalog row `item` strictly before `time_us`
         (element-wise), as float32 counts."""
-        keys, t0, resolution, step = self._item_positives
-        if keys.size == 0:
-            return np.zeros(len(item), dtype=np.float32)
-        item = np.asarray(item, dtype=np.int64)
-        # Times before the log's start count nothing; later ones are capped inside the item.
-        rel = np.clip((np.asarray(time_us, dtype=np.int64) - t0) // resolution, 0, step - 1)
-        first = np.searchsorted(keys, item * step, side="left")
-        upto = np.searchsorted(keys, item * step + rel, side="left")
-        return (upto - first).astype(np.float32)
+        return _count_before(self._item_positives, item, time_us)
 
     def positive(self) -> np.ndarray:
         bits = sum(1 << ACTIONS.index(a) for a in POSITIVE_ACTIONS)
@@ -523,9 +655,16 @@ def engagement_profile(
     # its id is trained.
     n_post = log.positives_before(item, time_us)
     n_post_recent = n_post - log.positives_before(item, np.asarray(time_us) - POST_RECENT_US)
+    shown_topic = shown_author = shown_post = np.zeros(len(q), dtype=np.float32)
+    if log.exposures is not None:
+        ex, user = log.exposures, np.asarray(user, dtype=np.int64)
+        shown_topic = log.shown_topic.before(user, catalog.topic[item], time_us)
+        shown_author = log.shown_author.before(user, catalog.author_id[item], time_us)
+        shown_post = ex.shown_before(item, time_us)
     # Unknown topics/authors (EBNeRD has no authors) carry no evidence: zero, not a match.
-    n_topic = np.where(q["topic"].to_numpy() >= 0, n_topic, 0.0)
-    n_author = np.where(q["author_id"].to_numpy() >= 0, n_author, 0.0)
+    known_topic, known_author = q["topic"].to_numpy() >= 0, q["author_id"].to_numpy() >= 0
+    n_topic, shown_topic = (np.where(known_topic, x, 0.0) for x in (n_topic, shown_topic))
+    n_author, shown_author = (np.where(known_author, x, 0.0) for x in (n_author, shown_author))
     return np.stack(
         [
             np.log1p(n_topic),
@@ -535,6 +674,9 @@ def engagement_profile(
             n_author / (n_total + 1.0),
             np.log1p(n_post),
             np.log1p(n_post_recent),
+            np.log1p(shown_topic),
+            np.log1p(shown_author),
+            np.log1p(shown_post),
         ],
         axis=1,
     ).astype(np.float32)

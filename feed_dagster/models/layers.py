@@ -21,6 +21,8 @@ class CatalogTensors:
         self.first_engaged = torch.from_numpy(catalog.first_engaged_us)
         self.author = torch.from_numpy(catalog.author_bucket.astype(np.int64))
         self.topic = torch.from_numpy(catalog.topic_bucket.astype(np.int64))
+        self.author_row = torch.from_numpy(catalog.author_row.astype(np.int64))
+        self.author_content = torch.from_numpy(catalog.author_content)
 
 
 def action_multi_hot(bits: torch.Tensor) -> torch.Tensor:

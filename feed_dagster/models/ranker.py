@@ -23,6 +23,7 @@ from feed_dagster.models.features import (
     N_AGE_BUCKETS,
     N_PEER_FEATURES,
     PROFILE_FEATURES,
+    PROFILE_FEATURES_V1,
     FeatureConfig,
     ItemCatalog,
     RankerData,
@@ -35,6 +36,7 @@ from feed_dagster.models.layers import (
     ItemEncoder,
     history_tensors,
     id_limit,
+    l2_normalise,
 )
 
 # Loss weight per action head. Clicks carry most of the signal and drive evaluation; the rare
@@ -67,9 +69,14 @@ class RankerConfig:
     user_embedding: bool = True
     # Long-term (user, topic) and (user, author) engagement counts on each candidate token.
     profile_features: bool = True
+    # Which PROFILE_FEATURES columns the model reads (stored, so older models keep theirs).
+    profile_inputs: tuple[str, ...] = PROFILE_FEATURES
     # Classic peers' scores (ALS, item-kNN, EASE, popularity; fitted before the impression) on
     # each candidate token: the ranker stacks on collaborative filtering.
     peer_features: bool = True
+    # Cosine of the user's history (mean content of the engaged posts) with the candidate and
+    # with its author's profile: topic match and author affinity as two direct inputs.
+    affinity_features: bool = True
     # Ids (post, user) first engaged at or after this time were never trained: their
     # embeddings are left out (set by the trainer to the end of its training data).
     id_cutoff_us: int = 0
@@ -88,10 +95,14 @@ class RankerConfig:
         unknown = set(self.actions) - set(ACTIONS)
         if unknown or not self.actions:
             raise ValueError(f"ranker actions must be a non-empty subset of {ACTIONS}")
+        unknown = set(self.profile_inputs) - set(PROFILE_FEATURES)
+        if unknown:
+            raise ValueError(f"unknown profile inputs {sorted(unknown)}; known {PROFILE_FEATURES}")
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["actions"] = list(self.actions)
+        d["profile_inputs"] = list(self.profile_inputs)
         d["features"] = self.features.to_dict()
         d["kind"] = "ranker"
         return d
@@ -101,6 +112,9 @@ class RankerConfig:
         kw = {k: v for k, v in d.items() if k in cls.__dataclass_fields__}
         kw["actions"] = tuple(kw.get("actions", ACTIONS))
         kw["features"] = FeatureConfig.from_dict(d.get("features", {}))
+        # Models stored before the affinity inputs existed have no weights for them.
+        kw.setdefault("affinity_features", False)
+        kw["profile_inputs"] = tuple(kw.get("profile_inputs", PROFILE_FEATURES_V1))
         return cls(**kw)
 
 
@@ -141,8 +155,10 @@ class PhoenixRanker(nn.Module):
         self.in_network = nn.Embedding(2, d)
         self.topic_follow = nn.Embedding(2, d)
         self.logged = nn.Embedding(2, d)
-        self.profile = nn.Linear(len(PROFILE_FEATURES), d) if cfg.profile_features else None
+        self.profile = nn.Linear(len(cfg.profile_inputs), d) if cfg.profile_features else None
+        self.profile_columns = [PROFILE_FEATURES.index(f) for f in cfg.profile_inputs]
         self.peer = nn.Linear(N_PEER_FEATURES, d) if cfg.peer_features else None
+        self.affinity = nn.Linear(2, d) if cfg.affinity_features else None
         # Segment embeddings tell the blocks which tokens are history and which candidates.
         self.segment = nn.Embedding(3, d)
         for emb in (self.cand_age, self.in_network, self.topic_follow, self.logged, self.segment):
@@ -178,13 +194,25 @@ class PhoenixRanker(nn.Module):
             + self.segment.weight[2]
         )
         if self.profile is not None:
-            cand = cand + self.profile(b["cand_profile"])
+            cand = cand + self.profile(b["cand_profile"][..., self.profile_columns])
         if self.peer is not None:
             cand = cand + self.peer(b["cand_peer"])
+        if self.affinity is not None:
+            cand = cand + self.affinity(affinity_inputs(hi, ci, cat))
         for i, block in enumerate(self.blocks):
             ctx, cand = block(ctx, cand, ctx_mask, update_ctx=i < len(self.blocks) - 1)
         out = self.head(self.ln(cand))
         return out[..., :-1], out[..., -1]
+
+
+def affinity_inputs(hist: torch.Tensor, cand: torch.Tensor, cat: CatalogTensors) -> torch.Tensor:
+    """[B, C, 2]: cosine of each user's mean history content with every candidate's content
+    and with its author's profile (0 for an empty history or an unknown author)."""
+    used = (hist > 0).to(torch.float32).unsqueeze(-1)
+    user = l2_normalise((cat.content[hist] * used).sum(1)).unsqueeze(1)  # [B, 1, D]
+    post = l2_normalise(cat.content[cand])
+    author = cat.author_content[cat.author_row[cand]]
+    return torch.stack([(post * user).sum(-1), (author * user).sum(-1)], dim=-1)
 
 
 def action_columns(actions: tuple[str, ...]) -> list[int]:

@@ -75,15 +75,17 @@ class ServingContext:
         topic_follows: pl.DataFrame,
         features: FeatureConfig | None = None,
         peers_dir: Path | None = None,
+        impressions: pl.DataFrame | None = None,
     ) -> ServingContext:
         """`content_vectors[i]` belongs to `articles` row i; `features` must be the models'
-        (their config's `features`), since hashed buckets depend on it."""
+        (their config's `features`), since hashed buckets depend on it. `impressions` (the
+        logged ones, when the source has them) give the ranker its exposure counts."""
         features = features or FeatureConfig()
         catalog = ItemCatalog.build(articles, content_vectors, features, engagements)
         return cls(
             catalog=catalog,
             tensors=CatalogTensors(catalog),
-            log=EngagementLog.build(engagements, catalog),
+            log=EngagementLog.build(engagements, catalog, impressions),
             engagements=engagements,
             follows=follows,
             topic_follows=topic_follows,
@@ -102,6 +104,7 @@ class ServingContext:
             world.follows,
             world.topic_follows,
             features,
+            impressions=world.impressions,
         )
 
 

@@ -216,12 +216,14 @@ def prepare_retrieval_data(
     """The temporal split and the two-tower's examples; the ranker's groups are left empty
     (`add_ranker_data` fills them), so the two-tower can start training before they exist."""
     features = features or FeatureConfig()
-    catalog = ItemCatalog.build(world.articles, content_vectors, features, world.engagements)
-    log = EngagementLog.build(world.engagements, catalog)
     impressions = drop_impossible_rows(world.impressions, world.articles)
     split = temporal_split(impressions, valid_fraction, valid_start)
     # Retrieval positives follow the same time cut as the impressions.
     valid_start, heldout_start = _period_starts(split, world.now)
+    catalog = ItemCatalog.build(
+        world.articles, content_vectors, features, world.engagements, heldout_start
+    )
+    log = EngagementLog.build(world.engagements, catalog, world.impressions)
 
     def retrieval(
         start: datetime | None, end: datetime | None, cap: int | None = None

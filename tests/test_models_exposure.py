@@ -1,0 +1,169 @@
+"""Exposure counts, author profiles and the affinity inputs of the ranker (tiny world)."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import numpy as np
+import polars as pl
+import pytest
+import torch
+
+from feed_dagster.embeddings import LexicalEncoder
+from feed_dagster.models.features import (
+    PROFILE_FEATURES,
+    PROFILE_FEATURES_V1,
+    EngagementLog,
+    FeatureConfig,
+    ItemCatalog,
+    author_profiles,
+    engagement_profile,
+)
+from feed_dagster.models.layers import CatalogTensors
+from feed_dagster.models.ranker import RankerConfig, affinity_inputs, build_ranker, load_ranker
+from feed_dagster.world import generate_world, world_config
+
+CFG = FeatureConfig(history_len=8, max_candidates=16)
+
+
+@pytest.fixture(scope="module")
+def world():
+    return generate_world(world_config("tiny"))
+
+
+@pytest.fixture(scope="module")
+def vectors(world):
+    return LexicalEncoder().encode(world.articles)
+
+
+@pytest.fixture(scope="module")
+def catalog(world, vectors):
+    return ItemCatalog.build(world.articles, vectors, CFG)
+
+
+def _queries(world, catalog, n: int = 300):
+    rng = np.random.default_rng(1)
+    imp = world.impressions.sample(n, seed=1)
+    user = imp["user_id"].to_numpy()
+    item = catalog.rows(imp["article_id"].to_numpy())
+    # At, just after and an hour after real impression times.
+    time_us = imp["shown_at"].cast(pl.Int64).to_numpy() + rng.choice([0, 1, 3_600_000_000], n)
+    return user, item, time_us
+
+
+def _shown(profile: np.ndarray, name: str) -> np.ndarray:
+    return np.expm1(profile[:, PROFILE_FEATURES.index(name)]).round()
+
+
+def test_exposure_counts_match_a_brute_force_count(world, catalog):
+    log = EngagementLog.build(world.engagements, catalog, world.impressions)
+    user, item, time_us = _queries(world, catalog)
+    got = engagement_profile(log, catalog, user, item, time_us)
+    ex = log.exposures
+    topic, author = catalog.topic[ex.item], catalog.author_id[ex.item]
+    for k in range(len(user)):
+        before = ex.time_us < time_us[k]
+        mine = before & (ex.user == user[k])
+        t, a = catalog.topic[item[k]], catalog.author_id[item[k]]
+        assert _shown(got[k : k + 1], "log_shown_topic")[0] == np.sum(mine & (topic == t))
+        assert _shown(got[k : k + 1], "log_shown_author")[0] == np.sum(mine & (author == a))
+        assert _shown(got[k : k + 1], "log_shown_post")[0] == np.sum(before & (ex.item == item[k]))
+    # The counts are not trivially zero on this world.
+    assert _shown(got, "log_shown_topic").sum() > 0 and _shown(got, "log_shown_post").sum() > 0
+
+
+def test_exposures_at_or_after_the_query_change_nothing(world, catalog):
+    user, item, time_us = _queries(world, catalog)
+    t_cut = int(np.median(time_us))
+    keep = time_us <= t_cut
+    imps = world.impressions
+    late = pl.col("shown_at").cast(pl.Int64) >= t_cut
+    rng = np.random.default_rng(0)
+    n_late = imps.filter(late).height
+    # Later impressions shown to other users and posts, and new ones exactly at the cut.
+    perturbed = pl.concat(
+        [
+            imps.filter(~late),
+            imps.filter(late).with_columns(
+                pl.Series("user_id", rng.permutation(imps.filter(late)["user_id"].to_numpy())),
+                pl.Series(
+                    "article_id", rng.permutation(imps.filter(late)["article_id"].to_numpy())
+                ),
+            ),
+            imps.head(50).with_columns(
+                pl.lit(t_cut).cast(pl.Datetime("us")).alias("shown_at"),
+                pl.Series("user_id", user[:50]),
+            ),
+        ]
+    )
+    assert n_late > 0
+    a = EngagementLog.build(world.engagements, catalog, imps)
+    b = EngagementLog.build(world.engagements, catalog, perturbed)
+    pa = engagement_profile(a, catalog, user[keep], item[keep], time_us[keep])
+    pb = engagement_profile(b, catalog, user[keep], item[keep], time_us[keep])
+    np.testing.assert_array_equal(pa, pb)
+    # Later queries do see the change.
+    later = time_us > t_cut + 3_600_000_000
+    qa = engagement_profile(a, catalog, user[later], item[later], time_us[later])
+    qb = engagement_profile(b, catalog, user[later], item[later], time_us[later])
+    assert not np.array_equal(qa, qb)
+
+
+def test_without_impressions_exposure_counts_are_zero(world, catalog):
+    log = EngagementLog.build(world.engagements, catalog)
+    user, item, time_us = _queries(world, catalog, 50)
+    got = engagement_profile(log, catalog, user, item, time_us)
+    for name in ("log_shown_topic", "log_shown_author", "log_shown_post"):
+        assert not got[:, PROFILE_FEATURES.index(name)].any()
+
+
+def test_author_profiles_average_the_posts_before_the_cut(world, vectors):
+    cut = world.articles["published_at"].sort()[world.articles.height // 2]
+    cat = ItemCatalog.build(world.articles, vectors, CFG, profile_before=cut)
+    author = int(world.articles["author_id"].drop_nulls().mode()[0])
+    posts = world.articles.with_row_index("i").filter(
+        (pl.col("author_id") == author) & (pl.col("published_at") < cut)
+    )
+    expected = vectors[posts["i"].to_numpy()].sum(0)
+    expected = expected / np.linalg.norm(expected)
+    row = cat.author_row[cat.rows(posts["article_id"].head(1).to_numpy())[0]]
+    np.testing.assert_allclose(cat.author_content[row], expected, atol=1e-5)
+    # A later post of the same author changes nothing; an earlier cut does.
+    early = ItemCatalog.build(world.articles, vectors, CFG, profile_before=cut - timedelta(days=2))
+    assert not np.allclose(early.author_content[early.author_row[1:]], cat.author_content[row])
+    # Unknown authors get the zero profile.
+    rows, profile = author_profiles(
+        np.array([-1, 3, 3, -1]), np.eye(4, dtype=np.float32), np.ones(4, bool)
+    )
+    assert rows.tolist() == [0, 1, 1, 0]
+    np.testing.assert_allclose(profile[1], [0, 0.70710677, 0.70710677, 0])
+    assert not profile[0].any()
+
+
+def test_affinity_inputs_are_cosines_with_the_history_mean(world, catalog):
+    tensors = CatalogTensors(catalog)
+    hist = torch.tensor([[1, 2, 0], [0, 0, 0]])
+    cand = torch.tensor([[3, 4], [3, 4]])
+    got = affinity_inputs(hist, cand, tensors)
+    user = tensors.content[1] + tensors.content[2]
+    user = user / user.norm()
+    post = tensors.content[3] / tensors.content[3].norm()
+    assert got[0, 0, 0].item() == pytest.approx(float(user @ post), abs=1e-5)
+    author = tensors.author_content[tensors.author_row[3]]
+    assert got[0, 0, 1].item() == pytest.approx(float(user @ author), abs=1e-5)
+    # An empty history has no taste to compare with.
+    assert not got[1].any()
+
+
+def test_rankers_stored_before_the_new_inputs_still_load(catalog):
+    cfg = RankerConfig(content_dim=catalog.dim, features=CFG)
+    old = cfg.to_dict()
+    del old["profile_inputs"], old["affinity_features"]
+    loaded = RankerConfig.from_dict(old)
+    assert loaded.profile_inputs == PROFILE_FEATURES_V1 and not loaded.affinity_features
+    model = build_ranker(loaded, seed=0)
+    assert model.profile.in_features == len(PROFILE_FEATURES_V1)
+    again = load_ranker(model.state_dict(), {**old, "kind": "ranker"})
+    assert again.affinity is None
+    with pytest.raises(ValueError, match="unknown profile inputs"):
+        RankerConfig(content_dim=4, profile_inputs=("nope",))
