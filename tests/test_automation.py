@@ -23,6 +23,25 @@ def _materialize(defs, instance, selection, partition_key=None):
     )
 
 
+class _Ticks:
+    """Evaluates the automation conditions as the keep_feeds_fresh sensor does, one tick per
+    call: {asset: requested partitions} (an empty list for an unpartitioned asset)."""
+
+    def __init__(self, defs, instance):
+        self.defs, self.instance, self.cursor = defs, instance, None
+
+    def __call__(self) -> dict[str, list[str]]:
+        result = dg.evaluate_automation_conditions(
+            defs=self.defs, instance=self.instance, cursor=self.cursor
+        )
+        self.cursor = result.cursor
+        return {
+            key.to_user_string(): sorted(result.get_requested_partitions(key) - {None})
+            for key in self.defs.resolve_asset_graph().get_all_asset_keys()
+            if result.get_num_requested(key)
+        }
+
+
 def test_hourly_schedule_requests_one_refresh_run_per_shard(data_dir):
     from feed_dagster.assets.feeds import user_shards
     from feed_dagster.jobs.automation import hourly_feed_refresh
@@ -49,19 +68,18 @@ def test_incoming_sensor_requests_an_ingest_run_for_dropped_files(data_dir):
 
 
 def test_drop_ingest_refresh_publish_chain(data_dir):
-    """A dropped batch is ingested by the job the sensor asks for, its posts reach feeds,
-    and the publish sensor fires only once every shard is newer than the last publish."""
+    """A dropped batch is ingested by the job the sensor asks for; the automation conditions
+    then ask for the vectors and every shard, and for the publish only once every shard has
+    been rebuilt; the ingested posts reach feeds."""
     from feed_dagster.assets.feeds import user_shards
-    from feed_dagster.jobs.automation import (
-        UPSTREAM_OF_FEEDS,
-        incoming_batches,
-        publish_when_shards_complete,
-    )
+    from feed_dagster.jobs.automation import UPSTREAM_OF_FEEDS, incoming_batches
     from feed_dagster.serving.read import connect
 
     defs = _defs()
     instance = dg.DagsterInstance.ephemeral()
     _materialize(defs, instance, UPSTREAM_OF_FEEDS)
+    tick = _Ticks(defs, instance)
+    assert tick() == {}  # the daemon's first look requests nothing
 
     con = duckdb.connect(str(data_dir / "warehouse.duckdb"), read_only=True)
     articles = con.execute("select * from articles").pl()
@@ -77,6 +95,8 @@ def test_drop_ingest_refresh_publish_chain(data_dir):
     request = incoming_batches(dg.build_sensor_context(instance=instance))
     job = defs.resolve_job_def("ingest_incoming")
     assert job.execute_in_process(run_config=request.run_config, instance=instance).success
+    keys = user_shards.get_partition_keys()
+    assert tick() == {"article_embeddings": [], "article_vectors": [], "user_feeds": keys}
     assert sorted(p.name for p in (incoming / "done").iterdir()) == [
         "articles-sim.parquet",
         "engagements-sim.parquet",
@@ -93,19 +113,16 @@ def test_drop_ingest_refresh_publish_chain(data_dir):
     assert meta["article_embeddings"]["n_reused"].value == articles.height
     assert meta["article_vectors"]["dagster/row_count"].value == articles.height + posts.height
 
-    keys = user_shards.get_partition_keys()
+    # (In the daemon the shards of that request are running now, so they are not asked
+    # for again when the vectors land; here nothing runs between ticks.)
+    assert "published_feeds" not in tick()
     for key in keys[:-1]:
         _materialize(defs, instance, dg.AssetSelection.assets("user_feeds"), key)
-    ctx = dg.build_sensor_context(instance=instance)
-    assert isinstance(publish_when_shards_complete(ctx), dg.SkipReason)
+    assert tick() == {}  # the last shard is still stale
     _materialize(defs, instance, dg.AssetSelection.assets("user_feeds"), keys[-1])
-    assert isinstance(
-        publish_when_shards_complete(dg.build_sensor_context(instance=instance)), dg.RunRequest
-    )
+    assert tick() == {"published_feeds": []}
     _materialize(defs, instance, dg.AssetSelection.assets("published_feeds"))
-    assert isinstance(
-        publish_when_shards_complete(dg.build_sensor_context(instance=instance)), dg.SkipReason
-    )
+    assert tick() == {}
 
     con = connect(data_dir / "serving" / "feeds.duckdb")
     new_ids = set(posts["article_id"].to_list())
@@ -122,33 +139,3 @@ def test_daily_retrain_schedule_targets_the_retrain_job(data_dir):
     job = _defs().resolve_job_def("retrain")
     keys = {k.to_user_string() for k in job.asset_layer.executable_asset_keys}
     assert {"ranker_weights", "promoted_ranker", "article_vectors"} <= keys
-
-
-def test_a_newly_promoted_ranker_requests_a_refresh_of_every_shard(data_dir):
-    import torch
-
-    from feed_dagster.assets.feeds import user_shards
-    from feed_dagster.jobs.automation import refresh_on_promotion
-    from feed_dagster.models.store import ModelStore
-    from feed_dagster.resources.stores import ModelStoreResource
-
-    store = ModelStore(str(data_dir / "models"))
-    v1 = store.save("ranker", {"w": torch.zeros(2)}, {"kind": "ranker"})
-    v2 = store.save("ranker", {"w": torch.ones(2)}, {"kind": "ranker"})
-    resources = {"models": ModelStoreResource()}
-
-    def tick(cursor):
-        ctx = dg.build_sensor_context(cursor=cursor, resources=resources)
-        return refresh_on_promotion(ctx), ctx.cursor
-
-    result, cursor = tick(None)
-    assert isinstance(result, dg.SkipReason)  # nothing promoted yet
-    store.promote("ranker", v1)
-    result, cursor = tick(cursor)
-    assert isinstance(result, dg.SkipReason) and cursor == v1  # first look: just watch
-    result, cursor = tick(cursor)
-    assert isinstance(result, dg.SkipReason)  # unchanged
-    store.promote("ranker", v2)
-    result, cursor = tick(cursor)
-    assert [r.partition_key for r in result] == user_shards.get_partition_keys()
-    assert cursor == v2

@@ -26,7 +26,12 @@ def read_embeddings() -> pl.DataFrame:
     return pl.read_parquet(path)
 
 
-@dg.asset(group_name="embeddings", kinds={"parquet", "numpy"}, retry_policy=IO_RETRY)
+@dg.asset(
+    group_name="embeddings",
+    kinds={"parquet", "numpy"},
+    retry_policy=IO_RETRY,
+    automation_condition=dg.AutomationCondition.eager(),
+)
 def article_embeddings(
     context: dg.AssetExecutionContext, articles: pl.DataFrame, encoder: EncoderResource
 ) -> dg.MaterializeResult:

@@ -8,6 +8,7 @@ import dagster as dg
 import polars as pl
 from pydantic import Field
 
+from feed_dagster.assets.conditions import publish_when_every_shard_is_fresh
 from feed_dagster.assets.models import RANKER, TWO_TOWER, serving_context
 from feed_dagster.assets.retry import IO_RETRY, fail_fast
 from feed_dagster.data.warehouse import read_tables
@@ -163,6 +164,7 @@ def _feed_models(
     deps=[*PIPELINE_TABLES, *MODEL_DEPS],
     kinds={"polars", "parquet"},
     retry_policy=IO_RETRY,
+    automation_condition=dg.AutomationCondition.eager(),
 )
 def user_feeds(
     context: dg.AssetExecutionContext,
@@ -239,6 +241,7 @@ def _guard_result(decision: GuardDecision) -> dg.AssetCheckResult:
     kinds={"duckdb"},
     check_specs=[PUBLISH_GUARD],
     retry_policy=IO_RETRY,
+    automation_condition=publish_when_every_shard_is_fresh(),
 )
 def published_feeds(context: dg.AssetExecutionContext, config: PublishConfig):
     """The serving DuckDB file, built beside the live one from every shard and renamed into

@@ -36,6 +36,7 @@ VECTOR_TABLES = ["articles", "engagements", "follows", "topic_follows"]
     deps=["retrieval_model", "article_embeddings", *VECTOR_TABLES],
     kinds={"lancedb"},
     retry_policy=IO_RETRY,
+    automation_condition=dg.AutomationCondition.eager(),
 )
 def article_vectors(
     context: dg.AssetExecutionContext, models: ModelStoreResource, lancedb: LanceDBResource

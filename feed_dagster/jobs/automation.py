@@ -1,13 +1,15 @@
 """Jobs, schedules and sensors.
 
-The refresh chain, each link a separate run so that shards fan out on any executor:
-    incoming batch -> ingest_incoming -> update_vectors -> refresh_feeds (one run per shard)
-    -> publish_feeds (once every shard is newer than the last publish)
-full_rebuild ends in the same refresh; retrain (daily) does when it promotes a new ranker.
+The refresh chain: sensors where something outside Dagster is watched (files dropped into
+data/incoming/, failed runs), declarative automation conditions on the assets for the rest
+(feed_dagster/assets/conditions.py), evaluated by the `keep_feeds_fresh` sensor:
+    incoming batch -> ingest_incoming -> article_embeddings, article_vectors
+    -> user_feeds (every shard; one run each) -> published_feeds (once every shard is fresh)
+The hourly schedule, full_rebuild and retrain (daily) update inputs of the same chain, so
+each ends in a refresh and a publish in the same way.
 """
 
 import json
-import time
 from datetime import UTC, datetime
 
 import dagster as dg
@@ -16,7 +18,6 @@ from feed_dagster.assets.feeds import user_shards
 from feed_dagster.data.incoming import pending_batches
 from feed_dagster.jobs.ingest import ingest_incoming
 from feed_dagster.resources.storage import data_root, incoming_dir
-from feed_dagster.resources.stores import ModelStoreResource
 
 FEEDS = dg.AssetSelection.assets("user_feeds")
 FEED_QUALITY = dg.AssetSelection.assets("feed_quality")
@@ -65,20 +66,11 @@ full_rebuild = dg.define_asset_job(
 )
 
 
-def shard_requests(reason: str) -> list[dg.RunRequest]:
-    """One refresh run per user shard; the run key makes a repeated tick a no-op."""
-    stamp = f"{reason}-{int(time.time())}"
-    return [
-        dg.RunRequest(run_key=f"{stamp}-{key}", partition_key=key, tags={"refresh": reason})
-        for key in user_shards.get_partition_keys()
-    ]
-
-
 @dg.schedule(
     cron_schedule="0 * * * *",
     job=refresh_feeds,
     default_status=dg.DefaultScheduleStatus.RUNNING,
-    description="Hourly: recompute every shard's feeds (then the publish sensor swaps them in).",
+    description="Hourly: recompute every shard's feeds (then keep_feeds_fresh publishes them).",
 )
 def hourly_feed_refresh(context: dg.ScheduleEvaluationContext):
     tick = context.scheduled_execution_time.strftime("%Y%m%dT%H%M")
@@ -95,24 +87,6 @@ daily_retrain = dg.ScheduleDefinition(
     default_status=dg.DefaultScheduleStatus.RUNNING,
     description="Daily at 03:00: retrain, evaluate and (if the gate passes) promote.",
 )
-
-
-@dg.sensor(
-    job=refresh_feeds,
-    minimum_interval_seconds=30,
-    default_status=dg.DefaultSensorStatus.RUNNING,
-    description="A newly promoted ranker triggers a refresh of every shard.",
-)
-def refresh_on_promotion(context: dg.SensorEvaluationContext, models: ModelStoreResource):
-    promoted = models.store().promoted("ranker")
-    if promoted is None or promoted == context.cursor:
-        return dg.SkipReason(f"promoted ranker unchanged ({promoted})")
-    first_look = context.cursor is None
-    context.update_cursor(promoted)
-    if first_look:
-        # The sensor just started: whatever is promoted now is what feeds were built with.
-        return dg.SkipReason(f"now watching the promoted ranker ({promoted})")
-    return shard_requests(f"promoted-{promoted}")
 
 
 @dg.sensor(
@@ -134,54 +108,19 @@ def incoming_batches(context: dg.SensorEvaluationContext):
     )
 
 
-def _latest_storage_id(instance: dg.DagsterInstance, key: str, partition: str | None = None):
-    records = instance.fetch_materializations(
-        dg.AssetRecordsFilter(
-            asset_key=dg.AssetKey(key), asset_partitions=[partition] if partition else None
-        ),
-        limit=1,
-    ).records
-    return records[0].storage_id if records else None
-
-
-@dg.sensor(
-    job=publish_feeds_job,
+# Running by default, as every hand-written sensor it replaces was: `make ui` keeps feeds
+# fresh unattended. Emitting backfills (Dagster's default, spelled out because the chain
+# depends on it): a tick that asks for the vectors and the shards together becomes one backfill
+# that builds the vectors before it starts the shard runs, instead of separate runs racing.
+keep_feeds_fresh = dg.AutomationConditionSensorDefinition(
+    "keep_feeds_fresh",
+    target=dg.AssetSelection.all(),
+    default_status=dg.DefaultSensorStatus.RUNNING,
     minimum_interval_seconds=30,
-    default_status=dg.DefaultSensorStatus.RUNNING,
-    description="Publishes once every user shard has been recomputed since the last publish.",
+    emit_backfills=True,
+    description="Evaluates the assets' automation conditions: new data or models rebuild the "
+    "embeddings, vectors and every feed shard; the publish follows once every shard is fresh.",
 )
-def publish_when_shards_complete(context: dg.SensorEvaluationContext):
-    published = _latest_storage_id(context.instance, "published_feeds") or 0
-    shard_ids = [
-        _latest_storage_id(context.instance, "user_feeds", key)
-        for key in user_shards.get_partition_keys()
-    ]
-    stale = [i for i, sid in enumerate(shard_ids) if sid is None or sid <= published]
-    if stale:
-        return dg.SkipReason(f"waiting for shards {stale} to be recomputed")
-    return dg.RunRequest(run_key=f"publish-{max(shard_ids)}")
-
-
-@dg.run_status_sensor(
-    run_status=dg.DagsterRunStatus.SUCCESS,
-    monitored_jobs=[ingest_incoming],
-    request_job=update_vectors,
-    default_status=dg.DefaultSensorStatus.RUNNING,
-    description="After new posts land, encode them and add them to the vector table.",
-)
-def vectors_after_ingest(context: dg.RunStatusSensorContext):
-    return dg.RunRequest(run_key=f"vectors-after-{context.dagster_run.run_id}")
-
-
-@dg.run_status_sensor(
-    run_status=dg.DagsterRunStatus.SUCCESS,
-    monitored_jobs=[update_vectors, full_rebuild],
-    request_job=refresh_feeds,
-    default_status=dg.DefaultSensorStatus.RUNNING,
-    description="After the vectors are updated or a rebuild finishes, recompute every shard.",
-)
-def refresh_after_new_data(context: dg.RunStatusSensorContext):
-    return shard_requests(f"after-{context.dagster_run.job_name}-{context.dagster_run.run_id}")
 
 
 @dg.run_status_sensor(
@@ -225,10 +164,7 @@ JOBS = [
 SCHEDULES = [hourly_feed_refresh, daily_retrain]
 SENSORS = [
     incoming_batches,
-    refresh_on_promotion,
-    vectors_after_ingest,
-    publish_when_shards_complete,
-    refresh_after_new_data,
+    keep_feeds_fresh,
     quality_after_new_models,
     record_run_failures,
 ]
