@@ -8,8 +8,8 @@ import polars as pl
 from feed_dagster.assets.retry import IO_RETRY
 from feed_dagster.atomic import atomic_path
 from feed_dagster.embeddings.incremental import update_embeddings
+from feed_dagster.paths import data_root
 from feed_dagster.resources.encoder import EncoderResource
-from feed_dagster.resources.storage import data_root
 
 
 def embeddings_path() -> Path:

@@ -24,8 +24,8 @@ from feed_dagster.feeds.evaluation import (
     tables_before,
 )
 from feed_dagster.models.train import torch_threads
+from feed_dagster.paths import warehouse_path
 from feed_dagster.plots import markdown_table
-from feed_dagster.resources.storage import warehouse_path
 from feed_dagster.resources.stores import LanceDBResource, ModelStoreResource
 
 FALLBACK = "table_fallbacks"

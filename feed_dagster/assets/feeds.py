@@ -20,11 +20,11 @@ from feed_dagster.memory import StepMemory
 from feed_dagster.models.ranker import load_ranker
 from feed_dagster.models.train import torch_threads
 from feed_dagster.models.two_tower import load_two_tower
+from feed_dagster.paths import serving_path, shard_dir, warehouse_path
 from feed_dagster.pipeline.config import PipelineConfig, resolve_window
 from feed_dagster.pipeline.fallbacks import PopularityRetriever, TopicAffinityScorer
 from feed_dagster.pipeline.protocols import Retriever, Scorer
 from feed_dagster.pipeline.tables import candidate_window
-from feed_dagster.resources.storage import serving_path, shard_dir, warehouse_path
 from feed_dagster.resources.stores import LanceDBResource, ModelStoreResource
 from feed_dagster.serving.guard import GuardConfig, GuardDecision, check_publish
 from feed_dagster.serving.publish import publish_feeds

@@ -20,8 +20,8 @@ from feed_dagster.models.ranker import load_ranker
 from feed_dagster.models.serve import ServingContext
 from feed_dagster.models.train import prepare_and_train
 from feed_dagster.models.two_tower import load_two_tower
+from feed_dagster.paths import data_root, warehouse_path
 from feed_dagster.plots import markdown_table, png_bytes_markdown
-from feed_dagster.resources.storage import data_root, warehouse_path
 from feed_dagster.resources.stores import ModelStoreResource
 from feed_dagster.resources.warehouse import WAREHOUSE_POOL
 
