@@ -7,12 +7,13 @@ from datetime import timedelta
 import numpy as np
 import polars as pl
 
+from feed_dagster.data.schema import ACTION_COLUMNS
 from feed_dagster.pipeline.fallbacks import (
     PopularityRetriever,
     TopicAffinityScorer,
     positive_engagements,
 )
-from feed_dagster.pipeline.protocols import ACTION_COLUMNS, Retriever, Scorer
+from feed_dagster.pipeline.protocols import Retriever, Scorer
 from feed_dagster.pipeline.query import hydrate_query
 
 
