@@ -10,9 +10,9 @@ import dagster as dg
 import polars as pl
 import pytest
 
-import feed_dagster.pipeline.sources as sources_mod
+import feed_dagster.pipeline.candidate_sources as sources_mod
 from feed_dagster.data.schema import FEED_SCHEMA
-from feed_dagster.data.sources import save_parquet_world, world_info
+from feed_dagster.data.world_tables import save_parquet_world, world_info
 from feed_dagster.errors import NoCandidatesError
 from feed_dagster.feeds.build import build_feeds
 from feed_dagster.pipeline import PopularityRetriever, TopicAffinityScorer

@@ -353,7 +353,7 @@ def test_candidate_window_rule() -> None:
 
 
 def test_world_carries_the_derived_window(world: World) -> None:
-    from feed_dagster.data.sources import window_from_info, world_info
+    from feed_dagster.data.world_tables import window_from_info, world_info
 
     assert world.candidate_window is not None
     assert world.candidate_window.total_seconds() >= 48 * 3600

@@ -10,7 +10,7 @@ from pydantic import Field
 
 from feed_dagster.assets.embeddings import read_embeddings
 from feed_dagster.assets.retry import IO_RETRY, fail_fast
-from feed_dagster.data.sources import world_from_tables
+from feed_dagster.data.world_tables import world_from_tables
 from feed_dagster.memory import StepMemory
 from feed_dagster.models.budget import TrainingBudget, read_training_tables
 from feed_dagster.models.evaluate import evaluate_models, evaluation_chart, training_curves

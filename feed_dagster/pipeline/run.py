@@ -15,10 +15,10 @@ import numpy as np
 import polars as pl
 
 from feed_dagster.data.schema import World
+from feed_dagster.pipeline.candidate_sources import CANDIDATE_SCHEMA
 from feed_dagster.pipeline.config import PipelineConfig
 from feed_dagster.pipeline.protocols import Retriever, Scorer, component_name
 from feed_dagster.pipeline.selection import IN_NETWORK
-from feed_dagster.pipeline.sources import CANDIDATE_SCHEMA
 from feed_dagster.pipeline.spec import DEFAULT_SPEC
 from feed_dagster.pipeline.stages import (
     FILTER,
