@@ -3,7 +3,7 @@ warehouse and refreshes the readers' safety list."""
 
 import dagster as dg
 
-from feed_dagster.data.incoming import BatchError, ingest_batches
+from feed_dagster.incoming import BatchError, ingest_batches
 from feed_dagster.paths import incoming_dir, safety_path, warehouse_path
 
 
