@@ -11,8 +11,8 @@ import polars as pl
 import pytest
 from serving_helpers import publish, table_feeds, tiny_feeds
 
-from feed_dagster.assets.feeds import PIPELINE_TABLES
 from feed_dagster.data.warehouse import read_tables
+from feed_dagster.feeds.build import PIPELINE_TABLES
 from feed_dagster.incoming import BatchError, ingest_batches, pending_batches, replay_done
 from feed_dagster.paths import safety_path_for
 from feed_dagster.serving import FeedReader, get_feed, read_meta

@@ -18,6 +18,23 @@ from feed_dagster.pipeline.stages import PipelineSpec
 from feed_dagster.pipeline.stats import PipelineStats, window_hours
 from feed_dagster.pipeline.tables import Tables, candidate_window, published_between, table
 
+# The warehouse tables a feed build reads (the served feeds and their held-out evaluation).
+PIPELINE_TABLES = [
+    "world_info",
+    "users",
+    "articles",
+    "engagements",
+    "impressions",
+    "follows",
+    "topic_follows",
+    "blocks",
+    "mutes",
+    "muted_keywords",
+    "deleted_posts",
+]
+# Warehouses built before tombstones existed have no deleted_posts table: read as empty.
+OPTIONAL_TABLES = ("deleted_posts",)
+
 
 def build_feeds(
     tables: Tables,

@@ -11,7 +11,6 @@ from feed_dagster.pipeline.config import (
     SelectionConfig,
     SourceConfig,
 )
-from feed_dagster.pipeline.fallbacks import PopularityRetriever, TopicAffinityScorer
 from feed_dagster.pipeline.protocols import Retriever, Scorer
 from feed_dagster.pipeline.query import Query, hydrate_query
 from feed_dagster.pipeline.run import run_pipeline
@@ -29,6 +28,7 @@ from feed_dagster.pipeline.stages import (
     Source,
 )
 from feed_dagster.pipeline.stats import PipelineStats
+from feed_dagster.pipeline.table_backends import PopularityRetriever, TopicAffinityScorer
 
 __all__ = [
     "ACTION_COLUMNS",

@@ -1,7 +1,7 @@
 """The two seams where learned models plug into the pipeline.
 
 The pipeline knows models only through these protocols, so a learned retriever or ranker
-and the table-based fallbacks in `fallbacks.py` are interchangeable.
+and the table-based fallbacks in `table_backends.py` are interchangeable.
 """
 
 from __future__ import annotations
