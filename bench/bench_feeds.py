@@ -50,7 +50,7 @@ from feed_dagster.feeds.evaluation import (  # noqa: E402
     POPULARITY,
     evaluate_feeds,
 )
-from feed_dagster.feeds.learned import (  # noqa: E402
+from feed_dagster.feeds.model_backends import (  # noqa: E402
     RankerScorer,
     TwoTowerRetriever,
     serving_features,

@@ -28,7 +28,7 @@ import polars as pl
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from report import machine, markdown_table, write_section  # noqa: E402
 
-from feed_dagster.pipeline.run import FEED_SCHEMA  # noqa: E402
+from feed_dagster.data.schema import FEED_SCHEMA  # noqa: E402
 from feed_dagster.serving import FeedReader, publish_feeds  # noqa: E402
 
 PER_USER = 35

@@ -358,7 +358,7 @@ REFUSED = (
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from feed_dagster.resources.storage import serving_path, warehouse_path
+    from feed_dagster.paths import serving_path, warehouse_path
 
     t0 = time.perf_counter()
     # Quiet: Dagster's console logger shows errors only, like the rest of the output.
@@ -431,7 +431,7 @@ def cmd_make_ebnerd(args: argparse.Namespace) -> int:
 def cmd_feed(args: argparse.Namespace) -> int:
     import json
 
-    from feed_dagster.resources.storage import serving_path
+    from feed_dagster.paths import serving_path
     from feed_dagster.serving.read import FeedNotPublishedError, get_feed
 
     path = Path(args.path) if args.path else serving_path()
@@ -454,7 +454,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     """Run the HTTP service (feed_dagster/serving/http.py) under uvicorn."""
     import uvicorn
 
-    from feed_dagster.resources.storage import serving_path
+    from feed_dagster.paths import serving_path
     from feed_dagster.serving.http import ENV_MEMORY, ENV_PATH, ENV_STALE
 
     path = Path(args.path).resolve() if args.path else serving_path()
@@ -480,7 +480,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def cmd_simulate(args: argparse.Namespace) -> int:
     from feed_dagster.atomic import atomic_path
     from feed_dagster.data.warehouse import read_tables
-    from feed_dagster.resources.storage import incoming_dir, warehouse_path
+    from feed_dagster.paths import incoming_dir, warehouse_path
     from feed_dagster.world.simulate import simulate_activity
 
     tables = read_tables(warehouse_path(), ["articles", "engagements", "world_info"])

@@ -16,9 +16,9 @@ from feed_dagster.assets.models import promoted_ranker, ranker_promotion_gate, t
 from feed_dagster.assets.raw import source_tables
 from feed_dagster.assets.vectors import article_vectors, vector_index_recall, vectors_cover_articles
 from feed_dagster.jobs.automation import JOBS, SCHEDULES, SENSORS
+from feed_dagster.paths import data_root, warehouse_path
 from feed_dagster.resources.encoder import EncoderResource
 from feed_dagster.resources.source import default_source
-from feed_dagster.resources.storage import data_root, warehouse_path
 from feed_dagster.resources.stores import LanceDBResource, ModelStoreResource
 from feed_dagster.resources.warehouse import WarehouseIOManager
 

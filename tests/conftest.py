@@ -10,7 +10,7 @@ import polars as pl
 import pytest
 
 from feed_dagster.data.schema import World
-from feed_dagster.data.sources import world_info
+from feed_dagster.data.world_tables import world_info
 from feed_dagster.world import generate_world, world_config
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"

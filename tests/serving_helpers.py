@@ -16,7 +16,7 @@ from typing import Any
 import polars as pl
 import uvicorn
 
-from feed_dagster.data.sources import world_info
+from feed_dagster.data.world_tables import world_info
 from feed_dagster.pipeline import (
     PipelineStats,
     PopularityRetriever,

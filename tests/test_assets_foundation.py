@@ -2,7 +2,7 @@ import dagster as dg
 import duckdb
 import polars as pl
 
-from feed_dagster.data.sources import save_parquet_world
+from feed_dagster.data.world_tables import save_parquet_world
 
 
 def _materialize(selection=None):

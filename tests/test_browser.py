@@ -23,10 +23,10 @@ import polars as pl
 import pytest
 from serving_helpers import ServerThread, free_port, get
 
-from feed_dagster.data.incoming import ingest_batches, pending_batches
+from feed_dagster.incoming import ingest_batches, pending_batches
+from feed_dagster.paths import safety_path_for
 from feed_dagster.serving import read_meta
 from feed_dagster.serving.http import create_app
-from feed_dagster.serving.safety import safety_path_for
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 pytestmark = pytest.mark.skipif(

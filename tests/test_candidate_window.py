@@ -10,14 +10,14 @@ import dagster as dg
 import polars as pl
 import pytest
 
-import feed_dagster.pipeline.sources as sources_mod
-from feed_dagster.data.sources import save_parquet_world, world_info
+import feed_dagster.pipeline.candidate_sources as sources_mod
+from feed_dagster.data.schema import FEED_SCHEMA
+from feed_dagster.data.world_tables import save_parquet_world, world_info
 from feed_dagster.errors import NoCandidatesError
 from feed_dagster.feeds.build import build_feeds
 from feed_dagster.pipeline import PopularityRetriever, TopicAffinityScorer
 from feed_dagster.pipeline.config import FilterConfig, SourceConfig, resolve_window
 from feed_dagster.pipeline.query import hydrate_query
-from feed_dagster.pipeline.run import FEED_SCHEMA
 
 H48 = timedelta(hours=48)
 

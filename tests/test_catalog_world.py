@@ -7,9 +7,9 @@ import polars as pl
 import pytest
 
 from feed_dagster.data.schema import ACTIONS, World, conform
-from feed_dagster.data.sources import SourceSpec, load_source
 from feed_dagster.metrics.baselines import label_impressions, popularity_scores
 from feed_dagster.metrics.ranking import evaluate_scores
+from feed_dagster.sources import SourceSpec, load_source
 from feed_dagster.world.catalog import catalog_config, generate_catalog
 
 ALL_TIME = timedelta(days=100_000)

@@ -52,7 +52,7 @@ def test_make_ebnerd_writes_a_loadable_folder(tmp_path, capsys):
 
 def test_sample_feed_says_what_happened_instead_of_crashing(tmp_path, capsys, tiny_world):
     from feed_dagster.cli import print_sample_feed
-    from feed_dagster.pipeline.run import FEED_SCHEMA
+    from feed_dagster.data.schema import FEED_SCHEMA
     from feed_dagster.serving import publish_feeds
 
     path = tmp_path / "serving" / "feeds.duckdb"

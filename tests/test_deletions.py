@@ -11,12 +11,13 @@ import polars as pl
 import pytest
 from serving_helpers import publish, table_feeds, tiny_feeds
 
-from feed_dagster.assets.feeds import PIPELINE_TABLES
-from feed_dagster.data.incoming import BatchError, ingest_batches, pending_batches, replay_done
 from feed_dagster.data.warehouse import read_tables
+from feed_dagster.feeds.build import PIPELINE_TABLES
+from feed_dagster.incoming import BatchError, ingest_batches, pending_batches, replay_done
+from feed_dagster.paths import safety_path_for
 from feed_dagster.serving import FeedReader, get_feed, read_meta
 from feed_dagster.serving import safety as safety_mod
-from feed_dagster.serving.safety import SafetyCache, SafetyList, safety_path_for
+from feed_dagster.serving.safety import SafetyCache, SafetyList
 
 N_USERS = 80
 
@@ -196,7 +197,7 @@ def test_the_ingest_job_makes_deletes_visible_to_readers(
 
     from feed_dagster.definitions import build_definitions
     from feed_dagster.jobs.automation import incoming_batches
-    from feed_dagster.resources.storage import incoming_dir, serving_path, warehouse_path
+    from feed_dagster.paths import incoming_dir, serving_path, warehouse_path
 
     data_dir.mkdir(parents=True, exist_ok=True)
     make_warehouse(warehouse_path(), tiny_world)

@@ -24,7 +24,7 @@ from feed_dagster.ebnerd import (
     write_synthetic_ebnerd,
 )
 from feed_dagster.ebnerd.layout import BEHAVIORS_SCHEMA, HISTORY_SCHEMA, same_logical_type
-from feed_dagster.ebnerd.load import derive_topic_follows
+from feed_dagster.ebnerd.mapping import derive_topic_follows
 from feed_dagster.metrics import evaluate_baselines
 
 SAMPLE = Path(__file__).resolve().parents[2] / "shared" / "data" / "ebnerd_sample"
@@ -327,7 +327,7 @@ def test_real_sample(tmp_path: Path) -> None:
 def test_candidate_window_rule() -> None:
     from datetime import timedelta
 
-    from feed_dagster.ebnerd.load import derive_candidate_window
+    from feed_dagster.ebnerd.mapping import derive_candidate_window
 
     t0 = datetime(2026, 1, 10)
     articles = pl.DataFrame(
@@ -353,7 +353,7 @@ def test_candidate_window_rule() -> None:
 
 
 def test_world_carries_the_derived_window(world: World) -> None:
-    from feed_dagster.data.sources import window_from_info, world_info
+    from feed_dagster.data.world_tables import window_from_info, world_info
 
     assert world.candidate_window is not None
     assert world.candidate_window.total_seconds() >= 48 * 3600

@@ -245,7 +245,7 @@ def test_a_truncated_safetensors_file_is_named_and_never_promoted(tmp_path) -> N
 
 
 def test_the_promotion_asset_keeps_the_incumbent_over_a_damaged_candidate(data_dir) -> None:
-    from feed_dagster.assets.models import candidate_file
+    from feed_dagster.paths import candidate_file
 
     store = ModelStore(data_dir / "models")
     v1 = store.save("ranker", _state(1, 1000), {"kind": "ranker"})
@@ -282,52 +282,27 @@ def _vectors(n: int, seed: int, dim: int = 16) -> pl.DataFrame:
     )
 
 
-class _Log:
-    def __init__(self) -> None:
-        self.warnings: list[str] = []
-
-    def warning(self, message: str) -> None:
-        self.warnings.append(message)
-
-
-class _Context:
-    def __init__(self) -> None:
-        self.log = _Log()
-
-
-def _feed_models_with(tmp_path: Path):
+def _feed_models_with(tmp_path: Path, tables=None):
     """Call the feeds' model loader with both models marked promoted and the table at
-    tmp_path/lancedb; returns (models, context) or raises what the loader raised."""
-    from feed_dagster.assets.feeds import _feed_models
-    from feed_dagster.resources.stores import LanceDBResource, ModelStoreResource
+    tmp_path/lancedb; returns (models, warnings) or raises what the loader raised."""
+    from feed_dagster.feeds.model_backends import feed_models
+    from feed_dagster.models.store import ModelStore
 
     for name in ("ranker", "two_tower"):
         (tmp_path / "models" / name).mkdir(parents=True, exist_ok=True)
         (tmp_path / "models" / name / "PROMOTED").write_text("0123456789abcdef\n")
-    ctx = _Context()
-    models = ModelStoreResource(root=str(tmp_path / "models"))
-    lancedb = LanceDBResource(uri=str(tmp_path / "lancedb"), table="article_vectors")
-    return _feed_models(ctx, {}, models, lancedb), ctx
+    warnings: list[str] = []
+    store = ModelStore(str(tmp_path / "models"))
+    uri = str(tmp_path / "lancedb")
+    return feed_models(tables or {}, store, uri, "article_vectors", warnings.append), warnings
 
 
 def test_a_missing_vector_table_falls_back_with_a_warning(tmp_path, tiny_world) -> None:
-    from feed_dagster.assets.feeds import _feed_models
-    from feed_dagster.resources.stores import LanceDBResource, ModelStoreResource
-
-    for name in ("ranker", "two_tower"):
-        (tmp_path / "models" / name).mkdir(parents=True)
-        (tmp_path / "models" / name / "PROMOTED").write_text("0123456789abcdef\n")
-    ctx = _Context()
-    retriever, scorer, versions = _feed_models(
-        ctx,
-        tiny_world.tables(),
-        ModelStoreResource(root=str(tmp_path / "models")),
-        LanceDBResource(uri=str(tmp_path / "lancedb")),
-    )
+    (retriever, scorer, versions), warnings = _feed_models_with(tmp_path, tiny_world.tables())
     assert versions == {"model_version": "fallback", "vector_table_version": "none"}
     assert type(retriever).__name__ == "PopularityRetriever"
-    assert any("no LanceDB table 'article_vectors'" in w for w in ctx.log.warnings)
-    assert any("using table fallbacks" in w for w in ctx.log.warnings)
+    assert any("no LanceDB table 'article_vectors'" in w for w in warnings)
+    assert any("using table fallbacks" in w for w in warnings)
 
 
 @pytest.mark.parametrize("damage", ["truncated data file", "deleted data file", "bad manifest"])

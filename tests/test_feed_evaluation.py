@@ -23,7 +23,7 @@ from feed_dagster.feeds.evaluation import (
 )
 from feed_dagster.feeds.quality import later_positives
 from feed_dagster.pipeline import PopularityRetriever, TopicAffinityScorer
-from feed_dagster.pipeline.fallbacks import positive_engagements
+from feed_dagster.pipeline.table_backends import positive_engagements
 
 NOW = datetime(2024, 3, 1, 12)
 H = timedelta(hours=1)

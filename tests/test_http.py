@@ -13,8 +13,9 @@ import polars as pl
 import pytest
 from serving_helpers import ServerThread, get, publish
 
-from feed_dagster.data.incoming import ingest_batches, pending_batches
 from feed_dagster.data.schema import ACTIONS
+from feed_dagster.incoming import ingest_batches, pending_batches
+from feed_dagster.paths import safety_path_for
 from feed_dagster.serving import FeedReader, read_meta
 from feed_dagster.serving.http import (
     MAX_ID,
@@ -23,7 +24,7 @@ from feed_dagster.serving.http import (
     decode_cursor,
     encode_cursor,
 )
-from feed_dagster.serving.safety import SafetyList, safety_path_for
+from feed_dagster.serving.safety import SafetyList
 
 
 def fullest_user(feeds: pl.DataFrame) -> int:

@@ -4,8 +4,8 @@ import duckdb
 import polars as pl
 import pytest
 
-from feed_dagster.data.incoming import BatchError, ingest_batches, pending_batches, replay_done
 from feed_dagster.errors import DataValidationError
+from feed_dagster.incoming import BatchError, ingest_batches, pending_batches, replay_done
 from feed_dagster.world.simulate import simulate_activity
 
 

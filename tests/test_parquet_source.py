@@ -10,7 +10,7 @@ from pathlib import Path
 import polars as pl
 import pytest
 
-from feed_dagster.data.sources import load_parquet_world, save_parquet_world
+from feed_dagster.data.world_tables import load_parquet_world, save_parquet_world
 from feed_dagster.errors import DataValidationError
 
 

@@ -7,9 +7,8 @@ import numpy as np
 import polars as pl
 import pytest
 
-from feed_dagster.data.schema import ACTIONS
+from feed_dagster.data.schema import ACTION_COLUMNS, ACTIONS
 from feed_dagster.pipeline.config import ScoringConfig, ScoringWeights
-from feed_dagster.pipeline.protocols import ACTION_COLUMNS
 from feed_dagster.pipeline.scoring import (
     apply_author_diversity,
     apply_out_of_network_factor,

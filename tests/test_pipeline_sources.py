@@ -10,9 +10,9 @@ import pytest
 
 from feed_dagster.data.schema import conform
 from feed_dagster.errors import DataValidationError
+from feed_dagster.pipeline.candidate_sources import in_network_source, out_of_network_source
 from feed_dagster.pipeline.config import SourceConfig
 from feed_dagster.pipeline.query import Query, hydrate_query
-from feed_dagster.pipeline.sources import in_network_source, out_of_network_source
 
 NOW = datetime(2026, 1, 3)
 H = timedelta(hours=1)

@@ -100,7 +100,7 @@ def published(data_dir):
 def _rewrite_shards(keep: pl.Expr) -> None:
     from feed_dagster.assets.feeds import _shard_path, user_shards
     from feed_dagster.feeds.shard_files import read_versions, write_shard
-    from feed_dagster.resources.storage import shard_dir
+    from feed_dagster.paths import shard_dir
 
     for key in user_shards.get_partition_keys():
         feeds = pl.read_parquet(_shard_path(key)).filter(keep)

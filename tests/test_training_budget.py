@@ -8,7 +8,7 @@ import numpy as np
 import polars as pl
 import pytest
 
-from feed_dagster.data.sources import world_from_tables
+from feed_dagster.data.world_tables import world_from_tables
 from feed_dagster.embeddings import LexicalEncoder
 from feed_dagster.memory import StepMemory
 from feed_dagster.models.budget import TrainingBudget, read_training_tables

@@ -13,7 +13,7 @@ import duckdb
 
 from feed_dagster.data import checks as C
 from feed_dagster.data.warehouse import connect_read_only
-from feed_dagster.resources.storage import warehouse_path
+from feed_dagster.paths import warehouse_path
 from feed_dagster.resources.warehouse import WAREHOUSE_POOL
 
 

@@ -1,29 +1,13 @@
 """Content vectors for every article, re-encoding only new or changed articles."""
 
-from pathlib import Path
-
 import dagster as dg
 import polars as pl
 
 from feed_dagster.assets.retry import IO_RETRY
 from feed_dagster.atomic import atomic_path
 from feed_dagster.embeddings.incremental import update_embeddings
+from feed_dagster.embeddings.stored import embeddings_path
 from feed_dagster.resources.encoder import EncoderResource
-from feed_dagster.resources.storage import data_root
-
-
-def embeddings_path() -> Path:
-    # A Parquet file, not a warehouse table: vectors are a bulk columnar payload that
-    # training and LanceDB read whole, and keeping them out of DuckDB means encoding never
-    # holds the warehouse's single write lock.
-    return data_root() / "embeddings" / "article_embeddings.parquet"
-
-
-def read_embeddings() -> pl.DataFrame:
-    path = embeddings_path()
-    if not path.exists():
-        raise FileNotFoundError(f"{path} is missing: materialise article_embeddings first")
-    return pl.read_parquet(path)
 
 
 @dg.asset(

@@ -3,7 +3,7 @@
 import dagster as dg
 import polars as pl
 
-from feed_dagster.data.sources import world_from_tables
+from feed_dagster.data.world_tables import world_from_tables
 from feed_dagster.metrics.baselines import evaluate_baselines
 from feed_dagster.plots import markdown_table, metric_bars
 

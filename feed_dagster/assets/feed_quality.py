@@ -10,22 +10,18 @@ import dagster as dg
 import polars as pl
 from pydantic import Field
 
-from feed_dagster.assets.feeds import (
-    MODEL_DEPS,
-    OPTIONAL_TABLES,
-    PIPELINE_TABLES,
-    _feed_models,
-)
 from feed_dagster.data.warehouse import read_tables
+from feed_dagster.feeds.build import OPTIONAL_TABLES, PIPELINE_TABLES
 from feed_dagster.feeds.evaluation import (
     LEARNED,
     beats_classics,
     evaluate_feeds,
     tables_before,
 )
+from feed_dagster.feeds.model_backends import feed_models
 from feed_dagster.models.train import torch_threads
+from feed_dagster.paths import warehouse_path
 from feed_dagster.plots import markdown_table
-from feed_dagster.resources.storage import warehouse_path
 from feed_dagster.resources.stores import LanceDBResource, ModelStoreResource
 
 FALLBACK = "table_fallbacks"
@@ -46,7 +42,7 @@ class FeedQualityConfig(dg.Config):
 
 @dg.asset(
     group_name="evaluation",
-    deps=[*PIPELINE_TABLES, *MODEL_DEPS],
+    deps=[*PIPELINE_TABLES, "promoted_ranker", "article_vectors"],
     kinds={"duckdb", "polars"},
     pool="warehouse",
 )
@@ -63,7 +59,13 @@ def feed_quality(
     tables = read_tables(warehouse_path(), PIPELINE_TABLES, OPTIONAL_TABLES)
     cut = tables["world_info"]["heldout_start"][0]
     # The models' serving context is built from the data before the cut only.
-    retriever, scorer, versions = _feed_models(context, tables_before(tables, cut), models, lancedb)
+    retriever, scorer, versions = feed_models(
+        tables_before(tables, cut),
+        models.store(),
+        lancedb.resolved_uri(),
+        lancedb.table,
+        context.log.warning,
+    )
     fallback = versions["model_version"] == "fallback"
     name = FALLBACK if fallback else LEARNED
     with torch_threads(config.torch_threads):

@@ -5,51 +5,29 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import dagster as dg
-import polars as pl
 from pydantic import Field
 
 from feed_dagster.assets.conditions import publish_when_every_shard_is_fresh
-from feed_dagster.assets.models import RANKER, TWO_TOWER, serving_context
 from feed_dagster.assets.retry import IO_RETRY, fail_fast
 from feed_dagster.data.warehouse import read_tables
-from feed_dagster.feeds.build import build_feeds
-from feed_dagster.feeds.learned import RankerScorer, TwoTowerRetriever, serving_features
+from feed_dagster.feeds.build import OPTIONAL_TABLES, PIPELINE_TABLES, build_feeds
+from feed_dagster.feeds.model_backends import feed_models
 from feed_dagster.feeds.report import feed_preview_markdown, stage_timings_markdown
 from feed_dagster.feeds.shard_files import read_versions, shard_path, write_shard
 from feed_dagster.feeds.shards import users_in_shard
 from feed_dagster.memory import StepMemory
-from feed_dagster.models.ranker import load_ranker
 from feed_dagster.models.train import torch_threads
-from feed_dagster.models.two_tower import load_two_tower
+from feed_dagster.paths import serving_path, shard_dir, warehouse_path
 from feed_dagster.pipeline.config import PipelineConfig, resolve_window
-from feed_dagster.pipeline.fallbacks import PopularityRetriever, TopicAffinityScorer
-from feed_dagster.pipeline.protocols import Retriever, Scorer
 from feed_dagster.pipeline.tables import candidate_window
-from feed_dagster.resources.storage import serving_path, shard_dir, warehouse_path
 from feed_dagster.resources.stores import LanceDBResource, ModelStoreResource
 from feed_dagster.serving.guard import GuardConfig, GuardDecision, check_publish
 from feed_dagster.serving.publish import publish_feeds
 from feed_dagster.serving.read import read_served
-from feed_dagster.vectors import open_verified
 
 N_SHARDS = int(os.environ.get("FEED_DAGSTER_SHARDS", "4"))
 user_shards = dg.StaticPartitionsDefinition([str(i) for i in range(N_SHARDS)])
 
-PIPELINE_TABLES = [
-    "world_info",
-    "users",
-    "articles",
-    "engagements",
-    "impressions",
-    "follows",
-    "topic_follows",
-    "blocks",
-    "mutes",
-    "muted_keywords",
-    "deleted_posts",
-]
-# Warehouses built before tombstones existed have no deleted_posts table: read as empty.
-OPTIONAL_TABLES = ("deleted_posts",)
 MODEL_DEPS = ["promoted_ranker", "article_vectors"]
 
 
@@ -117,47 +95,6 @@ def _shard_path(shard: str) -> Path:
     return shard_path(shard_dir(), shard)
 
 
-def _feed_models(
-    context: dg.AssetExecutionContext,
-    tables: dict[str, pl.DataFrame],
-    models: ModelStoreResource,
-    lancedb: LanceDBResource,
-) -> tuple[Retriever, Scorer, dict[str, str]]:
-    """The promoted ranker and two-tower + LanceDB retrieval; the table-based fallbacks
-    (and a warning) while no model has been promoted or the vector table does not exist.
-
-    A vector table that exists but cannot be read fails the run (VectorTableError, naming
-    the table): quietly serving fallback feeds in place of the models' would be a quality
-    drop no check downstream sees, whereas a missing table is the normal state before the
-    first article_vectors run."""
-    store = models.store()
-    ranker_v, tower_v = store.promoted(RANKER), store.promoted(TWO_TOWER)
-    table = None
-    if ranker_v is not None and tower_v is not None:
-        try:
-            table = open_verified(lancedb.resolved_uri(), lancedb.table)
-        except FileNotFoundError as exc:
-            context.log.warning(f"{exc}: rematerialise article_vectors")
-    if ranker_v is None or tower_v is None or table is None:
-        context.log.warning("no promoted models or vector table yet: using table fallbacks")
-        return (
-            PopularityRetriever.from_tables(tables),
-            TopicAffinityScorer.from_tables(tables),
-            {"model_version": "fallback", "vector_table_version": "none"},
-        )
-    ranker = load_ranker(*store.load(RANKER, ranker_v))
-    tower = load_two_tower(*store.load(TWO_TOWER, tower_v))
-    ctx = serving_context(tables, serving_features(ranker.cfg.features))
-    return (
-        TwoTowerRetriever(tower, ctx, table),
-        RankerScorer(ranker, ctx),
-        {
-            "model_version": f"ranker:{ranker_v},two_tower:{tower_v}",
-            "vector_table_version": str(table.version),
-        },
-    )
-
-
 @dg.asset(
     group_name="feeds",
     partitions_def=user_shards,
@@ -182,7 +119,9 @@ def user_feeds(
         candidate_window(tables), config.candidate_window_hours, config.no_candidate_window
     )
     user_ids = users_in_shard(tables["users"], shard, N_SHARDS)
-    retriever, scorer, versions = _feed_models(context, tables, models, lancedb)
+    retriever, scorer, versions = feed_models(
+        tables, models.store(), lancedb.resolved_uri(), lancedb.table, context.log.warning
+    )
     served = read_served(serving_path()) if config.exclude_previously_served else None
     # Raises NoCandidatesError before anything is written when the window misses the data.
     with fail_fast(), torch_threads(config.torch_threads):

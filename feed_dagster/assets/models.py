@@ -4,24 +4,21 @@ import json
 from pathlib import Path
 
 import dagster as dg
-import numpy as np
 import polars as pl
 from pydantic import Field
 
-from feed_dagster.assets.embeddings import read_embeddings
 from feed_dagster.assets.retry import IO_RETRY, fail_fast
-from feed_dagster.data.sources import world_from_tables
+from feed_dagster.data.world_tables import world_from_tables
+from feed_dagster.embeddings.stored import content_vectors
 from feed_dagster.memory import StepMemory
 from feed_dagster.models.budget import TrainingBudget, read_training_tables
 from feed_dagster.models.evaluate import evaluate_models, evaluation_chart, training_curves
-from feed_dagster.models.features import FeatureConfig
 from feed_dagster.models.promotion import promotion_decision
 from feed_dagster.models.ranker import load_ranker
-from feed_dagster.models.serve import ServingContext
 from feed_dagster.models.train import prepare_and_train
 from feed_dagster.models.two_tower import load_two_tower
+from feed_dagster.paths import RANKER, TWO_TOWER, candidate_file, data_root, warehouse_path
 from feed_dagster.plots import markdown_table, png_bytes_markdown
-from feed_dagster.resources.storage import data_root, warehouse_path
 from feed_dagster.resources.stores import ModelStoreResource
 from feed_dagster.resources.warehouse import WAREHOUSE_POOL
 
@@ -35,47 +32,10 @@ MODEL_TABLES = [
     "follows",
     "topic_follows",
 ]
-TWO_TOWER, RANKER = "two_tower", "ranker"
-
-
-def content_vectors(articles: pl.DataFrame) -> np.ndarray:
-    """The stored content vector of every article, in the order of `articles`."""
-    emb = read_embeddings().select("article_id", "vector")
-    joined = articles.select("article_id").join(
-        emb, on="article_id", how="left", maintain_order="left"
-    )
-    missing = joined.filter(pl.col("vector").is_null())
-    if missing.height:
-        raise ValueError(
-            f"{missing.height} articles have no content vector (e.g. "
-            f"{missing['article_id'].head(5).to_list()}): rematerialise article_embeddings"
-        )
-    dim = emb.schema["vector"].size
-    return joined["vector"].to_numpy().reshape(len(joined), dim).astype(np.float32)
-
-
-def serving_context(tables: dict[str, pl.DataFrame], features: FeatureConfig) -> ServingContext:
-    """The models' serving inputs from warehouse tables and the stored content vectors."""
-    articles = tables["articles"]
-    return ServingContext.build(
-        articles,
-        content_vectors(articles),
-        tables["engagements"],
-        tables["follows"],
-        tables["topic_follows"],
-        features,
-        peers_dir=data_root() / "models" / "serving_peers",
-        impressions=tables.get("impressions"),
-    )
 
 
 def evaluation_dir() -> Path:
     return data_root() / "models" / "evaluations"
-
-
-def candidate_file() -> Path:
-    """The ranker version the latest training produced, awaiting the promotion gate."""
-    return data_root() / "models" / "ranker_candidate.json"
 
 
 class TrainingBudgetConfig(dg.Config):

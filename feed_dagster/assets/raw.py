@@ -3,7 +3,7 @@
 import dagster as dg
 import polars as pl
 
-from feed_dagster.data.sources import world_info
+from feed_dagster.data.world_tables import world_info
 from feed_dagster.resources.source import SourceResource
 from feed_dagster.resources.warehouse import WAREHOUSE_POOL
 

@@ -6,12 +6,12 @@ import dagster as dg
 import numpy as np
 import polars as pl
 
-from feed_dagster.assets.models import TWO_TOWER, candidate_file, serving_context
 from feed_dagster.assets.retry import IO_RETRY
 from feed_dagster.data.warehouse import read_tables
+from feed_dagster.feeds.model_backends import serving_context
 from feed_dagster.models.serve import item_vectors_of
 from feed_dagster.models.two_tower import load_two_tower
-from feed_dagster.resources.storage import warehouse_path
+from feed_dagster.paths import TWO_TOWER, candidate_file, warehouse_path
 from feed_dagster.resources.stores import LanceDBResource, ModelStoreResource
 from feed_dagster.vectors import (
     DEFAULT_INDEX_THRESHOLD,

@@ -109,6 +109,24 @@ TABLE_SCHEMAS: dict[str, dict[str, pl.DataType]] = {
     "deleted_posts": DELETED_POSTS,
 }
 
+# One predicted probability column per action, in ACTIONS order: scorers fill them, served
+# feeds carry them.
+ACTION_COLUMNS: tuple[str, ...] = tuple(f"p_{a}" for a in ACTIONS)
+# A served feed row: what the pipeline's selector returns, a shard file holds and the serving
+# file publishes. It lives here, beside the tables, so that the pipeline and serving both read
+# it without serving depending on the pipeline.
+FEED_SCHEMA: dict[str, pl.DataType] = {
+    "user_id": pl.Int64(),
+    "position": pl.Int32(),
+    "article_id": pl.Int64(),
+    "author_id": pl.Int64(),
+    "score": pl.Float64(),
+    "source": pl.String(),
+    **{c: pl.Float32() for c in ACTION_COLUMNS},
+    "dwell_seconds": pl.Float32(),
+    "reason": pl.String(),
+}
+
 
 @dataclass(frozen=True)
 class World:

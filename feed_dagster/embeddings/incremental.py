@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 import polars as pl
 
-from feed_dagster.embeddings.encoders import Encoder
+from feed_dagster.embeddings.base import Encoder
 from feed_dagster.embeddings.hashing import hash_strings
 
 # A null field must hash differently from an empty one, and fields must not run together

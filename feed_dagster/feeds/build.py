@@ -8,14 +8,32 @@ from datetime import datetime
 import numpy as np
 import polars as pl
 
+from feed_dagster.data.schema import FEED_SCHEMA
 from feed_dagster.errors import NoCandidatesError
+from feed_dagster.pipeline.candidate_sources import published_after
 from feed_dagster.pipeline.config import PipelineConfig
 from feed_dagster.pipeline.protocols import Retriever, Scorer, component_name
-from feed_dagster.pipeline.run import FEED_SCHEMA, run_pipeline
-from feed_dagster.pipeline.sources import published_after
+from feed_dagster.pipeline.run import run_pipeline
 from feed_dagster.pipeline.stages import PipelineSpec
 from feed_dagster.pipeline.stats import PipelineStats, window_hours
 from feed_dagster.pipeline.tables import Tables, candidate_window, published_between, table
+
+# The warehouse tables a feed build reads (the served feeds and their held-out evaluation).
+PIPELINE_TABLES = [
+    "world_info",
+    "users",
+    "articles",
+    "engagements",
+    "impressions",
+    "follows",
+    "topic_follows",
+    "blocks",
+    "mutes",
+    "muted_keywords",
+    "deleted_posts",
+]
+# Warehouses built before tombstones existed have no deleted_posts table: read as empty.
+OPTIONAL_TABLES = ("deleted_posts",)
 
 
 def build_feeds(

@@ -29,13 +29,13 @@ from datetime import datetime
 import numpy as np
 import polars as pl
 
-from feed_dagster.data.schema import World
+from feed_dagster.data.schema import FEED_SCHEMA, World
 from feed_dagster.feeds.quality import later_positives, recall_at_k
 from feed_dagster.pipeline.config import PipelineConfig
-from feed_dagster.pipeline.fallbacks import positive_engagements
 from feed_dagster.pipeline.protocols import RETRIEVED_SCHEMA, Retriever, Scorer, component_name
 from feed_dagster.pipeline.query import Query
-from feed_dagster.pipeline.run import FEED_SCHEMA, run_pipeline
+from feed_dagster.pipeline.run import run_pipeline
+from feed_dagster.pipeline.table_backends import positive_engagements
 from feed_dagster.pipeline.tables import (
     Tables,
     as_tables,

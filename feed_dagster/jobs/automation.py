@@ -15,9 +15,9 @@ from datetime import UTC, datetime
 import dagster as dg
 
 from feed_dagster.assets.feeds import user_shards
-from feed_dagster.data.incoming import pending_batches
+from feed_dagster.incoming import pending_batches
 from feed_dagster.jobs.ingest import ingest_incoming
-from feed_dagster.resources.storage import data_root, incoming_dir
+from feed_dagster.paths import data_root, incoming_dir
 
 FEEDS = dg.AssetSelection.assets("user_feeds")
 FEED_QUALITY = dg.AssetSelection.assets("feed_quality")

@@ -3,8 +3,8 @@ warehouse and refreshes the readers' safety list."""
 
 import dagster as dg
 
-from feed_dagster.data.incoming import BatchError, ingest_batches
-from feed_dagster.resources.storage import incoming_dir, safety_path, warehouse_path
+from feed_dagster.incoming import BatchError, ingest_batches
+from feed_dagster.paths import incoming_dir, safety_path, warehouse_path
 
 
 class IngestConfig(dg.Config):

@@ -1,6 +1,7 @@
 """The candidate pipeline (core; no dagster): query hydration, sources, candidate
 hydration, filters, scoring, selection, for a batch of users at once."""
 
+from feed_dagster.data.schema import ACTION_COLUMNS, FEED_SCHEMA
 from feed_dagster.pipeline.config import (
     FilterConfig,
     PipelineConfig,
@@ -10,10 +11,9 @@ from feed_dagster.pipeline.config import (
     SelectionConfig,
     SourceConfig,
 )
-from feed_dagster.pipeline.fallbacks import PopularityRetriever, TopicAffinityScorer
-from feed_dagster.pipeline.protocols import ACTION_COLUMNS, Retriever, Scorer
+from feed_dagster.pipeline.protocols import Retriever, Scorer
 from feed_dagster.pipeline.query import Query, hydrate_query
-from feed_dagster.pipeline.run import FEED_SCHEMA, run_pipeline
+from feed_dagster.pipeline.run import run_pipeline
 from feed_dagster.pipeline.spec import DEFAULT_SPEC
 from feed_dagster.pipeline.stages import (
     Batch,
@@ -28,6 +28,7 @@ from feed_dagster.pipeline.stages import (
     Source,
 )
 from feed_dagster.pipeline.stats import PipelineStats
+from feed_dagster.pipeline.table_backends import PopularityRetriever, TopicAffinityScorer
 
 __all__ = [
     "ACTION_COLUMNS",

@@ -1,7 +1,7 @@
 """The two seams where learned models plug into the pipeline.
 
 The pipeline knows models only through these protocols, so a learned retriever or ranker
-and the table-based fallbacks in `fallbacks.py` are interchangeable.
+and the table-based fallbacks in `table_backends.py` are interchangeable.
 """
 
 from __future__ import annotations
@@ -12,12 +12,9 @@ from typing import TYPE_CHECKING, Protocol, runtime_checkable
 import numpy as np
 import polars as pl
 
-from feed_dagster.data.schema import ACTIONS
-
 if TYPE_CHECKING:
     from feed_dagster.pipeline.query import Query
 
-ACTION_COLUMNS: tuple[str, ...] = tuple(f"p_{a}" for a in ACTIONS)
 RETRIEVED_SCHEMA = {"user_id": pl.Int64, "article_id": pl.Int64, "retrieval_score": pl.Float64}
 
 

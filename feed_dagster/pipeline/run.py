@@ -15,10 +15,10 @@ import numpy as np
 import polars as pl
 
 from feed_dagster.data.schema import World
+from feed_dagster.pipeline.candidate_sources import CANDIDATE_SCHEMA
 from feed_dagster.pipeline.config import PipelineConfig
 from feed_dagster.pipeline.protocols import Retriever, Scorer, component_name
-from feed_dagster.pipeline.selection import FEED_SCHEMA, IN_NETWORK
-from feed_dagster.pipeline.sources import CANDIDATE_SCHEMA
+from feed_dagster.pipeline.selection import IN_NETWORK
 from feed_dagster.pipeline.spec import DEFAULT_SPEC
 from feed_dagster.pipeline.stages import (
     FILTER,
@@ -36,7 +36,7 @@ from feed_dagster.pipeline.stages import (
 from feed_dagster.pipeline.stats import PipelineStats, window_hours
 from feed_dagster.pipeline.tables import Tables, as_tables, candidate_window, table
 
-__all__ = ["FEED_SCHEMA", "run_pipeline"]
+__all__ = ["run_pipeline"]
 
 # Kinds that must keep every row, and kinds that may only drop rows.
 KEEPS_ROWS = (HYDRATOR, SCORER)

@@ -24,8 +24,9 @@ import operator
 
 import polars as pl
 
+from feed_dagster.data.schema import ACTION_COLUMNS
 from feed_dagster.pipeline.config import ScoringConfig, ScoringWeights
-from feed_dagster.pipeline.protocols import ACTION_COLUMNS, Scorer, component_name
+from feed_dagster.pipeline.protocols import Scorer, component_name
 from feed_dagster.pipeline.query import Query
 from feed_dagster.pipeline.tables import pair_key, run_position
 

@@ -5,24 +5,13 @@ from __future__ import annotations
 
 import polars as pl
 
+from feed_dagster.data.schema import FEED_SCHEMA
 from feed_dagster.pipeline.config import PipelineConfig
 from feed_dagster.pipeline.hydrators import hydrate_author_handles
-from feed_dagster.pipeline.protocols import ACTION_COLUMNS
 from feed_dagster.pipeline.scoring import with_reason
 from feed_dagster.pipeline.tables import pair_key, run_position
 
 IN_NETWORK, OUT_OF_NETWORK = "in_network", "out_of_network"
-FEED_SCHEMA: dict[str, pl.DataType] = {
-    "user_id": pl.Int64(),
-    "position": pl.Int32(),
-    "article_id": pl.Int64(),
-    "author_id": pl.Int64(),
-    "score": pl.Float64(),
-    "source": pl.String(),
-    **{c: pl.Float32() for c in ACTION_COLUMNS},
-    "dwell_seconds": pl.Float32(),
-    "reason": pl.String(),
-}
 
 BEST_FIRST = (["user_id", "score", "article_id"], [False, True, False])
 

@@ -1,9 +1,9 @@
 """The built-in stages, one class each, and DEFAULT_SPEC, the pipeline every feed runs.
 
-Each class is a thin, named wrapper around the stage's logic in sources.py, hydrators.py,
-filters.py, scoring.py and selection.py, where it is tested on hand-made frames. The order
-of DEFAULT_SPEC is the reference system's (see filters.PRE_SCORING_FILTERS for why the
-filters run in theirs).
+Each class is a thin, named wrapper around the stage's logic in candidate_sources.py,
+hydrators.py, filters.py, scoring.py and selection.py, where it is tested on hand-made
+frames. The order of DEFAULT_SPEC is the reference system's (see filters.PRE_SCORING_FILTERS
+for why the filters run in theirs).
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import polars as pl
 
+from feed_dagster.pipeline.candidate_sources import in_network_source, out_of_network_source
 from feed_dagster.pipeline.filters import PRE_SCORING_FILTERS, FilterFn
 from feed_dagster.pipeline.hydrators import hydrate_core_data
 from feed_dagster.pipeline.query import Query, hydrate_query
@@ -22,7 +23,6 @@ from feed_dagster.pipeline.scoring import (
     weighted_score,
 )
 from feed_dagster.pipeline.selection import dedupe_conversations, finalise, select_top_k, serve
-from feed_dagster.pipeline.sources import in_network_source, out_of_network_source
 from feed_dagster.pipeline.stages import (
     Batch,
     CandidateHydrator,

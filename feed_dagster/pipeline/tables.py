@@ -9,7 +9,7 @@ import numpy as np
 import polars as pl
 
 from feed_dagster.data.schema import DEFAULT_CANDIDATE_WINDOW, TABLE_SCHEMAS, World
-from feed_dagster.data.sources import window_from_info
+from feed_dagster.data.world_tables import window_from_info
 from feed_dagster.errors import DataValidationError
 
 Tables = Mapping[str, pl.DataFrame]

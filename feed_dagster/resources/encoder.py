@@ -2,7 +2,8 @@
 
 import dagster as dg
 
-from feed_dagster.embeddings.encoders import Encoder, make_encoder
+from feed_dagster.embeddings.base import Encoder
+from feed_dagster.embeddings.encoders import make_encoder
 
 
 class EncoderResource(dg.ConfigurableResource):

@@ -4,10 +4,10 @@ import os
 
 import dagster as dg
 
-from feed_dagster.data.incoming import replay_done
 from feed_dagster.data.schema import World
-from feed_dagster.data.sources import SourceSpec, load_source
-from feed_dagster.resources.storage import incoming_dir
+from feed_dagster.incoming import replay_done
+from feed_dagster.paths import incoming_dir
+from feed_dagster.sources import SourceSpec, load_source
 
 
 class SourceResource(dg.ConfigurableResource):

@@ -3,7 +3,7 @@
 import dagster as dg
 
 from feed_dagster.models.store import ModelStore
-from feed_dagster.resources.storage import data_root
+from feed_dagster.paths import data_root
 
 
 class ModelStoreResource(dg.ConfigurableResource):

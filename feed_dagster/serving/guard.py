@@ -30,8 +30,8 @@ from typing import Any
 
 import polars as pl
 
-from feed_dagster.data.sources import window_from_info
 from feed_dagster.data.warehouse import connect_read_only
+from feed_dagster.data.world_tables import window_from_info
 
 
 @dataclass(frozen=True)

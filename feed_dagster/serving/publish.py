@@ -34,8 +34,8 @@ import duckdb
 import polars as pl
 
 from feed_dagster.atomic import TMP_MARKER, remove_temp, replace_atomically, temp_path_beside
+from feed_dagster.data.schema import FEED_SCHEMA
 from feed_dagster.errors import DataValidationError
-from feed_dagster.pipeline.run import FEED_SCHEMA
 from feed_dagster.pipeline.tables import naive_utc
 
 FEED_COLUMNS: tuple[str, ...] = tuple(FEED_SCHEMA)

@@ -25,8 +25,8 @@ import numpy as np
 import polars as pl
 
 from feed_dagster.data.schema import ACTIONS
-from feed_dagster.resources.storage import serving_path
-from feed_dagster.serving.safety import SafetyCache, SafetyList, safety_path_for
+from feed_dagster.paths import safety_path_for, serving_path
+from feed_dagster.serving.safety import SafetyCache, SafetyList
 
 ALIAS = "serving"
 # DuckDB buffer pool of a reader. Lookups of random users over a 2 GB file run ~1.4x

@@ -46,15 +46,9 @@ import polars as pl
 
 from feed_dagster.atomic import replace_atomically, temp_path_beside
 from feed_dagster.errors import DataValidationError
+from feed_dagster.paths import SAFETY_SUFFIX
 
 SAFETY_SCHEMA = {"kind": pl.String, "user_id": pl.Int64, "target_id": pl.Int64}
-SAFETY_SUFFIX = ".safety.parquet"
-
-
-def safety_path_for(serving_path: str | Path) -> Path:
-    """Where the safety list of a serving file lives: `feeds.duckdb` -> `feeds.safety.parquet`."""
-    serving_path = Path(serving_path)
-    return serving_path.with_name(serving_path.stem + SAFETY_SUFFIX)
 
 
 # Every tombstone, every repost of a tombstoned post, every block and mute in the warehouse.

@@ -18,6 +18,7 @@ Everything is vectorised numpy; the only Python loops run over batches and topic
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 import numpy as np
@@ -351,28 +352,15 @@ def _impressions(
     say: Callable[[str], None],
 ) -> tuple[pl.DataFrame, pl.DataFrame, pl.DataFrame]:
     """Impressions, engagements and held-out truth, built chunk by chunk as canonical frames
-    so that peak memory stays near the size of the final tables."""
+    so that peak memory stays near the size of the final tables.
+
+    The random draws happen in a fixed order (sessions, then per chunk: slate slots from
+    `rng`, actions from `rng_truth`), so a seed gives the same world."""
     n_users, slate = cfg.n_users, cfg.slate_size
-    follower, followee, _ = follows
-    follow_keys = follower * n_users + followee  # sorted: edges come out of np.unique
-    follow_off = np.searchsorted(follower, np.arange(n_users + 1))
-    out_deg = np.diff(follow_off)
-
-    # Sessions: each user's count follows its activity; times uniform after the first 6 h.
-    counts = rng.poisson(users["activity"] * cfg.sessions_per_user_day * cfg.days)
-    s_user = np.repeat(np.arange(n_users), counts)
-    s_time = rng.integers(6 * HOUR, span, size=len(s_user))
-    order = np.argsort(s_time, kind="stable")
-    s_user, s_time = s_user[order], s_time[order]
+    follow_keys = follows[0] * n_users + follows[1]  # sorted: edges come out of np.unique
+    s_user, s_time = _sessions(cfg, users, span, rng)
     n_sessions = len(s_user)
-
-    # Lookup keys: posts by (author, time) and (topic, time), for range picks of recent posts.
-    ptime = posts["time"].astype(np.int64)
-    by_author = np.lexsort((ptime, posts["author"]))
-    author_keys = posts["author"][by_author].astype(np.int64) * span + ptime[by_author]
-    by_topic = np.lexsort((ptime, posts["topic"]))
-    topic_keys = posts["topic"][by_topic].astype(np.int64) * span + ptime[by_topic]
-    interest_cum = np.cumsum(users["interest"], axis=1)
+    lookups = _slate_lookups(users, follows, posts, span, n_users)
 
     imp_parts: list[pl.DataFrame] = []
     eng_parts: list[pl.DataFrame] = []
@@ -380,38 +368,7 @@ def _impressions(
     chunk = max(1, 2_000_000 // slate)
     for c0 in range(0, n_sessions, chunk):
         sess = np.arange(c0, min(n_sessions, c0 + chunk))
-        u = np.repeat(s_user[sess], slate)
-        t = np.repeat(s_time[sess], slate).astype(np.int64)
-        sid = np.repeat(sess, slate)
-        m = len(u)
-        src = rng.random(m)
-        post = np.full(m, -1, dtype=np.int64)
-        # In-network slots: a random followee's post from the last 48 h.
-        innet = (src < cfg.in_network_share) & (out_deg[u] > 0)
-        k = follow_off[u[innet]] + (rng.random(int(innet.sum())) * out_deg[u[innet]]).astype(
-            np.int64
-        )
-        a = followee[k]
-        pos = _range_pick(author_keys, a * span + _recent_from(t[innet]), a * span + t[innet], rng)
-        post[innet] = np.where(pos >= 0, by_author[np.maximum(pos, 0)], -1)
-        # Topic slots: a recent post from a topic drawn from the user's interests.
-        topical = (post < 0) & (src < 0.8)
-        r = rng.random(int(topical.sum()))[:, None] * interest_cum[u[topical], -1:]
-        tp = (interest_cum[u[topical]] < r).sum(axis=1).clip(0, N_TOPICS - 1).astype(np.int64)
-        pos = _range_pick(
-            topic_keys, tp * span + _recent_from(t[topical]), tp * span + t[topical], rng
-        )
-        post[topical] = np.where(pos >= 0, by_topic[np.maximum(pos, 0)], -1)
-        # Remaining slots: anything recent.
-        rest = post < 0
-        pos = _range_pick(ptime, t[rest] - RECENT_SECONDS, t[rest], rng)
-        post[rest] = pos
-        ok = (post >= 0) & (posts["author"][np.maximum(post, 0)] != u)
-        u, t, sid, post = u[ok], t[ok], sid[ok], post[ok]
-        # One row per (session, post): drop repeats inside a slate.
-        _, first = np.unique(sid * cfg.n_posts + post, return_index=True)
-        first.sort()
-        u, t, sid, post = u[first], t[first], sid[first], post[first]
+        u, t, sid, post = _fill_slates(cfg, lookups, posts, s_user[sess], s_time[sess], sess, rng)
         position = _rank_within(sid)
         imp_parts.append(
             conform(
@@ -429,57 +386,182 @@ def _impressions(
             )
         )
         probs, dwell_mean = _truth(users, posts, follow_keys, n_users, u, post, t, position)
-        draws = {a: rng_truth.random(len(u)) < probs[a] for a in ACTIONS}
-        any_action = np.zeros(len(u), dtype=bool)
-        for a in ACTIONS:
-            any_action |= draws[a]
-        dwell = np.where(draws["click"], rng_truth.lognormal(np.log(dwell_mean), 0.6), 0.0).astype(
-            np.float32
-        )
-        e = np.flatnonzero(any_action)
-        delay = rng_truth.integers(1, 120, size=len(e))
-        eng_parts.append(
-            conform(
-                "engagements",
-                pl.DataFrame(
-                    {
-                        "user_id": u[e],
-                        "article_id": post[e],
-                        "impression_id": sid[e],
-                        "engaged_at": ts(np.minimum(t[e] + delay, span - 1)),
-                        **{a: draws[a][e] for a in ACTIONS},
-                        "dwell_seconds": dwell[e],
-                    }
-                ),
-            )
-        )
-        h = np.flatnonzero(t >= heldout_from)
-        if len(h):
-            truth_parts.append(
-                conform(
-                    "impression_truth",
-                    pl.DataFrame(
-                        {
-                            "impression_id": sid[h],
-                            "article_id": post[h],
-                            **{f"true_p_{a}": probs[a][h] for a in ACTIONS},
-                            "true_dwell_seconds": probs["click"][h] * dwell_mean[h],
-                        }
-                    ),
-                )
-            )
+        eng_parts.append(_draw_engagements(u, t, sid, post, probs, dwell_mean, span, rng_truth, ts))
+        truth = _heldout_truth(t, sid, post, probs, dwell_mean, heldout_from)
+        if truth is not None:
+            truth_parts.append(truth)
         say(f"sessions {min(n_sessions, c0 + chunk):,}/{n_sessions:,}")
 
-    def cat(name: str, parts: list[pl.DataFrame]) -> pl.DataFrame:
-        if not parts:
-            return pl.DataFrame(schema=TABLE_SCHEMAS[name])
-        return pl.concat(parts, rechunk=False)
-
     return (
-        cat("impressions", imp_parts),
-        cat("engagements", eng_parts),
-        cat("impression_truth", truth_parts),
+        _concat("impressions", imp_parts),
+        _concat("engagements", eng_parts),
+        _concat("impression_truth", truth_parts),
     )
+
+
+def _sessions(
+    cfg: WorldConfig, users: dict[str, np.ndarray], span: int, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
+    """(user, time) of every session in time order: each user's count follows its activity;
+    times uniform after the first 6 h."""
+    counts = rng.poisson(users["activity"] * cfg.sessions_per_user_day * cfg.days)
+    s_user = np.repeat(np.arange(cfg.n_users), counts)
+    s_time = rng.integers(6 * HOUR, span, size=len(s_user))
+    order = np.argsort(s_time, kind="stable")
+    return s_user[order], s_time[order]
+
+
+@dataclass(frozen=True)
+class _SlateLookups:
+    """Sorted keys the slot picks search: each user's followees, posts by (author, time) and
+    by (topic, time), and the users' cumulative topic interests."""
+
+    followee: np.ndarray
+    follow_off: np.ndarray
+    out_deg: np.ndarray
+    by_author: np.ndarray
+    author_keys: np.ndarray
+    by_topic: np.ndarray
+    topic_keys: np.ndarray
+    interest_cum: np.ndarray
+    span: int
+
+
+def _slate_lookups(
+    users: dict[str, np.ndarray],
+    follows: tuple[np.ndarray, np.ndarray, np.ndarray],
+    posts: dict[str, np.ndarray],
+    span: int,
+    n_users: int,
+) -> _SlateLookups:
+    follower, followee, _ = follows
+    follow_off = np.searchsorted(follower, np.arange(n_users + 1))
+    ptime = posts["time"].astype(np.int64)
+    by_author = np.lexsort((ptime, posts["author"]))
+    by_topic = np.lexsort((ptime, posts["topic"]))
+    return _SlateLookups(
+        followee=followee,
+        follow_off=follow_off,
+        out_deg=np.diff(follow_off),
+        by_author=by_author,
+        author_keys=posts["author"][by_author].astype(np.int64) * span + ptime[by_author],
+        by_topic=by_topic,
+        topic_keys=posts["topic"][by_topic].astype(np.int64) * span + ptime[by_topic],
+        interest_cum=np.cumsum(users["interest"], axis=1),
+        span=span,
+    )
+
+
+def _fill_slates(
+    cfg: WorldConfig,
+    lk: _SlateLookups,
+    posts: dict[str, np.ndarray],
+    session_user: np.ndarray,
+    session_time: np.ndarray,
+    sess: np.ndarray,
+    rng: np.random.Generator,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(user, time, session id, post) of every shown slot of these sessions, in slate order,
+    without own posts and without repeats inside a slate."""
+    slate, span = cfg.slate_size, lk.span
+    u = np.repeat(session_user, slate)
+    t = np.repeat(session_time, slate).astype(np.int64)
+    sid = np.repeat(sess, slate)
+    m = len(u)
+    src = rng.random(m)
+    post = np.full(m, -1, dtype=np.int64)
+    # In-network slots: a random followee's post from the last 48 h.
+    innet = (src < cfg.in_network_share) & (lk.out_deg[u] > 0)
+    k = lk.follow_off[u[innet]] + (rng.random(int(innet.sum())) * lk.out_deg[u[innet]]).astype(
+        np.int64
+    )
+    a = lk.followee[k]
+    pos = _range_pick(lk.author_keys, a * span + _recent_from(t[innet]), a * span + t[innet], rng)
+    post[innet] = np.where(pos >= 0, lk.by_author[np.maximum(pos, 0)], -1)
+    # Topic slots: a recent post from a topic drawn from the user's interests.
+    topical = (post < 0) & (src < 0.8)
+    r = rng.random(int(topical.sum()))[:, None] * lk.interest_cum[u[topical], -1:]
+    tp = (lk.interest_cum[u[topical]] < r).sum(axis=1).clip(0, N_TOPICS - 1).astype(np.int64)
+    pos = _range_pick(
+        lk.topic_keys, tp * span + _recent_from(t[topical]), tp * span + t[topical], rng
+    )
+    post[topical] = np.where(pos >= 0, lk.by_topic[np.maximum(pos, 0)], -1)
+    # Remaining slots: anything recent.
+    rest = post < 0
+    post[rest] = _range_pick(posts["time"].astype(np.int64), t[rest] - RECENT_SECONDS, t[rest], rng)
+    ok = (post >= 0) & (posts["author"][np.maximum(post, 0)] != u)
+    u, t, sid, post = u[ok], t[ok], sid[ok], post[ok]
+    # One row per (session, post): drop repeats inside a slate.
+    _, first = np.unique(sid * cfg.n_posts + post, return_index=True)
+    first.sort()
+    return u[first], t[first], sid[first], post[first]
+
+
+def _draw_engagements(
+    u: np.ndarray,
+    t: np.ndarray,
+    sid: np.ndarray,
+    post: np.ndarray,
+    probs: dict[str, np.ndarray],
+    dwell_mean: np.ndarray,
+    span: int,
+    rng_truth: np.random.Generator,
+    ts: Callable[[np.ndarray], pl.Series],
+) -> pl.DataFrame:
+    """Actions drawn from the hidden truth: one engagement row per impression with any."""
+    draws = {a: rng_truth.random(len(u)) < probs[a] for a in ACTIONS}
+    any_action = np.zeros(len(u), dtype=bool)
+    for a in ACTIONS:
+        any_action |= draws[a]
+    dwell = np.where(draws["click"], rng_truth.lognormal(np.log(dwell_mean), 0.6), 0.0).astype(
+        np.float32
+    )
+    e = np.flatnonzero(any_action)
+    delay = rng_truth.integers(1, 120, size=len(e))
+    return conform(
+        "engagements",
+        pl.DataFrame(
+            {
+                "user_id": u[e],
+                "article_id": post[e],
+                "impression_id": sid[e],
+                "engaged_at": ts(np.minimum(t[e] + delay, span - 1)),
+                **{a: draws[a][e] for a in ACTIONS},
+                "dwell_seconds": dwell[e],
+            }
+        ),
+    )
+
+
+def _heldout_truth(
+    t: np.ndarray,
+    sid: np.ndarray,
+    post: np.ndarray,
+    probs: dict[str, np.ndarray],
+    dwell_mean: np.ndarray,
+    heldout_from: int,
+) -> pl.DataFrame | None:
+    """The true probabilities of the held-out impressions (None when the chunk has none)."""
+    h = np.flatnonzero(t >= heldout_from)
+    if not len(h):
+        return None
+    return conform(
+        "impression_truth",
+        pl.DataFrame(
+            {
+                "impression_id": sid[h],
+                "article_id": post[h],
+                **{f"true_p_{a}": probs[a][h] for a in ACTIONS},
+                "true_dwell_seconds": probs["click"][h] * dwell_mean[h],
+            }
+        ),
+    )
+
+
+def _concat(name: str, parts: list[pl.DataFrame]) -> pl.DataFrame:
+    if not parts:
+        return pl.DataFrame(schema=TABLE_SCHEMAS[name])
+    return pl.concat(parts, rechunk=False)
 
 
 def _recent_from(t: np.ndarray) -> np.ndarray:

@@ -1,13 +1,11 @@
-"""Choosing and loading a data source by one setting (core; no dagster).
+"""A world as tables: the one-row world_info, a Parquet folder of canonical tables (read with
+full validation, or written), and a World rebuilt from warehouse tables (core; no dagster).
 
-A source spec is a string: `synthetic` / `synthetic:demo` (the embedded world at a scale),
-`ebnerd:/path/to/ebnerd_small` (a folder or the official zip), or `parquet:/path/to/folder`
-(canonical tables as `<table>.parquet` files, plus `world_info.parquet`).
+Choosing a source by its spec string lives one layer up, in `feed_dagster/sources.py`.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 
@@ -24,50 +22,6 @@ from feed_dagster.data.validate import (
     read_parquet,
 )
 from feed_dagster.errors import DataValidationError
-
-SOURCE_KINDS = ("synthetic", "ebnerd", "parquet")
-
-
-@dataclass(frozen=True)
-class SourceSpec:
-    kind: str
-    scale: str = "demo"
-    path: str | None = None
-    seed: int = 0
-
-    @classmethod
-    def parse(cls, spec: str, seed: int = 0) -> SourceSpec:
-        kind, _, arg = spec.partition(":")
-        kind = kind.strip().lower()
-        if kind not in SOURCE_KINDS:
-            raise ValueError(f"unknown source {spec!r}: expected one of {SOURCE_KINDS}")
-        if kind == "synthetic":
-            return cls(kind, scale=arg or "demo", seed=seed)
-        if not arg:
-            raise ValueError(f"source {spec!r} needs a path, e.g. '{kind}:/data/ebnerd_small'")
-        return cls(kind, path=arg, seed=seed)
-
-    def describe(self) -> str:
-        return (
-            f"synthetic:{self.scale} (seed {self.seed})"
-            if self.kind == "synthetic"
-            else (f"{self.kind}:{self.path}")
-        )
-
-
-def load_source(spec: SourceSpec) -> World:
-    if spec.kind == "synthetic":
-        from feed_dagster.world import generate_world, world_config
-        from feed_dagster.world.catalog import CATALOG_SCALES, catalog_config, generate_catalog
-
-        if spec.scale in CATALOG_SCALES:
-            return generate_catalog(catalog_config(spec.scale, seed=spec.seed))
-        return generate_world(world_config(spec.scale, seed=spec.seed))
-    if spec.kind == "ebnerd":
-        from feed_dagster.ebnerd.load import load_ebnerd
-
-        return load_ebnerd(spec.path)
-    return load_parquet_world(Path(spec.path))
 
 
 def world_info(world: World, source: str) -> pl.DataFrame:

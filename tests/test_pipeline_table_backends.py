@@ -7,13 +7,14 @@ from datetime import timedelta
 import numpy as np
 import polars as pl
 
-from feed_dagster.pipeline.fallbacks import (
+from feed_dagster.data.schema import ACTION_COLUMNS
+from feed_dagster.pipeline.protocols import Retriever, Scorer
+from feed_dagster.pipeline.query import hydrate_query
+from feed_dagster.pipeline.table_backends import (
     PopularityRetriever,
     TopicAffinityScorer,
     positive_engagements,
 )
-from feed_dagster.pipeline.protocols import ACTION_COLUMNS, Retriever, Scorer
-from feed_dagster.pipeline.query import hydrate_query
 
 
 def test_popularity_retriever_window_k_exclusions_determinism(tiny_world) -> None:

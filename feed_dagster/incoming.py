@@ -27,6 +27,9 @@ readers drop those posts and authors, and the posts a user has just engaged with
 next lookup on, before any feed refresh. Committed batches in `done/` are
 replayed on top of the source when the raw tables are rebuilt, so a full rebuild never
 loses ingested activity or deletions.
+
+Because it writes both the warehouse and the serving side's safety list, this module sits
+above `data` and `serving` (see tests/test_layers.py), not inside `data`.
 """
 
 from __future__ import annotations
@@ -47,6 +50,12 @@ from feed_dagster.data.validate import (
     read_parquet,
 )
 from feed_dagster.errors import DataValidationError
+from feed_dagster.serving.safety import (
+    build_safety_file,
+    publish_safety_file,
+    seen_in_live_feeds,
+    serving_path_for,
+)
 
 # batch kind -> warehouse table
 BATCH_TABLES = {
@@ -249,13 +258,6 @@ def ingest_batches(
     rewrites the safety list there (built inside the transaction, renamed into place after
     the commit).
     """
-    from feed_dagster.serving.safety import (
-        build_safety_file,
-        publish_safety_file,
-        seen_in_live_feeds,
-        serving_path_for,
-    )
-
     report = IngestReport()
     if not files:
         return report

@@ -9,7 +9,7 @@ import polars as pl
 import pytest
 
 from feed_dagster.embeddings import LexicalEncoder
-from feed_dagster.feeds.learned import RankerScorer, TwoTowerRetriever, serving_features
+from feed_dagster.feeds.model_backends import RankerScorer, TwoTowerRetriever, serving_features
 from feed_dagster.feeds.shards import shard_of, users_in_shard
 from feed_dagster.models.features import FeatureConfig
 from feed_dagster.models.ranker import RankerConfig, build_ranker

@@ -13,6 +13,15 @@ def warehouse_path() -> Path:
     return data_root() / "warehouse.duckdb"
 
 
+# The two models' names in the model store (their directories under the store root).
+TWO_TOWER, RANKER = "two_tower", "ranker"
+
+
+def candidate_file() -> Path:
+    """The ranker version the latest training produced, awaiting the promotion gate."""
+    return data_root() / "models" / "ranker_candidate.json"
+
+
 def incoming_dir() -> Path:
     """Where new Parquet batches of posts and engagements are dropped for the sensor."""
     return data_root() / "incoming"
@@ -28,9 +37,16 @@ def serving_path() -> Path:
     return data_root() / "serving" / "feeds.duckdb"
 
 
+SAFETY_SUFFIX = ".safety.parquet"
+
+
+def safety_path_for(serving_path: str | Path) -> Path:
+    """Where the safety list of a serving file lives: `feeds.duckdb` -> `feeds.safety.parquet`."""
+    serving_path = Path(serving_path)
+    return serving_path.with_name(serving_path.stem + SAFETY_SUFFIX)
+
+
 def safety_path() -> Path:
     """Deleted posts and block/mute edges readers drop at read time, beside the serving file
     (written by the ingest; see feed_dagster/serving/safety.py)."""
-    from feed_dagster.serving.safety import safety_path_for
-
     return safety_path_for(serving_path())

@@ -1,12 +1,19 @@
-"""The learned models behind the pipeline's Retriever and Scorer protocols.
+"""The model backend of the pipeline: the trained models behind its Retriever and Scorer
+protocols, and the choice between them and the table backend.
 
 TwoTowerRetriever embeds each user's history with the user tower and searches the LanceDB
 item-tower table; RankerScorer asks the transformer ranker for per-action probabilities.
 Both read features strictly before `now` through the models' own serving code.
+`feed_models` returns this pair when both models are promoted and the vector table exists,
+and otherwise the table backend (`feed_dagster/pipeline/table_backends.py`).
+
+It lives in `feeds`, not beside the table backend in `pipeline`, because the pipeline sits
+below the models and never imports them.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any
@@ -14,14 +21,18 @@ from typing import Any
 import numpy as np
 import polars as pl
 
+from feed_dagster.embeddings.stored import content_vectors
 from feed_dagster.models.features import FeatureConfig
-from feed_dagster.models.ranker import PhoenixRanker
+from feed_dagster.models.ranker import PhoenixRanker, load_ranker
 from feed_dagster.models.serve import ServingContext, score_candidates, user_vectors_at
-from feed_dagster.models.two_tower import TwoTower
-from feed_dagster.pipeline.protocols import RETRIEVED_SCHEMA
+from feed_dagster.models.store import ModelStore
+from feed_dagster.models.two_tower import TwoTower, load_two_tower
+from feed_dagster.paths import RANKER, TWO_TOWER, data_root
+from feed_dagster.pipeline.protocols import RETRIEVED_SCHEMA, Retriever, Scorer
 from feed_dagster.pipeline.query import Query
+from feed_dagster.pipeline.table_backends import PopularityRetriever, TopicAffinityScorer
 from feed_dagster.pipeline.tables import excluded_pairs, naive_utc, published_between
-from feed_dagster.vectors import search_batch
+from feed_dagster.vectors import open_verified, search_batch
 
 # Candidates scored per context at serving time. Training groups slates by 16; at serving a
 # user has ~1,000 candidates, and with candidate isolation the grouping changes only how
@@ -139,3 +150,60 @@ class RankerScorer:
 
     def score(self, candidates: pl.DataFrame, context: Query) -> pl.DataFrame:
         return score_candidates(self.model, self.context, candidates, context.now)
+
+
+def serving_context(tables: dict[str, pl.DataFrame], features: FeatureConfig) -> ServingContext:
+    """The models' serving inputs from warehouse tables and the stored content vectors."""
+    articles = tables["articles"]
+    return ServingContext.build(
+        articles,
+        content_vectors(articles),
+        tables["engagements"],
+        tables["follows"],
+        tables["topic_follows"],
+        features,
+        peers_dir=data_root() / "models" / "serving_peers",
+        impressions=tables.get("impressions"),
+    )
+
+
+def feed_models(
+    tables: dict[str, pl.DataFrame],
+    store: ModelStore,
+    vectors_uri: str,
+    vectors_table: str,
+    warn: Callable[[str], None],
+) -> tuple[Retriever, Scorer, dict[str, str]]:
+    """The promoted ranker and two-tower + LanceDB retrieval; the table-based fallbacks
+    (and a warning through `warn`) while no model has been promoted or the vector table
+    does not exist.
+
+    A vector table that exists but cannot be read fails the run (VectorTableError, naming
+    the table): quietly serving fallback feeds in place of the models' would be a quality
+    drop no check downstream sees, whereas a missing table is the normal state before the
+    first article_vectors run."""
+    ranker_v, tower_v = store.promoted(RANKER), store.promoted(TWO_TOWER)
+    table = None
+    if ranker_v is not None and tower_v is not None:
+        try:
+            table = open_verified(vectors_uri, vectors_table)
+        except FileNotFoundError as exc:
+            warn(f"{exc}: rematerialise article_vectors")
+    if ranker_v is None or tower_v is None or table is None:
+        warn("no promoted models or vector table yet: using table fallbacks")
+        return (
+            PopularityRetriever.from_tables(tables),
+            TopicAffinityScorer.from_tables(tables),
+            {"model_version": "fallback", "vector_table_version": "none"},
+        )
+    ranker = load_ranker(*store.load(RANKER, ranker_v))
+    tower = load_two_tower(*store.load(TWO_TOWER, tower_v))
+    ctx = serving_context(tables, serving_features(ranker.cfg.features))
+    return (
+        TwoTowerRetriever(tower, ctx, table),
+        RankerScorer(ranker, ctx),
+        {
+            "model_version": f"ranker:{ranker_v},two_tower:{tower_v}",
+            "vector_table_version": str(table.version),
+        },
+    )

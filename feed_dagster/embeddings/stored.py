@@ -1,0 +1,39 @@
+"""The stored article embeddings: where the article_embeddings file lives, reading it, and
+the content vector of every article in a table's order."""
+
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+
+from feed_dagster.paths import data_root
+
+
+def embeddings_path() -> Path:
+    # A Parquet file, not a warehouse table: vectors are a bulk columnar payload that
+    # training and LanceDB read whole, and keeping them out of DuckDB means encoding never
+    # holds the warehouse's single write lock.
+    return data_root() / "embeddings" / "article_embeddings.parquet"
+
+
+def read_embeddings() -> pl.DataFrame:
+    path = embeddings_path()
+    if not path.exists():
+        raise FileNotFoundError(f"{path} is missing: materialise article_embeddings first")
+    return pl.read_parquet(path)
+
+
+def content_vectors(articles: pl.DataFrame) -> np.ndarray:
+    """The stored content vector of every article, in the order of `articles`."""
+    emb = read_embeddings().select("article_id", "vector")
+    joined = articles.select("article_id").join(
+        emb, on="article_id", how="left", maintain_order="left"
+    )
+    missing = joined.filter(pl.col("vector").is_null())
+    if missing.height:
+        raise ValueError(
+            f"{missing.height} articles have no content vector (e.g. "
+            f"{missing['article_id'].head(5).to_list()}): rematerialise article_embeddings"
+        )
+    dim = emb.schema["vector"].size
+    return joined["vector"].to_numpy().reshape(len(joined), dim).astype(np.float32)
