@@ -65,8 +65,8 @@ CORE = (
     "base",
 )
 # Shared by the asset modules and defining no asset: the retry policy and fail-fast rule
-# every step uses.
-ASSET_HELPERS = {"feed_dagster.assets.retry"}
+# every step uses, and the publish's automation condition.
+ASSET_HELPERS = {"feed_dagster.assets.retry", "feed_dagster.assets.conditions"}
 
 
 def module_name(path: Path) -> str:
