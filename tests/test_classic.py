@@ -90,11 +90,31 @@ def test_item_knn_matches_dense_cosine_with_shrink_and_top_k() -> None:
         # the k largest, ties to the lower column (stable sort of the negated row)
         top = np.argsort(-sim[i], kind="stable")[:k]
         kept[i, top] = sim[i, top]
-    assert np.allclose(peers.knn.toarray(), kept, atol=1e-6)
+    assert np.allclose(peers.knn_rows().toarray(), kept, atol=1e-6)
     expected = x @ kept.T  # score(u, i) = sum over u's items j of sim(i, j)
     u, a = all_pairs(peers.user_ids.tolist(), peers.item_ids.tolist())
     got = peers.score("item_knn", u, a).reshape(expected.shape)
     assert np.allclose(got, expected, atol=1e-5)
+
+
+def test_item_knn_rows_computed_on_demand_equal_the_full_matrix() -> None:
+    rng = np.random.default_rng(5)
+    x = rng.random((60, 40)) < 0.2
+    rows = [(int(u), int(i), T0) for u, i in zip(*np.nonzero(x), strict=True)]
+    lazy = ClassicPeers.fit(engagements(rows), CUT, methods=("item_knn",), knn_k=5)
+    full = ClassicPeers.fit(engagements(rows), CUT, methods=("item_knn",), knn_k=5)
+    expected = full.knn_rows().toarray()
+    # Scoring a few items computes their rows only, and they equal the full matrix's.
+    items = lazy.item_ids[[3, 7, 7, 20]]
+    users = lazy.user_ids[[0, 1, 2, 3]]
+    got = lazy.score("item_knn", users, items)
+    assert lazy._knn_done.sum() == 3
+    assert np.array_equal(lazy.knn.toarray()[[3, 7, 20]], expected[[3, 7, 20]])
+    assert not lazy.knn.toarray()[[0, 1, 2]].any()
+    assert np.allclose(got, full.score("item_knn", users, items))
+    # Later calls add rows without changing the earlier ones.
+    lazy.score("item_knn", lazy.user_ids[:10], lazy.item_ids[:10])
+    assert np.array_equal(lazy.knn_rows().toarray(), expected)
 
 
 def test_ease_matches_the_closed_form() -> None:

@@ -61,15 +61,22 @@ def test_exposure_counts_match_a_brute_force_count(world, catalog):
     got = engagement_profile(log, catalog, user, item, time_us)
     ex = log.exposures
     topic, author = catalog.topic[ex.item], catalog.author_id[ex.item]
+    pos = log.positive()
+    pos_author = catalog.author_id[log.item[pos]]
     for k in range(len(user)):
         before = ex.time_us < time_us[k]
         mine = before & (ex.user == user[k])
         t, a = catalog.topic[item[k]], catalog.author_id[item[k]]
-        assert _shown(got[k : k + 1], "log_shown_topic")[0] == np.sum(mine & (topic == t))
-        assert _shown(got[k : k + 1], "log_shown_author")[0] == np.sum(mine & (author == a))
-        assert _shown(got[k : k + 1], "log_shown_post")[0] == np.sum(before & (ex.item == item[k]))
+        row = got[k : k + 1]
+        assert _shown(row, "log_shown_topic")[0] == np.sum(mine & (topic == t))
+        assert _shown(row, "log_shown_author")[0] == np.sum(mine & (author == a))
+        assert _shown(row, "log_shown_post")[0] == np.sum(before & (ex.item == item[k]))
+        assert _shown(row, "log_author_everyone_shown")[0] == np.sum(before & (author == a))
+        engaged = np.sum((log.time_us[pos] < time_us[k]) & (pos_author == a))
+        assert _shown(row, "log_author_everyone")[0] == engaged
     # The counts are not trivially zero on this world.
-    assert _shown(got, "log_shown_topic").sum() > 0 and _shown(got, "log_shown_post").sum() > 0
+    for name in ("log_shown_topic", "log_shown_post", "log_author_everyone"):
+        assert _shown(got, name).sum() > 0, name
 
 
 def test_exposures_at_or_after_the_query_change_nothing(world, catalog):
@@ -115,6 +122,7 @@ def test_without_impressions_exposure_counts_are_zero(world, catalog):
     got = engagement_profile(log, catalog, user, item, time_us)
     for name in ("log_shown_topic", "log_shown_author", "log_shown_post"):
         assert not got[:, PROFILE_FEATURES.index(name)].any()
+    assert not got[:, PROFILE_FEATURES.index("log_author_everyone_shown")].any()
 
 
 def test_author_profiles_average_the_posts_before_the_cut(world, vectors):

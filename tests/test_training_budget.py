@@ -68,6 +68,9 @@ def test_a_small_budget_samples_whole_impressions_and_users(warehouse, tiny_worl
     assert held.height == all_theirs.height
     truth_ids = set(tables["impression_truth"]["impression_id"].to_list())
     assert truth_ids <= set(imp["impression_id"].to_list())
+    # Exposure counts need every impression, not the sample.
+    assert tables["exposures"].columns == ["user_id", "article_id", "shown_at"]
+    assert tables["exposures"].height == tiny_world.impressions.height > imp.height
     # Deterministic per seed; another seed draws another sample.
     again, _ = read_training_tables(warehouse, TABLES, budget)
     assert again["impressions"].equals(imp)
@@ -83,8 +86,15 @@ def test_models_train_on_a_sample_within_its_budget(warehouse, tiny_world):
     world = world_from_tables(tables, tables["world_info"])
     vectors = LexicalEncoder().encode(world.articles)
     data = prepare_training_data(
-        world, vectors, FEATURES, budget=budget, valid_start=sample.valid_start
+        world,
+        vectors,
+        FEATURES,
+        budget=budget,
+        valid_start=sample.valid_start,
+        exposures=tables["exposures"],
     )
+    # The exposure log holds every impression; the slates come from the sample.
+    assert len(data.log.exposures.user) == tiny_world.impressions.height
     assert len(data.retrieval_train) == 500  # capped, from more positives than that
     assert data.logged_groups >= 150  # long slates become several groups
     assert set(data.ranker_train.group_impression.tolist()) <= set(
@@ -105,3 +115,31 @@ def test_step_memory_reports_a_blocks_own_peak():
         del block
     assert big.peak_mib - small.peak_mib > 150
     assert big.metadata()["peak_rss_mib"] == round(big.peak_mib, 1)
+
+
+def test_heldout_sample_reads_every_heldout_impression_of_a_fixed_number_of_users(
+    warehouse, tiny_world
+):
+    from feed_dagster.data.warehouse import read_heldout_sample
+
+    names = ["world_info", "impressions", "impression_truth", "engagements"]
+    tables, sample = read_heldout_sample(warehouse, names, max_users=12, seed=0)
+    held = tiny_world.impressions.filter(pl.col("is_heldout"))
+    assert sample == {"evaluated_users": 12, "heldout_users": held["user_id"].n_unique()}
+    imp = tables["impressions"]
+    assert imp["is_heldout"].all() and imp["user_id"].n_unique() == 12
+    theirs = held.filter(pl.col("user_id").is_in(imp["user_id"].unique().implode()))
+    assert imp.height == theirs.height
+    assert set(tables["impression_truth"]["impression_id"]) <= set(imp["impression_id"])
+    assert tables["engagements"].height == tiny_world.engagements.height
+    # The same users the training budget holds out, in the same order.
+    budget_tables, _ = read_training_tables(
+        warehouse, ["impressions"], TrainingBudget(heldout_users=12)
+    )
+    budget_held = budget_tables["impressions"].filter(pl.col("is_heldout"))
+    assert set(budget_held["user_id"]) == set(imp["user_id"])
+    everyone, whole = read_heldout_sample(warehouse, ["impressions"], max_users=0)
+    assert everyone["impressions"].height == held.height
+    assert whole["evaluated_users"] == whole["heldout_users"]
+    with pytest.raises(ValueError, match="max_users"):
+        read_heldout_sample(warehouse, ["impressions"], max_users=-1)

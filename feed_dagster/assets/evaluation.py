@@ -1,38 +1,51 @@
 """Ranking baselines on the held-out impressions of any source."""
 
 import dagster as dg
-import polars as pl
+from pydantic import Field
 
+from feed_dagster.data.warehouse import read_heldout_sample
 from feed_dagster.data.world_tables import world_from_tables
 from feed_dagster.metrics.baselines import evaluate_baselines
+from feed_dagster.models.budget import TrainingBudget
+from feed_dagster.paths import warehouse_path
 from feed_dagster.plots import markdown_table, metric_bars
+from feed_dagster.resources.warehouse import WAREHOUSE_POOL
+
+EVALUATION_TABLES = ["world_info", "impressions", "engagements", "articles", "follows"]
 
 
-@dg.asset(group_name="evaluation", kinds={"duckdb", "polars"}, pool="warehouse")
-def impressions_evaluation(
-    world_info: pl.DataFrame,
-    impressions: pl.DataFrame,
-    engagements: pl.DataFrame,
-    articles: pl.DataFrame,
-    follows: pl.DataFrame,
-):
-    """AUC, MRR and nDCG@5/10 of the non-learned baselines on held-out impressions, scored
-    as the EBNeRD benchmark does (label = inview article clicked), with no future leakage."""
-    world = world_from_tables(
-        {
-            "impressions": impressions,
-            "engagements": engagements,
-            "articles": articles,
-            "follows": follows,
-        },
-        world_info,
+class EvaluationConfig(dg.Config):
+    max_users: int = Field(
+        default=TrainingBudget().heldout_users,
+        ge=0,
+        description="Held-out users evaluated: a seeded random sample of this many (the "
+        "training budget's held-out users); 0 evaluates every user.",
     )
+    seed: int = Field(default=0, description="Seed of the user sample.")
+
+
+@dg.asset(
+    group_name="evaluation",
+    kinds={"duckdb", "polars"},
+    pool=WAREHOUSE_POOL,
+    deps=EVALUATION_TABLES,
+)
+def impressions_evaluation(config: EvaluationConfig):
+    """AUC, MRR and nDCG@5/10 of the non-learned baselines on held-out impressions, scored
+    as the EBNeRD benchmark does (label = inview article clicked), with no future leakage.
+    Only the sampled users' held-out impressions are read (SQL), so the step's cost follows
+    the sample, not the world."""
+    tables, sample = read_heldout_sample(
+        warehouse_path(), EVALUATION_TABLES, config.max_users, config.seed
+    )
+    world = world_from_tables(tables, tables["world_info"])
     table = evaluate_baselines(world, heldout_only=True)
     return dg.Output(
         table,
         metadata={
             "dagster/row_count": table.height,
             "heldout_impressions": int(table["n_impressions"].max()) if table.height else 0,
+            **sample,
             "metrics": dg.MetadataValue.md(markdown_table(table)),
             "chart": dg.MetadataValue.md(
                 metric_bars(table, "baseline", ["auc", "mrr", "ndcg@10"], "Baselines (held out)")

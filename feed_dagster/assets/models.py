@@ -113,7 +113,11 @@ def trained_models(
     context.log.info(f"training sample (budget {budget.to_dict()}): {sample.summary()}")
     world = world_from_tables(tables, tables["world_info"])
     data, tt, rk = prepare_and_train(
-        world, content_vectors(world.articles), budget=budget, valid_start=sample.valid_start
+        world,
+        content_vectors(world.articles),
+        budget=budget,
+        valid_start=sample.valid_start,
+        exposures=tables["exposures"],
     )
     context.log.info(
         f"training data: {data.logged_groups:,} logged slates + "

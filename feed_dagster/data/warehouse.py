@@ -50,3 +50,50 @@ def read_tables(
         }
     finally:
         con.close()
+
+
+# Held-out users in a seeded random order (the same order models.budget samples them in).
+_HELDOUT_USERS_SQL = """
+select user_id from (select distinct user_id from main.impressions where is_heldout)
+order by hash(user_id, $seed), user_id
+"""
+
+
+def read_heldout_sample(
+    path: Path, names: list[str], max_users: int, seed: int = 0
+) -> tuple[dict[str, pl.DataFrame], dict[str, int]]:
+    """Tables `names` for a held-out evaluation, read in one session: `impressions` (and
+    `impression_truth`) are the held-out impressions of a seeded random sample of at most
+    `max_users` users (every user when `max_users` is 0); other tables are read whole.
+
+    Returns (tables, {"evaluated_users", "heldout_users"}): per-user metrics on a fixed-size
+    sample stay comparable across world sizes, and the sample size goes in the metadata."""
+    if max_users < 0:
+        raise ValueError(f"max_users must be >= 0 (0 = every user), got {max_users}")
+    con = connect_read_only(path)
+    try:
+        con.execute("set enable_progress_bar = false")
+        con.execute(f"create temp table _users as {_HELDOUT_USERS_SQL}", {"seed": seed})
+        available = con.execute("select count(*) from _users").fetchone()[0]
+        if max_users:
+            con.execute(f"create or replace temp table _users as from _users limit {max_users}")
+        sampled = con.execute("select count(*) from _users").fetchone()[0]
+        tables = {}
+        for name in names:
+            if name == "impressions":
+                query = (
+                    "select * from main.impressions where is_heldout "
+                    "and user_id in (select user_id from _users)"
+                )
+            elif name == "impression_truth":
+                query = (
+                    "select t.* from main.impression_truth t semi join "
+                    "(select impression_id from main.impressions where is_heldout and "
+                    "user_id in (select user_id from _users)) using (impression_id)"
+                )
+            else:
+                query = f'select * from main."{name}"'
+            tables[name] = con.execute(query).pl()
+    finally:
+        con.close()
+    return tables, {"evaluated_users": int(sampled), "heldout_users": int(available)}

@@ -106,46 +106,59 @@ def _lookup(vocab: np.ndarray, ids: np.ndarray) -> np.ndarray:
     return np.where(vocab[pos] == ids, pos, -1)
 
 
-def _block_topk(c: sp.csr_matrix, first_row: int, norm: np.ndarray, k: int, shrink: float):
-    """Cosine of a block of co-engagement rows, top k per row -> (rows, cols, sims).
+def _block_topk(
+    c: sp.csr_matrix, row_ids: np.ndarray, norm: np.ndarray, k: int, shrink: float
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Cosine of a block of co-engagement rows (row r of `c` is item row_ids[r]), top k per
+    row -> (rows, cols, sims).
 
     Rows are sorted once on an int64 key (row, then descending float32 similarity): the
     IEEE bits of a non-negative float order like its value, so the key is exact, and the
     stable sort breaks ties by the (deterministic) position in the product.
     """
     local = np.repeat(np.arange(c.shape[0], dtype=np.int64), np.diff(c.indptr))
+    item = row_ids[local]
     cols = c.indices
     sim = c.data.astype(np.float32)
-    sim /= norm[first_row + local] * norm[cols] + np.float32(shrink)
-    sim[cols == first_row + local] = 0.0  # an item is not its own neighbour
+    sim /= norm[item] * norm[cols] + np.float32(shrink)
+    sim[cols == item] = 0.0  # an item is not its own neighbour
     inverted = (np.uint32(0xFFFFFFFF) - sim.view(np.uint32)).astype(np.int64)
     order = np.argsort((local << 32) | inverted, kind="stable")
     rank = np.arange(order.size) - c.indptr[local[order]]
     keep = order[rank < k]
     keep = keep[sim[keep] > 0]
-    return first_row + local[keep], cols[keep], sim[keep]
+    return item[keep], cols[keep], sim[keep]
 
 
-def _item_knn(x: sp.csr_matrix, k: int, shrink: float) -> sp.csr_matrix:
-    """Top-k cosine neighbours per item (row i = neighbours of item i), no self-similarity."""
+def _item_knn_rows(
+    x: sp.csr_matrix, xt: sp.csr_matrix, rows: np.ndarray, k: int, shrink: float
+) -> sp.csr_matrix:
+    """Rows `rows` of the top-k cosine neighbour matrix (row i = neighbours of item i, no
+    self-similarity); every other row empty. A row depends on nothing but its own item, so
+    rows computed apart equal rows computed together."""
     n_items = x.shape[1]
-    xt = x.T.tocsr()  # items x users
     norm = np.sqrt(np.diff(xt.indptr)).astype(np.float32)
+    rows = np.asarray(rows, dtype=np.int64)
     # Cost of row i of X^T X = sum over its users of their history length; blocks of rows
     # with a bounded cost keep the product's memory bounded on big worlds.
-    cost = np.cumsum(xt @ np.diff(x.indptr).astype(np.float64))
+    cost = np.cumsum(xt[rows] @ np.diff(x.indptr).astype(np.float64))
     parts = []
     start = 0
-    while start < n_items:
+    while start < rows.size:
         stop = int(np.searchsorted(cost, cost[start] + _KNN_BLOCK_FLOPS, side="right"))
         stop = max(stop, start + 1)
-        c = xt[start:stop] @ x  # co-engagement counts, block x items
-        parts.append(_block_topk(c, start, norm, k, shrink))
+        block = rows[start:stop]
+        parts.append(_block_topk(xt[block] @ x, block, norm, k, shrink))
         start = stop
     if not parts:
         return sp.csr_matrix((n_items, n_items), dtype=np.float32)
-    rows, cols, sims = (np.concatenate(a) for a in zip(*parts, strict=True))
-    return sp.csr_matrix((sims, (rows, cols)), shape=(n_items, n_items), dtype=np.float32)
+    r, c, v = (np.concatenate(a) for a in zip(*parts, strict=True))
+    return sp.csr_matrix((v, (r, c)), shape=(n_items, n_items), dtype=np.float32)
+
+
+def _item_knn(x: sp.csr_matrix, k: int, shrink: float) -> sp.csr_matrix:
+    """Top-k cosine neighbours of every item (row i = neighbours of item i)."""
+    return _item_knn_rows(x, x.T.tocsr(), np.arange(x.shape[1]), k, shrink)
 
 
 def _spd_inverse(a: np.ndarray) -> np.ndarray:
@@ -192,7 +205,10 @@ class ClassicPeers:
     item_ids: np.ndarray  # sorted ids of articles with one
     history: sp.csr_matrix  # binary users x items
     popularity: np.ndarray | None = None
-    knn: sp.csr_matrix | None = None  # items x items, top-k per row
+    # items x items, top-k per row; rows are computed when first scored (see knn_rows)
+    knn: sp.csr_matrix | None = None
+    _knn_done: np.ndarray | None = field(default=None, repr=False)  # bool per item row
+    _history_t: sp.csr_matrix | None = field(default=None, repr=False)  # items x users
     user_factors: np.ndarray | None = None
     item_factors: np.ndarray | None = None
     ease_items: np.ndarray | None = None  # item indices in the EASE set, by rank
@@ -243,7 +259,12 @@ class ClassicPeers:
             if "popularity_all_time" in methods:
                 peers.popularity = np.bincount(i, minlength=item_ids.size).astype(np.float32)
             if "item_knn" in methods:
-                peers.knn = _item_knn(history, int(h["knn_k"]), float(h["knn_shrink"]))
+                # Rows are filled in on demand: a news world at 100k users has a million
+                # posts, of which a scoring pass asks about the recent few thousand.
+                n_items = item_ids.size
+                peers.knn = sp.csr_matrix((n_items, n_items), dtype=np.float32)
+                peers._knn_done = np.zeros(n_items, dtype=bool)
+                peers._history_t = history.T.tocsr()
             if "als" in methods:
                 peers._fit_als(h)
             if "ease" in methods:
@@ -255,6 +276,27 @@ class ClassicPeers:
                 )
                 peers._fit_ease(h, np.bincount(i[recent], minlength=item_ids.size))
         return peers
+
+    def knn_rows(self, items: np.ndarray | None = None) -> sp.csr_matrix:
+        """The item-kNN matrix with the rows of item indices `items` (all when None)
+        computed; rows computed once are kept."""
+        if self.knn is None or self._knn_done is None or self._history_t is None:
+            raise ValueError(f"method 'item_knn' was not fitted; fitted: {self.methods}")
+        wanted = np.arange(self._knn_done.size) if items is None else np.unique(items)
+        missing = wanted[~self._knn_done[wanted]]
+        if missing.size:
+            with threadpool_limits(limits=1):
+                new = _item_knn_rows(
+                    self.history,
+                    self._history_t,
+                    missing,
+                    int(self.hyper["knn_k"]),
+                    float(self.hyper["knn_shrink"]),
+                )
+            # Rows are disjoint, so the sum is their union.
+            self.knn = (self.knn + new).tocsr()
+            self._knn_done[missing] = True
+        return self.knn
 
     def _fit_als(self, h: dict[str, Any]) -> None:
         n_users, n_items = self.history.shape
@@ -312,8 +354,7 @@ class ClassicPeers:
             return out
         both = (u >= 0) & (i >= 0)
         if method == "item_knn":
-            assert self.knn is not None
-            out[both] = _sparse_pair_dot(self.knn, i[both], self.history, u[both])
+            out[both] = _sparse_pair_dot(self.knn_rows(i[both]), i[both], self.history, u[both])
         elif method == "als":
             assert self.user_factors is not None and self.item_factors is not None
             idx = np.flatnonzero(both)

@@ -50,11 +50,15 @@ PROFILE_FEATURES: tuple[str, ...] = (
     "log_shown_topic",
     "log_shown_author",
     "log_shown_post",
+    "log_author_everyone",
+    "log_author_everyone_shown",
 )
-# The exposure counts (last three) next to the engagement counts let the ranker read a
+# The exposure counts (log_shown_*) next to the engagement counts let the ranker read a
 # click-through rate (log engaged - log shown): how often this user clicks this topic or
 # author when shown it, and how often anyone clicks this post, rather than how much of each
-# happened to be shown. Rankers stored before they existed read the first seven only.
+# happened to be shown. The author's counts over everyone (engaged, shown) are the same rate
+# for the author's whole output: a quality signal that reaches an author's brand-new posts.
+# Rankers stored before these existed read the first seven only.
 PROFILE_FEATURES_V1: tuple[str, ...] = PROFILE_FEATURES[:7]
 # "Recent" in log_post_recent: a post's engagement in the hours before the impression.
 POST_RECENT_US = 6 * US_PER_HOUR
@@ -417,6 +421,33 @@ class EngagementLog:
         return self.exposures.pair_counter(self.catalog_author)
 
     @functools.cached_property
+    def _author_positives(self) -> tuple[np.ndarray, int, int, int]:
+        assert self.catalog_author is not None
+        author = self.catalog_author[self.item]
+        keep = self.positive() & (author >= 0)
+        return _time_keys(author[keep], self.time_us[keep])
+
+    @functools.cached_property
+    def _author_shown(self) -> tuple[np.ndarray, int, int, int]:
+        assert self.exposures is not None and self.catalog_author is not None
+        author = self.catalog_author[self.exposures.item]
+        keep = author >= 0
+        return _time_keys(author[keep], self.exposures.time_us[keep])
+
+    def author_counts(self, item: np.ndarray, time_us: np.ndarray) -> tuple[np.ndarray, ...]:
+        """(everyone's positives, everyone's exposures) of the author of catalog row `item`
+        strictly before `time_us`; zeros for unknown authors and without exposures."""
+        assert self.catalog_author is not None
+        author = self.catalog_author[item]
+        known = author >= 0
+        a = np.maximum(author, 0)
+        engaged = np.where(known, _count_before(self._author_positives, a, time_us), 0.0)
+        shown = np.zeros(len(a), dtype=np.float32)
+        if self.exposures is not None:
+            shown = np.where(known, _count_before(self._author_shown, a, time_us), 0.0)
+        return engaged.astype(np.float32), shown.astype(np.float32)
+
+    @functools.cached_property
     def _item_positives(self) -> tuple[np.ndarray, int, int, int]:
         pos = self.positive()
         return _time_keys(self.item[pos], self.time_us[pos])
@@ -661,6 +692,7 @@ def engagement_profile(
         shown_topic = log.shown_topic.before(user, catalog.topic[item], time_us)
         shown_author = log.shown_author.before(user, catalog.author_id[item], time_us)
         shown_post = ex.shown_before(item, time_us)
+    author_engaged, author_shown = log.author_counts(item, time_us)
     # Unknown topics/authors (EBNeRD has no authors) carry no evidence: zero, not a match.
     known_topic, known_author = q["topic"].to_numpy() >= 0, q["author_id"].to_numpy() >= 0
     n_topic, shown_topic = (np.where(known_topic, x, 0.0) for x in (n_topic, shown_topic))
@@ -677,6 +709,8 @@ def engagement_profile(
             np.log1p(shown_topic),
             np.log1p(shown_author),
             np.log1p(shown_post),
+            np.log1p(author_engaged),
+            np.log1p(author_shown),
         ],
         axis=1,
     ).astype(np.float32)
