@@ -11,12 +11,14 @@ import torch
 
 from feed_dagster.embeddings import LexicalEncoder
 from feed_dagster.models.features import (
+    AUTHOR_TOPICS,
     PROFILE_FEATURES,
     PROFILE_FEATURES_V1,
     EngagementLog,
     FeatureConfig,
     ItemCatalog,
     author_profiles,
+    author_topic_profiles,
     engagement_profile,
 )
 from feed_dagster.models.layers import CatalogTensors
@@ -175,3 +177,36 @@ def test_rankers_stored_before_the_new_inputs_still_load(catalog):
     assert again.affinity is None
     with pytest.raises(ValueError, match="unknown profile inputs"):
         RankerConfig(content_dim=4, profile_inputs=("nope",))
+
+
+def test_author_topic_affinity_weights_the_users_topic_shares_by_the_authors(world, catalog):
+    log = EngagementLog.build(world.engagements, catalog)
+    user, item, time_us = _queries(world, catalog, 120)
+    got = engagement_profile(log, catalog, user, item, time_us)[
+        :, PROFILE_FEATURES.index("author_topic_affinity")
+    ]
+    pos = log.positive()
+    p_user, p_time = log.user[pos], log.time_us[pos]
+    p_topic = catalog.topic[log.item[pos]]
+    for k in range(len(user)):
+        mine = (p_user == user[k]) & (p_time < time_us[k])
+        author = catalog.author_id[item[k]]
+        posts = catalog.author_id[1:] == author
+        topics, counts = np.unique(catalog.topic[1:][posts], return_counts=True)
+        top = np.lexsort((topics, -counts))[:AUTHOR_TOPICS]
+        expected = sum(
+            counts[j] / counts.sum() * np.sum(mine & (p_topic == topics[j])) / (mine.sum() + 1)
+            for j in top
+        )
+        assert got[k] == pytest.approx(expected, abs=1e-5)
+    assert got.max() > 0
+
+
+def test_author_topic_profiles_keep_the_main_topics():
+    rows = np.array([0, 1, 1, 1, 1, 2, 2, 1])
+    topic = np.array([5, 7, 7, 3, 9, 4, -1, 3])
+    topics, share = author_topic_profiles(rows, topic, np.ones(8, bool), 3)
+    assert topics[1].tolist() == [3, 7, 9]  # 3 and 7 twice each (tie: smaller id), 9 once
+    np.testing.assert_allclose(share[1], [0.4, 0.4, 0.2])
+    assert topics[2].tolist() == [4, -1, -1] and share[2].tolist() == [1.0, 0.0, 0.0]
+    assert topics[0].tolist() == [-1, -1, -1]  # no author

@@ -52,14 +52,20 @@ PROFILE_FEATURES: tuple[str, ...] = (
     "log_shown_post",
     "log_author_everyone",
     "log_author_everyone_shown",
+    "author_topic_affinity",
 )
 # The exposure counts (log_shown_*) next to the engagement counts let the ranker read a
 # click-through rate (log engaged - log shown): how often this user clicks this topic or
 # author when shown it, and how often anyone clicks this post, rather than how much of each
 # happened to be shown. The author's counts over everyone (engaged, shown) are the same rate
 # for the author's whole output: a quality signal that reaches an author's brand-new posts.
+# author_topic_affinity is how much of the user's engagement went to the topics the
+# candidate's author writes about: sum over the author's AUTHOR_TOPICS main topics of
+# (share of the author's posts) x (share of the user's positive engagements), before the
+# impression. A user's taste for an author is mostly a taste for what the author covers.
 # Rankers stored before these existed read the first seven only.
 PROFILE_FEATURES_V1: tuple[str, ...] = PROFILE_FEATURES[:7]
+AUTHOR_TOPICS = 3
 # "Recent" in log_post_recent: a post's engagement in the hours before the impression.
 POST_RECENT_US = 6 * US_PER_HOUR
 
@@ -147,6 +153,32 @@ def author_profiles(
     return item_row, profile
 
 
+def author_topic_profiles(
+    author_row: np.ndarray, topic: np.ndarray, use: np.ndarray, n_authors: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Each author row's AUTHOR_TOPICS most frequent topics over the items where `use` holds
+    (ties to the smaller topic id) and their shares of those items; -1 and 0 fill the rest,
+    and row 0 (no author) has none."""
+    topics = np.full((n_authors, AUTHOR_TOPICS), -1, dtype=np.int64)
+    share = np.zeros((n_authors, AUTHOR_TOPICS), dtype=np.float32)
+    pick = use & (author_row > 0) & (topic >= 0)
+    if not pick.any():
+        return topics, share
+    counts = (
+        pl.DataFrame({"a": author_row[pick].astype(np.int64), "t": topic[pick].astype(np.int64)})
+        .group_by("a", "t")
+        .agg(pl.len().alias("n"))
+        .with_columns((pl.col("n") / pl.col("n").sum().over("a")).alias("share"))
+        .sort(["a", "n", "t"], descending=[False, True, False])
+        .with_columns(pl.int_range(pl.len()).over("a").alias("k"))
+        .filter(pl.col("k") < AUTHOR_TOPICS)
+    )
+    a, k = counts["a"].to_numpy(), counts["k"].to_numpy()
+    topics[a, k] = counts["t"].to_numpy()
+    share[a, k] = counts["share"].to_numpy()
+    return topics, share
+
+
 def _micros(s: pl.Series) -> np.ndarray:
     return s.cast(pl.Datetime("us")).dt.epoch("us").fill_null(0).to_numpy().astype(np.int64)
 
@@ -177,6 +209,10 @@ class ItemCatalog:
     # then). What an author writes about is how a ranker tells a user's affinity to them.
     author_row: np.ndarray  # int32 [n+1] row of author_content
     author_content: np.ndarray  # float32 [authors+1, dim]
+    # The author's AUTHOR_TOPICS main topics (-1: none) and their shares of the author's
+    # posts before `profile_before`, by author_row.
+    author_topics: np.ndarray  # int64 [authors+1, AUTHOR_TOPICS]
+    author_topic_share: np.ndarray  # float32 [authors+1, AUTHOR_TOPICS]
 
     @property
     def dim(self) -> int:
@@ -232,6 +268,9 @@ class ItemCatalog:
         published = padded(_micros(articles["published_at"]), 0)
         limit = NEVER_US if profile_before is None else to_micros(profile_before)
         author_row, author_content = author_profiles(author_p, content, published < limit)
+        author_topics, author_topic_share = author_topic_profiles(
+            author_row, topic_p, published < limit, len(author_content)
+        )
         return cls(
             article_ids=ids,
             content=content,
@@ -244,6 +283,8 @@ class ItemCatalog:
             published_us=published,
             author_row=author_row,
             author_content=author_content,
+            author_topics=author_topics,
+            author_topic_share=author_topic_share,
         )
 
     def rows(self, article_ids: np.ndarray, what: str = "article_id") -> np.ndarray:
@@ -419,6 +460,15 @@ class EngagementLog:
     def shown_author(self) -> PairCounter:
         assert self.exposures is not None and self.catalog_author is not None
         return self.exposures.pair_counter(self.catalog_author)
+
+    @functools.cached_property
+    def positive_topic(self) -> PairCounter:
+        """(user, topic) positive engagements."""
+        assert self.catalog_topic is not None
+        pos = self.positive()
+        topic = self.catalog_topic[self.item[pos]].astype(np.int64)
+        known = topic >= 0
+        return PairCounter.build(self.user[pos][known], topic[known], self.time_us[pos][known])
 
     @functools.cached_property
     def _author_positives(self) -> tuple[np.ndarray, int, int, int]:
@@ -693,6 +743,15 @@ def engagement_profile(
         shown_author = log.shown_author.before(user, catalog.author_id[item], time_us)
         shown_post = ex.shown_before(item, time_us)
     author_engaged, author_shown = log.author_counts(item, time_us)
+    # The user's share of engagement on each of the author's main topics, weighted by how
+    # much of the author's output the topic is.
+    rows = catalog.author_row[item]
+    user64 = np.asarray(user, dtype=np.int64)
+    topic_affinity = np.zeros(len(q), dtype=np.float32)
+    for k in range(AUTHOR_TOPICS):
+        t = catalog.author_topics[rows, k]
+        n_k = log.positive_topic.before(user64, t, time_us)
+        topic_affinity += catalog.author_topic_share[rows, k] * n_k / (n_total + 1.0)
     # Unknown topics/authors (EBNeRD has no authors) carry no evidence: zero, not a match.
     known_topic, known_author = q["topic"].to_numpy() >= 0, q["author_id"].to_numpy() >= 0
     n_topic, shown_topic = (np.where(known_topic, x, 0.0) for x in (n_topic, shown_topic))
@@ -711,6 +770,7 @@ def engagement_profile(
             np.log1p(shown_post),
             np.log1p(author_engaged),
             np.log1p(author_shown),
+            topic_affinity,
         ],
         axis=1,
     ).astype(np.float32)
