@@ -19,7 +19,10 @@ def connect_read_only(path: Path, timeout_s: float = 120.0) -> duckdb.DuckDBPyCo
     delay, waited = 0.2, 0.0
     while True:
         try:
-            return duckdb.connect(str(path), read_only=True)
+            con = duckdb.connect(str(path), read_only=True)
+            # Long scans draw a progress bar on stdout, which ends up in every step's log.
+            con.execute("set enable_progress_bar = false")
+            return con
         except duckdb.IOException as exc:  # another process holds the write lock
             if waited >= timeout_s:
                 raise TimeoutError(f"warehouse {path} stayed locked for {waited:.0f}s") from exc
@@ -72,7 +75,6 @@ def read_heldout_sample(
         raise ValueError(f"max_users must be >= 0 (0 = every user), got {max_users}")
     con = connect_read_only(path)
     try:
-        con.execute("set enable_progress_bar = false")
         con.execute(f"create temp table _users as {_HELDOUT_USERS_SQL}", {"seed": seed})
         available = con.execute("select count(*) from _users").fetchone()[0]
         if max_users:

