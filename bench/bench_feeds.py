@@ -56,8 +56,9 @@ from feed_dagster.feeds.model_backends import (  # noqa: E402
     serving_features,
 )
 from feed_dagster.memory import peak_rss_mib, reset_peak_rss, rss_mib  # noqa: E402
-from feed_dagster.models.features import N_ACTIONS, PROFILE_FEATURES  # noqa: E402
+from feed_dagster.models.engagement_log import N_ACTIONS  # noqa: E402
 from feed_dagster.models.ranker import PhoenixRanker, load_ranker, ranker_batch  # noqa: E402
+from feed_dagster.models.ranker_data import PROFILE_FEATURES  # noqa: E402
 from feed_dagster.models.serve import ServingContext, item_vectors_of  # noqa: E402
 from feed_dagster.models.store import ModelStore  # noqa: E402
 from feed_dagster.models.train import (  # noqa: E402

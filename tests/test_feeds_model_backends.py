@@ -11,7 +11,7 @@ import pytest
 from feed_dagster.embeddings import LexicalEncoder
 from feed_dagster.feeds.model_backends import RankerScorer, TwoTowerRetriever, serving_features
 from feed_dagster.feeds.shards import shard_of, users_in_shard
-from feed_dagster.models.features import FeatureConfig
+from feed_dagster.models.catalog import FeatureConfig
 from feed_dagster.models.ranker import RankerConfig, build_ranker
 from feed_dagster.models.serve import ServingContext, item_vectors_of, score_candidates
 from feed_dagster.models.two_tower import TwoTower, TwoTowerConfig

@@ -10,19 +10,21 @@ import pytest
 import torch
 
 from feed_dagster.embeddings import LexicalEncoder
-from feed_dagster.models.features import (
+from feed_dagster.models.catalog import (
     AUTHOR_TOPICS,
-    PROFILE_FEATURES,
-    PROFILE_FEATURES_V1,
-    EngagementLog,
     FeatureConfig,
     ItemCatalog,
     author_profiles,
     author_topic_profiles,
-    engagement_profile,
 )
+from feed_dagster.models.engagement_log import EngagementLog
 from feed_dagster.models.layers import CatalogTensors
 from feed_dagster.models.ranker import RankerConfig, affinity_inputs, build_ranker, load_ranker
+from feed_dagster.models.ranker_data import (
+    PROFILE_FEATURES,
+    PROFILE_FEATURES_V1,
+    engagement_profile,
+)
 from feed_dagster.world import generate_world, world_config
 
 CFG = FeatureConfig(history_len=8, max_candidates=16)

@@ -11,21 +11,19 @@ import torch
 
 from feed_dagster.data.schema import ACTIONS
 from feed_dagster.embeddings import LexicalEncoder
-from feed_dagster.models.features import (
-    POST_RECENT_US,
-    PROFILE_FEATURES,
-    EngagementLog,
-    FeatureConfig,
-    ItemCatalog,
-    RankerData,
-    build_ranker_data,
-    build_retrieval_examples,
-    build_serving_data,
-    engagement_profile,
-    temporal_split,
-)
+from feed_dagster.models.catalog import FeatureConfig, ItemCatalog
+from feed_dagster.models.engagement_log import EngagementLog
 from feed_dagster.models.layers import CatalogTensors
 from feed_dagster.models.ranker import RankerConfig, build_ranker, predict
+from feed_dagster.models.ranker_data import (
+    POST_RECENT_US,
+    PROFILE_FEATURES,
+    RankerData,
+    build_ranker_data,
+    build_serving_data,
+    engagement_profile,
+)
+from feed_dagster.models.retrieval_data import build_retrieval_examples, temporal_split
 from feed_dagster.models.train import drop_impossible_rows
 from feed_dagster.world import generate_world, world_config
 

@@ -8,18 +8,11 @@ import pytest
 import torch
 
 from feed_dagster.embeddings import LexicalEncoder
-from feed_dagster.models.features import (
-    NEVER_US,
-    EngagementLog,
-    FeatureConfig,
-    ItemCatalog,
-    RankerData,
-    build_ranker_data,
-    hash_buckets,
-    sampled_slates,
-)
+from feed_dagster.models.catalog import NEVER_US, FeatureConfig, ItemCatalog, hash_buckets
+from feed_dagster.models.engagement_log import EngagementLog
 from feed_dagster.models.layers import CatalogTensors
 from feed_dagster.models.ranker import RankerConfig, build_ranker, ranker_batch
+from feed_dagster.models.ranker_data import RankerData, build_ranker_data, sampled_slates
 from feed_dagster.models.two_tower import TwoTower, TwoTowerConfig
 from feed_dagster.world import generate_world, world_config
 

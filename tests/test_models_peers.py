@@ -8,8 +8,8 @@ import numpy as np
 import polars as pl
 
 from feed_dagster.data.schema import ACTIONS
-from feed_dagster.models.features import N_PEER_FEATURES
 from feed_dagster.models.peers import PEER_METHODS, PER_USER, PeerFeatures, RollingPeerFeatures
+from feed_dagster.models.ranker_data import N_PEER_FEATURES
 
 T0 = datetime(2026, 1, 1)
 

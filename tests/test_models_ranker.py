@@ -8,9 +8,10 @@ import pytest
 import torch
 
 from feed_dagster.embeddings import LexicalEncoder
-from feed_dagster.models.features import FeatureConfig, ItemCatalog, build_ranker_data
+from feed_dagster.models.catalog import FeatureConfig, ItemCatalog
 from feed_dagster.models.layers import CatalogTensors
 from feed_dagster.models.ranker import RankerConfig, build_ranker, ranker_batch
+from feed_dagster.models.ranker_data import build_ranker_data
 from feed_dagster.world import generate_world, world_config
 
 FEATURES = FeatureConfig(history_len=16, max_candidates=16)

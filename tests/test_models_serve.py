@@ -7,7 +7,7 @@ import polars as pl
 import pytest
 
 from feed_dagster.embeddings import LexicalEncoder
-from feed_dagster.models.features import FeatureConfig
+from feed_dagster.models.catalog import FeatureConfig
 from feed_dagster.models.ranker import RankerConfig, build_ranker
 from feed_dagster.models.serve import (
     ServingContext,

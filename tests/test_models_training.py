@@ -10,10 +10,11 @@ import pytest
 import torch
 
 from feed_dagster.embeddings import LexicalEncoder
+from feed_dagster.models.catalog import FeatureConfig
 from feed_dagster.models.evaluate import evaluate_models, evaluation_chart, training_curves
-from feed_dagster.models.features import FeatureConfig, user_histories
 from feed_dagster.models.promotion import promotion_decision
 from feed_dagster.models.ranker import RankerConfig, build_ranker, load_ranker, score_frame
+from feed_dagster.models.retrieval_data import user_histories
 from feed_dagster.models.store import ModelStore
 from feed_dagster.models.train import (
     TrainConfig,

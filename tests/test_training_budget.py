@@ -12,7 +12,8 @@ from feed_dagster.data.world_tables import world_from_tables
 from feed_dagster.embeddings import LexicalEncoder
 from feed_dagster.memory import StepMemory
 from feed_dagster.models.budget import TrainingBudget, read_training_tables
-from feed_dagster.models.features import FeatureConfig, temporal_split
+from feed_dagster.models.catalog import FeatureConfig
+from feed_dagster.models.retrieval_data import temporal_split
 from feed_dagster.models.train import TrainConfig, prepare_training_data, train_ranker
 
 TABLES = ["world_info", "users", "articles", "engagements", "impressions", "impression_truth"]

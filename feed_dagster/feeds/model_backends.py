@@ -22,7 +22,7 @@ import numpy as np
 import polars as pl
 
 from feed_dagster.embeddings.stored import content_vectors
-from feed_dagster.models.features import FeatureConfig
+from feed_dagster.models.catalog import FeatureConfig
 from feed_dagster.models.ranker import PhoenixRanker, load_ranker
 from feed_dagster.models.serve import ServingContext, score_candidates, user_vectors_at
 from feed_dagster.models.store import ModelStore

@@ -16,8 +16,7 @@ from datetime import datetime, timedelta
 import numpy as np
 import polars as pl
 
-from feed_dagster.data.schema import DEFAULT_CANDIDATE_WINDOW
-from feed_dagster.models.features import POSITIVE_ACTIONS
+from feed_dagster.data.schema import DEFAULT_CANDIDATE_WINDOW, POSITIVE_ACTIONS
 from feed_dagster.pipeline.tables import published_between
 
 PAIR = {"user_id": pl.Int64, "article_id": pl.Int64}

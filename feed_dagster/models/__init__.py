@@ -12,8 +12,8 @@ Typical use (an asset body):
     passed, reasons = promotion_decision(table, incumbent_auc)
 """
 
+from feed_dagster.models.catalog import FeatureConfig, ItemCatalog
 from feed_dagster.models.evaluate import evaluate_models, evaluation_chart, training_curves
-from feed_dagster.models.features import FeatureConfig, ItemCatalog
 from feed_dagster.models.promotion import promotion_decision
 from feed_dagster.models.ranker import PhoenixRanker, RankerConfig, load_ranker, score_frame
 from feed_dagster.models.serve import (

@@ -7,11 +7,11 @@ impressions ever reach Python:
 
 - training and validation slates: uniform samples of whole impressions from each period
   (the validation period is the last `valid_fraction` of the pre-held-out time span, as in
-  `features.temporal_split`);
+  `retrieval_data.temporal_split`);
 - held-out evaluation: every held-out impression of a fixed-size random sample of users
   (per-user metrics stay comparable across world sizes);
 - two-tower positives: a uniform sample of the positive engagements before the validation
-  start (`features.build_retrieval_examples(max_examples=...)`).
+  start (`retrieval_data.build_retrieval_examples(max_examples=...)`).
 
 The choice is a seeded hash of the ids, so the same warehouse and budget give the same
 sample. Worlds within the budget (the demo world) are read whole.
@@ -114,7 +114,7 @@ def read_training_tables(
     """Warehouse tables `names` for training, with `impressions` (and `impression_truth`)
     cut to the budget's sample of whole impressions; every other table is read whole.
     With `impressions` among the names, `exposures` comes too: (user_id, article_id,
-    shown_at) of every impression, for the exposure counts (models.features.ExposureLog)."""
+    shown_at) of every impression, for the exposure counts (models.engagement_log.ExposureLog)."""
     con = connect_read_only(path)
     try:
         con.execute(

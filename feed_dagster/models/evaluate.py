@@ -23,9 +23,9 @@ from feed_dagster.data.schema import ACTIONS, World  # noqa: E402
 from feed_dagster.metrics.baselines import BASELINES  # noqa: E402
 from feed_dagster.metrics.classic import CLASSIC_METHODS, ClassicPeers  # noqa: E402
 from feed_dagster.metrics.ranking import evaluate_scores, group_auc  # noqa: E402
-from feed_dagster.models.features import RankerData  # noqa: E402
 from feed_dagster.models.layers import CatalogTensors  # noqa: E402
 from feed_dagster.models.ranker import PhoenixRanker, score_frame  # noqa: E402
+from feed_dagster.models.ranker_data import RankerData  # noqa: E402
 from feed_dagster.models.train import TrainingData  # noqa: E402
 from feed_dagster.models.two_tower import TwoTower, catalog_item_vectors, user_vectors  # noqa: E402
 

@@ -9,7 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from feed_dagster.models.features import N_ACTIONS, N_AGE_BUCKETS, History, ItemCatalog
+from feed_dagster.models.catalog import N_AGE_BUCKETS, ItemCatalog
+from feed_dagster.models.engagement_log import N_ACTIONS, History
 
 
 class CatalogTensors:

@@ -20,7 +20,8 @@ import numpy as np
 import polars as pl
 
 from feed_dagster.metrics.classic import ClassicPeers
-from feed_dagster.models.features import N_PEER_FEATURES, to_micros
+from feed_dagster.models.catalog import to_micros
+from feed_dagster.models.ranker_data import N_PEER_FEATURES
 
 # Peers the ranker sees.
 PEER_METHODS: tuple[str, ...] = ("als", "item_knn", "ease", "popularity_all_time")

@@ -19,15 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from feed_dagster.data.schema import ACTIONS
-from feed_dagster.models.features import (
-    N_AGE_BUCKETS,
-    N_PEER_FEATURES,
-    PROFILE_FEATURES,
-    PROFILE_FEATURES_V1,
-    FeatureConfig,
-    ItemCatalog,
-    RankerData,
-)
+from feed_dagster.models.catalog import N_AGE_BUCKETS, FeatureConfig, ItemCatalog
 from feed_dagster.models.layers import (
     CatalogTensors,
     HashedIdEmbedding,
@@ -37,6 +29,12 @@ from feed_dagster.models.layers import (
     history_tensors,
     id_limit,
     l2_normalise,
+)
+from feed_dagster.models.ranker_data import (
+    N_PEER_FEATURES,
+    PROFILE_FEATURES,
+    PROFILE_FEATURES_V1,
+    RankerData,
 )
 
 # Loss weight per action head. Clicks carry most of the signal and drive evaluation; the rare

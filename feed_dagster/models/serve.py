@@ -18,16 +18,13 @@ import numpy as np
 import polars as pl
 
 from feed_dagster.data.schema import World
-from feed_dagster.models.features import (
-    EngagementLog,
-    FeatureConfig,
-    ItemCatalog,
-    build_serving_data,
-    user_histories,
-)
+from feed_dagster.models.catalog import FeatureConfig, ItemCatalog
+from feed_dagster.models.engagement_log import EngagementLog
 from feed_dagster.models.layers import CatalogTensors
 from feed_dagster.models.peers import PeerFeatures
 from feed_dagster.models.ranker import PhoenixRanker, predict
+from feed_dagster.models.ranker_data import build_serving_data
+from feed_dagster.models.retrieval_data import user_histories
 from feed_dagster.models.two_tower import TwoTower, catalog_item_vectors, user_vectors
 
 

@@ -25,20 +25,8 @@ from feed_dagster.data.schema import ACTIONS, World
 from feed_dagster.metrics.classic import ClassicPeers
 from feed_dagster.metrics.ranking import evaluate_scores
 from feed_dagster.models.budget import TrainingBudget
-from feed_dagster.models.features import (
-    EngagementLog,
-    FeatureConfig,
-    ItemCatalog,
-    PeerScores,
-    RankerData,
-    RetrievalExamples,
-    Split,
-    build_ranker_data,
-    build_retrieval_examples,
-    sampled_slates,
-    temporal_split,
-    to_micros,
-)
+from feed_dagster.models.catalog import FeatureConfig, ItemCatalog, to_micros
+from feed_dagster.models.engagement_log import EngagementLog
 from feed_dagster.models.layers import CatalogTensors
 from feed_dagster.models.peers import PeerFeatures, RollingPeerFeatures
 from feed_dagster.models.ranker import (
@@ -47,6 +35,18 @@ from feed_dagster.models.ranker import (
     ranker_batch,
     ranker_loss,
     score_frame,
+)
+from feed_dagster.models.ranker_data import (
+    PeerScores,
+    RankerData,
+    build_ranker_data,
+    sampled_slates,
+)
+from feed_dagster.models.retrieval_data import (
+    RetrievalExamples,
+    Split,
+    build_retrieval_examples,
+    temporal_split,
 )
 from feed_dagster.models.two_tower import (
     TwoTower,
@@ -111,7 +111,7 @@ class TrainResult:
 @dataclass(frozen=True)
 class TrainingMix:
     """What the ranker learns from: logged slates, and groups built from engagements (one
-    positive plus sampled negatives, see `features.sampled_slates`)."""
+    positive plus sampled negatives, see `ranker_data.sampled_slates`)."""
 
     logged_slates: bool = True
     # Sampled groups per logged training slate (0 = logged slates only). Measured

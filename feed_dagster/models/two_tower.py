@@ -19,13 +19,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from feed_dagster.models.features import (
-    POSITIVE_ACTIONS,
-    FeatureConfig,
-    History,
-    ItemCatalog,
-    RetrievalExamples,
-)
+from feed_dagster.data.schema import POSITIVE_ACTIONS
+from feed_dagster.models.catalog import FeatureConfig, ItemCatalog
+from feed_dagster.models.engagement_log import History
 from feed_dagster.models.layers import (
     CatalogTensors,
     HashedIdEmbedding,
@@ -36,6 +32,7 @@ from feed_dagster.models.layers import (
     id_limit,
     l2_normalise,
 )
+from feed_dagster.models.retrieval_data import RetrievalExamples
 
 
 @dataclass(frozen=True)
@@ -165,7 +162,7 @@ def in_batch_loss(
 def user_vectors(
     model: TwoTower, history: History, catalog: ItemCatalog | CatalogTensors, batch_size: int = 4096
 ) -> np.ndarray:
-    """float32 [Q, dim] user vectors for histories (e.g. `features.user_histories` at now)."""
+    """float32 [Q, dim] user vectors for histories (e.g. `retrieval_data.user_histories` at now)."""
     cat = catalog if isinstance(catalog, CatalogTensors) else CatalogTensors(catalog)
     model.eval()
     n = len(history.item)

@@ -14,7 +14,7 @@ from datetime import datetime
 import numpy as np
 import polars as pl
 
-from feed_dagster.data.schema import ACTIONS, World
+from feed_dagster.data.schema import ACTIONS, POSITIVE_ACTIONS, World
 from feed_dagster.pipeline.protocols import RETRIEVED_SCHEMA
 from feed_dagster.pipeline.query import Query
 from feed_dagster.pipeline.tables import (
@@ -26,7 +26,6 @@ from feed_dagster.pipeline.tables import (
     table,
 )
 
-POSITIVE_ACTIONS: tuple[str, ...] = ("favorite", "reply", "repost", "quote", "share", "click")
 NEGATIVE_ACTIONS: tuple[str, ...] = tuple(a for a in ACTIONS if a not in POSITIVE_ACTIONS)
 NULL_TOPIC = -1  # stand-in key so posts without a topic still get a (prior) affinity
 
