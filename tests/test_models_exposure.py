@@ -67,6 +67,7 @@ def test_exposure_counts_match_a_brute_force_count(world, catalog):
     topic, author = catalog.topic[ex.item], catalog.author_id[ex.item]
     pos = log.positive()
     pos_author = catalog.author_id[log.item[pos]]
+    pos_topic = catalog.topic[log.item[pos]]
     for k in range(len(user)):
         before = ex.time_us < time_us[k]
         mine = before & (ex.user == user[k])
@@ -78,6 +79,11 @@ def test_exposure_counts_match_a_brute_force_count(world, catalog):
         assert _shown(row, "log_author_everyone_shown")[0] == np.sum(before & (author == a))
         engaged = np.sum((log.time_us[pos] < time_us[k]) & (pos_author == a))
         assert _shown(row, "log_author_everyone")[0] == engaged
+        # The user's own positive engagements: in total, on the topic, with the author.
+        mine_pos = (log.user[pos] == user[k]) & (log.time_us[pos] < time_us[k])
+        assert _shown(row, "log_total")[0] == np.sum(mine_pos)
+        assert _shown(row, "log_topic")[0] == np.sum(mine_pos & (pos_topic == t))
+        assert _shown(row, "log_author")[0] == np.sum(mine_pos & (pos_author == a))
     # The counts are not trivially zero on this world.
     for name in ("log_shown_topic", "log_shown_post", "log_author_everyone"):
         assert _shown(got, name).sum() > 0, name

@@ -191,6 +191,22 @@ class EngagementLog:
         return self.exposures.pair_counter(self.catalog_author)
 
     @functools.cached_property
+    def positive_author(self) -> PairCounter:
+        """(user, author) positive engagements."""
+        assert self.catalog_author is not None
+        pos = self.positive()
+        author = self.catalog_author[self.item[pos]].astype(np.int64)
+        known = author >= 0
+        return PairCounter.build(self.user[pos][known], author[known], self.time_us[pos][known])
+
+    @functools.cached_property
+    def positive_total(self) -> PairCounter:
+        """Positive engagements per user (the pair's second id is always 0)."""
+        pos = self.positive()
+        user = self.user[pos]
+        return PairCounter.build(user, np.zeros_like(user), self.time_us[pos])
+
+    @functools.cached_property
     def positive_topic(self) -> PairCounter:
         """(user, topic) positive engagements."""
         assert self.catalog_topic is not None

@@ -187,30 +187,6 @@ def _follow_flags(
     return out
 
 
-def _prior_counts(events: pl.DataFrame, queries: pl.DataFrame, by: list[str]) -> np.ndarray:
-    """For each query row (row, *by, time_us): how many events with the same `by` keys have
-    time_us strictly before the query's. Events: (*by, time_us)."""
-    if events.height == 0 or queries.height == 0:
-        return np.zeros(queries.height, dtype=np.float32)
-    cum = (
-        events.group_by(*by, "time_us")
-        .agg(pl.len().alias("n"))
-        .sort("time_us")
-        .with_columns(pl.col("n").cum_sum().over(by))
-        .rename({"time_us": "t"})
-    )
-    joined = queries.sort("time_us").join_asof(
-        cum,
-        left_on="time_us",
-        right_on="t",
-        by=by,
-        strategy="backward",
-        allow_exact_matches=False,  # strictly before: nothing at the impression time counts
-        check_sortedness=False,
-    )
-    return joined.sort("row")["n"].fill_null(0).to_numpy().astype(np.float32)
-
-
 def engagement_profile(
     log: EngagementLog,
     catalog: ItemCatalog,
@@ -223,49 +199,31 @@ def engagement_profile(
     The 32-item history only covers a few days of an active user; these counts cover every
     earlier positive engagement, so the model sees a user's lasting topic and author tastes.
     """
-    pos = log.positive()
-    ev = pl.DataFrame(
-        {
-            "user_id": log.user[pos],
-            "topic": catalog.topic[log.item[pos]].astype(np.int64),
-            "author_id": catalog.author_id[log.item[pos]],
-            "time_us": log.time_us[pos],
-        }
-    )
-    q = pl.DataFrame(
-        {
-            "row": np.arange(len(user)),
-            "user_id": np.asarray(user, dtype=np.int64),
-            "topic": catalog.topic[item].astype(np.int64),
-            "author_id": catalog.author_id[item],
-            "time_us": np.asarray(time_us, dtype=np.int64),
-        }
-    )
-    n_topic = _prior_counts(ev.filter(pl.col("topic") >= 0), q, ["user_id", "topic"])
-    n_author = _prior_counts(ev.filter(pl.col("author_id") >= 0), q, ["user_id", "author_id"])
-    n_total = _prior_counts(ev, q, ["user_id"])
+    user = np.asarray(user, dtype=np.int64)
+    topic, author = catalog.topic[item].astype(np.int64), catalog.author_id[item]
+    n_topic = log.positive_topic.before(user, topic, time_us)
+    n_author = log.positive_author.before(user, author, time_us)
+    n_total = log.positive_total.before(user, np.zeros_like(user), time_us)
     # Everyone's engagement with the post so far: a fresh post's only quality signal before
     # its id is trained.
     n_post = log.positives_before(item, time_us)
     n_post_recent = n_post - log.positives_before(item, np.asarray(time_us) - POST_RECENT_US)
-    shown_topic = shown_author = shown_post = np.zeros(len(q), dtype=np.float32)
+    shown_topic = shown_author = shown_post = np.zeros(len(user), dtype=np.float32)
     if log.exposures is not None:
-        ex, user = log.exposures, np.asarray(user, dtype=np.int64)
-        shown_topic = log.shown_topic.before(user, catalog.topic[item], time_us)
-        shown_author = log.shown_author.before(user, catalog.author_id[item], time_us)
-        shown_post = ex.shown_before(item, time_us)
+        shown_topic = log.shown_topic.before(user, topic, time_us)
+        shown_author = log.shown_author.before(user, author, time_us)
+        shown_post = log.exposures.shown_before(item, time_us)
     author_engaged, author_shown = log.author_counts(item, time_us)
     # The user's share of engagement on each of the author's main topics, weighted by how
     # much of the author's output the topic is.
     rows = catalog.author_row[item]
-    user64 = np.asarray(user, dtype=np.int64)
-    topic_affinity = np.zeros(len(q), dtype=np.float32)
+    topic_affinity = np.zeros(len(user), dtype=np.float32)
     for k in range(AUTHOR_TOPICS):
         t = catalog.author_topics[rows, k]
-        n_k = log.positive_topic.before(user64, t, time_us)
+        n_k = log.positive_topic.before(user, t, time_us)
         topic_affinity += catalog.author_topic_share[rows, k] * n_k / (n_total + 1.0)
     # Unknown topics/authors (EBNeRD has no authors) carry no evidence: zero, not a match.
-    known_topic, known_author = q["topic"].to_numpy() >= 0, q["author_id"].to_numpy() >= 0
+    known_topic, known_author = topic >= 0, author >= 0
     n_topic, shown_topic = (np.where(known_topic, x, 0.0) for x in (n_topic, shown_topic))
     n_author, shown_author = (np.where(known_author, x, 0.0) for x in (n_author, shown_author))
     return np.stack(
