@@ -119,7 +119,9 @@ pl.DataFrame.write_parquet = half_write
 
 
 def test_a_shard_run_killed_mid_write_leaves_no_partial_shard(data_dir, tmp_path) -> None:
-    from feed_dagster.assets.feeds import _shard_path
+    from feed_dagster.resources.storage import StorageResource
+
+    _shard_path = StorageResource().shard_path
 
     assert _materialize(dg.AssetSelection.groups("raw", "social_graph")).success
     assert _materialize(dg.AssetSelection.assets("user_feeds"), "0").success

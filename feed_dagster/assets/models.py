@@ -1,7 +1,6 @@
 """Training, evaluation and promotion of the two-tower retrieval model and the ranker."""
 
 import json
-from pathlib import Path
 
 import dagster as dg
 import polars as pl
@@ -17,8 +16,9 @@ from feed_dagster.models.promotion import promotion_decision
 from feed_dagster.models.ranker import load_ranker
 from feed_dagster.models.train import prepare_and_train
 from feed_dagster.models.two_tower import load_two_tower
-from feed_dagster.paths import RANKER, TWO_TOWER, candidate_file, data_root, warehouse_path
+from feed_dagster.paths import RANKER, TWO_TOWER
 from feed_dagster.plots import markdown_table, png_bytes_markdown
+from feed_dagster.resources.storage import StorageResource
 from feed_dagster.resources.stores import ModelStoreResource
 from feed_dagster.resources.warehouse import WAREHOUSE_POOL
 
@@ -32,10 +32,6 @@ MODEL_TABLES = [
     "follows",
     "topic_follows",
 ]
-
-
-def evaluation_dir() -> Path:
-    return data_root() / "models" / "evaluations"
 
 
 class TrainingBudgetConfig(dg.Config):
@@ -103,18 +99,21 @@ INPUTS = {dg.AssetKey(t) for t in [*MODEL_TABLES, "article_embeddings"]}
     can_subset=False,
 )
 def trained_models(
-    context: dg.AssetExecutionContext, config: TrainingBudgetConfig, models: ModelStoreResource
+    context: dg.AssetExecutionContext,
+    config: TrainingBudgetConfig,
+    models: ModelStoreResource,
+    storage: StorageResource,
 ):
     """Train both models on one temporal split, store them, and evaluate on held-out data."""
     memory = StepMemory().start()
     store = models.store()
     budget = TrainingBudget(**config.model_dump())
-    tables, sample = read_training_tables(warehouse_path(), MODEL_TABLES, budget)
+    tables, sample = read_training_tables(storage.warehouse_path(), MODEL_TABLES, budget)
     context.log.info(f"training sample (budget {budget.to_dict()}): {sample.summary()}")
     world = world_from_tables(tables, tables["world_info"])
     data, tt, rk = prepare_and_train(
         world,
-        content_vectors(world.articles),
+        content_vectors(world.articles, storage.embeddings_path()),
         budget=budget,
         valid_start=sample.valid_start,
         exposures=tables["exposures"],
@@ -144,10 +143,10 @@ def trained_models(
         except (RuntimeError, KeyError, ValueError) as exc:  # incompatible older architecture
             context.log.warning(f"cannot evaluate the promoted ranker {incumbent}: {exc}")
     table = evaluate_models(world, data, ranker=ranker, two_tower=two_tower, extra_rankers=extra)
-    evaluation_dir().mkdir(parents=True, exist_ok=True)
-    eval_path = evaluation_dir() / f"ranker-{rk_version}.parquet"
+    storage.evaluation_dir().mkdir(parents=True, exist_ok=True)
+    eval_path = storage.evaluation_dir() / f"ranker-{rk_version}.parquet"
     table.write_parquet(eval_path)
-    candidate_file().write_text(
+    storage.candidate_file().write_text(
         json.dumps(
             {
                 "ranker": rk_version,
@@ -217,8 +216,8 @@ def evaluation_table(table: pl.DataFrame, ranker: str, two_tower: str) -> pl.Dat
     )
 
 
-def _candidate() -> dict:
-    path = candidate_file()
+def _candidate(storage: StorageResource) -> dict:
+    path = storage.candidate_file()
     if not path.exists():
         raise FileNotFoundError(f"{path} is missing: materialise trained_models first")
     return json.loads(path.read_text())
@@ -231,8 +230,8 @@ def _candidate() -> dict:
     "every classic peer (all-time popularity, item-kNN, ALS, EASE) by 0.01 AUC, and lose at "
     "most 0.005 AUC to the promoted ranker; otherwise it is never promoted.",
 )
-def ranker_promotion_gate() -> dg.AssetCheckResult:
-    cand = _candidate()
+def ranker_promotion_gate(storage: StorageResource) -> dg.AssetCheckResult:
+    cand = _candidate(storage)
     table = pl.read_parquet(cand["evaluation"])
     incumbent_auc = None
     if cand.get("incumbent"):
@@ -247,10 +246,10 @@ def ranker_promotion_gate() -> dg.AssetCheckResult:
 
 
 @dg.asset(group_name="models", deps=["ranker_evaluation"], kinds={"pytorch"}, retry_policy=IO_RETRY)
-def promoted_ranker(models: ModelStoreResource) -> dg.MaterializeResult:
+def promoted_ranker(models: ModelStoreResource, storage: StorageResource) -> dg.MaterializeResult:
     """Points the model store's PROMOTED ranker at the candidate that passed the gate; feeds
     score with the promoted ranker only."""
-    cand = _candidate()
+    cand = _candidate(storage)
     store = models.store()
     previous = store.promoted(RANKER)
     with fail_fast():  # a damaged candidate is refused and the incumbent stays promoted
