@@ -1,12 +1,11 @@
 """The LanceDB article-vector table that out-of-network retrieval searches."""
 
-import json
-
 import dagster as dg
 import numpy as np
 import polars as pl
 
 from feed_dagster.assets.retry import IO_RETRY
+from feed_dagster.assets.upstream import upstream_metadata
 from feed_dagster.data.warehouse import read_tables
 from feed_dagster.feeds.model_backends import serving_context
 from feed_dagster.models.serve import item_vectors_of
@@ -48,7 +47,9 @@ def article_vectors(
     """Item-tower vectors of every article plus filter columns, upserted into LanceDB, with
     exact search below 10k rows and a recall-calibrated IVF index above."""
     store = models.store()
-    version = json.loads(storage.candidate_file().read_text())["two_tower"]
+    version = upstream_metadata(
+        context.instance, "retrieval_model", ["two_tower_version"], produced_by="trained_models"
+    )["two_tower_version"]
     model = load_two_tower(*store.load(TWO_TOWER, version))
     tables = read_tables(storage.warehouse_path(), VECTOR_TABLES)
     ctx = serving_context(

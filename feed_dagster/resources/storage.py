@@ -58,10 +58,6 @@ class StorageResource(dg.ConfigurableResource):
     def shard_path(self, key: str) -> Path:
         return shard_path(self.shard_dir(), key)
 
-    def candidate_file(self) -> Path:
-        """The ranker version the latest training produced, awaiting the promotion gate."""
-        return self.models_dir() / "ranker_candidate.json"
-
     def serving_path(self) -> Path:
         """The serving DuckDB file readers query; replaced atomically on every publish."""
         return self.data_root() / "serving" / "feeds.duckdb"
