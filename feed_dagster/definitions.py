@@ -16,9 +16,10 @@ from feed_dagster.assets.models import promoted_ranker, ranker_promotion_gate, t
 from feed_dagster.assets.raw import source_tables
 from feed_dagster.assets.vectors import article_vectors, vector_index_recall, vectors_cover_articles
 from feed_dagster.jobs.automation import JOBS, SCHEDULES, SENSORS
-from feed_dagster.paths import data_root, warehouse_path
+from feed_dagster.paths import data_root
 from feed_dagster.resources.encoder import EncoderResource
 from feed_dagster.resources.source import default_source
+from feed_dagster.resources.storage import StorageResource
 from feed_dagster.resources.stores import LanceDBResource, ModelStoreResource
 from feed_dagster.resources.warehouse import WarehouseIOManager
 
@@ -38,9 +39,12 @@ def default_executor() -> dg.ExecutorDefinition | None:
     raise ValueError(f"FEED_DAGSTER_EXECUTOR must be 'in_process' or 'multiprocess', got {kind!r}")
 
 
-def build_definitions() -> dg.Definitions:
-    """Definitions bound to the current data root (tests point FEED_DAGSTER_DATA elsewhere)."""
-    data_root().mkdir(parents=True, exist_ok=True)
+def build_definitions(storage: StorageResource | None = None) -> dg.Definitions:
+    """Definitions bound to one storage root: `storage`, by default the current data root
+    (FEED_DAGSTER_DATA; tests point it elsewhere). Every store the other resources use
+    (warehouse, model store, vector table, replayed incoming batches) sits under it."""
+    storage = storage or StorageResource(root=str(data_root()))
+    storage.data_root().mkdir(parents=True, exist_ok=True)
     return dg.Definitions(
         assets=[
             source_tables,
@@ -65,10 +69,11 @@ def build_definitions() -> dg.Definitions:
         sensors=SENSORS,
         executor=default_executor(),
         resources={
-            "io_manager": WarehouseIOManager(database=str(warehouse_path()), schema="main"),
-            "source": default_source(),
-            "models": ModelStoreResource(),
-            "lancedb": LanceDBResource(),
+            "storage": storage,
+            "io_manager": WarehouseIOManager(database=str(storage.warehouse_path()), schema="main"),
+            "source": default_source(storage.incoming_dir()),
+            "models": ModelStoreResource(root=str(storage.models_dir())),
+            "lancedb": LanceDBResource(uri=storage.lancedb_uri()),
             "encoder": EncoderResource(kind=os.environ.get("FEED_DAGSTER_ENCODER", "lexical")),
         },
     )

@@ -17,11 +17,6 @@ def warehouse_path() -> Path:
 TWO_TOWER, RANKER = "two_tower", "ranker"
 
 
-def candidate_file() -> Path:
-    """The ranker version the latest training produced, awaiting the promotion gate."""
-    return data_root() / "models" / "ranker_candidate.json"
-
-
 def incoming_dir() -> Path:
     """Where new Parquet batches of posts and engagements are dropped for the sensor."""
     return data_root() / "incoming"

@@ -85,3 +85,29 @@ def test_loader_refuses_dangling_references_before_writing(
     assert "engagements.parquet" in error and "user_id" in error and "1000000000" in error
     assert not result.get_asset_materialization_events()
     assert not (data_dir / "warehouse.duckdb").exists()
+
+
+def test_every_store_follows_the_storage_resource(data_dir, tiny_world, tmp_path):
+    """A storage root other than FEED_DAGSTER_DATA: the warehouse (the I/O manager's and the
+    checks' SQL reads alike) lands under it, and nothing is written to the default root."""
+    from feed_dagster.definitions import build_definitions
+    from feed_dagster.resources.storage import StorageResource
+
+    root = tmp_path / "elsewhere"
+    defs = build_definitions(StorageResource(root=str(root)))
+    result = dg.materialize(
+        [*defs.assets, *defs.asset_checks],
+        resources=defs.resources,
+        instance=dg.DagsterInstance.ephemeral(),
+        selection=dg.AssetSelection.groups("raw", "social_graph"),
+        raise_on_error=False,
+    )
+    assert result.success
+    checks = result.get_asset_check_evaluations()
+    assert checks and all(c.passed for c in checks)
+    con = duckdb.connect(str(root / "warehouse.duckdb"), read_only=True)
+    users = con.execute("select count(*) from main.users").fetchone()[0]
+    stats = con.execute("select count(*) from main.follow_graph").fetchone()[0]
+    con.close()
+    assert users == stats == tiny_world.users.height
+    assert not (data_dir / "warehouse.duckdb").exists()

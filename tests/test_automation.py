@@ -55,13 +55,15 @@ def test_hourly_schedule_requests_one_refresh_run_per_shard(data_dir):
 
 def test_incoming_sensor_requests_an_ingest_run_for_dropped_files(data_dir):
     from feed_dagster.jobs.automation import incoming_batches
+    from feed_dagster.resources.storage import StorageResource
 
-    ctx = dg.build_sensor_context()
+    resources = {"storage": StorageResource()}
+    ctx = dg.build_sensor_context(resources=resources)
     assert isinstance(incoming_batches(ctx), dg.SkipReason)
     incoming = data_dir / "incoming"
     incoming.mkdir(parents=True)
     pl.DataFrame({"article_id": [1]}).write_parquet(incoming / "articles-1.parquet")
-    request = incoming_batches(dg.build_sensor_context())
+    request = incoming_batches(dg.build_sensor_context(resources=resources))
     assert isinstance(request, dg.RunRequest)
     assert request.run_config["ops"]["ingest_files"]["config"]["files"] == ["articles-1.parquet"]
     assert incoming_batches.job_name == "ingest_incoming"
@@ -92,7 +94,7 @@ def test_drop_ingest_refresh_publish_chain(data_dir):
     posts.write_parquet(incoming / "articles-sim.parquet")
     eng.write_parquet(incoming / "engagements-sim.parquet")
 
-    request = incoming_batches(dg.build_sensor_context(instance=instance))
+    request = incoming_batches(dg.build_sensor_context(instance=instance, resources=defs.resources))
     job = defs.resolve_job_def("ingest_incoming")
     assert job.execute_in_process(run_config=request.run_config, instance=instance).success
     keys = user_shards.get_partition_keys()

@@ -171,7 +171,10 @@ def _failure(result) -> str:
 def test_assets_write_no_shard_and_publish_no_empty_feeds(
     data_dir, tiny_world, tmp_path, monkeypatch
 ) -> None:
-    from feed_dagster.assets.feeds import _shard_path, user_shards
+    from feed_dagster.assets.feeds import user_shards
+    from feed_dagster.resources.storage import StorageResource
+
+    _shard_path = StorageResource().shard_path
 
     save_parquet_world(_aged(tiny_world), tmp_path / "aged")
     monkeypatch.setenv("FEED_DAGSTER_SOURCE", f"parquet:{tmp_path / 'aged'}")
@@ -203,7 +206,9 @@ def test_assets_write_no_shard_and_publish_no_empty_feeds(
 
 
 def test_no_limit_in_the_launchpad_gives_old_posts(data_dir, tiny_world, tmp_path, monkeypatch):
-    from feed_dagster.assets.feeds import _shard_path
+    from feed_dagster.resources.storage import StorageResource
+
+    _shard_path = StorageResource().shard_path
 
     aged = _aged(tiny_world)
     save_parquet_world(aged, tmp_path / "aged")

@@ -207,8 +207,9 @@ def test_the_ingest_job_makes_deletes_visible_to_readers(
     assert t["article"] in reader.get_feed(t["u"])["article_id"].to_list()
     drop_actions(incoming_dir(), t, tiny_world.now)
     instance = dg.DagsterInstance.ephemeral()
-    request = incoming_batches(dg.build_sensor_context(instance=instance))
-    job = build_definitions().resolve_job_def("ingest_incoming")
+    defs = build_definitions()
+    request = incoming_batches(dg.build_sensor_context(instance=instance, resources=defs.resources))
+    job = defs.resolve_job_def("ingest_incoming")
     result = job.execute_in_process(run_config=request.run_config, instance=instance)
     assert result.success
     keys = {e.asset_key.path[-1] for e in result.get_asset_materialization_events()}

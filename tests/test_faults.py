@@ -73,7 +73,7 @@ def _kill(proc: subprocess.Popen) -> None:
     assert proc.returncode == -signal.SIGKILL
 
 
-def _materialize(selection, partition_key=None):
+def _materialize(selection, partition_key=None, instance=None):
     from feed_dagster.definitions import build_definitions
 
     defs = build_definitions()
@@ -82,7 +82,7 @@ def _materialize(selection, partition_key=None):
         selection=selection,
         partition_key=partition_key,
         resources=defs.resources,
-        instance=dg.DagsterInstance.ephemeral(),
+        instance=instance or dg.DagsterInstance.ephemeral(),
         raise_on_error=False,
     )
 
@@ -119,7 +119,9 @@ pl.DataFrame.write_parquet = half_write
 
 
 def test_a_shard_run_killed_mid_write_leaves_no_partial_shard(data_dir, tmp_path) -> None:
-    from feed_dagster.assets.feeds import _shard_path
+    from feed_dagster.resources.storage import StorageResource
+
+    _shard_path = StorageResource().shard_path
 
     assert _materialize(dg.AssetSelection.groups("raw", "social_graph")).success
     assert _materialize(dg.AssetSelection.assets("user_feeds"), "0").success
@@ -245,16 +247,21 @@ def test_a_truncated_safetensors_file_is_named_and_never_promoted(tmp_path) -> N
 
 
 def test_the_promotion_asset_keeps_the_incumbent_over_a_damaged_candidate(data_dir) -> None:
-    from feed_dagster.paths import candidate_file
-
     store = ModelStore(data_dir / "models")
     v1 = store.save("ranker", _state(1, 1000), {"kind": "ranker"})
     store.promote("ranker", v1)
     v2 = store.save("ranker", _state(2, 1000), {"kind": "ranker"})
     (data_dir / "models" / "ranker" / v2 / "model.safetensors").write_bytes(b"\x08\x00")
-    candidate_file().write_text(json.dumps({"ranker": v2, "two_tower": "x", "evaluation": ""}))
+    # The candidate as trained_models records it: ranker_evaluation's metadata.
+    instance = dg.DagsterInstance.ephemeral()
+    instance.report_runless_asset_event(
+        dg.AssetMaterialization(
+            "ranker_evaluation",
+            metadata={"ranker_version": v2, "path": "", "incumbent_version": v1},
+        )
+    )
 
-    result = _materialize(dg.AssetSelection.assets("promoted_ranker"))
+    result = _materialize(dg.AssetSelection.assets("promoted_ranker"), instance=instance)
     assert not result.success
     (failure,) = result.get_step_failure_events()
     assert "unreadable" in error_text(failure.step_failure_data.error)

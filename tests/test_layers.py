@@ -65,8 +65,13 @@ CORE = (
     "base",
 )
 # Shared by the asset modules and defining no asset: the retry policy and fail-fast rule
-# every step uses, and the publish's automation condition.
-ASSET_HELPERS = {"feed_dagster.assets.retry", "feed_dagster.assets.conditions"}
+# every step uses, the publish's automation condition, and reading an upstream asset's
+# materialization metadata.
+ASSET_HELPERS = {
+    "feed_dagster.assets.retry",
+    "feed_dagster.assets.conditions",
+    "feed_dagster.assets.upstream",
+}
 
 
 def module_name(path: Path) -> str:

@@ -98,13 +98,14 @@ def published(data_dir):
 
 
 def _rewrite_shards(keep: pl.Expr) -> None:
-    from feed_dagster.assets.feeds import _shard_path, user_shards
+    from feed_dagster.assets.feeds import user_shards
     from feed_dagster.feeds.shard_files import read_versions, write_shard
-    from feed_dagster.paths import shard_dir
+    from feed_dagster.resources.storage import StorageResource
 
+    storage = StorageResource()
     for key in user_shards.get_partition_keys():
-        feeds = pl.read_parquet(_shard_path(key)).filter(keep)
-        write_shard(shard_dir(), key, feeds, read_versions(shard_dir(), key))
+        feeds = pl.read_parquet(storage.shard_path(key)).filter(keep)
+        write_shard(storage.shard_dir(), key, feeds, read_versions(storage.shard_dir(), key))
 
 
 def _guard(result) -> dg.AssetCheckEvaluation:

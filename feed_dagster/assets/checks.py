@@ -13,7 +13,7 @@ import duckdb
 
 from feed_dagster.data import checks as C
 from feed_dagster.data.warehouse import connect_read_only
-from feed_dagster.paths import warehouse_path
+from feed_dagster.resources.storage import StorageResource
 from feed_dagster.resources.warehouse import WAREHOUSE_POOL
 
 
@@ -114,9 +114,11 @@ def _spec(rule: Rule) -> dg.AssetCheckSpec:
     can_subset=True,
     pool=WAREHOUSE_POOL,
 )
-def raw_table_checks(context: dg.AssetCheckExecutionContext) -> Iterator[dg.AssetCheckResult]:
+def raw_table_checks(
+    context: dg.AssetCheckExecutionContext, storage: StorageResource
+) -> Iterator[dg.AssetCheckResult]:
     selected = context.selected_asset_check_keys
-    con = connect_read_only(warehouse_path())
+    con = connect_read_only(storage.warehouse_path())
     try:
         for rule in RULES:
             key = dg.AssetCheckKey(dg.AssetKey(rule.table), rule.name)

@@ -6,8 +6,8 @@ import polars as pl
 from feed_dagster.assets.retry import IO_RETRY
 from feed_dagster.atomic import atomic_path
 from feed_dagster.embeddings.incremental import update_embeddings
-from feed_dagster.embeddings.stored import embeddings_path
 from feed_dagster.resources.encoder import EncoderResource
+from feed_dagster.resources.storage import StorageResource
 
 
 @dg.asset(
@@ -17,11 +17,14 @@ from feed_dagster.resources.encoder import EncoderResource
     automation_condition=dg.AutomationCondition.eager(),
 )
 def article_embeddings(
-    context: dg.AssetExecutionContext, articles: pl.DataFrame, encoder: EncoderResource
+    context: dg.AssetExecutionContext,
+    articles: pl.DataFrame,
+    encoder: EncoderResource,
+    storage: StorageResource,
 ) -> dg.MaterializeResult:
     """article_id -> float32 content vector. Incremental: articles whose content hash and
     encoder version are unchanged keep their stored vector."""
-    path = embeddings_path()
+    path = storage.embeddings_path()
     previous = pl.read_parquet(path) if path.exists() else None
     enc = encoder.encoder()
     table, stats = update_embeddings(articles, previous, enc)

@@ -7,8 +7,8 @@ from feed_dagster.data.warehouse import read_heldout_sample
 from feed_dagster.data.world_tables import world_from_tables
 from feed_dagster.metrics.baselines import evaluate_baselines
 from feed_dagster.models.budget import TrainingBudget
-from feed_dagster.paths import warehouse_path
 from feed_dagster.plots import markdown_table, metric_bars
+from feed_dagster.resources.storage import StorageResource
 from feed_dagster.resources.warehouse import WAREHOUSE_POOL
 
 EVALUATION_TABLES = ["world_info", "impressions", "engagements", "articles", "follows"]
@@ -30,13 +30,13 @@ class EvaluationConfig(dg.Config):
     pool=WAREHOUSE_POOL,
     deps=EVALUATION_TABLES,
 )
-def impressions_evaluation(config: EvaluationConfig):
+def impressions_evaluation(config: EvaluationConfig, storage: StorageResource):
     """AUC, MRR and nDCG@5/10 of the non-learned baselines on held-out impressions, scored
     as the EBNeRD benchmark does (label = inview article clicked), with no future leakage.
     Only the sampled users' held-out impressions are read (SQL), so the step's cost follows
     the sample, not the world."""
     tables, sample = read_heldout_sample(
-        warehouse_path(), EVALUATION_TABLES, config.max_users, config.seed
+        storage.warehouse_path(), EVALUATION_TABLES, config.max_users, config.seed
     )
     world = world_from_tables(tables, tables["world_info"])
     table = evaluate_baselines(world, heldout_only=True)

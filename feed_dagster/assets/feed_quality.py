@@ -20,8 +20,8 @@ from feed_dagster.feeds.evaluation import (
 )
 from feed_dagster.feeds.model_backends import feed_models
 from feed_dagster.models.train import torch_threads
-from feed_dagster.paths import warehouse_path
 from feed_dagster.plots import markdown_table
+from feed_dagster.resources.storage import StorageResource
 from feed_dagster.resources.stores import LanceDBResource, ModelStoreResource
 
 FALLBACK = "table_fallbacks"
@@ -51,12 +51,13 @@ def feed_quality(
     config: FeedQualityConfig,
     models: ModelStoreResource,
     lancedb: LanceDBResource,
+    storage: StorageResource,
 ) -> dg.Output[pl.DataFrame]:
     """Recall@35 of held-out positives for feeds built at heldout_start from the data before
     it: the promoted models' feed (the table fallbacks while none is promoted) against the
     chronological-following and popularity feeds, all with the same filters and selection,
     on a fixed seeded sample of users with a held-out positive."""
-    tables = read_tables(warehouse_path(), PIPELINE_TABLES, OPTIONAL_TABLES)
+    tables = read_tables(storage.warehouse_path(), PIPELINE_TABLES, OPTIONAL_TABLES)
     cut = tables["world_info"]["heldout_start"][0]
     # The models' serving context is built from the data before the cut only.
     retriever, scorer, versions = feed_models(
@@ -65,6 +66,8 @@ def feed_quality(
         lancedb.resolved_uri(),
         lancedb.table,
         context.log.warning,
+        embeddings=storage.embeddings_path(),
+        peers_dir=storage.serving_peers_dir(),
     )
     fallback = versions["model_version"] == "fallback"
     name = FALLBACK if fallback else LEARNED

@@ -2,7 +2,6 @@
 
 import os
 from datetime import UTC, datetime
-from pathlib import Path
 
 import dagster as dg
 from pydantic import Field
@@ -13,13 +12,13 @@ from feed_dagster.data.warehouse import read_tables
 from feed_dagster.feeds.build import OPTIONAL_TABLES, PIPELINE_TABLES, build_feeds
 from feed_dagster.feeds.model_backends import feed_models
 from feed_dagster.feeds.report import feed_preview_markdown, stage_timings_markdown
-from feed_dagster.feeds.shard_files import read_versions, shard_path, write_shard
+from feed_dagster.feeds.shard_files import read_versions, write_shard
 from feed_dagster.feeds.shards import users_in_shard
 from feed_dagster.memory import StepMemory
 from feed_dagster.models.train import torch_threads
-from feed_dagster.paths import serving_path, shard_dir, warehouse_path
 from feed_dagster.pipeline.config import PipelineConfig, resolve_window
 from feed_dagster.pipeline.tables import candidate_window
+from feed_dagster.resources.storage import StorageResource
 from feed_dagster.resources.stores import LanceDBResource, ModelStoreResource
 from feed_dagster.serving.guard import GuardConfig, GuardDecision, check_publish
 from feed_dagster.serving.publish import publish_feeds
@@ -91,10 +90,6 @@ PUBLISH_GUARD = dg.AssetCheckSpec(
 )
 
 
-def _shard_path(shard: str) -> Path:
-    return shard_path(shard_dir(), shard)
-
-
 @dg.asset(
     group_name="feeds",
     partitions_def=user_shards,
@@ -108,21 +103,28 @@ def user_feeds(
     config: FeedConfig,
     models: ModelStoreResource,
     lancedb: LanceDBResource,
+    storage: StorageResource,
 ) -> dg.MaterializeResult:
     """Ranked feeds for the users of one shard: candidates -> filters -> scores -> selection,
     written as one Parquet file per shard."""
     memory = StepMemory().start()
     shard = int(context.partition_key)
-    tables = read_tables(warehouse_path(), PIPELINE_TABLES, OPTIONAL_TABLES)
+    tables = read_tables(storage.warehouse_path(), PIPELINE_TABLES, OPTIONAL_TABLES)
     now = tables["world_info"]["now"][0]
     window = resolve_window(
         candidate_window(tables), config.candidate_window_hours, config.no_candidate_window
     )
     user_ids = users_in_shard(tables["users"], shard, N_SHARDS)
     retriever, scorer, versions = feed_models(
-        tables, models.store(), lancedb.resolved_uri(), lancedb.table, context.log.warning
+        tables,
+        models.store(),
+        lancedb.resolved_uri(),
+        lancedb.table,
+        context.log.warning,
+        embeddings=storage.embeddings_path(),
+        peers_dir=storage.serving_peers_dir(),
     )
-    served = read_served(serving_path()) if config.exclude_previously_served else None
+    served = read_served(storage.serving_path()) if config.exclude_previously_served else None
     # Raises NoCandidatesError before anything is written when the window misses the data.
     with fail_fast(), torch_threads(config.torch_threads):
         feeds, stats = build_feeds(
@@ -136,7 +138,7 @@ def user_feeds(
             batch_size=config.batch_size,
             progress=lambda m: context.log.info(f"shard {shard}: {m}"),
         )
-    write_shard(shard_dir(), context.partition_key, feeds, versions)
+    write_shard(storage.shard_dir(), context.partition_key, feeds, versions)
     memory.stop()
     return dg.MaterializeResult(
         metadata={
@@ -151,7 +153,7 @@ def user_feeds(
             "now": str(now),
             "candidate_window_hours": stats.candidate_window_hours,
             "active_users_with_candidates": stats.active_users_with_candidates,
-            "path": str(_shard_path(context.partition_key)),
+            "path": str(storage.shard_path(context.partition_key)),
             "feed_preview": dg.MetadataValue.md(
                 feed_preview_markdown(feeds, tables["articles"], tables["users"])
             ),
@@ -182,12 +184,14 @@ def _guard_result(decision: GuardDecision) -> dg.AssetCheckResult:
     retry_policy=IO_RETRY,
     automation_condition=publish_when_every_shard_is_fresh(),
 )
-def published_feeds(context: dg.AssetExecutionContext, config: PublishConfig):
+def published_feeds(
+    context: dg.AssetExecutionContext, config: PublishConfig, storage: StorageResource
+):
     """The serving DuckDB file, built beside the live one from every shard and renamed into
     place: readers never block the publish and never see a mix of two refreshes. The
     publish_guard check runs first; when it fails nothing is built and the live file stays."""
     keys = user_shards.get_partition_keys()
-    paths = [_shard_path(k) for k in keys]
+    paths = [storage.shard_path(k) for k in keys]
     missing = [p.name for p in paths if not p.exists()]
     if missing:
         raise FileNotFoundError(
@@ -195,7 +199,7 @@ def published_feeds(context: dg.AssetExecutionContext, config: PublishConfig):
             "user_feeds partition first"
         )
     guard = GuardConfig(config.min_active_coverage, config.min_share_of_live, config.allow_shrink)
-    decision = check_publish(paths, serving_path(), warehouse_path(), guard)
+    decision = check_publish(paths, storage.serving_path(), storage.warehouse_path(), guard)
     if not decision.passed:
         # The check result first (the UI's check tab), then a failure nobody retries: the
         # same shards would be refused again.
@@ -205,15 +209,15 @@ def published_feeds(context: dg.AssetExecutionContext, config: PublishConfig):
             description=decision.description(), metadata=decision.metadata(), allow_retries=False
         )
     context.log.info(decision.description())
-    tables = read_tables(warehouse_path(), ["articles", "users"])
-    versions = [read_versions(shard_dir(), k) for k in keys]
+    tables = read_tables(storage.warehouse_path(), ["articles", "users"])
+    versions = [read_versions(storage.shard_dir(), k) for k in keys]
     # Shards built with different models (a promotion between shard runs) are published
     # together but say so: both versions are recorded.
     model_version = ";".join(sorted({v["model_version"] for v in versions}))
     vector_version = ";".join(sorted({v["vector_table_version"] for v in versions}))
     result = publish_feeds(
         [str(p) for p in paths],
-        serving_path(),
+        storage.serving_path(),
         model_version=model_version,
         vector_table_version=vector_version,
         generated_at=datetime.now(UTC).replace(tzinfo=None),

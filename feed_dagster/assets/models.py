@@ -1,13 +1,11 @@
 """Training, evaluation and promotion of the two-tower retrieval model and the ranker."""
 
-import json
-from pathlib import Path
-
 import dagster as dg
 import polars as pl
 from pydantic import Field
 
 from feed_dagster.assets.retry import IO_RETRY, fail_fast
+from feed_dagster.assets.upstream import upstream_metadata
 from feed_dagster.data.world_tables import world_from_tables
 from feed_dagster.embeddings.stored import content_vectors
 from feed_dagster.memory import StepMemory
@@ -17,8 +15,9 @@ from feed_dagster.models.promotion import promotion_decision
 from feed_dagster.models.ranker import load_ranker
 from feed_dagster.models.train import prepare_and_train
 from feed_dagster.models.two_tower import load_two_tower
-from feed_dagster.paths import RANKER, TWO_TOWER, candidate_file, data_root, warehouse_path
+from feed_dagster.paths import RANKER, TWO_TOWER
 from feed_dagster.plots import markdown_table, png_bytes_markdown
+from feed_dagster.resources.storage import StorageResource
 from feed_dagster.resources.stores import ModelStoreResource
 from feed_dagster.resources.warehouse import WAREHOUSE_POOL
 
@@ -32,10 +31,6 @@ MODEL_TABLES = [
     "follows",
     "topic_follows",
 ]
-
-
-def evaluation_dir() -> Path:
-    return data_root() / "models" / "evaluations"
 
 
 class TrainingBudgetConfig(dg.Config):
@@ -103,18 +98,21 @@ INPUTS = {dg.AssetKey(t) for t in [*MODEL_TABLES, "article_embeddings"]}
     can_subset=False,
 )
 def trained_models(
-    context: dg.AssetExecutionContext, config: TrainingBudgetConfig, models: ModelStoreResource
+    context: dg.AssetExecutionContext,
+    config: TrainingBudgetConfig,
+    models: ModelStoreResource,
+    storage: StorageResource,
 ):
     """Train both models on one temporal split, store them, and evaluate on held-out data."""
     memory = StepMemory().start()
     store = models.store()
     budget = TrainingBudget(**config.model_dump())
-    tables, sample = read_training_tables(warehouse_path(), MODEL_TABLES, budget)
+    tables, sample = read_training_tables(storage.warehouse_path(), MODEL_TABLES, budget)
     context.log.info(f"training sample (budget {budget.to_dict()}): {sample.summary()}")
     world = world_from_tables(tables, tables["world_info"])
     data, tt, rk = prepare_and_train(
         world,
-        content_vectors(world.articles),
+        content_vectors(world.articles, storage.embeddings_path()),
         budget=budget,
         valid_start=sample.valid_start,
         exposures=tables["exposures"],
@@ -144,19 +142,9 @@ def trained_models(
         except (RuntimeError, KeyError, ValueError) as exc:  # incompatible older architecture
             context.log.warning(f"cannot evaluate the promoted ranker {incumbent}: {exc}")
     table = evaluate_models(world, data, ranker=ranker, two_tower=two_tower, extra_rankers=extra)
-    evaluation_dir().mkdir(parents=True, exist_ok=True)
-    eval_path = evaluation_dir() / f"ranker-{rk_version}.parquet"
+    storage.evaluation_dir().mkdir(parents=True, exist_ok=True)
+    eval_path = storage.evaluation_dir() / f"ranker-{rk_version}.parquet"
     table.write_parquet(eval_path)
-    candidate_file().write_text(
-        json.dumps(
-            {
-                "ranker": rk_version,
-                "two_tower": tt_version,
-                "evaluation": str(eval_path),
-                "incumbent": incumbent if "promoted" in extra else None,
-            }
-        )
-    )
     curves = png_bytes_markdown(
         training_curves({"two_tower": tt.history, "ranker": rk.history}), "training curves"
     )
@@ -170,6 +158,8 @@ def trained_models(
         output_name="retrieval_model",
         metadata={
             "version": tt_version,
+            # What article_vectors builds its item vectors with (and then promotes).
+            "two_tower_version": tt_version,
             "path": f"{store.root}/{TWO_TOWER}/{tt_version}",
             **tt.summary(),
             "curves": dg.MetadataValue.md(curves),
@@ -196,7 +186,12 @@ def trained_models(
         output_name="ranker_evaluation",
         metadata={
             "dagster/row_count": table.height,
+            # The candidate the gate judges and promoted_ranker promotes, the evaluation it
+            # is judged on, and the incumbent it was compared with ("" when none was).
             "candidate_version": rk_version,
+            "ranker_version": rk_version,
+            "two_tower_version": tt_version,
+            "incumbent_version": incumbent if "promoted" in extra else "",
             "path": str(eval_path),
             "table": dg.MetadataValue.md(markdown_table(table.select(metric_cols))),
             "chart": dg.MetadataValue.md(png_bytes_markdown(evaluation_chart(table), "evaluation")),
@@ -217,11 +212,15 @@ def evaluation_table(table: pl.DataFrame, ranker: str, two_tower: str) -> pl.Dat
     )
 
 
-def _candidate() -> dict:
-    path = candidate_file()
-    if not path.exists():
-        raise FileNotFoundError(f"{path} is missing: materialise trained_models first")
-    return json.loads(path.read_text())
+def _candidate(instance: dg.DagsterInstance) -> dict:
+    """The ranker the latest training evaluated: its version, the evaluation's Parquet
+    file and the incumbent it was compared with, from ranker_evaluation's metadata."""
+    return upstream_metadata(
+        instance,
+        "ranker_evaluation",
+        ["ranker_version", "path", "incumbent_version"],
+        produced_by="trained_models",
+    )
 
 
 @dg.asset_check(
@@ -231,34 +230,39 @@ def _candidate() -> dict:
     "every classic peer (all-time popularity, item-kNN, ALS, EASE) by 0.01 AUC, and lose at "
     "most 0.005 AUC to the promoted ranker; otherwise it is never promoted.",
 )
-def ranker_promotion_gate() -> dg.AssetCheckResult:
-    cand = _candidate()
-    table = pl.read_parquet(cand["evaluation"])
+def ranker_promotion_gate(context: dg.AssetCheckExecutionContext) -> dg.AssetCheckResult:
+    cand = _candidate(context.instance)
+    table = pl.read_parquet(cand["path"])
     incumbent_auc = None
-    if cand.get("incumbent"):
+    if cand["incumbent_version"]:
         incumbent_auc = float(table.filter(pl.col("method") == "promoted")["auc"][0])
     passed, reasons = promotion_decision(table, incumbent_auc=incumbent_auc)
     return dg.AssetCheckResult(
         passed=passed,
         severity=dg.AssetCheckSeverity.ERROR,
         description="; ".join(reasons),
-        metadata={"candidate_version": cand["ranker"], "incumbent_auc": incumbent_auc or 0.0},
+        metadata={
+            "candidate_version": cand["ranker_version"],
+            "incumbent_auc": incumbent_auc or 0.0,
+        },
     )
 
 
 @dg.asset(group_name="models", deps=["ranker_evaluation"], kinds={"pytorch"}, retry_policy=IO_RETRY)
-def promoted_ranker(models: ModelStoreResource) -> dg.MaterializeResult:
+def promoted_ranker(
+    context: dg.AssetExecutionContext, models: ModelStoreResource
+) -> dg.MaterializeResult:
     """Points the model store's PROMOTED ranker at the candidate that passed the gate; feeds
     score with the promoted ranker only."""
-    cand = _candidate()
+    candidate = _candidate(context.instance)["ranker_version"]
     store = models.store()
     previous = store.promoted(RANKER)
     with fail_fast():  # a damaged candidate is refused and the incumbent stays promoted
-        store.promote(RANKER, cand["ranker"])
+        store.promote(RANKER, candidate)
     return dg.MaterializeResult(
         metadata={
-            "version": cand["ranker"],
+            "version": candidate,
             "previous": previous or "none",
-            "changed": previous != cand["ranker"],
+            "changed": previous != candidate,
         }
     )

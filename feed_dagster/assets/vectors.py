@@ -1,17 +1,17 @@
 """The LanceDB article-vector table that out-of-network retrieval searches."""
 
-import json
-
 import dagster as dg
 import numpy as np
 import polars as pl
 
 from feed_dagster.assets.retry import IO_RETRY
+from feed_dagster.assets.upstream import upstream_metadata
 from feed_dagster.data.warehouse import read_tables
 from feed_dagster.feeds.model_backends import serving_context
 from feed_dagster.models.serve import item_vectors_of
 from feed_dagster.models.two_tower import load_two_tower
-from feed_dagster.paths import TWO_TOWER, candidate_file, warehouse_path
+from feed_dagster.paths import TWO_TOWER
+from feed_dagster.resources.storage import StorageResource
 from feed_dagster.resources.stores import LanceDBResource, ModelStoreResource
 from feed_dagster.vectors import (
     DEFAULT_INDEX_THRESHOLD,
@@ -39,15 +39,25 @@ VECTOR_TABLES = ["articles", "engagements", "follows", "topic_follows"]
     automation_condition=dg.AutomationCondition.eager(),
 )
 def article_vectors(
-    context: dg.AssetExecutionContext, models: ModelStoreResource, lancedb: LanceDBResource
+    context: dg.AssetExecutionContext,
+    models: ModelStoreResource,
+    lancedb: LanceDBResource,
+    storage: StorageResource,
 ) -> dg.MaterializeResult:
     """Item-tower vectors of every article plus filter columns, upserted into LanceDB, with
     exact search below 10k rows and a recall-calibrated IVF index above."""
     store = models.store()
-    version = json.loads(candidate_file().read_text())["two_tower"]
+    version = upstream_metadata(
+        context.instance, "retrieval_model", ["two_tower_version"], produced_by="trained_models"
+    )["two_tower_version"]
     model = load_two_tower(*store.load(TWO_TOWER, version))
-    tables = read_tables(warehouse_path(), VECTOR_TABLES)
-    ctx = serving_context(tables, model.cfg.features)
+    tables = read_tables(storage.warehouse_path(), VECTOR_TABLES)
+    ctx = serving_context(
+        tables,
+        model.cfg.features,
+        embeddings=storage.embeddings_path(),
+        peers_dir=storage.serving_peers_dir(),
+    )
     frame = retrieval_frame(item_vectors_of(model, ctx), tables["articles"])
     uri, name = lancedb.resolved_uri(), lancedb.table
     try:
@@ -83,10 +93,12 @@ def _table(lancedb: LanceDBResource):
 
 
 @dg.asset_check(asset=article_vectors, description="one vector per article, none NaN or zero")
-def vectors_cover_articles(lancedb: LanceDBResource) -> dg.AssetCheckResult:
+def vectors_cover_articles(
+    lancedb: LanceDBResource, storage: StorageResource
+) -> dg.AssetCheckResult:
     table = _table(lancedb)
     ids, matrix = read_vectors(table)
-    articles = read_tables(warehouse_path(), ["articles"])["articles"]
+    articles = read_tables(storage.warehouse_path(), ["articles"])["articles"]
     missing = articles.join(pl.DataFrame({"article_id": ids}), on="article_id", how="anti")
     norms = np.linalg.norm(matrix, axis=1)
     bad = ~np.isfinite(matrix).all(axis=1) | (norms == 0)

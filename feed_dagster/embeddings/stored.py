@@ -16,16 +16,18 @@ def embeddings_path() -> Path:
     return data_root() / "embeddings" / "article_embeddings.parquet"
 
 
-def read_embeddings() -> pl.DataFrame:
-    path = embeddings_path()
+def read_embeddings(path: Path | None = None) -> pl.DataFrame:
+    """The stored embeddings at `path` (default: under the data root)."""
+    path = path or embeddings_path()
     if not path.exists():
         raise FileNotFoundError(f"{path} is missing: materialise article_embeddings first")
     return pl.read_parquet(path)
 
 
-def content_vectors(articles: pl.DataFrame) -> np.ndarray:
-    """The stored content vector of every article, in the order of `articles`."""
-    emb = read_embeddings().select("article_id", "vector")
+def content_vectors(articles: pl.DataFrame, path: Path | None = None) -> np.ndarray:
+    """The stored content vector of every article, in the order of `articles` (embeddings
+    file `path`, default under the data root)."""
+    emb = read_embeddings(path).select("article_id", "vector")
     joined = articles.select("article_id").join(
         emb, on="article_id", how="left", maintain_order="left"
     )

@@ -16,6 +16,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from datetime import datetime
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -152,17 +153,26 @@ class RankerScorer:
         return score_candidates(self.model, self.context, candidates, context.now)
 
 
-def serving_context(tables: dict[str, pl.DataFrame], features: FeatureConfig) -> ServingContext:
-    """The models' serving inputs from warehouse tables and the stored content vectors."""
+def serving_context(
+    tables: dict[str, pl.DataFrame],
+    features: FeatureConfig,
+    *,
+    embeddings: Path | None = None,
+    peers_dir: Path | None = None,
+) -> ServingContext:
+    """The models' serving inputs from warehouse tables and the stored content vectors.
+
+    `embeddings` (the article_embeddings file) and `peers_dir` (cached classic-peer scores)
+    default to their places under the data root; the Dagster layer passes its storage's."""
     articles = tables["articles"]
     return ServingContext.build(
         articles,
-        content_vectors(articles),
+        content_vectors(articles, embeddings),
         tables["engagements"],
         tables["follows"],
         tables["topic_follows"],
         features,
-        peers_dir=data_root() / "models" / "serving_peers",
+        peers_dir=peers_dir or data_root() / "models" / "serving_peers",
         impressions=tables.get("impressions"),
     )
 
@@ -173,6 +183,9 @@ def feed_models(
     vectors_uri: str,
     vectors_table: str,
     warn: Callable[[str], None],
+    *,
+    embeddings: Path | None = None,
+    peers_dir: Path | None = None,
 ) -> tuple[Retriever, Scorer, dict[str, str]]:
     """The promoted ranker and two-tower + LanceDB retrieval; the table-based fallbacks
     (and a warning through `warn`) while no model has been promoted or the vector table
@@ -198,7 +211,12 @@ def feed_models(
         )
     ranker = load_ranker(*store.load(RANKER, ranker_v))
     tower = load_two_tower(*store.load(TWO_TOWER, tower_v))
-    ctx = serving_context(tables, serving_features(ranker.cfg.features))
+    ctx = serving_context(
+        tables,
+        serving_features(ranker.cfg.features),
+        embeddings=embeddings,
+        peers_dir=peers_dir,
+    )
     return (
         TwoTowerRetriever(tower, ctx, table),
         RankerScorer(ranker, ctx),

@@ -17,7 +17,7 @@ import dagster as dg
 from feed_dagster.assets.feeds import user_shards
 from feed_dagster.incoming import pending_batches
 from feed_dagster.jobs.ingest import ingest_incoming
-from feed_dagster.paths import data_root, incoming_dir
+from feed_dagster.resources.storage import StorageResource
 
 FEEDS = dg.AssetSelection.assets("user_feeds")
 FEED_QUALITY = dg.AssetSelection.assets("feed_quality")
@@ -95,10 +95,10 @@ daily_retrain = dg.ScheduleDefinition(
     default_status=dg.DefaultSensorStatus.RUNNING,
     description="Ingests Parquet batches of posts/engagements dropped into data/incoming/.",
 )
-def incoming_batches(context: dg.SensorEvaluationContext):
-    files = pending_batches(incoming_dir())
+def incoming_batches(context: dg.SensorEvaluationContext, storage: StorageResource):
+    files = pending_batches(storage.incoming_dir())
     if not files:
-        return dg.SkipReason(f"no batch files in {incoming_dir()}")
+        return dg.SkipReason(f"no batch files in {storage.incoming_dir()}")
     # Same files with the same size and mtime give the same run key: never ingested twice.
     key = "|".join(f"{p.name}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in files)
     return dg.RunRequest(
@@ -138,8 +138,8 @@ def quality_after_new_models(context: dg.RunStatusSensorContext):
     default_status=dg.DefaultSensorStatus.RUNNING,
     description="Records every failed run in data/logs/run_failures.jsonl.",
 )
-def record_run_failures(context: dg.RunFailureSensorContext):
-    log = data_root() / "logs" / "run_failures.jsonl"
+def record_run_failures(context: dg.RunFailureSensorContext, storage: StorageResource):
+    log = storage.run_failures_log()
     log.parent.mkdir(parents=True, exist_ok=True)
     entry = {
         "at": datetime.now(UTC).isoformat(),

@@ -4,7 +4,7 @@ warehouse and refreshes the readers' safety list."""
 import dagster as dg
 
 from feed_dagster.incoming import BatchError, ingest_batches
-from feed_dagster.paths import incoming_dir, safety_path, warehouse_path
+from feed_dagster.resources.storage import StorageResource
 
 
 class IngestConfig(dg.Config):
@@ -12,17 +12,17 @@ class IngestConfig(dg.Config):
 
 
 @dg.op(pool="warehouse", out={})
-def ingest_files(context: dg.OpExecutionContext, config: IngestConfig):
+def ingest_files(context: dg.OpExecutionContext, config: IngestConfig, storage: StorageResource):
     """Validate and append the batch files in one transaction, then move them to done/;
     deletions, blocks and mutes (and engagements, once feeds are published) also rewrite the
     safety list readers apply at once."""
-    paths = [incoming_dir() / name for name in config.files]
+    paths = [storage.incoming_dir() / name for name in config.files]
     present = [p for p in paths if p.exists()]
     if not present:
         context.log.info("nothing to ingest: the files were already handled")
         return
     try:
-        report = ingest_batches(warehouse_path(), present, safety_path())
+        report = ingest_batches(storage.warehouse_path(), present, storage.safety_path())
     except BatchError as exc:
         raise dg.Failure(description=str(exc)) from exc
     for table, rows in report.rows.items():

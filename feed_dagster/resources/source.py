@@ -1,6 +1,7 @@
 """The data source as a Dagster resource: switching data is configuration, not code."""
 
 import os
+from pathlib import Path
 
 import dagster as dg
 
@@ -22,6 +23,9 @@ class SourceResource(dg.ConfigurableResource):
     # Replay committed incoming batches (data/incoming/done) on top of the source, so a
     # full rebuild keeps the activity the sensor ingested.
     include_ingested: bool = True
+    # The incoming folder whose done/ is replayed; empty = the default data root's. The
+    # definitions set it from the storage resource, so both always name the same folder.
+    incoming_dir: str = ""
 
     def parsed(self) -> SourceSpec:
         return SourceSpec.parse(self.spec, seed=self.seed)
@@ -29,9 +33,13 @@ class SourceResource(dg.ConfigurableResource):
     def load(self) -> World:
         world = load_source(self.parsed())
         if self.include_ingested:
-            world = replay_done(world, incoming_dir() / "done")
+            folder = Path(self.incoming_dir) if self.incoming_dir else incoming_dir()
+            world = replay_done(world, folder / "done")
         return world
 
 
-def default_source() -> SourceResource:
-    return SourceResource(spec=os.environ.get("FEED_DAGSTER_SOURCE", "synthetic:demo"))
+def default_source(incoming: Path | None = None) -> SourceResource:
+    return SourceResource(
+        spec=os.environ.get("FEED_DAGSTER_SOURCE", "synthetic:demo"),
+        incoming_dir=str(incoming) if incoming else "",
+    )
