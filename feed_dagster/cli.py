@@ -512,7 +512,8 @@ ENVIRONMENT = {
     "FEED_DAGSTER_EXECUTOR": "executor of jobs started from the UI, schedules and sensors: "
     "multiprocess (one process per step) or in_process (default: multiprocess); `run` "
     "always runs its steps in its own process and its shards in worker processes",
-    "FEED_DAGSTER_SHARDS": "number of user shards of user_feeds (default: 4)",
+    "FEED_DAGSTER_SHARDS": "number of user shards of user_feeds (default: 4; 16 for "
+    "synthetic:m, 64 for synthetic:l)",
     "FEED_DAGSTER_ENCODER": "article content encoder: lexical, minilm (needs the [text] "
     "extra) or precomputed (default: lexical)",
 }

@@ -13,7 +13,7 @@ from feed_dagster.feeds.build import OPTIONAL_TABLES, PIPELINE_TABLES, build_fee
 from feed_dagster.feeds.model_backends import feed_models
 from feed_dagster.feeds.report import feed_preview_markdown, stage_timings_markdown
 from feed_dagster.feeds.shard_files import read_versions, write_shard
-from feed_dagster.feeds.shards import users_in_shard
+from feed_dagster.feeds.shards import default_shard_count, users_in_shard
 from feed_dagster.memory import StepMemory
 from feed_dagster.models.train import torch_threads
 from feed_dagster.pipeline.config import PipelineConfig, resolve_window
@@ -24,7 +24,9 @@ from feed_dagster.serving.guard import GuardConfig, GuardDecision, check_publish
 from feed_dagster.serving.publish import publish_feeds
 from feed_dagster.serving.read import read_served
 
-N_SHARDS = int(os.environ.get("FEED_DAGSTER_SHARDS", "4"))
+N_SHARDS = default_shard_count(
+    os.environ.get("FEED_DAGSTER_SOURCE", "synthetic:demo"), os.environ.get("FEED_DAGSTER_SHARDS")
+)
 user_shards = dg.StaticPartitionsDefinition([str(i) for i in range(N_SHARDS)])
 
 MODEL_DEPS = ["promoted_ranker", "article_vectors"]

@@ -23,3 +23,27 @@ def users_in_shard(users: pl.DataFrame, shard: int, n_shards: int) -> np.ndarray
         raise ValueError(f"shard {shard} outside 0..{n_shards - 1}")
     ids = users["user_id"].to_numpy()
     return np.sort(ids[shard_of(ids, n_shards) == shard])
+
+
+# Shards per world tier: more users, more and smaller shards, so one shard's inputs and
+# model work stay bounded (and a failed shard reruns quickly).
+SHARDS_BY_SCALE: dict[str, int] = {"m": 16, "l": 64}
+DEFAULT_SHARDS = 4
+
+
+def default_shard_count(source: str, override: str | None = None) -> int:
+    """Shards of user_feeds: `override` (FEED_DAGSTER_SHARDS) when set, else by the tier of
+    a synthetic source spec ("synthetic:m" -> 16, "synthetic:l" -> 64), else 4."""
+    if override:
+        try:
+            n = int(override)
+        except ValueError:
+            msg = f"FEED_DAGSTER_SHARDS must be a whole number, got {override!r}"
+            raise ValueError(msg) from None
+        if n < 1:
+            raise ValueError(f"FEED_DAGSTER_SHARDS must be at least 1, got {n}")
+        return n
+    kind, _, scale = source.partition(":")
+    if kind == "synthetic":
+        return SHARDS_BY_SCALE.get(scale, DEFAULT_SHARDS)
+    return DEFAULT_SHARDS
