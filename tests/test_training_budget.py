@@ -81,7 +81,11 @@ def test_a_small_budget_samples_whole_impressions_and_users(warehouse, tiny_worl
 
 def test_models_train_on_a_sample_within_its_budget(warehouse, tiny_world):
     budget = TrainingBudget(
-        train_slates=150, valid_slates=40, heldout_users=20, retrieval_positives=500
+        train_slates=150,
+        valid_slates=40,
+        heldout_users=20,
+        retrieval_positives=500,
+        retrieval_eval_positives=60,
     )
     tables, sample = read_training_tables(warehouse, TABLES, budget)
     world = world_from_tables(tables, tables["world_info"])
@@ -97,6 +101,7 @@ def test_models_train_on_a_sample_within_its_budget(warehouse, tiny_world):
     # The exposure log holds every impression; the slates come from the sample.
     assert len(data.log.exposures.user) == tiny_world.impressions.height
     assert len(data.retrieval_train) == 500  # capped, from more positives than that
+    assert len(data.retrieval_valid) == len(data.retrieval_heldout) == 60
     assert data.logged_groups >= 150  # long slates become several groups
     assert set(data.ranker_train.group_impression.tolist()) <= set(
         tables["impressions"]["impression_id"].to_list()

@@ -38,11 +38,20 @@ class TrainingBudget:
     heldout_users: int = 5_000
     # Two-tower positives per training run (the demo world has about 150k).
     retrieval_positives: int = 400_000
+    # Two-tower positives of the validation and held-out periods (recall is measured on a
+    # few thousand queries; the demo world has about 15k and 20k, so they stay whole).
+    retrieval_eval_positives: int = 50_000
     valid_fraction: float = 0.1
     seed: int = 0
 
     def __post_init__(self) -> None:
-        for name in ("train_slates", "valid_slates", "heldout_users", "retrieval_positives"):
+        for name in (
+            "train_slates",
+            "valid_slates",
+            "heldout_users",
+            "retrieval_positives",
+            "retrieval_eval_positives",
+        ):
             if getattr(self, name) < 1:
                 raise ValueError(f"training budget: {name} must be >= 1")
         if not 0.0 <= self.valid_fraction < 1.0:

@@ -239,6 +239,7 @@ def prepare_retrieval_data(
             world.engagements, catalog, features, start, end, log=log, max_examples=cap, seed=seed
         )
 
+    eval_cap = budget.retrieval_eval_positives if budget is not None else None
     empty = build_ranker_data(
         split.train.clear(),
         world.engagements,
@@ -258,8 +259,8 @@ def prepare_retrieval_data(
         retrieval_train=retrieval(
             None, valid_start, budget.retrieval_positives if budget is not None else None
         ),
-        retrieval_valid=retrieval(valid_start, heldout_start),
-        retrieval_heldout=retrieval(heldout_start, None),
+        retrieval_valid=retrieval(valid_start, heldout_start, eval_cap),
+        retrieval_heldout=retrieval(heldout_start, None, eval_cap),
         actions=source_actions(world.engagements),
         features=features,
         dropped_rows=world.impressions.height - impressions.height,
