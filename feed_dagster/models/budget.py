@@ -39,7 +39,7 @@ class TrainingBudget:
     # Two-tower positives per training run (the demo world has about 150k).
     retrieval_positives: int = 400_000
     # Two-tower positives of the validation and held-out periods (recall is measured on a
-    # few thousand queries; the demo world has about 15k and 20k, so they stay whole).
+    # few thousand queries; the demo world has about 15k and 27k, so they stay whole).
     retrieval_eval_positives: int = 50_000
     valid_fraction: float = 0.1
     seed: int = 0
