@@ -335,11 +335,16 @@ def print_sample_feed(path: Path, user_id: int | None = None, limit: int = 10) -
 
 
 def format_feed(feed: pl.DataFrame) -> str:
+    # The weighted score orders the feed but, with the reference weights, mostly sits in a
+    # narrow band (negative totals are squashed below the offset): the click probability
+    # next to it is what a reader can interpret.
     cols = [
         c
-        for c in ("position", "source", "score", "title", "author_handle", "reason")
+        for c in ("position", "source", "score", "p_click", "title", "author_handle", "reason")
         if c in feed.columns
     ]
+    if "p_click" in feed.columns:
+        feed = feed.with_columns(pl.col("p_click").round(3))
     with pl.Config(
         tbl_rows=100,
         tbl_width_chars=160,

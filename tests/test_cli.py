@@ -12,7 +12,7 @@ def test_run_builds_everything_and_prints_a_feed(data_dir, capsys, monkeypatch):
     assert main(["run"]) == 0
     out = capsys.readouterr().out
     assert "warehouse" in out and "users" in out
-    assert "feed of user" in out
+    assert "feed of user" in out and "p_click" in out
     assert (data_dir / "serving" / "feeds.duckdb").exists()
     # Progress a person can follow (plain lines: the output is not a terminal): each step
     # with its time, every training epoch with loss and metric, every shard.
