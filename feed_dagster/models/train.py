@@ -606,11 +606,25 @@ def prepare_and_train(
 def _two_tower_in_background(data: TrainingData) -> Iterator[Future[TrainResult]]:
     """The two-tower trained in a spawned process ("spawn" keeps it clear of this process's
     thread pools), which gets only what the two-tower reads."""
+    none = np.arange(0)
+    log = data.log
+    # The engagement log (with every impression's exposure) and the impression frames are
+    # the largest inputs and the two-tower reads neither: at 100k users they are gigabytes
+    # the child would otherwise unpickle.
+    empty_log = replace(
+        log,
+        **{f: getattr(log, f)[:0] for f in ("user", "time_us", "item", "actions", "dwell", "age")},
+        exposures=None,
+    )
+    split = data.split
     slim = replace(
         data,
-        ranker_train=data.ranker_train.take(np.arange(0)),
-        ranker_valid=data.ranker_valid.take(np.arange(0)),
-        ranker_heldout=data.ranker_heldout.take(np.arange(0)),
+        log=empty_log,
+        split=Split(split.train.clear(), split.valid.clear(), split.heldout.clear()),
+        ranker_train=data.ranker_train.take(none),
+        ranker_valid=data.ranker_valid.take(none),
+        ranker_heldout=data.ranker_heldout.take(none),
+        retrieval_heldout=data.retrieval_heldout.take(none),
         heldout_classic=None,
     )
     ctx = multiprocessing.get_context("spawn")
