@@ -55,8 +55,9 @@ def read_tables(
         con.close()
 
 
-# Held-out users in a seeded random order (the same order models.budget samples them in).
-_HELDOUT_USERS_SQL = """
+# Users with held-out impressions in a seeded random order; "<this> limit n" is the sample
+# of n held-out users that both the evaluation and models.budget use.
+HELDOUT_USERS_SQL = """
 select user_id from (select distinct user_id from main.impressions where is_heldout)
 order by hash(user_id, $seed), user_id
 """
@@ -75,10 +76,11 @@ def read_heldout_sample(
         raise ValueError(f"max_users must be >= 0 (0 = every user), got {max_users}")
     con = connect_read_only(path)
     try:
-        con.execute(f"create temp table _users as {_HELDOUT_USERS_SQL}", {"seed": seed})
-        available = con.execute("select count(*) from _users").fetchone()[0]
-        if max_users:
-            con.execute(f"create or replace temp table _users as from _users limit {max_users}")
+        limit = f" limit {int(max_users)}" if max_users else ""
+        con.execute(f"create temp table _users as {HELDOUT_USERS_SQL}{limit}", {"seed": seed})
+        available = con.execute(
+            "select count(distinct user_id) from main.impressions where is_heldout"
+        ).fetchone()[0]
         sampled = con.execute("select count(*) from _users").fetchone()[0]
         tables = {}
         for name in names:

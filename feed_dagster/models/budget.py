@@ -26,7 +26,7 @@ from typing import Any
 
 import polars as pl
 
-from feed_dagster.data.warehouse import connect_read_only
+from feed_dagster.data.warehouse import HELDOUT_USERS_SQL, connect_read_only
 
 
 @dataclass(frozen=True)
@@ -99,11 +99,8 @@ from imp
 """
 
 # The budget's share of each period: whole impressions, by a seeded hash of their ids.
-_SAMPLE_SQL = """
-with heldout_users as (
-    select user_id from (select distinct user_id from periods where period = 'heldout')
-    order by hash(user_id, $seed), user_id limit $heldout_users
-),
+_SAMPLE_SQL = f"""
+with heldout_users as ({HELDOUT_USERS_SQL} limit $heldout_users),
 ranked as (
     select *, row_number() over (
         partition by period order by hash(impression_id, $seed), impression_id

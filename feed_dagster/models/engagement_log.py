@@ -107,11 +107,27 @@ class ExposureLog:
         return _count_before(self._item_index, item, time_us)
 
     def pair_counter(self, of_item: np.ndarray) -> PairCounter:
-        """Counts of (user, of_item[item]) exposures, e.g. of_item = the catalog's topics;
-        values < 0 (unknown) are not counted."""
-        key = of_item[self.item].astype(np.int64)
-        known = key >= 0
-        return PairCounter.build(self.user[known], key[known], self.time_us[known])
+        """Counts of (user, of_item[item]) exposures, e.g. of_item = the catalog's topics."""
+        return _attribute_counter(of_item, self.user, self.item, self.time_us)
+
+
+def _attribute_index(
+    of_item: np.ndarray, item: np.ndarray, time_us: np.ndarray
+) -> tuple[np.ndarray, int, int, int]:
+    """`_time_keys` of the events keyed by an attribute of their item (of_item[item], e.g.
+    its author); events whose attribute is unknown (< 0) are left out."""
+    key = of_item[item].astype(np.int64)
+    known = key >= 0
+    return _time_keys(key[known], time_us[known])
+
+
+def _attribute_counter(
+    of_item: np.ndarray, user: np.ndarray, item: np.ndarray, time_us: np.ndarray
+) -> PairCounter:
+    """(user, of_item[item]) events; events whose attribute is unknown (< 0) are left out."""
+    key = of_item[item].astype(np.int64)
+    known = key >= 0
+    return PairCounter.build(user[known], key[known], time_us[known])
 
 
 @dataclass(frozen=True)
@@ -190,44 +206,39 @@ class EngagementLog:
         assert self.exposures is not None and self.catalog_author is not None
         return self.exposures.pair_counter(self.catalog_author)
 
+    def _positives(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(user, item, time_us) of the positive engagements."""
+        pos = self.positive()
+        return self.user[pos], self.item[pos], self.time_us[pos]
+
     @functools.cached_property
     def positive_author(self) -> PairCounter:
         """(user, author) positive engagements."""
         assert self.catalog_author is not None
-        pos = self.positive()
-        author = self.catalog_author[self.item[pos]].astype(np.int64)
-        known = author >= 0
-        return PairCounter.build(self.user[pos][known], author[known], self.time_us[pos][known])
+        return _attribute_counter(self.catalog_author, *self._positives())
 
     @functools.cached_property
     def positive_total(self) -> PairCounter:
         """Positive engagements per user (the pair's second id is always 0)."""
-        pos = self.positive()
-        user = self.user[pos]
-        return PairCounter.build(user, np.zeros_like(user), self.time_us[pos])
+        user, _, time_us = self._positives()
+        return PairCounter.build(user, np.zeros_like(user), time_us)
 
     @functools.cached_property
     def positive_topic(self) -> PairCounter:
         """(user, topic) positive engagements."""
         assert self.catalog_topic is not None
-        pos = self.positive()
-        topic = self.catalog_topic[self.item[pos]].astype(np.int64)
-        known = topic >= 0
-        return PairCounter.build(self.user[pos][known], topic[known], self.time_us[pos][known])
+        return _attribute_counter(self.catalog_topic, *self._positives())
 
     @functools.cached_property
     def _author_positives(self) -> tuple[np.ndarray, int, int, int]:
         assert self.catalog_author is not None
-        author = self.catalog_author[self.item]
-        keep = self.positive() & (author >= 0)
-        return _time_keys(author[keep], self.time_us[keep])
+        _, item, time_us = self._positives()
+        return _attribute_index(self.catalog_author, item, time_us)
 
     @functools.cached_property
     def _author_shown(self) -> tuple[np.ndarray, int, int, int]:
         assert self.exposures is not None and self.catalog_author is not None
-        author = self.catalog_author[self.exposures.item]
-        keep = author >= 0
-        return _time_keys(author[keep], self.exposures.time_us[keep])
+        return _attribute_index(self.catalog_author, self.exposures.item, self.exposures.time_us)
 
     def author_counts(self, item: np.ndarray, time_us: np.ndarray) -> tuple[np.ndarray, ...]:
         """(everyone's positives, everyone's exposures) of the author of catalog row `item`
@@ -244,8 +255,8 @@ class EngagementLog:
 
     @functools.cached_property
     def _item_positives(self) -> tuple[np.ndarray, int, int, int]:
-        pos = self.positive()
-        return _time_keys(self.item[pos], self.time_us[pos])
+        _, item, time_us = self._positives()
+        return _time_keys(item, time_us)
 
     def positives_before(self, item: np.ndarray, time_us: np.ndarray) -> np.ndarray:
         """Everyone's positive engagements with catalog row `item` strictly before `time_us`
