@@ -95,7 +95,7 @@ def _dispatch(progress: Progress, event: StepEvent) -> None:
         progress.step_message(phase, step, payload)
 
 
-# Set in each shard worker process: where its StepEvents go (the parent shows them).
+# Set in each worker process of `run`: where its StepEvents go (the parent shows them).
 _WORKER_EVENTS: Any = None
 
 
@@ -113,19 +113,25 @@ def _run_step(
 ) -> str:
     """Materialise one step of `run` in this process; returns its report lines.
 
-    `which`: "upstream" (everything upstream of the feeds), "shard" (one user_feeds
-    partition), "publish" or "quality" (feed_quality). `emit` receives the steps' progress
-    (in a shard worker: the queue the pool was started with). Raises BuildFailed(report)
-    when anything fails.
+    `which`: "sources" (the source's tables), "derived" (the rest upstream of the feeds),
+    "shard" (one user_feeds partition), "publish" or "quality" (feed_quality). `emit`
+    receives the steps' progress (in a worker process: the queue the pool was started
+    with). Raises BuildFailed(report) when anything fails.
     """
     import dagster as dg
 
     from feed_dagster.definitions import build_definitions
-    from feed_dagster.jobs.automation import FEED_QUALITY, FEEDS, UPSTREAM_OF_FEEDS
+    from feed_dagster.jobs.automation import (
+        DERIVED_UPSTREAM,
+        FEED_QUALITY,
+        FEEDS,
+        SOURCE_TABLES,
+    )
 
     defs = build_definitions()
     selection = {
-        "upstream": UPSTREAM_OF_FEEDS,
+        "sources": SOURCE_TABLES,
+        "derived": DERIVED_UPSTREAM,
         "shard": FEEDS,
         "publish": dg.AssetSelection.assets("published_feeds"),
         "quality": FEED_QUALITY,
@@ -215,12 +221,16 @@ def _materialize_phases(
 ) -> str | None:
     def phase(label: str, which: str, note: str = "") -> str:
         progress.phase_started(label, note)
-        report = _run_step(label, which, None, log_level, lambda e: _dispatch(progress, e))
+        (report,) = _in_fresh_processes(log_level, progress, [(label, which, None)], workers=1)
         progress.phase_finished(label, report)
         return report
 
-    phase("sources, models and vectors", "upstream", "training takes a few minutes")
-    _run_shards(log_level, workers, progress, shards)
+    phase("sources", "sources", "generate or load the world, check its tables")
+    phase("models and vectors", "derived", "training takes a few minutes")
+    labels = [(f"user_feeds shard {k}", "shard", k) for k in shards]
+    workers = workers or min(len(shards), os.cpu_count() or 1)
+    progress.shards_started(len(shards), workers)
+    _in_fresh_processes(log_level, progress, labels, workers, progress.shard_finished)
     refused = None
     try:
         phase("publish", "publish")
@@ -235,15 +245,22 @@ def _materialize_phases(
     return refused
 
 
-def _run_shards(log_level: str, workers: int | None, progress: Progress, shards: list[str]) -> None:
-    """Every user_feeds shard in its own worker process; their step events come back over
-    a queue, so shard progress shows while they run."""
+def _in_fresh_processes(
+    log_level: str,
+    progress: Progress,
+    tasks: list[tuple[str, str, str | None]],
+    workers: int,
+    on_finished: Callable[[str, str, int, int], None] | None = None,
+) -> list[str]:
+    """`_run_step(label, which, partition_key)` for each task, each in a new process, at
+    most `workers` at a time; returns the reports in task order. A fresh process per task
+    gives each step's memory back to the system when it ends, so the peak of a build is the
+    peak of its largest step (plus the idle parent), not the sum of what earlier steps left
+    behind. Step events come back over a queue, so progress shows while they run."""
     import queue
     from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
     from multiprocessing import get_context
 
-    workers = workers or min(len(shards), os.cpu_count() or 1)
-    progress.shards_started(len(shards), workers)
     # spawn, not fork: the parent has used torch's thread pool, which a fork can deadlock.
     ctx = get_context("spawn")
     events = ctx.Queue()
@@ -256,24 +273,33 @@ def _run_shards(log_level: str, workers: int | None, progress: Progress, shards:
         except queue.Empty:
             pass
 
+    reports: dict[int, str] = {}
     with ProcessPoolExecutor(
-        workers, mp_context=ctx, initializer=_worker_init, initargs=(events,)
+        workers,
+        mp_context=ctx,
+        initializer=_worker_init,
+        initargs=(events,),
+        max_tasks_per_child=1,
     ) as pool:
         pending = {
-            pool.submit(_run_step, f"user_feeds shard {k}", "shard", k, log_level): k
-            for k in shards
+            pool.submit(_run_step, label, which, key, log_level): i
+            for i, (label, which, key) in enumerate(tasks)
         }
-        done = 0
         while pending:
             finished, _ = wait(pending, timeout=0.2, return_when=FIRST_COMPLETED)
             drain(0.05)
             for future in finished:
-                key = pending.pop(future)
-                report = future.result()  # a failed shard raises BuildFailed: run stops
-                done += 1
-                progress.shard_finished(f"user_feeds shard {key}", report, done, len(shards))
+                i = pending.pop(future)
+                try:
+                    reports[i] = future.result()  # a failed step raises BuildFailed: run stops
+                except BaseException:
+                    drain(0.2)
+                    raise
+                if on_finished is not None:
+                    on_finished(tasks[i][0], reports[i], len(reports), len(tasks))
         drain(0.2)  # events a worker queued just before its result came back
     events.close()
+    return [reports[i] for i in range(len(tasks))]
 
 
 def print_warehouse_summary(path: Path) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from datetime import timedelta
 
+import duckdb
 import numpy as np
 import polars as pl
 import pytest
@@ -17,7 +18,9 @@ from feed_dagster.models.catalog import (
     author_profiles,
     author_topic_profiles,
 )
+from feed_dagster.models.counts import PairCounter, attribute_index, time_index
 from feed_dagster.models.engagement_log import EngagementLog
+from feed_dagster.models.exposures import ExposureLog
 from feed_dagster.models.layers import CatalogTensors
 from feed_dagster.models.ranker import RankerConfig, affinity_inputs, build_ranker, load_ranker
 from feed_dagster.models.ranker_data import (
@@ -63,19 +66,22 @@ def test_exposure_counts_match_a_brute_force_count(world, catalog):
     log = EngagementLog.build(world.engagements, catalog, world.impressions)
     user, item, time_us = _queries(world, catalog)
     got = engagement_profile(log, catalog, user, item, time_us)
-    ex = log.exposures
-    topic, author = catalog.topic[ex.item], catalog.author_id[ex.item]
+    imp = world.impressions
+    ex_user = imp["user_id"].to_numpy()
+    ex_item = catalog.rows(imp["article_id"].to_numpy())
+    ex_time = imp["shown_at"].cast(pl.Int64).to_numpy()
+    topic, author = catalog.topic[ex_item], catalog.author_id[ex_item]
     pos = log.positive()
     pos_author = catalog.author_id[log.item[pos]]
     pos_topic = catalog.topic[log.item[pos]]
     for k in range(len(user)):
-        before = ex.time_us < time_us[k]
-        mine = before & (ex.user == user[k])
+        before = ex_time < time_us[k]
+        mine = before & (ex_user == user[k])
         t, a = catalog.topic[item[k]], catalog.author_id[item[k]]
         row = got[k : k + 1]
         assert _shown(row, "log_shown_topic")[0] == np.sum(mine & (topic == t))
         assert _shown(row, "log_shown_author")[0] == np.sum(mine & (author == a))
-        assert _shown(row, "log_shown_post")[0] == np.sum(before & (ex.item == item[k]))
+        assert _shown(row, "log_shown_post")[0] == np.sum(before & (ex_item == item[k]))
         assert _shown(row, "log_author_everyone_shown")[0] == np.sum(before & (author == a))
         engaged = np.sum((log.time_us[pos] < time_us[k]) & (pos_author == a))
         assert _shown(row, "log_author_everyone")[0] == engaged
@@ -124,6 +130,47 @@ def test_exposures_at_or_after_the_query_change_nothing(world, catalog):
     qa = engagement_profile(a, catalog, user[later], item[later], time_us[later])
     qb = engagement_profile(b, catalog, user[later], item[later], time_us[later])
     assert not np.array_equal(qa, qb)
+
+
+def test_exposure_indexes_built_in_duckdb_equal_the_numpy_ones(world, catalog, tmp_path):
+    """The impression log is indexed in DuckDB (it is too big to load at scale); the keys
+    must be exactly those numpy builds from the same rows, from a frame or the warehouse."""
+    imp = world.impressions
+    user = imp["user_id"].to_numpy()
+    item = catalog.rows(imp["article_id"].to_numpy())
+    time_us = imp["shown_at"].cast(pl.Int64).to_numpy()
+    from_frame = ExposureLog.build(imp, catalog)
+    path = tmp_path / "w.duckdb"
+    with duckdb.connect(str(path)) as con:
+        con.register("frame", imp.to_arrow())
+        con.execute("create table impressions as select * from frame")
+    from_warehouse = ExposureLog.from_warehouse(path, catalog)
+    expected = {
+        "shown_post": time_index(item, time_us),
+        "shown_author_everyone": attribute_index(catalog.author_id, item, time_us),
+    }
+    pairs = {
+        "shown_topic": PairCounter.of_attribute(catalog.topic, user, item, time_us),
+        "shown_author": PairCounter.of_attribute(catalog.author_id, user, item, time_us),
+    }
+    for log in (from_frame, from_warehouse):
+        assert log.rows == imp.height
+        for name, want in expected.items():
+            got = getattr(log, name)
+            assert got.layout == want.layout, name
+            np.testing.assert_array_equal(got.keys, want.keys)
+        for name, want in pairs.items():
+            got = getattr(log, name)
+            np.testing.assert_array_equal(got.pairs, want.pairs)
+            assert got.index.layout == want.index.layout, name
+            np.testing.assert_array_equal(got.index.keys, want.index.keys)
+    assert from_frame.shown_post.keys.size == imp.height
+
+
+def test_impressions_of_unknown_posts_are_refused(world, catalog):
+    bad = world.impressions.head(3).with_columns(pl.lit(-77).cast(pl.Int64).alias("article_id"))
+    with pytest.raises(ValueError, match="not in the articles table.*-77"):
+        ExposureLog.build(pl.concat([world.impressions, bad]), catalog)
 
 
 def test_without_impressions_exposure_counts_are_zero(world, catalog):

@@ -71,6 +71,29 @@ def test_history_is_the_last_engagements_strictly_before(world, catalog):
     assert (h.item[1] == 0).all(), "a user without engagements has an empty history"
 
 
+def test_histories_of_many_queries_match_a_brute_force_window(world, catalog):
+    """Queries at engagement times, between them, before and after the whole log, for
+    users with and without engagements (ids between and beyond the known ones)."""
+    log = EngagementLog.build(world.engagements, catalog)
+    rng = np.random.default_rng(3)
+    eng = world.engagements.sample(200, seed=3)
+    known = eng["user_id"].to_numpy()
+    t = eng["engaged_at"].cast(pl.Int64).to_numpy()
+    users = np.concatenate([known, known, known[:20], known[:20] * 1000 + 7, [-5, 0]])
+    times = np.concatenate([t, t + rng.integers(1, 10**9, len(t)), np.full(20, 0), t[:20], t[:2]])
+    times[len(known) : len(known) + 5] = 2**52  # far after the log
+    h = log.history(users, times, CFG)
+    e = world.engagements.sort("user_id", "engaged_at", "article_id")
+    e_user = e["user_id"].to_numpy()
+    e_time = e["engaged_at"].cast(pl.Int64).to_numpy()
+    e_item = catalog.rows(e["article_id"].to_numpy())
+    for k in range(len(users)):
+        window = e_item[(e_user == users[k]) & (e_time < times[k])][-CFG.history_len :]
+        got = h.item[k][h.item[k] > 0]
+        np.testing.assert_array_equal(got, window)
+        assert (h.item[k][: CFG.history_len - len(window)] == 0).all()  # left-padded
+
+
 def test_labels_and_slates_match_the_tables(world, catalog):
     imps = world.impressions.filter(pl.col("impression_id") < 200)
     data = _data(world, catalog, imps)

@@ -115,7 +115,7 @@ def trained_models(
         content_vectors(world.articles, storage.embeddings_path()),
         budget=budget,
         valid_start=sample.valid_start,
-        exposures=tables["exposures"],
+        warehouse=storage.warehouse_path(),
     )
     context.log.info(
         f"training data: {data.logged_groups:,} logged slates + "

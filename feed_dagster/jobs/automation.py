@@ -15,6 +15,7 @@ from datetime import UTC, datetime
 import dagster as dg
 
 from feed_dagster.assets.feeds import user_shards
+from feed_dagster.assets.raw import RAW_TABLES
 from feed_dagster.incoming import pending_batches
 from feed_dagster.jobs.ingest import ingest_incoming
 from feed_dagster.resources.storage import StorageResource
@@ -24,6 +25,11 @@ FEED_QUALITY = dg.AssetSelection.assets("feed_quality")
 # Feed quality is evaluation, not a link of the refresh chain: a slow or failing
 # evaluation must not stop the rebuild whose success starts the refresh.
 UPSTREAM_OF_FEEDS = dg.AssetSelection.all() - FEEDS.downstream() - FEED_QUALITY
+# The source's tables (one multi-asset) and everything else upstream of the feeds: `run`
+# builds them in separate processes, so the memory the source step leaves behind is
+# returned to the system before the models train.
+SOURCE_TABLES = dg.AssetSelection.assets(*RAW_TABLES)
+DERIVED_UPSTREAM = UPSTREAM_OF_FEEDS - SOURCE_TABLES
 
 refresh_feeds = dg.define_asset_job(
     "refresh_feeds",

@@ -118,9 +118,8 @@ def read_training_tables(
     path: Path, names: list[str], budget: TrainingBudget
 ) -> tuple[dict[str, pl.DataFrame], TrainingSample]:
     """Warehouse tables `names` for training, with `impressions` (and `impression_truth`)
-    cut to the budget's sample of whole impressions; every other table is read whole.
-    With `impressions` among the names, `exposures` comes too: (user_id, article_id,
-    shown_at) of every impression, for the exposure counts (models.engagement_log.ExposureLog)."""
+    cut to the budget's sample of whole impressions; every other table is read whole. (The
+    exposure counts over every impression are built in DuckDB: models.exposures.)"""
     con = connect_read_only(path)
     try:
         con.execute(
@@ -149,10 +148,6 @@ def read_training_tables(
             else:
                 query = f'select * from main."{name}"'
             tables[name] = con.execute(query).pl()
-        if "impressions" in names:
-            tables["exposures"] = con.execute(
-                "select user_id, article_id, shown_at from main.impressions"
-            ).pl()
     finally:
         con.close()
     return tables, TrainingSample(valid_start=start[0], kept=kept, available=available)

@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -27,6 +28,7 @@ from feed_dagster.metrics.ranking import evaluate_scores
 from feed_dagster.models.budget import TrainingBudget
 from feed_dagster.models.catalog import FeatureConfig, ItemCatalog, to_micros
 from feed_dagster.models.engagement_log import EngagementLog
+from feed_dagster.models.exposures import ExposureLog
 from feed_dagster.models.layers import CatalogTensors
 from feed_dagster.models.peers import PeerFeatures, RollingPeerFeatures
 from feed_dagster.models.ranker import (
@@ -194,16 +196,16 @@ def prepare_training_data(
     mix: TrainingMix | None = None,
     budget: TrainingBudget | None = None,
     valid_start: datetime | None = None,
-    exposures: pl.DataFrame | None = None,
+    warehouse: Path | None = None,
 ) -> TrainingData:
     """Temporal split + model inputs of a world; `content_vectors` aligned with world.articles.
 
     `budget` caps the two-tower's training positives; `valid_start` (from the budget's
-    sample, see models.budget) fixes where validation begins. `exposures` (user_id,
-    article_id, shown_at of every logged impression) give the exposure counts when
-    world.impressions is only a sample of them."""
+    sample, see models.budget) fixes where validation begins. With `warehouse`, the exposure
+    counts come from every impression in its `impressions` table (world.impressions is then
+    only the budget's sample of them)."""
     base = prepare_retrieval_data(
-        world, content_vectors, features, valid_fraction, budget, valid_start, exposures
+        world, content_vectors, features, valid_fraction, budget, valid_start, warehouse
     )
     return add_ranker_data(base, world, mix)
 
@@ -215,7 +217,7 @@ def prepare_retrieval_data(
     valid_fraction: float = 0.1,
     budget: TrainingBudget | None = None,
     valid_start: datetime | None = None,
-    exposures: pl.DataFrame | None = None,
+    warehouse: Path | None = None,
 ) -> TrainingData:
     """The temporal split and the two-tower's examples; the ranker's groups are left empty
     (`add_ranker_data` fills them), so the two-tower can start training before they exist."""
@@ -227,9 +229,12 @@ def prepare_retrieval_data(
     catalog = ItemCatalog.build(
         world.articles, content_vectors, features, world.engagements, heldout_start
     )
-    log = EngagementLog.build(
-        world.engagements, catalog, world.impressions if exposures is None else exposures
+    exposures = (
+        ExposureLog.build(world.impressions, catalog)
+        if warehouse is None
+        else ExposureLog.from_warehouse(warehouse, catalog)
     )
+    log = EngagementLog.build(world.engagements, catalog, exposures)
 
     def retrieval(
         start: datetime | None, end: datetime | None, cap: int | None = None
@@ -587,14 +592,14 @@ def prepare_and_train(
     mix: TrainingMix | None = None,
     budget: TrainingBudget | None = None,
     valid_start: datetime | None = None,
-    exposures: pl.DataFrame | None = None,
+    warehouse: Path | None = None,
 ) -> tuple[TrainingData, TrainResult, TrainResult]:
     """prepare_training_data + train_both, overlapped: the two-tower starts training in a
     second process as soon as its examples exist, while this process fits the classic peers
     and builds the ranker's groups. Same data and weights as the two calls in sequence."""
     valid_fraction = budget.valid_fraction if budget is not None else 0.1
     base = prepare_retrieval_data(
-        world, content_vectors, features, valid_fraction, budget, valid_start, exposures
+        world, content_vectors, features, valid_fraction, budget, valid_start, warehouse
     )
     with _two_tower_in_background(base) as pending:
         data = add_ranker_data(base, world, mix)

@@ -1,0 +1,116 @@
+""" "How many events of this key strictly before t", answered by binary search.
+
+An index is one sorted int64 array of `key * step + time`: the events of a key before a time
+are a contiguous run of it, so a count is two `searchsorted` calls, for any number of
+queries at once. The index can be built in numpy (`time_index`) or, for logs too big to load,
+in DuckDB (`models.exposures`) from the same `KeyLayout`, so both give identical arrays.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+# Pair keys a * PAIR_BASE + b (user, topic) or (user, author): ids below 2**31 each.
+PAIR_BASE = 2**31
+
+
+@dataclass(frozen=True)
+class KeyLayout:
+    """How (key, time) events map to one int64: key * step + (time - t0) // resolution."""
+
+    t0: int
+    resolution: int
+    step: int
+
+    @classmethod
+    def of(cls, n_events: int, max_key: int, t_min: int, t_max: int) -> KeyLayout:
+        t0 = t_min if n_events else 0
+        span = t_max - t0 + 2 if n_events else 2
+        n_keys = max_key + 2 if n_events else 2
+        # Coarser time steps when key * span would overflow int64. Counting floor(e / r) <
+        # floor(t / r) still counts only events strictly before t (it may miss a few in the
+        # same step), so no future event leaks in.
+        resolution = 1
+        while n_keys * (span // resolution + 2) >= 2**62:
+            resolution *= 2
+        return cls(t0, resolution, span // resolution + 2)
+
+
+@dataclass(frozen=True)
+class TimeIndex:
+    """Sorted event keys under a layout: counts of a key's events before a time."""
+
+    keys: np.ndarray  # int64, sorted
+    layout: KeyLayout
+
+    def count_before(self, key: np.ndarray, time_us: np.ndarray) -> np.ndarray:
+        """Events of `key` strictly before `time_us` (element-wise), as float32."""
+        if self.keys.size == 0:
+            return np.zeros(len(key), dtype=np.float32)
+        lay = self.layout
+        key = np.asarray(key, dtype=np.int64)
+        # Times before the index's start count nothing; later ones are capped inside the key.
+        rel = np.clip(
+            (np.asarray(time_us, dtype=np.int64) - lay.t0) // lay.resolution, 0, lay.step - 1
+        )
+        first = np.searchsorted(self.keys, key * lay.step, side="left")
+        upto = np.searchsorted(self.keys, key * lay.step + rel, side="left")
+        return (upto - first).astype(np.float32)
+
+
+def time_index(key: np.ndarray, time_us: np.ndarray) -> TimeIndex:
+    """The index of events (key[i], time_us[i]); keys are non-negative ints."""
+    key = np.asarray(key, dtype=np.int64)
+    time_us = np.asarray(time_us, dtype=np.int64)
+    n = key.size
+    layout = KeyLayout.of(
+        n,
+        int(key.max()) if n else 0,
+        int(time_us.min()) if n else 0,
+        int(time_us.max()) if n else 0,
+    )
+    keys = key * layout.step + (time_us - layout.t0) // layout.resolution
+    keys.sort()
+    return TimeIndex(keys, layout)
+
+
+def attribute_index(of_item: np.ndarray, item: np.ndarray, time_us: np.ndarray) -> TimeIndex:
+    """The index of events keyed by an attribute of their item (of_item[item], e.g. its
+    author); events whose attribute is unknown (< 0) are left out."""
+    key = of_item[item].astype(np.int64)
+    known = key >= 0
+    return time_index(key[known], time_us[known])
+
+
+@dataclass(frozen=True)
+class PairCounter:
+    """How many (a, b) events happened strictly before a time: the pairs get dense ids, so
+    one sorted (pair, time) index answers every query with two binary searches."""
+
+    pairs: np.ndarray  # int64 sorted unique a * PAIR_BASE + b
+    index: TimeIndex  # keyed by the pair's position in `pairs`
+
+    @classmethod
+    def build(cls, a: np.ndarray, b: np.ndarray, time_us: np.ndarray) -> PairCounter:
+        key = np.asarray(a, np.int64) * PAIR_BASE + np.asarray(b, np.int64)
+        pairs, dense = np.unique(key, return_inverse=True)
+        return cls(pairs, time_index(dense, time_us))
+
+    @classmethod
+    def of_attribute(
+        cls, of_item: np.ndarray, user: np.ndarray, item: np.ndarray, time_us: np.ndarray
+    ) -> PairCounter:
+        """(user, of_item[item]) events; events whose attribute is unknown (< 0) are left out."""
+        key = of_item[item].astype(np.int64)
+        known = key >= 0
+        return cls.build(user[known], key[known], time_us[known])
+
+    def before(self, a: np.ndarray, b: np.ndarray, time_us: np.ndarray) -> np.ndarray:
+        key = np.asarray(a, np.int64) * PAIR_BASE + np.asarray(b, np.int64)
+        if self.pairs.size == 0:
+            return np.zeros(len(key), dtype=np.float32)
+        pos = np.searchsorted(self.pairs, key).clip(0, self.pairs.size - 1)
+        found = (self.pairs[pos] == key) & (np.asarray(b) >= 0)
+        return np.where(found, self.index.count_before(pos, time_us), 0.0).astype(np.float32)
