@@ -111,3 +111,44 @@ def test_every_store_follows_the_storage_resource(data_dir, tiny_world, tmp_path
     con.close()
     assert users == stats == tiny_world.users.height
     assert not (data_dir / "warehouse.duckdb").exists()
+
+
+def test_a_storage_root_set_in_the_run_config_moves_every_store(data_dir):
+    """The launchpad's `resources.storage.config.root` alone moves every artifact of a
+    build: warehouse, embeddings, models, vector table, shard files and serving file land
+    under it, and nothing under the default root (FEED_DAGSTER_DATA)."""
+    from dagster_helpers import materialize
+
+    from feed_dagster.assets.feeds import user_shards
+    from feed_dagster.definitions import build_definitions
+    from feed_dagster.jobs.automation import UPSTREAM_OF_FEEDS
+    from feed_dagster.serving.read import read_meta
+
+    root = data_dir.parent / "configured"
+    run_config = {"resources": {"storage": {"config": {"root": str(root)}}}}
+    defs = build_definitions()
+
+    def build(selection: dg.AssetSelection, key: str | None = None) -> None:
+        result = materialize(selection, key, defs=defs, run_config=run_config)
+        assert result.success, selection
+
+    build(UPSTREAM_OF_FEEDS)
+    for key in user_shards.get_partition_keys():
+        build(dg.AssetSelection.assets("user_feeds"), key)
+    build(dg.AssetSelection.assets("published_feeds"))
+
+    con = duckdb.connect(str(root / "warehouse.duckdb"), read_only=True)
+    tables = {
+        t for (t,) in con.execute("select table_name from information_schema.tables").fetchall()
+    }
+    con.close()
+    assert {"users", "follow_graph", "ranker_evaluation"} <= tables
+    assert (root / "embeddings" / "article_embeddings.parquet").exists()
+    for model in ("two_tower", "ranker"):
+        assert (root / "models" / model / "PROMOTED").exists(), model
+    assert any((root / "lancedb").iterdir())
+    shards = sorted(p.name for p in (root / "feeds" / "shards").glob("*.parquet"))
+    assert len(shards) == len(user_shards.get_partition_keys())
+    meta = read_meta(root / "serving" / "feeds.duckdb")
+    assert meta["model_version"] != "fallback" and meta["users"] > 0
+    assert not data_dir.exists(), sorted(str(p) for p in data_dir.rglob("*"))

@@ -94,7 +94,10 @@ def test_drop_ingest_refresh_publish_chain(data_dir):
     posts.write_parquet(incoming / "articles-sim.parquet")
     eng.write_parquet(incoming / "engagements-sim.parquet")
 
-    request = incoming_batches(dg.build_sensor_context(instance=instance, resources=defs.resources))
+    # A context manager: the definitions' resources depend on the storage resource, and
+    # Dagster builds such resources only inside one.
+    with dg.build_sensor_context(instance=instance, resources=defs.resources) as ctx:
+        request = incoming_batches(ctx)
     job = defs.resolve_job_def("ingest_incoming")
     assert job.execute_in_process(run_config=request.run_config, instance=instance).success
     keys = user_shards.get_partition_keys()

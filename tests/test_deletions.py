@@ -208,7 +208,10 @@ def test_the_ingest_job_makes_deletes_visible_to_readers(
     drop_actions(incoming_dir(), t, tiny_world.now)
     instance = dg.DagsterInstance.ephemeral()
     defs = build_definitions()
-    request = incoming_batches(dg.build_sensor_context(instance=instance, resources=defs.resources))
+    # A context manager: the definitions' resources depend on the storage resource, and
+    # Dagster builds such resources only inside one.
+    with dg.build_sensor_context(instance=instance, resources=defs.resources) as ctx:
+        request = incoming_batches(ctx)
     job = defs.resolve_job_def("ingest_incoming")
     result = job.execute_in_process(run_config=request.run_config, instance=instance)
     assert result.success

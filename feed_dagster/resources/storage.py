@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import dagster as dg
+from dagster._config.pythonic_config import PartialResource
 
 from feed_dagster import paths
 from feed_dagster.feeds.shard_files import shard_path
@@ -68,3 +69,12 @@ class StorageResource(dg.ConfigurableResource):
 
     def run_failures_log(self) -> Path:
         return self.data_root() / "logs" / "run_failures.jsonl"
+
+
+def storage_at_launch(root: str = "") -> PartialResource[StorageResource]:
+    """The storage resource as the definitions bind it: `root` is only the default, and a
+    run's config (`resources.storage.config.root`) can set another. The resources that
+    depend on it (IO manager, source, models, LanceDB) are given this same object, so Dagster
+    resolves them against the one configured `storage` resource instead of each keeping a
+    copy of the root taken at load time."""
+    return StorageResource.configure_at_launch(root=root)
