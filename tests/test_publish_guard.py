@@ -172,7 +172,7 @@ def test_the_cli_reports_a_refused_publish_and_keeps_serving(published, capsys, 
 
     _rewrite_shards(pl.col("position") <= 5)
     with pytest.raises(cli.PublishRefused) as err:
-        cli._run_step("publish", "publish", None, "WARNING")
+        cli._run_step("publish", "publish", None, "WARNING", cli.storage().data_root())
     report = str(err.value)
     assert "check publish_guard FAILED" in report and "shrinks against" in report
     assert "live serving file is unchanged" in report
