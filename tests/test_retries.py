@@ -43,13 +43,14 @@ def test_io_steps_carry_the_retry_policy(data_dir) -> None:
 
 def test_one_transient_failure_is_retried_and_the_run_succeeds(data_dir, monkeypatch) -> None:
     import feed_dagster.assets.feeds as feeds
+    import feed_dagster.generation as generation
     from feed_dagster.serving.read import read_meta
 
     defs = _defs()
     assert _materialize(defs, dg.AssetSelection.groups("raw", "social_graph")).success
 
     calls = {"write": 0, "publish": 0}
-    real_write, real_publish = feeds.write_shard, feeds.publish_feeds
+    real_write, real_publish = feeds.write_shard, generation.publish_feeds
 
     def flaky_write(*args, **kwargs):
         calls["write"] += 1
@@ -64,7 +65,7 @@ def test_one_transient_failure_is_retried_and_the_run_succeeds(data_dir, monkeyp
         return real_publish(*args, **kwargs)
 
     monkeypatch.setattr(feeds, "write_shard", flaky_write)
-    monkeypatch.setattr(feeds, "publish_feeds", flaky_publish)
+    monkeypatch.setattr(generation, "publish_feeds", flaky_publish)
     for key in feeds.user_shards.get_partition_keys():
         result = _materialize(defs, dg.AssetSelection.assets("user_feeds"), key)
         assert result.success
@@ -76,7 +77,7 @@ def test_one_transient_failure_is_retried_and_the_run_succeeds(data_dir, monkeyp
 
 
 def test_a_failure_that_repeats_is_not_retried(data_dir, monkeypatch) -> None:
-    import feed_dagster.assets.feeds as feeds
+    import feed_dagster.feeds.precompute as precompute
     from feed_dagster.errors import DataValidationError
 
     defs = _defs()
@@ -87,7 +88,7 @@ def test_a_failure_that_repeats_is_not_retried(data_dir, monkeypatch) -> None:
         calls.append(1)
         raise DataValidationError("engagements", "dwell_seconds", ">= 0", "-3")
 
-    monkeypatch.setattr(feeds, "build_feeds", bad_build)
+    monkeypatch.setattr(precompute, "build_feeds", bad_build)
     result = _materialize(defs, dg.AssetSelection.assets("user_feeds"), "0")
     assert not result.success and _retries(result) == 0 and len(calls) == 1
 

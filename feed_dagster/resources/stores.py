@@ -7,6 +7,7 @@ from pathlib import Path
 
 import dagster as dg
 
+from feed_dagster.feeds.model_backends import ModelLocations
 from feed_dagster.models.store import ModelStore
 from feed_dagster.resources.storage import StorageResource
 
@@ -36,3 +37,17 @@ class LanceDBResource(dg.ConfigurableResource):
 
     def resolved_uri(self) -> str:
         return self.uri or self.storage.lancedb_uri()
+
+
+def model_locations(
+    models: ModelStoreResource, lancedb: LanceDBResource, storage: StorageResource
+) -> ModelLocations:
+    """Where the feed assets (user_feeds, feed_quality) find the served models: the model
+    store, the vector table, and the embeddings and peer scores under the storage root."""
+    return ModelLocations(
+        models.store(),
+        lancedb.resolved_uri(),
+        lancedb.table,
+        embeddings=storage.embeddings_path(),
+        peers_dir=storage.serving_peers_dir(),
+    )
