@@ -7,6 +7,16 @@ from typing import Any
 import dagster as dg
 
 
+def definitions() -> dg.Definitions:
+    """The project's definitions built now, so they follow the environment the test set
+    (FEED_DAGSTER_DATA, FEED_DAGSTER_SOURCE, FEED_DAGSTER_SHARDS). Imported here, not at
+    the top: importing feed_dagster.definitions builds definitions for the environment of
+    the moment."""
+    from feed_dagster.definitions import build_definitions
+
+    return build_definitions()
+
+
 def materialize(
     selection: dg.AssetSelection | None = None,
     partition_key: str | None = None,
@@ -19,13 +29,9 @@ def materialize(
     """Materialise `selection` (default: every asset) with the asset checks, resources and
     run config of a run of the project's definitions.
 
-    `defs` defaults to definitions built now, so they follow the environment the test set
-    (FEED_DAGSTER_DATA, FEED_DAGSTER_SOURCE); `instance` to a fresh ephemeral one. A failed
-    step is returned in the result unless `raise_on_error`."""
-    if defs is None:
-        from feed_dagster.definitions import build_definitions
-
-        defs = build_definitions()
+    `defs` defaults to `definitions()`; `instance` to a fresh ephemeral one. A failed step
+    is returned in the result unless `raise_on_error`."""
+    defs = defs or definitions()
     return dg.materialize(
         [*defs.assets, *defs.asset_checks],
         selection=selection,
