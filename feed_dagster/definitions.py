@@ -19,7 +19,7 @@ from feed_dagster.jobs.automation import JOBS, SCHEDULES, SENSORS
 from feed_dagster.paths import data_root
 from feed_dagster.resources.encoder import EncoderResource
 from feed_dagster.resources.source import default_source
-from feed_dagster.resources.storage import StorageResource
+from feed_dagster.resources.storage import StorageResource, storage_at_launch
 from feed_dagster.resources.stores import LanceDBResource, ModelStoreResource
 from feed_dagster.resources.warehouse import WarehouseIOManager
 
@@ -40,11 +40,12 @@ def default_executor() -> dg.ExecutorDefinition | None:
 
 
 def build_definitions(storage: StorageResource | None = None) -> dg.Definitions:
-    """Definitions bound to one storage root: `storage`, by default the current data root
-    (FEED_DAGSTER_DATA; tests point it elsewhere). Every store the other resources use
-    (warehouse, model store, vector table, replayed incoming batches) sits under it."""
-    storage = storage or StorageResource(root=str(data_root()))
-    storage.data_root().mkdir(parents=True, exist_ok=True)
+    """Definitions with one storage root: by default `storage`'s root, else the current data
+    root (FEED_DAGSTER_DATA); a run's config (`resources.storage.config.root`) can set
+    another. Every store the other resources use (warehouse, model store, vector table,
+    replayed incoming batches) depends on the `storage` resource, so that one root moves
+    them all."""
+    shared = storage_at_launch(storage.root if storage else str(data_root()))
     return dg.Definitions(
         assets=[
             source_tables,
@@ -69,11 +70,11 @@ def build_definitions(storage: StorageResource | None = None) -> dg.Definitions:
         sensors=SENSORS,
         executor=default_executor(),
         resources={
-            "storage": storage,
-            "io_manager": WarehouseIOManager(database=str(storage.warehouse_path()), schema="main"),
-            "source": default_source(storage.incoming_dir()),
-            "models": ModelStoreResource(root=str(storage.models_dir())),
-            "lancedb": LanceDBResource(uri=storage.lancedb_uri()),
+            "storage": shared,
+            "io_manager": WarehouseIOManager(storage=shared, schema="main"),
+            "source": default_source(shared),
+            "models": ModelStoreResource(storage=shared),
+            "lancedb": LanceDBResource(storage=shared),
             "encoder": EncoderResource(kind=os.environ.get("FEED_DAGSTER_ENCODER", "lexical")),
         },
     )

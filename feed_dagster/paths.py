@@ -1,6 +1,8 @@
-"""Where the project keeps its files: one data root, overridable by FEED_DAGSTER_DATA."""
+"""Where the project keeps its files: one data root, overridable by FEED_DAGSTER_DATA, and
+the layout of every store below it."""
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 
@@ -9,28 +11,8 @@ def data_root() -> Path:
     return Path(os.environ.get("FEED_DAGSTER_DATA", "data")).resolve()
 
 
-def warehouse_path() -> Path:
-    return data_root() / "warehouse.duckdb"
-
-
 # The two models' names in the model store (their directories under the store root).
 TWO_TOWER, RANKER = "two_tower", "ranker"
-
-
-def incoming_dir() -> Path:
-    """Where new Parquet batches of posts and engagements are dropped for the sensor."""
-    return data_root() / "incoming"
-
-
-def shard_dir() -> Path:
-    """One Parquet file of feeds per user shard."""
-    return data_root() / "feeds" / "shards"
-
-
-def serving_path() -> Path:
-    """The serving DuckDB file readers query; replaced atomically on every publish."""
-    return data_root() / "serving" / "feeds.duckdb"
-
 
 SAFETY_SUFFIX = ".safety.parquet"
 
@@ -41,7 +23,68 @@ def safety_path_for(serving_path: str | Path) -> Path:
     return serving_path.with_name(serving_path.stem + SAFETY_SUFFIX)
 
 
-def safety_path() -> Path:
-    """Deleted posts and block/mute edges readers drop at read time, beside the serving file
-    (written by the ingest; see feed_dagster/serving/safety.py)."""
-    return safety_path_for(serving_path())
+class StorageLayout:
+    """Where each store lives below one storage root, written once: the storage resource
+    (feed_dagster/resources/storage.py) and `DataRoot` both supply `data_root()` and take
+    every other path from here, so the asset graph and the `feed-dagster` commands that
+    read its outputs without Dagster always agree."""
+
+    def data_root(self) -> Path:
+        raise NotImplementedError
+
+    def warehouse_path(self) -> Path:
+        return self.data_root() / "warehouse.duckdb"
+
+    def models_dir(self) -> Path:
+        """The model store's root (weights + config per version, PROMOTED pointers)."""
+        return self.data_root() / "models"
+
+    def evaluation_dir(self) -> Path:
+        """Held-out evaluation tables of every trained ranker, one Parquet per version."""
+        return self.models_dir() / "evaluations"
+
+    def serving_peers_dir(self) -> Path:
+        """Cached classic-peer scores the ranker reads as inputs at serving time."""
+        return self.models_dir() / "serving_peers"
+
+    def lancedb_uri(self) -> str:
+        return str(self.data_root() / "lancedb")
+
+    def embeddings_path(self) -> Path:
+        # A Parquet file, not a warehouse table: see feed_dagster/embeddings/stored.py.
+        return self.data_root() / "embeddings" / "article_embeddings.parquet"
+
+    def incoming_dir(self) -> Path:
+        """Where new Parquet batches of posts and engagements are dropped for the sensor."""
+        return self.data_root() / "incoming"
+
+    def shard_dir(self) -> Path:
+        """One Parquet file of feeds per user shard."""
+        return self.data_root() / "feeds" / "shards"
+
+    def serving_path(self) -> Path:
+        """The serving DuckDB file readers query; replaced atomically on every publish."""
+        return self.data_root() / "serving" / "feeds.duckdb"
+
+    def safety_path(self) -> Path:
+        """Deleted posts and block/mute edges readers drop at read time, beside the serving
+        file (written by the ingest; see feed_dagster/serving/safety.py)."""
+        return safety_path_for(self.serving_path())
+
+    def run_failures_log(self) -> Path:
+        return self.data_root() / "logs" / "run_failures.jsonl"
+
+
+@dataclass(frozen=True)
+class DataRoot(StorageLayout):
+    """The layout below a root given as a path."""
+
+    root: Path
+
+    def data_root(self) -> Path:
+        return self.root
+
+
+def serving_path() -> Path:
+    """The serving file under the current data root (FEED_DAGSTER_DATA)."""
+    return DataRoot(data_root()).serving_path()

@@ -3,6 +3,7 @@ import shutil
 import dagster as dg
 import duckdb
 import pytest
+from dagster_helpers import materialize
 
 from feed_dagster.cli import main
 from feed_dagster.ebnerd import article_first_seen, write_articles_for_ids, write_synthetic_ebnerd
@@ -11,19 +12,6 @@ from feed_dagster.serving.read import connect, get_feed
 SELECTION = dg.AssetSelection.groups("raw", "social_graph") | dg.AssetSelection.assets(
     "impressions_evaluation"
 )
-
-
-def _materialize():
-    from feed_dagster.definitions import build_definitions
-
-    defs = build_definitions()
-    return dg.materialize(
-        [*defs.assets, *defs.asset_checks],
-        resources=defs.resources,
-        instance=dg.DagsterInstance.ephemeral(),
-        selection=SELECTION,
-        raise_on_error=False,
-    )
 
 
 def _users_with_feeds(data_dir):
@@ -77,10 +65,10 @@ def test_graph_materialises_on_the_real_sample(data_dir, tmp_path, monkeypatch, 
 def test_broken_folder_fails_clearly_and_keeps_earlier_tables(data_dir, tmp_path, monkeypatch):
     folder = write_synthetic_ebnerd(tmp_path / "ebnerd", users=40, articles=200)
     monkeypatch.setenv("FEED_DAGSTER_SOURCE", f"ebnerd:{folder}")
-    assert _materialize().success
+    assert materialize(SELECTION).success
     before = _baselines(data_dir)
     (folder / "validation" / "history.parquet").unlink()
-    result = _materialize()
+    result = materialize(SELECTION)
     assert not result.success
     failure = result.get_step_failure_events()[0].step_failure_data.error
     assert "history.parquet" in str(failure)
@@ -102,7 +90,7 @@ def test_refused_inputs_leave_every_warehouse_table_unchanged(data_dir, tmp_path
 
     folder = write_synthetic_ebnerd(tmp_path / "ebnerd", users=40, articles=200)
     monkeypatch.setenv("FEED_DAGSTER_SOURCE", f"ebnerd:{folder}")
-    assert _materialize().success
+    assert materialize(SELECTION).success
     before = _warehouse(data_dir)
     assert before["impressions"].height > 0
 
@@ -115,7 +103,7 @@ def test_refused_inputs_leave_every_warehouse_table_unchanged(data_dir, tmp_path
     ]
     for breakage, named in breakages:
         breakage()
-        result = _materialize()
+        result = materialize(SELECTION)
         assert not result.success
         error = str(result.get_step_failure_events()[0].step_failure_data.error)
         assert "train/behaviors.parquet" in error and named in error

@@ -2,20 +2,14 @@
 
 import dagster as dg
 import pytest
+from dagster_helpers import definitions, materialize
 
 from feed_dagster.models.store import ModelStore
 
 
 def _run(defs: dg.Definitions, instance: dg.DagsterInstance, *assets: str, groups=()):
     selection = dg.AssetSelection.assets(*assets) | dg.AssetSelection.groups(*groups)
-    result = dg.materialize(
-        [*defs.assets, *defs.asset_checks],
-        selection=selection,
-        resources=defs.resources,
-        instance=instance,
-        raise_on_error=False,
-    )
-    return result
+    return materialize(selection, defs=defs, instance=instance)
 
 
 def _latest(instance: dg.DagsterInstance, asset: str) -> dict:
@@ -26,9 +20,7 @@ def _latest(instance: dg.DagsterInstance, asset: str) -> dict:
 def test_promotion_and_vectors_read_the_trained_versions_in_later_runs(data_dir):
     """Training in one run; the gate, the promotion and the vector build each in a run of
     their own: each finds the versions training recorded, with no file beside the models."""
-    from feed_dagster.definitions import build_definitions
-
-    defs = build_definitions()
+    defs = definitions()
     instance = dg.DagsterInstance.ephemeral()
     first = _run(
         defs,
@@ -62,9 +54,7 @@ def test_promotion_and_vectors_read_the_trained_versions_in_later_runs(data_dir)
 
 
 def test_promotion_without_a_training_run_names_what_to_materialise(data_dir):
-    from feed_dagster.definitions import build_definitions
-
-    defs = build_definitions()
+    defs = definitions()
     result = _run(defs, dg.DagsterInstance.ephemeral(), "promoted_ranker")
     assert not result.success
     (failure,) = result.get_step_failure_events()

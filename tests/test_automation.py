@@ -3,24 +3,9 @@ from datetime import datetime
 import dagster as dg
 import duckdb
 import polars as pl
+from dagster_helpers import definitions, materialize
 
 from feed_dagster.world.simulate import simulate_activity
-
-
-def _defs():
-    from feed_dagster.definitions import build_definitions
-
-    return build_definitions()
-
-
-def _materialize(defs, instance, selection, partition_key=None):
-    return dg.materialize(
-        [*defs.assets, *defs.asset_checks],
-        selection=selection,
-        partition_key=partition_key,
-        resources=defs.resources,
-        instance=instance,
-    )
 
 
 class _Ticks:
@@ -77,9 +62,13 @@ def test_drop_ingest_refresh_publish_chain(data_dir):
     from feed_dagster.jobs.automation import UPSTREAM_OF_FEEDS, incoming_batches
     from feed_dagster.serving.read import connect
 
-    defs = _defs()
+    defs = definitions()
     instance = dg.DagsterInstance.ephemeral()
-    _materialize(defs, instance, UPSTREAM_OF_FEEDS)
+
+    def build(selection: dg.AssetSelection, key: str | None = None) -> None:
+        materialize(selection, key, defs=defs, instance=instance, raise_on_error=True)
+
+    build(UPSTREAM_OF_FEEDS)
     tick = _Ticks(defs, instance)
     assert tick() == {}  # the daemon's first look requests nothing
 
@@ -94,7 +83,10 @@ def test_drop_ingest_refresh_publish_chain(data_dir):
     posts.write_parquet(incoming / "articles-sim.parquet")
     eng.write_parquet(incoming / "engagements-sim.parquet")
 
-    request = incoming_batches(dg.build_sensor_context(instance=instance, resources=defs.resources))
+    # A context manager: the definitions' resources depend on the storage resource, and
+    # Dagster builds such resources only inside one.
+    with dg.build_sensor_context(instance=instance, resources=defs.resources) as ctx:
+        request = incoming_batches(ctx)
     job = defs.resolve_job_def("ingest_incoming")
     assert job.execute_in_process(run_config=request.run_config, instance=instance).success
     keys = user_shards.get_partition_keys()
@@ -119,11 +111,11 @@ def test_drop_ingest_refresh_publish_chain(data_dir):
     # for again when the vectors land; here nothing runs between ticks.)
     assert "published_feeds" not in tick()
     for key in keys[:-1]:
-        _materialize(defs, instance, dg.AssetSelection.assets("user_feeds"), key)
+        build(dg.AssetSelection.assets("user_feeds"), key)
     assert tick() == {}  # the last shard is still stale
-    _materialize(defs, instance, dg.AssetSelection.assets("user_feeds"), keys[-1])
+    build(dg.AssetSelection.assets("user_feeds"), keys[-1])
     assert tick() == {"published_feeds": []}
-    _materialize(defs, instance, dg.AssetSelection.assets("published_feeds"))
+    build(dg.AssetSelection.assets("published_feeds"))
     assert tick() == {}
 
     con = connect(data_dir / "serving" / "feeds.duckdb")
@@ -138,6 +130,6 @@ def test_daily_retrain_schedule_targets_the_retrain_job(data_dir):
 
     assert daily_retrain.job_name == "retrain"
     assert daily_retrain.cron_schedule == "0 3 * * *"
-    job = _defs().resolve_job_def("retrain")
+    job = definitions().resolve_job_def("retrain")
     keys = {k.to_user_string() for k in job.asset_layer.executable_asset_keys}
     assert {"ranker_weights", "promoted_ranker", "article_vectors"} <= keys

@@ -9,6 +9,7 @@ from datetime import timedelta
 import dagster as dg
 import polars as pl
 import pytest
+from dagster_helpers import materialize
 
 import feed_dagster.pipeline.candidate_sources as sources_mod
 from feed_dagster.data.schema import FEED_SCHEMA
@@ -145,21 +146,6 @@ def test_build_fails_clearly_when_every_post_is_older_than_the_window(tiny_world
     assert published.len() > 0
 
 
-def _materialize(selection, partition_key=None, run_config=None):
-    from feed_dagster.definitions import build_definitions
-
-    defs = build_definitions()
-    return dg.materialize(
-        [*defs.assets, *defs.asset_checks],
-        selection=selection,
-        partition_key=partition_key,
-        resources=defs.resources,
-        instance=dg.DagsterInstance.ephemeral(),
-        run_config=run_config,
-        raise_on_error=False,
-    )
-
-
 def _failure(result) -> str:
     from feed_dagster.cli import error_text
 
@@ -178,15 +164,15 @@ def test_assets_write_no_shard_and_publish_no_empty_feeds(
 
     save_parquet_world(_aged(tiny_world), tmp_path / "aged")
     monkeypatch.setenv("FEED_DAGSTER_SOURCE", f"parquet:{tmp_path / 'aged'}")
-    assert _materialize(dg.AssetSelection.groups("raw", "social_graph")).success
+    assert materialize(dg.AssetSelection.groups("raw", "social_graph")).success
 
-    result = _materialize(dg.AssetSelection.assets("user_feeds"), "0")
+    result = materialize(dg.AssetSelection.assets("user_feeds"), "0")
     assert not result.success
     assert "candidate window 48 h" in _failure(result)
     assert not _shard_path("0").exists()
 
     bad = {"ops": {"user_feeds": {"config": {"candidate_window_hours": -1.0}}}}
-    result = _materialize(dg.AssetSelection.assets("user_feeds"), "0", bad)
+    result = materialize(dg.AssetSelection.assets("user_feeds"), "0", run_config=bad)
     assert not result.success and "candidate_window_hours" in _failure(result)
 
     # Shards that hold no rows (e.g. written by an older version) are never published.
@@ -199,7 +185,7 @@ def test_assets_write_no_shard_and_publish_no_empty_feeds(
     live = data_dir / "serving" / "feeds.duckdb"
     live.parent.mkdir(parents=True, exist_ok=True)
     live.write_bytes(b"previous generation")
-    result = _materialize(dg.AssetSelection.assets("published_feeds"))
+    result = materialize(dg.AssetSelection.assets("published_feeds"))
     assert not result.success
     assert "0 feed rows" in _failure(result) and "stays as it was" in _failure(result)
     assert live.read_bytes() == b"previous generation"
@@ -213,9 +199,9 @@ def test_no_limit_in_the_launchpad_gives_old_posts(data_dir, tiny_world, tmp_pat
     aged = _aged(tiny_world)
     save_parquet_world(aged, tmp_path / "aged")
     monkeypatch.setenv("FEED_DAGSTER_SOURCE", f"parquet:{tmp_path / 'aged'}")
-    assert _materialize(dg.AssetSelection.groups("raw", "social_graph")).success
+    assert materialize(dg.AssetSelection.groups("raw", "social_graph")).success
     cfg = {"ops": {"user_feeds": {"config": {"no_candidate_window": True}}}}
-    assert _materialize(dg.AssetSelection.assets("user_feeds"), "0", cfg).success
+    assert materialize(dg.AssetSelection.assets("user_feeds"), "0", run_config=cfg).success
     feeds = pl.read_parquet(_shard_path("0"))
     assert feeds.height > 0
     published = feeds.join(aged.articles, on="article_id")["published_at"]

@@ -97,3 +97,24 @@ def test_run_reports_a_failed_or_empty_build_with_exit_code_1(data_dir, capsys, 
     captured = capsys.readouterr()
     assert captured.out == ""
     assert "candidate window 48 h" in captured.err and "run stopped" in captured.err
+
+
+def test_the_commands_and_the_asset_graph_share_one_storage_layout(data_dir):
+    """Every path a command reads or writes is the storage resource's path for the same
+    root, so FEED_DAGSTER_DATA (or a root handed to `run`) decides both."""
+    import feed_dagster.cli as cli
+    from feed_dagster.resources.storage import StorageResource
+
+    store, resource = cli.storage(), StorageResource(root=str(data_dir))
+    assert store.data_root() == resource.data_root() == data_dir.resolve()
+    for name in (
+        "warehouse_path",
+        "serving_path",
+        "safety_path",
+        "incoming_dir",
+        "shard_dir",
+        "models_dir",
+        "lancedb_uri",
+        "embeddings_path",
+    ):
+        assert getattr(store, name)() == getattr(resource, name)(), name

@@ -197,18 +197,22 @@ def test_the_ingest_job_makes_deletes_visible_to_readers(
 
     from feed_dagster.definitions import build_definitions
     from feed_dagster.jobs.automation import incoming_batches
-    from feed_dagster.paths import incoming_dir, serving_path, warehouse_path
+    from feed_dagster.paths import DataRoot
 
+    storage = DataRoot(data_dir)
     data_dir.mkdir(parents=True, exist_ok=True)
-    make_warehouse(warehouse_path(), tiny_world)
-    publish(feeds, serving_path(), tiny_world)
+    make_warehouse(storage.warehouse_path(), tiny_world)
+    publish(feeds, storage.serving_path(), tiny_world)
     t = victims(feeds)
-    reader = FeedReader(serving_path())
+    reader = FeedReader(storage.serving_path())
     assert t["article"] in reader.get_feed(t["u"])["article_id"].to_list()
-    drop_actions(incoming_dir(), t, tiny_world.now)
+    drop_actions(storage.incoming_dir(), t, tiny_world.now)
     instance = dg.DagsterInstance.ephemeral()
     defs = build_definitions()
-    request = incoming_batches(dg.build_sensor_context(instance=instance, resources=defs.resources))
+    # A context manager: the definitions' resources depend on the storage resource, and
+    # Dagster builds such resources only inside one.
+    with dg.build_sensor_context(instance=instance, resources=defs.resources) as ctx:
+        request = incoming_batches(ctx)
     job = defs.resolve_job_def("ingest_incoming")
     result = job.execute_in_process(run_config=request.run_config, instance=instance)
     assert result.success

@@ -22,6 +22,7 @@ import numpy as np
 import polars as pl
 import pytest
 import torch
+from dagster_helpers import materialize
 
 from feed_dagster.cli import error_text
 from feed_dagster.models.store import CorruptModelError, ModelStore
@@ -73,20 +74,6 @@ def _kill(proc: subprocess.Popen) -> None:
     assert proc.returncode == -signal.SIGKILL
 
 
-def _materialize(selection, partition_key=None, instance=None):
-    from feed_dagster.definitions import build_definitions
-
-    defs = build_definitions()
-    return dg.materialize(
-        [*defs.assets, *defs.asset_checks],
-        selection=selection,
-        partition_key=partition_key,
-        resources=defs.resources,
-        instance=instance or dg.DagsterInstance.ephemeral(),
-        raise_on_error=False,
-    )
-
-
 RUN_ASSET = """
 import dagster as dg
 from feed_dagster.definitions import build_definitions
@@ -123,8 +110,8 @@ def test_a_shard_run_killed_mid_write_leaves_no_partial_shard(data_dir, tmp_path
 
     _shard_path = StorageResource().shard_path
 
-    assert _materialize(dg.AssetSelection.groups("raw", "social_graph")).success
-    assert _materialize(dg.AssetSelection.assets("user_feeds"), "0").success
+    assert materialize(dg.AssetSelection.groups("raw", "social_graph")).success
+    assert materialize(dg.AssetSelection.assets("user_feeds"), "0").success
     shard = _shard_path("0")
     previous = shard.read_bytes()
 
@@ -141,7 +128,7 @@ def test_a_shard_run_killed_mid_write_leaves_no_partial_shard(data_dir, tmp_path
     assert pl.read_parquet(shard).height == 75 * 35
 
     # The next run of the shard succeeds and sweeps the leftover away.
-    assert _materialize(dg.AssetSelection.assets("user_feeds"), "0").success
+    assert materialize(dg.AssetSelection.assets("user_feeds"), "0").success
     assert not list(shard.parent.glob("shard-0.parquet.tmp-*"))
     assert pl.read_parquet(shard).height == 75 * 35
 
@@ -159,10 +146,10 @@ def test_a_publish_killed_mid_build_leaves_the_previous_generation_served(
     from feed_dagster.assets.feeds import user_shards
     from feed_dagster.serving.read import FeedReader, read_meta
 
-    assert _materialize(dg.AssetSelection.groups("raw", "social_graph")).success
+    assert materialize(dg.AssetSelection.groups("raw", "social_graph")).success
     for key in user_shards.get_partition_keys():
-        assert _materialize(dg.AssetSelection.assets("user_feeds"), key).success
-    assert _materialize(dg.AssetSelection.assets("published_feeds")).success
+        assert materialize(dg.AssetSelection.assets("user_feeds"), key).success
+    assert materialize(dg.AssetSelection.assets("published_feeds")).success
     live = data_dir / "serving" / "feeds.duckdb"
     before = read_meta(live)
     reader = FeedReader(live)
@@ -180,7 +167,7 @@ def test_a_publish_killed_mid_build_leaves_the_previous_generation_served(
     assert FeedReader(live).get_feed(user).equals(feed)
 
     # The next publish succeeds and serves a new generation.
-    assert _materialize(dg.AssetSelection.assets("published_feeds")).success
+    assert materialize(dg.AssetSelection.assets("published_feeds")).success
     after = read_meta(live)
     assert after["generation_id"] != before["generation_id"]
     assert after["rows"] == before["rows"]
@@ -261,7 +248,7 @@ def test_the_promotion_asset_keeps_the_incumbent_over_a_damaged_candidate(data_d
         )
     )
 
-    result = _materialize(dg.AssetSelection.assets("promoted_ranker"), instance=instance)
+    result = materialize(dg.AssetSelection.assets("promoted_ranker"), instance=instance)
     assert not result.success
     (failure,) = result.get_step_failure_events()
     assert "unreadable" in error_text(failure.step_failure_data.error)

@@ -207,16 +207,12 @@ def test_user_sample_is_deterministic_bounded_and_eligible(tiny_world: World) ->
 
 
 def test_feed_quality_materialises_and_is_readable_from_the_warehouse(data_dir) -> None:
-    from feed_dagster.definitions import build_definitions
+    from dagster_helpers import materialize
 
-    defs = build_definitions()
-    result = dg.materialize(
-        [*defs.assets, *defs.asset_checks],
-        resources=defs.resources,
-        instance=dg.DagsterInstance.ephemeral(),
-        selection=dg.AssetSelection.groups("raw", "social_graph")
-        | dg.AssetSelection.assets("feed_quality"),
+    result = materialize(
+        dg.AssetSelection.groups("raw", "social_graph") | dg.AssetSelection.assets("feed_quality"),
         run_config={"ops": {"feed_quality": {"config": {"sample_size": 30}}}},
+        raise_on_error=True,
     )
     assert result.success
     meta = result.asset_materializations_for_node("feed_quality")[0].metadata

@@ -3,27 +3,15 @@
 from __future__ import annotations
 
 import dagster as dg
+from dagster_helpers import materialize
 
 from feed_dagster.pipeline import DEFAULT_SPEC
 from feed_dagster.pipeline.stages import label
 
 
-def _materialize(selection, partition_key=None):
-    from feed_dagster.definitions import build_definitions
-
-    defs = build_definitions()
-    return dg.materialize(
-        [*defs.assets, *defs.asset_checks],
-        selection=selection,
-        partition_key=partition_key,
-        resources=defs.resources,
-        instance=dg.DagsterInstance.ephemeral(),
-    )
-
-
 def test_user_feeds_metadata_holds_preview_and_stage_timings(data_dir) -> None:
-    _materialize(dg.AssetSelection.groups("raw", "social_graph"))
-    result = _materialize(dg.AssetSelection.assets("user_feeds"), "0")
+    materialize(dg.AssetSelection.groups("raw", "social_graph"), raise_on_error=True)
+    result = materialize(dg.AssetSelection.assets("user_feeds"), "0", raise_on_error=True)
     (event,) = result.asset_materializations_for_node("user_feeds")
     meta = event.metadata
     preview, timings = meta["feed_preview"], meta["stage_timings"]

@@ -39,6 +39,9 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("pipeline", ("pipeline",)),
     ("feeds", ("feeds",)),
     ("serving", ("serving",)),
+    # Publishing a generation of shard files: the one module that knows both the feeds'
+    # shard files and the serving side's guard and publish, which know nothing of each other.
+    ("generation", ("generation",)),
     # The ingest writes the warehouse and the serving side's safety list.
     ("incoming", ("incoming",)),
     ("resources", ("resources",)),
@@ -61,6 +64,7 @@ CORE = (
     "pipeline",
     "feeds",
     "serving",
+    "generation",
     "incoming",
     "base",
 )

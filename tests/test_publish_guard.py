@@ -7,6 +7,7 @@ import logging
 import dagster as dg
 import polars as pl
 import pytest
+from dagster_helpers import materialize
 
 from feed_dagster.cli import error_text
 from feed_dagster.serving.guard import GenerationStats, GuardConfig, decide
@@ -70,30 +71,15 @@ def test_an_unreadable_live_file_is_no_yardstick(tmp_path) -> None:
 # --- the guard in the asset graph ---------------------------------------------------------
 
 
-def _materialize(selection, run_config=None, partition_key=None, instance=None):
-    from feed_dagster.definitions import build_definitions
-
-    defs = build_definitions()
-    return dg.materialize(
-        [*defs.assets, *defs.asset_checks],
-        selection=selection,
-        partition_key=partition_key,
-        resources=defs.resources,
-        instance=instance or dg.DagsterInstance.ephemeral(),
-        run_config=run_config,
-        raise_on_error=False,
-    )
-
-
 @pytest.fixture()
 def published(data_dir):
     """Raw tables and four shards on the tiny world (table fallbacks), published once."""
     from feed_dagster.assets.feeds import user_shards
 
-    assert _materialize(dg.AssetSelection.groups("raw", "social_graph")).success
+    assert materialize(dg.AssetSelection.groups("raw", "social_graph")).success
     for key in user_shards.get_partition_keys():
-        assert _materialize(dg.AssetSelection.assets("user_feeds"), partition_key=key).success
-    assert _materialize(dg.AssetSelection.assets("published_feeds")).success
+        assert materialize(dg.AssetSelection.assets("user_feeds"), key).success
+    assert materialize(dg.AssetSelection.assets("published_feeds")).success
     return data_dir / "serving" / "feeds.duckdb"
 
 
@@ -115,7 +101,9 @@ def _guard(result) -> dg.AssetCheckEvaluation:
 
 def _publish(config: dict | None = None, instance=None):
     run_config = {"ops": {"published_feeds": {"config": config}}} if config else None
-    return _materialize(dg.AssetSelection.assets("published_feeds"), run_config, None, instance)
+    return materialize(
+        dg.AssetSelection.assets("published_feeds"), run_config=run_config, instance=instance
+    )
 
 
 def test_a_collapsed_generation_is_refused_and_the_live_file_stays(published) -> None:
@@ -172,7 +160,7 @@ def test_the_cli_reports_a_refused_publish_and_keeps_serving(published, capsys, 
 
     _rewrite_shards(pl.col("position") <= 5)
     with pytest.raises(cli.PublishRefused) as err:
-        cli._run_step("publish", "publish", None, "WARNING")
+        cli._run_step("publish", "publish", None, "WARNING", cli.storage().data_root())
     report = str(err.value)
     assert "check publish_guard FAILED" in report and "shrinks against" in report
     assert "live serving file is unchanged" in report

@@ -6,27 +6,11 @@ import shutil
 from pathlib import Path
 
 import dagster as dg
+from dagster_helpers import definitions, materialize
 
 from feed_dagster.assets.retry import IO_RETRY
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _defs():
-    from feed_dagster.definitions import build_definitions
-
-    return build_definitions()
-
-
-def _materialize(defs, selection, partition_key=None):
-    return dg.materialize(
-        [*defs.assets, *defs.asset_checks],
-        selection=selection,
-        partition_key=partition_key,
-        resources=defs.resources,
-        instance=dg.DagsterInstance.ephemeral(),
-        raise_on_error=False,
-    )
 
 
 def _retries(result) -> int:
@@ -34,7 +18,7 @@ def _retries(result) -> int:
 
 
 def test_io_steps_carry_the_retry_policy(data_dir) -> None:
-    defs = _defs()
+    defs = definitions()
     for name in ("article_embeddings", "article_vectors", "user_feeds", "published_feeds"):
         node = defs.resolve_assets_def(name).node_def
         assert node.retry_policy == IO_RETRY, name
@@ -43,13 +27,14 @@ def test_io_steps_carry_the_retry_policy(data_dir) -> None:
 
 def test_one_transient_failure_is_retried_and_the_run_succeeds(data_dir, monkeypatch) -> None:
     import feed_dagster.assets.feeds as feeds
+    import feed_dagster.generation as generation
     from feed_dagster.serving.read import read_meta
 
-    defs = _defs()
-    assert _materialize(defs, dg.AssetSelection.groups("raw", "social_graph")).success
+    defs = definitions()
+    assert materialize(dg.AssetSelection.groups("raw", "social_graph"), defs=defs).success
 
     calls = {"write": 0, "publish": 0}
-    real_write, real_publish = feeds.write_shard, feeds.publish_feeds
+    real_write, real_publish = feeds.write_shard, generation.publish_feeds
 
     def flaky_write(*args, **kwargs):
         calls["write"] += 1
@@ -64,31 +49,31 @@ def test_one_transient_failure_is_retried_and_the_run_succeeds(data_dir, monkeyp
         return real_publish(*args, **kwargs)
 
     monkeypatch.setattr(feeds, "write_shard", flaky_write)
-    monkeypatch.setattr(feeds, "publish_feeds", flaky_publish)
+    monkeypatch.setattr(generation, "publish_feeds", flaky_publish)
     for key in feeds.user_shards.get_partition_keys():
-        result = _materialize(defs, dg.AssetSelection.assets("user_feeds"), key)
+        result = materialize(dg.AssetSelection.assets("user_feeds"), key, defs=defs)
         assert result.success
         assert _retries(result) == (1 if key == "0" else 0)
-    result = _materialize(defs, dg.AssetSelection.assets("published_feeds"))
+    result = materialize(dg.AssetSelection.assets("published_feeds"), defs=defs)
     assert result.success and _retries(result) == 1
     assert calls == {"write": 5, "publish": 2}
     assert read_meta(data_dir / "serving" / "feeds.duckdb")["users"] == 300
 
 
 def test_a_failure_that_repeats_is_not_retried(data_dir, monkeypatch) -> None:
-    import feed_dagster.assets.feeds as feeds
+    import feed_dagster.feeds.precompute as precompute
     from feed_dagster.errors import DataValidationError
 
-    defs = _defs()
-    assert _materialize(defs, dg.AssetSelection.groups("raw", "social_graph")).success
+    defs = definitions()
+    assert materialize(dg.AssetSelection.groups("raw", "social_graph"), defs=defs).success
     calls = []
 
     def bad_build(*args, **kwargs):
         calls.append(1)
         raise DataValidationError("engagements", "dwell_seconds", ">= 0", "-3")
 
-    monkeypatch.setattr(feeds, "build_feeds", bad_build)
-    result = _materialize(defs, dg.AssetSelection.assets("user_feeds"), "0")
+    monkeypatch.setattr(precompute, "build_feeds", bad_build)
+    result = materialize(dg.AssetSelection.assets("user_feeds"), "0", defs=defs)
     assert not result.success and _retries(result) == 0 and len(calls) == 1
 
 

@@ -18,11 +18,10 @@ from feed_dagster.feeds.evaluation import (
     evaluate_feeds,
     tables_before,
 )
-from feed_dagster.feeds.model_backends import feed_models
 from feed_dagster.models.train import torch_threads
 from feed_dagster.plots import markdown_table
 from feed_dagster.resources.storage import StorageResource
-from feed_dagster.resources.stores import LanceDBResource, ModelStoreResource
+from feed_dagster.resources.stores import LanceDBResource, ModelStoreResource, model_locations
 
 FALLBACK = "table_fallbacks"
 
@@ -60,14 +59,8 @@ def feed_quality(
     tables = read_tables(storage.warehouse_path(), PIPELINE_TABLES, OPTIONAL_TABLES)
     cut = tables["world_info"]["heldout_start"][0]
     # The models' serving context is built from the data before the cut only.
-    retriever, scorer, versions = feed_models(
-        tables_before(tables, cut),
-        models.store(),
-        lancedb.resolved_uri(),
-        lancedb.table,
-        context.log.warning,
-        embeddings=storage.embeddings_path(),
-        peers_dir=storage.serving_peers_dir(),
+    retriever, scorer, versions = model_locations(models, lancedb, storage).load(
+        tables_before(tables, cut), context.log.warning
     )
     fallback = versions["model_version"] == "fallback"
     name = FALLBACK if fallback else LEARNED

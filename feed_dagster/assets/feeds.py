@@ -1,7 +1,6 @@
 """Per-user precomputed feeds (one partition per user shard) and their atomic publish."""
 
 import os
-from datetime import UTC, datetime
 
 import dagster as dg
 from pydantic import Field
@@ -9,19 +8,16 @@ from pydantic import Field
 from feed_dagster.assets.conditions import publish_when_every_shard_is_fresh
 from feed_dagster.assets.retry import IO_RETRY, fail_fast
 from feed_dagster.data.warehouse import read_tables
-from feed_dagster.feeds.build import OPTIONAL_TABLES, PIPELINE_TABLES, build_feeds
-from feed_dagster.feeds.model_backends import feed_models
+from feed_dagster.feeds.build import OPTIONAL_TABLES, PIPELINE_TABLES
+from feed_dagster.feeds.precompute import precompute_shard
 from feed_dagster.feeds.report import feed_preview_markdown, stage_timings_markdown
-from feed_dagster.feeds.shard_files import read_versions, write_shard
-from feed_dagster.feeds.shards import default_shard_count, users_in_shard
+from feed_dagster.feeds.shard_files import write_shard
+from feed_dagster.feeds.shards import default_shard_count
+from feed_dagster.generation import publish_generation
 from feed_dagster.memory import StepMemory
-from feed_dagster.models.train import torch_threads
-from feed_dagster.pipeline.config import PipelineConfig, resolve_window
-from feed_dagster.pipeline.tables import candidate_window
 from feed_dagster.resources.storage import StorageResource
-from feed_dagster.resources.stores import LanceDBResource, ModelStoreResource
-from feed_dagster.serving.guard import GuardConfig, GuardDecision, check_publish
-from feed_dagster.serving.publish import publish_feeds
+from feed_dagster.resources.stores import LanceDBResource, ModelStoreResource, model_locations
+from feed_dagster.serving.guard import GuardConfig, GuardDecision
 from feed_dagster.serving.read import read_served
 
 N_SHARDS = default_shard_count(
@@ -112,34 +108,23 @@ def user_feeds(
     memory = StepMemory().start()
     shard = int(context.partition_key)
     tables = read_tables(storage.warehouse_path(), PIPELINE_TABLES, OPTIONAL_TABLES)
-    now = tables["world_info"]["now"][0]
-    window = resolve_window(
-        candidate_window(tables), config.candidate_window_hours, config.no_candidate_window
-    )
-    user_ids = users_in_shard(tables["users"], shard, N_SHARDS)
-    retriever, scorer, versions = feed_models(
-        tables,
-        models.store(),
-        lancedb.resolved_uri(),
-        lancedb.table,
-        context.log.warning,
-        embeddings=storage.embeddings_path(),
-        peers_dir=storage.serving_peers_dir(),
-    )
     served = read_served(storage.serving_path()) if config.exclude_previously_served else None
     # Raises NoCandidatesError before anything is written when the window misses the data.
-    with fail_fast(), torch_threads(config.torch_threads):
-        feeds, stats = build_feeds(
+    with fail_fast():
+        built = precompute_shard(
             tables,
-            user_ids,
-            now,
-            retriever,
-            scorer,
-            PipelineConfig().with_max_age(window),
+            shard,
+            N_SHARDS,
+            model_locations(models, lancedb, storage),
+            warn=context.log.warning,
             served=served,
+            window_hours=config.candidate_window_hours,
+            no_window=config.no_candidate_window,
             batch_size=config.batch_size,
+            threads=config.torch_threads,
             progress=lambda m: context.log.info(f"shard {shard}: {m}"),
         )
+    feeds, stats, versions = built.feeds, built.stats, built.versions
     write_shard(storage.shard_dir(), context.partition_key, feeds, versions)
     memory.stop()
     return dg.MaterializeResult(
@@ -152,7 +137,7 @@ def user_feeds(
             "retriever": stats.retriever,
             "scorer": stats.scorer,
             **versions,
-            "now": str(now),
+            "now": str(built.now),
             "candidate_window_hours": stats.candidate_window_hours,
             "active_users_with_candidates": stats.active_users_with_candidates,
             "path": str(storage.shard_path(context.partition_key)),
@@ -192,17 +177,16 @@ def published_feeds(
     """The serving DuckDB file, built beside the live one from every shard and renamed into
     place: readers never block the publish and never see a mix of two refreshes. The
     publish_guard check runs first; when it fails nothing is built and the live file stays."""
-    keys = user_shards.get_partition_keys()
-    paths = [storage.shard_path(k) for k in keys]
-    missing = [p.name for p in paths if not p.exists()]
-    if missing:
-        raise FileNotFoundError(
-            f"cannot publish: shard files {missing} are missing; materialise every "
-            "user_feeds partition first"
-        )
     guard = GuardConfig(config.min_active_coverage, config.min_share_of_live, config.allow_shrink)
-    decision = check_publish(paths, storage.serving_path(), storage.warehouse_path(), guard)
-    if not decision.passed:
+    outcome = publish_generation(
+        storage.shard_dir(),
+        user_shards.get_partition_keys(),
+        storage.serving_path(),
+        storage.warehouse_path(),
+        guard,
+    )
+    decision, result = outcome.decision, outcome.published
+    if result is None:
         # The check result first (the UI's check tab), then a failure nobody retries: the
         # same shards would be refused again.
         yield _guard_result(decision)
@@ -211,21 +195,6 @@ def published_feeds(
             description=decision.description(), metadata=decision.metadata(), allow_retries=False
         )
     context.log.info(decision.description())
-    tables = read_tables(storage.warehouse_path(), ["articles", "users"])
-    versions = [read_versions(storage.shard_dir(), k) for k in keys]
-    # Shards built with different models (a promotion between shard runs) are published
-    # together but say so: both versions are recorded.
-    model_version = ";".join(sorted({v["model_version"] for v in versions}))
-    vector_version = ";".join(sorted({v["vector_table_version"] for v in versions}))
-    result = publish_feeds(
-        [str(p) for p in paths],
-        storage.serving_path(),
-        model_version=model_version,
-        vector_table_version=vector_version,
-        generated_at=datetime.now(UTC).replace(tzinfo=None),
-        articles=tables["articles"],
-        users=tables["users"],
-    )
     yield dg.MaterializeResult(
         metadata={
             "dagster/row_count": result.rows,

@@ -5,7 +5,8 @@ TwoTowerRetriever embeds each user's history with the user tower and searches th
 item-tower table; RankerScorer asks the transformer ranker for per-action probabilities.
 Both read features strictly before `now` through the models' own serving code.
 `feed_models` returns this pair when both models are promoted and the vector table exists,
-and otherwise the table backend (`feed_dagster/pipeline/table_backends.py`).
+and otherwise the table backend (`feed_dagster/pipeline/table_backends.py`);
+`ModelLocations` holds where it looks, so every caller names the stores once.
 
 It lives in `feeds`, not beside the table backend in `pipeline`, because the pipeline sits
 below the models and never imports them.
@@ -225,3 +226,30 @@ def feed_models(
             "vector_table_version": str(table.version),
         },
     )
+
+
+@dataclass(frozen=True)
+class ModelLocations:
+    """Where `feed_models` finds the served models and what they read at serving time:
+    the model store, the LanceDB article-vector table, the stored article embeddings and
+    the cached classic-peer scores."""
+
+    store: ModelStore
+    vectors_uri: str
+    vectors_table: str
+    embeddings: Path | None = None
+    peers_dir: Path | None = None
+
+    def load(
+        self, tables: dict[str, pl.DataFrame], warn: Callable[[str], None]
+    ) -> tuple[Retriever, Scorer, dict[str, str]]:
+        """`feed_models` over these stores: the promoted models or the table fallbacks."""
+        return feed_models(
+            tables,
+            self.store,
+            self.vectors_uri,
+            self.vectors_table,
+            warn,
+            embeddings=self.embeddings,
+            peers_dir=self.peers_dir,
+        )

@@ -1,13 +1,13 @@
 """The data source as a Dagster resource: switching data is configuration, not code."""
 
 import os
-from pathlib import Path
 
 import dagster as dg
+from dagster._config.pythonic_config import PartialResource
 
 from feed_dagster.data.schema import World
 from feed_dagster.incoming import replay_done
-from feed_dagster.paths import incoming_dir
+from feed_dagster.resources.storage import StorageResource
 from feed_dagster.sources import SourceSpec, load_source
 
 
@@ -18,14 +18,12 @@ class SourceResource(dg.ConfigurableResource):
     variable FEED_DAGSTER_SOURCE, when set, overrides the default.
     """
 
+    storage: StorageResource
     spec: str = "synthetic:demo"
     seed: int = 0
-    # Replay committed incoming batches (data/incoming/done) on top of the source, so a
-    # full rebuild keeps the activity the sensor ingested.
+    # Replay committed incoming batches (incoming/done under the storage root) on top of
+    # the source, so a full rebuild keeps the activity the sensor ingested.
     include_ingested: bool = True
-    # The incoming folder whose done/ is replayed; empty = the default data root's. The
-    # definitions set it from the storage resource, so both always name the same folder.
-    incoming_dir: str = ""
 
     def parsed(self) -> SourceSpec:
         return SourceSpec.parse(self.spec, seed=self.seed)
@@ -33,13 +31,15 @@ class SourceResource(dg.ConfigurableResource):
     def load(self) -> World:
         world = load_source(self.parsed())
         if self.include_ingested:
-            folder = Path(self.incoming_dir) if self.incoming_dir else incoming_dir()
-            world = replay_done(world, folder / "done")
+            world = replay_done(world, self.storage.incoming_dir() / "done")
         return world
 
 
-def default_source(incoming: Path | None = None) -> SourceResource:
+def default_source(
+    storage: StorageResource | PartialResource[StorageResource],
+) -> SourceResource:
+    """The source FEED_DAGSTER_SOURCE names (default synthetic:demo), replaying the
+    incoming batches under `storage`."""
     return SourceResource(
-        spec=os.environ.get("FEED_DAGSTER_SOURCE", "synthetic:demo"),
-        incoming_dir=str(incoming) if incoming else "",
+        storage=storage, spec=os.environ.get("FEED_DAGSTER_SOURCE", "synthetic:demo")
     )

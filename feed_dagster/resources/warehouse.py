@@ -4,15 +4,26 @@ dagster-duckdb-polars skips writing an empty frame, which would leave a stale ta
 earlier source (say, synthetic follows after switching to EBNeRD, which has none) and break
 downstream loads. This handler always replaces the table, so the warehouse reflects exactly
 the last materialisation, schema included.
+
+The database file is the storage resource's warehouse (a resource dependency), so the
+storage root a run is configured with decides where the tables go.
 """
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
 
+import duckdb
 import polars as pl
 from dagster import OutputContext
-from dagster._core.storage.db_io_manager import DbTypeHandler, TableSlice
+from dagster._core.storage.db_io_manager import DbIOManager, DbTypeHandler, TableSlice
+from dagster._utils.backoff import backoff
 from dagster_duckdb import DuckDBIOManager
+from dagster_duckdb.io_manager import DuckDbClient
 from dagster_duckdb_polars import DuckDBPolarsTypeHandler
+from pydantic import Field
+
+from feed_dagster.resources.storage import StorageResource
 
 # The concurrency pool of every step that writes the warehouse (DuckDB allows one writer
 # process per file) or reads it while another step may write.
@@ -39,8 +50,60 @@ class ReplacingPolarsTypeHandler(DuckDBPolarsTypeHandler):
         context.add_output_metadata({"row_count": obj.height})
 
 
+class WarehouseClient(DuckDbClient):
+    """DuckDbClient connecting to a path fixed when the IO manager is created: the
+    library's client reads it from the IO manager's own config, which here may be empty
+    (the path then comes from the storage resource)."""
+
+    def __init__(self, database: Path) -> None:
+        self.database = database
+
+    @contextmanager
+    def connect(self, context, table_slice: TableSlice) -> Iterator[duckdb.DuckDBPyConnection]:  # type: ignore[override]
+        # As the library's client: retry while another process holds the file.
+        conn = backoff(
+            fn=duckdb.connect,
+            retry_on=(RuntimeError, duckdb.IOException),
+            kwargs={
+                "database": str(self.database),
+                "read_only": False,
+                "config": {
+                    "custom_user_agent": "dagster",
+                    **context.resource_config["connection_config"],
+                },
+            },
+            max_retries=10,
+        )
+        try:
+            yield conn
+        finally:
+            conn.close()
+
+
 class WarehouseIOManager(DuckDBIOManager):
-    """DuckDB warehouse IO manager for polars frames (one writer at a time: pool 'warehouse')."""
+    """DuckDB warehouse IO manager for polars frames (one writer at a time: pool 'warehouse').
+
+    `database` empty (the default): warehouse.duckdb under the storage root."""
+
+    storage: StorageResource
+    database: str = Field(
+        default="", description="Path to the DuckDB database; empty = the storage root's."
+    )
+
+    def warehouse_path(self) -> Path:
+        return Path(self.database) if self.database else self.storage.warehouse_path()
+
+    def create_io_manager(self, context) -> DbIOManager:
+        path = self.warehouse_path()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return DbIOManager(
+            db_client=WarehouseClient(path),
+            database=str(path),
+            schema=self.schema_,
+            type_handlers=self.type_handlers(),
+            default_load_type=self.default_load_type(),
+            io_manager_name="DuckDBIOManager",
+        )
 
     @staticmethod
     def type_handlers() -> Sequence[DbTypeHandler]:

@@ -1,0 +1,67 @@
+"""One user shard's feeds, from the warehouse tables to the rows its shard file holds."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime
+
+import polars as pl
+
+from feed_dagster.feeds.build import build_feeds
+from feed_dagster.feeds.model_backends import ModelLocations
+from feed_dagster.feeds.shards import users_in_shard
+from feed_dagster.models.train import torch_threads
+from feed_dagster.pipeline.config import PipelineConfig, resolve_window
+from feed_dagster.pipeline.stats import PipelineStats
+from feed_dagster.pipeline.tables import Tables, candidate_window
+
+
+@dataclass(frozen=True)
+class ShardFeeds:
+    """A shard's feeds, the pipeline's summed stats, the model and vector-table versions
+    that built them, and the `now` they were built at."""
+
+    feeds: pl.DataFrame
+    stats: PipelineStats
+    versions: dict[str, str]
+    now: datetime
+
+
+def precompute_shard(
+    tables: Tables,
+    shard: int,
+    n_shards: int,
+    models: ModelLocations,
+    *,
+    warn: Callable[[str], None],
+    served: pl.DataFrame | None = None,
+    window_hours: float | None = None,
+    no_window: bool = False,
+    batch_size: int = 512,
+    threads: int = 1,
+    progress: Callable[[str], None] | None = None,
+) -> ShardFeeds:
+    """The feeds of the users of shard `shard` of `n_shards` at the warehouse's `now`: the
+    promoted models (the table fallbacks, with a warning to `warn`, while there are none), the
+    source's candidate window unless `window_hours` or `no_window` overrides it, posts in
+    `served` left out, scored with `threads` torch threads.
+
+    Raises NoCandidatesError when the window misses the data (see build_feeds)."""
+    now = tables["world_info"]["now"][0]
+    window = resolve_window(candidate_window(tables), window_hours, no_window)
+    user_ids = users_in_shard(tables["users"], shard, n_shards)
+    retriever, scorer, versions = models.load(tables, warn)
+    with torch_threads(threads):
+        feeds, stats = build_feeds(
+            tables,
+            user_ids,
+            now,
+            retriever,
+            scorer,
+            PipelineConfig().with_max_age(window),
+            served=served,
+            batch_size=batch_size,
+            progress=progress,
+        )
+    return ShardFeeds(feeds, stats, versions, now)
