@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import io
 import os
 import sys
@@ -238,16 +239,21 @@ def materialize_everything(
 def _materialize_phases(
     log_level: str, workers: int | None, progress: Progress, shards: list[str], root: Path
 ) -> str | None:
-    def phase(label: str, which: str, note: str = "") -> str:
+    def phase(label: str, which: str, note: str = "", fresh: bool = False) -> str:
         progress.phase_started(label, note)
-        (report,) = _in_fresh_processes(
-            log_level, progress, root, [(label, which, None)], workers=1
-        )
+        if fresh:
+            task = [(label, which, None)]
+            (report,) = _in_fresh_processes(log_level, progress, root, task, workers=1)
+        else:
+            emit = functools.partial(_dispatch, progress)
+            report = _run_step(label, which, None, log_level, root, emit)
         progress.phase_finished(label, report)
         return report
 
-    phase("sources", "sources", "generate or load the world, check its tables")
-    phase("models and vectors", "derived", "training takes a few minutes")
+    # The heavy phases run in processes of their own (see _in_fresh_processes); publish and
+    # feed quality run here, after them, where a process start would only add time.
+    phase("sources", "sources", "generate or load the world, check its tables", fresh=True)
+    phase("models and vectors", "derived", "training takes a few minutes", fresh=True)
     labels = [(f"user_feeds shard {k}", "shard", k) for k in shards]
     workers = workers or min(len(shards), os.cpu_count() or 1)
     progress.shards_started(len(shards), workers)

@@ -20,6 +20,8 @@ def test_run_builds_everything_and_prints_a_feed(data_dir, capsys, monkeypatch):
     assert "ranker epoch 1/" in out and "two_tower epoch 1/" in out and "train_loss" in out
     assert "user_feeds shard 0: built user_feeds" in out and "4/4 shards done" in out
     assert "- publish: built published_feeds" in out
+    # The source's tables and the models are built in processes of their own, in order.
+    assert 0 <= out.index("- sources: built") < out.index("- models and vectors: built")
 
     # --quiet: one line on stdout, nothing on stderr (the build itself is skipped here).
     monkeypatch.setattr(cli, "materialize_everything", lambda log_level, **kw: None)

@@ -7,9 +7,8 @@ from pydantic import Field
 
 from feed_dagster.assets.conditions import publish_when_every_shard_is_fresh
 from feed_dagster.assets.retry import IO_RETRY, fail_fast
-from feed_dagster.data.warehouse import read_tables
-from feed_dagster.feeds.build import OPTIONAL_TABLES, PIPELINE_TABLES
-from feed_dagster.feeds.precompute import precompute_shard
+from feed_dagster.feeds.build import PIPELINE_TABLES
+from feed_dagster.feeds.precompute import precompute_shard, read_shard_tables
 from feed_dagster.feeds.report import feed_preview_markdown, stage_timings_markdown
 from feed_dagster.feeds.shard_files import write_shard
 from feed_dagster.feeds.shards import default_shard_count
@@ -107,7 +106,7 @@ def user_feeds(
     written as one Parquet file per shard."""
     memory = StepMemory().start()
     shard = int(context.partition_key)
-    tables = read_tables(storage.warehouse_path(), PIPELINE_TABLES, OPTIONAL_TABLES)
+    tables = read_shard_tables(storage.warehouse_path(), shard, N_SHARDS)
     served = read_served(storage.serving_path()) if config.exclude_previously_served else None
     # Raises NoCandidatesError before anything is written when the window misses the data.
     with fail_fast():

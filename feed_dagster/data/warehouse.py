@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import duckdb
+import numpy as np
 import polars as pl
 
 
@@ -31,13 +32,24 @@ def connect_read_only(path: Path, timeout_s: float = 120.0) -> duckdb.DuckDBPyCo
             delay = min(delay * 2, 5.0)
 
 
+# What `read_tables(users=...)` puts in place of the whole impression log's count: one row,
+# the impressions shown (to anyone) before the world's `now`.
+IMPRESSION_TOTALS = "impression_totals"
+
+
 def read_tables(
-    path: Path, names: list[str], optional: tuple[str, ...] = ()
+    path: Path,
+    names: list[str],
+    optional: tuple[str, ...] = (),
+    users: np.ndarray | None = None,
 ) -> dict[str, pl.DataFrame]:
     """Whole tables by name, read in one read-only session (one consistent snapshot).
 
     Names in `optional` that the warehouse lacks (tables added after it was built, such as
-    deleted_posts) are left out of the result instead of failing the read."""
+    deleted_posts) are left out of the result instead of failing the read. With `users` (a
+    feed shard's), `impressions` holds only those users' rows, the largest table cut to
+    what a shard reads per user, and IMPRESSION_TOTALS carries the one global figure read
+    from it (how many impressions anyone was shown before `now`)."""
     con = connect_read_only(path)
     try:
         present = {
@@ -46,11 +58,20 @@ def read_tables(
                 "select table_name from information_schema.tables where table_schema = 'main'"
             ).fetchall()
         }
-        return {
-            name: con.execute(f'select * from main."{name}"').pl()
-            for name in names
-            if name in present or name not in optional
-        }
+        wanted = [n for n in names if n in present or n not in optional]
+        if users is None or "impressions" not in wanted:
+            return {name: con.execute(f'select * from main."{name}"').pl() for name in wanted}
+        shard_users = pl.DataFrame({"user_id": np.asarray(users, np.int64)})
+        con.register("shard_users", shard_users.to_arrow())
+        queries = {name: f'select * from main."{name}"' for name in wanted}
+        queries["impressions"] = (
+            "select * from main.impressions semi join shard_users using (user_id)"
+        )
+        queries[IMPRESSION_TOTALS] = (
+            "select count(*) as shown, (select max(now) from main.world_info) as now "
+            "from main.impressions where shown_at < (select max(now) from main.world_info)"
+        )
+        return {name: con.execute(q).pl() for name, q in queries.items()}
     finally:
         con.close()
 

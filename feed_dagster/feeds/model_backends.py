@@ -160,11 +160,15 @@ def serving_context(
     *,
     embeddings: Path | None = None,
     peers_dir: Path | None = None,
+    warehouse: Path | None = None,
+    users: np.ndarray | None = None,
 ) -> ServingContext:
     """The models' serving inputs from warehouse tables and the stored content vectors.
 
     `embeddings` (the article_embeddings file) and `peers_dir` (cached classic-peer scores)
-    default to their places under the data root; the Dagster layer passes its storage's."""
+    default to their places under the data root; the Dagster layer passes its storage's.
+    With `warehouse`, the exposure counts come from its whole impression log (per user for
+    `users` only), so `tables` may hold just a shard's impressions."""
     articles = tables["articles"]
     return ServingContext.build(
         articles,
@@ -175,6 +179,8 @@ def serving_context(
         features,
         peers_dir=peers_dir or data_root() / "models" / "serving_peers",
         impressions=tables.get("impressions"),
+        warehouse=warehouse,
+        users=users,
     )
 
 
@@ -187,6 +193,8 @@ def feed_models(
     *,
     embeddings: Path | None = None,
     peers_dir: Path | None = None,
+    warehouse: Path | None = None,
+    users: np.ndarray | None = None,
 ) -> tuple[Retriever, Scorer, dict[str, str]]:
     """The promoted ranker and two-tower + LanceDB retrieval; the table-based fallbacks
     (and a warning through `warn`) while no model has been promoted or the vector table
@@ -217,6 +225,8 @@ def feed_models(
         serving_features(ranker.cfg.features),
         embeddings=embeddings,
         peers_dir=peers_dir,
+        warehouse=warehouse,
+        users=users,
     )
     return (
         TwoTowerRetriever(tower, ctx, table),
@@ -239,11 +249,21 @@ class ModelLocations:
     vectors_table: str
     embeddings: Path | None = None
     peers_dir: Path | None = None
+    # The warehouse the exposure counts are read from (see serving_context).
+    warehouse: Path | None = None
 
     def load(
-        self, tables: dict[str, pl.DataFrame], warn: Callable[[str], None]
+        self,
+        tables: dict[str, pl.DataFrame],
+        warn: Callable[[str], None],
+        users: np.ndarray | None = None,
     ) -> tuple[Retriever, Scorer, dict[str, str]]:
-        """`feed_models` over these stores: the promoted models or the table fallbacks."""
+        """`feed_models` over these stores: the promoted models or the table fallbacks.
+
+        `users`: a shard's users, when `tables` holds only their impressions
+        (data.warehouse.read_tables(users=...)); the exposure counts then come from the
+        warehouse's whole log. Without, from `tables` (e.g. an evaluation's tables cut at
+        a time, which the warehouse's log would not match)."""
         return feed_models(
             tables,
             self.store,
@@ -252,4 +272,6 @@ class ModelLocations:
             warn,
             embeddings=self.embeddings,
             peers_dir=self.peers_dir,
+            warehouse=self.warehouse if users is not None else None,
+            users=users,
         )

@@ -5,10 +5,12 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
+from pathlib import Path
 
 import polars as pl
 
-from feed_dagster.feeds.build import build_feeds
+from feed_dagster.data.warehouse import IMPRESSION_TOTALS, read_tables
+from feed_dagster.feeds.build import OPTIONAL_TABLES, PIPELINE_TABLES, build_feeds
 from feed_dagster.feeds.model_backends import ModelLocations
 from feed_dagster.feeds.shards import users_in_shard
 from feed_dagster.models.train import torch_threads
@@ -26,6 +28,16 @@ class ShardFeeds:
     stats: PipelineStats
     versions: dict[str, str]
     now: datetime
+
+
+def read_shard_tables(path: Path, shard: int, n_shards: int) -> dict[str, pl.DataFrame]:
+    """What one shard's feed build reads: the pipeline's tables whole, except the
+    impression log (the largest table, 62.7M rows at 100k users), of which only the shard's
+    users' rows and the global count before `now` are read."""
+    users = read_tables(path, ["users"])["users"]
+    return read_tables(
+        path, PIPELINE_TABLES, OPTIONAL_TABLES, users=users_in_shard(users, shard, n_shards)
+    )
 
 
 def precompute_shard(
@@ -51,7 +63,10 @@ def precompute_shard(
     now = tables["world_info"]["now"][0]
     window = resolve_window(candidate_window(tables), window_hours, no_window)
     user_ids = users_in_shard(tables["users"], shard, n_shards)
-    retriever, scorer, versions = models.load(tables, warn)
+    # Tables from read_shard_tables hold only this shard's impressions: the models then
+    # take the exposure counts from the warehouse's whole log (ModelLocations.load).
+    scoped = user_ids if IMPRESSION_TOTALS in tables else None
+    retriever, scorer, versions = models.load(tables, warn, scoped)
     with torch_threads(threads):
         feeds, stats = build_feeds(
             tables,

@@ -42,6 +42,9 @@ class ExposureLog:
     shown_author_everyone: TimeIndex  # keyed by author id
     shown_topic: PairCounter  # (user, topic)
     shown_author: PairCounter  # (user, author)
+    # The users whose (user, ...) counts were built (sorted); None: every user. A feed
+    # shard needs only its own users' counts, and the global ones.
+    users: np.ndarray | None = None
 
     @classmethod
     def build(cls, impressions: pl.DataFrame, catalog: ItemCatalog) -> ExposureLog:
@@ -55,28 +58,52 @@ class ExposureLog:
             con.close()
 
     @classmethod
-    def from_warehouse(cls, path: Path, catalog: ItemCatalog) -> ExposureLog:
-        """From the warehouse's `impressions` table, read by DuckDB column by column."""
+    def from_warehouse(
+        cls, path: Path, catalog: ItemCatalog, users: np.ndarray | None = None
+    ) -> ExposureLog:
+        """From the warehouse's `impressions` table, read by DuckDB column by column; the
+        per-user counts only for `users` (all users when None)."""
         con = connect_read_only(path)
         try:
-            return cls._query(con, "main.impressions", catalog)
+            return cls._query(con, "main.impressions", catalog, users)
         finally:
             con.close()
 
+    def require(self, users: np.ndarray) -> None:
+        """Raise unless every user of `users` has per-user counts here: a user left out
+        would silently count zero exposures."""
+        if self.users is None or len(users) == 0:
+            return
+        pos = np.searchsorted(self.users, users).clip(0, max(len(self.users) - 1, 0))
+        missing = self.users[pos] != users if len(self.users) else np.ones(len(users), bool)
+        if missing.any():
+            raise ValueError(
+                f"exposure counts were built for {len(self.users):,} users only, not for "
+                f"e.g. user {int(np.asarray(users)[missing][0])}"
+            )
+
     @classmethod
     def _query(
-        cls, con: duckdb.DuckDBPyConnection, source: str, catalog: ItemCatalog
+        cls,
+        con: duckdb.DuckDBPyConnection,
+        source: str,
+        catalog: ItemCatalog,
+        users: np.ndarray | None = None,
     ) -> ExposureLog:
         with tempfile.TemporaryDirectory(prefix="exposures-") as spill:
             # DuckDB would otherwise take up to 80% of the machine for the distinct pairs
             # and the joins; past this it spills to disk.
             con.execute(f"set memory_limit = '{EXPOSURE_MEMORY}'")
             con.execute(f"set temp_directory = '{spill}'")
-            return cls._indexes(con, source, catalog)
+            return cls._indexes(con, source, catalog, users)
 
     @classmethod
     def _indexes(
-        cls, con: duckdb.DuckDBPyConnection, source: str, catalog: ItemCatalog
+        cls,
+        con: duckdb.DuckDBPyConnection,
+        source: str,
+        catalog: ItemCatalog,
+        users: np.ndarray | None,
     ) -> ExposureLog:
         ids = catalog.article_ids
         mapping = pl.DataFrame(
@@ -100,12 +127,18 @@ class ExposureLog:
         exposed = _EXPOSED.format(source=source)
         rows = con.execute(f"select count(*) from {source}").fetchone()[0]
         author = f"select author as k, t from ({exposed}) where author >= 0"
+        scoped = exposed
+        if users is not None:
+            users = np.unique(np.asarray(users, dtype=np.int64))
+            con.register("exposure_users", pl.DataFrame({"user_id": users}).to_arrow())
+            scoped = f"select * from ({exposed}) semi join exposure_users using (user_id)"
         return cls(
             rows=int(rows),
             shown_post=_index(con, f"select item as k, t from ({exposed})"),
             shown_author_everyone=_index(con, author),
-            shown_topic=_pairs(con, exposed, "topic"),
-            shown_author=_pairs(con, exposed, "author"),
+            shown_topic=_pairs(con, scoped, "topic"),
+            shown_author=_pairs(con, scoped, "author"),
+            users=users,
         )
 
     def shown_before(self, item: np.ndarray, time_us: np.ndarray) -> np.ndarray:

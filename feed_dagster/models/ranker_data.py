@@ -210,6 +210,7 @@ def engagement_profile(
     n_post_recent = n_post - log.positives_before(item, np.asarray(time_us) - POST_RECENT_US)
     shown_topic = shown_author = shown_post = np.zeros(len(user), dtype=np.float32)
     if log.exposures is not None:
+        log.exposures.require(user)
         shown_topic = log.shown_topic.before(user, topic, time_us)
         shown_author = log.shown_author.before(user, author, time_us)
         shown_post = log.exposures.shown_before(item, time_us)

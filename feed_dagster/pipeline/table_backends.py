@@ -15,6 +15,7 @@ import numpy as np
 import polars as pl
 
 from feed_dagster.data.schema import ACTIONS, POSITIVE_ACTIONS, World
+from feed_dagster.data.warehouse import IMPRESSION_TOTALS
 from feed_dagster.pipeline.protocols import RETRIEVED_SCHEMA
 from feed_dagster.pipeline.query import Query
 from feed_dagster.pipeline.tables import (
@@ -244,6 +245,7 @@ class TopicAffinityScorer:
     articles: pl.DataFrame
     engagements: pl.DataFrame
     impressions: pl.DataFrame
+    impression_totals: pl.DataFrame | None = None  # data.warehouse.IMPRESSION_TOTALS
     smoothing: float = 5.0
     follow_boost: float = 1.5
     popularity_weight: float = 0.25
@@ -273,15 +275,24 @@ class TopicAffinityScorer:
             table(tables, "articles"),
             table(tables, "engagements"),
             table(tables, "impressions"),
+            tables.get(IMPRESSION_TOTALS),
             **kwargs,  # type: ignore[arg-type]
         )
 
     def base_rates(self, now: datetime) -> dict[str, float]:
         """Share of impressions before `now` with each action (engagements if none logged)."""
         eng = self.engagements.filter(pl.col("engaged_at") < now)
-        n_imp = self.impressions.filter(pl.col("shown_at") < now).height or eng.height or 1
+        n_imp = self.impressions_before(now) or eng.height or 1
         sums = eng.select([pl.col(a).sum() for a in ACTIONS]).row(0)
         return {a: min(1.0, float(s or 0) / n_imp) for a, s in zip(ACTIONS, sums, strict=True)}
+
+    def impressions_before(self, now: datetime) -> int:
+        """Impressions anyone was shown before `now`: from the totals a feed shard reads in
+        place of the whole log (its `impressions` are its own users'), else counted."""
+        totals = self.impression_totals
+        if totals is not None and totals.height and totals["now"][0] == now:
+            return int(totals["shown"][0])
+        return self.impressions.filter(pl.col("shown_at") < now).height
 
     def mean_dwell(self, now: datetime) -> float:
         clicks = self.engagements.filter(

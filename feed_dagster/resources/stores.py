@@ -50,4 +50,5 @@ def model_locations(
         lancedb.table,
         embeddings=storage.embeddings_path(),
         peers_dir=storage.serving_peers_dir(),
+        warehouse=storage.warehouse_path(),
     )

@@ -1,0 +1,82 @@
+"""A feed shard reads only its own users' impressions: same feeds, same exposure counts."""
+
+from __future__ import annotations
+
+import numpy as np
+import polars as pl
+import pytest
+
+from feed_dagster.data.warehouse import IMPRESSION_TOTALS, read_tables
+from feed_dagster.embeddings import LexicalEncoder
+from feed_dagster.feeds.build import OPTIONAL_TABLES, PIPELINE_TABLES
+from feed_dagster.feeds.model_backends import ModelLocations
+from feed_dagster.feeds.precompute import precompute_shard, read_shard_tables
+from feed_dagster.feeds.shards import users_in_shard
+from feed_dagster.models.catalog import FeatureConfig, ItemCatalog
+from feed_dagster.models.exposures import ExposureLog
+from feed_dagster.models.store import ModelStore
+
+N_SHARDS = 4
+
+
+@pytest.fixture(scope="module")
+def warehouse(tmp_path_factory, tiny_world, make_warehouse):
+    return make_warehouse(tmp_path_factory.mktemp("shards") / "warehouse.duckdb", tiny_world)
+
+
+def test_a_shard_reads_its_users_impressions_and_the_global_count(warehouse, tiny_world):
+    tables = read_shard_tables(warehouse, 1, N_SHARDS)
+    mine = users_in_shard(tiny_world.users, 1, N_SHARDS)
+    imp = tiny_world.impressions
+    expected = imp.filter(pl.col("user_id").is_in(mine.tolist()))
+    assert 0 < tables["impressions"].height == expected.height < imp.height
+    assert set(tables["impressions"]["user_id"].to_list()) <= set(mine.tolist())
+    now = tiny_world.now
+    totals = tables[IMPRESSION_TOTALS]
+    assert totals["now"][0] == now
+    assert totals["shown"][0] == imp.filter(pl.col("shown_at") < now).height
+    # Every other table is whole.
+    assert tables["engagements"].height == tiny_world.engagements.height
+
+
+def test_shard_feeds_equal_feeds_from_the_whole_tables(warehouse, tmp_path):
+    """The table fallbacks score with a global impression rate: a shard must not see a
+    rate of its own users only."""
+    models = ModelLocations(ModelStore(tmp_path / "models"), str(tmp_path / "lancedb"), "v")
+    whole = read_tables(warehouse, PIPELINE_TABLES, OPTIONAL_TABLES)
+    for shard in range(N_SHARDS):
+        got = precompute_shard(
+            read_shard_tables(warehouse, shard, N_SHARDS),
+            shard,
+            N_SHARDS,
+            models,
+            warn=lambda m: None,
+        )
+        want = precompute_shard(whole, shard, N_SHARDS, models, warn=lambda m: None)
+        assert got.feeds.height > 0
+        assert got.feeds.equals(want.feeds)
+
+
+def test_exposure_counts_of_a_shards_users_equal_the_whole_logs(warehouse, tiny_world):
+    catalog = ItemCatalog.build(
+        tiny_world.articles, LexicalEncoder().encode(tiny_world.articles), FeatureConfig()
+    )
+    mine = users_in_shard(tiny_world.users, 2, N_SHARDS)
+    scoped = ExposureLog.from_warehouse(warehouse, catalog, mine)
+    whole = ExposureLog.build(tiny_world.impressions, catalog)
+    rng = np.random.default_rng(0)
+    n = 500
+    user = rng.choice(mine, n)
+    item = rng.integers(1, len(catalog) + 1, n)
+    t = tiny_world.impressions["shown_at"].cast(pl.Int64).to_numpy()
+    time_us = rng.choice(t, n) + rng.integers(0, 3_600_000_000, n)
+    topic, author = catalog.topic[item], catalog.author_id[item]
+    for name, key in (("shown_topic", topic), ("shown_author", author)):
+        got = getattr(scoped, name).before(user, key, time_us)
+        np.testing.assert_array_equal(got, getattr(whole, name).before(user, key, time_us))
+        assert got.sum() > 0, name
+    np.testing.assert_array_equal(scoped.shown_post.keys, whole.shown_post.keys)
+    scoped.require(mine)
+    others = np.setdiff1d(tiny_world.users["user_id"].to_numpy(), mine)
+    with pytest.raises(ValueError, match="exposure counts were built for"):
+        scoped.require(others[:3])
