@@ -14,7 +14,12 @@ from feed_dagster.memory import StepMemory
 from feed_dagster.models.budget import TrainingBudget, read_training_tables
 from feed_dagster.models.catalog import FeatureConfig
 from feed_dagster.models.retrieval_data import temporal_split
-from feed_dagster.models.train import TrainConfig, prepare_training_data, train_ranker
+from feed_dagster.models.train import (
+    TrainConfig,
+    TrainingMix,
+    prepare_training_data,
+    train_ranker,
+)
 
 TABLES = ["world_info", "users", "articles", "engagements", "impressions", "impression_truth"]
 FEATURES = FeatureConfig(history_len=8, author_buckets=1024, user_buckets=1024)
@@ -96,8 +101,12 @@ def test_models_train_on_a_sample_within_its_budget(warehouse, tiny_world):
         valid_start=sample.valid_start,
         warehouse=warehouse,
     )
-    # The exposure counts cover every impression; the slates come from the sample.
+    # The exposure counts cover every impression; the slates come from the sample, and
+    # the per-user counts are those of the sample's users.
     assert data.log.exposures.rows == tiny_world.impressions.height
+    sampled_users = np.unique(tables["impressions"]["user_id"].to_numpy())
+    np.testing.assert_array_equal(data.log.exposures.users, sampled_users)
+    assert len(sampled_users) < tiny_world.users.height
     assert len(data.retrieval_train) == 500  # capped, from more positives than that
     assert len(data.retrieval_valid) == len(data.retrieval_heldout) == 60
     assert data.logged_groups >= 150  # long slates become several groups
@@ -147,3 +156,23 @@ def test_heldout_sample_reads_every_heldout_impression_of_a_fixed_number_of_user
     assert whole["evaluated_users"] == whole["heldout_users"]
     with pytest.raises(ValueError, match="max_users"):
         read_heldout_sample(warehouse, ["impressions"], max_users=-1)
+
+
+def test_groups_sampled_from_engagements_come_from_users_with_exposure_counts(warehouse):
+    """Per-user exposure counts exist for the sampled slates' users only, so groups built
+    from engagements are drawn from those users (any other would read zero exposures)."""
+    budget = TrainingBudget(train_slates=150, valid_slates=40, heldout_users=20)
+    tables, sample = read_training_tables(warehouse, TABLES, budget)
+    world = world_from_tables(tables, tables["world_info"])
+    data = prepare_training_data(
+        world,
+        LexicalEncoder().encode(world.articles),
+        FEATURES,
+        mix=TrainingMix(sampled_per_logged=1.0),
+        budget=budget,
+        valid_start=sample.valid_start,
+        warehouse=warehouse,
+    )
+    sampled = data.ranker_train.group_logged == 0
+    assert sampled.sum() > 0
+    assert np.isin(data.ranker_train.group_user[sampled], data.log.exposures.users).all()

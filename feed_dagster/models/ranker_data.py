@@ -389,6 +389,11 @@ def sampled_slates(
     # Popularity of every catalog row among the positives of the period.
     counts = np.bincount(log.item[pos], minlength=len(catalog) + 1).astype(np.float64)
     rows = np.flatnonzero(pos)
+    scope = log.exposures.users if log.exposures is not None else None
+    if scope is not None:
+        # Exposure counts were built for some users only (the training sample's): the
+        # groups come from theirs, whose profile counts are complete.
+        rows = rows[np.isin(log.user[rows], scope)]
     if len(rows) > n_groups:
         rows = np.sort(rng.choice(rows, size=n_groups, replace=False))
     t = log.time_us[rows]

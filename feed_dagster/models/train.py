@@ -229,11 +229,15 @@ def prepare_retrieval_data(
     catalog = ItemCatalog.build(
         world.articles, content_vectors, features, world.engagements, heldout_start
     )
-    exposures = (
-        ExposureLog.build(world.impressions, catalog)
-        if warehouse is None
-        else ExposureLog.from_warehouse(warehouse, catalog)
-    )
+    if warehouse is None:
+        exposures = ExposureLog.build(world.impressions, catalog)
+    else:
+        # world.impressions is the budget's sample: per-user counts are needed for its
+        # users only (at 1M users, a few percent of the log's), the global ones for all.
+        sampled = world.impressions["user_id"].unique().to_numpy()
+        exposures = ExposureLog.from_warehouse(
+            warehouse, catalog, sampled if len(sampled) else None
+        )
     log = EngagementLog.build(world.engagements, catalog, exposures)
 
     def retrieval(
