@@ -76,7 +76,9 @@ HYPER_DEFAULTS: dict[str, Any] = {
 }
 
 # Pair scoring gathers one sparse/dense row per pair; chunks bound that memory on big inputs.
-_PAIR_CHUNK = 262_144
+# item-kNN gathers a neighbour row and a history row (up to 200 entries each) per pair: at
+# 100k users, 262k-pair chunks held about 2 GB at once, 32k-pair chunks an eighth of it.
+_PAIR_CHUNK = 32_768
 # Multiply-adds per X^T X block in item_knn: bounds the block's nonzeros (and memory).
 _KNN_BLOCK_FLOPS = 20_000_000
 
