@@ -59,7 +59,9 @@ MAX_ID = 2**63 - 1  # user ids are BIGINT
 _DIGITS = re.compile(r"[0-9]{1,19}")
 _CURSOR = re.compile(r"([0-9a-f]{1,64})\.([0-9]{1,19})\.([0-9]{1,9})")
 _COL = {c: i for i, c in enumerate(PAGE_COLUMNS)}
-_PROBS = [(a, _COL[f"p_{a}"]) for a in ACTIONS]
+# The probability columns sit side by side in PAGE_COLUMNS, in ACTIONS order: one slice.
+_PROBS = slice(_COL[f"p_{ACTIONS[0]}"], _COL[f"p_{ACTIONS[-1]}"] + 1)
+assert PAGE_COLUMNS[_PROBS] == tuple(f"p_{a}" for a in ACTIONS)
 
 # Environment for `app_from_env`, the factory uvicorn calls in every worker process.
 ENV_PATH = "FEED_DAGSTER_SERVING_FILE"
@@ -142,7 +144,7 @@ def item_json(row: tuple[Any, ...], meta: dict[str, Any]) -> dict[str, Any]:
         "author": {"author_id": row[_COL["author_id"]], "handle": row[_COL["author_handle"]]},
         "source": row[_COL["source"]],
         "score": row[_COL["score"]],
-        "probabilities": {a: row[i] for a, i in _PROBS},
+        "probabilities": dict(zip(ACTIONS, row[_PROBS], strict=True)),
         "dwell_seconds": row[_COL["dwell_seconds"]],
         "reason": row[_COL["reason"]],
         "model_version": meta.get("model_version"),
