@@ -75,7 +75,7 @@ def test_unknown_users_are_unknown(serving, feeds) -> None:
     fast, slow = both(serving)
     known = set(feeds["user_id"].to_list())
     gaps = sorted(set(range(min(known), max(known))) - known)[:3]
-    for user in [-1, *gaps, max(known) + 1, max(known) + 1000, 2**63 - 1]:
+    for user in [-1, *gaps, max(known) + 1, max(known) + 1000, 2**63 - 1, 2**64, -(2**70)]:
         page = fast.page(user, 35, 0)
         assert page.rows == [] and not page.user_known and not page.has_more
         same_pages(fast, slow, user, 35, 0)

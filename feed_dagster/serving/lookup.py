@@ -24,7 +24,9 @@ temporary name, renames it into place, and only then renames the new serving fil
 place: a reader that opens the new serving file reads its generation id from `meta` and
 finds the lookup file of exactly that generation. A reader keeps its memory map of the
 generation it opened even after a later publish deletes the file (POSIX keeps an unlinked
-file's pages until the last mapping goes), so a page never mixes two generations.
+file's pages until the last mapping goes), so a page never mixes two generations. For the
+same reason a lookup file is never edited or truncated in place, only replaced by rename:
+a worker touching a mapped page that a truncation cut off dies of SIGBUS.
 
 Layout (one file, little-endian)
 --------------------------------
@@ -95,6 +97,7 @@ DTYPES = {
 # Rows per batch streamed from DuckDB while writing: ~100 MB of Arrow at a time.
 WRITE_BATCH_ROWS = 1 << 20
 STALE_TMP_AFTER_SECONDS = 6 * 3600
+_INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
 
 
 class LookupFileError(ValueError):
@@ -388,6 +391,8 @@ class LookupFile:
 
     def user_range(self, user_id: int) -> tuple[int, int]:
         """[lo, hi): the user's rows (lo == hi for a user without a feed)."""
+        if not _INT64_MIN <= user_id <= _INT64_MAX:
+            return 0, 0  # no BIGINT user id; NumPy would refuse to compare it
         ids = self.user_ids
         return int(ids.searchsorted(user_id, "left")), int(ids.searchsorted(user_id, "right"))
 
