@@ -7,6 +7,11 @@ Connections are made by ATTACHing the file to a private in-memory database rathe
 `connect(path)` while another connection to that path is open would hand back the
 *replaced* file. User input is always a bound parameter, never part of the SQL text.
 
+Pages for the HTTP service (`FeedReader.page`) come from the generation's lookup file when
+it has one (serving/lookup.py: the same rows as memory-mapped arrays, found by binary
+search), because a DuckDB point lookup scans a whole row group; `get_feed` and everything
+else query DuckDB.
+
 Deleted posts and authors blocked or muted since the publish are dropped at read time from
 the safety list beside the serving file (`serving/safety.py`), so a delete holds from the
 ingest that recorded it, before any refresh. The remaining rows keep their published
