@@ -199,10 +199,11 @@ def test_a_page_stays_on_one_generation_while_publishes_swap(serving, feeds, tin
     stop = threading.Event()
     problems: list[str] = []
     seen: set[str] = set()
+    read_paths: set[str] = set()
     pages = [0]
 
     def read_loop() -> None:
-        reader = FeedReader(serving.parent / "feeds.duckdb")
+        reader = FeedReader(serving)
         i = 0
         while not stop.is_set():
             user = users[i % len(users)]
@@ -214,6 +215,7 @@ def test_a_page_stays_on_one_generation_while_publishes_swap(serving, feeds, tin
                 continue
             version = page.meta["model_version"]
             seen.add(version)
+            read_paths.add(reader.read_path.split(" ")[0])
             shift = 0 if version == "m1" else int(version.removeprefix("g"))
             bad = [r for r in page.rows if r[6] != pytest.approx(base[(user, r[0])] + shift)]
             if bad or not page.rows:
@@ -233,6 +235,7 @@ def test_a_page_stays_on_one_generation_while_publishes_swap(serving, feeds, tin
             t.join()
     assert problems == []
     assert pages[0] > 20 and len(seen) >= 2
+    assert "lookup" in read_paths, read_paths
     # Only the live generation's lookup file and the one before it are kept.
     assert len(os.listdir(lookup_dir_for(serving))) == 2
 
@@ -243,7 +246,7 @@ def test_missing_lookup_file_falls_back_to_duckdb(serving, feeds) -> None:
     lookup.unlink()
     reader = FeedReader(serving)
     assert reader.read_path.startswith("duckdb (no lookup file")
-    _, slow = FeedReader(serving), FeedReader(serving, use_lookup=False)
+    slow = FeedReader(serving, use_lookup=False)
     user = users_of(feeds)[-1]
     assert reader.page(user, 35, 0).rows == slow.page(user, 35, 0).rows
     # The HTTP service keeps answering, and says where its pages come from.
