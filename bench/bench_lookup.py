@@ -5,9 +5,10 @@
 
 The feed rows are generated directly with DuckDB (deterministic hashes, no pipeline run),
 written as one Parquet shard and published with the real `publish_feeds`, so the publish
-time at this size is measured too. Then it times random-user lookups three ways: `get_feed`
-(opens the file per call), `FeedReader` (one connection held open), and the bare open +
-close of a connection, to show what the per-call open costs.
+time at this size is measured too. Then it times random-user lookups: `get_feed`
+(opens the file per call), `FeedReader` (one connection held open), the bare open + close
+of a connection, to show what the per-call open costs, and `FeedReader.page` (the HTTP
+service's read) from the generation's lookup file and, for comparison, by a DuckDB query.
 Writes the "lookup" section of docs/BENCHMARKS.md (unless --no-write).
 """
 
@@ -30,6 +31,7 @@ from report import machine, markdown_table, peak_rss_mb, write_section  # noqa: 
 
 from feed_dagster.data.schema import ACTIONS  # noqa: E402
 from feed_dagster.serving import FeedReader, connect, get_feed, publish_feeds  # noqa: E402
+from feed_dagster.serving.lookup import add_lookup_file  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -138,6 +140,7 @@ def main() -> None:
             f"rows generated in {gen_s:.1f} s"
         )
         note_file.write_text(publish_note)
+    lookup_file = add_lookup_file(serving)  # a file built before lookup files gets one
     size_mb = serving.stat().st_size / 2**20
     rss_note = " (the publish: DuckDB memory_limit 4GB)" if built else " (lookups only)"
 
@@ -157,12 +160,26 @@ def main() -> None:
     def open_close() -> None:
         connect(serving).close()
 
+    fast = FeedReader(serving)
+    slow = FeedReader(serving, use_lookup=False)
+    assert fast.read_path.startswith("lookup file"), fast.read_path
+
+    def page_lookup() -> None:
+        assert len(fast.page(next(ids)).rows) == min(35, args.per_user)
+
+    def page_query() -> None:
+        assert len(slow.page(next(ids)).rows) == min(35, args.per_user)
+
     samples = {
         "`get_feed` (opens the file per call)": timed(per_call, max(200, args.calls // 5)),
         "`FeedReader.get_feed` (one held connection)": timed(held, args.calls),
         "open + close only (no query)": timed(open_close, max(200, args.calls // 5)),
+        "`FeedReader.page` from the lookup file": timed(page_lookup, args.calls),
+        "`FeedReader.page` by a DuckDB query": timed(page_query, args.calls),
     }
     reader.close()
+    fast.close()
+    slow.close()
 
     rows = []
     for name, s in samples.items():
@@ -186,7 +203,11 @@ def main() -> None:
             f"Opening the read-only connection costs {p50_open:.1f} ms of the "
             f"{p50_call:.1f} ms p50 of `get_feed`, so the per-call open dominates; a service "
             f"should hold a `FeedReader` (p99 {p99_held:.2f} ms here, target < 10 ms), "
-            "which reopens by itself when a publish swaps the file's inode.",
+            "which reopens by itself when a publish swaps the file's inode. A page for "
+            "the HTTP service comes from the generation's lookup file "
+            f"({lookup_file.stat().st_size / 2**20:,.0f} MiB, memory-mapped; "
+            "serving/lookup.py): a binary search and a slice instead of a scan of the "
+            "user's row group.",
             "",
             f"Peak RSS {peak_rss_mb():,.0f} MiB{rss_note}; "
             f"{machine()}; load average {os.getloadavg()[0]:.1f} at the end (the machine "

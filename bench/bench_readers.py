@@ -6,9 +6,11 @@
 Each generation's rows say which generation they belong to twice: `model_version` is
 `gen-<g>` and every article id is `g * 1e9 + user * 100 + position`, so a response mixing
 two generations, or missing rows, is detected row by row. Every reader is a separate
-process holding one `FeedReader` (which reopens after a rename); the publishes are the
-real `publish_feeds`. Writes the "readers" section of docs/BENCHMARKS.md (unless
---no-write). tests/test_readers_during_publishes.py runs the same function.
+process holding one `FeedReader` (which reopens after a rename) and asks each user twice:
+`get_feed` (a DuckDB query) and `page` (the HTTP service's read, from the generation's
+lookup file); the publishes are the real `publish_feeds`. Writes the "readers" section of
+docs/BENCHMARKS.md (unless --no-write). tests/test_readers_during_publishes.py runs the
+same function.
 """
 
 from __future__ import annotations
@@ -30,9 +32,12 @@ from report import machine, markdown_table, write_section  # noqa: E402
 
 from feed_dagster.data.schema import FEED_SCHEMA  # noqa: E402
 from feed_dagster.serving import FeedReader, publish_feeds  # noqa: E402
+from feed_dagster.serving.lookup import PAGE_COLUMNS  # noqa: E402
+from feed_dagster.serving.read import Page  # noqa: E402
 
 PER_USER = 35
 GEN_STRIDE = 1_000_000_000
+_ARTICLE = PAGE_COLUMNS.index("article_id")
 
 
 def generation_frame(generation: int, n_users: int) -> pl.DataFrame:
@@ -81,6 +86,18 @@ def response_generation(feed: pl.DataFrame, user_id: int) -> int | None:
     return generation
 
 
+def page_generation(page: Page, user_id: int) -> int | None:
+    """Like `response_generation`, for a page of PAGE_COLUMNS tuples and its meta."""
+    version = str(page.meta.get("model_version", ""))
+    if len(page.rows) != PER_USER or not version.startswith("gen-"):
+        return None
+    generation = int(version.removeprefix("gen-"))
+    expected = generation * GEN_STRIDE + user_id * 100 + np.arange(1, PER_USER + 1)
+    if [r[_ARTICLE] for r in page.rows] != expected.tolist():
+        return None
+    return generation
+
+
 def reader(path: str, control: str, n_users: int, min_lookups: int, seed: int) -> dict:
     """One reader process: random users until it has made `min_lookups` lookups and the
     publisher has finished (control/stop exists)."""
@@ -89,22 +106,28 @@ def reader(path: str, control: str, n_users: int, min_lookups: int, seed: int) -
     lookups = errors = mixed = 0
     generations: dict[int, int] = {}
     first_error = ""
+    read_paths: set[str] = set()
     t0 = time.perf_counter()
     with FeedReader(path, memory_limit="256MB") as feeds:
         while lookups < min_lookups or not stop.exists():
             user = int(rng.integers(n_users))
             try:
-                generation = response_generation(feeds.get_feed(user), user)
+                found = [
+                    response_generation(feeds.get_feed(user), user),
+                    page_generation(feeds.page(user, PER_USER), user),
+                ]
+                read_paths.add(feeds.read_path.split(" ")[0])
             except Exception as exc:  # counted, and the first one kept for the report
                 errors += 1
                 first_error = first_error or f"{type(exc).__name__}: {exc}"
             else:
-                if generation is None:
-                    mixed += 1
-                else:
-                    generations[generation] = generations.get(generation, 0) + 1
-            lookups += 1
-            if lookups == 1:
+                for generation in found:
+                    if generation is None:
+                        mixed += 1
+                    else:
+                        generations[generation] = generations.get(generation, 0) + 1
+            lookups += 2
+            if lookups == 2:
                 ready.touch()
     return {
         "lookups": lookups,
@@ -113,6 +136,7 @@ def reader(path: str, control: str, n_users: int, min_lookups: int, seed: int) -
         "generations": generations,
         "seconds": time.perf_counter() - t0,
         "first_error": first_error,
+        "read_paths": sorted(read_paths),
     }
 
 
@@ -165,6 +189,7 @@ def readers_during_publishes(
         "publish_seconds": publish_seconds,
         "lookups_per_second": sum(r["lookups"] / r["seconds"] for r in results),
         "users": n_users,
+        "read_paths": sorted({p for r in results for p in r["read_paths"]}),
     }
 
 
@@ -183,7 +208,7 @@ def main() -> None:
     rows = [
         ["reader processes", r["readers"]],
         ["publishes during the reads", r["publishes"]],
-        ["lookups", f"{r['lookups']:,}"],
+        ["lookups (half `get_feed`, half `page`)", f"{r['lookups']:,}"],
         ["errors", r["errors"]],
         ["responses mixing generations or missing rows", r["mixed_or_incomplete"]],
         [
@@ -191,6 +216,7 @@ def main() -> None:
             ", ".join(f"{g}: {n:,}" for g, n in r["generations_seen"].items()),
         ],
         ["generations seen per reader", "; ".join(str(g) for g in r["generations_per_reader"])],
+        ["`page` read paths used", ", ".join(r["read_paths"])],
     ]
     table = markdown_table(["", "value"], rows)
     print(table)
@@ -207,7 +233,9 @@ def main() -> None:
             f"`bench/bench_readers.py`: {r['readers']} reader processes, each holding a "
             f"`FeedReader`, look up random users among {r['users']:,} (35 rows each) while "
             f"{r['publishes']} publishes replace the serving file; generation 0 is live "
-            "before they start. A response counts as one generation when its 35 rows all "
+            "before they start. Each lookup asks `get_feed` (a DuckDB query) and `page` "
+            "(the HTTP service's read, from the lookup file). "
+            "A response counts as one generation when its 35 rows all "
             f"carry that generation's model_version and article ids. {machine()}.\n\n" + table
         )
         write_section("readers", body)

@@ -12,9 +12,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 from bench_readers import (  # noqa: E402
     GEN_STRIDE,
     generation_frame,
+    page_generation,
     readers_during_publishes,
     response_generation,
 )
+
+from feed_dagster.serving.read import Page
 
 
 def test_the_generation_check_catches_mixed_or_short_responses() -> None:
@@ -29,6 +32,16 @@ def test_the_generation_check_catches_mixed_or_short_responses() -> None:
     assert response_generation(mixed, 3) is None
     assert response_generation(feed.head(34), 3) is None
     assert response_generation(feed, 4) is None
+
+
+def test_the_page_check_catches_mixed_or_short_pages() -> None:
+    rows = [(p, 2 * GEN_STRIDE + 300 + p) for p in range(1, 36)]
+    meta = {"model_version": "gen-2"}
+    assert page_generation(Page(meta, rows, False, True), 3) == 2
+    assert page_generation(Page({"model_version": "gen-1"}, rows, False, True), 3) is None
+    assert page_generation(Page(meta, rows[:34], False, True), 3) is None
+    mixed = [*rows[:6], (7, GEN_STRIDE + 307), *rows[7:]]
+    assert page_generation(Page(meta, mixed, False, True), 3) is None
 
 
 @pytest.mark.slow
@@ -46,3 +59,4 @@ def test_four_readers_see_whole_generations_through_three_publishes(tmp_path) ->
     assert all(3 in gens for gens in r["generations_per_reader"])
     assert len(r["generations_seen"]) >= 2
     assert set(r["generations_seen"]) <= {0, 1, 2, 3}
+    assert "lookup" in r["read_paths"], r["read_paths"]  # pages came from lookup files

@@ -57,7 +57,9 @@ def test_publish_and_get_feed(tmp_path: Path, feeds, tiny_world) -> None:
     path = tmp_path / "serving" / "feeds.duckdb"
     result = publish(feeds, path, tiny_world, "m1")
     assert result.rows == feeds.height and result.users == 60 and path.exists()
-    assert os.listdir(path.parent) == ["feeds.duckdb"]  # nothing temporary left behind
+    # Nothing temporary left behind: the serving file and its generation's lookup file.
+    assert sorted(os.listdir(path.parent)) == ["feeds.duckdb", "feeds.lookup"]
+    assert os.listdir(path.parent / "feeds.lookup") == [f"{result.generation_id}.lookup"]
 
     feed = get_feed(3, path)
     expected = feeds.filter(pl.col("user_id") == 3)
@@ -115,7 +117,8 @@ def test_failed_publish_keeps_the_previous_file(
         publish(feeds.head(35), path, tiny_world, "m2", GEN2)
     assert read_meta(path)["generation_id"] == first.generation_id
     assert set(get_feed(3, path)["model_version"]) == {"m1"}
-    assert os.listdir(tmp_path) == ["feeds.duckdb"]
+    assert sorted(os.listdir(tmp_path)) == ["feeds.duckdb", "feeds.lookup"]
+    assert os.listdir(tmp_path / "feeds.lookup") == [f"{first.generation_id}.lookup"]
 
 
 def test_stale_temporary_files_are_swept(tmp_path: Path, feeds, tiny_world) -> None:

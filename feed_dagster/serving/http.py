@@ -5,11 +5,13 @@
     GET /                                          a page to look at one user's feed
 
 Each worker process holds one `FeedReader`: one read-only DuckDB connection that follows
-publishes (it reopens when a publish renamed a new file into place) and the safety list
-beside the file (deleted posts, blocked or muted authors, posts seen since the build).
-Handlers are `async` and call the reader directly: a lookup is a millisecond of DuckDB
-work, less than a hop to a thread pool, and one event loop per worker never shares the
-connection between threads. More throughput comes from more worker processes.
+publishes (it reopens when a publish renamed a new file into place), the generation's
+lookup file (serving/lookup.py: a page is a binary search and a slice of memory-mapped
+arrays, no query) and the safety list beside the file (deleted posts, blocked or muted
+authors, posts seen since the build). Handlers are `async` and call the reader directly:
+a page takes tens of microseconds, less than a hop to a thread pool, and one event loop
+per worker never shares the connection between threads. More throughput comes from more
+worker processes.
 
 Pagination stays on one generation: the cursor carries the generation id, the user and
 the last position served. When a publish replaced the generation between two pages, the
@@ -57,7 +59,9 @@ MAX_ID = 2**63 - 1  # user ids are BIGINT
 _DIGITS = re.compile(r"[0-9]{1,19}")
 _CURSOR = re.compile(r"([0-9a-f]{1,64})\.([0-9]{1,19})\.([0-9]{1,9})")
 _COL = {c: i for i, c in enumerate(PAGE_COLUMNS)}
-_PROBS = [(a, _COL[f"p_{a}"]) for a in ACTIONS]
+# The probability columns sit side by side in PAGE_COLUMNS, in ACTIONS order: one slice.
+_PROBS = slice(_COL[f"p_{ACTIONS[0]}"], _COL[f"p_{ACTIONS[-1]}"] + 1)
+assert PAGE_COLUMNS[_PROBS] == tuple(f"p_{a}" for a in ACTIONS)
 
 # Environment for `app_from_env`, the factory uvicorn calls in every worker process.
 ENV_PATH = "FEED_DAGSTER_SERVING_FILE"
@@ -140,7 +144,7 @@ def item_json(row: tuple[Any, ...], meta: dict[str, Any]) -> dict[str, Any]:
         "author": {"author_id": row[_COL["author_id"]], "handle": row[_COL["author_handle"]]},
         "source": row[_COL["source"]],
         "score": row[_COL["score"]],
-        "probabilities": {a: row[i] for a, i in _PROBS},
+        "probabilities": dict(zip(ACTIONS, row[_PROBS], strict=True)),
         "dwell_seconds": row[_COL["dwell_seconds"]],
         "reason": row[_COL["reason"]],
         "model_version": meta.get("model_version"),
@@ -156,8 +160,9 @@ class FeedService:
         serving_path: str | Path | None = None,
         stale_after: timedelta = DEFAULT_STALE_AFTER,
         memory_limit: str = READER_MEMORY,
+        use_lookup: bool = True,
     ) -> None:
-        self.reader = FeedReader(serving_path, memory_limit)
+        self.reader = FeedReader(serving_path, memory_limit, use_lookup)
         self.stale_after = stale_after
         self._examples: tuple[str | None, list[int]] = (None, [])
 
@@ -199,6 +204,8 @@ class FeedService:
             "users": meta.get("users"),
             "model_version": meta.get("model_version"),
             "vector_table_version": meta.get("vector_table_version"),
+            # "lookup file ..." normally; "duckdb (why)" when pages come from queries.
+            "read_path": self.reader.read_path,
         }
 
     def example_users(self, n: int = 6) -> list[int]:
@@ -229,12 +236,14 @@ def create_app(
     stale_after: timedelta = DEFAULT_STALE_AFTER,
     page_size: int = DEFAULT_LIMIT,
     memory_limit: str = READER_MEMORY,
+    use_lookup: bool = True,
 ) -> Starlette:
     """The ASGI app over `serving_path` (None: the serving file under FEED_DAGSTER_DATA);
     one FeedReader per app (per worker process).
     `page_size`: posts per page of the HTML page (the API takes `limit`);
-    `memory_limit`: the reader's DuckDB buffer pool."""
-    service = FeedService(serving_path, stale_after, memory_limit)
+    `memory_limit`: the reader's DuckDB buffer pool;
+    `use_lookup`: False answers every page with a DuckDB query (to compare the two)."""
+    service = FeedService(serving_path, stale_after, memory_limit, use_lookup)
 
     async def feed(request: Request) -> Response:
         try:

@@ -19,6 +19,11 @@ Tables and views in the file:
   posts in feeds, for analysts;
 - meta: one row describing the generation;
 - views feed_summary (per source), feed_users (per user), feed_readable (who sees what).
+
+Beside it, `feeds.lookup/<generation_id>.lookup` holds the served columns of `feeds` as
+memory-mappable arrays, the HTTP service's fast read path (serving/lookup.py). It is
+renamed into place before the serving file, so the generation a reader opens always has
+its lookup file; the lookup files of older generations are swept after the swap.
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ from feed_dagster.atomic import TMP_MARKER, remove_temp, replace_atomically, tem
 from feed_dagster.data.schema import FEED_SCHEMA
 from feed_dagster.errors import DataValidationError
 from feed_dagster.pipeline.tables import naive_utc
+from feed_dagster.serving.lookup import lookup_path_for, sweep_lookup_files, write_lookup
 
 FEED_COLUMNS: tuple[str, ...] = tuple(FEED_SCHEMA)
 VERSION_COLUMNS: tuple[str, ...] = ("model_version", "vector_table_version", "generated_at")
@@ -60,6 +66,7 @@ class PublishResult:
     model_version: str
     vector_table_version: str
     generated_at: datetime
+    lookup_path: Path | None = None  # the generation's lookup file (serving/lookup.py)
 
 
 def publish_feeds(
@@ -89,6 +96,9 @@ def publish_feeds(
     generation_id = uuid.uuid4().hex
     config = {"memory_limit": memory_limit} if memory_limit else {}
     con = duckdb.connect(str(tmp), config=config)
+    lookup = lookup_path_for(live, generation_id)
+    lookup_tmp: Path | None = None
+    swapped = False
     try:
         _register_articles(con, articles, users)
         _load_feeds(con, feeds, (model_version, vector_table_version, generated_at))
@@ -98,14 +108,23 @@ def publish_feeds(
         rows, n_users = _write_meta(
             con, generation_id, model_version, vector_table_version, generated_at
         )
+        lookup_tmp = write_lookup(con, "feeds", lookup, generation_id)
         con.execute("CHECKPOINT")
         con.close()
+        # The lookup file first: whoever opens the new serving file finds it in place.
+        replace_atomically(lookup_tmp, lookup)
         replace_atomically(tmp, live)
+        swapped = True
     except BaseException:
         con.close()
         for suffix in ("", ".wal", ".tmp"):
             remove_temp(tmp.with_name(tmp.name + suffix))
+        if lookup_tmp is not None:
+            remove_temp(lookup_tmp)
+        if not swapped:
+            lookup.unlink(missing_ok=True)  # a generation that never went live
         raise
+    sweep_lookup_files(live, generation_id)
     return PublishResult(
         path=live,
         generation_id=generation_id,
@@ -116,6 +135,7 @@ def publish_feeds(
         model_version=model_version,
         vector_table_version=vector_table_version,
         generated_at=generated_at,
+        lookup_path=lookup,
     )
 
 

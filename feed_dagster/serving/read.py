@@ -7,6 +7,11 @@ Connections are made by ATTACHing the file to a private in-memory database rathe
 `connect(path)` while another connection to that path is open would hand back the
 *replaced* file. User input is always a bound parameter, never part of the SQL text.
 
+Pages for the HTTP service (`FeedReader.page`) come from the generation's lookup file when
+it has one (serving/lookup.py: the same rows as memory-mapped arrays, found by binary
+search), because a DuckDB point lookup scans a whole row group; `get_feed` and everything
+else query DuckDB.
+
 Deleted posts and authors blocked or muted since the publish are dropped at read time from
 the safety list beside the serving file (`serving/safety.py`), so a delete holds from the
 ingest that recorded it, before any refresh. The remaining rows keep their published
@@ -15,6 +20,7 @@ positions (a gap shows where a post was removed).
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +32,10 @@ import polars as pl
 
 from feed_dagster.data.schema import ACTIONS
 from feed_dagster.paths import safety_path_for, serving_path
+from feed_dagster.serving.lookup import PAGE_COLUMNS, LookupFile, LookupFileError, lookup_path_for
 from feed_dagster.serving.safety import SafetyCache, SafetyList
+
+log = logging.getLogger(__name__)
 
 ALIAS = "serving"
 # DuckDB buffer pool of a reader. Lookups of random users over a 2 GB file run ~1.4x
@@ -44,22 +53,9 @@ FROM {ALIAS}.feeds WHERE user_id = $user_id AND position <= $limit ORDER BY posi
 """
 
 
-# The columns of one page of a feed for the HTTP service: fetched as tuples, not a polars
-# frame, because at ~35 rows building a DataFrame costs more than the lookup itself. The
-# version columns are left out: publish writes one value per generation into every row
-# and into `meta`, and each column read costs a lookup ~0.15 ms (docs/BENCHMARKS.md).
-PAGE_COLUMNS: tuple[str, ...] = (
-    "position",
-    "article_id",
-    "title",
-    "author_id",
-    "author_handle",
-    "source",
-    "score",
-    "reason",
-    *(f"p_{a}" for a in ACTIONS),
-    "dwell_seconds",
-)
+# One page of a feed for the HTTP service (PAGE_COLUMNS, defined with the lookup file that
+# holds exactly these columns): fetched as tuples, not a polars frame, because at ~35 rows
+# building a DataFrame costs more than the lookup itself.
 PAGE_QUERY = f"""
 SELECT {", ".join(PAGE_COLUMNS)}
 FROM {ALIAS}.feeds WHERE user_id = $user_id AND position > $after ORDER BY position
@@ -183,14 +179,27 @@ class FeedReader:
     generation from the next call on, and never a mix of two. It also drops what the
     safety list beside the file hides (deleted posts, newly blocked or muted authors),
     reloading that list only when the ingest replaced it.
+
+    Pages (`page`, the HTTP service's read) come from the generation's lookup file when
+    there is one (serving/lookup.py: a binary search and a slice, microseconds) and from a
+    DuckDB query otherwise (milliseconds: the query scans the user's row group). Both
+    return the same rows; `read_path` says which one is in use and why.
     """
 
-    def __init__(self, path: str | Path | None = None, memory_limit: str = READER_MEMORY) -> None:
+    def __init__(
+        self,
+        path: str | Path | None = None,
+        memory_limit: str = READER_MEMORY,
+        use_lookup: bool = True,
+    ) -> None:
         self.path = resolve_path(path)
         self.memory_limit = memory_limit
+        self.use_lookup = use_lookup
         self._con: duckdb.DuckDBPyConnection | None = None
         self._identity: tuple[int, int] | None = None
         self._meta: dict[str, Any] = {}
+        self._lookup: LookupFile | None = None
+        self._read_path = ""
         self._safety = SafetyCache(safety_path_for(self.path))
 
     def _identity_now(self) -> tuple[int, int]:
@@ -206,9 +215,38 @@ class FeedReader:
             self.close()
             self._con = _open(self.path, self.memory_limit)
             self._identity = identity
-            # The generation is fixed for the life of the connection: read it once.
+            # The generation is fixed for the life of the connection: read it once, and
+            # map the lookup file of exactly this generation.
             self._meta = _meta(self._con)
+            self._lookup, self._read_path = self._open_lookup()
         return self._con
+
+    def _open_lookup(self) -> tuple[LookupFile | None, str]:
+        """The lookup file of the open generation, or None and why pages come from DuckDB.
+        A missing or broken lookup file is not an error: the serving file holds the same
+        rows, so pages are served from it, slower, and the reason is logged and shown by
+        `read_path` (and /v1/health)."""
+        if not self.use_lookup:
+            return None, "duckdb (lookup file disabled)"
+        generation = str(self._meta.get("generation_id", ""))
+        path = lookup_path_for(self.path, generation)
+        try:
+            lookup = LookupFile.open(path, generation, self._meta.get("rows"))
+        except FileNotFoundError:
+            why = f"duckdb (no lookup file {path})"
+        except (LookupFileError, OSError) as exc:
+            why = f"duckdb (unusable lookup file: {exc})"
+        else:
+            return lookup, f"lookup file {path}"
+        log.warning("serving pages of %s from DuckDB queries: %s", self.path, why)
+        return None, why
+
+    @property
+    def read_path(self) -> str:
+        """Where pages of the live generation come from: "lookup file <path>" or
+        "duckdb (<why>)"."""
+        self._connection()
+        return self._read_path
 
     def get_feed(self, user_id: int, limit: int = 35) -> pl.DataFrame:
         user_id, limit = _check_args(user_id, limit)
@@ -229,25 +267,13 @@ class FeedReader:
         if isinstance(after, bool) or not isinstance(after, int) or after < 0:
             raise ValueError(f"after must be a non-negative int, got {after!r}")
         con = self._connection()
-        meta = self._meta
-        rows = con.execute(PAGE_QUERY, {"user_id": user_id, "after": after}).fetchall()
-        if not rows:
-            known = (
-                after > 0
-                and con.execute(USER_EXISTS_QUERY, {"user_id": user_id}).fetchone() is not None
-            )
-            return Page(meta, [], False, known)
+        # Rows and meta from the same generation: both were set together by _connection.
+        meta, lookup = self._meta, self._lookup
         safety = self._safety.current()
-        if not safety.empty:
-            n = len(rows)
-            articles = np.fromiter((r[_ARTICLE] for r in rows), np.int64, n)
-            # -1 for authorless news: ids are >= 0, so it never matches a hidden author.
-            authors = np.fromiter(
-                (-1 if r[_AUTHOR] is None else r[_AUTHOR] for r in rows), np.int64, n
-            )
-            drop = safety.hidden(user_id, articles, authors)
-            rows = [r for r, d in zip(rows, drop.tolist(), strict=True) if not d]
-        return Page(meta, rows[:limit], len(rows) > limit, True)
+        if lookup is not None:
+            rows, has_more, known = lookup.page(user_id, limit, after, safety)
+            return Page(meta, rows, has_more, known)
+        return _duckdb_page(con, meta, safety, user_id, limit, after)
 
     def example_users(self, n: int = 6) -> list[int]:
         """A few users with the fullest feeds among the first rows of the file: cheap on
@@ -268,12 +294,39 @@ class FeedReader:
             self._con.close()
             self._con = None
             self._identity = None
+        self._lookup = None  # unmapped once no page holds its arrays
 
     def __enter__(self) -> FeedReader:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _duckdb_page(
+    con: duckdb.DuckDBPyConnection,
+    meta: dict[str, Any],
+    safety: SafetyList,
+    user_id: int,
+    limit: int,
+    after: int,
+) -> Page:
+    """`FeedReader.page` by a DuckDB query, for a generation without a usable lookup file."""
+    rows = con.execute(PAGE_QUERY, {"user_id": user_id, "after": after}).fetchall()
+    if not rows:
+        known = (
+            after > 0
+            and con.execute(USER_EXISTS_QUERY, {"user_id": user_id}).fetchone() is not None
+        )
+        return Page(meta, [], False, known)
+    if not safety.empty:
+        n = len(rows)
+        articles = np.fromiter((r[_ARTICLE] for r in rows), np.int64, n)
+        # -1 for authorless news: ids are >= 0, so it never matches a hidden author.
+        authors = np.fromiter((-1 if r[_AUTHOR] is None else r[_AUTHOR] for r in rows), np.int64, n)
+        drop = safety.hidden(user_id, articles, authors)
+        rows = [r for r, d in zip(rows, drop.tolist(), strict=True) if not d]
+    return Page(meta, rows[:limit], len(rows) > limit, True)
 
 
 def _meta(con: duckdb.DuckDBPyConnection) -> dict[str, Any]:
