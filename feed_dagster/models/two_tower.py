@@ -199,6 +199,10 @@ def item_vectors(
     return vecs[catalog.rows(articles["article_id"].to_numpy())]
 
 
+# Query x item cells scored at once by retrieval_recall.
+_SCORE_CELLS = 2**24
+
+
 @torch.no_grad()
 def retrieval_recall(
     user_vecs: np.ndarray,
@@ -219,6 +223,9 @@ def retrieval_recall(
     pub = torch.from_numpy(published_us)
     real = torch.arange(len(pub)) > 0
     ranks, sizes = [], []
+    # A batch holds [queries, items] scores and masks: at 1M items, 512 queries were over
+    # 4 GB at once. Each query's rank is its own, so the batch size changes no figure.
+    batch_size = max(1, min(batch_size, _SCORE_CELLS // max(1, len(pub))))
     for s in range(0, len(targets), batch_size):
         sl = slice(s, s + batch_size)
         scores = torch.from_numpy(user_vecs[sl]) @ iv.T
