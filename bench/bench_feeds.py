@@ -28,7 +28,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -57,8 +57,14 @@ from feed_dagster.feeds.model_backends import (  # noqa: E402
 )
 from feed_dagster.memory import peak_rss_mib, reset_peak_rss, rss_mib  # noqa: E402
 from feed_dagster.models.engagement_log import N_ACTIONS  # noqa: E402
-from feed_dagster.models.ranker import PhoenixRanker, load_ranker, ranker_batch  # noqa: E402
-from feed_dagster.models.ranker_data import PROFILE_FEATURES  # noqa: E402
+from feed_dagster.models.ranker import (  # noqa: E402
+    PhoenixRanker,
+    context_runs,
+    load_ranker,
+    predict,
+    ranker_batch,
+)
+from feed_dagster.models.ranker_data import N_PEER_FEATURES, PROFILE_FEATURES  # noqa: E402
 from feed_dagster.models.serve import ServingContext, item_vectors_of  # noqa: E402
 from feed_dagster.models.store import ModelStore  # noqa: E402
 from feed_dagster.models.train import (  # noqa: E402
@@ -68,10 +74,12 @@ from feed_dagster.models.train import (  # noqa: E402
 )
 from feed_dagster.models.two_tower import TwoTower, load_two_tower  # noqa: E402
 from feed_dagster.pipeline import (  # noqa: E402
+    PipelineConfig,
     PipelineStats,
     PopularityRetriever,
     TopicAffinityScorer,
 )
+from feed_dagster.pipeline.tables import candidate_window  # noqa: E402
 from feed_dagster.vectors import (  # noqa: E402
     ensure_index,
     open_vectors,
@@ -117,6 +125,7 @@ class ForwardLog:
     feature_seconds: float = 0.0
     forward_seconds: float = 0.0
     groups: int = 0  # candidate groups (rows of the [G, C] tensors)
+    contexts: int = 0  # distinct contexts (user + history) encoded, once each
     slots: int = 0  # G * C, padding included
     real: int = 0  # real candidates
     shapes: set[tuple[int, int]] = field(default_factory=set)  # (C, history length)
@@ -146,6 +155,7 @@ def instrument_serving() -> None:
         LOG.forward_seconds += time.perf_counter() - t
         g, c = data.cand_item.shape
         LOG.groups += g
+        LOG.contexts += len(context_runs(data)[0])
         LOG.slots += g * c
         LOG.real += int(data.cand_mask.sum())
         LOG.shapes.add((c, data.history.item.shape[1]))
@@ -157,48 +167,79 @@ def instrument_serving() -> None:
     serve.predict = timed_predict
 
 
-def ranker_flops_per_group(model: PhoenixRanker, c: int, h: int) -> dict[str, float]:
-    """Matmul FLOPs (2 per multiply-add) of one forward group of `c` candidate slots and a
-    history of `h` tokens, as PhoenixRanker.forward executes it (padding included).
+def ranker_flops(model: PhoenixRanker, contexts: int, slots: int, h: int) -> dict[str, float]:
+    """Matmul FLOPs (2 per multiply-add) of scoring `slots` candidate slots (padding
+    included) against `contexts` contexts of a history of `h` tokens, as the ranker executes
+    it: each context once (`predict`), or once per group when `contexts` = groups (the
+    training forward, which `predict` ran per group before the context cache).
 
-    Context = user token + h history tokens, L = h + 1. Item encoder: content Linear
-    (content_dim -> d) on the h history and c candidate tokens; history encoder: the action
-    (N_ACTIONS -> d) and dwell (1 -> d) Linears; profile Linear (5 -> d) per candidate. Per
-    block, every token: qkv 3d^2 (the context's too, also in the last block). Candidate
-    token: scores against the L context keys + itself and the weighted sum of values,
-    2 * 2d(L+1), out d^2, FFN 2 ffn_mult d^2. The context tokens' own update (attention over
-    L keys, out, FFN) runs in every block but the last. Head: d -> n_actions + 1 per
-    candidate. Embedding lookups, LayerNorm, softmax, GELU and the elementwise adds are not
-    counted.
+    Context = user token + h history tokens, L = h + 1. Per context: item encoder content
+    Linear (content_dim -> d) and the history encoder's action (N_ACTIONS -> d) and dwell
+    (1 -> d) Linears on the h history tokens; per block qkv 3d^2 on every context token, and
+    in every block but the last the context's own update (attention over L keys, out d^2,
+    FFN 2 ffn_mult d^2). Per candidate slot: content, profile, peer and affinity Linears;
+    per block qkv 3d^2, scores against the L context keys + itself and the weighted sum of
+    values 2 * 2d(L+1), out d^2, FFN 2 ffn_mult d^2; head d -> n_actions + 1. Embedding
+    lookups, LayerNorm, softmax, GELU and the elementwise adds are not counted.
     """
     cfg = model.cfg
     d, f, lyr = cfg.d_model, cfg.ffn_mult, cfg.n_layers
     L = h + 1
     mm = 2.0  # FLOPs per multiply-add
-    encoder = mm * (h + c) * cfg.content_dim * d + mm * h * (N_ACTIONS + 1) * d
+    cand_in = cfg.content_dim
     if model.profile is not None:
-        encoder += mm * c * len(PROFILE_FEATURES) * d
+        cand_in += len(cfg.profile_inputs)
+    if model.peer is not None:
+        cand_in += N_PEER_FEATURES
+    if model.affinity is not None:
+        cand_in += 2
+    ctx_encoder = mm * h * (cfg.content_dim + N_ACTIONS + 1) * d
+    cand_encoder = mm * cand_in * d
     cand_layer = mm * (3 * d * d + d * d + f * d * d * 2) + mm * 2 * d * (L + 1)
     ctx_qkv = mm * 3 * d * d * L
     ctx_update = mm * (d * d + 2 * f * d * d) * L + mm * 2 * d * L * L
-    blocks = lyr * (c * cand_layer + ctx_qkv) + (lyr - 1) * ctx_update
-    head = mm * c * d * (len(cfg.actions) + 1)
-    return {
-        "item/history encoders": encoder,
-        "blocks: candidates": lyr * c * cand_layer,
-        "blocks: context": lyr * ctx_qkv + (lyr - 1) * ctx_update,
-        "head": head,
-        "total": encoder + blocks + head,
+    per_context = ctx_encoder + lyr * ctx_qkv + (lyr - 1) * ctx_update
+    per_slot = cand_encoder + lyr * cand_layer + mm * d * (len(cfg.actions) + 1)
+    out = {
+        "contexts (encoder + blocks)": contexts * per_context,
+        "candidates (encoder + blocks + head)": slots * per_slot,
     }
+    out["total"] = sum(out.values())
+    return out
+
+
+def legacy_predict(model: PhoenixRanker, data: Any, cat: Any) -> None:
+    """The forward as `predict` ran it before the context cache: the training forward on
+    about 8,192 candidate slots at a time, every group encoding its own context."""
+    batch = max(1, 8192 // data.cand_item.shape[1])
+    with torch.inference_mode():
+        for s in range(0, len(data), batch):
+            model(ranker_batch(data, np.arange(s, min(len(data), s + batch))), cat)
+
+
+def forward_comparison(
+    model: PhoenixRanker, data: Any, ctx: ServingContext, repeats: int
+) -> dict[str, list[float]]:
+    """Seconds of `predict` and of `legacy_predict` on the same groups, interleaved so both
+    see the same load on a shared machine."""
+    out: dict[str, list[float]] = {"context once per user": [], "context per group": []}
+    for _ in range(repeats):
+        t = time.perf_counter()
+        predict(model, data, ctx.tensors)
+        out["context once per user"].append(time.perf_counter() - t)
+        t = time.perf_counter()
+        legacy_predict(model, data, ctx.tensors)
+        out["context per group"].append(time.perf_counter() - t)
+    return out
 
 
 def counted_flops(model: PhoenixRanker, data: Any, ctx: ServingContext, groups: int) -> float:
-    """FLOPs torch's FlopCounterMode sees in one forward of the first `groups` groups."""
+    """FLOPs torch's FlopCounterMode sees in `predict` on the first `groups` groups."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    b = ranker_batch(data, np.arange(min(groups, len(data))))
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        model(b, ctx.tensors)
+    sample = data.take(np.arange(min(groups, len(data))))
+    with FlopCounterMode(display=False) as counter:
+        predict(model, sample, ctx.tensors, batch_size=len(sample))
     return float(counter.get_total_flops())
 
 
@@ -295,6 +336,7 @@ def measure(
     scorer: Any,
     repeats: int,
     batch_size: int,
+    config: PipelineConfig | None = None,
 ) -> Throughput:
     reset_peak_rss()
     rss_before = rss_mib()
@@ -306,7 +348,9 @@ def measure(
     for r in range(repeats):
         LOG.reset()
         t = time.perf_counter()
-        feeds, stats = build_feeds(tables, users, now, retriever, scorer, batch_size=batch_size)
+        feeds, stats = build_feeds(
+            tables, users, now, retriever, scorer, config=config, batch_size=batch_size
+        )
         totals.append(time.perf_counter() - t)
         per: dict[str, float] = {}
         for stage, sec in stats.seconds.items():
@@ -353,8 +397,22 @@ def main() -> None:
         default=DEFAULT_SAMPLE,
         help="seeded sample of users with a held-out positive for the quality section",
     )
+    ap.add_argument(
+        "--wide-out-of-network",
+        type=int,
+        default=1_400,
+        help="out-of-network candidates per user of the second learned run (~1,000 scored)",
+    )
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch intra-op threads for the whole run (default: torch's; feed steps use 1)",
+    )
     ap.add_argument("--no-write", action="store_true")
     args = ap.parse_args()
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     load_start = os.getloadavg()[0]
     instrument_serving()
 
@@ -409,6 +467,24 @@ def main() -> None:
             args.repeats,
             args.batch_size,
         )
+        # The same users with more out-of-network candidates: about 1,000 per user into
+        # the ranker (the default config gives ~730 on the demo world).
+        wide_config = PipelineConfig().with_max_age(candidate_window(world))
+        wide_config = replace(
+            wide_config,
+            sources=replace(wide_config.sources, out_of_network_max=args.wide_out_of_network),
+        )
+        wide = measure(
+            "learned, wide",
+            world,
+            users,
+            world.now,
+            TwoTowerRetriever(tower, ctx, table),
+            RankerScorer(ranker, ctx),
+            args.repeats,
+            args.batch_size,
+            config=wide_config,
+        )
         fallback = measure(
             "fallback",
             world,
@@ -426,15 +502,27 @@ def main() -> None:
         if len(shapes) != 1:
             raise SystemExit(f"expected one (candidates, history) shape, got {shapes}")
         (c, h) = shapes.pop()
-        per_group = ranker_flops_per_group(ranker, c, h)
         fwd = learned.forward[0]
-        flops = per_group["total"] * fwd.groups
+        per_run = ranker_flops(ranker, fwd.contexts, fwd.slots, h)
+        flops = per_run["total"]
         fwd_s = statistics.median(f.forward_seconds for f in learned.forward)
         feat_s = statistics.median(f.feature_seconds for f in learned.forward)
         model_stage_s = statistics.median(learned.groups["scorer model"])
         sample_groups = min(1024, len(fwd.sample))
         counted = counted_flops(ranker, fwd.sample, ctx, sample_groups)
-        analytic_sample = per_group["total"] * sample_groups
+        head = fwd.sample.take(np.arange(sample_groups))
+        analytic_sample = ranker_flops(ranker, len(context_runs(head)[0]), head.cand_item.size, h)[
+            "total"
+        ]
+        # The forward with and without the context cache on one batch's groups, same run.
+        compare = forward_comparison(ranker, fwd.sample, ctx, max(3, args.repeats))
+        sample_slots = fwd.sample.cand_item.size
+        compare_flops = {
+            "context once per user": ranker_flops(
+                ranker, len(context_runs(fwd.sample)[0]), sample_slots, h
+            )["total"],
+            "context per group": ranker_flops(ranker, len(fwd.sample), sample_slots, h)["total"],
+        }
 
         # 3. Quality at world.heldout_start, from the data before it: the same core
         # function as the feed_quality asset, so the benchmark and the graph agree.
@@ -562,14 +650,17 @@ def main() -> None:
     ratio = learned.total / fallback.total
 
     flop_rows = [
-        ["groups scored per run (x slots)", f"{fwd.groups:,} x {c} (history {h} tokens)"],
+        [
+            "groups scored per run (x slots)",
+            f"{fwd.groups:,} x {c} (history {h} tokens), {fwd.contexts:,} contexts encoded",
+        ],
         [
             "real candidates / slots",
             f"{fwd.real:,} / {fwd.slots:,} ({fwd.real / max(fwd.slots, 1):.0%} of slots used)",
         ],
         [
-            "FLOPs per group (analytic)",
-            ", ".join(f"{k} {v / 1e6:.2f} M" for k, v in per_group.items()),
+            "FLOPs per run (analytic)",
+            ", ".join(f"{k} {v / 1e9:.2f} G" for k, v in per_run.items()),
         ],
         [
             "FlopCounterMode check",
@@ -598,6 +689,18 @@ def main() -> None:
             "(model stage)",
         ],
     ]
+    cached, legacy = (statistics.median(v) for v in compare.values())
+    compare_rows = [
+        [
+            name,
+            f"{statistics.median(v):.3f} s ({', '.join(f'{t:.3f}' for t in v)})",
+            f"{compare_flops[name] / 1e9:.2f} GFLOP",
+            f"{compare_flops[name] / statistics.median(v) / 1e9:.1f} GFLOP/s "
+            f"({compare_flops[name] / statistics.median(v) / peak:.1%} of peak)",
+            f"{fwd.sample.cand_mask.sum() / statistics.median(v):,.0f}",
+        ]
+        for name, v in compare.items()
+    ]
 
     parts = [
         "## Feed precompute (`bench/bench_feeds.py`)",
@@ -612,9 +715,11 @@ def main() -> None:
         "",
         f"### Throughput: every user at `world.now`, batches of {args.batch_size}",
         "",
-        markdown_table(["", ""], summary(learned) + summary(fallback)),
+        markdown_table(["", ""], summary(learned) + summary(wide) + summary(fallback)),
         "",
-        f"Learned / fallback end-to-end time, same run: **{ratio:.1f}x**.",
+        f'Learned / fallback end-to-end time, same run: **{ratio:.1f}x**. "learned, wide": '
+        f"the learned models with {args.wide_out_of_network:,} out-of-network candidates per "
+        "user (default 1,000), for the figure at about 1,000 candidates per user.",
         "",
         "Learned models, per stage group (seconds summed over batches, median over repeats):",
         "",
@@ -626,15 +731,26 @@ def main() -> None:
         "",
         "### Ranker FLOP/s vs float32 matmul peak",
         "",
-        "FLOPs are counted analytically for the padded tensors the forward executes "
-        "(`ranker_flops_per_group` in the script: matmuls only, 2 FLOPs per multiply-add; per "
-        "candidate token per block qkv 3d^2 + out d^2 + FFN 2*ffn_mult*d^2 multiply-adds "
-        "+ attention over the L = history + 1 context keys and itself; the context's qkv in "
-        "every block and its update in all but the last; item encoder content Linear on "
-        "history and candidate tokens; head) and cross-checked with "
-        "`torch.utils.flop_counter.FlopCounterMode` on one 1,024-group forward.",
+        "FLOPs are counted analytically for the work the forward executes (`ranker_flops` "
+        "in the script: matmuls only, 2 FLOPs per multiply-add). Each distinct context "
+        "(user token + history) is encoded once per user: history encoders, qkv 3d^2 per "
+        "context token in every block and the context's own update in all but the last. "
+        "Per padded candidate slot: its input Linears, per block qkv 3d^2 + out d^2 + FFN "
+        "2*ffn_mult*d^2 multiply-adds + attention over the L = history + 1 context keys and "
+        "itself, and the head. Cross-checked with `torch.utils.flop_counter.FlopCounterMode` "
+        "on `predict` over the first 1,024 groups.",
         "",
         markdown_table(["", ""], flop_rows),
+        "",
+        f"The forward alone on the first batch's {len(fwd.sample):,} groups "
+        f"({fwd.sample.cand_mask.sum():,} candidates, {len(context_runs(fwd.sample)[0]):,} "
+        "users), with the context once per user (`predict`) and once per group (the training "
+        "forward, as serving ran it before), interleaved in the same run: "
+        f"**{legacy / cached:.2f}x** faster with the cache.",
+        "",
+        markdown_table(
+            ["forward", "s (median)", "FLOPs", "achieved", "candidates/s"], compare_rows
+        ),
     ]
     if quality_rows:
         parts += [

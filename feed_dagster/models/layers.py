@@ -189,6 +189,57 @@ class IsolatedBlock(nn.Module):
             ctx = ctx + self.drop(self.ffn(self.ln2(ctx)))
         return ctx, cand
 
+    # -- inference: the context once per user ------------------------------------------------
+    # forward() above is what training runs. The two methods below split it for serving:
+    # `context_step` on each distinct context (user + history) once, `candidate_step` on any
+    # number of candidate tokens against those keys and values. Together they compute what
+    # forward() computes for the candidates (within float rounding; tested).
+
+    def context_step(
+        self, ctx: torch.Tensor, key_bias: torch.Tensor, update_ctx: bool = True
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """(keys, values [U, heads, L, dh], the updated context or None) of contexts
+        [U, L, d]; `key_bias` [U, 1, 1, L] is 0 for real tokens and -inf for padding."""
+        qc, kc, vc = self._split(self.ln1(ctx))
+        if not update_ctx:
+            return kc, vc, None
+        att_c = F.scaled_dot_product_attention(qc, kc, vc, attn_mask=key_bias)
+        ctx = ctx + self.out(self._merge(att_c))
+        ctx = ctx + self.ffn(self.ln2(ctx))
+        return kc, vc, ctx
+
+    def candidate_step(
+        self, cand: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, key_bias: torch.Tensor
+    ) -> torch.Tensor:
+        """Candidate tokens [G, C, d] after this block, each group g attending to context
+        keys/values kc[g], vc[g] [G, heads, L, dh] (gathered per group by the caller) and to
+        itself.
+
+        The softmax over [context keys, self] is taken without concatenating the self score
+        onto the [G, heads, C, L] scores: one max, one exp and one sum over the context part,
+        and the self term added to numerator and denominator. That saves a copy of the
+        largest tensor of the step."""
+        x = self.ln1(cand)
+        g, c, _ = x.shape
+        qkv = self.qkv(x).view(g, c, 3, self.h, self.dh)
+        # [G, heads, C, dh]; q scaled once here rather than the [.., C, L] scores later.
+        q = qkv[:, :, 0].transpose(1, 2) * (1.0 / math.sqrt(self.dh))
+        k_self = qkv[:, :, 1].transpose(1, 2)
+        v_self = qkv[:, :, 2].transpose(1, 2)
+        s_ctx = torch.baddbmm(
+            key_bias.expand(-1, self.h, c, -1).reshape(g * self.h, c, -1),
+            q.reshape(g * self.h, c, self.dh),
+            kc.transpose(-1, -2).reshape(g * self.h, self.dh, -1),
+        ).view(g, self.h, c, -1)
+        s_self = (q * k_self).sum(-1, keepdim=True)  # [G, heads, C, 1]
+        m = torch.maximum(s_ctx.amax(-1, keepdim=True), s_self)
+        e_ctx = (s_ctx - m).exp_()
+        e_self = (s_self - m).exp_()
+        denom = e_ctx.sum(-1, keepdim=True) + e_self
+        att = (e_ctx @ vc + e_self * v_self) / denom
+        cand = cand + self.out(self._merge(att))
+        return cand + self.ffn(self.ln2(cand))
+
 
 def l2_normalise(x: torch.Tensor) -> torch.Tensor:
     return F.normalize(x, dim=-1, eps=1e-8)
