@@ -126,6 +126,7 @@ class ForwardLog:
     forward_seconds: float = 0.0
     groups: int = 0  # candidate groups (rows of the [G, C] tensors)
     contexts: int = 0  # distinct contexts (user + history) encoded, once each
+    item_rows: int = 0  # distinct catalog rows among the candidates, per predict call
     slots: int = 0  # G * C, padding included
     real: int = 0  # real candidates
     shapes: set[tuple[int, int]] = field(default_factory=set)  # (C, history length)
@@ -156,6 +157,7 @@ def instrument_serving() -> None:
         g, c = data.cand_item.shape
         LOG.groups += g
         LOG.contexts += len(context_runs(data)[0])
+        LOG.item_rows += len(np.unique(data.cand_item))
         LOG.slots += g * c
         LOG.real += int(data.cand_mask.sum())
         LOG.shapes.add((c, data.history.item.shape[1]))
@@ -167,7 +169,9 @@ def instrument_serving() -> None:
     serve.predict = timed_predict
 
 
-def ranker_flops(model: PhoenixRanker, contexts: int, slots: int, h: int) -> dict[str, float]:
+def ranker_flops(
+    model: PhoenixRanker, contexts: int, slots: int, h: int, item_rows: int | None = None
+) -> dict[str, float]:
     """Matmul FLOPs (2 per multiply-add) of scoring `slots` candidate slots (padding
     included) against `contexts` contexts of a history of `h` tokens, as the ranker executes
     it: each context once (`predict`), or once per group when `contexts` = groups (the
@@ -181,6 +185,9 @@ def ranker_flops(model: PhoenixRanker, contexts: int, slots: int, h: int) -> dic
     per block qkv 3d^2, scores against the L context keys + itself and the weighted sum of
     values 2 * 2d(L+1), out d^2, FFN 2 ffn_mult d^2; head d -> n_actions + 1. Embedding
     lookups, LayerNorm, softmax, GELU and the elementwise adds are not counted.
+
+    `item_rows`: distinct catalog rows among the candidates, when the content Linear runs
+    once per row (`predict`'s candidate tables) rather than once per slot (None).
     """
     cfg = model.cfg
     d, f, lyr = cfg.d_model, cfg.ffn_mult, cfg.n_layers
@@ -194,6 +201,10 @@ def ranker_flops(model: PhoenixRanker, contexts: int, slots: int, h: int) -> dic
     if model.affinity is not None:
         cand_in += 2
     ctx_encoder = mm * h * (cfg.content_dim + N_ACTIONS + 1) * d
+    per_row = 0.0
+    if item_rows is not None:
+        cand_in -= cfg.content_dim
+        per_row = mm * cfg.content_dim * d
     cand_encoder = mm * cand_in * d
     cand_layer = mm * (3 * d * d + d * d + f * d * d * 2) + mm * 2 * d * (L + 1)
     ctx_qkv = mm * 3 * d * d * L
@@ -203,6 +214,7 @@ def ranker_flops(model: PhoenixRanker, contexts: int, slots: int, h: int) -> dic
     out = {
         "contexts (encoder + blocks)": contexts * per_context,
         "candidates (encoder + blocks + head)": slots * per_slot,
+        "catalog rows (content Linear)": (item_rows or 0) * per_row,
     }
     out["total"] = sum(out.values())
     return out
@@ -406,13 +418,13 @@ def main() -> None:
     ap.add_argument(
         "--threads",
         type=int,
-        default=None,
-        help="torch intra-op threads for the whole run (default: torch's; feed steps use 1)",
+        default=1,
+        help="torch intra-op threads for the whole run; 1, as feed steps run "
+        "(FEED_TORCH_THREADS): on a busy 2-core box two threads made the ranker 3-10x slower",
     )
     ap.add_argument("--no-write", action="store_true")
     args = ap.parse_args()
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
+    torch.set_num_threads(args.threads)
     load_start = os.getloadavg()[0]
     instrument_serving()
 
@@ -503,7 +515,7 @@ def main() -> None:
             raise SystemExit(f"expected one (candidates, history) shape, got {shapes}")
         (c, h) = shapes.pop()
         fwd = learned.forward[0]
-        per_run = ranker_flops(ranker, fwd.contexts, fwd.slots, h)
+        per_run = ranker_flops(ranker, fwd.contexts, fwd.slots, h, fwd.item_rows)
         flops = per_run["total"]
         fwd_s = statistics.median(f.forward_seconds for f in learned.forward)
         feat_s = statistics.median(f.feature_seconds for f in learned.forward)
@@ -511,15 +523,20 @@ def main() -> None:
         sample_groups = min(1024, len(fwd.sample))
         counted = counted_flops(ranker, fwd.sample, ctx, sample_groups)
         head = fwd.sample.take(np.arange(sample_groups))
-        analytic_sample = ranker_flops(ranker, len(context_runs(head)[0]), head.cand_item.size, h)[
-            "total"
-        ]
+        head_rows = len(np.unique(head.cand_item))
+        head_contexts = len(context_runs(head)[0])
+        analytic_sample = ranker_flops(ranker, head_contexts, head.cand_item.size, h, head_rows)
+        analytic_sample = analytic_sample["total"]
         # The forward with and without the context cache on one batch's groups, same run.
         compare = forward_comparison(ranker, fwd.sample, ctx, max(3, args.repeats))
         sample_slots = fwd.sample.cand_item.size
         compare_flops = {
             "context once per user": ranker_flops(
-                ranker, len(context_runs(fwd.sample)[0]), sample_slots, h
+                ranker,
+                len(context_runs(fwd.sample)[0]),
+                sample_slots,
+                h,
+                len(np.unique(fwd.sample.cand_item)),
             )["total"],
             "context per group": ranker_flops(ranker, len(fwd.sample), sample_slots, h)["total"],
         }
@@ -735,7 +752,8 @@ def main() -> None:
         "in the script: matmuls only, 2 FLOPs per multiply-add). Each distinct context "
         "(user token + history) is encoded once per user: history encoders, qkv 3d^2 per "
         "context token in every block and the context's own update in all but the last. "
-        "Per padded candidate slot: its input Linears, per block qkv 3d^2 + out d^2 + FFN "
+        "Per padded candidate slot: its input Linears (the content Linear once per distinct "
+        "catalog row among the candidates), per block qkv 3d^2 + out d^2 + FFN "
         "2*ffn_mult*d^2 multiply-adds + attention over the L = history + 1 context keys and "
         "itself, and the head. Cross-checked with `torch.utils.flop_counter.FlopCounterMode` "
         "on `predict` over the first 1,024 groups.",

@@ -144,3 +144,21 @@ def test_saved_weights_load_with_unchanged_keys(setup):
     assert set(loaded.state_dict()) == set(model.state_dict())
     data = serving(setup[0], 16)
     np.testing.assert_array_equal(_fast(loaded, data, cat), _fast(model, data, cat))
+
+
+def test_fast_path_without_optional_inputs(setup):
+    """Models stored with fewer inputs (no user id, profile, peer or affinity features, no
+    post ids) take the same fast path."""
+    cands, serving, cat, _ = setup
+    cfg = RankerConfig(
+        content_dim=cat.content.shape[1],
+        features=FEATURES,
+        user_embedding=False,
+        profile_features=False,
+        peer_features=False,
+        affinity_features=False,
+        id_dropout=1.0,
+    )
+    model = build_ranker(cfg, seed=2).eval()
+    data = serving(cands, 16)
+    np.testing.assert_allclose(_fast(model, data, cat), _reference(model, data, cat), atol=1e-5)

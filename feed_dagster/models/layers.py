@@ -209,34 +209,31 @@ class IsolatedBlock(nn.Module):
         return kc, vc, ctx
 
     def candidate_step(
-        self, cand: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, key_bias: torch.Tensor
+        self, cand: torch.Tensor, keys_t: torch.Tensor, vc: torch.Tensor, key_bias: torch.Tensor
     ) -> torch.Tensor:
-        """Candidate tokens [G, C, d] after this block, each group g attending to context
-        keys/values kc[g], vc[g] [G, heads, L, dh] (gathered per group by the caller) and to
+        """Candidate tokens [G, C, d] after this block, each group g attending to its
+        context's keys `keys_t[g]` [G, heads, dh, L] (transposed, as the score matmul reads
+        them) and values vc[g] [G, heads, L, dh], gathered per group by the caller, and to
         itself.
 
         The softmax over [context keys, self] is taken without concatenating the self score
-        onto the [G, heads, C, L] scores: one max, one exp and one sum over the context part,
-        and the self term added to numerator and denominator. That saves a copy of the
-        largest tensor of the step."""
+        onto the [G, heads, C, L] scores, and the large intermediates are updated in place:
+        with d_model 64 the step is bound by passes over memory, not by its matmuls."""
         x = self.ln1(cand)
         g, c, _ = x.shape
         qkv = self.qkv(x).view(g, c, 3, self.h, self.dh)
-        # [G, heads, C, dh]; q scaled once here rather than the [.., C, L] scores later.
-        q = qkv[:, :, 0].transpose(1, 2) * (1.0 / math.sqrt(self.dh))
+        # One pass scales q and lays it out [G, heads, C, dh] for the batched matmul.
+        q = torch.empty(g, self.h, c, self.dh, dtype=x.dtype)
+        torch.mul(qkv[:, :, 0].transpose(1, 2), 1.0 / math.sqrt(self.dh), out=q)
         k_self = qkv[:, :, 1].transpose(1, 2)
         v_self = qkv[:, :, 2].transpose(1, 2)
-        s_ctx = torch.baddbmm(
-            key_bias.expand(-1, self.h, c, -1).reshape(g * self.h, c, -1),
-            q.reshape(g * self.h, c, self.dh),
-            kc.transpose(-1, -2).reshape(g * self.h, self.dh, -1),
-        ).view(g, self.h, c, -1)
+        s_ctx = torch.matmul(q, keys_t).add_(key_bias)  # [G, heads, C, L]
         s_self = (q * k_self).sum(-1, keepdim=True)  # [G, heads, C, 1]
         m = torch.maximum(s_ctx.amax(-1, keepdim=True), s_self)
-        e_ctx = (s_ctx - m).exp_()
-        e_self = (s_self - m).exp_()
-        denom = e_ctx.sum(-1, keepdim=True) + e_self
-        att = (e_ctx @ vc + e_self * v_self) / denom
+        e_ctx = s_ctx.sub_(m).exp_()
+        e_self = s_self.sub_(m).exp_()
+        denom = e_ctx.sum(-1, keepdim=True).add_(e_self)
+        att = torch.matmul(e_ctx, vc).addcmul_(e_self, v_self).div_(denom)
         cand = cand + self.out(self._merge(att))
         return cand + self.ffn(self.ln2(cand))
 
