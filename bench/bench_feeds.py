@@ -528,7 +528,7 @@ def main() -> None:
         analytic_sample = ranker_flops(ranker, head_contexts, head.cand_item.size, h, head_rows)
         analytic_sample = analytic_sample["total"]
         # The forward with and without the context cache on one batch's groups, same run.
-        compare = forward_comparison(ranker, fwd.sample, ctx, max(3, args.repeats))
+        compare = forward_comparison(ranker, fwd.sample, ctx, max(5, args.repeats))
         sample_slots = fwd.sample.cand_item.size
         compare_flops = {
             "context once per user": ranker_flops(
@@ -619,6 +619,11 @@ def main() -> None:
                 f"{tp.rows_into_scoring:,} ({tp.rows_into_scoring / tp.users:,.0f} per user)",
             ],
             [f"{tp.label}: feed rows", f"{tp.feed_rows:,}"],
+            [
+                f"{tp.label}: ranker forward + feature building (median)",
+                f"{statistics.median(f.forward_seconds for f in tp.forward):.2f} s + "
+                f"{statistics.median(f.feature_seconds for f in tp.forward):.2f} s",
+            ],
             [
                 f"{tp.label}: peak RSS",
                 f"{tp.peak_rss:,.0f} MiB ({tp.rss_before:,.0f} MiB before the runs)",
@@ -741,6 +746,10 @@ def main() -> None:
         "Learned models, per stage group (seconds summed over batches, median over repeats):",
         "",
         stage_table(learned),
+        "",
+        "Learned models, wide (about 1,000 candidates per user), per stage group:",
+        "",
+        stage_table(wide),
         "",
         "Table fallbacks, per stage group:",
         "",
