@@ -404,7 +404,7 @@ def ranker_loss(
 
 # Candidate slots per pass at inference. With d_model 64 the forward is bound by memory
 # traffic, not matmuls: every op streams its [tokens, 64..192] activations, so passes whose
-# activations stay in cache run fastest. On this 2-core box, shared with other jobs (one
+# activations stay in cache run fastest. On a 2-core box shared with other jobs (one
 # thread, 41k candidates of 96 users, medians of 9 interleaved runs): 0.55 s at 1,024 to
 # 4,096 slots per pass, 0.70 s at 8,192, against 0.87 s for the per-group forward before.
 PREDICT_TOKENS = 2048
