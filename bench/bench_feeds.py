@@ -137,6 +137,8 @@ class ForwardLog:
 
 
 LOG = ForwardLog()
+# While set, the instrumented serving path scores with `legacy_predict` (the baseline).
+USE_LEGACY_PREDICT = [False]
 
 
 def instrument_serving() -> None:
@@ -152,7 +154,10 @@ def instrument_serving() -> None:
 
     def timed_predict(model: PhoenixRanker, data: Any, *a: Any, **kw: Any) -> Any:
         t = time.perf_counter()
-        out = predict(model, data, *a, **kw)
+        if USE_LEGACY_PREDICT[0]:
+            out = legacy_predict(model, data, a[0] if a else kw["catalog"])
+        else:
+            out = predict(model, data, *a, **kw)
         LOG.forward_seconds += time.perf_counter() - t
         g, c = data.cand_item.shape
         LOG.groups += g
@@ -220,13 +225,17 @@ def ranker_flops(
     return out
 
 
-def legacy_predict(model: PhoenixRanker, data: Any, cat: Any) -> None:
-    """The forward as `predict` ran it before the context cache: the training forward on
-    about 8,192 candidate slots at a time, every group encoding its own context."""
+def legacy_predict(model: PhoenixRanker, data: Any, cat: Any) -> tuple[np.ndarray, np.ndarray]:
+    """`predict` as it ran before the context cache: the training forward on about 8,192
+    candidate slots at a time, every group encoding its own context."""
     batch = max(1, 8192 // data.cand_item.shape[1])
+    probs, dwell = [], []
     with torch.inference_mode():
         for s in range(0, len(data), batch):
-            model(ranker_batch(data, np.arange(s, min(len(data), s + batch))), cat)
+            logits, d = model(ranker_batch(data, np.arange(s, min(len(data), s + batch))), cat)
+            probs.append(torch.sigmoid(logits).numpy())
+            dwell.append(torch.expm1(d.clamp(min=0)).numpy())
+    return np.concatenate(probs), np.concatenate(dwell)
 
 
 def forward_comparison(
@@ -333,59 +342,90 @@ class Throughput:
     retriever: str
     scorer: str
     forward: list[ForwardLog]
+    feeds: pl.DataFrame
 
     @property
     def total(self) -> float:
         return statistics.median(self.totals)
 
 
+@dataclass
+class Variant:
+    label: str
+    retriever: Any
+    scorer: Any
+    config: PipelineConfig | None = None
+    legacy_predict: bool = False
+
+
 def measure(
-    label: str,
+    variants: list[Variant],
     tables: World,
     users: np.ndarray,
     now: datetime,
-    retriever: Any,
-    scorer: Any,
     repeats: int,
     batch_size: int,
-    config: PipelineConfig | None = None,
-) -> Throughput:
-    reset_peak_rss()
-    rss_before = rss_mib()
-    totals: list[float] = []
-    groups: dict[str, list[float]] = {}
-    forward: list[ForwardLog] = []
-    stats = PipelineStats()
-    feeds = pl.DataFrame()
+) -> list[Throughput]:
+    """Every variant `repeats` times, interleaved (repeat r of each, then r + 1), so on a
+    shared machine all variants see the same spells of load."""
+    totals: dict[str, list[float]] = {v.label: [] for v in variants}
+    groups: dict[str, dict[str, list[float]]] = {v.label: {} for v in variants}
+    forward: dict[str, list[ForwardLog]] = {v.label: [] for v in variants}
+    peak: dict[str, float] = {v.label: 0.0 for v in variants}
+    before: dict[str, float] = {}
+    last: dict[str, tuple[pl.DataFrame, PipelineStats]] = {}
     for r in range(repeats):
-        LOG.reset()
-        t = time.perf_counter()
-        feeds, stats = build_feeds(
-            tables, users, now, retriever, scorer, config=config, batch_size=batch_size
+        for v in variants:
+            before.setdefault(v.label, rss_mib())
+            reset_peak_rss()
+            LOG.reset()
+            USE_LEGACY_PREDICT[0] = v.legacy_predict
+            t = time.perf_counter()
+            try:
+                last[v.label] = build_feeds(
+                    tables,
+                    users,
+                    now,
+                    v.retriever,
+                    v.scorer,
+                    config=v.config,
+                    batch_size=batch_size,
+                )
+            finally:
+                USE_LEGACY_PREDICT[0] = False
+            totals[v.label].append(time.perf_counter() - t)
+            peak[v.label] = max(peak[v.label], peak_rss_mib())
+            per: dict[str, float] = {}
+            for stage, sec in last[v.label][1].seconds.items():
+                per[group_of(stage)] = per.get(group_of(stage), 0.0) + sec
+            for g, sec in per.items():
+                groups[v.label].setdefault(g, []).append(sec)
+            forward[v.label].append(
+                ForwardLog(**{k: getattr(LOG, k) for k in LOG.__dataclass_fields__})
+            )
+            print(f"  {v.label} repeat {r + 1}/{repeats}: {totals[v.label][-1]:.2f} s", flush=True)
+    out = []
+    for v in variants:
+        feeds, stats = last[v.label]
+        # Rows entering the model stage = rows out of the last filter.
+        filters = [s for s in stats.rows if s.startswith("filter.")]
+        out.append(
+            Throughput(
+                label=v.label,
+                users=len(users),
+                totals=totals[v.label],
+                groups=groups[v.label],
+                rows_into_scoring=stats.rows[filters[-1]],
+                feed_rows=feeds.height,
+                peak_rss=peak[v.label],
+                rss_before=before[v.label],
+                retriever=stats.retriever,
+                scorer=stats.scorer,
+                forward=forward[v.label],
+                feeds=feeds,
+            )
         )
-        totals.append(time.perf_counter() - t)
-        per: dict[str, float] = {}
-        for stage, sec in stats.seconds.items():
-            per[group_of(stage)] = per.get(group_of(stage), 0.0) + sec
-        for g, sec in per.items():
-            groups.setdefault(g, []).append(sec)
-        forward.append(ForwardLog(**{k: getattr(LOG, k) for k in LOG.__dataclass_fields__}))
-        print(f"  {label} repeat {r + 1}/{repeats}: {totals[-1]:.2f} s", flush=True)
-    # Rows entering the model stage = rows out of the last filter.
-    filters = [s for s in stats.rows if s.startswith("filter.")]
-    return Throughput(
-        label=label,
-        users=len(users),
-        totals=totals,
-        groups=groups,
-        rows_into_scoring=stats.rows[filters[-1]],
-        feed_rows=feeds.height,
-        peak_rss=peak_rss_mib(),
-        rss_before=rss_before,
-        retriever=stats.retriever,
-        scorer=stats.scorer,
-        forward=forward,
-    )
+    return out
 
 
 def fmt_recall(row: dict[str, Any]) -> list[str]:
@@ -469,47 +509,39 @@ def main() -> None:
 
         # 1. Throughput at world.now.
         threads = torch.get_num_threads()
-        learned = measure(
-            "learned",
-            world,
-            users,
-            world.now,
-            TwoTowerRetriever(tower, ctx, table),
-            RankerScorer(ranker, ctx),
-            args.repeats,
-            args.batch_size,
-        )
         # The same users with more out-of-network candidates: about 1,000 per user into
-        # the ranker (the default config gives ~730 on the demo world).
+        # the ranker (the default config gives ~750 on the demo world).
         wide_config = PipelineConfig().with_max_age(candidate_window(world))
         wide_config = replace(
             wide_config,
             sources=replace(wide_config.sources, out_of_network_max=args.wide_out_of_network),
         )
-        wide = measure(
-            "learned, wide",
+        retriever, scorer = TwoTowerRetriever(tower, ctx, table), RankerScorer(ranker, ctx)
+        # Untimed warm-up: the first scoring at `now` fits the classic peers (cached after).
+        build_feeds(world, users[:64], world.now, retriever, scorer, batch_size=args.batch_size)
+        peak_before = matmul_peak(threads)[1]
+        learned, baseline, wide, fallback = measure(
+            [
+                Variant("learned", retriever, scorer),
+                Variant("learned, context per group", retriever, scorer, legacy_predict=True),
+                Variant("learned, wide", retriever, scorer, config=wide_config),
+                Variant(
+                    "fallback",
+                    PopularityRetriever.from_tables(world),
+                    TopicAffinityScorer.from_tables(world),
+                ),
+            ],
             world,
             users,
             world.now,
-            TwoTowerRetriever(tower, ctx, table),
-            RankerScorer(ranker, ctx),
-            args.repeats,
-            args.batch_size,
-            config=wide_config,
-        )
-        fallback = measure(
-            "fallback",
-            world,
-            users,
-            world.now,
-            PopularityRetriever.from_tables(world),
-            TopicAffinityScorer.from_tables(world),
             args.repeats,
             args.batch_size,
         )
 
         # 2. Ranker FLOP/s against the matmul peak, same thread count, same run.
-        peak, peak_samples = matmul_peak(threads)
+        # Sampled before and after the throughput runs: the peak moves with the load too.
+        peak_samples = peak_before + matmul_peak(threads)[1]
+        peak = statistics.median(peak_samples)
         shapes = set().union(*(f.shapes for f in learned.forward))
         if len(shapes) != 1:
             raise SystemExit(f"expected one (candidates, history) shape, got {shapes}")
@@ -670,6 +702,8 @@ def main() -> None:
         ],
     ]
     ratio = learned.total / fallback.total
+    keys = ["user_id", "position", "article_id"]
+    same_rows = learned.feeds.select(keys).join(baseline.feeds.select(keys), on=keys).height
 
     flop_rows = [
         [
@@ -701,7 +735,7 @@ def main() -> None:
             f"{flops / model_stage_s / 1e9:.1f} GFLOP/s over the whole model stage",
         ],
         [
-            f"float32 matmul peak ({2048}^3, {threads} threads, median of 7)",
+            f"float32 matmul peak ({2048}^3, {threads} threads, median of 14 before and after)",
             f"{peak / 1e9:.1f} GFLOP/s (samples {min(peak_samples) / 1e9:.0f}-"
             f"{max(peak_samples) / 1e9:.0f})",
         ],
@@ -737,9 +771,17 @@ def main() -> None:
         "",
         f"### Throughput: every user at `world.now`, batches of {args.batch_size}",
         "",
-        markdown_table(["", ""], summary(learned) + summary(wide) + summary(fallback)),
+        markdown_table(
+            ["", ""], summary(learned) + summary(baseline) + summary(wide) + summary(fallback)
+        ),
         "",
-        f'Learned / fallback end-to-end time, same run: **{ratio:.1f}x**. "learned, wide": '
+        'Variants ran interleaved (repeat r of each, then r + 1). "learned, context per '
+        'group": the same models with the ranker forward as it ran before the context cache '
+        f"(`legacy_predict`): learned is **{baseline.total / learned.total:.2f}x** faster end "
+        f"to end, same run; {same_rows:,} of {learned.feed_rows:,} feed rows (user, position, "
+        "post) are identical between the two. "
+        f"Learned / fallback end-to-end time: **{ratio:.1f}x**. "
+        '"learned, wide": '
         f"the learned models with {args.wide_out_of_network:,} out-of-network candidates per "
         "user (default 1,000), for the figure at about 1,000 candidates per user.",
         "",
