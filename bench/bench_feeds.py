@@ -28,7 +28,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -57,8 +57,14 @@ from feed_dagster.feeds.model_backends import (  # noqa: E402
 )
 from feed_dagster.memory import peak_rss_mib, reset_peak_rss, rss_mib  # noqa: E402
 from feed_dagster.models.engagement_log import N_ACTIONS  # noqa: E402
-from feed_dagster.models.ranker import PhoenixRanker, load_ranker, ranker_batch  # noqa: E402
-from feed_dagster.models.ranker_data import PROFILE_FEATURES  # noqa: E402
+from feed_dagster.models.ranker import (  # noqa: E402
+    PhoenixRanker,
+    context_runs,
+    load_ranker,
+    predict,
+    ranker_batch,
+)
+from feed_dagster.models.ranker_data import N_PEER_FEATURES, PROFILE_FEATURES  # noqa: E402
 from feed_dagster.models.serve import ServingContext, item_vectors_of  # noqa: E402
 from feed_dagster.models.store import ModelStore  # noqa: E402
 from feed_dagster.models.train import (  # noqa: E402
@@ -68,10 +74,12 @@ from feed_dagster.models.train import (  # noqa: E402
 )
 from feed_dagster.models.two_tower import TwoTower, load_two_tower  # noqa: E402
 from feed_dagster.pipeline import (  # noqa: E402
+    PipelineConfig,
     PipelineStats,
     PopularityRetriever,
     TopicAffinityScorer,
 )
+from feed_dagster.pipeline.tables import candidate_window  # noqa: E402
 from feed_dagster.vectors import (  # noqa: E402
     ensure_index,
     open_vectors,
@@ -117,6 +125,8 @@ class ForwardLog:
     feature_seconds: float = 0.0
     forward_seconds: float = 0.0
     groups: int = 0  # candidate groups (rows of the [G, C] tensors)
+    contexts: int = 0  # distinct contexts (user + history) encoded, once each
+    item_rows: int = 0  # distinct catalog rows among the candidates, per predict call
     slots: int = 0  # G * C, padding included
     real: int = 0  # real candidates
     shapes: set[tuple[int, int]] = field(default_factory=set)  # (C, history length)
@@ -127,6 +137,8 @@ class ForwardLog:
 
 
 LOG = ForwardLog()
+# While set, the instrumented serving path scores with `legacy_predict` (the baseline).
+USE_LEGACY_PREDICT = [False]
 
 
 def instrument_serving() -> None:
@@ -142,10 +154,15 @@ def instrument_serving() -> None:
 
     def timed_predict(model: PhoenixRanker, data: Any, *a: Any, **kw: Any) -> Any:
         t = time.perf_counter()
-        out = predict(model, data, *a, **kw)
+        if USE_LEGACY_PREDICT[0]:
+            out = legacy_predict(model, data, a[0] if a else kw["catalog"])
+        else:
+            out = predict(model, data, *a, **kw)
         LOG.forward_seconds += time.perf_counter() - t
         g, c = data.cand_item.shape
         LOG.groups += g
+        LOG.contexts += len(context_runs(data)[0])
+        LOG.item_rows += len(np.unique(data.cand_item))
         LOG.slots += g * c
         LOG.real += int(data.cand_mask.sum())
         LOG.shapes.add((c, data.history.item.shape[1]))
@@ -157,48 +174,93 @@ def instrument_serving() -> None:
     serve.predict = timed_predict
 
 
-def ranker_flops_per_group(model: PhoenixRanker, c: int, h: int) -> dict[str, float]:
-    """Matmul FLOPs (2 per multiply-add) of one forward group of `c` candidate slots and a
-    history of `h` tokens, as PhoenixRanker.forward executes it (padding included).
+def ranker_flops(
+    model: PhoenixRanker, contexts: int, slots: int, h: int, item_rows: int | None = None
+) -> dict[str, float]:
+    """Matmul FLOPs (2 per multiply-add) of scoring `slots` candidate slots (padding
+    included) against `contexts` contexts of a history of `h` tokens, as the ranker executes
+    it: each context once (`predict`), or once per group when `contexts` = groups (the
+    training forward, which `predict` ran per group before the context cache).
 
-    Context = user token + h history tokens, L = h + 1. Item encoder: content Linear
-    (content_dim -> d) on the h history and c candidate tokens; history encoder: the action
-    (N_ACTIONS -> d) and dwell (1 -> d) Linears; profile Linear (5 -> d) per candidate. Per
-    block, every token: qkv 3d^2 (the context's too, also in the last block). Candidate
-    token: scores against the L context keys + itself and the weighted sum of values,
-    2 * 2d(L+1), out d^2, FFN 2 ffn_mult d^2. The context tokens' own update (attention over
-    L keys, out, FFN) runs in every block but the last. Head: d -> n_actions + 1 per
-    candidate. Embedding lookups, LayerNorm, softmax, GELU and the elementwise adds are not
-    counted.
+    Context = user token + h history tokens, L = h + 1. Per context: item encoder content
+    Linear (content_dim -> d) and the history encoder's action (N_ACTIONS -> d) and dwell
+    (1 -> d) Linears on the h history tokens; per block qkv 3d^2 on every context token, and
+    in every block but the last the context's own update (attention over L keys, out d^2,
+    FFN 2 ffn_mult d^2). Per candidate slot: content, profile, peer and affinity Linears;
+    per block qkv 3d^2, scores against the L context keys + itself and the weighted sum of
+    values 2 * 2d(L+1), out d^2, FFN 2 ffn_mult d^2; head d -> n_actions + 1. Embedding
+    lookups, LayerNorm, softmax, GELU and the elementwise adds are not counted.
+
+    `item_rows`: distinct catalog rows among the candidates, when the content Linear runs
+    once per row (`predict`'s candidate tables) rather than once per slot (None).
     """
     cfg = model.cfg
     d, f, lyr = cfg.d_model, cfg.ffn_mult, cfg.n_layers
     L = h + 1
     mm = 2.0  # FLOPs per multiply-add
-    encoder = mm * (h + c) * cfg.content_dim * d + mm * h * (N_ACTIONS + 1) * d
+    cand_in = cfg.content_dim
     if model.profile is not None:
-        encoder += mm * c * len(PROFILE_FEATURES) * d
+        cand_in += len(cfg.profile_inputs)
+    if model.peer is not None:
+        cand_in += N_PEER_FEATURES
+    if model.affinity is not None:
+        cand_in += 2
+    ctx_encoder = mm * h * (cfg.content_dim + N_ACTIONS + 1) * d
+    per_row = 0.0
+    if item_rows is not None:
+        cand_in -= cfg.content_dim
+        per_row = mm * cfg.content_dim * d
+    cand_encoder = mm * cand_in * d
     cand_layer = mm * (3 * d * d + d * d + f * d * d * 2) + mm * 2 * d * (L + 1)
     ctx_qkv = mm * 3 * d * d * L
     ctx_update = mm * (d * d + 2 * f * d * d) * L + mm * 2 * d * L * L
-    blocks = lyr * (c * cand_layer + ctx_qkv) + (lyr - 1) * ctx_update
-    head = mm * c * d * (len(cfg.actions) + 1)
-    return {
-        "item/history encoders": encoder,
-        "blocks: candidates": lyr * c * cand_layer,
-        "blocks: context": lyr * ctx_qkv + (lyr - 1) * ctx_update,
-        "head": head,
-        "total": encoder + blocks + head,
+    per_context = ctx_encoder + lyr * ctx_qkv + (lyr - 1) * ctx_update
+    per_slot = cand_encoder + lyr * cand_layer + mm * d * (len(cfg.actions) + 1)
+    out = {
+        "contexts (encoder + blocks)": contexts * per_context,
+        "candidates (encoder + blocks + head)": slots * per_slot,
+        "catalog rows (content Linear)": (item_rows or 0) * per_row,
     }
+    out["total"] = sum(out.values())
+    return out
+
+
+def legacy_predict(model: PhoenixRanker, data: Any, cat: Any) -> tuple[np.ndarray, np.ndarray]:
+    """`predict` as it ran before the context cache: the training forward on about 8,192
+    candidate slots at a time, every group encoding its own context."""
+    batch = max(1, 8192 // data.cand_item.shape[1])
+    probs, dwell = [], []
+    with torch.inference_mode():
+        for s in range(0, len(data), batch):
+            logits, d = model(ranker_batch(data, np.arange(s, min(len(data), s + batch))), cat)
+            probs.append(torch.sigmoid(logits).numpy())
+            dwell.append(torch.expm1(d.clamp(min=0)).numpy())
+    return np.concatenate(probs), np.concatenate(dwell)
+
+
+def forward_comparison(
+    model: PhoenixRanker, data: Any, ctx: ServingContext, repeats: int
+) -> dict[str, list[float]]:
+    """Seconds of `predict` and of `legacy_predict` on the same groups, interleaved so both
+    see the same load on a shared machine."""
+    out: dict[str, list[float]] = {"context once per user": [], "context per group": []}
+    for _ in range(repeats):
+        t = time.perf_counter()
+        predict(model, data, ctx.tensors)
+        out["context once per user"].append(time.perf_counter() - t)
+        t = time.perf_counter()
+        legacy_predict(model, data, ctx.tensors)
+        out["context per group"].append(time.perf_counter() - t)
+    return out
 
 
 def counted_flops(model: PhoenixRanker, data: Any, ctx: ServingContext, groups: int) -> float:
-    """FLOPs torch's FlopCounterMode sees in one forward of the first `groups` groups."""
+    """FLOPs torch's FlopCounterMode sees in `predict` on the first `groups` groups."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    b = ranker_batch(data, np.arange(min(groups, len(data))))
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        model(b, ctx.tensors)
+    sample = data.take(np.arange(min(groups, len(data))))
+    with FlopCounterMode(display=False) as counter:
+        predict(model, sample, ctx.tensors, batch_size=len(sample))
     return float(counter.get_total_flops())
 
 
@@ -280,56 +342,90 @@ class Throughput:
     retriever: str
     scorer: str
     forward: list[ForwardLog]
+    feeds: pl.DataFrame
 
     @property
     def total(self) -> float:
         return statistics.median(self.totals)
 
 
+@dataclass
+class Variant:
+    label: str
+    retriever: Any
+    scorer: Any
+    config: PipelineConfig | None = None
+    legacy_predict: bool = False
+
+
 def measure(
-    label: str,
+    variants: list[Variant],
     tables: World,
     users: np.ndarray,
     now: datetime,
-    retriever: Any,
-    scorer: Any,
     repeats: int,
     batch_size: int,
-) -> Throughput:
-    reset_peak_rss()
-    rss_before = rss_mib()
-    totals: list[float] = []
-    groups: dict[str, list[float]] = {}
-    forward: list[ForwardLog] = []
-    stats = PipelineStats()
-    feeds = pl.DataFrame()
+) -> list[Throughput]:
+    """Every variant `repeats` times, interleaved (repeat r of each, then r + 1), so on a
+    shared machine all variants see the same spells of load."""
+    totals: dict[str, list[float]] = {v.label: [] for v in variants}
+    groups: dict[str, dict[str, list[float]]] = {v.label: {} for v in variants}
+    forward: dict[str, list[ForwardLog]] = {v.label: [] for v in variants}
+    peak: dict[str, float] = {v.label: 0.0 for v in variants}
+    before: dict[str, float] = {}
+    last: dict[str, tuple[pl.DataFrame, PipelineStats]] = {}
     for r in range(repeats):
-        LOG.reset()
-        t = time.perf_counter()
-        feeds, stats = build_feeds(tables, users, now, retriever, scorer, batch_size=batch_size)
-        totals.append(time.perf_counter() - t)
-        per: dict[str, float] = {}
-        for stage, sec in stats.seconds.items():
-            per[group_of(stage)] = per.get(group_of(stage), 0.0) + sec
-        for g, sec in per.items():
-            groups.setdefault(g, []).append(sec)
-        forward.append(ForwardLog(**{k: getattr(LOG, k) for k in LOG.__dataclass_fields__}))
-        print(f"  {label} repeat {r + 1}/{repeats}: {totals[-1]:.2f} s", flush=True)
-    # Rows entering the model stage = rows out of the last filter.
-    filters = [s for s in stats.rows if s.startswith("filter.")]
-    return Throughput(
-        label=label,
-        users=len(users),
-        totals=totals,
-        groups=groups,
-        rows_into_scoring=stats.rows[filters[-1]],
-        feed_rows=feeds.height,
-        peak_rss=peak_rss_mib(),
-        rss_before=rss_before,
-        retriever=stats.retriever,
-        scorer=stats.scorer,
-        forward=forward,
-    )
+        for v in variants:
+            before.setdefault(v.label, rss_mib())
+            reset_peak_rss()
+            LOG.reset()
+            USE_LEGACY_PREDICT[0] = v.legacy_predict
+            t = time.perf_counter()
+            try:
+                last[v.label] = build_feeds(
+                    tables,
+                    users,
+                    now,
+                    v.retriever,
+                    v.scorer,
+                    config=v.config,
+                    batch_size=batch_size,
+                )
+            finally:
+                USE_LEGACY_PREDICT[0] = False
+            totals[v.label].append(time.perf_counter() - t)
+            peak[v.label] = max(peak[v.label], peak_rss_mib())
+            per: dict[str, float] = {}
+            for stage, sec in last[v.label][1].seconds.items():
+                per[group_of(stage)] = per.get(group_of(stage), 0.0) + sec
+            for g, sec in per.items():
+                groups[v.label].setdefault(g, []).append(sec)
+            forward[v.label].append(
+                ForwardLog(**{k: getattr(LOG, k) for k in LOG.__dataclass_fields__})
+            )
+            print(f"  {v.label} repeat {r + 1}/{repeats}: {totals[v.label][-1]:.2f} s", flush=True)
+    out = []
+    for v in variants:
+        feeds, stats = last[v.label]
+        # Rows entering the model stage = rows out of the last filter.
+        filters = [s for s in stats.rows if s.startswith("filter.")]
+        out.append(
+            Throughput(
+                label=v.label,
+                users=len(users),
+                totals=totals[v.label],
+                groups=groups[v.label],
+                rows_into_scoring=stats.rows[filters[-1]],
+                feed_rows=feeds.height,
+                peak_rss=peak[v.label],
+                rss_before=before[v.label],
+                retriever=stats.retriever,
+                scorer=stats.scorer,
+                forward=forward[v.label],
+                feeds=feeds,
+            )
+        )
+    return out
 
 
 def fmt_recall(row: dict[str, Any]) -> list[str]:
@@ -353,8 +449,22 @@ def main() -> None:
         default=DEFAULT_SAMPLE,
         help="seeded sample of users with a held-out positive for the quality section",
     )
+    ap.add_argument(
+        "--wide-out-of-network",
+        type=int,
+        default=1_400,
+        help="out-of-network candidates per user of the second learned run (~1,000 scored)",
+    )
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch intra-op threads for the whole run; 1, as feed steps run "
+        "(FEED_TORCH_THREADS): on a busy 2-core box two threads made the ranker 3-10x slower",
+    )
     ap.add_argument("--no-write", action="store_true")
     args = ap.parse_args()
+    torch.set_num_threads(args.threads)
     load_start = os.getloadavg()[0]
     instrument_serving()
 
@@ -399,42 +509,69 @@ def main() -> None:
 
         # 1. Throughput at world.now.
         threads = torch.get_num_threads()
-        learned = measure(
-            "learned",
-            world,
-            users,
-            world.now,
-            TwoTowerRetriever(tower, ctx, table),
-            RankerScorer(ranker, ctx),
-            args.repeats,
-            args.batch_size,
+        # The same users with more out-of-network candidates: about 1,000 per user into
+        # the ranker (the default config gives ~750 on the demo world).
+        wide_config = PipelineConfig().with_max_age(candidate_window(world))
+        wide_config = replace(
+            wide_config,
+            sources=replace(wide_config.sources, out_of_network_max=args.wide_out_of_network),
         )
-        fallback = measure(
-            "fallback",
+        retriever, scorer = TwoTowerRetriever(tower, ctx, table), RankerScorer(ranker, ctx)
+        # Untimed warm-up: the first scoring at `now` fits the classic peers (cached after).
+        build_feeds(world, users[:64], world.now, retriever, scorer, batch_size=args.batch_size)
+        peak_before = matmul_peak(threads)[1]
+        learned, baseline, wide, fallback = measure(
+            [
+                Variant("learned", retriever, scorer),
+                Variant("learned, context per group", retriever, scorer, legacy_predict=True),
+                Variant("learned, wide", retriever, scorer, config=wide_config),
+                Variant(
+                    "fallback",
+                    PopularityRetriever.from_tables(world),
+                    TopicAffinityScorer.from_tables(world),
+                ),
+            ],
             world,
             users,
             world.now,
-            PopularityRetriever.from_tables(world),
-            TopicAffinityScorer.from_tables(world),
             args.repeats,
             args.batch_size,
         )
 
         # 2. Ranker FLOP/s against the matmul peak, same thread count, same run.
-        peak, peak_samples = matmul_peak(threads)
+        # Sampled before and after the throughput runs: the peak moves with the load too.
+        peak_samples = peak_before + matmul_peak(threads)[1]
+        peak = statistics.median(peak_samples)
         shapes = set().union(*(f.shapes for f in learned.forward))
         if len(shapes) != 1:
             raise SystemExit(f"expected one (candidates, history) shape, got {shapes}")
         (c, h) = shapes.pop()
-        per_group = ranker_flops_per_group(ranker, c, h)
         fwd = learned.forward[0]
-        flops = per_group["total"] * fwd.groups
+        per_run = ranker_flops(ranker, fwd.contexts, fwd.slots, h, fwd.item_rows)
+        flops = per_run["total"]
         fwd_s = statistics.median(f.forward_seconds for f in learned.forward)
         feat_s = statistics.median(f.feature_seconds for f in learned.forward)
         model_stage_s = statistics.median(learned.groups["scorer model"])
         sample_groups = min(1024, len(fwd.sample))
         counted = counted_flops(ranker, fwd.sample, ctx, sample_groups)
-        analytic_sample = per_group["total"] * sample_groups
+        head = fwd.sample.take(np.arange(sample_groups))
+        head_rows = len(np.unique(head.cand_item))
+        head_contexts = len(context_runs(head)[0])
+        analytic_sample = ranker_flops(ranker, head_contexts, head.cand_item.size, h, head_rows)
+        analytic_sample = analytic_sample["total"]
+        # The forward with and without the context cache on one batch's groups, same run.
+        compare = forward_comparison(ranker, fwd.sample, ctx, max(5, args.repeats))
+        sample_slots = fwd.sample.cand_item.size
+        compare_flops = {
+            "context once per user": ranker_flops(
+                ranker,
+                len(context_runs(fwd.sample)[0]),
+                sample_slots,
+                h,
+                len(np.unique(fwd.sample.cand_item)),
+            )["total"],
+            "context per group": ranker_flops(ranker, len(fwd.sample), sample_slots, h)["total"],
+        }
 
         # 3. Quality at world.heldout_start, from the data before it: the same core
         # function as the feed_quality asset, so the benchmark and the graph agree.
@@ -515,6 +652,11 @@ def main() -> None:
             ],
             [f"{tp.label}: feed rows", f"{tp.feed_rows:,}"],
             [
+                f"{tp.label}: ranker forward + feature building (median)",
+                f"{statistics.median(f.forward_seconds for f in tp.forward):.2f} s + "
+                f"{statistics.median(f.feature_seconds for f in tp.forward):.2f} s",
+            ],
+            [
                 f"{tp.label}: peak RSS",
                 f"{tp.peak_rss:,.0f} MiB ({tp.rss_before:,.0f} MiB before the runs)",
             ],
@@ -560,16 +702,21 @@ def main() -> None:
         ],
     ]
     ratio = learned.total / fallback.total
+    keys = ["user_id", "position", "article_id"]
+    same_rows = learned.feeds.select(keys).join(baseline.feeds.select(keys), on=keys).height
 
     flop_rows = [
-        ["groups scored per run (x slots)", f"{fwd.groups:,} x {c} (history {h} tokens)"],
+        [
+            "groups scored per run (x slots)",
+            f"{fwd.groups:,} x {c} (history {h} tokens), {fwd.contexts:,} contexts encoded",
+        ],
         [
             "real candidates / slots",
             f"{fwd.real:,} / {fwd.slots:,} ({fwd.real / max(fwd.slots, 1):.0%} of slots used)",
         ],
         [
-            "FLOPs per group (analytic)",
-            ", ".join(f"{k} {v / 1e6:.2f} M" for k, v in per_group.items()),
+            "FLOPs per run (analytic)",
+            ", ".join(f"{k} {v / 1e9:.2f} G" for k, v in per_run.items()),
         ],
         [
             "FlopCounterMode check",
@@ -588,7 +735,7 @@ def main() -> None:
             f"{flops / model_stage_s / 1e9:.1f} GFLOP/s over the whole model stage",
         ],
         [
-            f"float32 matmul peak ({2048}^3, {threads} threads, median of 7)",
+            f"float32 matmul peak ({2048}^3, {threads} threads, median of 14 before and after)",
             f"{peak / 1e9:.1f} GFLOP/s (samples {min(peak_samples) / 1e9:.0f}-"
             f"{max(peak_samples) / 1e9:.0f})",
         ],
@@ -597,6 +744,18 @@ def main() -> None:
             f"**{flops / fwd_s / peak:.1%}** (forward), {flops / model_stage_s / peak:.1%} "
             "(model stage)",
         ],
+    ]
+    cached, legacy = (statistics.median(v) for v in compare.values())
+    compare_rows = [
+        [
+            name,
+            f"{statistics.median(v):.3f} s ({', '.join(f'{t:.3f}' for t in v)})",
+            f"{compare_flops[name] / 1e9:.2f} GFLOP",
+            f"{compare_flops[name] / statistics.median(v) / 1e9:.1f} GFLOP/s "
+            f"({compare_flops[name] / statistics.median(v) / peak:.1%} of peak)",
+            f"{fwd.sample.cand_mask.sum() / statistics.median(v):,.0f}",
+        ]
+        for name, v in compare.items()
     ]
 
     parts = [
@@ -612,13 +771,27 @@ def main() -> None:
         "",
         f"### Throughput: every user at `world.now`, batches of {args.batch_size}",
         "",
-        markdown_table(["", ""], summary(learned) + summary(fallback)),
+        markdown_table(
+            ["", ""], summary(learned) + summary(baseline) + summary(wide) + summary(fallback)
+        ),
         "",
-        f"Learned / fallback end-to-end time, same run: **{ratio:.1f}x**.",
+        'Variants ran interleaved (repeat r of each, then r + 1). "learned, context per '
+        'group": the same models with the ranker forward as it ran before the context cache '
+        f"(`legacy_predict`): learned is **{baseline.total / learned.total:.2f}x** faster end "
+        f"to end, same run; {same_rows:,} of {learned.feed_rows:,} feed rows (user, position, "
+        "post) are identical between the two. "
+        f"Learned / fallback end-to-end time: **{ratio:.1f}x**. "
+        '"learned, wide": '
+        f"the learned models with {args.wide_out_of_network:,} out-of-network candidates per "
+        "user (default 1,000), for the figure at about 1,000 candidates per user.",
         "",
         "Learned models, per stage group (seconds summed over batches, median over repeats):",
         "",
         stage_table(learned),
+        "",
+        "Learned models, wide (about 1,000 candidates per user), per stage group:",
+        "",
+        stage_table(wide),
         "",
         "Table fallbacks, per stage group:",
         "",
@@ -626,15 +799,27 @@ def main() -> None:
         "",
         "### Ranker FLOP/s vs float32 matmul peak",
         "",
-        "FLOPs are counted analytically for the padded tensors the forward executes "
-        "(`ranker_flops_per_group` in the script: matmuls only, 2 FLOPs per multiply-add; per "
-        "candidate token per block qkv 3d^2 + out d^2 + FFN 2*ffn_mult*d^2 multiply-adds "
-        "+ attention over the L = history + 1 context keys and itself; the context's qkv in "
-        "every block and its update in all but the last; item encoder content Linear on "
-        "history and candidate tokens; head) and cross-checked with "
-        "`torch.utils.flop_counter.FlopCounterMode` on one 1,024-group forward.",
+        "FLOPs are counted analytically for the work the forward executes (`ranker_flops` "
+        "in the script: matmuls only, 2 FLOPs per multiply-add). Each distinct context "
+        "(user token + history) is encoded once per user: history encoders, qkv 3d^2 per "
+        "context token in every block and the context's own update in all but the last. "
+        "Per padded candidate slot: its input Linears (the content Linear once per distinct "
+        "catalog row among the candidates), per block qkv 3d^2 + out d^2 + FFN "
+        "2*ffn_mult*d^2 multiply-adds + attention over the L = history + 1 context keys and "
+        "itself, and the head. Cross-checked with `torch.utils.flop_counter.FlopCounterMode` "
+        "on `predict` over the first 1,024 groups.",
         "",
         markdown_table(["", ""], flop_rows),
+        "",
+        f"The forward alone on the first batch's {len(fwd.sample):,} groups "
+        f"({fwd.sample.cand_mask.sum():,} candidates, {len(context_runs(fwd.sample)[0]):,} "
+        "users), with the context once per user (`predict`) and once per group (the training "
+        "forward, as serving ran it before), interleaved in the same run: "
+        f"**{legacy / cached:.2f}x** faster with the cache.",
+        "",
+        markdown_table(
+            ["forward", "s (median)", "FLOPs", "achieved", "candidates/s"], compare_rows
+        ),
     ]
     if quality_rows:
         parts += [

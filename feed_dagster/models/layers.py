@@ -189,6 +189,54 @@ class IsolatedBlock(nn.Module):
             ctx = ctx + self.drop(self.ffn(self.ln2(ctx)))
         return ctx, cand
 
+    # -- inference: the context once per user ------------------------------------------------
+    # forward() above is what training runs. The two methods below split it for serving:
+    # `context_step` on each distinct context (user + history) once, `candidate_step` on any
+    # number of candidate tokens against those keys and values. Together they compute what
+    # forward() computes for the candidates (within float rounding; tested).
+
+    def context_step(
+        self, ctx: torch.Tensor, key_bias: torch.Tensor, update_ctx: bool = True
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """(keys, values [U, heads, L, dh], the updated context or None) of contexts
+        [U, L, d]; `key_bias` [U, 1, 1, L] is 0 for real tokens and -inf for padding."""
+        qc, kc, vc = self._split(self.ln1(ctx))
+        if not update_ctx:
+            return kc, vc, None
+        att_c = F.scaled_dot_product_attention(qc, kc, vc, attn_mask=key_bias)
+        ctx = ctx + self.out(self._merge(att_c))
+        ctx = ctx + self.ffn(self.ln2(ctx))
+        return kc, vc, ctx
+
+    def candidate_step(
+        self, cand: torch.Tensor, keys_t: torch.Tensor, vc: torch.Tensor, key_bias: torch.Tensor
+    ) -> torch.Tensor:
+        """Candidate tokens [G, C, d] after this block, each group g attending to its
+        context's keys `keys_t[g]` [G, heads, dh, L] (transposed, as the score matmul reads
+        them) and values vc[g] [G, heads, L, dh], gathered per group by the caller, and to
+        itself.
+
+        The softmax over [context keys, self] is taken without concatenating the self score
+        onto the [G, heads, C, L] scores, and the large intermediates are updated in place:
+        with d_model 64 the step is bound by passes over memory, not by its matmuls."""
+        x = self.ln1(cand)
+        g, c, _ = x.shape
+        qkv = self.qkv(x).view(g, c, 3, self.h, self.dh)
+        # One pass scales q and lays it out [G, heads, C, dh] for the batched matmul.
+        q = torch.empty(g, self.h, c, self.dh, dtype=x.dtype)
+        torch.mul(qkv[:, :, 0].transpose(1, 2), 1.0 / math.sqrt(self.dh), out=q)
+        k_self = qkv[:, :, 1].transpose(1, 2)
+        v_self = qkv[:, :, 2].transpose(1, 2)
+        s_ctx = torch.matmul(q, keys_t).add_(key_bias)  # [G, heads, C, L]
+        s_self = (q * k_self).sum(-1, keepdim=True)  # [G, heads, C, 1]
+        m = torch.maximum(s_ctx.amax(-1, keepdim=True), s_self)
+        e_ctx = s_ctx.sub_(m).exp_()
+        e_self = s_self.sub_(m).exp_()
+        denom = e_ctx.sum(-1, keepdim=True).add_(e_self)
+        att = torch.matmul(e_ctx, vc).addcmul_(e_self, v_self).div_(denom)
+        cand = cand + self.out(self._merge(att))
+        return cand + self.ffn(self.ln2(cand))
+
 
 def l2_normalise(x: torch.Tensor) -> torch.Tensor:
     return F.normalize(x, dim=-1, eps=1e-8)
