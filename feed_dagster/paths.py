@@ -1,6 +1,7 @@
 """Where the project keeps its files: one data root, overridable by FEED_DAGSTER_DATA, and
 the layout of every store below it."""
 
+import abc
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,14 +24,15 @@ def safety_path_for(serving_path: str | Path) -> Path:
     return serving_path.with_name(serving_path.stem + SAFETY_SUFFIX)
 
 
-class StorageLayout:
+class StorageLayout(abc.ABC):
     """Where each store lives below one storage root, written once: the storage resource
     (feed_dagster/resources/storage.py) and `DataRoot` both supply `data_root()` and take
     every other path from here, so the asset graph and the `feed-dagster` commands that
     read its outputs without Dagster always agree."""
 
+    @abc.abstractmethod
     def data_root(self) -> Path:
-        raise NotImplementedError
+        """The root every other path is below; each implementation says where it is."""
 
     def warehouse_path(self) -> Path:
         return self.data_root() / "warehouse.duckdb"
