@@ -3,13 +3,16 @@
 Linux keeps a high-water mark of each process's RSS (VmHWM in /proc/self/status), and lets
 a process restart it at the current RSS (writing 5 to /proc/self/clear_refs): a step that
 runs in a long-lived process can so report its own peak rather than the process's
-lifetime peak. Children (e.g. the two-tower's training process) are reported by the
-kernel's maximum over every child waited for so far.
+lifetime peak.
+
+A child process reports its own peak (see models.train's two-tower process): the kernel's
+`RUSAGE_CHILDREN` maximum is no measure of it, since a child started by fork and exec
+inherits its parent's high-water mark at the fork (a child that never passed 30 MiB
+reports a 3 GiB parent's peak).
 """
 
 from __future__ import annotations
 
-import resource
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,11 +47,6 @@ def reset_peak_rss() -> None:
         pass
 
 
-def children_peak_rss_mib() -> float:
-    """The largest peak RSS of any child process waited for so far."""
-    return resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
-
-
 @dataclass
 class StepMemory:
     """Peak RSS and wall time of a block: `with StepMemory() as m: ...`, or
@@ -57,7 +55,6 @@ class StepMemory:
     started: float = field(default=0.0, init=False)
     seconds: float = field(default=0.0, init=False)
     peak_mib: float = field(default=0.0, init=False)
-    children_peak_mib: float = field(default=0.0, init=False)
 
     def start(self) -> StepMemory:
         reset_peak_rss()
@@ -67,7 +64,6 @@ class StepMemory:
     def stop(self) -> StepMemory:
         self.seconds = time.perf_counter() - self.started
         self.peak_mib = peak_rss_mib()
-        self.children_peak_mib = children_peak_rss_mib()
         return self
 
     def __enter__(self) -> StepMemory:
@@ -79,6 +75,5 @@ class StepMemory:
     def metadata(self) -> dict[str, float]:
         return {
             "peak_rss_mib": round(self.peak_mib, 1),
-            "children_peak_rss_mib": round(self.children_peak_mib, 1),
             "step_seconds": round(self.seconds, 2),
         }

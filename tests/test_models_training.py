@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from feed_dagster.embeddings import LexicalEncoder
+from feed_dagster.memory import peak_rss_mib
 from feed_dagster.models.catalog import FeatureConfig
 from feed_dagster.models.evaluate import evaluate_models, evaluation_chart, training_curves
 from feed_dagster.models.promotion import promotion_decision
@@ -207,8 +208,16 @@ def test_store_round_trip_gives_identical_scores(tmp_path, data, ranker_result):
 
 
 def test_training_both_models_in_two_processes_gives_the_same_weights(world, data):
+    # 1 GiB held here while the two-tower's process starts: its reported peak must be its
+    # own, not this process's high-water mark that a forked child inherits.
+    ballast = np.ones(2**30 // 8)
     parallel = train_both(data, parallel=True)
+    del ballast
+    assert peak_rss_mib() > 1024
+    assert parallel[0].process_peak_rss_mib is not None
+    assert 0 < parallel[0].process_peak_rss_mib < peak_rss_mib() - 512
     sequential = train_both(data, parallel=False)
+    assert sequential[0].process_peak_rss_mib is None
     # Overlapped: the two-tower trains while the ranker's data is still being built.
     overlapped_data, *overlapped = prepare_and_train(
         world, LexicalEncoder().encode(world.articles), FEATURES

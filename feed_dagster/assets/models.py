@@ -162,6 +162,11 @@ def trained_models(
             "two_tower_version": tt_version,
             "path": f"{store.root}/{TWO_TOWER}/{tt_version}",
             **tt.summary(),
+            **(
+                {"peak_rss_mib": tt.process_peak_rss_mib}
+                if tt.process_peak_rss_mib is not None
+                else {}
+            ),
             "curves": dg.MetadataValue.md(curves),
         },
     )

@@ -23,6 +23,7 @@ import polars as pl
 import torch
 
 from feed_dagster.data.schema import ACTIONS, World
+from feed_dagster.memory import peak_rss_mib
 from feed_dagster.metrics.classic import ClassicPeers
 from feed_dagster.metrics.ranking import evaluate_scores
 from feed_dagster.models.budget import TrainingBudget
@@ -98,6 +99,8 @@ class TrainResult:
     best_epoch: int
     metric: str  # name of the validation metric that chose best_epoch (higher is better)
     train_config: dict[str, Any] = field(default_factory=dict)
+    # Peak RSS of the process it trained in, when that process trained nothing else.
+    process_peak_rss_mib: float | None = None
 
     def summary(self) -> dict[str, float]:
         best = self.history[self.best_epoch - 1] if self.history else {}
@@ -574,7 +577,10 @@ def two_tower_recall(
 
 
 def _two_tower_job(data: TrainingData) -> TrainResult:
-    return train_two_tower(data)
+    result = train_two_tower(data)
+    # This process only unpickled the data and trained: its high-water mark is the
+    # two-tower's own (the parent cannot measure it, see feed_dagster.memory).
+    return replace(result, process_peak_rss_mib=round(peak_rss_mib(), 1))
 
 
 def train_both(data: TrainingData, parallel: bool = True) -> tuple[TrainResult, TrainResult]:
