@@ -112,6 +112,10 @@ def test_item_knn_rows_computed_on_demand_equal_the_full_matrix() -> None:
     assert np.array_equal(lazy.knn.toarray()[[3, 7, 20]], expected[[3, 7, 20]])
     assert not lazy.knn.toarray()[[0, 1, 2]].any()
     assert np.allclose(got, full.score("item_knn", users, items))
+    # Preparing articles computes their rows (unknown ids are skipped), as scoring would.
+    lazy.prepare(np.array([lazy.item_ids[30], lazy.item_ids[31], 10**12]))
+    assert lazy._knn_done.sum() == 5 and lazy._knn_done[[30, 31]].all()
+    assert np.array_equal(lazy.knn.toarray()[[30, 31]], expected[[30, 31]])
     # Later calls add rows without changing the earlier ones.
     lazy.score("item_knn", lazy.user_ids[:10], lazy.item_ids[:10])
     assert np.array_equal(lazy.knn_rows().toarray(), expected)

@@ -7,6 +7,7 @@ import polars as pl
 import pytest
 
 from feed_dagster.embeddings import LexicalEncoder
+from feed_dagster.metrics.classic import ClassicPeers
 from feed_dagster.models.catalog import FeatureConfig
 from feed_dagster.models.ranker import RankerConfig, build_ranker
 from feed_dagster.models.serve import (
@@ -73,3 +74,45 @@ def test_new_users_and_user_vectors(setup):
         world.now,
     )
     assert scored.height == 3 and scored["p_click"].is_finite().all()
+
+
+def test_a_shared_peer_fit_arrives_with_the_candidate_posts_prepared(tmp_path, setup, monkeypatch):
+    world, ctx, model = setup
+    cands = _candidates(world)
+    posts = np.unique(cands["article_id"].to_numpy())
+    prepared = []
+    real_prepare = ClassicPeers.prepare
+
+    def prepare(self, article_ids):
+        # Recorded with the number of fits already shared: preparing must come first.
+        prepared.append((np.asarray(article_ids), len(list(tmp_path.glob("peers-*.pkl")))))
+        real_prepare(self, article_ids)
+
+    monkeypatch.setattr(ClassicPeers, "prepare", prepare)
+    kw = dict(
+        articles=world.articles,
+        content_vectors=LexicalEncoder().encode(world.articles),
+        engagements=world.engagements,
+        follows=world.follows,
+        topic_follows=world.topic_follows,
+        features=FEATURES,
+        impressions=world.impressions,
+        peers_dir=tmp_path,
+    )
+    first = ServingContext.build(**kw, candidate_posts=posts)
+    scored = score_candidates(model, first, cands, world.now)
+    assert model.cfg.peer_features and len(list(tmp_path.glob("peers-*.pkl"))) == 1
+    assert len(prepared) == 1 and np.array_equal(prepared[0][0], posts) and prepared[0][1] == 0
+    # A second process loads the fit from peers_dir: nothing is prepared or fitted again,
+    # and every candidate's row is there.
+    second = ServingContext.build(**kw, candidate_posts=posts)
+    peers = second.peers_at(world.now).peers
+    assert len(prepared) == 1
+    rows = peers.item_ids.searchsorted(posts)
+    known = peers.item_ids[rows.clip(max=len(peers.item_ids) - 1)] == posts
+    assert known.sum() > 0 and peers._knn_done[rows[known]].all()
+    # Preparing changes no score: a context without it scores the same.
+    plain = ServingContext.build(**{**kw, "peers_dir": None})
+    np.testing.assert_allclose(
+        scored["p_click"], score_candidates(model, plain, cands, world.now)["p_click"], atol=1e-6
+    )

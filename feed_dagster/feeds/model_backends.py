@@ -163,6 +163,7 @@ def serving_context(
     peers_dir: Path | None = None,
     warehouse: Path | None = None,
     users: np.ndarray | None = None,
+    candidate_posts: np.ndarray | None = None,
 ) -> ServingContext:
     """The models' serving inputs from warehouse tables and the stored content vectors.
 
@@ -182,6 +183,7 @@ def serving_context(
         impressions=tables.get("impressions"),
         warehouse=warehouse,
         users=users,
+        candidate_posts=candidate_posts,
     )
 
 
@@ -196,6 +198,7 @@ def feed_models(
     peers_dir: Path | None = None,
     warehouse: Path | None = None,
     users: np.ndarray | None = None,
+    candidate_posts: np.ndarray | None = None,
 ) -> tuple[Retriever, Scorer, dict[str, str]]:
     """The promoted ranker and two-tower + LanceDB retrieval; the table-based fallbacks
     (and a warning through `warn`) while no model has been promoted or the vector table
@@ -228,6 +231,7 @@ def feed_models(
         peers_dir=peers_dir,
         warehouse=warehouse,
         users=users,
+        candidate_posts=candidate_posts,
     )
     return (
         TwoTowerRetriever(tower, ctx, table),
@@ -258,13 +262,16 @@ class ModelLocations:
         tables: dict[str, pl.DataFrame],
         warn: Callable[[str], None],
         users: np.ndarray | None = None,
+        candidate_posts: np.ndarray | None = None,
     ) -> tuple[Retriever, Scorer, dict[str, str]]:
         """`feed_models` over these stores: the promoted models or the table fallbacks.
 
         `users`: a shard's users, when `tables` holds only their impressions
         (data.warehouse.read_tables(users=...)); the exposure counts then come from the
         warehouse's whole log. Without, from `tables` (e.g. an evaluation's tables cut at
-        a time, which the warehouse's log would not match)."""
+        a time, which the warehouse's log would not match). `candidate_posts`: every
+        article id the run can score (its candidate window), prepared once per fit of the
+        classic peers (ServingContext.candidate_posts)."""
         return feed_models(
             tables,
             self.store,
@@ -275,4 +282,5 @@ class ModelLocations:
             peers_dir=self.peers_dir,
             warehouse=self.warehouse if users is not None else None,
             users=users,
+            candidate_posts=candidate_posts,
         )

@@ -16,7 +16,7 @@ from feed_dagster.feeds.shards import users_in_shard
 from feed_dagster.models.train import torch_threads
 from feed_dagster.pipeline.config import PipelineConfig, resolve_window
 from feed_dagster.pipeline.stats import PipelineStats
-from feed_dagster.pipeline.tables import Tables, candidate_window
+from feed_dagster.pipeline.tables import Tables, candidate_window, published_between
 
 
 @dataclass(frozen=True)
@@ -66,7 +66,13 @@ def precompute_shard(
     # Tables from read_shard_tables hold only this shard's impressions: the models then
     # take the exposure counts from the warehouse's whole log (ModelLocations.load).
     scoped = user_ids if IMPRESSION_TOTALS in tables else None
-    retriever, scorer, versions = models.load(tables, warn, scoped)
+    # The posts of the window, prepared once per refresh; without a window (a catalog of
+    # long-lived items) only what retrieval brings is prepared, as it comes.
+    posts = None
+    if window is not None:
+        in_window = tables["articles"].filter(published_between(now - window, now))
+        posts = in_window["article_id"].to_numpy()
+    retriever, scorer, versions = models.load(tables, warn, scoped, candidate_posts=posts)
     with torch_threads(threads):
         feeds, stats = build_feeds(
             tables,

@@ -338,6 +338,14 @@ class ClassicPeers:
         self.ease_b = b
         self._ease_pos = pos
 
+    def prepare(self, article_ids: np.ndarray) -> None:
+        """Compute what scoring these articles needs ahead of the first score (their
+        item-kNN rows), e.g. once for every post a feed run can score, before the fit is
+        shared with the processes that score them."""
+        if "item_knn" in self.methods:
+            i = _lookup(self.item_ids, article_ids)
+            self.knn_rows(i[i >= 0])
+
     def score(self, method: str, user_ids: np.ndarray, article_ids: np.ndarray) -> np.ndarray:
         """float32 score of each (user_ids[p], article_ids[p]) pair; 0 for unseen ids."""
         if method not in self.methods:

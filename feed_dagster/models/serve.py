@@ -42,6 +42,9 @@ class ServingContext:
     features: FeatureConfig
     # Where fitted peers are shared between processes (the shards of one refresh fit once).
     peers_dir: Path | None = None
+    # Every post this run can score (its candidate window): a fresh fit computes their
+    # item-kNN rows before it is shared, rather than each shard computing the same rows.
+    candidate_posts: np.ndarray | None = None
     # Classic peers fitted at a scoring time, kept for the next batch scored at that time.
     _peers: dict[datetime, PeerFeatures] = field(default_factory=dict, repr=False)
 
@@ -57,6 +60,8 @@ class ServingContext:
             peers = _load_peers(path)
         if peers is None:
             peers = PeerFeatures.fit(self.engagements, now)
+            if self.candidate_posts is not None:
+                peers.peers.prepare(self.candidate_posts)
             if path is not None:
                 _save_peers(peers, path)
         self._peers.clear()
@@ -76,12 +81,14 @@ class ServingContext:
         impressions: pl.DataFrame | None = None,
         warehouse: Path | None = None,
         users: np.ndarray | None = None,
+        candidate_posts: np.ndarray | None = None,
     ) -> ServingContext:
         """`content_vectors[i]` belongs to `articles` row i; `features` must be the models'
         (their config's `features`), since hashed buckets depend on it. `impressions` (the
         logged ones, when the source has them) give the ranker its exposure counts; with
         `warehouse`, they come from its whole impression log instead, per user only for
-        `users` (a feed shard's; None: everyone)."""
+        `users` (a feed shard's; None: everyone). `candidate_posts`: the article ids
+        the run can score (see the field)."""
         features = features or FeatureConfig()
         catalog = ItemCatalog.build(articles, content_vectors, features, engagements)
         exposures = (
@@ -98,6 +105,7 @@ class ServingContext:
             topic_follows=topic_follows,
             features=features,
             peers_dir=peers_dir,
+            candidate_posts=candidate_posts,
         )
 
     @classmethod
