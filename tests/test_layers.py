@@ -21,8 +21,8 @@ ROOT = "feed_dagster"
 # import its own layer and any layer listed before it.
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
     # Building blocks with no project imports: errors, atomic file writes, storage paths,
-    # step memory, plot/table rendering, the CLI's progress display.
-    ("base", ("errors", "atomic", "paths", "memory", "plots", "progress")),
+    # step memory, plot/table rendering, the CLI's progress display, batched sorted search.
+    ("base", ("errors", "atomic", "paths", "memory", "plots", "progress", "sorted_search")),
     # Canonical tables, validation, the warehouse connection, world_info and Parquet folders.
     ("data", ("data",)),
     ("world", ("world",)),

@@ -59,6 +59,7 @@ from threadpoolctl import threadpool_limits
 
 from feed_dagster.data.schema import POSITIVE_ACTIONS
 from feed_dagster.metrics.baselines import SCORE
+from feed_dagster.sorted_search import search_sorted
 
 CLASSIC_METHODS: tuple[str, ...] = ("popularity_all_time", "item_knn", "als", "ease")
 
@@ -103,7 +104,7 @@ def _lookup(vocab: np.ndarray, ids: np.ndarray) -> np.ndarray:
     ids = np.asarray(ids, dtype=np.int64)
     if vocab.size == 0:
         return np.full(ids.shape, -1, dtype=np.int64)
-    pos = np.searchsorted(vocab, ids)
+    pos = search_sorted(vocab, ids)
     pos = np.minimum(pos, vocab.size - 1)
     return np.where(vocab[pos] == ids, pos, -1)
 

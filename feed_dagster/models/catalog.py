@@ -12,6 +12,7 @@ import numpy as np
 import polars as pl
 
 from feed_dagster.embeddings.hashing import hash_ints
+from feed_dagster.sorted_search import search_sorted
 
 # Age of a post (hours) at the moment it is shown or engaged with. Fine steps over the first
 # two days, where a feed's posts live and freshness matters most, then coarse ones for the
@@ -241,7 +242,7 @@ class ItemCatalog:
     def rows(self, article_ids: np.ndarray, what: str = "article_id") -> np.ndarray:
         """Catalog rows (>= 1) of article ids; raises naming the first unknown ids."""
         ids = np.asarray(article_ids, dtype=np.int64)
-        pos = np.searchsorted(self.article_ids, ids).clip(0, max(len(self.article_ids) - 1, 0))
+        pos = search_sorted(self.article_ids, ids).clip(0, max(len(self.article_ids) - 1, 0))
         found = self.article_ids[pos] == ids if len(self.article_ids) else np.zeros(0, bool)
         if not found.all():
             missing = np.unique(ids[~found])[:5].tolist()

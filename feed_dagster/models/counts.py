@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from feed_dagster.sorted_search import search_sorted
+
 # Pair keys a * PAIR_BASE + b (user, topic) or (user, author): ids below 2**31 each.
 PAIR_BASE = 2**31
 
@@ -55,8 +57,8 @@ class TimeIndex:
         rel = np.clip(
             (np.asarray(time_us, dtype=np.int64) - lay.t0) // lay.resolution, 0, lay.step - 1
         )
-        first = np.searchsorted(self.keys, key * lay.step, side="left")
-        upto = np.searchsorted(self.keys, key * lay.step + rel, side="left")
+        first = search_sorted(self.keys, key * lay.step)
+        upto = search_sorted(self.keys, key * lay.step + rel)
         return (upto - first).astype(np.float32)
 
 
@@ -111,6 +113,6 @@ class PairCounter:
         key = np.asarray(a, np.int64) * PAIR_BASE + np.asarray(b, np.int64)
         if self.pairs.size == 0:
             return np.zeros(len(key), dtype=np.float32)
-        pos = np.searchsorted(self.pairs, key).clip(0, self.pairs.size - 1)
+        pos = search_sorted(self.pairs, key).clip(0, self.pairs.size - 1)
         found = (self.pairs[pos] == key) & (np.asarray(b) >= 0)
         return np.where(found, self.index.count_before(pos, time_us), 0.0).astype(np.float32)

