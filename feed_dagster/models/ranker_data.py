@@ -293,13 +293,22 @@ def build_ranker_data(
     slot = rank % c
     n_groups = len(g_first)
 
+    # Only the engagements of these slates' rows: grouping every engagement first held
+    # 3.6 GB at 100k users (20.8M rows) for 6k validation slates.
     labels_df = (
-        engagements.filter(pl.col("impression_id").is_not_null())
+        engagements.lazy()
+        .select("impression_id", "article_id", *ACTIONS, "dwell_seconds")
+        .join(
+            imp.lazy().select("impression_id", "article_id").unique(),
+            on=["impression_id", "article_id"],
+            how="semi",
+        )
         .group_by("impression_id", "article_id")
         .agg(
             *[pl.col(a).fill_null(False).any() for a in ACTIONS],
             pl.col("dwell_seconds").fill_null(0.0).sum(),
         )
+        .collect()
     )
     joined = imp.select("impression_id", "article_id").join(
         labels_df, on=["impression_id", "article_id"], how="left", maintain_order="left"
