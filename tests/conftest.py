@@ -13,6 +13,9 @@ from feed_dagster.data.schema import World
 from feed_dagster.data.world_tables import world_info
 from feed_dagster.world import generate_world, world_config
 
+# Real servers on loopback (PostgreSQL, ...) as fixtures: tests/servers.py.
+pytest_plugins = ["servers"]
+
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 

@@ -10,7 +10,13 @@ from pathlib import Path
 import pytest
 
 import feed_dagster
-from feed_dagster.cli import ENVIRONMENT, SERVE_ENVIRONMENT, build_parser, main
+from feed_dagster.cli import (
+    ENVIRONMENT,
+    POSTGRES_URL_VARIABLE,
+    SERVE_ENVIRONMENT,
+    build_parser,
+    main,
+)
 
 
 def _subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
@@ -60,6 +66,7 @@ def test_the_list_holds_every_variable_the_code_reads() -> None:
 
     constants = {"ENV_PATH": http.ENV_PATH, "ENV_STALE": http.ENV_STALE}
     constants["ENV_MEMORY"] = http.ENV_MEMORY
+    constants["POSTGRES_URL_VARIABLE"] = POSTGRES_URL_VARIABLE
     read = set()
     pattern = re.compile(r"""os\.(?:environ\.get|environ\[|getenv)\(?\s*["']?([A-Za-z_]+)""")
     for path in Path(feed_dagster.__file__).parent.rglob("*.py"):
@@ -69,3 +76,4 @@ def test_the_list_holds_every_variable_the_code_reads() -> None:
     assert read <= set(ENVIRONMENT) | set(SERVE_ENVIRONMENT), read - set(ENVIRONMENT)
     assert {"FEED_DAGSTER_SOURCE", "FEED_DAGSTER_DATA", "DAGSTER_HOME"} <= read
     assert "FEED_DAGSTER_EXECUTOR" in read
+    assert POSTGRES_URL_VARIABLE in read
