@@ -1,4 +1,5 @@
-"""A feed shard reads only its own users' impressions: same feeds, same exposure counts."""
+"""A feed shard, and the feed-quality evaluation, read only their own users' impressions:
+same feeds, same exposure counts, same figures."""
 
 from __future__ import annotations
 
@@ -9,12 +10,14 @@ import pytest
 from feed_dagster.data.warehouse import IMPRESSION_TOTALS, read_tables
 from feed_dagster.embeddings import LexicalEncoder
 from feed_dagster.feeds.build import OPTIONAL_TABLES, PIPELINE_TABLES
+from feed_dagster.feeds.evaluation import evaluate_feeds, read_evaluation_tables
 from feed_dagster.feeds.model_backends import ModelLocations
 from feed_dagster.feeds.precompute import precompute_shard, read_shard_tables
 from feed_dagster.feeds.shards import users_in_shard
 from feed_dagster.models.catalog import FeatureConfig, ItemCatalog
 from feed_dagster.models.exposures import ExposureLog
 from feed_dagster.models.store import ModelStore
+from feed_dagster.pipeline import PopularityRetriever, TopicAffinityScorer
 
 N_SHARDS = 4
 
@@ -80,3 +83,42 @@ def test_exposure_counts_of_a_shards_users_equal_the_whole_logs(warehouse, tiny_
     others = np.setdiff1d(tiny_world.users["user_id"].to_numpy(), mine)
     with pytest.raises(ValueError, match="exposure counts were built for"):
         scoped.require(others[:3])
+
+
+def _fallbacks(known):
+    return PopularityRetriever.from_tables(known), TopicAffinityScorer.from_tables(known)
+
+
+def test_the_evaluation_reads_its_sample_and_gives_the_whole_tables_figures(warehouse, tiny_world):
+    tables, users, cut = read_evaluation_tables(warehouse, sample_size=40, seed=3)
+    assert cut == tiny_world.heldout_start and len(users) == 40
+    imp = tiny_world.impressions
+    assert 0 < tables["impressions"].height < imp.height
+    assert set(tables["impressions"]["user_id"].to_list()) <= set(users.tolist())
+    # The scorer's global impression count is the one before the cut, not before `now`.
+    totals = tables[IMPRESSION_TOTALS]
+    assert totals["now"][0] == cut
+    assert totals["shown"][0] == imp.filter(pl.col("shown_at") < cut).height
+    got = evaluate_feeds(tables, cut, {"fallbacks": _fallbacks}, users)
+    whole = read_tables(warehouse, PIPELINE_TABLES, OPTIONAL_TABLES)
+    want = evaluate_feeds(whole, cut, {"fallbacks": _fallbacks}, sample_size=40, seed=3)
+    assert got.drop("seconds").equals(want.drop("seconds"))
+    assert got["hits"].sum() > 0
+
+
+def test_exposure_counts_cut_at_a_time_equal_the_logs_rows_before_it(warehouse, tiny_world):
+    cut = tiny_world.heldout_start
+    articles = tiny_world.articles.filter(pl.col("published_at") <= cut)
+    catalog = ItemCatalog.build(articles, LexicalEncoder().encode(articles), FeatureConfig())
+    before = tiny_world.impressions.filter(pl.col("shown_at") < cut)
+    mine = users_in_shard(tiny_world.users, 0, N_SHARDS)
+    # The whole log names posts published after the cut, which this catalog does not know.
+    with pytest.raises(ValueError, match="not in the articles table"):
+        ExposureLog.from_warehouse(warehouse, catalog, mine)
+    scoped = ExposureLog.from_warehouse(warehouse, catalog, mine, before=cut)
+    whole = ExposureLog.build(before, catalog)
+    assert scoped.rows == before.height < tiny_world.impressions.height
+    np.testing.assert_array_equal(scoped.shown_post.keys, whole.shown_post.keys)
+    np.testing.assert_array_equal(
+        scoped.shown_author_everyone.keys, whole.shown_author_everyone.keys
+    )

@@ -10,12 +10,12 @@ import dagster as dg
 import polars as pl
 from pydantic import Field
 
-from feed_dagster.data.warehouse import read_tables
-from feed_dagster.feeds.build import OPTIONAL_TABLES, PIPELINE_TABLES
+from feed_dagster.feeds.build import PIPELINE_TABLES
 from feed_dagster.feeds.evaluation import (
     LEARNED,
     beats_classics,
     evaluate_feeds,
+    read_evaluation_tables,
     tables_before,
 )
 from feed_dagster.models.train import torch_threads
@@ -56,11 +56,13 @@ def feed_quality(
     it: the promoted models' feed (the table fallbacks while none is promoted) against the
     chronological-following and popularity feeds, all with the same filters and selection,
     on a fixed seeded sample of users with a held-out positive."""
-    tables = read_tables(storage.warehouse_path(), PIPELINE_TABLES, OPTIONAL_TABLES)
-    cut = tables["world_info"]["heldout_start"][0]
-    # The models' serving context is built from the data before the cut only.
+    tables, users, cut = read_evaluation_tables(
+        storage.warehouse_path(), config.sample_size, config.seed
+    )
+    # The models' serving context is built from the data before the cut only; the exposure
+    # counts come from the warehouse's log cut there too, per user for the sample only.
     retriever, scorer, versions = model_locations(models, lancedb, storage).load(
-        tables_before(tables, cut), context.log.warning
+        tables_before(tables, cut), context.log.warning, users=users, exposures_before=cut
     )
     fallback = versions["model_version"] == "fallback"
     name = FALLBACK if fallback else LEARNED
@@ -69,8 +71,7 @@ def feed_quality(
             tables,
             cut,
             {name: lambda known: (retriever, scorer)},
-            sample_size=config.sample_size,
-            seed=config.seed,
+            users,
             batch_size=config.batch_size,
             progress=context.log.info,
         )

@@ -7,6 +7,7 @@ read-only. Readers here retry with backoff for a bounded time instead of failing
 from __future__ import annotations
 
 import time
+from datetime import datetime
 from pathlib import Path
 
 import duckdb
@@ -42,6 +43,7 @@ def read_tables(
     names: list[str],
     optional: tuple[str, ...] = (),
     users: np.ndarray | None = None,
+    totals_at: datetime | None = None,
 ) -> dict[str, pl.DataFrame]:
     """Whole tables by name, read in one read-only session (one consistent snapshot).
 
@@ -49,7 +51,8 @@ def read_tables(
     deleted_posts) are left out of the result instead of failing the read. With `users` (a
     feed shard's), `impressions` holds only those users' rows, the largest table cut to
     what a shard reads per user, and IMPRESSION_TOTALS carries the one global figure read
-    from it (how many impressions anyone was shown before `now`)."""
+    from it: how many impressions anyone was shown before `totals_at` (default: the
+    world's `now`, when feeds are built; an evaluation builds them at its cut)."""
     con = connect_read_only(path)
     try:
         present = {
@@ -67,11 +70,12 @@ def read_tables(
         queries["impressions"] = (
             "select * from main.impressions semi join shard_users using (user_id)"
         )
+        at = "(select max(now) from main.world_info)" if totals_at is None else "$at::timestamp"
         queries[IMPRESSION_TOTALS] = (
-            "select count(*) as shown, (select max(now) from main.world_info) as now "
-            "from main.impressions where shown_at < (select max(now) from main.world_info)"
+            f"select count(*) as shown, {at} as now from main.impressions where shown_at < {at}"
         )
-        return {name: con.execute(q).pl() for name, q in queries.items()}
+        params = {IMPRESSION_TOTALS: {"at": totals_at} if totals_at is not None else None}
+        return {name: con.execute(q, params.get(name)).pl() for name, q in queries.items()}
     finally:
         con.close()
 

@@ -25,11 +25,14 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import datetime
+from pathlib import Path
 
 import numpy as np
 import polars as pl
 
 from feed_dagster.data.schema import FEED_SCHEMA, World
+from feed_dagster.data.warehouse import read_tables
+from feed_dagster.feeds.build import OPTIONAL_TABLES, PIPELINE_TABLES
 from feed_dagster.feeds.quality import later_positives, recall_at_k
 from feed_dagster.pipeline.config import PipelineConfig
 from feed_dagster.pipeline.protocols import RETRIEVED_SCHEMA, Retriever, Scorer, component_name
@@ -89,6 +92,21 @@ def tables_before(tables: World | Tables, cut: datetime) -> dict[str, pl.DataFra
         if name in out:
             out[name] = out[name].filter(keep)
     return out
+
+
+def read_evaluation_tables(
+    path: Path, sample_size: int = DEFAULT_SAMPLE, seed: int = 0
+) -> tuple[dict[str, pl.DataFrame], np.ndarray, datetime]:
+    """(tables, users, cut) for `evaluate_feeds` at the warehouse's held-out start: every
+    pipeline table whole except the impression log (62.7M rows at 100k users), of which only
+    the sampled users' rows and the global count before the cut are read. `users` is the
+    sample `evaluate_feeds` would draw itself (`sample_users` of the later positives)."""
+    tables = read_tables(path, [t for t in PIPELINE_TABLES if t != "impressions"], OPTIONAL_TABLES)
+    cut = naive_utc(tables["world_info"]["heldout_start"][0])
+    positives = later_positives(tables["engagements"], tables["articles"], cut)
+    users = sample_users(positives, sample_size, seed)
+    tables |= read_tables(path, ["impressions"], users=users, totals_at=cut)
+    return tables, users, cut
 
 
 def sample_users(positives: pl.DataFrame, size: int = DEFAULT_SAMPLE, seed: int = 0) -> np.ndarray:

@@ -25,6 +25,7 @@ import polars as pl
 
 from feed_dagster.embeddings.stored import content_vectors
 from feed_dagster.models.catalog import FeatureConfig
+from feed_dagster.models.exposures import WarehouseExposures
 from feed_dagster.models.ranker import PhoenixRanker, load_ranker
 from feed_dagster.models.serve import ServingContext, score_candidates, user_vectors_at
 from feed_dagster.models.store import ModelStore
@@ -161,16 +162,15 @@ def serving_context(
     *,
     embeddings: Path | None = None,
     peers_dir: Path | None = None,
-    warehouse: Path | None = None,
-    users: np.ndarray | None = None,
+    warehouse: WarehouseExposures | None = None,
     candidate_posts: np.ndarray | None = None,
 ) -> ServingContext:
     """The models' serving inputs from warehouse tables and the stored content vectors.
 
     `embeddings` (the article_embeddings file) and `peers_dir` (cached classic-peer scores)
     default to their places under the data root; the Dagster layer passes its storage's.
-    With `warehouse`, the exposure counts come from its whole impression log (per user for
-    `users` only), so `tables` may hold just a shard's impressions."""
+    With `warehouse`, the exposure counts come from the warehouse's impression log, so
+    `tables` may hold just some users' impressions."""
     articles = tables["articles"]
     return ServingContext.build(
         articles,
@@ -182,7 +182,6 @@ def serving_context(
         peers_dir=peers_dir or data_root() / "models" / "serving_peers",
         impressions=tables.get("impressions"),
         warehouse=warehouse,
-        users=users,
         candidate_posts=candidate_posts,
     )
 
@@ -196,8 +195,7 @@ def feed_models(
     *,
     embeddings: Path | None = None,
     peers_dir: Path | None = None,
-    warehouse: Path | None = None,
-    users: np.ndarray | None = None,
+    warehouse: WarehouseExposures | None = None,
     candidate_posts: np.ndarray | None = None,
 ) -> tuple[Retriever, Scorer, dict[str, str]]:
     """The promoted ranker and two-tower + LanceDB retrieval; the table-based fallbacks
@@ -230,7 +228,6 @@ def feed_models(
         embeddings=embeddings,
         peers_dir=peers_dir,
         warehouse=warehouse,
-        users=users,
         candidate_posts=candidate_posts,
     )
     return (
@@ -263,15 +260,20 @@ class ModelLocations:
         warn: Callable[[str], None],
         users: np.ndarray | None = None,
         candidate_posts: np.ndarray | None = None,
+        exposures_before: datetime | None = None,
     ) -> tuple[Retriever, Scorer, dict[str, str]]:
         """`feed_models` over these stores: the promoted models or the table fallbacks.
 
         `users`: a shard's users, when `tables` holds only their impressions
         (data.warehouse.read_tables(users=...)); the exposure counts then come from the
         warehouse's whole log. Without, from `tables` (e.g. an evaluation's tables cut at
-        a time, which the warehouse's log would not match). `candidate_posts`: every
-        article id the run can score (its candidate window), prepared once per fit of the
-        classic peers (ServingContext.candidate_posts)."""
+        a time, which the warehouse's log would not match, unless `exposures_before`
+        cuts the log there too). `candidate_posts`: every article id the run can score (its
+        candidate window), prepared once per fit of the classic peers
+        (ServingContext.candidate_posts)."""
+        warehouse = None
+        if users is not None and self.warehouse is not None:
+            warehouse = WarehouseExposures(self.warehouse, users, exposures_before)
         return feed_models(
             tables,
             self.store,
@@ -280,7 +282,6 @@ class ModelLocations:
             warn,
             embeddings=self.embeddings,
             peers_dir=self.peers_dir,
-            warehouse=self.warehouse if users is not None else None,
-            users=users,
+            warehouse=warehouse,
             candidate_posts=candidate_posts,
         )

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import tempfile
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 
 import duckdb
@@ -59,13 +60,28 @@ class ExposureLog:
 
     @classmethod
     def from_warehouse(
-        cls, path: Path, catalog: ItemCatalog, users: np.ndarray | None = None
+        cls,
+        path: Path,
+        catalog: ItemCatalog,
+        users: np.ndarray | None = None,
+        before: datetime | None = None,
     ) -> ExposureLog:
         """From the warehouse's `impressions` table, read by DuckDB column by column; the
-        per-user counts only for `users` (all users when None)."""
+        per-user counts only for `users` (all users when None); only impressions shown
+        before `before` (all when None), e.g. for models served at an evaluation's cut,
+        whose catalog does not know the posts published after it."""
         con = connect_read_only(path)
         try:
-            return cls._query(con, "main.impressions", catalog, users)
+            source = "main.impressions"
+            if before is not None:
+                if before.tzinfo is not None:  # the tables hold naive UTC times
+                    before = before.astimezone(UTC).replace(tzinfo=None)
+                con.execute(
+                    "create temp view impressions_before as "
+                    f"select * from main.impressions where shown_at < '{before.isoformat()}'"
+                )
+                source = "impressions_before"
+            return cls._query(con, source, catalog, users)
         finally:
             con.close()
 
@@ -188,3 +204,18 @@ def _pairs(con: duckdb.DuckDBPyConnection, exposed: str, attribute: str) -> Pair
     index = _index(con, events, (int(n), len(pairs) - 1, t_min or 0, t_max or 0))
     con.execute("drop table exposure_pairs")
     return PairCounter(pairs, index)
+
+
+@dataclass(frozen=True)
+class WarehouseExposures:
+    """Exposure counts to read from the warehouse's whole impression log, for models whose
+    impression frames hold only some users' rows (a feed shard's, an evaluation sample's):
+    per-user counts for `users` only (None: everyone), impressions before `before` only
+    (None: all)."""
+
+    path: Path
+    users: np.ndarray | None = None
+    before: datetime | None = None
+
+    def load(self, catalog: ItemCatalog) -> ExposureLog:
+        return ExposureLog.from_warehouse(self.path, catalog, self.users, self.before)

@@ -20,7 +20,7 @@ import polars as pl
 from feed_dagster.data.schema import World
 from feed_dagster.models.catalog import FeatureConfig, ItemCatalog
 from feed_dagster.models.engagement_log import EngagementLog
-from feed_dagster.models.exposures import ExposureLog
+from feed_dagster.models.exposures import WarehouseExposures
 from feed_dagster.models.layers import CatalogTensors
 from feed_dagster.models.peers import PeerFeatures
 from feed_dagster.models.ranker import PhoenixRanker, predict
@@ -79,23 +79,18 @@ class ServingContext:
         features: FeatureConfig | None = None,
         peers_dir: Path | None = None,
         impressions: pl.DataFrame | None = None,
-        warehouse: Path | None = None,
-        users: np.ndarray | None = None,
+        warehouse: WarehouseExposures | None = None,
         candidate_posts: np.ndarray | None = None,
     ) -> ServingContext:
         """`content_vectors[i]` belongs to `articles` row i; `features` must be the models'
         (their config's `features`), since hashed buckets depend on it. `impressions` (the
         logged ones, when the source has them) give the ranker its exposure counts; with
-        `warehouse`, they come from its whole impression log instead, per user only for
-        `users` (a feed shard's; None: everyone). `candidate_posts`: the article ids
-        the run can score (see the field)."""
+        `warehouse`, they come from the warehouse's impression log instead (when the
+        frame holds only some users' rows). `candidate_posts`: the article ids the run can
+        score (see the field)."""
         features = features or FeatureConfig()
         catalog = ItemCatalog.build(articles, content_vectors, features, engagements)
-        exposures = (
-            ExposureLog.from_warehouse(warehouse, catalog, users)
-            if warehouse is not None
-            else impressions
-        )
+        exposures = warehouse.load(catalog) if warehouse is not None else impressions
         return cls(
             catalog=catalog,
             tensors=CatalogTensors(catalog),
