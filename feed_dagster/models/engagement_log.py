@@ -31,6 +31,7 @@ from feed_dagster.models.counts import (
     time_index,
 )
 from feed_dagster.models.exposures import ExposureLog
+from feed_dagster.sorted_search import search_sorted
 
 N_ACTIONS = len(ACTIONS)
 
@@ -199,14 +200,14 @@ class EngagementLog:
         users = np.asarray(users, dtype=np.int64)
         times_us = np.asarray(times_us, dtype=np.int64)
         q = len(users)
-        start = np.searchsorted(self.user, users, side="left")
+        start = search_sorted(self.user, users)
         end = start.copy()
         if len(self.user):
             distinct, keys, lay = self._user_times
             rank = np.searchsorted(distinct, users).clip(0, len(distinct) - 1)
             known = distinct[rank] == users
             rel = np.clip((times_us - lay.t0) // lay.resolution, 0, lay.step - 1)
-            found = np.searchsorted(keys, rank * lay.step + rel, side="left")
+            found = search_sorted(keys, rank * lay.step + rel)
             end = np.where(known, found, start)
         idx = end[:, None] - length + np.arange(length)[None, :]
         valid = idx >= start[:, None]
