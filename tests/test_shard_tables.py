@@ -14,7 +14,7 @@ from feed_dagster.feeds.evaluation import evaluate_feeds, read_evaluation_tables
 from feed_dagster.feeds.model_backends import ModelLocations
 from feed_dagster.feeds.precompute import precompute_shard, read_shard_tables
 from feed_dagster.feeds.shards import users_in_shard
-from feed_dagster.models.catalog import FeatureConfig, ItemCatalog
+from feed_dagster.models.catalog import FeatureConfig, ItemCatalog, to_micros
 from feed_dagster.models.exposures import ExposureLog
 from feed_dagster.models.store import ModelStore
 from feed_dagster.pipeline import PopularityRetriever, TopicAffinityScorer
@@ -106,19 +106,40 @@ def test_the_evaluation_reads_its_sample_and_gives_the_whole_tables_figures(ware
     assert got["hits"].sum() > 0
 
 
-def test_exposure_counts_cut_at_a_time_equal_the_logs_rows_before_it(warehouse, tiny_world):
-    cut = tiny_world.heldout_start
-    articles = tiny_world.articles.filter(pl.col("published_at") <= cut)
+@pytest.mark.parametrize("when", ["heldout_start", "now"])
+def test_exposure_counts_taken_at_one_time_equal_the_whole_logs_at_that_time(
+    warehouse, tiny_world, when
+):
+    """A feed run scores at `now`, an evaluation at its cut: counts taken at that time, one
+    per key, answer exactly as the index of every impression does there."""
+    at = getattr(tiny_world, when)
+    articles = tiny_world.articles.filter(pl.col("published_at") <= at)
     catalog = ItemCatalog.build(articles, LexicalEncoder().encode(articles), FeatureConfig())
-    before = tiny_world.impressions.filter(pl.col("shown_at") < cut)
     mine = users_in_shard(tiny_world.users, 0, N_SHARDS)
-    # The whole log names posts published after the cut, which this catalog does not know.
-    with pytest.raises(ValueError, match="not in the articles table"):
-        ExposureLog.from_warehouse(warehouse, catalog, mine)
-    scoped = ExposureLog.from_warehouse(warehouse, catalog, mine, before=cut)
-    whole = ExposureLog.build(before, catalog)
-    assert scoped.rows == before.height < tiny_world.impressions.height
-    np.testing.assert_array_equal(scoped.shown_post.keys, whole.shown_post.keys)
-    np.testing.assert_array_equal(
-        scoped.shown_author_everyone.keys, whole.shown_author_everyone.keys
-    )
+    before = tiny_world.impressions.filter(pl.col("shown_at") < at)
+    if when == "heldout_start":
+        # The whole log names posts published after the cut, which this catalog lacks.
+        with pytest.raises(ValueError, match="not in the articles table"):
+            ExposureLog.from_warehouse(warehouse, catalog, mine)
+    got = ExposureLog.from_warehouse(warehouse, catalog, mine, at=at)
+    want = ExposureLog.build(before, catalog)
+    assert got.rows == before.height
+    assert got.shown_post.keys.size < want.shown_post.keys.size  # one count per post
+    rng = np.random.default_rng(1)
+    n = 2_000
+    user = rng.choice(mine, n)
+    item = rng.integers(1, len(catalog) + 1, n)
+    t = np.full(n, to_micros(at))
+    topic, author = catalog.topic[item], catalog.author_id[item]
+    np.testing.assert_array_equal(got.shown_before(item, t), want.shown_before(item, t))
+    assert got.shown_before(item, t).sum() > 0
+    everyone = (got.shown_author_everyone, want.shown_author_everyone)
+    a = np.maximum(author, 0)
+    np.testing.assert_array_equal(everyone[0].count_before(a, t), everyone[1].count_before(a, t))
+    for name, key in (("shown_topic", topic), ("shown_author", author)):
+        counts = getattr(got, name).before(user, key, t)
+        np.testing.assert_array_equal(counts, getattr(want, name).before(user, key, t))
+        assert counts.sum() > 0, name
+    # Asked at another time, they refuse rather than answer for the wrong one.
+    with pytest.raises(ValueError, match="counts were taken at"):
+        got.shown_before(item, t - 1)

@@ -62,7 +62,7 @@ def feed_quality(
     # The models' serving context is built from the data before the cut only; the exposure
     # counts come from the warehouse's log cut there too, per user for the sample only.
     retriever, scorer, versions = model_locations(models, lancedb, storage).load(
-        tables_before(tables, cut), context.log.warning, users=users, exposures_before=cut
+        tables_before(tables, cut), context.log.warning, users=users, at=cut
     )
     fallback = versions["model_version"] == "fallback"
     name = FALLBACK if fallback else LEARNED

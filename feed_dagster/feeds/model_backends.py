@@ -260,20 +260,21 @@ class ModelLocations:
         warn: Callable[[str], None],
         users: np.ndarray | None = None,
         candidate_posts: np.ndarray | None = None,
-        exposures_before: datetime | None = None,
+        at: datetime | None = None,
     ) -> tuple[Retriever, Scorer, dict[str, str]]:
         """`feed_models` over these stores: the promoted models or the table fallbacks.
 
         `users`: a shard's users, when `tables` holds only their impressions
         (data.warehouse.read_tables(users=...)); the exposure counts then come from the
         warehouse's whole log. Without, from `tables` (e.g. an evaluation's tables cut at
-        a time, which the warehouse's log would not match, unless `exposures_before`
-        cuts the log there too). `candidate_posts`: every article id the run can score (its
-        candidate window), prepared once per fit of the classic peers
-        (ServingContext.candidate_posts)."""
+        a time, which the warehouse's whole log would not match). `at`: the one time the
+        models will score at (the shard's `now`, the evaluation's cut): the warehouse's
+        exposure counts are then taken as of it (see ExposureLog.from_warehouse).
+        `candidate_posts`: every article id the run can score (its candidate window),
+        prepared once per fit of the classic peers (ServingContext.candidate_posts)."""
         warehouse = None
         if users is not None and self.warehouse is not None:
-            warehouse = WarehouseExposures(self.warehouse, users, exposures_before)
+            warehouse = WarehouseExposures(self.warehouse, users, at)
         return feed_models(
             tables,
             self.store,

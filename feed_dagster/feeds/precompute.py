@@ -72,7 +72,7 @@ def precompute_shard(
     if window is not None:
         in_window = tables["articles"].filter(published_between(now - window, now))
         posts = in_window["article_id"].to_numpy()
-    retriever, scorer, versions = models.load(tables, warn, scoped, candidate_posts=posts)
+    retriever, scorer, versions = models.load(tables, warn, scoped, candidate_posts=posts, at=now)
     with torch_threads(threads):
         feeds, stats = build_feeds(
             tables,

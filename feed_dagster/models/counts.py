@@ -62,6 +62,30 @@ class TimeIndex:
         return (upto - first).astype(np.float32)
 
 
+@dataclass(frozen=True)
+class CountsAt:
+    """Each key's events strictly before one fixed time, one count per key: what a feed run
+    asks of an index (every candidate is scored at the same `now`), in a fraction of the
+    memory of a TimeIndex holding one key per event. Asking at another time is refused."""
+
+    keys: np.ndarray  # int64, sorted unique
+    counts: np.ndarray  # float32, per key
+    at_us: int
+
+    def count_before(self, key: np.ndarray, time_us: np.ndarray) -> np.ndarray:
+        key = np.asarray(key, dtype=np.int64)
+        times = np.asarray(time_us, dtype=np.int64)
+        if times.size and not (times == self.at_us).all():
+            raise ValueError(
+                f"counts were taken at {self.at_us} us only, not at e.g. "
+                f"{int(times[times != self.at_us][0])} us"
+            )
+        if self.keys.size == 0:
+            return np.zeros(len(key), dtype=np.float32)
+        pos = search_sorted(self.keys, key).clip(0, self.keys.size - 1)
+        return np.where(self.keys[pos] == key, self.counts[pos], 0.0).astype(np.float32)
+
+
 def time_index(key: np.ndarray, time_us: np.ndarray) -> TimeIndex:
     """The index of events (key[i], time_us[i]); keys are non-negative ints."""
     key = np.asarray(key, dtype=np.int64)
@@ -92,7 +116,7 @@ class PairCounter:
     one sorted (pair, time) index answers every query with two binary searches."""
 
     pairs: np.ndarray  # int64 sorted unique a * PAIR_BASE + b
-    index: TimeIndex  # keyed by the pair's position in `pairs`
+    index: TimeIndex | CountsAt  # keyed by the pair's position in `pairs`
 
     @classmethod
     def build(cls, a: np.ndarray, b: np.ndarray, time_us: np.ndarray) -> PairCounter:

@@ -21,8 +21,8 @@ import numpy as np
 import polars as pl
 
 from feed_dagster.data.warehouse import connect_read_only
-from feed_dagster.models.catalog import ItemCatalog
-from feed_dagster.models.counts import PAIR_BASE, KeyLayout, PairCounter, TimeIndex
+from feed_dagster.models.catalog import ItemCatalog, to_micros
+from feed_dagster.models.counts import PAIR_BASE, CountsAt, KeyLayout, PairCounter, TimeIndex
 
 EXPOSURE_MEMORY = "2GB"
 
@@ -39,8 +39,8 @@ class ExposureLog:
     """Count indexes over logged impressions (who was shown which catalog row when)."""
 
     rows: int  # impressions counted
-    shown_post: TimeIndex  # keyed by catalog row
-    shown_author_everyone: TimeIndex  # keyed by author id
+    shown_post: TimeIndex | CountsAt  # keyed by catalog row
+    shown_author_everyone: TimeIndex | CountsAt  # keyed by author id
     shown_topic: PairCounter  # (user, topic)
     shown_author: PairCounter  # (user, author)
     # The users whose (user, ...) counts were built (sorted); None: every user. A feed
@@ -64,24 +64,26 @@ class ExposureLog:
         path: Path,
         catalog: ItemCatalog,
         users: np.ndarray | None = None,
-        before: datetime | None = None,
+        at: datetime | None = None,
     ) -> ExposureLog:
         """From the warehouse's `impressions` table, read by DuckDB column by column; the
-        per-user counts only for `users` (all users when None); only impressions shown
-        before `before` (all when None), e.g. for models served at an evaluation's cut,
-        whose catalog does not know the posts published after it."""
+        per-user counts only for `users` (all users when None).
+
+        With `at`, the counts as of that one time: impressions shown before it, one count
+        per key (`CountsAt`) rather than one key per impression. A feed run asks at `now`
+        only, an evaluation at its cut, whose catalog does not know the posts published
+        after it."""
         con = connect_read_only(path)
         try:
-            source = "main.impressions"
-            if before is not None:
-                if before.tzinfo is not None:  # the tables hold naive UTC times
-                    before = before.astimezone(UTC).replace(tzinfo=None)
-                con.execute(
-                    "create temp view impressions_before as "
-                    f"select * from main.impressions where shown_at < '{before.isoformat()}'"
-                )
-                source = "impressions_before"
-            return cls._query(con, source, catalog, users)
+            if at is None:
+                return cls._query(con, "main.impressions", catalog, users)
+            if at.tzinfo is not None:  # the tables hold naive UTC times
+                at = at.astimezone(UTC).replace(tzinfo=None)
+            con.execute(
+                "create temp view impressions_before as "
+                f"select * from main.impressions where shown_at < '{at.isoformat()}'"
+            )
+            return cls._query(con, "impressions_before", catalog, users, to_micros(at))
         finally:
             con.close()
 
@@ -105,13 +107,14 @@ class ExposureLog:
         source: str,
         catalog: ItemCatalog,
         users: np.ndarray | None = None,
+        at_us: int | None = None,
     ) -> ExposureLog:
         with tempfile.TemporaryDirectory(prefix="exposures-") as spill:
             # DuckDB would otherwise take up to 80% of the machine for the distinct pairs
             # and the joins; past this it spills to disk.
             con.execute(f"set memory_limit = '{EXPOSURE_MEMORY}'")
             con.execute(f"set temp_directory = '{spill}'")
-            return cls._indexes(con, source, catalog, users)
+            return cls._indexes(con, source, catalog, users, at_us)
 
     @classmethod
     def _indexes(
@@ -120,6 +123,7 @@ class ExposureLog:
         source: str,
         catalog: ItemCatalog,
         users: np.ndarray | None,
+        at_us: int | None = None,
     ) -> ExposureLog:
         ids = catalog.article_ids
         mapping = pl.DataFrame(
@@ -148,9 +152,19 @@ class ExposureLog:
             users = np.unique(np.asarray(users, dtype=np.int64))
             con.register("exposure_users", pl.DataFrame({"user_id": users}).to_arrow())
             scoped = f"select * from ({exposed}) semi join exposure_users using (user_id)"
+        post = f"select item as k, t from ({exposed})"
+        if at_us is not None:  # `source` holds only the impressions before it
+            return cls(
+                rows=int(rows),
+                shown_post=_counts_at(con, post, at_us),
+                shown_author_everyone=_counts_at(con, author, at_us),
+                shown_topic=_pairs_at(con, scoped, "topic", at_us),
+                shown_author=_pairs_at(con, scoped, "author", at_us),
+                users=users,
+            )
         return cls(
             rows=int(rows),
-            shown_post=_index(con, f"select item as k, t from ({exposed})"),
+            shown_post=_index(con, post),
             shown_author_everyone=_index(con, author),
             shown_topic=_pairs(con, scoped, "topic"),
             shown_author=_pairs(con, scoped, "author"),
@@ -206,16 +220,34 @@ def _pairs(con: duckdb.DuckDBPyConnection, exposed: str, attribute: str) -> Pair
     return PairCounter(pairs, index)
 
 
+def _counts_at(con: duckdb.DuckDBPyConnection, events: str, at_us: int) -> CountsAt:
+    """Events per key of `events` (columns k, t; all before `at_us`)."""
+    got = con.execute(f"select k, count(*)::float as n from ({events}) group by k order by k")
+    arrays = got.fetchnumpy()
+    return CountsAt(np.asarray(arrays["k"], np.int64), np.asarray(arrays["n"], np.float32), at_us)
+
+
+def _pairs_at(
+    con: duckdb.DuckDBPyConnection, exposed: str, attribute: str, at_us: int
+) -> PairCounter:
+    """(user, attribute) exposures before `at_us` as a PairCounter of counts at that time."""
+    pair = f"user_id * {PAIR_BASE} + {attribute}"
+    known = f"select {pair} as k, t from ({exposed}) where {attribute} >= 0"
+    counts = _counts_at(con, known, at_us)
+    dense = np.arange(counts.keys.size, dtype=np.int64)
+    return PairCounter(counts.keys, CountsAt(dense, counts.counts, at_us))
+
+
 @dataclass(frozen=True)
 class WarehouseExposures:
     """Exposure counts to read from the warehouse's whole impression log, for models whose
     impression frames hold only some users' rows (a feed shard's, an evaluation sample's):
-    per-user counts for `users` only (None: everyone), impressions before `before` only
-    (None: all)."""
+    per-user counts for `users` only (None: everyone), as of the one time `at` the models
+    score at (None: an index for any time; see ExposureLog.from_warehouse)."""
 
     path: Path
     users: np.ndarray | None = None
-    before: datetime | None = None
+    at: datetime | None = None
 
     def load(self, catalog: ItemCatalog) -> ExposureLog:
-        return ExposureLog.from_warehouse(self.path, catalog, self.users, self.before)
+        return ExposureLog.from_warehouse(self.path, catalog, self.users, self.at)
