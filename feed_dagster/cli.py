@@ -18,7 +18,7 @@ from typing import Any
 import duckdb
 import polars as pl
 
-from feed_dagster.paths import DataRoot, data_root
+from feed_dagster.paths import MODELS_URI_VARIABLE, DataRoot, data_root
 from feed_dagster.progress import PlainProgress, Progress, make_progress
 
 
@@ -668,6 +668,9 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 ENVIRONMENT = {
     "FEED_DAGSTER_DATA": "storage root: warehouse, embeddings, models, vectors, shard files, "
     "serving file, incoming batches (default: ./data)",
+    MODELS_URI_VARIABLE: "the model store's root, a local path or s3://bucket/prefix (endpoint "
+    "and credentials from AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY) "
+    "(default: models/ under the storage root)",
     "FEED_DAGSTER_SOURCE": "where the tables come from: synthetic[:scale] (tiny, demo, ...), "
     "ebnerd:DIR (a folder or the official zip) or parquet:DIR (default: synthetic:demo)",
     "DAGSTER_HOME": "Dagster instance folder; set, runs of `run` are kept and show in the UI "

@@ -12,6 +12,10 @@ def data_root() -> Path:
     return Path(os.environ.get("FEED_DAGSTER_DATA", "data")).resolve()
 
 
+# The model store's root when the model store resource sets none: a local path or an object
+# store URL such as s3://bucket/prefix (default: models_dir() below).
+MODELS_URI_VARIABLE = "FEED_DAGSTER_MODELS_URI"
+
 # The two models' names in the model store (their directories under the store root).
 TWO_TOWER, RANKER = "two_tower", "ranker"
 

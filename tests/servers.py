@@ -7,6 +7,9 @@ plus a fixture that skips, saying which program is missing, when it is not insta
 
 - `postgres_server` (session): a PostgreSQL cluster made by `initdb`, run by `pg_ctl`;
   `postgres_database` (per test): the name of a fresh database on it.
+- `s3_server` (session): an S3-compatible server, moto's in server mode, in its own
+  process; `s3_bucket` (per test): a fresh bucket on it, with the AWS_* variables of this
+  test pointing at it.
 """
 
 from __future__ import annotations
@@ -19,7 +22,11 @@ import secrets
 import shutil
 import socket
 import subprocess
+import sys
 import tempfile
+import time
+import urllib.error
+import urllib.request
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -235,3 +242,132 @@ def postgres_server() -> Iterator[PostgresServer]:
 def postgres_database(postgres_server: PostgresServer) -> str:
     """The name of a new, empty database on `postgres_server`, this test's own."""
     return postgres_server.create_database(f"test_{uuid.uuid4().hex[:12]}")
+
+
+@dataclass(frozen=True)
+class S3Server:
+    """A running S3-compatible server (moto) at `endpoint`, on 127.0.0.1. Every request it
+    serves is appended to `recording` (moto's recorder), so a test can count them."""
+
+    endpoint: str
+    access_key: str
+    secret_key: str
+    region: str
+    recording: Path
+
+    def env(self) -> dict[str, str]:
+        """The standard variables an AWS client (botocore, s3fs) reads to reach it."""
+        return {
+            "AWS_ENDPOINT_URL": self.endpoint,
+            "AWS_ACCESS_KEY_ID": self.access_key,
+            "AWS_SECRET_ACCESS_KEY": self.secret_key,
+            "AWS_DEFAULT_REGION": self.region,
+            # Loopback only, even where an HTTP(S)_PROXY is set.
+            "NO_PROXY": "127.0.0.1",
+        }
+
+    def client(self) -> Any:
+        """A boto3 S3 client on the server, to look at objects as another reader would."""
+        import boto3
+
+        return boto3.client(
+            "s3",
+            endpoint_url=self.endpoint,
+            aws_access_key_id=self.access_key,
+            aws_secret_access_key=self.secret_key,
+            region_name=self.region,
+        )
+
+    def requests(self) -> list[tuple[str, str]]:
+        """(method, path) of every request recorded so far, oldest first."""
+        import json
+        from urllib.parse import urlsplit
+
+        lines = self.recording.read_text().splitlines() if self.recording.exists() else []
+        entries = [json.loads(line) for line in lines if line.strip()]
+        return [(e["method"], urlsplit(e["url"]).path) for e in entries]
+
+
+# Loopback only: no HTTP(S)_PROXY of the environment is ever asked to relay a request.
+_DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
+def _wait_until_answers(proc: subprocess.Popen[bytes], url: str, timeout: float) -> bool:
+    """Whether the server answers at `url` before `timeout` seconds pass or it exits."""
+    deadline = time.monotonic() + timeout
+    while proc.poll() is None and time.monotonic() < deadline:
+        try:
+            with _DIRECT.open(url, timeout=2):
+                return True
+        except (urllib.error.URLError, OSError):
+            time.sleep(0.1)
+    return False
+
+
+@contextlib.contextmanager
+def running_moto(attempts: int = 3, timeout: float = 30.0) -> Iterator[S3Server]:
+    """Start moto's S3-compatible server (`python -m moto.server`) as a separate process on
+    127.0.0.1 at a free port, with request recording on; stop it and delete its folder
+    after."""
+    base = Path(tempfile.mkdtemp(prefix="feed-s3-"))
+    log, recording = base / "server.log", base / "requests.jsonl"
+    env = {**os.environ, "MOTO_ENABLE_RECORDING": "true", "MOTO_RECORDER_FILEPATH": str(recording)}
+    proc: subprocess.Popen[bytes] | None = None
+    try:
+        for attempt in range(attempts):
+            port = free_port()
+            with log.open("ab") as out:
+                proc = subprocess.Popen(
+                    [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                    stdout=out,
+                    stderr=subprocess.STDOUT,
+                    env=env,
+                    cwd=base,
+                )
+            endpoint = f"http://127.0.0.1:{port}"
+            if _wait_until_answers(proc, f"{endpoint}/moto-api/", timeout):
+                break
+            _stop(proc)
+            # Another process may have taken the port between asking and binding.
+            if attempt == attempts - 1:
+                raise ServerError(f"moto server did not start on {endpoint}:\n{_read(log)}")
+        yield S3Server(endpoint, "feed-test", secrets.token_hex(16), "us-east-1", recording)
+    finally:
+        if proc is not None:
+            _stop(proc)
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    proc.terminate()
+    try:
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+@pytest.fixture(scope="session")
+def s3_server() -> Iterator[S3Server]:
+    """A real S3-compatible server for the test session (skipped when moto is missing)."""
+    pytest.importorskip(
+        "moto.server", reason="moto[server] is not installed (the project's dev extra has it)"
+    )
+    with running_moto() as server:
+        yield server
+
+
+@pytest.fixture()
+def s3_bucket(s3_server: S3Server, monkeypatch: pytest.MonkeyPatch) -> str:
+    """The name of a new, empty bucket on `s3_server`, this test's own; the AWS_* variables
+    point at the server for the test, and no AWS profile or config file of the machine is
+    read."""
+    for key, value in s3_server.env().items():
+        monkeypatch.setenv(key, value)
+    for key in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL_S3"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("AWS_CONFIG_FILE", os.devnull)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", os.devnull)
+    name = f"test-{uuid.uuid4().hex[:12]}"
+    s3_server.client().create_bucket(Bucket=name)
+    return name

@@ -17,6 +17,7 @@ from feed_dagster.cli import (
     build_parser,
     main,
 )
+from feed_dagster.paths import MODELS_URI_VARIABLE
 
 
 def _subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
@@ -67,6 +68,7 @@ def test_the_list_holds_every_variable_the_code_reads() -> None:
     constants = {"ENV_PATH": http.ENV_PATH, "ENV_STALE": http.ENV_STALE}
     constants["ENV_MEMORY"] = http.ENV_MEMORY
     constants["POSTGRES_URL_VARIABLE"] = POSTGRES_URL_VARIABLE
+    constants["MODELS_URI_VARIABLE"] = MODELS_URI_VARIABLE
     read = set()
     pattern = re.compile(r"""os\.(?:environ\.get|environ\[|getenv)\(?\s*["']?([A-Za-z_]+)""")
     for path in Path(feed_dagster.__file__).parent.rglob("*.py"):
@@ -77,3 +79,4 @@ def test_the_list_holds_every_variable_the_code_reads() -> None:
     assert {"FEED_DAGSTER_SOURCE", "FEED_DAGSTER_DATA", "DAGSTER_HOME"} <= read
     assert "FEED_DAGSTER_EXECUTOR" in read
     assert POSTGRES_URL_VARIABLE in read
+    assert MODELS_URI_VARIABLE in read

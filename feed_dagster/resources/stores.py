@@ -1,30 +1,57 @@
-"""Where models and the vector table live: roots that could equally be object-store URIs.
+"""Where models and the vector table live: local paths or object-store URIs.
 
 Both depend on the `storage` resource (a Dagster resource dependency), so the storage root
 configured for a run moves them too; their own setting, when given, overrides it."""
 
-from pathlib import Path
+import os
 
 import dagster as dg
 
 from feed_dagster.feeds.model_backends import ModelLocations
-from feed_dagster.models.store import ModelStore
+from feed_dagster.models.store import ModelStore, ModelStoreUnavailable
+from feed_dagster.paths import MODELS_URI_VARIABLE
 from feed_dagster.resources.storage import StorageResource
 
 
 class ModelStoreResource(dg.ConfigurableResource):
     """Weights (safetensors) + config per model version under `root/<name>/<version>/`,
-    with an atomically replaced PROMOTED pointer per model. Empty root: models/ under the
-    storage root."""
+    with a PROMOTED pointer per model replaced in one write. The root is `root`, else
+    FEED_DAGSTER_MODELS_URI (read when the store is asked for, as FEED_DAGSTER_DATA is),
+    else models/ under the storage root. An s3:// root takes its endpoint and credentials
+    from the usual AWS_* variables (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, ...)."""
 
     storage: StorageResource
     root: str = ""
 
-    def models_dir(self) -> Path:
-        return Path(self.root) if self.root else self.storage.models_dir()
+    def uri(self) -> str:
+        """The store's root: a local path or an fsspec URL."""
+        return (
+            self.root
+            or os.environ.get(MODELS_URI_VARIABLE, "").strip()
+            or str(self.storage.models_dir())
+        )
+
+    def setting(self) -> str:
+        """Which setting chose the root, for error messages."""
+        if self.root:
+            return "resources.models.config.root"
+        if os.environ.get(MODELS_URI_VARIABLE, "").strip():
+            return MODELS_URI_VARIABLE
+        return "the storage root (FEED_DAGSTER_DATA)"
 
     def store(self) -> ModelStore:
-        return ModelStore(str(self.models_dir()))
+        """The store, after checking that its bucket answers: a wrong endpoint or a missing
+        bucket stops the step here, naming the setting, not halfway through training."""
+        store = ModelStore(self.uri())
+        try:
+            store.check()
+        except ModelStoreUnavailable as exc:
+            raise ModelStoreUnavailable(
+                f"{exc}. The model store's root {store.root!r} comes from {self.setting()}; "
+                "the endpoint and credentials from AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID and "
+                "AWS_SECRET_ACCESS_KEY (or an AWS profile)"
+            ) from exc
+        return store
 
 
 class LanceDBResource(dg.ConfigurableResource):
