@@ -12,14 +12,17 @@ from __future__ import annotations
 
 import numpy as np
 
-# Below this many needles the sort costs more than the cache misses it saves.
+# Below this many needles, or this many keys (2 MiB, mostly in cache), the sort costs more
+# than the cache misses it saves (measured: 5M needles into 100k keys, 0.96 s plain against
+# 1.11 s sorted; into 1M keys, 2.4 s against 1.2 s).
 _MIN_NEEDLES = 4096
+_MIN_KEYS = 2**18
 
 
 def search_sorted(haystack: np.ndarray, needles: np.ndarray, side: str = "left") -> np.ndarray:
     """Exactly `np.searchsorted(haystack, needles, side)` (haystack sorted ascending)."""
     needles = np.asarray(needles)
-    if needles.size < _MIN_NEEDLES or haystack.size < _MIN_NEEDLES:
+    if needles.size < _MIN_NEEDLES or haystack.size < _MIN_KEYS:
         return np.searchsorted(haystack, needles, side=side)
     distinct, inverse = np.unique(needles.ravel(), return_inverse=True)
     found = np.searchsorted(haystack, distinct, side=side)

@@ -12,7 +12,7 @@ from feed_dagster.sorted_search import search_sorted
 @pytest.mark.parametrize("n_needles", [10, 50_000])
 def test_equals_numpy_searchsorted(side: str, n_needles: int) -> None:
     rng = np.random.default_rng(0)
-    haystack = np.sort(rng.integers(0, 1_000, 100_000))  # many repeated keys
+    haystack = np.sort(rng.integers(0, 1_000, 300_000))  # many repeated keys
     # Repeated needles, needles between and beyond the keys, as a 2-D array too.
     needles = rng.integers(-5, 1_005, n_needles)
     expected = np.searchsorted(haystack, needles, side=side)
