@@ -9,6 +9,7 @@ import polars as pl
 import pytest
 
 from feed_dagster.data.schema import conform
+from feed_dagster.metrics import classic
 from feed_dagster.metrics.classic import CLASSIC_METHODS, CLASSIC_PEERS, ClassicPeers
 
 T0 = datetime(2024, 3, 1, 12, 0, 0)
@@ -95,6 +96,19 @@ def test_item_knn_matches_dense_cosine_with_shrink_and_top_k() -> None:
     u, a = all_pairs(peers.user_ids.tolist(), peers.item_ids.tolist())
     got = peers.score("item_knn", u, a).reshape(expected.shape)
     assert np.allclose(got, expected, atol=1e-5)
+
+
+def test_item_knn_pairs_scored_one_by_one_equal_one_product(monkeypatch) -> None:
+    rng = np.random.default_rng(6)
+    x = rng.random((50, 30)) < 0.25
+    rows = [(int(u), int(i), T0) for u, i in zip(*np.nonzero(x), strict=True)]
+    peers = ClassicPeers.fit(engagements(rows), CUT, methods=("item_knn",), knn_k=6)
+    u, a = all_pairs(peers.user_ids.tolist(), peers.item_ids.tolist())
+    product = peers.score("item_knn", u, a)
+    # Scattered pairs (training slates) are scored pair by pair: the same numbers.
+    monkeypatch.setattr(classic, "_DENSE_CELLS", 0)
+    np.testing.assert_allclose(peers.score("item_knn", u, a), product, rtol=1e-6, atol=1e-7)
+    assert product.max() > 0
 
 
 def test_item_knn_rows_computed_on_demand_equal_the_full_matrix() -> None:
