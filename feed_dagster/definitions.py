@@ -15,6 +15,7 @@ from feed_dagster.assets.graph import follow_graph
 from feed_dagster.assets.models import promoted_ranker, ranker_promotion_gate, trained_models
 from feed_dagster.assets.raw import source_tables
 from feed_dagster.assets.vectors import article_vectors, vector_index_recall, vectors_cover_articles
+from feed_dagster.executors import default_executor
 from feed_dagster.jobs.automation import JOBS, SCHEDULES, SENSORS
 from feed_dagster.paths import data_root
 from feed_dagster.resources.encoder import EncoderResource
@@ -22,21 +23,6 @@ from feed_dagster.resources.source import default_source
 from feed_dagster.resources.storage import StorageResource, storage_at_launch
 from feed_dagster.resources.stores import LanceDBResource, ModelStoreResource
 from feed_dagster.resources.warehouse import WarehouseIOManager
-
-
-def default_executor() -> dg.ExecutorDefinition | None:
-    """The executor of jobs that name none (the UI's "Materialize" runs among them).
-
-    Dagster's default starts one subprocess per step, and each re-imports the project
-    (torch included): on a small world a run of a few quick steps spends most of its time
-    starting processes. FEED_DAGSTER_EXECUTOR=in_process runs every step in the run's own
-    process instead; unset or "multiprocess" keeps Dagster's default."""
-    kind = os.environ.get("FEED_DAGSTER_EXECUTOR", "multiprocess")
-    if kind == "in_process":
-        return dg.in_process_executor
-    if kind == "multiprocess":
-        return None
-    raise ValueError(f"FEED_DAGSTER_EXECUTOR must be 'in_process' or 'multiprocess', got {kind!r}")
 
 
 def build_definitions(storage: StorageResource | None = None) -> dg.Definitions:

@@ -10,6 +10,9 @@ plus a fixture that skips, saying which program is missing, when it is not insta
 - `s3_server` (session): an S3-compatible server, moto's in server mode, in its own
   process; `s3_bucket` (per test): a fresh bucket on it, with the AWS_* variables of this
   test pointing at it.
+- `redis_server` (session): a Redis server (`redis-server`, nothing saved to disk), the
+  broker of the Celery executor's tests; `redis_url` (per test): a URL of a database of
+  it emptied for the test.
 """
 
 from __future__ import annotations
@@ -371,3 +374,85 @@ def s3_bucket(s3_server: S3Server, monkeypatch: pytest.MonkeyPatch) -> str:
     name = f"test-{uuid.uuid4().hex[:12]}"
     s3_server.client().create_bucket(Bucket=name)
     return name
+
+
+@dataclass(frozen=True)
+class RedisServer:
+    """A running Redis server on 127.0.0.1:`port`, without a password."""
+
+    host: str
+    port: int
+    log: Path
+
+    def url(self, database: int = 0) -> str:
+        return f"redis://{self.host}:{self.port}/{database}"
+
+    def command(self, *args: str) -> str:
+        """One command in Redis's protocol over a plain socket (no client library needed);
+        the first line of the reply."""
+        with socket.create_connection((self.host, self.port), timeout=5) as s:
+            request = f"*{len(args)}\r\n" + "".join(f"${len(a)}\r\n{a}\r\n" for a in args)
+            s.sendall(request.encode())
+            return s.makefile("rb").readline().decode().strip()
+
+
+@contextlib.contextmanager
+def running_redis(binary: str, attempts: int = 3, timeout: float = 15.0) -> Iterator[RedisServer]:
+    """Start `redis-server` in the foreground as a child process, in a temp folder, on
+    127.0.0.1 at a free port, with persistence off (no RDB snapshot, no append-only file);
+    stop it and delete its folder after."""
+    base = Path(tempfile.mkdtemp(prefix="feed-redis-"))
+    log = base / "server.log"
+    proc: subprocess.Popen[bytes] | None = None
+    try:
+        for attempt in range(attempts):
+            port = free_port()
+            argv = [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", ""]
+            argv += ["--appendonly", "no", "--daemonize", "no", "--dir", str(base)]
+            with log.open("ab") as out:
+                proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, cwd=base)
+            server = RedisServer("127.0.0.1", port, log)
+            if _wait_until_pong(proc, server, timeout):
+                break
+            _stop(proc)
+            # Another process may have taken the port between asking and binding.
+            if attempt == attempts - 1:
+                raise ServerError(f"redis-server did not start on port {port}:\n{_read(log)}")
+        yield server
+    finally:
+        if proc is not None:
+            _stop(proc)
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def _wait_until_pong(proc: subprocess.Popen[bytes], server: RedisServer, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while proc.poll() is None and time.monotonic() < deadline:
+        try:
+            if server.command("PING") == "+PONG":
+                return True
+        except OSError:
+            pass
+        time.sleep(0.1)
+    return False
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[RedisServer]:
+    """A real Redis server for the test session (skipped when it is not installed)."""
+    binary = shutil.which("redis-server")
+    if binary is None:
+        pytest.skip(
+            "Redis is not installed: no redis-server on PATH (.ci/run installs the Debian "
+            "package redis-server)"
+        )
+    with running_redis(binary) as server:
+        yield server
+
+
+@pytest.fixture()
+def redis_url(redis_server: RedisServer) -> str:
+    """The URL of database 0 of `redis_server`, emptied for this test: no task or result a
+    previous test left is delivered to this one's workers."""
+    assert redis_server.command("FLUSHDB") == "+OK"
+    return redis_server.url(0)

@@ -1,0 +1,211 @@
+"""user_feeds shards on Celery workers, chosen by configuration only: FEED_DAGSTER_EXECUTOR=celery
+and the broker in FEED_DAGSTER_CELERY_BROKER. Proven with a real Redis (tests/servers.py) and
+worker processes started by `dagster-celery worker start`."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from types import SimpleNamespace
+
+import dagster as dg
+import polars as pl
+import pytest
+from dagster_helpers import materialize
+from polars.testing import assert_frame_equal
+from servers import free_port
+
+from feed_dagster.executors import (
+    CELERY_BROKER_VARIABLE,
+    EXECUTOR_VARIABLE,
+    CeleryBrokerError,
+    default_executor,
+)
+from feed_dagster.resources.storage import StorageResource
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+SHARDS = ("0", "1")
+
+
+def test_the_broker_setting_is_named_when_unset_or_unreachable(monkeypatch) -> None:
+    monkeypatch.setenv(EXECUTOR_VARIABLE, "celery")
+    monkeypatch.delenv(CELERY_BROKER_VARIABLE, raising=False)
+    with pytest.raises(ValueError, match=CELERY_BROKER_VARIABLE):
+        default_executor()
+
+    # Nothing listens there: refused at once, and the run stops before sending any step
+    # instead of waiting on kombu's endless retries.
+    url = f"redis://:s3cret@127.0.0.1:{free_port()}/0"
+    monkeypatch.setenv(CELERY_BROKER_VARIABLE, url)
+    executor = default_executor()
+    assert executor is not None and executor.name == "celery"
+    started = time.monotonic()
+    with pytest.raises(CeleryBrokerError) as caught:
+        executor.executor_creation_fn(
+            SimpleNamespace(executor_config={"broker": url, "backend": url})
+        )
+    assert time.monotonic() - started < 15
+    message = str(caught.value)
+    assert CELERY_BROKER_VARIABLE in message and "cannot be reached" in message
+    assert "refused" in message.lower() and "s3cret" not in message
+
+
+def _children(pid: int) -> set[int]:
+    """The processes `pid` started (Linux), recursively: dagster-celery's command starts the
+    `celery` worker as a child process."""
+    found: set[int] = set()
+    with contextlib.suppress(OSError):
+        for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split():
+            found |= {int(child), *_children(int(child))}
+    return found
+
+
+@contextlib.contextmanager
+def celery_workers(names: list[str], env: dict[str, str], logs: Path) -> Iterator[dict[str, int]]:
+    """One `dagster-celery worker start` per name, each a single process (solo pool) in a
+    session of its own; yields {name: pid of the process that runs the tasks} once every
+    worker says it is ready, and stops them all after, also when the test failed."""
+    procs: dict[str, subprocess.Popen[bytes]] = {}
+    try:
+        for name in names:
+            with (logs / f"{name}.log").open("wb") as out:
+                procs[name] = subprocess.Popen(
+                    [
+                        str(BIN / "dagster-celery"),
+                        "worker",
+                        "start",
+                        "-A",
+                        "dagster_celery.app",
+                        "-y",
+                        str(ROOT / "deploy" / "celery" / "celery.yaml"),
+                        "-n",
+                        name,
+                        "-l",
+                        "INFO",
+                        "--",
+                        "--pool=solo",
+                    ],
+                    stdout=out,
+                    stderr=subprocess.STDOUT,
+                    env=env,
+                    cwd=ROOT,
+                    start_new_session=True,
+                )
+        deadline = time.monotonic() + 90
+        waiting = set(names)
+        while waiting:
+            for name in list(waiting):
+                assert procs[name].poll() is None, (logs / f"{name}.log").read_text()
+                if " ready." in (logs / f"{name}.log").read_text():
+                    waiting.discard(name)
+            assert time.monotonic() < deadline, f"workers {waiting} not ready in 90 s"
+            time.sleep(0.3)
+        yield {name: max(_children(proc.pid)) for name, proc in procs.items()}
+    finally:
+        for proc in procs.values():
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGTERM)
+        for proc in procs.values():
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+
+
+@pytest.mark.slow
+def test_user_feeds_shards_run_on_celery_workers(data_dir, tmp_path, monkeypatch, redis_url):
+    # The tiny world's tables (the feeds fall back to the untrained scorer without models).
+    materialize(dg.AssetSelection.groups("raw", "social_graph"), raise_on_error=True)
+
+    home = tmp_path / "dagster_home"
+    home.mkdir()
+    shutil.copy(ROOT / ".dagster_home" / "dagster.yaml", home / "dagster.yaml")
+    monkeypatch.setenv("DAGSTER_HOME", str(home))
+    # Opened once here first: its SQLite tables are created before the workers and the
+    # runs open it side by side (two processes creating them at once collide).
+    dg.DagsterInstance.get().dispose()
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    # What a worker machine and the machine that starts runs share: the instance, the
+    # storage root, the source, and the executor settings.
+    env = {
+        **os.environ,
+        "DAGSTER_HOME": str(home),
+        EXECUTOR_VARIABLE: "celery",
+        CELERY_BROKER_VARIABLE: redis_url,
+        "PYTHONPATH": str(ROOT),
+        # dagster-celery starts the `celery` command found on PATH.
+        "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+    }
+    storage = StorageResource(root=str(data_dir))
+    names = ["feed-shard-a", "feed-shard-b"]
+    with celery_workers(names, env, logs) as worker_pids:
+        # Each shard is its own run, as the schedule and the sensor start them; both at once.
+        runs = {
+            key: subprocess.Popen(
+                [
+                    str(BIN / "dagster"),
+                    "asset",
+                    "materialize",
+                    "-m",
+                    "feed_dagster.definitions",
+                    "--select",
+                    "user_feeds",
+                    "--partition",
+                    key,
+                ],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                env=env,
+                cwd=ROOT,
+            )
+            for key in SHARDS
+        }
+        outputs = {key: run.communicate(timeout=240)[0].decode() for key, run in runs.items()}
+        run_pids = {run.pid for run in runs.values()}
+        for key, run in runs.items():
+            assert run.returncode == 0, outputs[key]
+        celery_feeds = {key: pl.read_parquet(storage.shard_path(key)) for key in SHARDS}
+
+    instance = dg.DagsterInstance.get()
+    try:
+        runs_kept = instance.get_runs()
+        assert sorted(r.tags["dagster/partition"] for r in runs_kept) == list(SHARDS)
+        assert {r.status for r in runs_kept} == {dg.DagsterRunStatus.SUCCESS}
+        for run in runs_kept:
+            events = [e.dagster_event for e in instance.all_logs(run.run_id) if e.dagster_event]
+            # dagster-celery's task reports which worker took the step...
+            (handed,) = [
+                e.engine_event_data.metadata["Celery worker"].value
+                for e in events
+                if e.event_type_value == "ENGINE_EVENT"
+                and "Celery worker" in e.engine_event_data.metadata
+            ]
+            assert handed.split("@")[0] in names
+            # ...and the step's own events were written by that worker's process, not by
+            # the process that ran the job (nor by this one).
+            (success,) = [e for e in events if e.event_type_value == "STEP_SUCCESS"]
+            assert success.step_key == "user_feeds"
+            assert success.pid == worker_pids[handed.split("@")[0]]
+            assert success.pid not in run_pids | {os.getpid()}
+    finally:
+        instance.dispose()
+    # The workers' own logs name the step they ran.
+    assert any("user_feeds" in (logs / f"{n}.log").read_text() for n in names)
+
+    # The same shards in this process (execute_in_process: the embedded path) give the
+    # same feeds, row for row.
+    for key in SHARDS:
+        materialize(dg.AssetSelection.assets("user_feeds"), key, raise_on_error=True)
+        embedded = pl.read_parquet(storage.shard_path(key))
+        assert celery_feeds[key].height > 0
+        assert_frame_equal(celery_feeds[key], embedded)
