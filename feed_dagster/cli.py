@@ -680,8 +680,11 @@ ENVIRONMENT = {
     f"storage when DAGSTER_HOME is deploy/postgres: {POSTGRES_URL_FORM} (the database must "
     "exist; Dagster creates its tables)",
     "FEED_DAGSTER_EXECUTOR": "executor of jobs started from the UI, schedules and sensors: "
-    "multiprocess (one process per step) or in_process (default: multiprocess); `run` "
-    "always runs its steps in its own process and its shards in worker processes",
+    "multiprocess (one process per step), in_process or celery (steps on Celery workers) "
+    "(default: multiprocess); `run` always runs its steps in its own process and its "
+    "shards in worker processes",
+    "FEED_DAGSTER_CELERY_BROKER": "with FEED_DAGSTER_EXECUTOR=celery, the Redis broker the "
+    "workers listen on, e.g. redis://HOST:6379/0 (no default)",
     "FEED_DAGSTER_SHARDS": "number of user shards of user_feeds (default: 4; 16 for "
     "synthetic:m, 64 for synthetic:l)",
     "FEED_DAGSTER_ENCODER": "article content encoder: lexical, minilm (needs the [text] "

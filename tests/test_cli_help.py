@@ -17,6 +17,7 @@ from feed_dagster.cli import (
     build_parser,
     main,
 )
+from feed_dagster.executors import CELERY_BROKER_VARIABLE, EXECUTOR_VARIABLE
 from feed_dagster.paths import MODELS_URI_VARIABLE
 
 
@@ -69,6 +70,8 @@ def test_the_list_holds_every_variable_the_code_reads() -> None:
     constants["ENV_MEMORY"] = http.ENV_MEMORY
     constants["POSTGRES_URL_VARIABLE"] = POSTGRES_URL_VARIABLE
     constants["MODELS_URI_VARIABLE"] = MODELS_URI_VARIABLE
+    constants["EXECUTOR_VARIABLE"] = EXECUTOR_VARIABLE
+    constants["CELERY_BROKER_VARIABLE"] = CELERY_BROKER_VARIABLE
     read = set()
     pattern = re.compile(r"""os\.(?:environ\.get|environ\[|getenv)\(?\s*["']?([A-Za-z_]+)""")
     for path in Path(feed_dagster.__file__).parent.rglob("*.py"):
@@ -80,3 +83,4 @@ def test_the_list_holds_every_variable_the_code_reads() -> None:
     assert "FEED_DAGSTER_EXECUTOR" in read
     assert POSTGRES_URL_VARIABLE in read
     assert MODELS_URI_VARIABLE in read
+    assert CELERY_BROKER_VARIABLE in read

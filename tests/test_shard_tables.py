@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import polars as pl
 import pytest
+from polars.testing import assert_frame_equal
 
 from feed_dagster.data.warehouse import IMPRESSION_TOTALS, read_tables
 from feed_dagster.embeddings import LexicalEncoder
@@ -102,7 +103,8 @@ def test_the_evaluation_reads_its_sample_and_gives_the_whole_tables_figures(ware
     got = evaluate_feeds(tables, cut, {"fallbacks": _fallbacks}, users)
     whole = read_tables(warehouse, PIPELINE_TABLES, OPTIONAL_TABLES)
     want = evaluate_feeds(whole, cut, {"fallbacks": _fallbacks}, sample_size=40, seed=3)
-    assert got.drop("seconds").equals(want.drop("seconds"))
+    # Counts exactly; the recall means up to float summation order.
+    assert_frame_equal(got.drop("seconds"), want.drop("seconds"), check_exact=False, rel_tol=1e-9)
     assert got["hits"].sum() > 0
 
 
