@@ -15,8 +15,8 @@ from feed_dagster.assets.graph import follow_graph
 from feed_dagster.assets.models import promoted_ranker, ranker_promotion_gate, trained_models
 from feed_dagster.assets.raw import source_tables
 from feed_dagster.assets.vectors import article_vectors, vector_index_recall, vectors_cover_articles
-from feed_dagster.executors import default_executor
 from feed_dagster.jobs.automation import JOBS, SCHEDULES, SENSORS
+from feed_dagster.jobs.executors import default_executor
 from feed_dagster.paths import data_root
 from feed_dagster.resources.encoder import EncoderResource
 from feed_dagster.resources.source import default_source

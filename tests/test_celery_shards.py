@@ -22,7 +22,7 @@ from dagster_helpers import materialize
 from polars.testing import assert_frame_equal
 from servers import free_port
 
-from feed_dagster.executors import (
+from feed_dagster.jobs.executors import (
     CELERY_BROKER_VARIABLE,
     EXECUTOR_VARIABLE,
     CeleryBrokerError,

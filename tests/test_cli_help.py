@@ -17,7 +17,7 @@ from feed_dagster.cli import (
     build_parser,
     main,
 )
-from feed_dagster.executors import CELERY_BROKER_VARIABLE, EXECUTOR_VARIABLE
+from feed_dagster.jobs.executors import CELERY_BROKER_VARIABLE, EXECUTOR_VARIABLE
 from feed_dagster.paths import MODELS_URI_VARIABLE
 
 

@@ -47,8 +47,6 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("resources", ("resources",)),
     ("assets", ("assets",)),
     ("jobs", ("jobs",)),
-    # Which executor the jobs run on (multiprocess, in process, Celery workers).
-    ("executors", ("executors",)),
     ("definitions", ("definitions",)),
     ("cli", ("cli",)),
 ]
