@@ -41,3 +41,16 @@ def materialize(
         run_config=run_config,
         raise_on_error=raise_on_error,
     )
+
+
+def instance_with_ranker_candidate(candidate: str, incumbent: str) -> dg.DagsterInstance:
+    """An ephemeral instance where trained_models has recorded ranker `candidate` against
+    `incumbent` (ranker_evaluation's metadata), as promoted_ranker reads them."""
+    instance = dg.DagsterInstance.ephemeral()
+    instance.report_runless_asset_event(
+        dg.AssetMaterialization(
+            "ranker_evaluation",
+            metadata={"ranker_version": candidate, "path": "", "incumbent_version": incumbent},
+        )
+    )
+    return instance

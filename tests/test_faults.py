@@ -22,7 +22,7 @@ import numpy as np
 import polars as pl
 import pytest
 import torch
-from dagster_helpers import materialize
+from dagster_helpers import instance_with_ranker_candidate, materialize
 
 from feed_dagster.cli import error_text
 from feed_dagster.models.store import CorruptModelError, ModelStore
@@ -240,13 +240,7 @@ def test_the_promotion_asset_keeps_the_incumbent_over_a_damaged_candidate(data_d
     v2 = store.save("ranker", _state(2, 1000), {"kind": "ranker"})
     (data_dir / "models" / "ranker" / v2 / "model.safetensors").write_bytes(b"\x08\x00")
     # The candidate as trained_models records it: ranker_evaluation's metadata.
-    instance = dg.DagsterInstance.ephemeral()
-    instance.report_runless_asset_event(
-        dg.AssetMaterialization(
-            "ranker_evaluation",
-            metadata={"ranker_version": v2, "path": "", "incumbent_version": v1},
-        )
-    )
+    instance = instance_with_ranker_candidate(v2, v1)
 
     result = materialize(dg.AssetSelection.assets("promoted_ranker"), instance=instance)
     assert not result.success

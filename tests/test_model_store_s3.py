@@ -9,7 +9,7 @@ from pathlib import Path
 import dagster as dg
 import pytest
 import torch
-from dagster_helpers import materialize
+from dagster_helpers import instance_with_ranker_candidate, materialize
 from safetensors.torch import save as safetensors_bytes
 from servers import S3Server, free_port
 
@@ -219,13 +219,7 @@ def test_the_promotion_asset_promotes_in_the_bucket(data_dir, s3_bucket, monkeyp
     v1 = store.save("ranker", _state(1), CONFIG_)
     store.promote("ranker", v1)
     v2 = store.save("ranker", _state(2), CONFIG_)
-    instance = dg.DagsterInstance.ephemeral()
-    instance.report_runless_asset_event(
-        dg.AssetMaterialization(
-            "ranker_evaluation",
-            metadata={"ranker_version": v2, "path": "", "incumbent_version": v1},
-        )
-    )
+    instance = instance_with_ranker_candidate(v2, v1)
     result = materialize(dg.AssetSelection.assets("promoted_ranker"), instance=instance)
     assert result.success
     assert store.promoted("ranker") == v2
