@@ -264,10 +264,9 @@ class ModelLocations:
     ) -> tuple[Retriever, Scorer, dict[str, str]]:
         """`feed_models` over these stores: the promoted models or the table fallbacks.
 
-        `users`: a shard's users, when `tables` holds only their impressions
+        `users`: the users scored, when `tables` holds only their impressions
         (data.warehouse.read_tables(users=...)); the exposure counts then come from the
-        warehouse's whole log. Without, from `tables` (e.g. an evaluation's tables cut at
-        a time, which the warehouse's whole log would not match). `at`: the one time the
+        warehouse's whole log. Without, from `tables`. `at`: the one time the
         models will score at (the shard's `now`, the evaluation's cut): the warehouse's
         exposure counts are then taken as of it (see ExposureLog.from_warehouse).
         `candidate_posts`: every article id the run can score (its candidate window),
