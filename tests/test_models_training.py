@@ -13,8 +13,16 @@ from feed_dagster.embeddings import LexicalEncoder
 from feed_dagster.memory import peak_rss_mib
 from feed_dagster.models.catalog import FeatureConfig
 from feed_dagster.models.evaluate import evaluate_models, evaluation_chart, training_curves
+from feed_dagster.models.layers import CatalogTensors
 from feed_dagster.models.promotion import promotion_decision
-from feed_dagster.models.ranker import RankerConfig, build_ranker, load_ranker, score_frame
+from feed_dagster.models.ranker import (
+    PhoenixRanker,
+    RankerConfig,
+    build_ranker,
+    load_ranker,
+    score_frame,
+    start_at_base_rates,
+)
 from feed_dagster.models.retrieval_data import user_histories
 from feed_dagster.models.store import ModelStore
 from feed_dagster.models.train import (
@@ -78,6 +86,41 @@ def test_ranker_learns_and_reports_history(ranker_result):
     assert losses[-1] < losses[0]
     assert r.history[r.best_epoch - 1]["valid_auc"] > 0.65
     assert r.n_params > 10_000 and r.seconds > 0
+
+
+def _mean_predictions(model: PhoenixRanker, data) -> dict[str, tuple[float, float]]:
+    """(mean predicted probability, rate) per action on the validation slates."""
+    frame = score_frame(model, data.ranker_valid, CatalogTensors(data.catalog))
+    return {
+        a: (float(frame[f"p_{a}"].mean()), float(frame[a].cast(pl.Float64).mean()))
+        for a in model.cfg.actions
+    }
+
+
+def test_heads_start_at_their_base_rates(data):
+    """Before any step, each head predicts about its action's rate in the logged slates: a
+    rare action starts near its rate, not at 0.5 (what a zero bias gives)."""
+    cfg = RankerConfig(content_dim=data.catalog.dim, actions=data.actions, features=FEATURES)
+    torch.manual_seed(0)
+    model = PhoenixRanker(cfg)
+    before = _mean_predictions(model, data)
+    start_at_base_rates(model, data.ranker_train)
+    after = _mean_predictions(model, data)
+    for a, (pred, rate) in after.items():
+        # Validation rates differ from training's a little; a rare head must be near its
+        # rate (within a factor of 3), where the zero bias put it near 0.5.
+        assert rate / 3 <= pred + 1e-4 and pred <= 3 * rate + 1e-3, (a, pred, rate)
+        assert abs(before[a][0] - 0.5) < 0.2, (a, before[a])
+
+
+def test_trained_ranker_is_calibrated_on_rare_actions(data, ranker_result):
+    """The mean predicted probability of every action stays near its validation rate: an
+    overestimated rare negative action (weighted -234 for a report) would outweigh every
+    positive term of the weighted score."""
+    model = load_ranker(ranker_result.state_dict, ranker_result.config)
+    for a, (pred, rate) in _mean_predictions(model, data).items():
+        assert pred <= 3 * rate + 1e-3, (a, pred, rate)
+        assert pred >= rate / 3 - 1e-4, (a, pred, rate)
 
 
 def test_evaluation_table(evaluation):

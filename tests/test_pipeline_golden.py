@@ -1,9 +1,10 @@
 """Feeds of the tiny world pinned by a content hash: a refactor of the pipeline's plumbing
 must give the very same feeds (posts, order, sources and scores) for the same seed.
 
-The hashes (and the stage counts) were recorded on the pipeline as it was before its
-stages became typed classes. A change that is meant to alter feeds updates them, and says
-why in its commit.
+The stage counts were recorded on the pipeline as it was before its stages became typed
+classes; the hashes when in-network posts came to be served first (out-of-network factor
+0.0001) with 5 slots kept for out-of-network posts. A change that is meant to alter feeds
+updates them, and says why in its commit.
 """
 
 from __future__ import annotations
@@ -22,9 +23,9 @@ from feed_dagster.pipeline import (
 )
 
 # sha256 of feed_digest_frame(...) written as CSV.
-TINY_FEEDS = "13edfa05f40702a2ef1ba63f14d8a5df90c008ef55f378fc0daeaf8ca006c4d2"
-TINY_FEEDS_AFTER_SERVED = "c25025d4c5a5fb456cee0111d8fdc689a51d11f6597a5cc82822d6f5bfb72b02"
-TINY_FEEDS_AUTHORLESS = "96e28e91fd235aa99e6359a611043b1dcbfd9d6d521c6a5ee0b02512e00a882e"
+TINY_FEEDS = "6193ebfa46470a6fef12f33bc513b9139beb229a3c33d784cd3416e0ec479964"
+TINY_FEEDS_AFTER_SERVED = "81a1dcd3ab54a62a98ca7ff33db8273ddeee142fa720650cb5695ec855df5cee"
+TINY_FEEDS_AUTHORLESS = "0295c9204670350186e2ea602da5abef55aa1292396a31dd789c4689bf66928e"
 # Rows out of each stage and rows each filter removed, summed over the batches of
 # test_same_seed_same_feeds, as recorded before the change too (then the first and fourth
 # stages were labelled query_hydration and candidate_hydration).
@@ -49,7 +50,7 @@ TINY_STAGE_ROWS = {
     "scorer.author_diversity": 229680,
     "scorer.out_of_network_factor": 229680,
     "selector.top_k": 15000,
-    "post_selection.conversation_dedupe": 14967,
+    "post_selection.conversation_dedupe": 14968,
     "post_selection.serve": 10500,
 }
 TINY_REMOVED = {
@@ -112,7 +113,7 @@ def test_same_stage_counts(built) -> None:
     assert stats.rows == TINY_STAGE_ROWS and list(stats.rows) == list(TINY_STAGE_ROWS)
     assert stats.removed == TINY_REMOVED
     assert (stats.users, stats.users_with_feed, stats.feed_rows) == (300, 300, 10_500)
-    assert (stats.in_network_rows, stats.active_users) == (1770, 293)
+    assert (stats.in_network_rows, stats.active_users) == (3835, 293)
     assert stats.active_users_with_candidates == 293
 
 

@@ -38,6 +38,7 @@ from feed_dagster.models.ranker import (
     ranker_batch,
     ranker_loss,
     score_frame,
+    start_at_base_rates,
 )
 from feed_dagster.models.ranker_data import (
     PeerScores,
@@ -496,6 +497,7 @@ def train_ranker(
     with torch_threads(train.threads):
         torch.manual_seed(train.seed)
         model = PhoenixRanker(cfg)
+        start_at_base_rates(model, data.ranker_train)
         cat = CatalogTensors(data.catalog)
         return _fit(
             model,

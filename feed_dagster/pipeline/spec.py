@@ -135,7 +135,8 @@ class TopK(Selector):
     name = "top_k"
 
     def run(self, candidates: pl.DataFrame, batch: Batch) -> pl.DataFrame:
-        return select_top_k(candidates, batch.config.selection.top_k)
+        sel = batch.config.selection
+        return select_top_k(candidates, sel.top_k, sel.out_of_network_slots)
 
 
 class ConversationDedupe(PostSelection):
@@ -154,7 +155,8 @@ class Serve(PostSelection):
     name = "serve"
 
     def run(self, selected: pl.DataFrame, batch: Batch) -> pl.DataFrame:
-        rows = serve(selected, batch.config.selection.served)
+        sel = batch.config.selection
+        rows = serve(selected, sel.served, sel.out_of_network_slots)
         return finalise(rows, batch.users, batch.config)
 
 
