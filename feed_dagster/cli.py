@@ -671,7 +671,7 @@ ENVIRONMENT = {
     MODELS_URI_VARIABLE: "the model store's root, a local path or s3://bucket/prefix (endpoint "
     "and credentials from AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY) "
     "(default: models/ under the storage root)",
-    ARTIFACTS_URI_VARIABLE: "the root of the vector table (lancedb/), "
+    ARTIFACTS_URI_VARIABLE: "the root of the vector table and the shard files, "
     "a local path or s3://bucket/prefix (endpoint and credentials as for the "
     "model store) (default: the storage root)",
     "FEED_DAGSTER_SOURCE": "where the tables come from: synthetic[:scale] (tiny, demo, ...), "

@@ -1,6 +1,6 @@
 """Where the project keeps its files: one data root, overridable by FEED_DAGSTER_DATA, and
-the layout of every store below it. The artifacts many machines share (the vector table)
-can live in a bucket instead, named by FEED_DAGSTER_ARTIFACTS_URI."""
+the layout of every store below it. The artifacts many machines share (the vector table,
+the shard files) can live in a bucket instead, named by FEED_DAGSTER_ARTIFACTS_URI."""
 
 import abc
 import os
@@ -19,8 +19,8 @@ def data_root() -> Path:
 # store URL such as s3://bucket/prefix (default: models_dir() below).
 MODELS_URI_VARIABLE = "FEED_DAGSTER_MODELS_URI"
 
-# The root of the vector table when it does not live under the storage root: a local path
-# or an object store URL such as s3://bucket/prefix.
+# The root of the vector table and the shard files when they do not live under the storage
+# root: a local path or an object store URL such as s3://bucket/prefix.
 ARTIFACTS_URI_VARIABLE = "FEED_DAGSTER_ARTIFACTS_URI"
 
 # The two models' names in the model store (their directories under the store root).
@@ -61,9 +61,9 @@ class StorageLayout(abc.ABC):
         return self.models_dir() / "serving_peers"
 
     def artifacts_root(self) -> Location:
-        """The root of the vector table: FEED_DAGSTER_ARTIFACTS_URI (read when a path is
-        asked for, like FEED_DAGSTER_DATA), else the storage root. A URL (s3://...) is
-        returned as a string, a path as a Path."""
+        """The root of the vector table and the shard files: FEED_DAGSTER_ARTIFACTS_URI
+        (read when a path is asked for, like FEED_DAGSTER_DATA), else the storage root. A
+        URL (s3://...) is returned as a string, a path as a Path."""
         configured = os.environ.get(ARTIFACTS_URI_VARIABLE, "").strip()
         return as_location(configured) if configured else self.data_root()
 
@@ -89,9 +89,9 @@ class StorageLayout(abc.ABC):
         """Where new Parquet batches of posts and engagements are dropped for the sensor."""
         return self.data_root() / "incoming"
 
-    def shard_dir(self) -> Path:
+    def shard_dir(self) -> Location:
         """One Parquet file of feeds per user shard."""
-        return self.data_root() / "feeds" / "shards"
+        return join(self.artifacts_root(), "feeds", "shards")
 
     def serving_path(self) -> Path:
         """The serving DuckDB file readers query; replaced atomically on every publish."""

@@ -1,20 +1,28 @@
-"""The vector table on an S3-compatible bucket (moto's server on loopback,
-tests/servers.py), switched on by FEED_DAGSTER_ARTIFACTS_URI: the same results as on a
-local path, and a missing or unreachable bucket refused up front, naming the setting."""
+"""The vector table and the shard files on an S3-compatible bucket (moto's server on
+loopback, tests/servers.py), switched on by FEED_DAGSTER_ARTIFACTS_URI:
+the same results as on local paths, each shard one whole object written in one PUT, and a
+missing or unreachable bucket refused up front, naming the setting."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
+import time
 from pathlib import Path
 
+import duckdb
 import numpy as np
 import polars as pl
 import pytest
 from servers import S3Server, free_port
 
 from feed_dagster.artifacts import ArtifactsUnavailable
+from feed_dagster.feeds.shard_files import read_versions, write_shard
+from feed_dagster.generation import publish_generation
 from feed_dagster.paths import ARTIFACTS_URI_VARIABLE, DataRoot
 from feed_dagster.resources.storage import StorageResource
 from feed_dagster.resources.stores import LanceDBResource
+from feed_dagster.serving.guard import GuardConfig
 from feed_dagster.vectors import (
     ensure_index,
     exact_topk,
@@ -25,32 +33,62 @@ from feed_dagster.vectors import (
     write_vectors,
 )
 
+# The guard's coverage rule is the warehouse's business, not the bucket's: the tiny feeds
+# cover only the first users.
+ANY_COVERAGE = GuardConfig(min_active_coverage=0.0)
+VERSIONS = {"model_version": "ranker:r1,two_tower:t1", "vector_table_version": "7"}
+
 
 def _keys(server: S3Server, bucket: str, prefix: str = "") -> list[str]:
     listed = server.client().list_objects_v2(Bucket=bucket, Prefix=prefix)
     return sorted(o["Key"] for o in listed.get("Contents", []))
 
 
+def _object(server: S3Server, bucket: str, key: str) -> bytes:
+    return server.client().get_object(Bucket=bucket, Key=key)["Body"].read()
+
+
+def _writes(server: S3Server, since: int) -> list[tuple[str, str]]:
+    """Requests after the first `since` that change objects."""
+    return [r for r in server.requests()[since:] if r[0] in {"PUT", "POST", "DELETE"}]
+
+
+def _split(feeds: pl.DataFrame, n: int = 2) -> dict[str, pl.DataFrame]:
+    return {str(i): feeds.filter(pl.col("user_id") % n == i) for i in range(n)}
+
+
+def _served(path: Path) -> pl.DataFrame:
+    con = duckdb.connect(str(path), read_only=True)
+    try:
+        return con.execute("SELECT * EXCLUDE (generated_at) FROM feeds").pl()
+    finally:
+        con.close()
+
+
 # --- where things live ------------------------------------------------------------------
 
 
-def test_the_switch_moves_the_vector_table_only(tmp_path, monkeypatch) -> None:
+def test_the_switch_moves_vectors_and_shards_only(tmp_path, monkeypatch) -> None:
     layout = DataRoot(tmp_path / "data")
     monkeypatch.delenv(ARTIFACTS_URI_VARIABLE, raising=False)
+    assert layout.shard_dir() == tmp_path / "data" / "feeds" / "shards"
     assert layout.lancedb_uri() == str(tmp_path / "data" / "lancedb")
     layout.check_artifacts()  # a local root needs nothing
 
     monkeypatch.setenv(ARTIFACTS_URI_VARIABLE, "s3://feed-artifacts/prod/")
+    assert layout.shard_dir() == "s3://feed-artifacts/prod/feeds/shards"
     assert layout.lancedb_uri() == "s3://feed-artifacts/prod/lancedb"
     # The DuckDB files and everything else stay under the local storage root.
     assert layout.warehouse_path() == tmp_path / "data" / "warehouse.duckdb"
     assert layout.serving_path() == tmp_path / "data" / "serving" / "feeds.duckdb"
     assert layout.models_dir() == tmp_path / "data" / "models"
-    assert layout.shard_dir() == tmp_path / "data" / "feeds" / "shards"
+    assert (
+        layout.embeddings_path() == tmp_path / "data" / "embeddings" / "article_embeddings.parquet"
+    )
 
     # A local path (or file:// URL) is a local root like the storage root.
     monkeypatch.setenv(ARTIFACTS_URI_VARIABLE, f"file://{tmp_path}/shared")
-    assert layout.lancedb_uri() == str(tmp_path / "shared" / "lancedb")
+    assert layout.shard_dir() == tmp_path / "shared" / "feeds" / "shards"
 
 
 # --- the vector table ---------------------------------------------------------------------
@@ -126,6 +164,125 @@ def test_the_vector_table_is_written_indexed_and_searched_on_the_bucket(
     keys = _keys(s3_server, s3_bucket)
     assert keys and all(k.startswith("feed/lancedb/article_vectors.lance/") for k in keys)
     assert not (tmp_path / "data").exists(), "nothing is written under the local root"
+
+
+# --- shard files and the publish ------------------------------------------------------------
+
+
+def test_shards_in_the_bucket_publish_the_same_feeds_as_local_shards(
+    tmp_path: Path, s3_server, s3_bucket, feeds, warehouse
+) -> None:
+    shards = _split(feeds)
+    remote_dir = f"s3://{s3_bucket}/feed/feeds/shards"
+    local_dir = tmp_path / "shards"
+    for key, frame in shards.items():
+        write_shard(local_dir, key, frame, VERSIONS)
+        mark = len(s3_server.requests())
+        assert write_shard(remote_dir, key, frame, VERSIONS) == f"{remote_dir}/shard-{key}.parquet"
+        # One PUT of the final object: no temporary object, no lock object.
+        assert _writes(s3_server, mark) == [
+            ("PUT", f"/{s3_bucket}/feed/feeds/shards/shard-{key}.parquet")
+        ]
+    assert _keys(s3_server, s3_bucket) == [
+        "feed/feeds/shards/shard-0.parquet",
+        "feed/feeds/shards/shard-1.parquet",
+    ]
+    assert read_versions(remote_dir, "1") == VERSIONS
+
+    local = publish_generation(
+        local_dir, ["0", "1"], tmp_path / "a" / "feeds.duckdb", warehouse, ANY_COVERAGE
+    ).published
+    mark = len(s3_server.requests())
+    remote = publish_generation(
+        remote_dir, ["0", "1"], tmp_path / "b" / "feeds.duckdb", warehouse, ANY_COVERAGE
+    ).published
+    assert local is not None and remote is not None
+    assert _writes(s3_server, mark) == [], "the publish only reads the bucket"
+    assert (
+        (remote.rows, remote.users)
+        == (local.rows, local.users)
+        == (feeds.height, feeds["user_id"].n_unique())
+    )
+    assert remote.model_version == VERSIONS["model_version"]
+    assert _served(remote.path).equals(_served(local.path))
+    # The downloaded copies are gone: only the serving file and its lookup folder remain.
+    assert sorted(p.name for p in (tmp_path / "b").iterdir()) == ["feeds.duckdb", "feeds.lookup"]
+
+    # A shard missing from the bucket stops the publish before anything is built.
+    with pytest.raises(FileNotFoundError, match=r"shard-2\.parquet.*missing"):
+        publish_generation(
+            remote_dir, ["0", "1", "2"], tmp_path / "c" / "feeds.duckdb", warehouse, ANY_COVERAGE
+        )
+    assert not (tmp_path / "c" / "feeds.duckdb").exists()
+
+
+# A shard writer that stops half-way through its Parquet file and waits to be killed.
+HALF_WRITTEN_SHARD = """
+import sys, time
+from pathlib import Path
+import polars as pl
+from feed_dagster.feeds.shard_files import write_shard
+
+directory, ready = sys.argv[1], Path(sys.argv[2])
+real = pl.DataFrame.write_parquet
+
+def half_write(self, file, **kwargs):
+    real(self, file, **kwargs)
+    data = Path(file).read_bytes()
+    Path(file).write_bytes(data[: len(data) // 2])
+    ready.write_text("half written")
+    time.sleep(600)
+
+pl.DataFrame.write_parquet = half_write
+frame = pl.DataFrame({"user_id": list(range(1000)), "tag": ["new"] * 1000})
+write_shard(directory, "0", frame, {"model_version": "new", "vector_table_version": "1"})
+"""
+
+
+def test_an_interrupted_shard_write_leaves_no_object_the_publish_would_read(
+    tmp_path: Path, s3_server, s3_bucket, feeds, warehouse, monkeypatch
+) -> None:
+    remote_dir = f"s3://{s3_bucket}/feed/feeds/shards"
+    shards = _split(feeds)
+    write_shard(remote_dir, "0", shards["0"], VERSIONS)
+    previous = _object(s3_server, s3_bucket, "feed/feeds/shards/shard-0.parquet")
+
+    # A writer killed half-way through a new version of shard 0.
+    ready = tmp_path / "ready"
+    proc = subprocess.Popen(
+        [sys.executable, "-c", HALF_WRITTEN_SHARD, remote_dir, str(ready)],
+        stderr=subprocess.PIPE,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while not ready.exists():
+            assert proc.poll() is None, proc.stderr.read().decode() if proc.stderr else ""
+            assert time.monotonic() < deadline, "the writer never reached its half-way point"
+            time.sleep(0.05)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert _keys(s3_server, s3_bucket) == ["feed/feeds/shards/shard-0.parquet"]
+    assert _object(s3_server, s3_bucket, "feed/feeds/shards/shard-0.parquet") == previous
+
+    # An upload cut off (the connection lost) for shard 1: no object appears.
+    import s3fs
+
+    async def connection_lost(self, lpath, rpath, **kwargs):
+        raise ConnectionResetError("connection lost")
+
+    with monkeypatch.context() as patch, pytest.raises(ConnectionResetError):
+        patch.setattr(s3fs.S3FileSystem, "_put_file", connection_lost)
+        write_shard(remote_dir, "1", shards["1"], VERSIONS)
+    assert _keys(s3_server, s3_bucket) == ["feed/feeds/shards/shard-0.parquet"]
+
+    # The publish finds shard 1 missing; with shard 0 alone it serves the old, whole shard.
+    serving = tmp_path / "serving" / "feeds.duckdb"
+    with pytest.raises(FileNotFoundError, match=r"shard-1\.parquet"):
+        publish_generation(remote_dir, ["0", "1"], serving, warehouse, ANY_COVERAGE)
+    published = publish_generation(remote_dir, ["0"], serving, warehouse, ANY_COVERAGE).published
+    assert published is not None and published.rows == shards["0"].height
+    assert published.model_version == VERSIONS["model_version"]
 
 
 # --- a wrong bucket ---------------------------------------------------------------------------
