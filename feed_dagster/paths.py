@@ -1,6 +1,7 @@
 """Where the project keeps its files: one data root, overridable by FEED_DAGSTER_DATA, and
 the layout of every store below it. The artifacts many machines share (the vector table,
-the shard files) can live in a bucket instead, named by FEED_DAGSTER_ARTIFACTS_URI."""
+the shard files, the article embeddings) can live in a bucket instead, named by
+FEED_DAGSTER_ARTIFACTS_URI."""
 
 import abc
 import os
@@ -19,8 +20,8 @@ def data_root() -> Path:
 # store URL such as s3://bucket/prefix (default: models_dir() below).
 MODELS_URI_VARIABLE = "FEED_DAGSTER_MODELS_URI"
 
-# The root of the vector table and the shard files when they do not live under the storage
-# root: a local path or an object store URL such as s3://bucket/prefix.
+# The root of the vector table, the shard files and the article embeddings when they do not
+# live under the storage root: a local path or an object store URL such as s3://bucket/prefix.
 ARTIFACTS_URI_VARIABLE = "FEED_DAGSTER_ARTIFACTS_URI"
 
 # The two models' names in the model store (their directories under the store root).
@@ -61,9 +62,9 @@ class StorageLayout(abc.ABC):
         return self.models_dir() / "serving_peers"
 
     def artifacts_root(self) -> Location:
-        """The root of the vector table and the shard files: FEED_DAGSTER_ARTIFACTS_URI
-        (read when a path is asked for, like FEED_DAGSTER_DATA), else the storage root. A
-        URL (s3://...) is returned as a string, a path as a Path."""
+        """The root of the vector table, the shard files and the article embeddings:
+        FEED_DAGSTER_ARTIFACTS_URI (read when a path is asked for, like FEED_DAGSTER_DATA),
+        else the storage root. A URL (s3://...) is returned as a string, a path as a Path."""
         configured = os.environ.get(ARTIFACTS_URI_VARIABLE, "").strip()
         return as_location(configured) if configured else self.data_root()
 
@@ -81,9 +82,9 @@ class StorageLayout(abc.ABC):
     def lancedb_uri(self) -> str:
         return str(join(self.artifacts_root(), "lancedb"))
 
-    def embeddings_path(self) -> Path:
+    def embeddings_path(self) -> Location:
         # A Parquet file, not a warehouse table: see feed_dagster/embeddings/stored.py.
-        return self.data_root() / "embeddings" / "article_embeddings.parquet"
+        return join(self.artifacts_root(), "embeddings", "article_embeddings.parquet")
 
     def incoming_dir(self) -> Path:
         """Where new Parquet batches of posts and engagements are dropped for the sensor."""

@@ -1,5 +1,5 @@
-"""The vector table and the shard files on an S3-compatible bucket (moto's server on
-loopback, tests/servers.py), switched on by FEED_DAGSTER_ARTIFACTS_URI:
+"""The vector table, the shard files and the article embeddings on an S3-compatible bucket
+(moto's server on loopback, tests/servers.py), switched on by FEED_DAGSTER_ARTIFACTS_URI:
 the same results as on local paths, each shard one whole object written in one PUT, and a
 missing or unreachable bucket refused up front, naming the setting."""
 
@@ -10,10 +10,12 @@ import sys
 import time
 from pathlib import Path
 
+import dagster as dg
 import duckdb
 import numpy as np
 import polars as pl
 import pytest
+from dagster_helpers import materialize
 from servers import S3Server, free_port
 
 from feed_dagster.artifacts import ArtifactsUnavailable
@@ -68,23 +70,26 @@ def _served(path: Path) -> pl.DataFrame:
 # --- where things live ------------------------------------------------------------------
 
 
-def test_the_switch_moves_vectors_and_shards_only(tmp_path, monkeypatch) -> None:
+def test_the_switch_moves_vectors_shards_and_embeddings_only(tmp_path, monkeypatch) -> None:
     layout = DataRoot(tmp_path / "data")
     monkeypatch.delenv(ARTIFACTS_URI_VARIABLE, raising=False)
     assert layout.shard_dir() == tmp_path / "data" / "feeds" / "shards"
     assert layout.lancedb_uri() == str(tmp_path / "data" / "lancedb")
+    assert (
+        layout.embeddings_path() == tmp_path / "data" / "embeddings" / "article_embeddings.parquet"
+    )
     layout.check_artifacts()  # a local root needs nothing
 
     monkeypatch.setenv(ARTIFACTS_URI_VARIABLE, "s3://feed-artifacts/prod/")
     assert layout.shard_dir() == "s3://feed-artifacts/prod/feeds/shards"
     assert layout.lancedb_uri() == "s3://feed-artifacts/prod/lancedb"
+    assert (
+        layout.embeddings_path() == "s3://feed-artifacts/prod/embeddings/article_embeddings.parquet"
+    )
     # The DuckDB files and everything else stay under the local storage root.
     assert layout.warehouse_path() == tmp_path / "data" / "warehouse.duckdb"
     assert layout.serving_path() == tmp_path / "data" / "serving" / "feeds.duckdb"
     assert layout.models_dir() == tmp_path / "data" / "models"
-    assert (
-        layout.embeddings_path() == tmp_path / "data" / "embeddings" / "article_embeddings.parquet"
-    )
 
     # A local path (or file:// URL) is a local root like the storage root.
     monkeypatch.setenv(ARTIFACTS_URI_VARIABLE, f"file://{tmp_path}/shared")
@@ -312,3 +317,39 @@ def test_a_missing_bucket_or_unreachable_endpoint_names_the_setting(
         storage.check_artifacts()
     assert "cannot reach bucket" in str(err.value)
     assert ARTIFACTS_URI_VARIABLE in str(err.value) and "AWS_ENDPOINT_URL" in str(err.value)
+
+
+# --- the asset graph ----------------------------------------------------------------------
+
+
+def test_the_asset_graph_keeps_embeddings_and_shards_in_the_bucket(
+    data_dir: Path, s3_server, s3_bucket, monkeypatch
+) -> None:
+    """Unchanged assets, the bucket by configuration only: the embeddings and every shard
+    are objects, and the serving file built from them is local."""
+    from feed_dagster.assets.feeds import user_shards
+
+    monkeypatch.setenv(ARTIFACTS_URI_VARIABLE, f"s3://{s3_bucket}/feed")
+    assert materialize(dg.AssetSelection.groups("raw", "social_graph")).success
+    assert materialize(dg.AssetSelection.assets("article_embeddings")).success
+    keys = user_shards.get_partition_keys()
+    for key in keys:
+        assert materialize(dg.AssetSelection.assets("user_feeds"), key).success
+    assert materialize(dg.AssetSelection.assets("published_feeds")).success
+
+    assert _keys(s3_server, s3_bucket) == [
+        "feed/embeddings/article_embeddings.parquet",
+        *(f"feed/feeds/shards/shard-{k}.parquet" for k in keys),
+    ]
+    assert not (data_dir / "feeds").exists() and not (data_dir / "embeddings").exists()
+    served = _served(data_dir / "serving" / "feeds.duckdb")
+    assert served.height == sum(
+        pl.read_parquet(
+            _object(s3_server, s3_bucket, f"feed/feeds/shards/shard-{k}.parquet")
+        ).height
+        for k in keys
+    )
+    # A second embeddings run reads the stored vectors back from the bucket and reuses them.
+    result = materialize(dg.AssetSelection.assets("article_embeddings"))
+    (event,) = result.get_asset_materialization_events()
+    assert event.materialization.metadata["n_encoded"].value == 0

@@ -85,8 +85,8 @@ def model_locations(
     models: ModelStoreResource, lancedb: LanceDBResource, storage: StorageResource
 ) -> ModelLocations:
     """Where the feed assets (user_feeds, feed_quality) find the served models: the model
-    store, the vector table (its bucket checked first), and the embeddings and peer scores
-    under the storage root."""
+    store, the vector table (its bucket checked first), the embeddings under the artifacts
+    root and the peer scores under the storage root."""
     return ModelLocations(
         models.store(),
         lancedb.checked_uri(),
