@@ -5,6 +5,7 @@ missing or unreachable bucket refused up front, naming the setting."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import time
@@ -253,10 +254,12 @@ def test_an_interrupted_shard_write_leaves_no_object_the_publish_would_read(
     previous = _object(s3_server, s3_bucket, "feed/feeds/shards/shard-0.parquet")
 
     # A writer killed half-way through a new version of shard 0.
-    ready = tmp_path / "ready"
+    ready, scratch = tmp_path / "ready", tmp_path / "scratch"
+    scratch.mkdir()
     proc = subprocess.Popen(
         [sys.executable, "-c", HALF_WRITTEN_SHARD, remote_dir, str(ready)],
         stderr=subprocess.PIPE,
+        env={**os.environ, "TMPDIR": str(scratch)},  # its local temporary file, kept here
     )
     try:
         deadline = time.monotonic() + 30
@@ -267,6 +270,11 @@ def test_an_interrupted_shard_write_leaves_no_object_the_publish_would_read(
     finally:
         proc.kill()
         proc.wait()
+    # The half-written file is local, under a temporary folder; the bucket holds the
+    # previous shard 0, byte for byte, and nothing else.
+    (partial,) = scratch.glob("feed-artifact-*/shard-0.parquet")
+    with pytest.raises(Exception):  # noqa: B017 - any Parquet error: it is half a file
+        pl.read_parquet(partial)
     assert _keys(s3_server, s3_bucket) == ["feed/feeds/shards/shard-0.parquet"]
     assert _object(s3_server, s3_bucket, "feed/feeds/shards/shard-0.parquet") == previous
 
