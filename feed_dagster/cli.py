@@ -18,7 +18,7 @@ from typing import Any
 import duckdb
 import polars as pl
 
-from feed_dagster.paths import MODELS_URI_VARIABLE, DataRoot, data_root
+from feed_dagster.paths import ARTIFACTS_URI_VARIABLE, MODELS_URI_VARIABLE, DataRoot, data_root
 from feed_dagster.progress import PlainProgress, Progress, make_progress
 
 
@@ -671,6 +671,9 @@ ENVIRONMENT = {
     MODELS_URI_VARIABLE: "the model store's root, a local path or s3://bucket/prefix (endpoint "
     "and credentials from AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY) "
     "(default: models/ under the storage root)",
+    ARTIFACTS_URI_VARIABLE: "the root of the vector table, the shard files and the article "
+    "embeddings, a local path or s3://bucket/prefix (endpoint and credentials as for the "
+    "model store) (default: the storage root)",
     "FEED_DAGSTER_SOURCE": "where the tables come from: synthetic[:scale] (tiny, demo, ...), "
     "ebnerd:DIR (a folder or the official zip) or parquet:DIR (default: synthetic:demo)",
     "DAGSTER_HOME": "Dagster instance folder; set, runs of `run` are kept and show in the UI "

@@ -11,8 +11,9 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
+from feed_dagster.artifacts import Location
 from feed_dagster.data.warehouse import read_tables
-from feed_dagster.feeds.shard_files import read_versions, shard_path
+from feed_dagster.feeds.shard_files import local_shards, missing_shards, read_versions, shard_path
 from feed_dagster.serving.guard import GuardConfig, GuardDecision, check_publish
 from feed_dagster.serving.publish import PublishResult, publish_feeds
 
@@ -27,23 +28,36 @@ class GenerationOutcome:
 
 
 def publish_generation(
+    shard_dir: Location,
+    keys: Sequence[str],
+    serving_path: Path,
+    warehouse_path: Path,
+    guard: GuardConfig,
+) -> GenerationOutcome:
+    """Publish the shard files of `keys` under `shard_dir` (a local directory or a bucket
+    prefix) into `serving_path`, swapped in atomically, if the guard accepts them against
+    the warehouse's active users and the live generation. Raises FileNotFoundError, before
+    anything else, when a shard file is missing."""
+    missing = missing_shards(shard_dir, keys)
+    if missing:
+        raise FileNotFoundError(
+            f"cannot publish: shard files {missing} are missing under {shard_dir}; "
+            "materialise every user_feeds partition first"
+        )
+    # DuckDB builds the serving file from local files: shards in a bucket are copied beside
+    # it first (a local directory is read in place).
+    with local_shards(shard_dir, keys, serving_path) as local_dir:
+        return _publish_local(local_dir, keys, serving_path, warehouse_path, guard)
+
+
+def _publish_local(
     shard_dir: Path,
     keys: Sequence[str],
     serving_path: Path,
     warehouse_path: Path,
     guard: GuardConfig,
 ) -> GenerationOutcome:
-    """Publish the shard files of `keys` under `shard_dir` into `serving_path`, swapped in
-    atomically, if the guard accepts them against the warehouse's active users and the live
-    generation. Raises FileNotFoundError, before anything else, when a shard file is
-    missing."""
     paths = [shard_path(shard_dir, k) for k in keys]
-    missing = [p.name for p in paths if not p.exists()]
-    if missing:
-        raise FileNotFoundError(
-            f"cannot publish: shard files {missing} are missing; materialise every "
-            "user_feeds partition first"
-        )
     decision = check_publish(paths, serving_path, warehouse_path, guard)
     if not decision.passed:
         return GenerationOutcome(decision, None)

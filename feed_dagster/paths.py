@@ -1,10 +1,14 @@
 """Where the project keeps its files: one data root, overridable by FEED_DAGSTER_DATA, and
-the layout of every store below it."""
+the layout of every store below it. The artifacts many machines share (the vector table,
+the shard files, the article embeddings) can live in a bucket instead, named by
+FEED_DAGSTER_ARTIFACTS_URI."""
 
 import abc
 import os
 from dataclasses import dataclass
 from pathlib import Path
+
+from feed_dagster.artifacts import Location, as_location, check_reachable, join
 
 
 def data_root() -> Path:
@@ -15,6 +19,10 @@ def data_root() -> Path:
 # The model store's root when the model store resource sets none: a local path or an object
 # store URL such as s3://bucket/prefix (default: models_dir() below).
 MODELS_URI_VARIABLE = "FEED_DAGSTER_MODELS_URI"
+
+# The root of the vector table, the shard files and the article embeddings when they do not
+# live under the storage root: a local path or an object store URL such as s3://bucket/prefix.
+ARTIFACTS_URI_VARIABLE = "FEED_DAGSTER_ARTIFACTS_URI"
 
 # The two models' names in the model store (their directories under the store root).
 TWO_TOWER, RANKER = "two_tower", "ranker"
@@ -53,20 +61,38 @@ class StorageLayout(abc.ABC):
         """Cached classic-peer scores the ranker reads as inputs at serving time."""
         return self.models_dir() / "serving_peers"
 
-    def lancedb_uri(self) -> str:
-        return str(self.data_root() / "lancedb")
+    def artifacts_root(self) -> Location:
+        """The root of the vector table, the shard files and the article embeddings:
+        FEED_DAGSTER_ARTIFACTS_URI (read when a path is asked for, like FEED_DAGSTER_DATA),
+        else the storage root. A URL (s3://...) is returned as a string, a path as a Path."""
+        configured = os.environ.get(ARTIFACTS_URI_VARIABLE, "").strip()
+        return as_location(configured) if configured else self.data_root()
 
-    def embeddings_path(self) -> Path:
+    def artifacts_setting(self) -> str:
+        """Which setting chose `artifacts_root`, for error messages."""
+        if os.environ.get(ARTIFACTS_URI_VARIABLE, "").strip():
+            return ARTIFACTS_URI_VARIABLE
+        return "the storage root (FEED_DAGSTER_DATA)"
+
+    def check_artifacts(self) -> None:
+        """Raise ArtifactsUnavailable, naming the setting, unless the artifacts' bucket
+        exists and answers (nothing to check for a local root)."""
+        check_reachable(self.artifacts_root(), self.artifacts_setting())
+
+    def lancedb_uri(self) -> str:
+        return str(join(self.artifacts_root(), "lancedb"))
+
+    def embeddings_path(self) -> Location:
         # A Parquet file, not a warehouse table: see feed_dagster/embeddings/stored.py.
-        return self.data_root() / "embeddings" / "article_embeddings.parquet"
+        return join(self.artifacts_root(), "embeddings", "article_embeddings.parquet")
 
     def incoming_dir(self) -> Path:
         """Where new Parquet batches of posts and engagements are dropped for the sensor."""
         return self.data_root() / "incoming"
 
-    def shard_dir(self) -> Path:
+    def shard_dir(self) -> Location:
         """One Parquet file of feeds per user shard."""
-        return self.data_root() / "feeds" / "shards"
+        return join(self.artifacts_root(), "feeds", "shards")
 
     def serving_path(self) -> Path:
         """The serving DuckDB file readers query; replaced atomically on every publish."""

@@ -18,7 +18,7 @@ from feed_dagster.cli import (
     main,
 )
 from feed_dagster.jobs.executors import CELERY_BROKER_VARIABLE, EXECUTOR_VARIABLE
-from feed_dagster.paths import MODELS_URI_VARIABLE
+from feed_dagster.paths import ARTIFACTS_URI_VARIABLE, MODELS_URI_VARIABLE
 
 
 def _subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
@@ -70,6 +70,7 @@ def test_the_list_holds_every_variable_the_code_reads() -> None:
     constants["ENV_MEMORY"] = http.ENV_MEMORY
     constants["POSTGRES_URL_VARIABLE"] = POSTGRES_URL_VARIABLE
     constants["MODELS_URI_VARIABLE"] = MODELS_URI_VARIABLE
+    constants["ARTIFACTS_URI_VARIABLE"] = ARTIFACTS_URI_VARIABLE
     constants["EXECUTOR_VARIABLE"] = EXECUTOR_VARIABLE
     constants["CELERY_BROKER_VARIABLE"] = CELERY_BROKER_VARIABLE
     read = set()
@@ -83,4 +84,5 @@ def test_the_list_holds_every_variable_the_code_reads() -> None:
     assert "FEED_DAGSTER_EXECUTOR" in read
     assert POSTGRES_URL_VARIABLE in read
     assert MODELS_URI_VARIABLE in read
+    assert ARTIFACTS_URI_VARIABLE in read
     assert CELERY_BROKER_VARIABLE in read

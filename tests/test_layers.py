@@ -20,9 +20,22 @@ ROOT = "feed_dagster"
 # Lowest first. A module belongs to the layer of its longest matching prefix; a module may
 # import its own layer and any layer listed before it.
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
-    # Building blocks with no project imports: errors, atomic file writes, storage paths,
-    # step memory, plot/table rendering, the CLI's progress display, batched sorted search.
-    ("base", ("errors", "atomic", "paths", "memory", "plots", "progress", "sorted_search")),
+    # Building blocks with no project imports: errors, atomic file writes, artifacts on a
+    # directory or a bucket, storage paths, step memory, plot/table rendering, the CLI's
+    # progress display, batched sorted search.
+    (
+        "base",
+        (
+            "errors",
+            "atomic",
+            "artifacts",
+            "paths",
+            "memory",
+            "plots",
+            "progress",
+            "sorted_search",
+        ),
+    ),
     # Canonical tables, validation, the warehouse connection, world_info and Parquet folders.
     ("data", ("data",)),
     ("world", ("world",)),

@@ -3,8 +3,8 @@
 import dagster as dg
 import polars as pl
 
+from feed_dagster.artifacts import exists, read_parquet, writing
 from feed_dagster.assets.retry import IO_RETRY
-from feed_dagster.atomic import atomic_path
 from feed_dagster.embeddings.incremental import update_embeddings
 from feed_dagster.resources.encoder import EncoderResource
 from feed_dagster.resources.storage import StorageResource
@@ -24,12 +24,14 @@ def article_embeddings(
 ) -> dg.MaterializeResult:
     """article_id -> float32 content vector. Incremental: articles whose content hash and
     encoder version are unchanged keep their stored vector."""
+    storage.check_artifacts()
     path = storage.embeddings_path()
-    previous = pl.read_parquet(path) if path.exists() else None
+    previous = read_parquet(path) if exists(path) else None
     enc = encoder.encoder()
     table, stats = update_embeddings(articles, previous, enc)
-    # A unique temporary name: two overlapping runs never write into the same file.
-    with atomic_path(path) as tmp:
+    # Written whole, then renamed into place or uploaded in one PUT; a unique temporary
+    # name, so two overlapping runs never write into the same file.
+    with writing(path) as tmp:
         table.write_parquet(tmp)
     context.log.info(f"encoded {stats.n_encoded:,}, reused {stats.n_reused:,}")
     return dg.MaterializeResult(

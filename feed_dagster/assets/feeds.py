@@ -105,6 +105,7 @@ def user_feeds(
     """Ranked feeds for the users of one shard: candidates -> filters -> scores -> selection,
     written as one Parquet file per shard."""
     memory = StepMemory().start()
+    storage.check_artifacts()  # a wrong bucket stops the step before the feeds are built
     shard = int(context.partition_key)
     tables = read_shard_tables(storage.warehouse_path(), shard, N_SHARDS)
     served = read_served(storage.serving_path()) if config.exclude_previously_served else None
@@ -177,6 +178,7 @@ def published_feeds(
     place: readers never block the publish and never see a mix of two refreshes. The
     publish_guard check runs first; when it fails nothing is built and the live file stays."""
     guard = GuardConfig(config.min_active_coverage, config.min_share_of_live, config.allow_shrink)
+    storage.check_artifacts()
     outcome = publish_generation(
         storage.shard_dir(),
         user_shards.get_partition_keys(),

@@ -106,6 +106,7 @@ def trained_models(
     """Train both models on one temporal split, store them, and evaluate on held-out data."""
     memory = StepMemory().start()
     store = models.store()
+    storage.check_artifacts()  # the embeddings' bucket, before minutes of reading
     budget = TrainingBudget(**config.model_dump())
     tables, sample = read_training_tables(storage.warehouse_path(), MODEL_TABLES, budget)
     context.log.info(f"training sample (budget {budget.to_dict()}): {sample.summary()}")

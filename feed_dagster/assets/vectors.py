@@ -47,6 +47,7 @@ def article_vectors(
     """Item-tower vectors of every article plus filter columns, upserted into LanceDB, with
     exact search below 10k rows and a recall-calibrated IVF index above."""
     store = models.store()
+    uri, name = lancedb.checked_uri(), lancedb.table
     version = upstream_metadata(
         context.instance, "retrieval_model", ["two_tower_version"], produced_by="trained_models"
     )["two_tower_version"]
@@ -59,7 +60,6 @@ def article_vectors(
         peers_dir=storage.serving_peers_dir(),
     )
     frame = retrieval_frame(item_vectors_of(model, ctx), tables["articles"])
-    uri, name = lancedb.resolved_uri(), lancedb.table
     try:
         table_version = write_vectors(uri, name, frame)
     except ValueError:  # the vector dimension changed with a new model configuration
@@ -89,7 +89,7 @@ def article_vectors(
 
 
 def _table(lancedb: LanceDBResource):
-    return open_vectors(lancedb.resolved_uri(), lancedb.table)
+    return open_vectors(lancedb.checked_uri(), lancedb.table)
 
 
 @dg.asset_check(asset=article_vectors, description="one vector per article, none NaN or zero")

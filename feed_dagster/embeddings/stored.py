@@ -1,32 +1,32 @@
 """The stored article embeddings: where the article_embeddings file lives, reading it, and
 the content vector of every article in a table's order."""
 
-from pathlib import Path
-
 import numpy as np
 import polars as pl
 
-from feed_dagster.paths import data_root
+from feed_dagster.artifacts import Location, exists, read_parquet
+from feed_dagster.paths import DataRoot, data_root
 
 
-def embeddings_path() -> Path:
+def embeddings_path() -> Location:
     # A Parquet file, not a warehouse table: vectors are a bulk columnar payload that
     # training and LanceDB read whole, and keeping them out of DuckDB means encoding never
     # holds the warehouse's single write lock.
-    return data_root() / "embeddings" / "article_embeddings.parquet"
+    return DataRoot(data_root()).embeddings_path()
 
 
-def read_embeddings(path: Path | None = None) -> pl.DataFrame:
-    """The stored embeddings at `path` (default: under the data root)."""
+def read_embeddings(path: Location | None = None) -> pl.DataFrame:
+    """The stored embeddings at `path`, a local path or a bucket URL (default: under the
+    artifacts root, FEED_DAGSTER_ARTIFACTS_URI or the data root)."""
     path = path or embeddings_path()
-    if not path.exists():
+    if not exists(path):
         raise FileNotFoundError(f"{path} is missing: materialise article_embeddings first")
-    return pl.read_parquet(path)
+    return read_parquet(path)
 
 
-def content_vectors(articles: pl.DataFrame, path: Path | None = None) -> np.ndarray:
+def content_vectors(articles: pl.DataFrame, path: Location | None = None) -> np.ndarray:
     """The stored content vector of every article, in the order of `articles` (embeddings
-    file `path`, default under the data root)."""
+    file `path`, default under the artifacts root)."""
     emb = read_embeddings(path).select("article_id", "vector")
     joined = articles.select("article_id").join(
         emb, on="article_id", how="left", maintain_order="left"

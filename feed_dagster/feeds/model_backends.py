@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 import polars as pl
 
+from feed_dagster.artifacts import Location
 from feed_dagster.embeddings.stored import content_vectors
 from feed_dagster.models.catalog import FeatureConfig
 from feed_dagster.models.exposures import WarehouseExposures
@@ -160,7 +161,7 @@ def serving_context(
     tables: dict[str, pl.DataFrame],
     features: FeatureConfig,
     *,
-    embeddings: Path | None = None,
+    embeddings: Location | None = None,
     peers_dir: Path | None = None,
     warehouse: WarehouseExposures | None = None,
     candidate_posts: np.ndarray | None = None,
@@ -193,7 +194,7 @@ def feed_models(
     vectors_table: str,
     warn: Callable[[str], None],
     *,
-    embeddings: Path | None = None,
+    embeddings: Location | None = None,
     peers_dir: Path | None = None,
     warehouse: WarehouseExposures | None = None,
     candidate_posts: np.ndarray | None = None,
@@ -249,7 +250,7 @@ class ModelLocations:
     store: ModelStore
     vectors_uri: str
     vectors_table: str
-    embeddings: Path | None = None
+    embeddings: Location | None = None
     peers_dir: Path | None = None
     # The warehouse the exposure counts are read from (see serving_context).
     warehouse: Path | None = None

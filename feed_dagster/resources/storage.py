@@ -3,7 +3,9 @@
 All path decisions of the Dagster layer go through this one resource, so moving the
 artifacts (to another directory today, to an object store later) is a change of this
 resource's configuration or implementation, never of the asset code. The layout below the
-root is `feed_dagster.paths.StorageLayout`, shared with the commands that need no Dagster."""
+root is `feed_dagster.paths.StorageLayout`, shared with the commands that need no Dagster;
+FEED_DAGSTER_ARTIFACTS_URI moves the vector table, the shard files and the embeddings to a
+bucket."""
 
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ import dagster as dg
 from dagster._config.pythonic_config import PartialResource
 
 from feed_dagster import paths
+from feed_dagster.artifacts import Location
 from feed_dagster.feeds.shard_files import shard_path
 
 
@@ -27,7 +30,7 @@ class StorageResource(dg.ConfigurableResource, paths.StorageLayout):
     def data_root(self) -> Path:
         return Path(self.root).resolve() if self.root else paths.data_root()
 
-    def shard_path(self, key: str) -> Path:
+    def shard_path(self, key: str) -> Location:
         return shard_path(self.shard_dir(), key)
 
 

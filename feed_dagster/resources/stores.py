@@ -7,6 +7,7 @@ import os
 
 import dagster as dg
 
+from feed_dagster.artifacts import check_reachable
 from feed_dagster.feeds.model_backends import ModelLocations
 from feed_dagster.models.store import ModelStore, ModelStoreUnavailable
 from feed_dagster.paths import MODELS_URI_VARIABLE
@@ -56,7 +57,9 @@ class ModelStoreResource(dg.ConfigurableResource):
 
 class LanceDBResource(dg.ConfigurableResource):
     """The LanceDB database holding the article-vector table (a path or an s3:// URI).
-    Empty uri: lancedb/ under the storage root."""
+    Empty uri: lancedb/ under the artifacts root (FEED_DAGSTER_ARTIFACTS_URI, else the
+    storage root). An s3:// database takes its endpoint and credentials from the usual
+    AWS_* variables (feed_dagster/artifacts.py)."""
 
     storage: StorageResource
     uri: str = ""
@@ -65,15 +68,28 @@ class LanceDBResource(dg.ConfigurableResource):
     def resolved_uri(self) -> str:
         return self.uri or self.storage.lancedb_uri()
 
+    def setting(self) -> str:
+        """Which setting chose the database, for error messages."""
+        return "resources.lancedb.config.uri" if self.uri else self.storage.artifacts_setting()
+
+    def checked_uri(self) -> str:
+        """The database, after checking that its bucket answers. LanceDB fails to open a
+        table in a missing or unreachable bucket the way it fails on a table not written
+        yet, which the feeds treat as "no model yet" and serve fallbacks for."""
+        uri = self.resolved_uri()
+        check_reachable(uri, self.setting())
+        return uri
+
 
 def model_locations(
     models: ModelStoreResource, lancedb: LanceDBResource, storage: StorageResource
 ) -> ModelLocations:
     """Where the feed assets (user_feeds, feed_quality) find the served models: the model
-    store, the vector table, and the embeddings and peer scores under the storage root."""
+    store, the vector table (its bucket checked first), the embeddings under the artifacts
+    root and the peer scores under the storage root."""
     return ModelLocations(
         models.store(),
-        lancedb.resolved_uri(),
+        lancedb.checked_uri(),
         lancedb.table,
         embeddings=storage.embeddings_path(),
         peers_dir=storage.serving_peers_dir(),

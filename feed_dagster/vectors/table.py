@@ -10,7 +10,9 @@ Metric: vectors are unit length, so the table is searched with distance type "do
 would rank identically but renormalises every candidate on every query.
 
 `uri` is anything `lancedb.connect` accepts: a local folder or an object-store URI
-(s3://bucket/path, with credentials in `storage_options` or the environment).
+(s3://bucket/path). Without explicit `storage_options`, an s3:// table takes its endpoint,
+region and credentials from the AWS_* variables, as every other artifact does
+(feed_dagster/artifacts.py).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ import numpy as np
 import polars as pl
 import pyarrow as pa
 
+from feed_dagster.artifacts import join, lance_storage_options
 from feed_dagster.embeddings.hashing import combine, hash_ints, mix64
 
 METRIC: Literal["dot"] = "dot"
@@ -55,6 +58,10 @@ SEARCH_PARAMS_KEY = "feed_dagster:search_params"
 
 
 def connect(uri: str | Path, storage_options: dict[str, str] | None = None) -> Any:
+    """The LanceDB database at `uri`; `storage_options` default to the AWS_* variables'
+    for an s3:// URI (none for a local folder)."""
+    if storage_options is None:
+        storage_options = lance_storage_options(str(uri))
     return lancedb.connect(str(uri), storage_options=storage_options)
 
 
@@ -89,7 +96,7 @@ def open_verified(uri: str | Path, name: str, storage_options: dict[str, str] | 
         raise VectorTableError(
             f"LanceDB table {name!r} under {uri} exists but cannot be read "
             f"({type(exc).__name__}: {str(exc).splitlines()[0][:300]}); expected a readable "
-            f"manifest and data files. Remove {Path(str(uri)) / (name + '.lance')} and "
+            f"manifest and data files. Remove {join(str(uri), name + '.lance')} and "
             "rematerialise article_vectors (job update_vectors) to rebuild it"
         ) from exc
     return table
