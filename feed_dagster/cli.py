@@ -556,7 +556,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     if not shown:
         print("\nrun finished without a feed to show (above)")
         return 1
-    print(f"\nmake run finished in {time.perf_counter() - t0:.1f}s")
+    print(f"\nfeed-dagster run finished in {time.perf_counter() - t0:.1f}s")
     return 0
 
 
