@@ -15,9 +15,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import duckdb
 import polars as pl
 
+from feed_dagster.artifacts import Location
 from feed_dagster.paths import ARTIFACTS_URI_VARIABLE, MODELS_URI_VARIABLE, DataRoot, data_root
 from feed_dagster.progress import PlainProgress, Progress, make_progress
 
@@ -433,11 +433,14 @@ def _in_fresh_processes(
     return [reports[i] for i in range(len(tasks))]
 
 
-def print_warehouse_summary(path: Path) -> None:
-    if not path.exists():
+def print_warehouse_summary(path: Location) -> None:
+    from feed_dagster.data.warehouse import connect_read_only
+
+    try:
+        con = connect_read_only(path)
+    except FileNotFoundError:
         print(f"no warehouse at {path}")
         return
-    con = duckdb.connect(str(path), read_only=True)
     try:
         tables = con.execute(
             "select table_name from information_schema.tables where table_schema = 'main' "
