@@ -211,6 +211,62 @@ def test_a_replaced_table_is_one_new_object_written_in_one_put(
     assert_frame_equal(read_tables(remote, ["users"])["users"], fewer.clear())
 
 
+# --- the ingest ----------------------------------------------------------------------------
+
+
+def _drop_batches(incoming: Path, world: World) -> None:
+    """New posts, engagements, a deletion, a block and a mute, an hour after `now`."""
+    later = world.now + timedelta(hours=1)
+    incoming.mkdir(parents=True)
+    article = world.articles.sort("article_id").tail(1)
+    article = article.with_columns(article_id=pl.col("article_id") + 1, published_at=pl.lit(later))
+    article.write_parquet(incoming / "articles-1.parquet")
+    world.engagements.head(2).with_columns(engaged_at=pl.lit(later)).write_parquet(
+        incoming / "engagements-1.parquet"
+    )
+    pl.DataFrame(
+        {"article_id": world.articles["article_id"][:1], "deleted_at": [later]}
+    ).write_parquet(incoming / "deletions-1.parquet")
+    users = world.users["user_id"]
+    pl.DataFrame({"user_id": [users[0]], "blocked_id": [users[1]]}).write_parquet(
+        incoming / "blocks-1.parquet"
+    )
+    pl.DataFrame({"user_id": [users[1]], "muted_id": [users[2]]}).write_parquet(
+        incoming / "mutes-1.parquet"
+    )
+
+
+def test_the_ingest_appends_to_the_objects_as_to_the_file(
+    tmp_path: Path, both, s3_server, s3_bucket, tiny_world: World
+) -> None:
+    from feed_dagster.incoming import INGEST_TABLES, ingest_batches, pending_batches
+
+    local, remote = both
+    reports = {}
+    since = len(s3_server.requests())
+    for side, warehouse in (("local", local), ("remote", remote)):
+        incoming = tmp_path / side / "incoming"
+        _drop_batches(incoming, tiny_world)
+        safety = tmp_path / side / "serving" / "feeds.safety.parquet"
+        reports[side] = ingest_batches(warehouse, pending_batches(incoming), safety)
+        assert sorted(p.name for p in (incoming / "done").iterdir()) == sorted(
+            f"{k}-1.parquet" for k in ("articles", "engagements", "deletions", "blocks", "mutes")
+        )
+    local_report, remote_report = reports["local"], reports["remote"]
+    assert remote_report.rows == local_report.rows and remote_report.now == local_report.now
+    assert local_report.now == tiny_world.now + timedelta(hours=1)
+    _assert_same(read_tables(local, list(INGEST_TABLES)), read_tables(remote, list(INGEST_TABLES)))
+    assert_frame_equal(
+        pl.read_parquet(remote_report.safety_file),
+        pl.read_parquet(local_report.safety_file),
+        check_row_order=False,
+    )
+    # Only the changed tables were written, each in one PUT; `users` was only read.
+    writes = sorted(r for r in s3_server.requests()[since:] if r[0] in {"PUT", "POST", "DELETE"})
+    changed = ["articles", "blocks", "deleted_posts", "engagements", "mutes", "world_info"]
+    assert writes == [("PUT", f"/{s3_bucket}/feed/warehouse/{t}.parquet") for t in changed]
+
+
 # --- the IO manager ----------------------------------------------------------------------
 
 
