@@ -676,7 +676,8 @@ ENVIRONMENT = {
     "(default: models/ under the storage root)",
     ARTIFACTS_URI_VARIABLE: "the root of the vector table, the shard files and the article "
     "embeddings, a local path or s3://bucket/prefix (endpoint and credentials as for the "
-    "model store) (default: the storage root)",
+    "model store; on a bucket, the warehouse tables too, as Parquet) (default: the storage "
+    "root)",
     "FEED_DAGSTER_SOURCE": "where the tables come from: synthetic[:scale] (tiny, demo, ...), "
     "ebnerd:DIR (a folder or the official zip) or parquet:DIR (default: synthetic:demo)",
     "DAGSTER_HOME": "Dagster instance folder; set, runs of `run` are kept and show in the UI "

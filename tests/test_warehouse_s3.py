@@ -106,7 +106,7 @@ def test_the_warehouse_moves_to_the_bucket_only_with_a_remote_artifacts_root(
 
 
 def test_every_table_is_one_object_and_reads_back_as_from_the_duckdb_file(
-    both, s3_server, s3_bucket, tiny_world: World
+    both, s3_server, s3_bucket, tiny_world: World, capsys: pytest.CaptureFixture[str]
 ) -> None:
     local, remote = both
     names = list(_tables(tiny_world))
@@ -122,6 +122,14 @@ def test_every_table_is_one_object_and_reads_back_as_from_the_duckdb_file(
         read_table(remote, "impressions", columns), read_table(local, "impressions", columns)
     )
     assert read_table(remote, "impressions", columns).columns == columns
+
+    # `feed-dagster run`'s summary counts the same rows.
+    from feed_dagster.cli import print_warehouse_summary
+
+    print_warehouse_summary(local)
+    from_file = capsys.readouterr().out
+    print_warehouse_summary(remote)
+    assert capsys.readouterr().out.replace(remote, str(local)) == from_file
 
 
 def test_a_shard_read_cuts_the_impressions_to_its_users_as_from_the_file(both) -> None:
