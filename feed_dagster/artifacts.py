@@ -2,7 +2,8 @@
 
 A location is a local `Path` or a URL string (`s3://bucket/prefix/...`, endpoint and
 credentials from the usual AWS_* variables, read when a filesystem is built). The shard
-files, the article embeddings and the LanceDB vector table live at such locations; the
+files, the article embeddings and the LanceDB vector table live at such locations, and so
+do the warehouse's tables as Parquet files on a bucket (data/warehouse_store.py); the
 DuckDB files stay local because DuckDB writes only local files.
 
 Every artifact appears whole or not at all, whatever the location:

@@ -19,7 +19,7 @@ import pytest
 from dagster_helpers import materialize
 from servers import S3Server, free_port
 
-from feed_dagster.artifacts import ArtifactsUnavailable
+from feed_dagster.artifacts import ArtifactsUnavailable, writing_all
 from feed_dagster.feeds.shard_files import read_versions, write_shard
 from feed_dagster.generation import publish_generation
 from feed_dagster.paths import ARTIFACTS_URI_VARIABLE, DataRoot
@@ -98,6 +98,37 @@ def test_the_switch_moves_the_warehouse_vectors_shards_and_embeddings_only(
     # A local path (or file:// URL) is a local root like the storage root.
     monkeypatch.setenv(ARTIFACTS_URI_VARIABLE, f"file://{tmp_path}/shared")
     assert layout.shard_dir() == tmp_path / "shared" / "feeds" / "shards"
+
+
+# --- several files at once ---------------------------------------------------------------
+
+
+def test_files_written_together_appear_whole_or_not_at_all(
+    tmp_path: Path, s3_server, s3_bucket
+) -> None:
+    remote = [f"s3://{s3_bucket}/feed/t/{n}.bin" for n in ("a", "b")]
+    for locations in ([tmp_path / "t" / "a.bin", tmp_path / "t" / "b.bin"], remote):
+        with pytest.raises(RuntimeError), writing_all(locations) as tmps:
+            tmps[0].write_bytes(b"a")
+            raise RuntimeError("cut off")
+        if locations is remote:
+            assert _keys(s3_server, s3_bucket) == []
+        else:
+            assert not (tmp_path / "t").exists() or not list((tmp_path / "t").iterdir())
+        since = len(s3_server.requests())
+        with writing_all(locations) as tmps:
+            for tmp, body in zip(tmps, (b"a", b"b"), strict=True):
+                tmp.write_bytes(body)
+        if locations is remote:
+            assert _object(s3_server, s3_bucket, "feed/t/a.bin") == b"a"
+            assert _object(s3_server, s3_bucket, "feed/t/b.bin") == b"b"
+            assert sorted(_writes(s3_server, since)) == [
+                ("PUT", f"/{s3_bucket}/feed/t/a.bin"),
+                ("PUT", f"/{s3_bucket}/feed/t/b.bin"),
+            ]
+        else:
+            assert [p.read_bytes() for p in locations] == [b"a", b"b"]
+            assert sorted(p.name for p in (tmp_path / "t").iterdir()) == ["a.bin", "b.bin"]
 
 
 # --- the vector table ---------------------------------------------------------------------

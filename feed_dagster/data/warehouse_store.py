@@ -23,8 +23,9 @@ would give up the pruning on the wire.
 
 A view reads its object when a query runs, so each table is always one whole version; but,
 unlike the DuckDB file, two tables read in one session may come from two different writes
-if a writer replaces one meanwhile. The steps that write and the steps that read the
-tables as one snapshot share the `warehouse` pool for that reason.
+if a writer replaces one meanwhile, and tables written together change one by one. The
+steps that write the warehouse and those that read much of it (training, evaluation, the
+checks) share the `warehouse` pool, which keeps them apart.
 """
 
 from __future__ import annotations
