@@ -2,7 +2,8 @@
 
 A location is a local `Path` or a URL string (`s3://bucket/prefix/...`, endpoint and
 credentials from the usual AWS_* variables, read when a filesystem is built). The shard
-files, the article embeddings and the LanceDB vector table live at such locations; the
+files, the article embeddings and the LanceDB vector table live at such locations, and so
+do the warehouse's tables as Parquet files on a bucket (data/warehouse_store.py); the
 DuckDB files stay local because DuckDB writes only local files.
 
 Every artifact appears whole or not at all, whatever the location:
@@ -19,8 +20,8 @@ from __future__ import annotations
 import io
 import os
 import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Iterator, Sequence
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -94,6 +95,31 @@ def writing(location: Location) -> Iterator[Path]:
         tmp = Path(scratch) / path.rsplit("/", 1)[-1]
         yield tmp
         fs.put_file(str(tmp), path)
+
+
+@contextmanager
+def writing_all(locations: Sequence[Location]) -> Iterator[list[Path]]:
+    """As `writing`, for several files written together: one temporary path each, and when
+    the block ends normally every file becomes its location whole; on a bucket they are
+    uploaded concurrently, each in one PUT (a sequence of single uploads costs a round trip
+    per file). Each location is whole at every moment, but they do not all change at one
+    instant: a reader may see some new files beside the previous others."""
+    remote = [loc for loc in locations if is_remote(loc)]
+    if not remote:
+        with ExitStack() as stack:
+            yield [stack.enter_context(atomic_path(Path(loc))) for loc in locations]
+        return
+    if len(remote) != len(locations):
+        raise ValueError(f"writing_all: mixed local and remote locations {list(locations)}")
+    fs, _ = filesystem(locations[0])
+    paths = [filesystem(loc)[1] for loc in locations]
+    with tempfile.TemporaryDirectory(prefix="feed-artifact-") as scratch:
+        tmps = [Path(scratch) / str(i) / p.rsplit("/", 1)[-1] for i, p in enumerate(paths)]
+        for tmp in tmps:
+            tmp.parent.mkdir()
+        yield tmps
+        if tmps:
+            fs.put([str(t) for t in tmps], paths)
 
 
 def download(location: Location, target: Path) -> Path:

@@ -15,9 +15,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import duckdb
 import polars as pl
 
+from feed_dagster.artifacts import Location
 from feed_dagster.paths import ARTIFACTS_URI_VARIABLE, MODELS_URI_VARIABLE, DataRoot, data_root
 from feed_dagster.progress import PlainProgress, Progress, make_progress
 
@@ -433,11 +433,14 @@ def _in_fresh_processes(
     return [reports[i] for i in range(len(tasks))]
 
 
-def print_warehouse_summary(path: Path) -> None:
-    if not path.exists():
+def print_warehouse_summary(path: Location) -> None:
+    from feed_dagster.data.warehouse import connect_read_only
+
+    try:
+        con = connect_read_only(path)
+    except FileNotFoundError:
         print(f"no warehouse at {path}")
         return
-    con = duckdb.connect(str(path), read_only=True)
     try:
         tables = con.execute(
             "select table_name from information_schema.tables where table_schema = 'main' "
@@ -673,7 +676,8 @@ ENVIRONMENT = {
     "(default: models/ under the storage root)",
     ARTIFACTS_URI_VARIABLE: "the root of the vector table, the shard files and the article "
     "embeddings, a local path or s3://bucket/prefix (endpoint and credentials as for the "
-    "model store) (default: the storage root)",
+    "model store; on a bucket, the warehouse tables too, as Parquet) (default: the storage "
+    "root)",
     "FEED_DAGSTER_SOURCE": "where the tables come from: synthetic[:scale] (tiny, demo, ...), "
     "ebnerd:DIR (a folder or the official zip) or parquet:DIR (default: synthetic:demo)",
     "DAGSTER_HOME": "Dagster instance folder; set, runs of `run` are kept and show in the UI "

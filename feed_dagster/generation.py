@@ -31,7 +31,7 @@ def publish_generation(
     shard_dir: Location,
     keys: Sequence[str],
     serving_path: Path,
-    warehouse_path: Path,
+    warehouse_path: Location,
     guard: GuardConfig,
 ) -> GenerationOutcome:
     """Publish the shard files of `keys` under `shard_dir` (a local directory or a bucket
@@ -54,7 +54,7 @@ def _publish_local(
     shard_dir: Path,
     keys: Sequence[str],
     serving_path: Path,
-    warehouse_path: Path,
+    warehouse_path: Location,
     guard: GuardConfig,
 ) -> GenerationOutcome:
     paths = [shard_path(shard_dir, k) for k in keys]

@@ -21,6 +21,11 @@ their meaning); a block or mute already recorded, or a post already deleted, is 
 recorded twice. A file with the columns but no rows is a no-op (an exporter with nothing
 to report), not an error.
 
+With the warehouse on a bucket (data/warehouse_store.py), the transaction runs on in-memory
+copies of the tables it reads and changes, and after its commit each changed table is
+uploaded whole: readers see every table whole, but an upload that fails part-way leaves
+the batch in some tables and not in others, with the files still in the incoming folder.
+
 When a batch carried deletions, blocks or mutes, or engagements while feeds are published,
 the ingest also rewrites the safety list beside the serving file (`serving/safety.py`), so
 readers drop those posts and authors, and the posts a user has just engaged with, from the
@@ -42,6 +47,7 @@ from pathlib import Path
 import duckdb
 import polars as pl
 
+from feed_dagster.artifacts import Location
 from feed_dagster.data.schema import TABLE_SCHEMAS, World
 from feed_dagster.data.validate import (
     check_canonical,
@@ -49,6 +55,7 @@ from feed_dagster.data.validate import (
     conform_checked,
     read_parquet,
 )
+from feed_dagster.data.warehouse_store import connect_remote, is_remote_warehouse, upload_tables
 from feed_dagster.errors import DataValidationError
 from feed_dagster.serving.safety import (
     build_safety_file,
@@ -247,8 +254,25 @@ def _ensure_tables(con: duckdb.DuckDBPyConnection) -> None:
     )
 
 
+def _tables(con: duckdb.DuckDBPyConnection) -> set[str]:
+    query = "select table_name from information_schema.tables where table_schema = 'main'"
+    return {r[0] for r in con.execute(query).fetchall()}
+
+
+# The tables an ingest reads (users, for references) or changes.
+INGEST_TABLES = (
+    "users",
+    "articles",
+    "engagements",
+    "deleted_posts",
+    "blocks",
+    "mutes",
+    "world_info",
+)
+
+
 def ingest_batches(
-    warehouse: Path, files: list[Path], safety_path: Path | None = None
+    warehouse: Location, files: list[Path], safety_path: Path | None = None
 ) -> IngestReport:
     """Append every batch to the warehouse in one transaction, then move files to done/.
 
@@ -280,9 +304,17 @@ def ingest_batches(
         safety_changed = safety_changed or serving_path_for(safety_path).exists()
     tmp_safety: Path | None = None
     committed = False
-    con = duckdb.connect(str(warehouse))
+    remote = is_remote_warehouse(warehouse)
+    # On a bucket, the tables the ingest changes are read into memory, changed there in the
+    # same transaction, and uploaded after its commit, each whole.
+    con = (
+        connect_remote(warehouse, copy=INGEST_TABLES) if remote else duckdb.connect(str(warehouse))
+    )
+    in_transaction = False
     try:
+        before = _tables(con)
         con.execute("begin transaction")
+        in_transaction = True
         _ensure_tables(con)
         for path, kind, df in batches:
             try:
@@ -316,11 +348,25 @@ def ingest_batches(
             )
             tmp_safety = build_safety_file(con, safety_path, seen)
         con.execute("commit")
+        in_transaction = False
+        if remote:
+            changed = [
+                t
+                for t in _tables(con)
+                if t in report.rows
+                or (t == "world_info" and report.now is not None)
+                or (t in INGEST_TABLES and t not in before)
+            ]
+            # Each table is replaced whole, but not all at one instant: an upload that
+            # fails part-way raises with the batch files still in `incoming`, and the
+            # tables already uploaded hold the batch (see README, the warehouse on a bucket).
+            upload_tables(con, warehouse, changed)
         committed = True
     except BatchError:
         raise
     except Exception:
-        con.execute("rollback")
+        if in_transaction:
+            con.execute("rollback")
         raise
     finally:
         con.close()

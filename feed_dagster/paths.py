@@ -1,14 +1,14 @@
 """Where the project keeps its files: one data root, overridable by FEED_DAGSTER_DATA, and
-the layout of every store below it. The artifacts many machines share (the vector table,
-the shard files, the article embeddings) can live in a bucket instead, named by
-FEED_DAGSTER_ARTIFACTS_URI."""
+the layout of every store below it. The artifacts many machines share (the warehouse
+tables, the vector table, the shard files, the article embeddings) can live in a bucket
+instead, named by FEED_DAGSTER_ARTIFACTS_URI."""
 
 import abc
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from feed_dagster.artifacts import Location, as_location, check_reachable, join
+from feed_dagster.artifacts import Location, as_location, check_reachable, is_remote, join
 
 
 def data_root() -> Path:
@@ -46,7 +46,15 @@ class StorageLayout(abc.ABC):
     def data_root(self) -> Path:
         """The root every other path is below; each implementation says where it is."""
 
-    def warehouse_path(self) -> Path:
+    def warehouse_path(self) -> Location:
+        """Where the warehouse tables live, decided here for every writer and reader: the
+        DuckDB file under the storage root, or, when the artifacts root is a bucket, the
+        prefix `<artifacts root>/warehouse` holding one Parquet object per table (DuckDB
+        writes only local files, and workers on other machines share only the bucket;
+        see feed_dagster/data/warehouse_store.py)."""
+        artifacts = self.artifacts_root()
+        if is_remote(artifacts):
+            return join(artifacts, "warehouse")
         return self.data_root() / "warehouse.duckdb"
 
     def models_dir(self) -> Path:

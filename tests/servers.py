@@ -286,8 +286,18 @@ class S3Server:
         import json
         from urllib.parse import urlsplit
 
-        lines = self.recording.read_text().splitlines() if self.recording.exists() else []
-        entries = [json.loads(line) for line in lines if line.strip()]
+        text = self.recording.read_text() if self.recording.exists() else ""
+        # moto writes each entry and then its newline in two writes, so two requests served
+        # at once (concurrent uploads) may leave two entries on one line: read them as a
+        # stream of JSON values, not line by line.
+        decoder, entries, at = json.JSONDecoder(), [], 0
+        while True:
+            while at < len(text) and text[at].isspace():
+                at += 1
+            if at == len(text):
+                break
+            entry, at = decoder.raw_decode(text, at)
+            entries.append(entry)
         return [(e["method"], urlsplit(e["url"]).path) for e in entries]
 
 

@@ -19,7 +19,7 @@ import pytest
 from dagster_helpers import materialize
 from servers import S3Server, free_port
 
-from feed_dagster.artifacts import ArtifactsUnavailable
+from feed_dagster.artifacts import ArtifactsUnavailable, writing_all
 from feed_dagster.feeds.shard_files import read_versions, write_shard
 from feed_dagster.generation import publish_generation
 from feed_dagster.paths import ARTIFACTS_URI_VARIABLE, DataRoot
@@ -71,7 +71,9 @@ def _served(path: Path) -> pl.DataFrame:
 # --- where things live ------------------------------------------------------------------
 
 
-def test_the_switch_moves_vectors_shards_and_embeddings_only(tmp_path, monkeypatch) -> None:
+def test_the_switch_moves_the_warehouse_vectors_shards_and_embeddings_only(
+    tmp_path, monkeypatch
+) -> None:
     layout = DataRoot(tmp_path / "data")
     monkeypatch.delenv(ARTIFACTS_URI_VARIABLE, raising=False)
     assert layout.shard_dir() == tmp_path / "data" / "feeds" / "shards"
@@ -87,14 +89,46 @@ def test_the_switch_moves_vectors_shards_and_embeddings_only(tmp_path, monkeypat
     assert (
         layout.embeddings_path() == "s3://feed-artifacts/prod/embeddings/article_embeddings.parquet"
     )
-    # The DuckDB files and everything else stay under the local storage root.
-    assert layout.warehouse_path() == tmp_path / "data" / "warehouse.duckdb"
+    # The warehouse becomes Parquet objects there (tests/test_warehouse_s3.py); the serving
+    # file and everything else stay under the local storage root.
+    assert layout.warehouse_path() == "s3://feed-artifacts/prod/warehouse"
     assert layout.serving_path() == tmp_path / "data" / "serving" / "feeds.duckdb"
     assert layout.models_dir() == tmp_path / "data" / "models"
 
     # A local path (or file:// URL) is a local root like the storage root.
     monkeypatch.setenv(ARTIFACTS_URI_VARIABLE, f"file://{tmp_path}/shared")
     assert layout.shard_dir() == tmp_path / "shared" / "feeds" / "shards"
+
+
+# --- several files at once ---------------------------------------------------------------
+
+
+def test_files_written_together_appear_whole_or_not_at_all(
+    tmp_path: Path, s3_server, s3_bucket
+) -> None:
+    remote = [f"s3://{s3_bucket}/feed/t/{n}.bin" for n in ("a", "b")]
+    for locations in ([tmp_path / "t" / "a.bin", tmp_path / "t" / "b.bin"], remote):
+        with pytest.raises(RuntimeError), writing_all(locations) as tmps:
+            tmps[0].write_bytes(b"a")
+            raise RuntimeError("cut off")
+        if locations is remote:
+            assert _keys(s3_server, s3_bucket) == []
+        else:
+            assert not (tmp_path / "t").exists() or not list((tmp_path / "t").iterdir())
+        since = len(s3_server.requests())
+        with writing_all(locations) as tmps:
+            for tmp, body in zip(tmps, (b"a", b"b"), strict=True):
+                tmp.write_bytes(body)
+        if locations is remote:
+            assert _object(s3_server, s3_bucket, "feed/t/a.bin") == b"a"
+            assert _object(s3_server, s3_bucket, "feed/t/b.bin") == b"b"
+            assert sorted(_writes(s3_server, since)) == [
+                ("PUT", f"/{s3_bucket}/feed/t/a.bin"),
+                ("PUT", f"/{s3_bucket}/feed/t/b.bin"),
+            ]
+        else:
+            assert [p.read_bytes() for p in locations] == [b"a", b"b"]
+            assert sorted(p.name for p in (tmp_path / "t").iterdir()) == ["a.bin", "b.bin"]
 
 
 # --- the vector table ---------------------------------------------------------------------
@@ -333,8 +367,8 @@ def test_a_missing_bucket_or_unreachable_endpoint_names_the_setting(
 def test_the_asset_graph_keeps_embeddings_and_shards_in_the_bucket(
     data_dir: Path, s3_server, s3_bucket, monkeypatch
 ) -> None:
-    """Unchanged assets, the bucket by configuration only: the embeddings and every shard
-    are objects, and the serving file built from them is local."""
+    """Unchanged assets, the bucket by configuration only: the warehouse tables, the
+    embeddings and every shard are objects, and the serving file built from them is local."""
     from feed_dagster.assets.feeds import user_shards
 
     monkeypatch.setenv(ARTIFACTS_URI_VARIABLE, f"s3://{s3_bucket}/feed")
@@ -345,11 +379,15 @@ def test_the_asset_graph_keeps_embeddings_and_shards_in_the_bucket(
         assert materialize(dg.AssetSelection.assets("user_feeds"), key).success
     assert materialize(dg.AssetSelection.assets("published_feeds")).success
 
-    assert _keys(s3_server, s3_bucket) == [
+    assert _keys(s3_server, s3_bucket, "feed/embeddings/") + _keys(
+        s3_server, s3_bucket, "feed/feeds/"
+    ) == [
         "feed/embeddings/article_embeddings.parquet",
         *(f"feed/feeds/shards/shard-{k}.parquet" for k in keys),
     ]
+    assert _keys(s3_server, s3_bucket, "feed/warehouse/")  # the tables, as objects
     assert not (data_dir / "feeds").exists() and not (data_dir / "embeddings").exists()
+    assert not (data_dir / "warehouse.duckdb").exists()
     served = _served(data_dir / "serving" / "feeds.duckdb")
     assert served.height == sum(
         pl.read_parquet(

@@ -36,7 +36,8 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
             "sorted_search",
         ),
     ),
-    # Canonical tables, validation, the warehouse connection, world_info and Parquet folders.
+    # Canonical tables, validation, the warehouse connection and its two backends (a DuckDB
+    # file or Parquet objects on a bucket), world_info and Parquet folders.
     ("data", ("data",)),
     ("world", ("world",)),
     # The EBNeRD synthetic writer borrows the world's topic vocabulary.

@@ -1,4 +1,9 @@
-"""Read-only access to the DuckDB warehouse from outside the IO manager.
+"""Read-only access to the warehouse from outside the IO manager.
+
+The warehouse is a DuckDB file, or Parquet objects on a bucket behind DuckDB views
+(data/warehouse_store.py); `connect_read_only` gives a connection with the same `main`
+tables either way, so every reader's SQL, column pruning and filters included, runs
+unchanged on both.
 
 DuckDB lets one process write a file; while it does, other processes cannot open it, even
 read-only. Readers here retry with backoff for a bounded time instead of failing at once.
@@ -14,8 +19,15 @@ import duckdb
 import numpy as np
 import polars as pl
 
+from feed_dagster.artifacts import Location
+from feed_dagster.data.warehouse_store import connect_remote, is_remote_warehouse
 
-def connect_read_only(path: Path, timeout_s: float = 120.0) -> duckdb.DuckDBPyConnection:
+
+def connect_read_only(path: Location, timeout_s: float = 120.0) -> duckdb.DuckDBPyConnection:
+    """A connection to the warehouse at `path` (a DuckDB file or a bucket prefix) that
+    reads its tables as `main."<table>"`."""
+    if is_remote_warehouse(path):
+        return connect_remote(path)
     if not Path(path).exists():
         raise FileNotFoundError(f"warehouse {path} does not exist: materialise the raw assets")
     delay, waited = 0.2, 0.0
@@ -38,8 +50,19 @@ def connect_read_only(path: Path, timeout_s: float = 120.0) -> duckdb.DuckDBPyCo
 IMPRESSION_TOTALS = "impression_totals"
 
 
+def read_table(path: Location, name: str, columns: list[str] | None = None) -> pl.DataFrame:
+    """One table, or only its `columns` (read column by column, so the others are never
+    fetched), from the warehouse at `path`."""
+    select = ", ".join(f'"{c}"' for c in columns) if columns else "*"
+    con = connect_read_only(path)
+    try:
+        return con.execute(f'select {select} from main."{name}"').pl()
+    finally:
+        con.close()
+
+
 def read_tables(
-    path: Path,
+    path: Location,
     names: list[str],
     optional: tuple[str, ...] = (),
     users: np.ndarray | None = None,
@@ -89,7 +112,7 @@ order by hash(user_id, $seed), user_id
 
 
 def read_heldout_sample(
-    path: Path, names: list[str], max_users: int, seed: int = 0
+    path: Location, names: list[str], max_users: int, seed: int = 0
 ) -> tuple[dict[str, pl.DataFrame], dict[str, int]]:
     """Tables `names` for a held-out evaluation, read in one session: `impressions` (and
     `impression_truth`) are the held-out impressions of a seeded random sample of at most

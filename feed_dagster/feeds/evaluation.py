@@ -25,11 +25,11 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import datetime
-from pathlib import Path
 
 import numpy as np
 import polars as pl
 
+from feed_dagster.artifacts import Location
 from feed_dagster.data.schema import FEED_SCHEMA, World
 from feed_dagster.data.warehouse import read_tables
 from feed_dagster.feeds.build import OPTIONAL_TABLES, PIPELINE_TABLES
@@ -95,7 +95,7 @@ def tables_before(tables: World | Tables, cut: datetime) -> dict[str, pl.DataFra
 
 
 def read_evaluation_tables(
-    path: Path, sample_size: int = DEFAULT_SAMPLE, seed: int = 0
+    path: Location, sample_size: int = DEFAULT_SAMPLE, seed: int = 0
 ) -> tuple[dict[str, pl.DataFrame], np.ndarray, datetime]:
     """(tables, users, cut) for `evaluate_feeds` at the warehouse's held-out start: every
     pipeline table whole except the impression log (62.7M rows at 100k users), of which only

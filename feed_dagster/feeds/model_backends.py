@@ -253,7 +253,7 @@ class ModelLocations:
     embeddings: Location | None = None
     peers_dir: Path | None = None
     # The warehouse the exposure counts are read from (see serving_context).
-    warehouse: Path | None = None
+    warehouse: Location | None = None
 
     def load(
         self,

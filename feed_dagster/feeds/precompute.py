@@ -5,10 +5,10 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
-from pathlib import Path
 
 import polars as pl
 
+from feed_dagster.artifacts import Location
 from feed_dagster.data.warehouse import IMPRESSION_TOTALS, read_tables
 from feed_dagster.feeds.build import OPTIONAL_TABLES, PIPELINE_TABLES, build_feeds
 from feed_dagster.feeds.model_backends import ModelLocations
@@ -30,7 +30,7 @@ class ShardFeeds:
     now: datetime
 
 
-def read_shard_tables(path: Path, shard: int, n_shards: int) -> dict[str, pl.DataFrame]:
+def read_shard_tables(path: Location, shard: int, n_shards: int) -> dict[str, pl.DataFrame]:
     """What one shard's feed build reads: the pipeline's tables whole, except the
     impression log (the largest table, 62.7M rows at 100k users), of which only the shard's
     users' rows and the global count before `now` are read."""

@@ -21,11 +21,11 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 from datetime import datetime
-from pathlib import Path
 from typing import Any
 
 import polars as pl
 
+from feed_dagster.artifacts import Location
 from feed_dagster.data.warehouse import HELDOUT_USERS_SQL, connect_read_only
 
 
@@ -115,7 +115,7 @@ where (period = 'train' and r <= $train_slates)
 
 
 def read_training_tables(
-    path: Path, names: list[str], budget: TrainingBudget
+    path: Location, names: list[str], budget: TrainingBudget
 ) -> tuple[dict[str, pl.DataFrame], TrainingSample]:
     """Warehouse tables `names` for training, with `impressions` (and `impression_truth`)
     cut to the budget's sample of whole impressions; every other table is read whole. (The

@@ -14,12 +14,12 @@ from __future__ import annotations
 import tempfile
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from pathlib import Path
 
 import duckdb
 import numpy as np
 import polars as pl
 
+from feed_dagster.artifacts import Location
 from feed_dagster.data.warehouse import connect_read_only
 from feed_dagster.models.catalog import ItemCatalog, to_micros
 from feed_dagster.models.counts import PAIR_BASE, CountsAt, KeyLayout, PairCounter, TimeIndex
@@ -61,7 +61,7 @@ class ExposureLog:
     @classmethod
     def from_warehouse(
         cls,
-        path: Path,
+        path: Location,
         catalog: ItemCatalog,
         users: np.ndarray | None = None,
         at: datetime | None = None,
@@ -245,7 +245,7 @@ class WarehouseExposures:
     per-user counts for `users` only (None: everyone), as of the one time `at` the models
     score at (None: an index for any time; see ExposureLog.from_warehouse)."""
 
-    path: Path
+    path: Location
     users: np.ndarray | None = None
     at: datetime | None = None
 

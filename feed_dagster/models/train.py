@@ -15,13 +15,13 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import polars as pl
 import torch
 
+from feed_dagster.artifacts import Location
 from feed_dagster.data.schema import ACTIONS, World
 from feed_dagster.memory import peak_rss_mib
 from feed_dagster.metrics.classic import ClassicPeers
@@ -200,7 +200,7 @@ def prepare_training_data(
     mix: TrainingMix | None = None,
     budget: TrainingBudget | None = None,
     valid_start: datetime | None = None,
-    warehouse: Path | None = None,
+    warehouse: Location | None = None,
 ) -> TrainingData:
     """Temporal split + model inputs of a world; `content_vectors` aligned with world.articles.
 
@@ -221,7 +221,7 @@ def prepare_retrieval_data(
     valid_fraction: float = 0.1,
     budget: TrainingBudget | None = None,
     valid_start: datetime | None = None,
-    warehouse: Path | None = None,
+    warehouse: Location | None = None,
 ) -> TrainingData:
     """The temporal split and the two-tower's examples; the ranker's groups are left empty
     (`add_ranker_data` fills them), so the two-tower can start training before they exist."""
@@ -604,7 +604,7 @@ def prepare_and_train(
     mix: TrainingMix | None = None,
     budget: TrainingBudget | None = None,
     valid_start: datetime | None = None,
-    warehouse: Path | None = None,
+    warehouse: Location | None = None,
 ) -> tuple[TrainingData, TrainResult, TrainResult]:
     """prepare_training_data + train_both, overlapped: the two-tower starts training in a
     second process as soon as its examples exist, while this process fits the classic peers

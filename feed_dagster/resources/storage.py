@@ -4,8 +4,8 @@ All path decisions of the Dagster layer go through this one resource, so moving 
 artifacts (to another directory today, to an object store later) is a change of this
 resource's configuration or implementation, never of the asset code. The layout below the
 root is `feed_dagster.paths.StorageLayout`, shared with the commands that need no Dagster;
-FEED_DAGSTER_ARTIFACTS_URI moves the vector table, the shard files and the embeddings to a
-bucket."""
+FEED_DAGSTER_ARTIFACTS_URI moves the vector table, the shard files, the embeddings and the
+warehouse tables to a bucket."""
 
 from __future__ import annotations
 

@@ -30,6 +30,7 @@ from typing import Any
 
 import polars as pl
 
+from feed_dagster.artifacts import Location
 from feed_dagster.data.warehouse import connect_read_only
 from feed_dagster.data.world_tables import window_from_info
 
@@ -173,7 +174,7 @@ WHERE coalesce(sf.k, 0) < (SELECT count(*) FROM fresh)
 """
 
 
-def active_user_ids(warehouse: Path) -> pl.Series:
+def active_user_ids(warehouse: Location) -> pl.Series:
     """Users who must get a feed: engaged, with a fresh post they have not seen."""
     con = connect_read_only(warehouse)
     try:
@@ -204,7 +205,7 @@ def live_generation(serving_path: Path) -> tuple[GenerationStats | None, str | N
 def check_publish(
     shard_paths: Sequence[str | Path],
     serving_path: Path,
-    warehouse: Path,
+    warehouse: Location,
     config: GuardConfig,
 ) -> GuardDecision:
     """Measure the new generation (shard files), the active users (warehouse) and the live
