@@ -643,6 +643,33 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_fetch_serving(args: argparse.Namespace) -> int:
+    """Copy the bucket's current serving generation to a local serving file."""
+    from feed_dagster.serving.bucket import (
+        GenerationCorruptError,
+        GenerationNotFoundError,
+        fetch_current,
+    )
+
+    store = storage()
+    bucket = store.serving_bucket()
+    if bucket is None:
+        print(
+            f"feed-dagster fetch-serving: {ARTIFACTS_URI_VARIABLE} does not name a bucket "
+            "(s3://...); the serving file is only local",
+            file=sys.stderr,
+        )
+        return 1
+    target = Path(args.path).resolve() if args.path else store.serving_path()
+    try:
+        current = fetch_current(bucket, target)
+    except (GenerationNotFoundError, GenerationCorruptError) as exc:
+        print(f"feed-dagster fetch-serving: {exc}", file=sys.stderr)
+        return 1
+    print(f"generation {current.generation_id} ({current.bytes:,} bytes) in {target}")
+    return 0
+
+
 def cmd_simulate(args: argparse.Namespace) -> int:
     from feed_dagster.atomic import atomic_path
     from feed_dagster.data.warehouse import read_tables
@@ -831,6 +858,22 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--access-log", action="store_true", help="log every request (default: off)")
     serve.set_defaults(func=cmd_serve)
+
+    fetch = command(
+        "fetch-serving",
+        "copy the current serving generation from the artifacts bucket to a local file",
+        "Download the serving generation the last publish put on the bucket "
+        f"({ARTIFACTS_URI_VARIABLE}/serving/CURRENT names it), check its size and SHA-256, "
+        "and swap it into the local serving file atomically, with its lookup file: for "
+        "`feed` and `serve` on a machine other than the one that published. Nothing is "
+        "downloaded when the file already holds that generation. Exit status 1 when the "
+        "artifacts are not on a bucket, nothing is published there, or the copy is damaged.",
+    )
+    fetch.add_argument(
+        "--path",
+        help="serving file to write (default: serving/feeds.duckdb under FEED_DAGSTER_DATA)",
+    )
+    fetch.set_defaults(func=cmd_fetch_serving)
 
     sim = command(
         "simulate",

@@ -5,6 +5,7 @@ import os
 import dagster as dg
 from pydantic import Field
 
+from feed_dagster.artifacts import join
 from feed_dagster.assets.conditions import publish_when_every_shard_is_fresh
 from feed_dagster.assets.retry import IO_RETRY, fail_fast
 from feed_dagster.feeds.build import PIPELINE_TABLES
@@ -179,12 +180,14 @@ def published_feeds(
     publish_guard check runs first; when it fails nothing is built and the live file stays."""
     guard = GuardConfig(config.min_active_coverage, config.min_share_of_live, config.allow_shrink)
     storage.check_artifacts()
+    bucket = storage.serving_bucket()
     outcome = publish_generation(
         storage.shard_dir(),
         user_shards.get_partition_keys(),
         storage.serving_path(),
         storage.warehouse_path(),
         guard,
+        serving_bucket=bucket,
     )
     decision, result = outcome.decision, outcome.published
     if result is None:
@@ -206,6 +209,11 @@ def published_feeds(
             "model_version": result.model_version,
             "vector_table_version": result.vector_table_version,
             "publish_seconds": round(result.seconds, 3),
+            **(
+                {"bucket_generation": str(join(bucket, outcome.on_bucket.key))}
+                if bucket is not None and outcome.on_bucket is not None
+                else {}
+            ),
         },
         check_results=[_guard_result(decision)],
     )
