@@ -20,11 +20,13 @@ BIN = Path(sys.executable).parent
 
 def children(pid: int) -> set[int]:
     """The processes `pid` started (Linux), recursively: dagster-celery's command starts the
-    `celery` worker as a child process."""
+    `celery` worker as a child process. Every thread's children: a process started from a
+    thread other than the main one (the daemon's) is listed under that thread."""
     found: set[int] = set()
-    with contextlib.suppress(OSError):
-        for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split():
-            found |= {int(child), *children(int(child))}
+    for listing in Path(f"/proc/{pid}/task").glob("*/children"):
+        with contextlib.suppress(OSError):
+            for child in listing.read_text().split():
+                found |= {int(child), *children(int(child))}
     return found
 
 
