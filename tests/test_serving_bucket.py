@@ -17,10 +17,12 @@ from feed_dagster.feeds.shard_files import write_shard
 from feed_dagster.generation import publish_generation
 from feed_dagster.paths import ARTIFACTS_URI_VARIABLE
 from feed_dagster.serving.bucket import (
+    KEEP_GENERATIONS,
     GenerationCorruptError,
     GenerationNotFoundError,
     current_generation,
     fetch_current,
+    read_live_served,
     upload_generation,
 )
 from feed_dagster.serving.guard import GuardConfig
@@ -151,3 +153,42 @@ def test_fetch_gives_the_same_feeds_as_the_local_file(
     monkeypatch.setenv(ARTIFACTS_URI_VARIABLE, str(tmp_path / "local"))
     assert main(["fetch-serving"]) == 1
     assert ARTIFACTS_URI_VARIABLE in capsys.readouterr().err
+
+
+def test_a_shard_excludes_what_the_bucket_generation_served_on_any_machine(
+    tmp_path: Path, s3_server, s3_bucket, feeds, tiny_world
+) -> None:
+    root = f"s3://{s3_bucket}/feed/serving"
+    worker = tmp_path / "worker" / "serving" / "feeds.duckdb"
+    # Before any publish: nothing served, on the bucket or here.
+    assert read_live_served(root, worker) is None
+    # A worker that once published an older generation keeps its file...
+    publish(feeds.head(40), worker, tiny_world, model_version="old")
+    # ...while another machine publishes the live one to the bucket.
+    publisher = tmp_path / "publisher" / "serving" / "feeds.duckdb"
+    upload_generation(publisher, publish(feeds, publisher, tiny_world), root)
+
+    expected = feeds.select("user_id", "article_id").sort("user_id", "article_id")
+    served = read_live_served(root, worker)
+    assert served is not None and served.sort("user_id", "article_id").equals(expected)
+    # The copy was temporary: the worker's file is untouched, still the older generation.
+    assert _rows(worker).height == 40
+    assert sorted(p.name for p in worker.parent.iterdir()) == ["feeds.duckdb", "feeds.lookup"]
+    # Without a bucket, the local file as before.
+    local = read_live_served(None, worker)
+    assert local is not None and local.height == 40
+
+
+def test_a_publish_keeps_the_last_generations_on_the_bucket(
+    tmp_path: Path, s3_server, s3_bucket, feeds, tiny_world
+) -> None:
+    root = f"s3://{s3_bucket}/feed/serving"
+    serving = tmp_path / "serving" / "feeds.duckdb"
+    generations = []
+    for n in range(KEEP_GENERATIONS + 2):
+        generations.append(publish(feeds.head(20 + n), serving, tiny_world))
+        upload_generation(serving, generations[-1], root)
+    kept = [k for k in _keys(s3_server, s3_bucket) if k.startswith("feed/serving/generations/")]
+    assert len(kept) == KEEP_GENERATIONS
+    assert f"feed/serving/generations/{generations[-1]}.duckdb" in kept
+    assert current_generation(root).generation_id == generations[-1]

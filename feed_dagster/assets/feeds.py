@@ -17,8 +17,8 @@ from feed_dagster.generation import publish_generation
 from feed_dagster.memory import StepMemory
 from feed_dagster.resources.storage import StorageResource
 from feed_dagster.resources.stores import LanceDBResource, ModelStoreResource, model_locations
+from feed_dagster.serving.bucket import read_live_served
 from feed_dagster.serving.guard import GuardConfig, GuardDecision
-from feed_dagster.serving.read import read_served
 
 N_SHARDS = default_shard_count(
     os.environ.get("FEED_DAGSTER_SOURCE", "synthetic:demo"), os.environ.get("FEED_DAGSTER_SHARDS")
@@ -109,7 +109,11 @@ def user_feeds(
     storage.check_artifacts()  # a wrong bucket stops the step before the feeds are built
     shard = int(context.partition_key)
     tables = read_shard_tables(storage.warehouse_path(), shard, N_SHARDS)
-    served = read_served(storage.serving_path()) if config.exclude_previously_served else None
+    served = (
+        read_live_served(storage.serving_bucket(), storage.serving_path())
+        if config.exclude_previously_served
+        else None
+    )
     # Raises NoCandidatesError before anything is written when the window misses the data.
     with fail_fast():
         built = precompute_shard(

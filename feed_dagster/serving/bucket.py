@@ -22,14 +22,17 @@ from __future__ import annotations
 
 import hashlib
 import json
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import duckdb
+import polars as pl
 
 from feed_dagster.artifacts import Location, filesystem, join
 from feed_dagster.atomic import remove_temp, replace_atomically, temp_path_beside
 from feed_dagster.serving.lookup import lookup_path_for, sweep_lookup_files, write_lookup
+from feed_dagster.serving.read import read_served
 
 POINTER = "CURRENT"
 GENERATIONS = "generations"
@@ -133,21 +136,11 @@ def fetch_current(root: Location, target: Path) -> BucketGeneration:
     target.parent.mkdir(parents=True, exist_ok=True)
     if target.exists() and _generation_of(target) == current.generation_id:
         return current
-    fs, path = filesystem(join(root, current.key))
     tmp = temp_path_beside(target)
     lookup = lookup_path_for(target, current.generation_id)
     lookup_tmp: Path | None = None
     try:
-        try:
-            fs.get_file(path, str(tmp))
-        except FileNotFoundError as exc:
-            raise GenerationNotFoundError(f"{join(root, current.key)} is gone") from exc
-        size, digest = tmp.stat().st_size, _sha256(tmp)
-        if (size, digest) != (current.bytes, current.sha256):
-            raise GenerationCorruptError(
-                f"{join(root, current.key)}: {size} bytes, sha256 {digest}; the pointer "
-                f"records {current.bytes} bytes, sha256 {current.sha256}"
-            )
+        _download(root, current, tmp)
         # The HTTP service's fast read path is derived from the file, as the publish does.
         con = duckdb.connect(str(tmp), read_only=True)
         try:
@@ -163,6 +156,42 @@ def fetch_current(root: Location, target: Path) -> BucketGeneration:
         raise
     sweep_lookup_files(target, current.generation_id)
     return current
+
+
+def _download(root: Location, generation: BucketGeneration, target: Path) -> None:
+    """The object of `generation` to `target`, checked against the pointer's size and
+    SHA-256."""
+    fs, path = filesystem(join(root, generation.key))
+    try:
+        fs.get_file(path, str(target))
+    except FileNotFoundError as exc:
+        raise GenerationNotFoundError(f"{join(root, generation.key)} is gone") from exc
+    size, digest = target.stat().st_size, _sha256(target)
+    if (size, digest) != (generation.bytes, generation.sha256):
+        raise GenerationCorruptError(
+            f"{join(root, generation.key)}: {size} bytes, sha256 {digest}; the pointer "
+            f"records {generation.bytes} bytes, sha256 {generation.sha256}"
+        )
+
+
+def read_live_served(root: Location | None, local: Path) -> pl.DataFrame | None:
+    """(user_id, article_id) of the live feeds, for the previously-served filter of a shard
+    run: with a bucket (`root`) holding a generation, that generation's, wherever the shard
+    runs (a worker's local serving file may be older, or absent); read from `local` when
+    it holds that generation, else from a temporary copy outside the storage root. Without
+    one, the local file's (None before the first publish)."""
+    if root is None:
+        return read_served(local)
+    try:
+        current = current_generation(root)
+    except GenerationNotFoundError:
+        return read_served(local)
+    if local.exists() and _generation_of(local) == current.generation_id:
+        return read_served(local)
+    with tempfile.TemporaryDirectory(prefix="feed-served-") as scratch:
+        copy = Path(scratch) / f"{current.generation_id}{SUFFIX}"
+        _download(root, current, copy)
+        return read_served(copy)
 
 
 def _generation_of(path: Path) -> str | None:
