@@ -703,8 +703,8 @@ ENVIRONMENT = {
     "(default: models/ under the storage root)",
     ARTIFACTS_URI_VARIABLE: "the root of the vector table, the shard files and the article "
     "embeddings, a local path or s3://bucket/prefix (endpoint and credentials as for the "
-    "model store; on a bucket, the warehouse tables too, as Parquet) (default: the storage "
-    "root)",
+    "model store; on a bucket, the warehouse tables too, as Parquet, and a copy of each "
+    "published serving generation) (default: the storage root)",
     "FEED_DAGSTER_SOURCE": "where the tables come from: synthetic[:scale] (tiny, demo, ...), "
     "ebnerd:DIR (a folder or the official zip) or parquet:DIR (default: synthetic:demo)",
     "DAGSTER_HOME": "Dagster instance folder; set, runs of `run` are kept and show in the UI "
@@ -755,7 +755,8 @@ def build_parser() -> argparse.ArgumentParser:
         description=textwrap.fill(
             "Build the precomputed 'For You' feeds (a Dagster asset graph) and read them: "
             "`run` builds everything, `feed` prints one user's feed, `serve` answers over "
-            "HTTP, `simulate` and `make-ebnerd` write data to try it on.",
+            "HTTP, `fetch-serving` copies the published feeds from the artifacts bucket, "
+            "`simulate` and `make-ebnerd` write data to try it on.",
             88,
         ),
         epilog=f"{env}\n\n`feed-dagster COMMAND --help` describes a command.",
