@@ -20,6 +20,7 @@ KEEP_GENERATIONS.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import tempfile
@@ -89,7 +90,10 @@ def upload_generation(serving_file: Path, generation_id: str, root: Location) ->
     fs.put_file(str(serving_file), object_path)
     # Only now does any reader learn of the object.
     fs.pipe_file(filesystem(join(root, POINTER))[1], current.to_json())
-    _sweep(root, keep={key})
+    # The generation is live: a sweep that fails leaves old objects for the next publish to
+    # delete, and must not fail this one (its retry would publish yet another generation).
+    with contextlib.suppress(OSError):
+        _sweep(root, keep={key})
     return current
 
 
