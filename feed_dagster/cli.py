@@ -643,6 +643,33 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_fetch_serving(args: argparse.Namespace) -> int:
+    """Copy the bucket's current serving generation to a local serving file."""
+    from feed_dagster.serving.bucket import (
+        GenerationCorruptError,
+        GenerationNotFoundError,
+        fetch_current,
+    )
+
+    store = storage()
+    bucket = store.serving_bucket()
+    if bucket is None:
+        print(
+            f"feed-dagster fetch-serving: {ARTIFACTS_URI_VARIABLE} does not name a bucket "
+            "(s3://...); the serving file is only local",
+            file=sys.stderr,
+        )
+        return 1
+    target = Path(args.path).resolve() if args.path else store.serving_path()
+    try:
+        current = fetch_current(bucket, target)
+    except (GenerationNotFoundError, GenerationCorruptError) as exc:
+        print(f"feed-dagster fetch-serving: {exc}", file=sys.stderr)
+        return 1
+    print(f"generation {current.generation_id} ({current.bytes:,} bytes) in {target}")
+    return 0
+
+
 def cmd_simulate(args: argparse.Namespace) -> int:
     from feed_dagster.atomic import atomic_path
     from feed_dagster.data.warehouse import read_tables
@@ -676,8 +703,8 @@ ENVIRONMENT = {
     "(default: models/ under the storage root)",
     ARTIFACTS_URI_VARIABLE: "the root of the vector table, the shard files and the article "
     "embeddings, a local path or s3://bucket/prefix (endpoint and credentials as for the "
-    "model store; on a bucket, the warehouse tables too, as Parquet) (default: the storage "
-    "root)",
+    "model store; on a bucket, the warehouse tables too, as Parquet, and a copy of each "
+    "published serving generation) (default: the storage root)",
     "FEED_DAGSTER_SOURCE": "where the tables come from: synthetic[:scale] (tiny, demo, ...), "
     "ebnerd:DIR (a folder or the official zip) or parquet:DIR (default: synthetic:demo)",
     "DAGSTER_HOME": "Dagster instance folder; set, runs of `run` are kept and show in the UI "
@@ -728,7 +755,8 @@ def build_parser() -> argparse.ArgumentParser:
         description=textwrap.fill(
             "Build the precomputed 'For You' feeds (a Dagster asset graph) and read them: "
             "`run` builds everything, `feed` prints one user's feed, `serve` answers over "
-            "HTTP, `simulate` and `make-ebnerd` write data to try it on.",
+            "HTTP, `fetch-serving` copies the published feeds from the artifacts bucket, "
+            "`simulate` and `make-ebnerd` write data to try it on.",
             88,
         ),
         epilog=f"{env}\n\n`feed-dagster COMMAND --help` describes a command.",
@@ -831,6 +859,22 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--access-log", action="store_true", help="log every request (default: off)")
     serve.set_defaults(func=cmd_serve)
+
+    fetch = command(
+        "fetch-serving",
+        "copy the current serving generation from the artifacts bucket to a local file",
+        "Download the serving generation the last publish put on the bucket "
+        f"({ARTIFACTS_URI_VARIABLE}/serving/CURRENT names it), check its size and SHA-256, "
+        "and swap it into the local serving file atomically, with its lookup file: for "
+        "`feed` and `serve` on a machine other than the one that published. Nothing is "
+        "downloaded when the file already holds that generation. Exit status 1 when the "
+        "artifacts are not on a bucket, nothing is published there, or the copy is damaged.",
+    )
+    fetch.add_argument(
+        "--path",
+        help="serving file to write (default: serving/feeds.duckdb under FEED_DAGSTER_DATA)",
+    )
+    fetch.set_defaults(func=cmd_fetch_serving)
 
     sim = command(
         "simulate",

@@ -14,6 +14,7 @@ from pathlib import Path
 from feed_dagster.artifacts import Location
 from feed_dagster.data.warehouse import read_tables
 from feed_dagster.feeds.shard_files import local_shards, missing_shards, read_versions, shard_path
+from feed_dagster.serving.bucket import BucketGeneration, upload_generation
 from feed_dagster.serving.guard import GuardConfig, GuardDecision, check_publish
 from feed_dagster.serving.publish import PublishResult, publish_feeds
 
@@ -25,6 +26,8 @@ class GenerationOutcome:
 
     decision: GuardDecision
     published: PublishResult | None
+    # What the bucket's pointer names after the publish (None: no bucket, or refused).
+    on_bucket: BucketGeneration | None = None
 
 
 def publish_generation(
@@ -33,11 +36,13 @@ def publish_generation(
     serving_path: Path,
     warehouse_path: Location,
     guard: GuardConfig,
+    serving_bucket: Location | None = None,
 ) -> GenerationOutcome:
     """Publish the shard files of `keys` under `shard_dir` (a local directory or a bucket
     prefix) into `serving_path`, swapped in atomically, if the guard accepts them against
-    the warehouse's active users and the live generation. Raises FileNotFoundError, before
-    anything else, when a shard file is missing."""
+    the warehouse's active users and the live generation; with `serving_bucket`, the new
+    generation then also becomes the bucket's current one (serving/bucket.py). Raises
+    FileNotFoundError, before anything else, when a shard file is missing."""
     missing = missing_shards(shard_dir, keys)
     if missing:
         raise FileNotFoundError(
@@ -47,7 +52,15 @@ def publish_generation(
     # DuckDB builds the serving file from local files: shards in a bucket are copied beside
     # it first (a local directory is read in place).
     with local_shards(shard_dir, keys, serving_path) as local_dir:
-        return _publish_local(local_dir, keys, serving_path, warehouse_path, guard)
+        outcome = _publish_local(local_dir, keys, serving_path, warehouse_path, guard)
+    if outcome.published is None or serving_bucket is None:
+        return outcome
+    # After the local swap: an upload that fails fails the publish (retried as a whole, a
+    # new generation), and the bucket's pointer keeps naming the previous generation.
+    on_bucket = upload_generation(
+        outcome.published.path, outcome.published.generation_id, serving_bucket
+    )
+    return GenerationOutcome(outcome.decision, outcome.published, on_bucket)
 
 
 def _publish_local(

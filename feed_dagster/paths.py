@@ -106,6 +106,13 @@ class StorageLayout(abc.ABC):
         """The serving DuckDB file readers query; replaced atomically on every publish."""
         return self.data_root() / "serving" / "feeds.duckdb"
 
+    def serving_bucket(self) -> Location | None:
+        """Where each published generation also goes when the artifacts root is a bucket,
+        for readers on other machines (`<artifacts root>/serving`, see
+        feed_dagster/serving/bucket.py); None when the artifacts are local."""
+        artifacts = self.artifacts_root()
+        return join(artifacts, "serving") if is_remote(artifacts) else None
+
     def safety_path(self) -> Path:
         """Deleted posts and block/mute edges readers drop at read time, beside the serving
         file (written by the ingest; see feed_dagster/serving/safety.py)."""

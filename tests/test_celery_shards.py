@@ -4,20 +4,16 @@ worker processes started by `dagster-celery worker start`."""
 
 from __future__ import annotations
 
-import contextlib
 import os
 import shutil
-import signal
 import subprocess
-import sys
 import time
-from collections.abc import Iterator
-from pathlib import Path
 from types import SimpleNamespace
 
 import dagster as dg
 import polars as pl
 import pytest
+from celery_workers import BIN, ROOT, celery_steps, celery_workers
 from dagster_helpers import materialize
 from polars.testing import assert_frame_equal
 from servers import free_port
@@ -30,8 +26,6 @@ from feed_dagster.jobs.executors import (
 )
 from feed_dagster.resources.storage import StorageResource
 
-ROOT = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
 SHARDS = ("0", "1")
 
 
@@ -56,69 +50,6 @@ def test_the_broker_setting_is_named_when_unset_or_unreachable(monkeypatch) -> N
     message = str(caught.value)
     assert CELERY_BROKER_VARIABLE in message and "cannot be reached" in message
     assert "refused" in message.lower() and "s3cret" not in message
-
-
-def _children(pid: int) -> set[int]:
-    """The processes `pid` started (Linux), recursively: dagster-celery's command starts the
-    `celery` worker as a child process."""
-    found: set[int] = set()
-    with contextlib.suppress(OSError):
-        for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split():
-            found |= {int(child), *_children(int(child))}
-    return found
-
-
-@contextlib.contextmanager
-def celery_workers(names: list[str], env: dict[str, str], logs: Path) -> Iterator[dict[str, int]]:
-    """One `dagster-celery worker start` per name, each a single process (solo pool) in a
-    session of its own; yields {name: pid of the process that runs the tasks} once every
-    worker says it is ready, and stops them all after, also when the test failed."""
-    procs: dict[str, subprocess.Popen[bytes]] = {}
-    try:
-        for name in names:
-            with (logs / f"{name}.log").open("wb") as out:
-                procs[name] = subprocess.Popen(
-                    [
-                        str(BIN / "dagster-celery"),
-                        "worker",
-                        "start",
-                        "-A",
-                        "dagster_celery.app",
-                        "-y",
-                        str(ROOT / "deploy" / "celery" / "celery.yaml"),
-                        "-n",
-                        name,
-                        "-l",
-                        "INFO",
-                        "--",
-                        "--pool=solo",
-                    ],
-                    stdout=out,
-                    stderr=subprocess.STDOUT,
-                    env=env,
-                    cwd=ROOT,
-                    start_new_session=True,
-                )
-        deadline = time.monotonic() + 90
-        waiting = set(names)
-        while waiting:
-            for name in list(waiting):
-                assert procs[name].poll() is None, (logs / f"{name}.log").read_text()
-                if " ready." in (logs / f"{name}.log").read_text():
-                    waiting.discard(name)
-            assert time.monotonic() < deadline, f"workers {waiting} not ready in 90 s"
-            time.sleep(0.3)
-        yield {name: max(_children(proc.pid)) for name, proc in procs.items()}
-    finally:
-        for proc in procs.values():
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGTERM)
-        for proc in procs.values():
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
 
 
 @pytest.mark.slow
@@ -182,21 +113,13 @@ def test_user_feeds_shards_run_on_celery_workers(data_dir, tmp_path, monkeypatch
         assert sorted(r.tags["dagster/partition"] for r in runs_kept) == list(SHARDS)
         assert {r.status for r in runs_kept} == {dg.DagsterRunStatus.SUCCESS}
         for run in runs_kept:
-            events = [e.dagster_event for e in instance.all_logs(run.run_id) if e.dagster_event]
-            # dagster-celery's task reports which worker took the step...
-            (handed,) = [
-                e.engine_event_data.metadata["Celery worker"].value
-                for e in events
-                if e.event_type_value == "ENGINE_EVENT"
-                and "Celery worker" in e.engine_event_data.metadata
-            ]
-            assert handed.split("@")[0] in names
-            # ...and the step's own events were written by that worker's process, not by
-            # the process that ran the job (nor by this one).
-            (success,) = [e for e in events if e.event_type_value == "STEP_SUCCESS"]
-            assert success.step_key == "user_feeds"
-            assert success.pid == worker_pids[handed.split("@")[0]]
-            assert success.pid not in run_pids | {os.getpid()}
+            # dagster-celery's task reports which worker took the step, and the step's own
+            # events were written by that worker's process, not by the process that ran the
+            # job (nor by this one).
+            (step,) = celery_steps(instance, run.run_id).values()
+            assert step.step_key == "user_feeds" and step.worker in names
+            assert step.pid == worker_pids[step.worker]
+            assert step.pid not in run_pids | {os.getpid()}
     finally:
         instance.dispose()
     # The workers' own logs name the step they ran.

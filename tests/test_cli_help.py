@@ -30,7 +30,7 @@ def test_every_command_is_described_and_every_argument_has_help() -> None:
     parser = build_parser()
     assert parser.description
     commands = _subparsers(parser)
-    assert set(commands) == {"run", "feed", "serve", "simulate", "make-ebnerd"}
+    assert set(commands) == {"run", "feed", "serve", "fetch-serving", "simulate", "make-ebnerd"}
     (sub_action,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
     summaries = {a.dest: a.help for a in sub_action._choices_actions}
     for name, command in commands.items():

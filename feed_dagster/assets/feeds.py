@@ -5,6 +5,7 @@ import os
 import dagster as dg
 from pydantic import Field
 
+from feed_dagster.artifacts import join
 from feed_dagster.assets.conditions import publish_when_every_shard_is_fresh
 from feed_dagster.assets.retry import IO_RETRY, fail_fast
 from feed_dagster.feeds.build import PIPELINE_TABLES
@@ -16,8 +17,8 @@ from feed_dagster.generation import publish_generation
 from feed_dagster.memory import StepMemory
 from feed_dagster.resources.storage import StorageResource
 from feed_dagster.resources.stores import LanceDBResource, ModelStoreResource, model_locations
+from feed_dagster.serving.bucket import read_live_served
 from feed_dagster.serving.guard import GuardConfig, GuardDecision
-from feed_dagster.serving.read import read_served
 
 N_SHARDS = default_shard_count(
     os.environ.get("FEED_DAGSTER_SOURCE", "synthetic:demo"), os.environ.get("FEED_DAGSTER_SHARDS")
@@ -108,7 +109,11 @@ def user_feeds(
     storage.check_artifacts()  # a wrong bucket stops the step before the feeds are built
     shard = int(context.partition_key)
     tables = read_shard_tables(storage.warehouse_path(), shard, N_SHARDS)
-    served = read_served(storage.serving_path()) if config.exclude_previously_served else None
+    served = (
+        read_live_served(storage.serving_bucket(), storage.serving_path())
+        if config.exclude_previously_served
+        else None
+    )
     # Raises NoCandidatesError before anything is written when the window misses the data.
     with fail_fast():
         built = precompute_shard(
@@ -179,12 +184,14 @@ def published_feeds(
     publish_guard check runs first; when it fails nothing is built and the live file stays."""
     guard = GuardConfig(config.min_active_coverage, config.min_share_of_live, config.allow_shrink)
     storage.check_artifacts()
+    bucket = storage.serving_bucket()
     outcome = publish_generation(
         storage.shard_dir(),
         user_shards.get_partition_keys(),
         storage.serving_path(),
         storage.warehouse_path(),
         guard,
+        serving_bucket=bucket,
     )
     decision, result = outcome.decision, outcome.published
     if result is None:
@@ -206,6 +213,11 @@ def published_feeds(
             "model_version": result.model_version,
             "vector_table_version": result.vector_table_version,
             "publish_seconds": round(result.seconds, 3),
+            **(
+                {"bucket_generation": str(join(bucket, outcome.on_bucket.key))}
+                if bucket is not None and outcome.on_bucket is not None
+                else {}
+            ),
         },
         check_results=[_guard_result(decision)],
     )
