@@ -4,20 +4,15 @@ worker processes started by `dagster-celery worker start`."""
 
 from __future__ import annotations
 
-import contextlib
 import os
-import shutil
-import signal
 import subprocess
-import sys
 import time
-from collections.abc import Iterator
-from pathlib import Path
 from types import SimpleNamespace
 
 import dagster as dg
 import polars as pl
 import pytest
+from celery_helpers import BIN, ROOT, celery_workers, shared_instance, worker_env, worker_of_step
 from dagster_helpers import materialize
 from polars.testing import assert_frame_equal
 from servers import free_port
@@ -30,8 +25,6 @@ from feed_dagster.jobs.executors import (
 )
 from feed_dagster.resources.storage import StorageResource
 
-ROOT = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
 SHARDS = ("0", "1")
 
 
@@ -58,94 +51,16 @@ def test_the_broker_setting_is_named_when_unset_or_unreachable(monkeypatch) -> N
     assert "refused" in message.lower() and "s3cret" not in message
 
 
-def _children(pid: int) -> set[int]:
-    """The processes `pid` started (Linux), recursively: dagster-celery's command starts the
-    `celery` worker as a child process."""
-    found: set[int] = set()
-    with contextlib.suppress(OSError):
-        for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split():
-            found |= {int(child), *_children(int(child))}
-    return found
-
-
-@contextlib.contextmanager
-def celery_workers(names: list[str], env: dict[str, str], logs: Path) -> Iterator[dict[str, int]]:
-    """One `dagster-celery worker start` per name, each a single process (solo pool) in a
-    session of its own; yields {name: pid of the process that runs the tasks} once every
-    worker says it is ready, and stops them all after, also when the test failed."""
-    procs: dict[str, subprocess.Popen[bytes]] = {}
-    try:
-        for name in names:
-            with (logs / f"{name}.log").open("wb") as out:
-                procs[name] = subprocess.Popen(
-                    [
-                        str(BIN / "dagster-celery"),
-                        "worker",
-                        "start",
-                        "-A",
-                        "dagster_celery.app",
-                        "-y",
-                        str(ROOT / "deploy" / "celery" / "celery.yaml"),
-                        "-n",
-                        name,
-                        "-l",
-                        "INFO",
-                        "--",
-                        "--pool=solo",
-                    ],
-                    stdout=out,
-                    stderr=subprocess.STDOUT,
-                    env=env,
-                    cwd=ROOT,
-                    start_new_session=True,
-                )
-        deadline = time.monotonic() + 90
-        waiting = set(names)
-        while waiting:
-            for name in list(waiting):
-                assert procs[name].poll() is None, (logs / f"{name}.log").read_text()
-                if " ready." in (logs / f"{name}.log").read_text():
-                    waiting.discard(name)
-            assert time.monotonic() < deadline, f"workers {waiting} not ready in 90 s"
-            time.sleep(0.3)
-        yield {name: max(_children(proc.pid)) for name, proc in procs.items()}
-    finally:
-        for proc in procs.values():
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGTERM)
-        for proc in procs.values():
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
-
-
 @pytest.mark.slow
 def test_user_feeds_shards_run_on_celery_workers(data_dir, tmp_path, monkeypatch, redis_url):
     # The tiny world's tables (the feeds fall back to the untrained scorer without models).
     materialize(dg.AssetSelection.groups("raw", "social_graph"), raise_on_error=True)
 
-    home = tmp_path / "dagster_home"
-    home.mkdir()
-    shutil.copy(ROOT / ".dagster_home" / "dagster.yaml", home / "dagster.yaml")
+    home = shared_instance(tmp_path / "dagster_home")
     monkeypatch.setenv("DAGSTER_HOME", str(home))
-    # Opened once here first: its SQLite tables are created before the workers and the
-    # runs open it side by side (two processes creating them at once collide).
-    dg.DagsterInstance.get().dispose()
     logs = tmp_path / "logs"
     logs.mkdir()
-    # What a worker machine and the machine that starts runs share: the instance, the
-    # storage root, the source, and the executor settings.
-    env = {
-        **os.environ,
-        "DAGSTER_HOME": str(home),
-        EXECUTOR_VARIABLE: "celery",
-        CELERY_BROKER_VARIABLE: redis_url,
-        "PYTHONPATH": str(ROOT),
-        # dagster-celery starts the `celery` command found on PATH.
-        "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
-    }
+    env = worker_env(home, redis_url)
     storage = StorageResource(root=str(data_dir))
     names = ["feed-shard-a", "feed-shard-b"]
     with celery_workers(names, env, logs) as worker_pids:
@@ -182,21 +97,10 @@ def test_user_feeds_shards_run_on_celery_workers(data_dir, tmp_path, monkeypatch
         assert sorted(r.tags["dagster/partition"] for r in runs_kept) == list(SHARDS)
         assert {r.status for r in runs_kept} == {dg.DagsterRunStatus.SUCCESS}
         for run in runs_kept:
-            events = [e.dagster_event for e in instance.all_logs(run.run_id) if e.dagster_event]
-            # dagster-celery's task reports which worker took the step...
-            (handed,) = [
-                e.engine_event_data.metadata["Celery worker"].value
-                for e in events
-                if e.event_type_value == "ENGINE_EVENT"
-                and "Celery worker" in e.engine_event_data.metadata
-            ]
-            assert handed.split("@")[0] in names
-            # ...and the step's own events were written by that worker's process, not by
-            # the process that ran the job (nor by this one).
-            (success,) = [e for e in events if e.event_type_value == "STEP_SUCCESS"]
-            assert success.step_key == "user_feeds"
-            assert success.pid == worker_pids[handed.split("@")[0]]
-            assert success.pid not in run_pids | {os.getpid()}
+            # The step ran in a worker's process, not in the process that ran the job (nor
+            # in this one).
+            worker = worker_of_step(instance, run.run_id, "user_feeds", worker_pids)
+            assert worker_pids[worker] not in run_pids | {os.getpid()}
     finally:
         instance.dispose()
     # The workers' own logs name the step they ran.
