@@ -545,46 +545,21 @@ def _shards_on_engine(
     for the UI's and the schedule's runs), at most `at_once` runs at a time; returns the
     reports in shard order.
 
-    The steps' events are written by the workers, never passing through this process's
-    instance, so progress comes from reading each run's event log back as it grows."""
-    from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+    Each run is started from a spawned process of its own (`_shard_run`), reused for the
+    next shard: Dagster configures Python's logging as a run starts, which can deadlock
+    against another run's logging in the same process. The steps' events are written by the
+    workers, never passing through a process of `run`, so progress comes from reading each
+    run's event log back here as it grows."""
+    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+    from multiprocessing import get_context
 
     import dagster as dg
-    from dagster._core.definitions.reconstruct import ReconstructableRepository
 
-    # What `dagster job execute -m feed_dagster.definitions -j refresh_feeds` runs: a worker
-    # rebuilds the job from the same module in its own environment.
-    job = ReconstructableRepository.for_module(
-        "feed_dagster.definitions", "defs"
-    ).get_reconstructable_job(SHARD_JOB)
-    with warnings.catch_warnings():
-        # Loaded once here, before the runs' threads share it. Dagster still calls the
-        # sensors' `owners` parameter beta and says so on loading; among the progress lines
-        # that is noise.
-        warnings.filterwarnings("ignore", message="Parameter `owners`")
-        job.get_definition()
-    run_config = {
-        "loggers": {"console": {"config": {"log_level": log_level}}},
-        "resources": {"storage": {"config": {"root": str(root)}}},
-    }
     build = str(uuid.uuid4())
-
-    def run_shard(key: str) -> tuple[float, Any]:
-        # An instance per run: each thread's run writes through its own connections.
-        with dg.DagsterInstance.get() as instance:
-            t0 = time.perf_counter()
-            result = dg.execute_job(
-                job,
-                instance=instance,
-                run_config=run_config,
-                tags={PARTITION_TAG: key, BUILD_TAG: build},
-            )
-            return time.perf_counter() - t0, result
-
     emit = functools.partial(_dispatch, progress)
     followed: dict[str, tuple[Callable[[Any], None], Any]] = {}
-    reports: dict[str, str] = {}
     done: set[str] = set()
+    reports: dict[str, str] = {}
     with dg.DagsterInstance.get() as instance:
 
         def follow(only: str | None = None) -> None:
@@ -601,32 +576,66 @@ def _shards_on_engine(
                     listen(record.event_log_entry)
                 followed[run_id] = (listen, page.cursor)
 
-        with ThreadPoolExecutor(at_once, thread_name_prefix="shard-run") as pool:
-            pending = {pool.submit(run_shard, key): key for key in shards}
+        # spawn, not fork: the parent has used torch's thread pool, which a fork can deadlock.
+        with ProcessPoolExecutor(at_once, mp_context=get_context("spawn")) as pool:
+            pending = {pool.submit(_shard_run, key, build, log_level, root): key for key in shards}
             try:
                 while pending:
                     finished, _ = wait(pending, timeout=0.5, return_when=FIRST_COMPLETED)
                     follow()
                     for future in finished:
                         key = pending.pop(future)
+                        run_id, reports[key] = future.result()  # a failed shard raises
+                        follow(run_id)  # the run's last events before its report
+                        followed.pop(run_id, None)
+                        done.add(run_id)
                         label = f"user_feeds shard {key}"
-                        try:
-                            seconds, result = future.result()
-                        except Exception as exc:  # Dagster refused to start the run
-                            raise BuildFailed(f"- {label}: FAILED to start: {exc}") from exc
-                        follow(result.run_id)  # the run's last events before its report
-                        followed.pop(result.run_id, None)
-                        done.add(result.run_id)
-                        reports[key] = _step_report(label, seconds, result)
                         progress.shard_finished(label, reports[key], len(reports), len(shards))
             except BaseException:
-                # A failed shard stops `run`, as in the local pool: runs not started yet
-                # are dropped, and those in flight are waited for as they finish on the
-                # workers (a run left behind would stay "started" in the instance).
+                # A failed shard stops `run`, as in the local pool: its events are shown,
+                # runs not started yet are dropped, and those in flight are waited for as
+                # they finish on the workers (a run left behind would stay "started").
+                follow()
                 for future in pending:
                     future.cancel()
                 raise
     return [reports[key] for key in shards]
+
+
+def _shard_run(key: str, build: str, log_level: str, root: Path) -> tuple[str, str]:
+    """Run shard `key` as a run of refresh_feeds with the job's own executor, tagged with
+    the partition and the build; returns (run id, report). Raises BuildFailed(report) when
+    the run failed."""
+    import dagster as dg
+    from dagster._core.definitions.reconstruct import ReconstructableRepository
+
+    # What `dagster job execute -m feed_dagster.definitions -j refresh_feeds` runs: a worker
+    # rebuilds the job from the same module in its own environment.
+    job = ReconstructableRepository.for_module(
+        "feed_dagster.definitions", "defs"
+    ).get_reconstructable_job(SHARD_JOB)
+    with warnings.catch_warnings():
+        # Dagster still calls the sensors' `owners` parameter beta and says so on loading
+        # them; among the progress lines that is noise.
+        warnings.filterwarnings("ignore", message="Parameter `owners`")
+        job.get_definition()
+    run_config = {
+        "loggers": {"console": {"config": {"log_level": log_level}}},
+        "resources": {"storage": {"config": {"root": str(root)}}},
+    }
+    label = f"user_feeds shard {key}"
+    t0 = time.perf_counter()
+    try:
+        with dg.DagsterInstance.get() as instance:
+            result = dg.execute_job(
+                job,
+                instance=instance,
+                run_config=run_config,
+                tags={PARTITION_TAG: key, BUILD_TAG: build},
+            )
+    except Exception as exc:  # Dagster refused to start the run
+        raise BuildFailed(f"- {label}: FAILED to start: {exc}") from None
+    return result.run_id, _step_report(label, time.perf_counter() - t0, result)
 
 
 def print_warehouse_summary(path: Path) -> None:
