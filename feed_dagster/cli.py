@@ -11,6 +11,7 @@ import sys
 import textwrap
 import time
 import uuid
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -159,7 +160,8 @@ StepEvent = tuple[str, str, str, Any]
 def _step_listener(
     phase: str, emit: Callable[[StepEvent], None], log_level: str
 ) -> Callable[[Any], None]:
-    """An instance event listener that turns a run's events into StepEvents.
+    """An instance event listener that turns a run's events into StepEvents (also fed the
+    entries of a run's event log as they are read back).
 
     Log lines of steps at INFO up to (not including) the console's `log_level` are passed
     on: those at or above it the Dagster console logger prints already."""
@@ -183,11 +185,13 @@ def _step_listener(
             if step is None:
                 return
             kind = entry.dagster_event_type
+            # The events' own times, not when they are seen: read back from the event log
+            # (steps on Celery workers), a step's events arrive a poll late.
             if kind == dg.DagsterEventType.STEP_START:
-                started[step] = time.monotonic()
+                started[step] = entry.timestamp
                 emit((phase, "start", step, None))
             elif kind in ends:
-                seconds = time.monotonic() - started.pop(step, time.monotonic())
+                seconds = entry.timestamp - started.pop(step, entry.timestamp)
                 emit((phase, "done", step, (seconds, ends[kind])))
             elif kind is None and logging.INFO <= entry.level < threshold:
                 emit((phase, "log", step, entry.user_message))
@@ -272,16 +276,24 @@ def _run_step(
         raise_on_error=False,
         run_id=run_id,
     )
+    return _step_report(label, time.perf_counter() - t0, result)
+
+
+def _step_report(label: str, seconds: float, result: Any) -> str:
+    """The report lines of a finished run of `run` (an ExecuteInProcessResult, or the
+    JobExecutionResult of a run on the engine); raises PublishRefused when the publish guard
+    refused, BuildFailed(report) when anything else failed."""
     built = [e.asset_key.to_user_string() for e in result.get_asset_materialization_events()]
-    lines = [f"- {label}: built {', '.join(built)} in {time.perf_counter() - t0:.1f}s"]
+    lines = [f"- {label}: built {', '.join(built)} in {seconds:.1f}s"]
     lines += [
         f"  check {c.check_name} FAILED: {c.description}"
         for c in result.get_asset_check_evaluations()
         if not c.passed
     ]
     refused = [c for c in result.get_asset_check_evaluations() if c.check_name == "publish_guard"]
+    failures = result.get_step_failure_events()
     fatal = False
-    for event in result.get_step_failure_events():
+    for event in failures:
         error = event.step_failure_data.error
         if error is not None and error.cls_name == "DagsterAssetCheckFailedError":
             # A blocking check did its job (e.g. the promotion gate refused a ranker): what
@@ -295,9 +307,25 @@ def _run_step(
             raise PublishRefused("\n".join(lines))
         fatal = True
         lines.append(f"  FAILED {event.step_key}: {error_text(error)}")
+    if not result.success and not failures:
+        # The run failed before or around its steps (an executor that could not start, a
+        # broker gone mid-run): no step says why, the run's failure does.
+        fatal = True
+        lines.append(f"  FAILED run {result.run_id}: {_run_failure_text(result)}")
     if fatal:
         raise BuildFailed("\n".join(lines))
     return "\n".join(lines)
+
+
+def _run_failure_text(result: Any) -> str:
+    import dagster as dg
+
+    for event in result.all_events:
+        if event.event_type == dg.DagsterEventType.RUN_FAILURE:
+            data = event.event_specific_data
+            error = getattr(data, "error", None)
+            return error_text(error) if error is not None else event.message or "run failed"
+    return "the run failed without a step failure"
 
 
 def error_text(error: object) -> str:
@@ -356,10 +384,16 @@ def _materialize_phases(
     # feed quality run here, after them, where a process start would only add time.
     phase("sources", "sources", "generate or load the world, check its tables", fresh=True)
     phase("models and vectors", "derived", "training takes a few minutes", fresh=True)
-    labels = [(f"user_feeds shard {k}", "shard", k) for k in shards]
-    workers = workers or min(len(shards), os.cpu_count() or 1)
-    progress.shards_started(len(shards), workers)
-    _in_fresh_processes(log_level, progress, root, labels, workers, progress.shard_finished)
+    if shard_engine():
+        # Each shard one run of refresh_feeds, as the schedule and the sensor start them.
+        runs = workers or shard_runs_at_once(len(shards))
+        progress.shards_started(len(shards), runs, "runs at a time on the Celery workers")
+        _shards_on_engine(log_level, progress, root, shards, runs)
+    else:
+        labels = [(f"user_feeds shard {k}", "shard", k) for k in shards]
+        workers = workers or min(len(shards), os.cpu_count() or 1)
+        progress.shards_started(len(shards), workers)
+        _in_fresh_processes(log_level, progress, root, labels, workers, progress.shard_finished)
     refused = None
     try:
         phase("publish", "publish")
@@ -431,6 +465,177 @@ def _in_fresh_processes(
         drain(0.2)  # events a worker queued just before its result came back
     events.close()
     return [reports[i] for i in range(len(tasks))]
+
+
+# The variable that picks the executor of Dagster's runs (feed_dagster/jobs/executors.py),
+# named here so that deciding how `run` builds its shards does not import Dagster.
+EXECUTOR_VARIABLE = "FEED_DAGSTER_EXECUTOR"
+# How many shard runs `run` keeps in flight on the engine (default: one per Celery worker).
+SHARD_RUNS_VARIABLE = "FEED_DAGSTER_SHARD_RUNS"
+# Tags of the shard runs `run` starts on the engine: the partition (what the schedule's
+# runs carry) and the build they belong to, by which their events are found and followed.
+PARTITION_TAG = "dagster/partition"
+BUILD_TAG = "feed_dagster/build"
+SHARD_JOB = "refresh_feeds"
+
+
+def shard_engine() -> str | None:
+    """The engine `run` hands its user_feeds shards to: "celery" when FEED_DAGSTER_EXECUTOR
+    is celery, else None.
+
+    Only Celery takes steps off this machine. With "multiprocess" or "in_process" (or unset)
+    `run` keeps its own pool: one process per shard on this machine, the fan-out Dagster's
+    multiprocess executor would make there too, and `make run`'s path stays as it was."""
+    return "celery" if os.environ.get(EXECUTOR_VARIABLE) == "celery" else None
+
+
+def engine_problem() -> str | None:
+    """Why `run` cannot send its shards to the configured engine, naming the setting to fix;
+    None when it can (or when no engine is configured). Asked before building, so a missing
+    broker is found before the models train, not minutes later."""
+    if shard_engine() is None:
+        return None
+    from feed_dagster.jobs.executors import (
+        CELERY_BROKER_FORM,
+        CELERY_BROKER_VARIABLE,
+        celery_broker_problem,
+    )
+
+    unset = f"or unset {EXECUTOR_VARIABLE} to build the shards on this machine"
+    if not os.environ.get("DAGSTER_HOME"):
+        return (
+            f"{EXECUTOR_VARIABLE}=celery: the workers write the shards' events into the "
+            "Dagster instance the runs are kept in; set DAGSTER_HOME to the instance folder "
+            f"they share, {unset}"
+        )
+    url = os.environ.get(CELERY_BROKER_VARIABLE)
+    if not url:
+        return (
+            f"{EXECUTOR_VARIABLE}=celery needs the broker the workers listen on: set "
+            f"{CELERY_BROKER_VARIABLE}={CELERY_BROKER_FORM}, {unset}"
+        )
+    problem = celery_broker_problem(url)
+    if problem:
+        return f"{CELERY_BROKER_VARIABLE} names {problem}: start the broker, {unset}"
+    value = os.environ.get(SHARD_RUNS_VARIABLE)
+    if value and not (value.isdigit() and int(value) > 0):
+        return f"{SHARD_RUNS_VARIABLE} must be a whole number of runs above 0, got {value!r}"
+    return None
+
+
+def shard_runs_at_once(total: int) -> int:
+    """How many of `total` shard runs to keep in flight on the engine: FEED_DAGSTER_SHARD_RUNS,
+    else the number of Celery workers that answer now (a solo worker runs one step at a
+    time, so more runs would only wait in the queue), at least one, at most `total`."""
+    value = os.environ.get(SHARD_RUNS_VARIABLE)
+    if value:
+        wanted = int(value)
+    else:
+        from feed_dagster.jobs.executors import CELERY_BROKER_VARIABLE, celery_workers_answering
+
+        wanted = celery_workers_answering(os.environ[CELERY_BROKER_VARIABLE])
+    return max(1, min(total, wanted))
+
+
+def _shards_on_engine(
+    log_level: str, progress: Progress, root: Path, shards: list[str], at_once: int
+) -> list[str]:
+    """Each shard as one run of the refresh_feeds job of feed_dagster.definitions, through
+    Dagster's own execution with the job's executor (the Celery workers take the steps, as
+    for the UI's and the schedule's runs), at most `at_once` runs at a time; returns the
+    reports in shard order.
+
+    Each run is started from a spawned process of its own (`_shard_run`), reused for the
+    next shard: Dagster configures Python's logging as a run starts, which can deadlock
+    against another run's logging in the same process. The steps' events are written by the
+    workers, never passing through a process of `run`, so progress comes from reading each
+    run's event log back here as it grows."""
+    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+    from multiprocessing import get_context
+
+    import dagster as dg
+
+    build = str(uuid.uuid4())
+    emit = functools.partial(_dispatch, progress)
+    followed: dict[str, tuple[Callable[[Any], None], Any]] = {}
+    done: set[str] = set()
+    reports: dict[str, str] = {}
+    with dg.DagsterInstance.get() as instance:
+
+        def follow(only: str | None = None) -> None:
+            runs = instance.get_runs(filters=dg.RunsFilter(tags={BUILD_TAG: build}))
+            for run in runs:
+                if run.run_id not in followed and run.run_id not in done:
+                    label = f"user_feeds shard {run.tags[PARTITION_TAG]}"
+                    followed[run.run_id] = (_step_listener(label, emit, log_level), None)
+            for run_id, (listen, cursor) in list(followed.items()):
+                if only is not None and run_id != only:
+                    continue
+                page = instance.get_records_for_run(run_id, cursor=cursor)
+                for record in page.records:
+                    listen(record.event_log_entry)
+                followed[run_id] = (listen, page.cursor)
+
+        # spawn, not fork: the parent has used torch's thread pool, which a fork can deadlock.
+        with ProcessPoolExecutor(at_once, mp_context=get_context("spawn")) as pool:
+            pending = {pool.submit(_shard_run, key, build, log_level, root): key for key in shards}
+            try:
+                while pending:
+                    finished, _ = wait(pending, timeout=0.5, return_when=FIRST_COMPLETED)
+                    follow()
+                    for future in finished:
+                        key = pending.pop(future)
+                        run_id, reports[key] = future.result()  # a failed shard raises
+                        follow(run_id)  # the run's last events before its report
+                        followed.pop(run_id, None)
+                        done.add(run_id)
+                        label = f"user_feeds shard {key}"
+                        progress.shard_finished(label, reports[key], len(reports), len(shards))
+            except BaseException:
+                # A failed shard stops `run`, as in the local pool: its events are shown,
+                # runs not started yet are dropped, and those in flight are waited for as
+                # they finish on the workers (a run left behind would stay "started").
+                follow()
+                for future in pending:
+                    future.cancel()
+                raise
+    return [reports[key] for key in shards]
+
+
+def _shard_run(key: str, build: str, log_level: str, root: Path) -> tuple[str, str]:
+    """Run shard `key` as a run of refresh_feeds with the job's own executor, tagged with
+    the partition and the build; returns (run id, report). Raises BuildFailed(report) when
+    the run failed."""
+    import dagster as dg
+    from dagster._core.definitions.reconstruct import ReconstructableRepository
+
+    # What `dagster job execute -m feed_dagster.definitions -j refresh_feeds` runs: a worker
+    # rebuilds the job from the same module in its own environment.
+    job = ReconstructableRepository.for_module(
+        "feed_dagster.definitions", "defs"
+    ).get_reconstructable_job(SHARD_JOB)
+    with warnings.catch_warnings():
+        # Dagster still calls the sensors' `owners` parameter beta and says so on loading
+        # them; among the progress lines that is noise.
+        warnings.filterwarnings("ignore", message="Parameter `owners`")
+        job.get_definition()
+    run_config = {
+        "loggers": {"console": {"config": {"log_level": log_level}}},
+        "resources": {"storage": {"config": {"root": str(root)}}},
+    }
+    label = f"user_feeds shard {key}"
+    t0 = time.perf_counter()
+    try:
+        with dg.DagsterInstance.get() as instance:
+            result = dg.execute_job(
+                job,
+                instance=instance,
+                run_config=run_config,
+                tags={PARTITION_TAG: key, BUILD_TAG: build},
+            )
+    except Exception as exc:  # Dagster refused to start the run
+        raise BuildFailed(f"- {label}: FAILED to start: {exc}") from None
+    return result.run_id, _step_report(label, time.perf_counter() - t0, result)
 
 
 def print_warehouse_summary(path: Location) -> None:
@@ -525,7 +730,7 @@ REFUSED = (
 def cmd_run(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     store = storage()
-    problem = instance_problem()
+    problem = instance_problem() or engine_problem()
     if problem:
         print(f"feed-dagster run: {problem}", file=sys.stderr)
         return 1
@@ -713,12 +918,15 @@ ENVIRONMENT = {
     POSTGRES_URL_VARIABLE: "the PostgreSQL database of the run, event log and schedule "
     f"storage when DAGSTER_HOME is deploy/postgres: {POSTGRES_URL_FORM} (the database must "
     "exist; Dagster creates its tables)",
-    "FEED_DAGSTER_EXECUTOR": "executor of jobs started from the UI, schedules and sensors: "
+    EXECUTOR_VARIABLE: "executor of jobs started from the UI, schedules and sensors: "
     "multiprocess (one process per step), in_process or celery (steps on Celery workers) "
-    "(default: multiprocess); `run` always runs its steps in its own process and its "
+    "(default: multiprocess); with celery, `run` also sends each user shard as a run of "
+    "refresh_feeds to the workers; otherwise it runs its steps in its own process and its "
     "shards in worker processes",
     "FEED_DAGSTER_CELERY_BROKER": "with FEED_DAGSTER_EXECUTOR=celery, the Redis broker the "
     "workers listen on, e.g. redis://HOST:6379/0 (no default)",
+    SHARD_RUNS_VARIABLE: "with FEED_DAGSTER_EXECUTOR=celery, how many shard runs `run` keeps "
+    "in flight at once (default: the number of Celery workers that answer a ping)",
     "FEED_DAGSTER_SHARDS": "number of user shards of user_feeds (default: 4; 16 for "
     "synthetic:m, 64 for synthetic:l)",
     "FEED_DAGSTER_ENCODER": "article content encoder: lexical, minilm (needs the [text] "
@@ -777,11 +985,13 @@ def build_parser() -> argparse.ArgumentParser:
         "run",
         "materialise the whole asset graph and show what was built",
         "Materialise every asset: sources, models and vectors, then each user shard of "
-        "user_feeds in worker processes, then the publish and the feed-quality evaluation. "
+        "user_feeds in worker processes (with FEED_DAGSTER_EXECUTOR=celery: one run per "
+        "shard on the Celery workers), then the publish and the feed-quality evaluation. "
         "Shows each step with its elapsed time, training epochs and shard progress (a live "
         "display on a terminal, plain lines otherwise), then the warehouse's tables and "
-        "one user's feed. Exit status 1 when the Dagster instance (DAGSTER_HOME) cannot be "
-        "opened, a step failed, the publish was refused or there is no feed to show.",
+        "one user's feed. Exit status 1 when the Dagster instance (DAGSTER_HOME) or the "
+        "Celery broker cannot be used, a step failed, the publish was refused or there is no "
+        "feed to show.",
     )
     run.add_argument(
         "--log-level",

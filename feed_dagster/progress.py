@@ -14,6 +14,9 @@ import threading
 import time
 from typing import IO, Any
 
+# What the shards of `run` are fanned out over unless it says otherwise.
+WORKER_PROCESSES = "worker processes"
+
 
 def format_seconds(seconds: float) -> str:
     """12.3s, 4m05s, 1h02m."""
@@ -70,8 +73,8 @@ class Progress:
     def step_message(self, phase: str, step: str, text: str) -> None:
         """A line a running step logged (an epoch's loss and metric, a shard's progress)."""
 
-    def shards_started(self, total: int, workers: int) -> None:
-        """`total` shards are fanned out over `workers` processes."""
+    def shards_started(self, total: int, workers: int, where: str = WORKER_PROCESSES) -> None:
+        """`total` shards are fanned out, `workers` at a time; `where` says over what."""
 
     def shard_finished(self, phase: str, report: str, done: int, total: int) -> None:
         """A shard's run ended; `done` of `total` are finished."""
@@ -143,8 +146,8 @@ class PlainProgress(Progress):
     def step_message(self, phase: str, step: str, text: str) -> None:
         self._print(f"  {_name(phase, step)}: {text}")
 
-    def shards_started(self, total: int, workers: int) -> None:
-        self._print(f"- user_feeds: {total} shards on {workers} worker processes ...")
+    def shards_started(self, total: int, workers: int, where: str = WORKER_PROCESSES) -> None:
+        self._print(f"- user_feeds: {total} shards on {workers} {where} ...")
 
     def shard_finished(self, phase: str, report: str, done: int, total: int) -> None:
         self._print(report)
@@ -184,7 +187,7 @@ class RichProgress(Progress):
         self._lock = threading.Lock()
         self._phase_task: Any = None
         self._shard_task: Any = None
-        self._workers = 0
+        self._workers = ""
         self._steps: dict[tuple[str, str], Any] = {}
         self._live.start()
 
@@ -236,13 +239,13 @@ class RichProgress(Progress):
                 self._live.update(task, description=f"  {_name(phase, step)}: {short}")
         self._print(f"  {_name(phase, step)}: {text}", style="dim")
 
-    def shards_started(self, total: int, workers: int) -> None:
+    def shards_started(self, total: int, workers: int, where: str = WORKER_PROCESSES) -> None:
         with self._lock:
-            self._workers = workers
+            self._workers = f"{workers} {where}"
             self._shard_task = self._live.add_task(self._shards_label(0, total), total=total)
 
     def _shards_label(self, done: int, total: int) -> str:
-        return f"[bold]user_feeds[/bold]: {done}/{total} shards ({self._workers} worker processes)"
+        return f"[bold]user_feeds[/bold]: {done}/{total} shards ({self._workers})"
 
     def shard_finished(self, phase: str, report: str, done: int, total: int) -> None:
         with self._lock:

@@ -5,7 +5,6 @@ worker processes started by `dagster-celery worker start`."""
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import time
 from types import SimpleNamespace
@@ -13,7 +12,7 @@ from types import SimpleNamespace
 import dagster as dg
 import polars as pl
 import pytest
-from celery_workers import BIN, ROOT, celery_steps, celery_workers
+from celery_helpers import BIN, ROOT, celery_workers, shared_instance, worker_env, worker_of_step
 from dagster_helpers import materialize
 from polars.testing import assert_frame_equal
 from servers import free_port
@@ -57,26 +56,11 @@ def test_user_feeds_shards_run_on_celery_workers(data_dir, tmp_path, monkeypatch
     # The tiny world's tables (the feeds fall back to the untrained scorer without models).
     materialize(dg.AssetSelection.groups("raw", "social_graph"), raise_on_error=True)
 
-    home = tmp_path / "dagster_home"
-    home.mkdir()
-    shutil.copy(ROOT / ".dagster_home" / "dagster.yaml", home / "dagster.yaml")
+    home = shared_instance(tmp_path / "dagster_home")
     monkeypatch.setenv("DAGSTER_HOME", str(home))
-    # Opened once here first: its SQLite tables are created before the workers and the
-    # runs open it side by side (two processes creating them at once collide).
-    dg.DagsterInstance.get().dispose()
     logs = tmp_path / "logs"
     logs.mkdir()
-    # What a worker machine and the machine that starts runs share: the instance, the
-    # storage root, the source, and the executor settings.
-    env = {
-        **os.environ,
-        "DAGSTER_HOME": str(home),
-        EXECUTOR_VARIABLE: "celery",
-        CELERY_BROKER_VARIABLE: redis_url,
-        "PYTHONPATH": str(ROOT),
-        # dagster-celery starts the `celery` command found on PATH.
-        "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
-    }
+    env = worker_env(home, redis_url)
     storage = StorageResource(root=str(data_dir))
     names = ["feed-shard-a", "feed-shard-b"]
     with celery_workers(names, env, logs) as worker_pids:
@@ -113,13 +97,10 @@ def test_user_feeds_shards_run_on_celery_workers(data_dir, tmp_path, monkeypatch
         assert sorted(r.tags["dagster/partition"] for r in runs_kept) == list(SHARDS)
         assert {r.status for r in runs_kept} == {dg.DagsterRunStatus.SUCCESS}
         for run in runs_kept:
-            # dagster-celery's task reports which worker took the step, and the step's own
-            # events were written by that worker's process, not by the process that ran the
-            # job (nor by this one).
-            (step,) = celery_steps(instance, run.run_id).values()
-            assert step.step_key == "user_feeds" and step.worker in names
-            assert step.pid == worker_pids[step.worker]
-            assert step.pid not in run_pids | {os.getpid()}
+            # The step ran in a worker's process, not in the process that ran the job (nor
+            # in this one).
+            worker = worker_of_step(instance, run.run_id, "user_feeds", worker_pids)
+            assert worker_pids[worker] not in run_pids | {os.getpid()}
     finally:
         instance.dispose()
     # The workers' own logs name the step they ran.

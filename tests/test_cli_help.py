@@ -14,6 +14,7 @@ from feed_dagster.cli import (
     ENVIRONMENT,
     POSTGRES_URL_VARIABLE,
     SERVE_ENVIRONMENT,
+    SHARD_RUNS_VARIABLE,
     build_parser,
     main,
 )
@@ -73,6 +74,7 @@ def test_the_list_holds_every_variable_the_code_reads() -> None:
     constants["ARTIFACTS_URI_VARIABLE"] = ARTIFACTS_URI_VARIABLE
     constants["EXECUTOR_VARIABLE"] = EXECUTOR_VARIABLE
     constants["CELERY_BROKER_VARIABLE"] = CELERY_BROKER_VARIABLE
+    constants["SHARD_RUNS_VARIABLE"] = SHARD_RUNS_VARIABLE
     read = set()
     pattern = re.compile(r"""os\.(?:environ\.get|environ\[|getenv)\(?\s*["']?([A-Za-z_]+)""")
     for path in Path(feed_dagster.__file__).parent.rglob("*.py"):
@@ -86,3 +88,4 @@ def test_the_list_holds_every_variable_the_code_reads() -> None:
     assert MODELS_URI_VARIABLE in read
     assert ARTIFACTS_URI_VARIABLE in read
     assert CELERY_BROKER_VARIABLE in read
+    assert SHARD_RUNS_VARIABLE in read

@@ -66,6 +66,18 @@ def celery_broker_problem(url: str, timeout: float = 3.0) -> str | None:
     return None
 
 
+def celery_workers_answering(url: str, timeout: float = 1.0) -> int:
+    """How many Celery workers on the broker at `url` answer a ping within `timeout` seconds
+    (a solo worker busy with a step does not answer until it is done)."""
+    from celery import Celery
+
+    app = Celery(broker=url, backend=url)
+    try:
+        return len(app.control.ping(timeout=timeout) or [])
+    finally:
+        app.close()
+
+
 def _check_broker(init_context: Any) -> dg.Executor:
     from dagster_celery import celery_executor as dagster_celery_executor
 
