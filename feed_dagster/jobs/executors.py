@@ -25,16 +25,17 @@ def default_executor() -> dg.ExecutorDefinition | None:
     """The executor of jobs that name none (the UI's "Materialize" runs, refresh_feeds, the
     automation sensor's runs and backfills).
 
-    Dagster's default starts one subprocess per step, and each re-imports the project
-    (torch included): on a small world a run of a few quick steps spends most of its time
-    starting processes. FEED_DAGSTER_EXECUTOR=in_process runs every step in the run's own
-    process instead; "celery" sends each step to a Celery worker (see `celery_executor`);
-    unset or "multiprocess" keeps Dagster's default."""
+    Unset or "multiprocess": a process per step, as Dagster's default, but forked from a
+    server that imported the project once per run (`preloaded_multiprocess_executor`):
+    Dagster's default spawns each step's process, which then imports torch, polars and the
+    project again, and on a small world a run of quick steps spent most of its time doing
+    that. FEED_DAGSTER_EXECUTOR=in_process runs every step in the run's own process;
+    "celery" sends each step to a Celery worker (see `celery_executor`)."""
     kind = os.environ.get(EXECUTOR_VARIABLE, "multiprocess")
     if kind == "in_process":
         return dg.in_process_executor
     if kind == "multiprocess":
-        return None
+        return preloaded_multiprocess_executor()
     if kind == "celery":
         if not os.environ.get(CELERY_BROKER_VARIABLE):
             raise ValueError(
@@ -44,6 +45,31 @@ def default_executor() -> dg.ExecutorDefinition | None:
         return celery_executor()
     raise ValueError(
         f"{EXECUTOR_VARIABLE} must be one of {', '.join(map(repr, EXECUTORS))}, got {kind!r}"
+    )
+
+
+# What a step process needs before it runs anything: the run worker's own entry point
+# (multiprocessing re-runs the parent's __main__ in every child), the SQLite storage of the
+# default instance (SQLAlchemy, Alembic) and the project with torch, polars and DuckDB.
+# A module missing from another Dagster version is skipped by the forkserver, not fatal.
+PRELOADED_MODULES = [
+    "dagster._cli",
+    "dagster._core.storage.runs.sqlite",
+    "dagster._core.storage.event_log.sqlite",
+    "dagster._core.storage.schedules.sqlite",
+    "feed_dagster.definitions",
+]
+
+
+def preloaded_multiprocess_executor() -> dg.ExecutorDefinition:
+    """Dagster's multiprocess executor, its step processes forked from a server that has
+    imported the project once per run, instead of each spawned process importing torch,
+    polars, dagster and the definitions again (Dagster's default start method, "spawn").
+    The server only imports: no thread pool or connection exists yet when it forks, so a
+    step starts as cleanly as a spawned one."""
+    return dg.multiprocess_executor.configured(
+        {"start_method": {"forkserver": {"preload_modules": PRELOADED_MODULES}}},
+        name="multiprocess_preloaded",
     )
 
 

@@ -25,7 +25,6 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any, Literal
 
-import lancedb
 import numpy as np
 import polars as pl
 import pyarrow as pa
@@ -60,6 +59,12 @@ SEARCH_PARAMS_KEY = "feed_dagster:search_params"
 def connect(uri: str | Path, storage_options: dict[str, str] | None = None) -> Any:
     """The LanceDB database at `uri`; `storage_options` default to the AWS_* variables'
     for an s3:// URI (none for a local folder)."""
+    # Imported here, not at the top: LanceDB starts an async runtime when imported, which a
+    # process forked afterwards inherits (the step executor forks its steps from a server
+    # that has imported the project), and it takes seconds that steps without vectors
+    # need not pay.
+    import lancedb
+
     if storage_options is None:
         storage_options = lance_storage_options(str(uri))
     return lancedb.connect(str(uri), storage_options=storage_options)
