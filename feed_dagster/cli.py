@@ -483,9 +483,10 @@ def shard_engine() -> str | None:
     """The engine `run` hands its user_feeds shards to: "celery" when FEED_DAGSTER_EXECUTOR
     is celery, else None.
 
-    Only Celery takes steps off this machine. With "multiprocess" or "in_process" (or unset)
-    `run` keeps its own pool: one process per shard on this machine, the fan-out Dagster's
-    multiprocess executor would make there too, and `make run`'s path stays as it was."""
+    Only Celery takes steps off this machine. With "multiprocess", "spawn" or "in_process"
+    (or unset) `run` keeps its own pool: one process per shard on this machine, the fan-out
+    Dagster's multiprocess executor would make there too, and `make run`'s path stays as it
+    was."""
     return "celery" if os.environ.get(EXECUTOR_VARIABLE) == "celery" else None
 
 
@@ -919,8 +920,9 @@ ENVIRONMENT = {
     f"storage when DAGSTER_HOME is deploy/postgres: {POSTGRES_URL_FORM} (the database must "
     "exist; Dagster creates its tables)",
     EXECUTOR_VARIABLE: "executor of jobs started from the UI, schedules and sensors: "
-    "multiprocess (one process per step), in_process or celery (steps on Celery workers) "
-    "(default: multiprocess); with celery, `run` also sends each user shard as a run of "
+    "multiprocess (one process per step, forked from a server that imported the project), "
+    "spawn (one freshly started process per step), in_process or celery (steps on Celery "
+    "workers) (default: multiprocess); with celery, `run` also sends each user shard as a run of "
     "refresh_feeds to the workers; otherwise it runs its steps in its own process and its "
     "shards in worker processes",
     "FEED_DAGSTER_CELERY_BROKER": "with FEED_DAGSTER_EXECUTOR=celery, the Redis broker the "

@@ -18,6 +18,9 @@ def test_executor_follows_the_environment(data_dir, monkeypatch) -> None:
     default_job = build_definitions().resolve_implicit_global_asset_job_def()
     assert default_job.executor_def.name == "multiprocess_preloaded"
 
+    monkeypatch.setenv("FEED_DAGSTER_EXECUTOR", "spawn")
+    assert default_executor() is dg.multiprocess_executor
+
     monkeypatch.setenv("FEED_DAGSTER_EXECUTOR", "in_process")
     job = build_definitions().resolve_implicit_global_asset_job_def()
     assert job.executor_def is dg.in_process_executor

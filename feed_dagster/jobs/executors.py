@@ -14,7 +14,7 @@ import dagster as dg
 EXECUTOR_VARIABLE = "FEED_DAGSTER_EXECUTOR"
 CELERY_BROKER_VARIABLE = "FEED_DAGSTER_CELERY_BROKER"
 CELERY_BROKER_FORM = "redis://HOST:6379/0"
-EXECUTORS = ("multiprocess", "in_process", "celery")
+EXECUTORS = ("multiprocess", "spawn", "in_process", "celery")
 
 
 class CeleryBrokerError(dg.DagsterError):
@@ -29,13 +29,16 @@ def default_executor() -> dg.ExecutorDefinition | None:
     server that imported the project once per run (`preloaded_multiprocess_executor`):
     Dagster's default spawns each step's process, which then imports torch, polars and the
     project again, and on a small world a run of quick steps spent most of its time doing
-    that. FEED_DAGSTER_EXECUTOR=in_process runs every step in the run's own process;
-    "celery" sends each step to a Celery worker (see `celery_executor`)."""
+    that. "spawn" is Dagster's default unchanged, for code that must not start by a fork;
+    "in_process" runs every step in the run's own process; "celery" sends each step to a
+    Celery worker (see `celery_executor`)."""
     kind = os.environ.get(EXECUTOR_VARIABLE, "multiprocess")
     if kind == "in_process":
         return dg.in_process_executor
     if kind == "multiprocess":
         return preloaded_multiprocess_executor()
+    if kind == "spawn":
+        return dg.multiprocess_executor
     if kind == "celery":
         if not os.environ.get(CELERY_BROKER_VARIABLE):
             raise ValueError(
