@@ -50,6 +50,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def unreachable_s3_endpoint(monkeypatch: Any) -> None:
+    """Point the AWS client at a loopback port nothing listens on (connection refused), with
+    one attempt: botocore's retries would only lengthen the wait."""
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{free_port()}")
+
+
 def _server_user() -> str | None:
     """The account a server runs as, or None for the current one. PostgreSQL refuses to run
     as root, so under root (CI containers) it runs as `postgres` (the Debian package's

@@ -17,7 +17,7 @@ import numpy as np
 import polars as pl
 import pytest
 from dagster_helpers import materialize
-from servers import S3Server, free_port
+from servers import S3Server, unreachable_s3_endpoint
 
 from feed_dagster.artifacts import ArtifactsUnavailable, writing_all
 from feed_dagster.feeds.shard_files import read_versions, write_shard
@@ -350,10 +350,7 @@ def test_a_missing_bucket_or_unreachable_endpoint_names_the_setting(
     with pytest.raises(ArtifactsUnavailable, match=r"resources\.lancedb\.config\.uri"):
         own.checked_uri()
 
-    # Nothing listens on this port: connection refused (one attempt: botocore's retries
-    # only lengthen the wait).
-    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
-    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{free_port()}")
+    unreachable_s3_endpoint(monkeypatch)
     monkeypatch.setenv(ARTIFACTS_URI_VARIABLE, f"s3://{s3_bucket}/feed")
     with pytest.raises(ArtifactsUnavailable) as err:
         storage.check_artifacts()

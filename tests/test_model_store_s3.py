@@ -11,7 +11,7 @@ import pytest
 import torch
 from dagster_helpers import instance_with_ranker_candidate, materialize
 from safetensors.torch import save as safetensors_bytes
-from servers import S3Server, free_port
+from servers import S3Server, unreachable_s3_endpoint
 
 from feed_dagster.models.store import (
     CONFIG,
@@ -201,10 +201,7 @@ def test_a_missing_bucket_or_unreachable_endpoint_names_the_setting(s3_bucket, m
     assert "bucket 'no-such-bucket' does not exist" in str(err.value)
     assert MODELS_URI_VARIABLE in str(err.value)
 
-    # Nothing listens on this port: connection refused (one attempt: botocore's retries
-    # only lengthen the wait).
-    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
-    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{free_port()}")
+    unreachable_s3_endpoint(monkeypatch)
     monkeypatch.setenv(MODELS_URI_VARIABLE, f"s3://{s3_bucket}/models")
     with pytest.raises(ModelStoreUnavailable) as err:
         resource.store()
