@@ -18,6 +18,7 @@ from celery_helpers import ROOT, celery_workers, shared_instance, worker_env, wo
 from servers import free_port
 
 import feed_dagster.cli as cli
+import feed_dagster.jobs.run_build as run_build
 from feed_dagster.jobs.executors import CELERY_BROKER_VARIABLE, EXECUTOR_VARIABLE
 from feed_dagster.progress import PlainProgress
 from feed_dagster.serving.read import connect
@@ -35,9 +36,9 @@ def _record_phases(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, list[str]
         calls.append(("engine", list(shards), at_once))
         return [f"- user_feeds shard {key}: built" for key in shards]
 
-    monkeypatch.setattr(cli, "_in_fresh_processes", pool)
-    monkeypatch.setattr(cli, "_shards_on_engine", engine)
-    monkeypatch.setattr(cli, "_run_step", lambda label, *args: f"- {label}: built")
+    monkeypatch.setattr(run_build, "_in_fresh_processes", pool)
+    monkeypatch.setattr(run_build, "_shards_on_engine", engine)
+    monkeypatch.setattr(run_build, "_run_step", lambda label, *args: f"- {label}: built")
     return calls
 
 
@@ -52,8 +53,8 @@ def test_without_the_celery_engine_shards_run_in_runs_own_processes(
     calls = _record_phases(monkeypatch)
     out = io.StringIO()
     with PlainProgress(out, heartbeat=0) as progress:
-        cli._materialize_phases("WARNING", 2, progress, ["0", "1"], tmp_path)
-    assert cli.shard_engine() is None and cli.engine_problem() is None
+        run_build._materialize_phases("WARNING", 2, progress, ["0", "1"], tmp_path)
+    assert run_build.shard_engine() is None and cli.engine_problem() is None
     assert cli.EXECUTOR_VARIABLE == EXECUTOR_VARIABLE  # named twice: the CLI reads it early
     assert calls == [("pool", ["sources"], 1), ("pool", ["derived"], 1), ("pool", ["0", "1"], 2)]
     assert "- user_feeds: 2 shards on 2 worker processes ..." in out.getvalue()
@@ -67,7 +68,7 @@ def test_with_celery_the_shards_go_to_the_engine_as_many_at_once_as_asked(
     calls = _record_phases(monkeypatch)
     out = io.StringIO()
     with PlainProgress(out, heartbeat=0) as progress:
-        cli._materialize_phases("WARNING", None, progress, ["0", "1", "2"], tmp_path)
+        run_build._materialize_phases("WARNING", None, progress, ["0", "1", "2"], tmp_path)
     # The phases before the shards still build here; the shards, at most one run each.
     assert calls == [
         ("pool", ["sources"], 1),
@@ -125,8 +126,8 @@ def test_run_sends_each_shard_to_a_celery_worker(data_dir, tmp_path, monkeypatch
 
     instance = dg.DagsterInstance.get()
     try:
-        shard_runs = instance.get_runs(filters=dg.RunsFilter(job_name=cli.SHARD_JOB))
-        assert sorted(r.tags[cli.PARTITION_TAG] for r in shard_runs) == ["0", "1"]
+        shard_runs = instance.get_runs(filters=dg.RunsFilter(job_name=run_build.SHARD_JOB))
+        assert sorted(r.tags[run_build.PARTITION_TAG] for r in shard_runs) == ["0", "1"]
         assert {r.status for r in shard_runs} == {dg.DagsterRunStatus.SUCCESS}
         for shard_run in shard_runs:
             # Each shard's step ran in a worker's process, not in `run`'s (nor in this one).
@@ -154,7 +155,7 @@ class _FailedRun:
     def __init__(self) -> None:
         error = dg.DagsterEvent(
             event_type_value="PIPELINE_FAILURE",
-            job_name=cli.SHARD_JOB,
+            job_name=run_build.SHARD_JOB,
             message="run failed",
             event_specific_data=None,
         )
@@ -172,5 +173,5 @@ class _FailedRun:
 
 def test_a_shard_run_that_failed_before_its_step_stops_the_build() -> None:
     with pytest.raises(cli.BuildFailed) as caught:
-        cli._step_report("user_feeds shard 0", 1.0, _FailedRun())
+        run_build._step_report("user_feeds shard 0", 1.0, _FailedRun())
     assert "FAILED run r1: run failed" in str(caught.value)

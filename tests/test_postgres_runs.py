@@ -14,6 +14,7 @@ import yaml
 from servers import PostgresServer, free_port
 
 import feed_dagster.cli as cli
+import feed_dagster.jobs.run_build as run_build
 from feed_dagster.cli import POSTGRES_URL_VARIABLE, main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -99,7 +100,7 @@ def test_runs_and_materializations_are_kept_in_postgres(
     assert cli.instance_problem() is None  # opens, and creates Dagster's tables
 
     # `feed-dagster run`'s first phase, as it runs it: the instance comes from DAGSTER_HOME.
-    report = cli._run_step("sources", "sources", None, "WARNING", data_dir)
+    report = run_build._run_step("sources", "sources", None, "WARNING", data_dir)
     assert "- sources: built" in report
     built = set(report.split("built ", 1)[1].split(" in ")[0].split(", "))
     assert {"users", "articles", "engagements", "follows"} <= built

@@ -9,7 +9,7 @@ import polars as pl
 import pytest
 from dagster_helpers import materialize
 
-from feed_dagster.cli import error_text
+from feed_dagster.jobs.run_build import error_text
 from feed_dagster.serving.guard import GenerationStats, GuardConfig, decide
 
 LIVE = GenerationStats(rows=1000, users=100)
@@ -157,10 +157,11 @@ def test_low_coverage_is_refused(published) -> None:
 
 def test_the_cli_reports_a_refused_publish_and_keeps_serving(published, capsys, monkeypatch):
     import feed_dagster.cli as cli
+    import feed_dagster.jobs.run_build as run_build
 
     _rewrite_shards(pl.col("position") <= 5)
-    with pytest.raises(cli.PublishRefused) as err:
-        cli._run_step("publish", "publish", None, "WARNING", cli.storage().data_root())
+    with pytest.raises(run_build.PublishRefused) as err:
+        run_build._run_step("publish", "publish", None, "WARNING", cli.storage().data_root())
     report = str(err.value)
     assert "check publish_guard FAILED" in report and "shrinks against" in report
     assert "live serving file is unchanged" in report
