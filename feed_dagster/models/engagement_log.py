@@ -59,6 +59,28 @@ class History:
 
 
 @dataclass(frozen=True)
+class EveryonesPositives:
+    """Every user's positive engagements per catalog row and per author, as the indexes an
+    EngagementLog of every row builds (EngagementLog._item_positives, _author_positives)."""
+
+    item: TimeIndex
+    author: TimeIndex
+
+    @classmethod
+    def of(cls, engagements: pl.DataFrame, catalog: ItemCatalog) -> EveryonesPositives:
+        present = [a for a in POSITIVE_ACTIONS if a in engagements.columns]
+        positive = (
+            pl.any_horizontal([pl.col(a).fill_null(False) for a in present])
+            if present
+            else pl.lit(False)
+        )
+        pos = engagements.filter(positive).select("article_id", "engaged_at")
+        item = catalog.rows(pos["article_id"].to_numpy(), "engagements.article_id")
+        time_us = _micros(pos["engaged_at"])
+        return cls(time_index(item, time_us), attribute_index(catalog.author_id, item, time_us))
+
+
+@dataclass(frozen=True)
 class EngagementLog:
     """Engagements sorted by (user, time) with the per-row features history tokens need."""
 
@@ -73,6 +95,11 @@ class EngagementLog:
     # The catalog's topic and author per row, for the exposure counters.
     catalog_topic: np.ndarray | None = None
     catalog_author: np.ndarray | None = None
+    # The users whose rows the log holds (sorted); None: every user. Everyone's positives
+    # per post and per author then come from every row, counted before the others were
+    # left out (`everyone`).
+    users: np.ndarray | None = None
+    everyone: EveryonesPositives | None = None
 
     @classmethod
     def build(
@@ -80,11 +107,23 @@ class EngagementLog:
         engagements: pl.DataFrame,
         catalog: ItemCatalog,
         exposures: ExposureLog | pl.DataFrame | None = None,
+        users: np.ndarray | None = None,
     ) -> EngagementLog:
         """`exposures`: the logged impressions' count indexes, or a frame of impressions
-        (user_id, article_id, shown_at) to build them from."""
+        (user_id, article_id, shown_at) to build them from. `users`: keep only these
+        users' rows (a feed shard's), for their histories and per-user counts; the counts
+        over everyone stay those of every row. A feed shard holds 1/16 of the rows so."""
         if isinstance(exposures, pl.DataFrame):
             exposures = ExposureLog.build(exposures, catalog)
+        everyone = None
+        if users is not None:
+            users = np.unique(np.asarray(users, dtype=np.int64))
+            everyone = EveryonesPositives.of(engagements, catalog)
+            engagements = engagements.join(
+                pl.DataFrame({"user_id": users}, schema={"user_id": engagements["user_id"].dtype}),
+                on="user_id",
+                how="semi",
+            )
         # Ties are broken by article id so the history order never depends on input order.
         e = engagements.sort(["user_id", "engaged_at", "article_id"])
         item = catalog.rows(e["article_id"].to_numpy(), "engagements.article_id")
@@ -102,7 +141,23 @@ class EngagementLog:
             exposures=exposures,
             catalog_topic=catalog.topic,
             catalog_author=catalog.author_id,
+            users=users,
+            everyone=everyone,
         )
+
+    def require(self, users: np.ndarray) -> None:
+        """Raise unless the log holds every row of each user of `users`: a user left out
+        would silently have no history and no engagement counts."""
+        if self.users is None or len(users) == 0:
+            return
+        users = np.asarray(users, dtype=np.int64)
+        pos = np.searchsorted(self.users, users).clip(0, max(len(self.users) - 1, 0))
+        missing = self.users[pos] != users if len(self.users) else np.ones(len(users), bool)
+        if missing.any():
+            raise ValueError(
+                f"the engagement log holds {len(self.users):,} users' rows only, not "
+                f"e.g. user {int(users[missing][0])}'s"
+            )
 
     @property
     def shown_topic(self) -> PairCounter:
@@ -140,6 +195,8 @@ class EngagementLog:
 
     @functools.cached_property
     def _author_positives(self) -> TimeIndex:
+        if self.everyone is not None:
+            return self.everyone.author
         assert self.catalog_author is not None
         _, item, time_us = self._positives()
         return attribute_index(self.catalog_author, item, time_us)
@@ -160,6 +217,8 @@ class EngagementLog:
 
     @functools.cached_property
     def _item_positives(self) -> TimeIndex:
+        if self.everyone is not None:
+            return self.everyone.item
         _, item, time_us = self._positives()
         return time_index(item, time_us)
 
@@ -199,6 +258,7 @@ class EngagementLog:
         length = cfg.history_len
         users = np.asarray(users, dtype=np.int64)
         times_us = np.asarray(times_us, dtype=np.int64)
+        self.require(users)
         q = len(users)
         start = search_sorted(self.user, users)
         end = start.copy()

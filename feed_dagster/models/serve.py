@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import os
 import pickle
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
 
@@ -45,6 +45,9 @@ class ServingContext:
     # Every post this run can score (its candidate window): a fresh fit computes their
     # item-kNN rows before it is shared, rather than each shard computing the same rows.
     candidate_posts: np.ndarray | None = None
+    # The users whose engagement rows `engagements` and `log` hold (see for_users); None:
+    # every user's.
+    users: np.ndarray | None = None
     # Classic peers fitted at a scoring time, kept for the next batch scored at that time.
     _peers: dict[datetime, PeerFeatures] = field(default_factory=dict, repr=False)
 
@@ -53,6 +56,11 @@ class ServingContext:
         `peers_dir` when another process fitted them on the same engagements, else fitted."""
         if now in self._peers:
             return self._peers[now]
+        if self.users is not None:
+            raise ValueError(
+                f"this context holds some users' engagements only: peers are fitted on "
+                f"everyone's, at the times given to for_users, not at {now}"
+            )
         path = None
         peers = None
         if self.peers_dir is not None:
@@ -68,6 +76,28 @@ class ServingContext:
         self._peers[now] = peers
         return peers
 
+    def for_users(self, users: np.ndarray, now: datetime, peers: bool = True) -> ServingContext:
+        """This context for scoring `users` at `now` only: the engagement frame cut to their
+        rows, with the peers at `now` (when `peers`) fitted or loaded first, from everyone's.
+        The log must hold these users' rows (built with `users`); what is shared by every
+        user (catalog, exposure and post counts, peers) stays whole. A feed shard holds
+        its users' 1/16 of the engagements so instead of all of them."""
+        if self.log.users is None:
+            raise ValueError("for_users needs a log built for some users (users=...)")
+        self.log.require(np.unique(np.asarray(users, dtype=np.int64)))
+        if peers:
+            self.peers_at(now)
+        engagements = self.engagements.join(
+            pl.DataFrame({"user_id": self.log.users}).cast(
+                {"user_id": self.engagements["user_id"].dtype}
+            ),
+            on="user_id",
+            how="semi",
+        )
+        return replace(
+            self, engagements=engagements, users=self.log.users, _peers=dict(self._peers)
+        )
+
     @classmethod
     def build(
         cls,
@@ -81,20 +111,21 @@ class ServingContext:
         impressions: pl.DataFrame | None = None,
         warehouse: WarehouseExposures | None = None,
         candidate_posts: np.ndarray | None = None,
+        users: np.ndarray | None = None,
     ) -> ServingContext:
         """`content_vectors[i]` belongs to `articles` row i; `features` must be the models'
         (their config's `features`), since hashed buckets depend on it. `impressions` (the
         logged ones, when the source has them) give the ranker its exposure counts; with
         `warehouse`, they come from the warehouse's impression log instead (when the
         frame holds only some users' rows). `candidate_posts`: the article ids the run can
-        score (see the field)."""
+        score (see the field). `users`: the log holds only their rows (see for_users)."""
         features = features or FeatureConfig()
         catalog = ItemCatalog.build(articles, content_vectors, features, engagements)
         exposures = warehouse.load(catalog) if warehouse is not None else impressions
         return cls(
             catalog=catalog,
             tensors=CatalogTensors(catalog),
-            log=EngagementLog.build(engagements, catalog, exposures),
+            log=EngagementLog.build(engagements, catalog, exposures, users=users),
             engagements=engagements,
             follows=follows,
             topic_follows=topic_follows,
