@@ -111,6 +111,25 @@ def test_item_knn_pairs_scored_one_by_one_equal_one_product(monkeypatch) -> None
     assert product.max() > 0
 
 
+def test_item_knn_sparse_product_equals_the_dense_product_bit_for_bit() -> None:
+    """A feed batch's pairs are read off a sparse (items x users) product: the same sums in
+    the same order as the dense product's."""
+    rng = np.random.default_rng(7)
+    x = rng.random((80, 60)) < 0.2
+    rows = [(int(u), int(i), T0) for u, i in zip(*np.nonzero(x), strict=True)]
+    peers = ClassicPeers.fit(engagements(rows), CUT, methods=("item_knn",), knn_k=8)
+    users = np.repeat(peers.user_ids[:12], 25)
+    items = rng.choice(peers.item_ids, users.size)
+    got = peers.score("item_knn", users, items)
+    u = np.searchsorted(peers.user_ids, users)
+    i = np.searchsorted(peers.item_ids, items)
+    ui, u_at = np.unique(u, return_inverse=True)
+    ii, i_at = np.unique(i, return_inverse=True)
+    dense = (peers.knn_rows(i)[ii] @ peers.history[ui].T).toarray()
+    np.testing.assert_array_equal(got, dense[i_at, u_at].astype(np.float32))
+    assert (got == 0).any() and got.max() > 0
+
+
 def test_item_knn_rows_computed_on_demand_equal_the_full_matrix() -> None:
     rng = np.random.default_rng(5)
     x = rng.random((60, 40)) < 0.2

@@ -80,10 +80,9 @@ HYPER_DEFAULTS: dict[str, Any] = {
 # item-kNN gathers a neighbour row and a history row (up to 200 entries each) per pair: at
 # 100k users, 262k-pair chunks held about 2 GB at once, 32k-pair chunks an eighth of it.
 _PAIR_CHUNK = 32_768
-# item-kNN pairs scored by one dense (items x users) product when it has at most this many
-# cells (128 MiB of float32) and at most this many cells per pair; else pair by pair.
+# item-kNN pairs scored by one sparse (items x users) product when it has at most this many
+# cells; else pair by pair.
 _DENSE_CELLS = 2**25
-_DENSE_PER_PAIR = 64
 # Multiply-adds per X^T X block in item_knn: bounds the block's nonzeros (and memory).
 _KNN_BLOCK_FLOPS = 20_000_000
 
@@ -206,15 +205,18 @@ def _item_knn_scores(
     A feed batch scores every candidate of a few hundred users: few distinct users and
     items for many pairs. One sparse product of the distinct items' rows with the distinct
     users' histories then gives every pair at once, where gathering two sparse rows per pair
-    took a quarter of a feed shard's time at 100k users. Scattered pairs (training slates)
-    keep the pairwise path."""
+    took a quarter of a feed shard's time at 100k users. The product stays sparse, as
+    most (post, user) cells are 0 (no neighbour of the post in the history), and each
+    pair is read off it. Scattered pairs (training slates) keep the pairwise path."""
+    if items.size == 0:
+        return np.zeros(0, dtype=np.float64)
     ui, u_at = np.unique(users, return_inverse=True)
     ii, i_at = np.unique(items, return_inverse=True)
-    cells = len(ui) * len(ii)
-    if cells > _DENSE_CELLS or cells > _DENSE_PER_PAIR * len(items):
+    if len(ui) * len(ii) > _DENSE_CELLS:
         return _sparse_pair_dot(knn, items, history, users)
-    block = (knn[ii] @ history[ui].T).toarray()
-    return block[i_at.ravel(), u_at.ravel()].astype(np.float64)
+    block = (knn[ii] @ history[ui].T).tocsr()
+    block.sort_indices()
+    return np.asarray(block[i_at.ravel(), u_at.ravel()], dtype=np.float64).ravel()
 
 
 @dataclass
