@@ -92,6 +92,8 @@ def test_a_shards_context_scores_as_the_whole_context(world, build):
     shard = build(mine).for_users(mine, world.now)
     assert shard.engagements.height < world.engagements.height
     assert set(shard.engagements["user_id"].to_list()) <= set(mine.tolist())
+    assert 0 < shard.follows.height < world.follows.height
+    assert set(shard.follows["follower_id"].to_list()) <= set(mine.tolist())
     got = score_candidates(model, shard, cands, world.now)
     assert got.select("user_id", "article_id").equals(want.select("user_id", "article_id"))
     for col in [c for c in want.columns if c.startswith("p_")] + ["dwell_seconds"]:

@@ -77,25 +77,30 @@ class ServingContext:
         return peers
 
     def for_users(self, users: np.ndarray, now: datetime, peers: bool = True) -> ServingContext:
-        """This context for scoring `users` at `now` only: the engagement frame cut to their
-        rows, with the peers at `now` (when `peers`) fitted or loaded first, from everyone's.
-        The log must hold these users' rows (built with `users`); what is shared by every
-        user (catalog, exposure and post counts, peers) stays whole. A feed shard holds
-        its users' 1/16 of the engagements so instead of all of them."""
+        """This context for scoring `users` at `now` only: the engagement and follow frames
+        cut to their rows, with the peers at `now` (when `peers`) fitted or loaded first,
+        from everyone's engagements. The log must hold these users' rows (built with
+        `users`); what every user shares (catalog, exposure and post counts, peers) stays
+        whole. A feed shard holds its users' 1/16 of the engagements so, not all of them."""
         if self.log.users is None:
             raise ValueError("for_users needs a log built for some users (users=...)")
         self.log.require(np.unique(np.asarray(users, dtype=np.int64)))
         if peers:
             self.peers_at(now)
-        engagements = self.engagements.join(
-            pl.DataFrame({"user_id": self.log.users}).cast(
-                {"user_id": self.engagements["user_id"].dtype}
-            ),
-            on="user_id",
-            how="semi",
-        )
+        mine = pl.DataFrame({"user_id": self.log.users})
+
+        def own(frame: pl.DataFrame, column: str) -> pl.DataFrame:
+            key = mine.select(pl.col("user_id").cast(frame[column].dtype).alias(column))
+            return frame.join(key, on=column, how="semi")
+
+        # A user's follow flags read the user's own follows only.
         return replace(
-            self, engagements=engagements, users=self.log.users, _peers=dict(self._peers)
+            self,
+            engagements=own(self.engagements, "user_id"),
+            follows=own(self.follows, "follower_id"),
+            topic_follows=own(self.topic_follows, "user_id"),
+            users=self.log.users,
+            _peers=dict(self._peers),
         )
 
     @classmethod
