@@ -9,10 +9,10 @@ import pytest
 
 from feed_dagster.embeddings import LexicalEncoder
 from feed_dagster.feeds.shards import users_in_shard
-from feed_dagster.models.catalog import FeatureConfig, ItemCatalog
+from feed_dagster.models.catalog import FeatureConfig, ItemCatalog, to_micros
 from feed_dagster.models.engagement_log import EngagementLog
 from feed_dagster.models.ranker import RankerConfig, build_ranker
-from feed_dagster.models.ranker_data import engagement_profile
+from feed_dagster.models.ranker_data import POST_RECENT_US, engagement_profile
 from feed_dagster.models.serve import ServingContext, score_candidates, user_vectors_at
 from feed_dagster.models.two_tower import TwoTower, TwoTowerConfig
 from feed_dagster.world import generate_world, world_config
@@ -30,7 +30,7 @@ def build(world, tmp_path_factory):
     vectors = LexicalEncoder().encode(world.articles)
     peers_dir = tmp_path_factory.mktemp("peers")
 
-    def context(users=None):
+    def context(users=None, at=None):
         return ServingContext.build(
             world.articles,
             vectors,
@@ -41,6 +41,7 @@ def build(world, tmp_path_factory):
             impressions=world.impressions,
             peers_dir=peers_dir,
             users=users,
+            at=at,
         )
 
     return context
@@ -81,6 +82,24 @@ def test_a_log_of_some_users_counts_as_the_whole_log(world):
     others = np.setdiff1d(world.users["user_id"].to_numpy(), mine)
     with pytest.raises(ValueError, match="engagement log holds"):
         scoped.history(others[:2], t[:2], FEATURES)
+    # Counts kept for a feed run's times only (now, and now less the recent window)
+    # answer as the whole log does there, and refuse other times.
+    now = to_micros(world.now)
+    at_now = EngagementLog.build(
+        world.engagements,
+        catalog,
+        whole.exposures,
+        users=mine,
+        times_us=(now, now - POST_RECENT_US),
+    )
+    t_now = np.full(n, now)
+    np.testing.assert_array_equal(
+        engagement_profile(at_now, catalog, user, item, t_now),
+        engagement_profile(whole, catalog, user, item, t_now),
+    )
+    assert engagement_profile(at_now, catalog, user, item, t_now)[:, 5:7].sum() > 0
+    with pytest.raises(ValueError, match="counts were taken at"):
+        at_now.positives_before(item, t_now - 1)
 
 
 def test_a_shards_context_scores_as_the_whole_context(world, build):
@@ -89,7 +108,7 @@ def test_a_shards_context_scores_as_the_whole_context(world, build):
     assert model.cfg.peer_features
     cands = _candidates(world, mine[:40])
     want = score_candidates(model, build(), cands, world.now)
-    shard = build(mine).for_users(mine, world.now)
+    shard = build(mine, world.now).for_users(mine, world.now)
     assert shard.engagements.height < world.engagements.height
     assert set(shard.engagements["user_id"].to_list()) <= set(mine.tolist())
     assert 0 < shard.follows.height < world.follows.height

@@ -166,6 +166,7 @@ def serving_context(
     warehouse: WarehouseExposures | None = None,
     candidate_posts: np.ndarray | None = None,
     users: np.ndarray | None = None,
+    at: datetime | None = None,
 ) -> ServingContext:
     """The models' serving inputs from warehouse tables and the stored content vectors.
 
@@ -173,7 +174,7 @@ def serving_context(
     default to their places under the data root; the Dagster layer passes its storage's.
     With `warehouse`, the exposure counts come from the warehouse's impression log, so
     `tables` may hold just some users' impressions. With `users`, the engagement log holds
-    only theirs (ServingContext.build)."""
+    only theirs, and with `at` everyone's counts are kept for that time (ServingContext.build)."""
     articles = tables["articles"]
     return ServingContext.build(
         articles,
@@ -187,6 +188,7 @@ def serving_context(
         warehouse=warehouse,
         candidate_posts=candidate_posts,
         users=users,
+        at=at if users is not None else None,
     )
 
 
@@ -239,6 +241,7 @@ def feed_models(
         warehouse=warehouse,
         candidate_posts=candidate_posts,
         users=users,
+        at=at,
     )
     if users is not None and at is not None:
         ctx = ctx.for_users(users, at, peers=ranker.cfg.peer_features)

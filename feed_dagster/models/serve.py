@@ -18,13 +18,13 @@ import numpy as np
 import polars as pl
 
 from feed_dagster.data.schema import World
-from feed_dagster.models.catalog import FeatureConfig, ItemCatalog
+from feed_dagster.models.catalog import FeatureConfig, ItemCatalog, to_micros
 from feed_dagster.models.engagement_log import EngagementLog
 from feed_dagster.models.exposures import WarehouseExposures
 from feed_dagster.models.layers import CatalogTensors
 from feed_dagster.models.peers import PeerFeatures
 from feed_dagster.models.ranker import PhoenixRanker, predict
-from feed_dagster.models.ranker_data import build_serving_data
+from feed_dagster.models.ranker_data import POST_RECENT_US, build_serving_data
 from feed_dagster.models.retrieval_data import user_histories
 from feed_dagster.models.two_tower import TwoTower, catalog_item_vectors, user_vectors
 
@@ -117,20 +117,25 @@ class ServingContext:
         warehouse: WarehouseExposures | None = None,
         candidate_posts: np.ndarray | None = None,
         users: np.ndarray | None = None,
+        at: datetime | None = None,
     ) -> ServingContext:
         """`content_vectors[i]` belongs to `articles` row i; `features` must be the models'
         (their config's `features`), since hashed buckets depend on it. `impressions` (the
         logged ones, when the source has them) give the ranker its exposure counts; with
         `warehouse`, they come from the warehouse's impression log instead (when the
         frame holds only some users' rows). `candidate_posts`: the article ids the run can
-        score (see the field). `users`: the log holds only their rows (see for_users)."""
+        score (see the field). `users`: the log holds only their rows (see for_users);
+        with `at` too, the one time they are scored at, everyone's engagement counts per
+        post and author are kept for it only."""
         features = features or FeatureConfig()
         catalog = ItemCatalog.build(articles, content_vectors, features, engagements)
         exposures = warehouse.load(catalog) if warehouse is not None else impressions
         return cls(
             catalog=catalog,
             tensors=CatalogTensors(catalog),
-            log=EngagementLog.build(engagements, catalog, exposures, users=users),
+            log=EngagementLog.build(
+                engagements, catalog, exposures, users=users, times_us=_count_times(at)
+            ),
             engagements=engagements,
             follows=follows,
             topic_follows=topic_follows,
@@ -152,6 +157,14 @@ class ServingContext:
             features,
             impressions=world.impressions,
         )
+
+
+def _count_times(at: datetime | None) -> tuple[int, ...]:
+    """The times a ranker scoring at `at` asks everyone's engagement counts at."""
+    if at is None:
+        return ()
+    at_us = to_micros(at)
+    return (at_us, at_us - POST_RECENT_US)
 
 
 def _fingerprint(engagements: pl.DataFrame, now: datetime) -> str:
