@@ -107,13 +107,17 @@ def test_item_knn_pairs_scored_one_by_one_equal_one_product(monkeypatch) -> None
     product = peers.score("item_knn", u, a)
     # Scattered pairs (training slates) are scored pair by pair: the same numbers.
     monkeypatch.setattr(classic, "_DENSE_CELLS", 0)
+    monkeypatch.setattr(classic, "_PRODUCT_USERS", 0)
     np.testing.assert_allclose(peers.score("item_knn", u, a), product, rtol=1e-6, atol=1e-7)
     assert product.max() > 0
 
 
-def test_item_knn_sparse_product_equals_the_dense_product_bit_for_bit() -> None:
+@pytest.mark.parametrize("cells", [2**25, 0])
+def test_item_knn_sparse_product_equals_the_dense_product_bit_for_bit(monkeypatch, cells) -> None:
     """A feed batch's pairs are read off a sparse (items x users) product: the same sums in
-    the same order as the dense product's."""
+    the same order as the dense product's, also past the dense product's cells (by its
+    cost then)."""
+    monkeypatch.setattr(classic, "_DENSE_CELLS", cells)
     rng = np.random.default_rng(7)
     x = rng.random((80, 60)) < 0.2
     rows = [(int(u), int(i), T0) for u, i in zip(*np.nonzero(x), strict=True)]

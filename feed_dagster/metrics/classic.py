@@ -81,8 +81,12 @@ HYPER_DEFAULTS: dict[str, Any] = {
 # 100k users, 262k-pair chunks held about 2 GB at once, 32k-pair chunks an eighth of it.
 _PAIR_CHUNK = 32_768
 # item-kNN pairs scored by one sparse (items x users) product when it has at most this many
-# cells; else pair by pair.
+# cells, or when it spans at most _PRODUCT_USERS users and costs at most _PRODUCT_FLOPS
+# multiply-adds (a feed batch: at 100k users, 512 users' candidates span 68k posts, 35M
+# cells of which 800k are not 0); else pair by pair.
 _DENSE_CELLS = 2**25
+_PRODUCT_USERS = 4096
+_PRODUCT_FLOPS = 2**25
 # Multiply-adds per X^T X block in item_knn: bounds the block's nonzeros (and memory).
 _KNN_BLOCK_FLOPS = 20_000_000
 
@@ -212,9 +216,16 @@ def _item_knn_scores(
         return np.zeros(0, dtype=np.float64)
     ui, u_at = np.unique(users, return_inverse=True)
     ii, i_at = np.unique(items, return_inverse=True)
-    if len(ui) * len(ii) > _DENSE_CELLS:
+    if len(ui) * len(ii) > _DENSE_CELLS and len(ui) > _PRODUCT_USERS:
         return _sparse_pair_dot(knn, items, history, users)
-    block = (knn[ii] @ history[ui].T).tocsr()
+    rows, histories = knn[ii], history[ui]
+    if len(ui) * len(ii) > _DENSE_CELLS:
+        # Multiply-adds of the product (each neighbour j of a post, once per user who
+        # engaged with j): they bound its nonzeros, so its memory.
+        engaged = np.bincount(histories.indices, minlength=histories.shape[1])
+        if engaged[rows.indices].sum() > _PRODUCT_FLOPS:
+            return _sparse_pair_dot(knn, items, history, users)
+    block = (rows @ histories.T).tocsr()
     block.sort_indices()
     return np.asarray(block[i_at.ravel(), u_at.ravel()], dtype=np.float64).ravel()
 
