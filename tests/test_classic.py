@@ -286,3 +286,18 @@ def test_adapters_keep_row_order_and_fit_before_the_first_impression() -> None:
         "popularity_all_time", pop["user_id"].to_numpy(), pop["article_id"].to_numpy()
     )
     assert (pop["score"].to_numpy() < later).any()  # engagements after the first shown_at unused
+
+
+def test_item_knn_rows_after_the_transpose_is_dropped_equal_the_full_matrix() -> None:
+    rng = np.random.default_rng(8)
+    x = rng.random((60, 40)) < 0.2
+    rows = [(int(u), int(i), T0) for u, i in zip(*np.nonzero(x), strict=True)]
+    kept = ClassicPeers.fit(engagements(rows), CUT, methods=("item_knn",), knn_k=5)
+    dropped = ClassicPeers.fit(engagements(rows), CUT, methods=("item_knn",), knn_k=5)
+    dropped.prepare(dropped.item_ids[:10])
+    dropped.drop_transpose()
+    users = np.repeat(kept.user_ids[:8], 30)
+    items = rng.choice(kept.item_ids, users.size)
+    got = dropped.score("item_knn", users, items)
+    np.testing.assert_array_equal(got, kept.score("item_knn", users, items))
+    assert got.max() > 0 and dropped._knn_done.sum() > 10

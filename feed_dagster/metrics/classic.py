@@ -319,11 +319,13 @@ class ClassicPeers:
     def knn_rows(self, items: np.ndarray | None = None) -> sp.csr_matrix:
         """The item-kNN matrix with the rows of item indices `items` (all when None)
         computed; rows computed once are kept."""
-        if self.knn is None or self._knn_done is None or self._history_t is None:
+        if self.knn is None or self._knn_done is None:
             raise ValueError(f"method 'item_knn' was not fitted; fitted: {self.methods}")
         wanted = np.arange(self._knn_done.size) if items is None else np.unique(items)
         missing = wanted[~self._knn_done[wanted]]
         if missing.size:
+            if self._history_t is None:
+                self._history_t = self.history.T.tocsr()
             with threadpool_limits(limits=1):
                 new = _item_knn_rows(
                     self.history,
@@ -336,6 +338,12 @@ class ClassicPeers:
             self.knn = (self.knn + new).tocsr()
             self._knn_done[missing] = True
         return self.knn
+
+    def drop_transpose(self) -> None:
+        """Let go of the history's transpose, which only computing new item-kNN rows reads
+        (rebuilt if one is ever missing): once every post a run scores is prepared, it is
+        a fifth of a fit's size at 100k users."""
+        self._history_t = None
 
     def _fit_als(self, h: dict[str, Any]) -> None:
         n_users, n_items = self.history.shape

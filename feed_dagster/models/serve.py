@@ -70,8 +70,13 @@ class ServingContext:
             peers = PeerFeatures.fit(self.engagements, now)
             if self.candidate_posts is not None:
                 peers.peers.prepare(self.candidate_posts)
+                peers.peers.drop_transpose()
             if path is not None:
                 _save_peers(peers, path)
+        elif self.candidate_posts is not None:
+            # Every post this run scores had its item-kNN rows prepared by the fit's
+            # process (a fit saved before the transpose was dropped still holds it).
+            peers.peers.drop_transpose()
         self._peers.clear()
         self._peers[now] = peers
         return peers
