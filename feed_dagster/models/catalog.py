@@ -232,17 +232,14 @@ class ItemCatalog:
         ids_p = np.concatenate([[-1], ids])
         first = np.full(len(ids_p), NEVER_US, dtype=np.int64)
         if engagements is not None and engagements.height:
-            # Each post's earliest time first (times read as _micros reads them), so no
-            # array of every engagement is made.
+            # Each post's earliest time first, so no array (or column) of every engagement
+            # is made; a missing time reads as 0, as _micros reads it.
             firsts = engagements.group_by("article_id").agg(
-                pl.col("engaged_at")
-                .cast(pl.Datetime("us"))
-                .dt.epoch("us")
-                .fill_null(0)
-                .min()
-                .alias("t")
+                pl.col("engaged_at").min().alias("t"),
+                pl.col("engaged_at").null_count().alias("missing"),
             )
-            first[1:] = first_engaged(firsts["article_id"].to_numpy(), firsts["t"].to_numpy(), ids)
+            t = np.where(firsts["missing"].to_numpy() > 0, 0, _micros(firsts["t"]))
+            first[1:] = first_engaged(firsts["article_id"].to_numpy(), t, ids)
         published = padded(_micros(articles["published_at"]), 0)
         limit = NEVER_US if profile_before is None else to_micros(profile_before)
         author_row, author_content = author_profiles(author_p, content, published < limit)
