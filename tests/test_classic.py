@@ -107,8 +107,31 @@ def test_item_knn_pairs_scored_one_by_one_equal_one_product(monkeypatch) -> None
     product = peers.score("item_knn", u, a)
     # Scattered pairs (training slates) are scored pair by pair: the same numbers.
     monkeypatch.setattr(classic, "_DENSE_CELLS", 0)
+    monkeypatch.setattr(classic, "_PRODUCT_USERS", 0)
     np.testing.assert_allclose(peers.score("item_knn", u, a), product, rtol=1e-6, atol=1e-7)
     assert product.max() > 0
+
+
+@pytest.mark.parametrize("cells", [2**25, 0])
+def test_item_knn_sparse_product_equals_the_dense_product_bit_for_bit(monkeypatch, cells) -> None:
+    """A feed batch's pairs are read off a sparse (items x users) product: the same sums in
+    the same order as the dense product's, also past the dense product's cells (by its
+    cost then)."""
+    monkeypatch.setattr(classic, "_DENSE_CELLS", cells)
+    rng = np.random.default_rng(7)
+    x = rng.random((80, 60)) < 0.2
+    rows = [(int(u), int(i), T0) for u, i in zip(*np.nonzero(x), strict=True)]
+    peers = ClassicPeers.fit(engagements(rows), CUT, methods=("item_knn",), knn_k=8)
+    users = np.repeat(peers.user_ids[:12], 25)
+    items = rng.choice(peers.item_ids, users.size)
+    got = peers.score("item_knn", users, items)
+    u = np.searchsorted(peers.user_ids, users)
+    i = np.searchsorted(peers.item_ids, items)
+    ui, u_at = np.unique(u, return_inverse=True)
+    ii, i_at = np.unique(i, return_inverse=True)
+    dense = (peers.knn_rows(i)[ii] @ peers.history[ui].T).toarray()
+    np.testing.assert_array_equal(got, dense[i_at, u_at].astype(np.float32))
+    assert (got == 0).any() and got.max() > 0
 
 
 def test_item_knn_rows_computed_on_demand_equal_the_full_matrix() -> None:
@@ -263,3 +286,18 @@ def test_adapters_keep_row_order_and_fit_before_the_first_impression() -> None:
         "popularity_all_time", pop["user_id"].to_numpy(), pop["article_id"].to_numpy()
     )
     assert (pop["score"].to_numpy() < later).any()  # engagements after the first shown_at unused
+
+
+def test_item_knn_rows_after_the_transpose_is_dropped_equal_the_full_matrix() -> None:
+    rng = np.random.default_rng(8)
+    x = rng.random((60, 40)) < 0.2
+    rows = [(int(u), int(i), T0) for u, i in zip(*np.nonzero(x), strict=True)]
+    kept = ClassicPeers.fit(engagements(rows), CUT, methods=("item_knn",), knn_k=5)
+    dropped = ClassicPeers.fit(engagements(rows), CUT, methods=("item_knn",), knn_k=5)
+    dropped.prepare(dropped.item_ids[:10])
+    dropped.drop_transpose()
+    users = np.repeat(kept.user_ids[:8], 30)
+    items = rng.choice(kept.item_ids, users.size)
+    got = dropped.score("item_knn", users, items)
+    np.testing.assert_array_equal(got, kept.score("item_knn", users, items))
+    assert got.max() > 0 and dropped._knn_done.sum() > 10

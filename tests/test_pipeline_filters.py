@@ -22,7 +22,11 @@ from feed_dagster.pipeline.filters import (
     drop_previously_served,
     drop_too_old,
 )
-from feed_dagster.pipeline.hydrators import hydrate_author_handles, hydrate_core_data
+from feed_dagster.pipeline.hydrators import (
+    hydrate_author_handles,
+    hydrate_core_data,
+    post_fields,
+)
 from feed_dagster.pipeline.query import Query, hydrate_query
 
 NOW = datetime(2026, 1, 3)
@@ -224,3 +228,19 @@ def test_filter_chain_reports_every_removal() -> None:
         total += removed
     assert c["article_id"].to_list() == [200, 206]
     assert total == len(CANDIDATES) - 2
+
+
+def test_core_data_of_the_candidates_posts_equals_the_whole_catalogs() -> None:
+    """Fields are built for the candidates' posts only, their reposted parents still found
+    among every post: the same rows as joining the fields of every post."""
+    articles = tables()["articles"]
+    rows = pl.DataFrame(
+        {
+            "user_id": [1, 1, 2, 2, 2],
+            "article_id": [*articles["article_id"].to_list()[-3:], 10**9, 202],
+        }
+    )
+    want = rows.join(post_fields(articles), on="article_id", how="left", maintain_order="left")
+    got = hydrate_core_data(rows, articles)
+    assert got.equals(want)
+    assert got["original_id"].null_count() == 1  # the unknown post

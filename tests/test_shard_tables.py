@@ -145,3 +145,27 @@ def test_exposure_counts_taken_at_one_time_equal_the_whole_logs_at_that_time(
     # Asked at another time, they refuse rather than answer for the wrong one.
     with pytest.raises(ValueError, match="counts were taken at"):
         got.shown_before(item, t - 1)
+
+
+def test_exposure_counts_at_one_time_for_every_user_equal_the_whole_logs(warehouse, tiny_world):
+    at = tiny_world.now
+    catalog = ItemCatalog.build(
+        tiny_world.articles, LexicalEncoder().encode(tiny_world.articles), FeatureConfig()
+    )
+    before = tiny_world.impressions.filter(pl.col("shown_at") < at)
+    got = ExposureLog.from_warehouse(warehouse, catalog, at=at)
+    want = ExposureLog.build(before, catalog)
+    assert got.rows == before.height and got.users is None
+    rng = np.random.default_rng(4)
+    n = 2_000
+    user = rng.choice(tiny_world.users["user_id"].to_numpy(), n)
+    item = rng.integers(1, len(catalog) + 1, n)
+    t = np.full(n, to_micros(at))
+    np.testing.assert_array_equal(got.shown_before(item, t), want.shown_before(item, t))
+    for name, key in (
+        ("shown_topic", catalog.topic[item]),
+        ("shown_author", catalog.author_id[item]),
+    ):
+        counts = getattr(got, name).before(user, key, t)
+        np.testing.assert_array_equal(counts, getattr(want, name).before(user, key, t))
+        assert counts.sum() > 0, name

@@ -38,4 +38,4 @@ def content_vectors(articles: pl.DataFrame, path: Location | None = None) -> np.
             f"{missing['article_id'].head(5).to_list()}): rematerialise article_embeddings"
         )
     dim = emb.schema["vector"].size
-    return joined["vector"].to_numpy().reshape(len(joined), dim).astype(np.float32)
+    return joined["vector"].to_numpy().reshape(len(joined), dim).astype(np.float32, copy=False)

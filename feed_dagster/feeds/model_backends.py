@@ -165,13 +165,16 @@ def serving_context(
     peers_dir: Path | None = None,
     warehouse: WarehouseExposures | None = None,
     candidate_posts: np.ndarray | None = None,
+    users: np.ndarray | None = None,
+    at: datetime | None = None,
 ) -> ServingContext:
     """The models' serving inputs from warehouse tables and the stored content vectors.
 
     `embeddings` (the article_embeddings file) and `peers_dir` (cached classic-peer scores)
     default to their places under the data root; the Dagster layer passes its storage's.
     With `warehouse`, the exposure counts come from the warehouse's impression log, so
-    `tables` may hold just some users' impressions."""
+    `tables` may hold just some users' impressions. With `users`, the engagement log holds
+    only theirs, and with `at` everyone's counts are kept for that time (ServingContext.build)."""
     articles = tables["articles"]
     return ServingContext.build(
         articles,
@@ -184,6 +187,8 @@ def serving_context(
         impressions=tables.get("impressions"),
         warehouse=warehouse,
         candidate_posts=candidate_posts,
+        users=users,
+        at=at if users is not None else None,
     )
 
 
@@ -198,10 +203,15 @@ def feed_models(
     peers_dir: Path | None = None,
     warehouse: WarehouseExposures | None = None,
     candidate_posts: np.ndarray | None = None,
+    users: np.ndarray | None = None,
+    at: datetime | None = None,
 ) -> tuple[Retriever, Scorer, dict[str, str]]:
     """The promoted ranker and two-tower + LanceDB retrieval; the table-based fallbacks
     (and a warning through `warn`) while no model has been promoted or the vector table
-    does not exist.
+    does not exist. With `users` (the only users scored) the models hold only their
+    engagement rows besides what everyone shares, and with `at` too (the one time they
+    score at) the context drops everyone else's engagement frame rows once the peers are
+    fitted (ServingContext.for_users).
 
     A vector table that exists but cannot be read fails the run (VectorTableError, naming
     the table): quietly serving fallback feeds in place of the models' would be a quality
@@ -230,7 +240,11 @@ def feed_models(
         peers_dir=peers_dir,
         warehouse=warehouse,
         candidate_posts=candidate_posts,
+        users=users,
+        at=at,
     )
+    if users is not None and at is not None:
+        ctx = ctx.for_users(users, at, peers=ranker.cfg.peer_features)
     return (
         TwoTowerRetriever(tower, ctx, table),
         RankerScorer(ranker, ctx),
@@ -285,4 +299,6 @@ class ModelLocations:
             peers_dir=self.peers_dir,
             warehouse=warehouse,
             candidate_posts=candidate_posts,
+            users=users,
+            at=at,
         )

@@ -80,10 +80,13 @@ HYPER_DEFAULTS: dict[str, Any] = {
 # item-kNN gathers a neighbour row and a history row (up to 200 entries each) per pair: at
 # 100k users, 262k-pair chunks held about 2 GB at once, 32k-pair chunks an eighth of it.
 _PAIR_CHUNK = 32_768
-# item-kNN pairs scored by one dense (items x users) product when it has at most this many
-# cells (128 MiB of float32) and at most this many cells per pair; else pair by pair.
+# item-kNN pairs scored by one sparse (items x users) product when it has at most this many
+# cells, or when it spans at most _PRODUCT_USERS users and costs at most _PRODUCT_FLOPS
+# multiply-adds (a feed batch: at 100k users, 512 users' candidates span 68k posts, 35M
+# cells of which 800k are not 0); else pair by pair.
 _DENSE_CELLS = 2**25
-_DENSE_PER_PAIR = 64
+_PRODUCT_USERS = 4096
+_PRODUCT_FLOPS = 2**25
 # Multiply-adds per X^T X block in item_knn: bounds the block's nonzeros (and memory).
 _KNN_BLOCK_FLOPS = 20_000_000
 
@@ -206,15 +209,25 @@ def _item_knn_scores(
     A feed batch scores every candidate of a few hundred users: few distinct users and
     items for many pairs. One sparse product of the distinct items' rows with the distinct
     users' histories then gives every pair at once, where gathering two sparse rows per pair
-    took a quarter of a feed shard's time at 100k users. Scattered pairs (training slates)
-    keep the pairwise path."""
+    took a quarter of a feed shard's time at 100k users. The product stays sparse, as
+    most (post, user) cells are 0 (no neighbour of the post in the history), and each
+    pair is read off it. Scattered pairs (training slates) keep the pairwise path."""
+    if items.size == 0:
+        return np.zeros(0, dtype=np.float64)
     ui, u_at = np.unique(users, return_inverse=True)
     ii, i_at = np.unique(items, return_inverse=True)
-    cells = len(ui) * len(ii)
-    if cells > _DENSE_CELLS or cells > _DENSE_PER_PAIR * len(items):
+    if len(ui) * len(ii) > _DENSE_CELLS and len(ui) > _PRODUCT_USERS:
         return _sparse_pair_dot(knn, items, history, users)
-    block = (knn[ii] @ history[ui].T).toarray()
-    return block[i_at.ravel(), u_at.ravel()].astype(np.float64)
+    rows, histories = knn[ii], history[ui]
+    if len(ui) * len(ii) > _DENSE_CELLS:
+        # Multiply-adds of the product (each neighbour j of a post, once per user who
+        # engaged with j): they bound its nonzeros, so its memory.
+        engaged = np.bincount(histories.indices, minlength=histories.shape[1])
+        if engaged[rows.indices].sum() > _PRODUCT_FLOPS:
+            return _sparse_pair_dot(knn, items, history, users)
+    block = (rows @ histories.T).tocsr()
+    block.sort_indices()
+    return np.asarray(block[i_at.ravel(), u_at.ravel()], dtype=np.float64).ravel()
 
 
 @dataclass
@@ -306,11 +319,13 @@ class ClassicPeers:
     def knn_rows(self, items: np.ndarray | None = None) -> sp.csr_matrix:
         """The item-kNN matrix with the rows of item indices `items` (all when None)
         computed; rows computed once are kept."""
-        if self.knn is None or self._knn_done is None or self._history_t is None:
+        if self.knn is None or self._knn_done is None:
             raise ValueError(f"method 'item_knn' was not fitted; fitted: {self.methods}")
         wanted = np.arange(self._knn_done.size) if items is None else np.unique(items)
         missing = wanted[~self._knn_done[wanted]]
         if missing.size:
+            if self._history_t is None:
+                self._history_t = self.history.T.tocsr()
             with threadpool_limits(limits=1):
                 new = _item_knn_rows(
                     self.history,
@@ -323,6 +338,12 @@ class ClassicPeers:
             self.knn = (self.knn + new).tocsr()
             self._knn_done[missing] = True
         return self.knn
+
+    def drop_transpose(self) -> None:
+        """Let go of the history's transpose, which only computing new item-kNN rows reads
+        (rebuilt if one is ever missing): once every post a run scores is prepared, it is
+        a fifth of a fit's size at 100k users."""
+        self._history_t = None
 
     def _fit_als(self, h: dict[str, Any]) -> None:
         n_users, n_items = self.history.shape

@@ -140,3 +140,25 @@ class PairCounter:
         pos = search_sorted(self.pairs, key).clip(0, self.pairs.size - 1)
         found = (self.pairs[pos] == key) & (np.asarray(b) >= 0)
         return np.where(found, self.index.count_before(pos, time_us), 0.0).astype(np.float32)
+
+
+@dataclass(frozen=True)
+class CountsAtTimes:
+    """CountsAt at a few fixed times (a feed run asks a post's engagement at `now` and some
+    hours before): each key's events before each time, asked at any of them; other times
+    are refused."""
+
+    at: dict[int, CountsAt]  # by time in us
+
+    def count_before(self, key: np.ndarray, time_us: np.ndarray) -> np.ndarray:
+        key = np.asarray(key, dtype=np.int64)
+        times = np.asarray(time_us, dtype=np.int64)
+        out = np.zeros(len(key), dtype=np.float32)
+        for t in np.unique(times):
+            if int(t) not in self.at:
+                raise ValueError(
+                    f"counts were taken at {sorted(self.at)} us only, not at {int(t)} us"
+                )
+            rows = times == t
+            out[rows] = self.at[int(t)].count_before(key[rows], times[rows])
+        return out

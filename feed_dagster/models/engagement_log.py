@@ -24,6 +24,8 @@ from feed_dagster.models.catalog import (
     hash_buckets,
 )
 from feed_dagster.models.counts import (
+    CountsAt,
+    CountsAtTimes,
     KeyLayout,
     PairCounter,
     TimeIndex,
@@ -59,6 +61,52 @@ class History:
 
 
 @dataclass(frozen=True)
+class EveryonesPositives:
+    """Every user's positive engagements per catalog row and per author, as the indexes an
+    EngagementLog of every row builds (EngagementLog._item_positives, _author_positives),
+    or as counts at a few times only."""
+
+    item: TimeIndex | CountsAtTimes
+    author: TimeIndex | CountsAtTimes
+
+    @classmethod
+    def of(
+        cls, engagements: pl.DataFrame, catalog: ItemCatalog, times_us: tuple[int, ...] = ()
+    ) -> EveryonesPositives:
+        """With `times_us`, counts before those times only (CountsAtTimes): a count per
+        post and per author and time, where the indexes hold a key per engagement."""
+        present = [a for a in POSITIVE_ACTIONS if a in engagements.columns]
+        positive = (
+            pl.any_horizontal([pl.col(a).fill_null(False) for a in present])
+            if present
+            else pl.lit(False)
+        )
+        # As _micros reads them (a missing time is 0).
+        t = pl.col("engaged_at").cast(pl.Datetime("us")).dt.epoch("us").fill_null(0)
+        pos = engagements.lazy().filter(positive).select("article_id", t.alias("t"))
+        if not times_us:
+            rows = pos.collect()
+            item = catalog.rows(rows["article_id"].to_numpy(), "engagements.article_id")
+            time_us = rows["t"].to_numpy().astype(np.int64)
+            return cls(time_index(item, time_us), attribute_index(catalog.author_id, item, time_us))
+        items, authors = {}, {}
+        for at in sorted({int(x) for x in times_us}):
+            per_post = (
+                pos.filter(pl.col("t") < at).group_by("article_id").len("n").sort("article_id")
+            ).collect()
+            item = catalog.rows(per_post["article_id"].to_numpy(), "engagements.article_id")
+            n = per_post["n"].to_numpy().astype(np.int64)
+            # One article per catalog row, and the rows ascend with the ids.
+            items[at] = CountsAt(item.astype(np.int64), n.astype(np.float32), at)
+            author = catalog.author_id[item]
+            known = author >= 0
+            keys, inverse = np.unique(author[known], return_inverse=True)
+            total = np.bincount(inverse, weights=n[known], minlength=len(keys))
+            authors[at] = CountsAt(keys, total.astype(np.float32), at)
+        return cls(CountsAtTimes(items), CountsAtTimes(authors))
+
+
+@dataclass(frozen=True)
 class EngagementLog:
     """Engagements sorted by (user, time) with the per-row features history tokens need."""
 
@@ -73,6 +121,11 @@ class EngagementLog:
     # The catalog's topic and author per row, for the exposure counters.
     catalog_topic: np.ndarray | None = None
     catalog_author: np.ndarray | None = None
+    # The users whose rows the log holds (sorted); None: every user. Everyone's positives
+    # per post and per author then come from every row, counted before the others were
+    # left out (`everyone`).
+    users: np.ndarray | None = None
+    everyone: EveryonesPositives | None = None
 
     @classmethod
     def build(
@@ -80,11 +133,25 @@ class EngagementLog:
         engagements: pl.DataFrame,
         catalog: ItemCatalog,
         exposures: ExposureLog | pl.DataFrame | None = None,
+        users: np.ndarray | None = None,
+        times_us: tuple[int, ...] = (),
     ) -> EngagementLog:
         """`exposures`: the logged impressions' count indexes, or a frame of impressions
-        (user_id, article_id, shown_at) to build them from."""
+        (user_id, article_id, shown_at) to build them from. `users`: keep only these
+        users' rows (a feed shard's), for their histories and per-user counts; the counts
+        over everyone stay those of every row, asked at `times_us` only when given (a feed
+        run's, see EveryonesPositives). A feed shard holds 1/16 of the rows so."""
         if isinstance(exposures, pl.DataFrame):
             exposures = ExposureLog.build(exposures, catalog)
+        everyone = None
+        if users is not None:
+            users = np.unique(np.asarray(users, dtype=np.int64))
+            everyone = EveryonesPositives.of(engagements, catalog, times_us)
+            engagements = engagements.join(
+                pl.DataFrame({"user_id": users}, schema={"user_id": engagements["user_id"].dtype}),
+                on="user_id",
+                how="semi",
+            )
         # Ties are broken by article id so the history order never depends on input order.
         e = engagements.sort(["user_id", "engaged_at", "article_id"])
         item = catalog.rows(e["article_id"].to_numpy(), "engagements.article_id")
@@ -102,7 +169,23 @@ class EngagementLog:
             exposures=exposures,
             catalog_topic=catalog.topic,
             catalog_author=catalog.author_id,
+            users=users,
+            everyone=everyone,
         )
+
+    def require(self, users: np.ndarray) -> None:
+        """Raise unless the log holds every row of each user of `users`: a user left out
+        would silently have no history and no engagement counts."""
+        if self.users is None or len(users) == 0:
+            return
+        users = np.asarray(users, dtype=np.int64)
+        pos = np.searchsorted(self.users, users).clip(0, max(len(self.users) - 1, 0))
+        missing = self.users[pos] != users if len(self.users) else np.ones(len(users), bool)
+        if missing.any():
+            raise ValueError(
+                f"the engagement log holds {len(self.users):,} users' rows only, not "
+                f"e.g. user {int(users[missing][0])}'s"
+            )
 
     @property
     def shown_topic(self) -> PairCounter:
@@ -139,7 +222,9 @@ class EngagementLog:
         return PairCounter.of_attribute(self.catalog_topic, *self._positives())
 
     @functools.cached_property
-    def _author_positives(self) -> TimeIndex:
+    def _author_positives(self) -> TimeIndex | CountsAtTimes:
+        if self.everyone is not None:
+            return self.everyone.author
         assert self.catalog_author is not None
         _, item, time_us = self._positives()
         return attribute_index(self.catalog_author, item, time_us)
@@ -159,7 +244,9 @@ class EngagementLog:
         return engaged.astype(np.float32), shown.astype(np.float32)
 
     @functools.cached_property
-    def _item_positives(self) -> TimeIndex:
+    def _item_positives(self) -> TimeIndex | CountsAtTimes:
+        if self.everyone is not None:
+            return self.everyone.item
         _, item, time_us = self._positives()
         return time_index(item, time_us)
 
@@ -199,6 +286,7 @@ class EngagementLog:
         length = cfg.history_len
         users = np.asarray(users, dtype=np.int64)
         times_us = np.asarray(times_us, dtype=np.int64)
+        self.require(users)
         q = len(users)
         start = search_sorted(self.user, users)
         end = start.copy()

@@ -135,6 +135,11 @@ class ExposureLog:
             }
         )
         con.register("exposure_catalog", mapping.to_arrow())
+        if users is not None:
+            users = np.unique(np.asarray(users, dtype=np.int64))
+            con.register("exposure_users", pl.DataFrame({"user_id": users}).to_arrow())
+        if at_us is not None:  # `source` holds only the impressions before it
+            return cls._indexes_at(con, source, users, at_us)
         missing = con.execute(
             f"select distinct article_id from {source} anti join exposure_catalog "
             "using (article_id) order by article_id limit 5"
@@ -149,25 +154,83 @@ class ExposureLog:
         author = f"select author as k, t from ({exposed}) where author >= 0"
         scoped = exposed
         if users is not None:
-            users = np.unique(np.asarray(users, dtype=np.int64))
-            con.register("exposure_users", pl.DataFrame({"user_id": users}).to_arrow())
             scoped = f"select * from ({exposed}) semi join exposure_users using (user_id)"
         post = f"select item as k, t from ({exposed})"
-        if at_us is not None:  # `source` holds only the impressions before it
-            return cls(
-                rows=int(rows),
-                shown_post=_counts_at(con, post, at_us),
-                shown_author_everyone=_counts_at(con, author, at_us),
-                shown_topic=_pairs_at(con, scoped, "topic", at_us),
-                shown_author=_pairs_at(con, scoped, "author", at_us),
-                users=users,
-            )
         return cls(
             rows=int(rows),
             shown_post=_index(con, post),
             shown_author_everyone=_index(con, author),
             shown_topic=_pairs(con, scoped, "topic"),
             shown_author=_pairs(con, scoped, "author"),
+            users=users,
+        )
+
+    @classmethod
+    def _indexes_at(
+        cls,
+        con: duckdb.DuckDBPyConnection,
+        source: str,
+        users: np.ndarray | None,
+        at_us: int,
+    ) -> ExposureLog:
+        """The counts of every impression of `source` (all before `at_us`), from two passes
+        over it: impressions per post, and per (user, post) of `users`' (None: everyone's).
+        Every count is a sum of those, so each row of the log is read twice instead of
+        once per index and joined to its post's author and topic never."""
+        con.execute(
+            "create or replace temp table exposure_posts as "
+            f"select article_id, count(*) as n from {source} group by article_id"
+        )
+        missing = con.execute(
+            "select article_id from exposure_posts anti join exposure_catalog "
+            "using (article_id) order by article_id limit 5"
+        ).fetchall()
+        if missing:
+            raise ValueError(
+                f"impressions.article_id: ids not in the articles table, e.g. "
+                f"{[m[0] for m in missing]}"
+            )
+        rows = con.execute("select coalesce(sum(n), 0) from exposure_posts").fetchone()[0]
+        scoped = source
+        if users is not None:
+            scoped = f"(select * from {source} semi join exposure_users using (user_id))"
+        con.execute(
+            "create or replace temp table exposure_user_posts as "
+            f"select user_id::bigint as user_id, article_id, count(*) as n from {scoped} "
+            "group by user_id, article_id"
+        )
+        posts = "exposure_posts p join exposure_catalog c using (article_id)"
+        user_posts = "exposure_user_posts p join exposure_catalog c using (article_id)"
+        counts = {
+            "shown_post": f"select c.item as k, sum(p.n) as n from {posts} group by k",
+            "shown_author_everyone": (
+                f"select c.author as k, sum(p.n) as n from {posts} where c.author >= 0 group by k"
+            ),
+            "shown_topic": (
+                f"select p.user_id * {PAIR_BASE} + c.topic as k, sum(p.n) as n "
+                f"from {user_posts} where c.topic >= 0 group by k"
+            ),
+            "shown_author": (
+                f"select p.user_id * {PAIR_BASE} + c.author as k, sum(p.n) as n "
+                f"from {user_posts} where c.author >= 0 group by k"
+            ),
+        }
+        at = {name: _summed_at(con, query, at_us) for name, query in counts.items()}
+        con.execute("drop table exposure_posts")
+        con.execute("drop table exposure_user_posts")
+        pairs = {
+            name: PairCounter(
+                at[name].keys,
+                CountsAt(np.arange(at[name].keys.size, dtype=np.int64), at[name].counts, at_us),
+            )
+            for name in ("shown_topic", "shown_author")
+        }
+        return cls(
+            rows=int(rows),
+            shown_post=at["shown_post"],
+            shown_author_everyone=at["shown_author_everyone"],
+            shown_topic=pairs["shown_topic"],
+            shown_author=pairs["shown_author"],
             users=users,
         )
 
@@ -220,22 +283,10 @@ def _pairs(con: duckdb.DuckDBPyConnection, exposed: str, attribute: str) -> Pair
     return PairCounter(pairs, index)
 
 
-def _counts_at(con: duckdb.DuckDBPyConnection, events: str, at_us: int) -> CountsAt:
-    """Events per key of `events` (columns k, t; all before `at_us`)."""
-    got = con.execute(f"select k, count(*)::float as n from ({events}) group by k order by k")
-    arrays = got.fetchnumpy()
+def _summed_at(con: duckdb.DuckDBPyConnection, counts: str, at_us: int) -> CountsAt:
+    """CountsAt from `counts` (columns k, n: integer counts per key, keys distinct)."""
+    arrays = con.execute(f"select k, n::float as n from ({counts}) order by k").fetchnumpy()
     return CountsAt(np.asarray(arrays["k"], np.int64), np.asarray(arrays["n"], np.float32), at_us)
-
-
-def _pairs_at(
-    con: duckdb.DuckDBPyConnection, exposed: str, attribute: str, at_us: int
-) -> PairCounter:
-    """(user, attribute) exposures before `at_us` as a PairCounter of counts at that time."""
-    pair = f"user_id * {PAIR_BASE} + {attribute}"
-    known = f"select {pair} as k, t from ({exposed}) where {attribute} >= 0"
-    counts = _counts_at(con, known, at_us)
-    dense = np.arange(counts.keys.size, dtype=np.int64)
-    return PairCounter(counts.keys, CountsAt(dense, counts.counts, at_us))
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import os
 import pickle
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
 
@@ -18,13 +18,13 @@ import numpy as np
 import polars as pl
 
 from feed_dagster.data.schema import World
-from feed_dagster.models.catalog import FeatureConfig, ItemCatalog
+from feed_dagster.models.catalog import FeatureConfig, ItemCatalog, to_micros
 from feed_dagster.models.engagement_log import EngagementLog
 from feed_dagster.models.exposures import WarehouseExposures
 from feed_dagster.models.layers import CatalogTensors
 from feed_dagster.models.peers import PeerFeatures
 from feed_dagster.models.ranker import PhoenixRanker, predict
-from feed_dagster.models.ranker_data import build_serving_data
+from feed_dagster.models.ranker_data import POST_RECENT_US, build_serving_data
 from feed_dagster.models.retrieval_data import user_histories
 from feed_dagster.models.two_tower import TwoTower, catalog_item_vectors, user_vectors
 
@@ -45,6 +45,9 @@ class ServingContext:
     # Every post this run can score (its candidate window): a fresh fit computes their
     # item-kNN rows before it is shared, rather than each shard computing the same rows.
     candidate_posts: np.ndarray | None = None
+    # The users whose engagement rows `engagements` and `log` hold (see for_users); None:
+    # every user's.
+    users: np.ndarray | None = None
     # Classic peers fitted at a scoring time, kept for the next batch scored at that time.
     _peers: dict[datetime, PeerFeatures] = field(default_factory=dict, repr=False)
 
@@ -53,6 +56,11 @@ class ServingContext:
         `peers_dir` when another process fitted them on the same engagements, else fitted."""
         if now in self._peers:
             return self._peers[now]
+        if self.users is not None:
+            raise ValueError(
+                f"this context holds some users' engagements only: peers are fitted on "
+                f"everyone's, at the times given to for_users, not at {now}"
+            )
         path = None
         peers = None
         if self.peers_dir is not None:
@@ -62,11 +70,43 @@ class ServingContext:
             peers = PeerFeatures.fit(self.engagements, now)
             if self.candidate_posts is not None:
                 peers.peers.prepare(self.candidate_posts)
+                peers.peers.drop_transpose()
             if path is not None:
                 _save_peers(peers, path)
+        elif self.candidate_posts is not None:
+            # Every post this run scores had its item-kNN rows prepared by the fit's
+            # process (a fit saved before the transpose was dropped still holds it).
+            peers.peers.drop_transpose()
         self._peers.clear()
         self._peers[now] = peers
         return peers
+
+    def for_users(self, users: np.ndarray, now: datetime, peers: bool = True) -> ServingContext:
+        """This context for scoring `users` at `now` only: the engagement and follow frames
+        cut to their rows, with the peers at `now` (when `peers`) fitted or loaded first,
+        from everyone's engagements. The log must hold these users' rows (built with
+        `users`); what every user shares (catalog, exposure and post counts, peers) stays
+        whole. A feed shard holds its users' 1/16 of the engagements so, not all of them."""
+        if self.log.users is None:
+            raise ValueError("for_users needs a log built for some users (users=...)")
+        self.log.require(np.unique(np.asarray(users, dtype=np.int64)))
+        if peers:
+            self.peers_at(now)
+        mine = pl.DataFrame({"user_id": self.log.users})
+
+        def own(frame: pl.DataFrame, column: str) -> pl.DataFrame:
+            key = mine.select(pl.col("user_id").cast(frame[column].dtype).alias(column))
+            return frame.join(key, on=column, how="semi")
+
+        # A user's follow flags read the user's own follows only.
+        return replace(
+            self,
+            engagements=own(self.engagements, "user_id"),
+            follows=own(self.follows, "follower_id"),
+            topic_follows=own(self.topic_follows, "user_id"),
+            users=self.log.users,
+            _peers=dict(self._peers),
+        )
 
     @classmethod
     def build(
@@ -81,20 +121,26 @@ class ServingContext:
         impressions: pl.DataFrame | None = None,
         warehouse: WarehouseExposures | None = None,
         candidate_posts: np.ndarray | None = None,
+        users: np.ndarray | None = None,
+        at: datetime | None = None,
     ) -> ServingContext:
         """`content_vectors[i]` belongs to `articles` row i; `features` must be the models'
         (their config's `features`), since hashed buckets depend on it. `impressions` (the
         logged ones, when the source has them) give the ranker its exposure counts; with
         `warehouse`, they come from the warehouse's impression log instead (when the
         frame holds only some users' rows). `candidate_posts`: the article ids the run can
-        score (see the field)."""
+        score (see the field). `users`: the log holds only their rows (see for_users);
+        with `at` too, the one time they are scored at, everyone's engagement counts per
+        post and author are kept for it only."""
         features = features or FeatureConfig()
         catalog = ItemCatalog.build(articles, content_vectors, features, engagements)
         exposures = warehouse.load(catalog) if warehouse is not None else impressions
         return cls(
             catalog=catalog,
             tensors=CatalogTensors(catalog),
-            log=EngagementLog.build(engagements, catalog, exposures),
+            log=EngagementLog.build(
+                engagements, catalog, exposures, users=users, times_us=_count_times(at)
+            ),
             engagements=engagements,
             follows=follows,
             topic_follows=topic_follows,
@@ -116,6 +162,14 @@ class ServingContext:
             features,
             impressions=world.impressions,
         )
+
+
+def _count_times(at: datetime | None) -> tuple[int, ...]:
+    """The times a ranker scoring at `at` asks everyone's engagement counts at."""
+    if at is None:
+        return ()
+    at_us = to_micros(at)
+    return (at_us, at_us - POST_RECENT_US)
 
 
 def _fingerprint(engagements: pl.DataFrame, now: datetime) -> str:

@@ -22,19 +22,30 @@ CORE_FIELDS: tuple[str, ...] = (
 ORIGINAL_FIELDS: tuple[str, ...] = ("original_id", "original_author_id")
 
 
-def post_fields(articles: pl.DataFrame) -> pl.DataFrame:
+def post_fields(articles: pl.DataFrame, only: pl.Series | None = None) -> pl.DataFrame:
     """Per post: CORE_FIELDS plus `original_id` / `original_author_id`, the reposted post
     and its author for a repost and the post itself otherwise (repost dedupe, seen/served
     and author filters look through a repost to the content it shows).
 
-    Computed once per post so candidates need a single join.
+    Computed once per post so candidates need a single join; for the posts of `only`
+    (article ids) alone when given, their parents still looked up among all `articles`.
     """
-    parents = articles.select(
+    posts = articles
+    parents = articles
+    if only is not None:
+        ids = only.cast(articles["article_id"].dtype).unique().to_frame("article_id")
+        posts = articles.join(ids, on="article_id", how="semi")
+        parents = articles.join(
+            posts.select(pl.col("parent_id").drop_nulls().unique().alias("article_id")),
+            on="article_id",
+            how="semi",
+        )
+    parents = parents.select(
         pl.col("article_id").alias("parent_id"), pl.col("author_id").alias("_parent_author")
     )
     is_repost = (pl.col("kind") == "repost") & pl.col("parent_id").is_not_null()
     return (
-        articles.select("article_id", *CORE_FIELDS)
+        posts.select("article_id", *CORE_FIELDS)
         .join(parents, on="parent_id", how="left")
         .with_columns(
             original_id=pl.when(is_repost)
@@ -50,10 +61,11 @@ def post_fields(articles: pl.DataFrame) -> pl.DataFrame:
 
 def hydrate_core_data(candidates: pl.DataFrame, articles: pl.DataFrame) -> pl.DataFrame:
     """Post fields (see `post_fields`) by article_id. A left join that keeps the candidate
-    order: unknown posts keep null fields for the missing-core-data filter to drop."""
-    return candidates.join(
-        post_fields(articles), on="article_id", how="left", maintain_order="left"
-    )
+    order: unknown posts keep null fields for the missing-core-data filter to drop. Only
+    the candidates' posts get their fields: a batch's are tens of thousands of a news
+    world's million."""
+    fields = post_fields(articles, candidates["article_id"])
+    return candidates.join(fields, on="article_id", how="left", maintain_order="left")
 
 
 def hydrate_author_handles(feeds: pl.DataFrame, users: pl.DataFrame) -> pl.DataFrame:
