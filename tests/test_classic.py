@@ -7,6 +7,7 @@ from datetime import datetime, timedelta
 import numpy as np
 import polars as pl
 import pytest
+import scipy.sparse as sp
 
 from feed_dagster.data.schema import conform
 from feed_dagster.metrics import classic
@@ -263,3 +264,21 @@ def test_adapters_keep_row_order_and_fit_before_the_first_impression() -> None:
         "popularity_all_time", pop["user_id"].to_numpy(), pop["article_id"].to_numpy()
     )
     assert (pop["score"].to_numpy() < later).any()  # engagements after the first shown_at unused
+
+
+def test_item_knn_rows_assembled_block_by_block_equal_one_block(monkeypatch) -> None:
+    rng = np.random.default_rng(8)
+    x = sp.csr_matrix((rng.random((80, 60)) < 0.2).astype(np.float32))
+    xt = x.T.tocsr()
+    rows = rng.permutation(60)[:45]  # any order, as scoring asks
+    whole = classic._item_knn_rows(x, xt, rows, 7, 5.0)
+    monkeypatch.setattr(classic, "_KNN_BLOCK_FLOPS", 50)
+    blocks = classic._item_knn_rows(x, xt, rows, 7, 5.0)
+    assert whole.has_canonical_format and whole.nnz > 0
+    for name in ("indptr", "indices", "data"):
+        np.testing.assert_array_equal(getattr(blocks, name), getattr(whole, name))
+    # The same canonical matrix scipy builds from the (row, col, value) list.
+    coo = whole.tocoo()
+    rebuilt = sp.csr_matrix((coo.data, (coo.row, coo.col)), shape=whole.shape)
+    np.testing.assert_array_equal(rebuilt.indices, whole.indices)
+    np.testing.assert_array_equal(rebuilt.data, whole.data)
