@@ -31,7 +31,7 @@ from feed_dagster.models.catalog import FeatureConfig, ItemCatalog, _micros, to_
 from feed_dagster.models.engagement_log import EngagementLog
 from feed_dagster.models.exposures import ExposureLog, ExposurePoints
 from feed_dagster.models.layers import CatalogTensors
-from feed_dagster.models.peers import PeerFeatures, RollingPeerFeatures
+from feed_dagster.models.peers import PeerFeatures, RollingPeersOnDemand
 from feed_dagster.models.ranker import (
     PhoenixRanker,
     RankerConfig,
@@ -329,18 +329,14 @@ def add_ranker_data(
     mix = mix or base.mix
     catalog, log, split, features = base.catalog, base.log, base.split, base.features
     valid_start, heldout_start = _period_starts(split, world.now)
-    # The classic peers at the held-out start: evaluated as methods of their own, and the
-    # ranker's peer inputs on held-out impressions.
-    heldout_classic = ClassicPeers.fit(world.engagements, heldout_start)
-    train_peers = heldout_peers = None
+    train_peers = None
     if mix.peer_features:
         first = peer_cut(log, split, valid_start, mix.peer_start_quantile)
         step = (valid_start - first) / max(1, mix.peer_fits)
         cuts = [first + step * i for i in range(max(1, mix.peer_fits))]
-        train_peers = RollingPeerFeatures.fit(world.engagements, cuts)
-        heldout_peers = PeerFeatures.of(heldout_classic)
+        train_peers = RollingPeersOnDemand(world.engagements, cuts)
 
-    def ranker(imp: pl.DataFrame, peers: PeerScores | None = train_peers) -> RankerData:
+    def ranker(imp: pl.DataFrame, peers: PeerScores | None) -> RankerData:
         return build_ranker_data(
             imp,
             world.engagements,
@@ -352,7 +348,7 @@ def add_ranker_data(
             peers=peers,
         )
 
-    logged = ranker(split.train if mix.logged_slates else split.train.clear())
+    logged = ranker(split.train if mix.logged_slates else split.train.clear(), train_peers)
     n_positives = int((log.positive() & (log.time_us < to_micros(valid_start))).sum())
     n_sampled = mix.n_sampled(len(logged), n_positives)
     train_groups = logged
@@ -380,10 +376,17 @@ def add_ranker_data(
         )
         train_groups = RankerData.concat([logged, sampled]) if len(logged) else sampled
 
+    valid_groups = ranker(split.valid, train_peers)
+    # The classic peers at the held-out start (evaluated as methods of their own, and the
+    # ranker's peer inputs on held-out impressions), fitted once the training-time fits are
+    # gone: the two are never held at once.
+    train_peers = None
+    heldout_classic = ClassicPeers.fit(world.engagements, heldout_start)
+    heldout_peers = PeerFeatures.of(heldout_classic) if mix.peer_features else None
     return replace(
         base,
         ranker_train=train_groups,
-        ranker_valid=ranker(split.valid),
+        ranker_valid=valid_groups,
         ranker_heldout=ranker(split.heldout, heldout_peers),
         mix=mix,
         logged_groups=len(logged),
