@@ -7,6 +7,7 @@ from datetime import datetime, timedelta
 import numpy as np
 import polars as pl
 import pytest
+import scipy.sparse as sp
 
 from feed_dagster.data.schema import conform
 from feed_dagster.metrics import classic
@@ -301,3 +302,21 @@ def test_item_knn_rows_after_the_transpose_is_dropped_equal_the_full_matrix() ->
     got = dropped.score("item_knn", users, items)
     np.testing.assert_array_equal(got, kept.score("item_knn", users, items))
     assert got.max() > 0 and dropped._knn_done.sum() > 10
+
+
+def test_item_knn_rows_assembled_block_by_block_equal_one_block(monkeypatch) -> None:
+    rng = np.random.default_rng(8)
+    x = sp.csr_matrix((rng.random((80, 60)) < 0.2).astype(np.float32))
+    xt = x.T.tocsr()
+    rows = rng.permutation(60)[:45]  # any order, as scoring asks
+    whole = classic._item_knn_rows(x, xt, rows, 7, 5.0)
+    monkeypatch.setattr(classic, "_KNN_BLOCK_FLOPS", 50)
+    blocks = classic._item_knn_rows(x, xt, rows, 7, 5.0)
+    assert whole.has_canonical_format and whole.nnz > 0
+    for name in ("indptr", "indices", "data"):
+        np.testing.assert_array_equal(getattr(blocks, name), getattr(whole, name))
+    # The same canonical matrix scipy builds from the (row, col, value) list.
+    coo = whole.tocoo()
+    rebuilt = sp.csr_matrix((coo.data, (coo.row, coo.col)), shape=whole.shape)
+    np.testing.assert_array_equal(rebuilt.indices, whole.indices)
+    np.testing.assert_array_equal(rebuilt.data, whole.data)

@@ -8,7 +8,13 @@ import numpy as np
 import polars as pl
 
 from feed_dagster.data.schema import ACTIONS
-from feed_dagster.models.peers import PEER_METHODS, PER_USER, PeerFeatures, RollingPeerFeatures
+from feed_dagster.models.peers import (
+    PEER_METHODS,
+    PER_USER,
+    PeerFeatures,
+    RollingPeerFeatures,
+    RollingPeersOnDemand,
+)
 from feed_dagster.models.ranker_data import N_PEER_FEATURES
 
 T0 = datetime(2026, 1, 1)
@@ -83,3 +89,18 @@ def test_rolling_fits_take_the_latest_cut_before_each_row():
     assert (out[0] == 0).all()
     for row, fit in zip(out[1:], rolling.fits, strict=True):
         np.testing.assert_array_equal(row, fit(users[:1], items[:1], times[-1:])[0])
+
+
+def test_rolling_fits_made_on_demand_give_the_same_features_one_fit_at_a_time():
+    eng = _engagements()
+    cuts = [T0 + timedelta(days=d) for d in (3, 6, 9)]
+    rng = np.random.default_rng(0)
+    users, items = rng.integers(0, 60, 200), rng.integers(0, 40, 200)
+    times = rng.integers(_us(T0), _us(T0 + timedelta(days=11)), 200)
+    want = RollingPeerFeatures.fit(eng, cuts)(users, items, times)
+    on_demand = RollingPeersOnDemand(eng, cuts)
+    np.testing.assert_array_equal(on_demand(users, items, times), want)
+    assert on_demand._held[0] == 2  # only the latest fit is kept
+    late = times >= _us(cuts[2])
+    np.testing.assert_array_equal(on_demand(users[late], items[late], times[late]), want[late])
+    np.testing.assert_array_equal(on_demand(users, items, times), want)  # refits the earlier

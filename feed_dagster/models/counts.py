@@ -86,6 +86,51 @@ class CountsAt:
         return np.where(self.keys[pos] == key, self.counts[pos], 0.0).astype(np.float32)
 
 
+@dataclass(frozen=True)
+class CountsAtPoints:
+    """A TimeIndex's counts at a fixed set of (key, time) points, one count per point: what a
+    trainer asks of an index whose queries are all known up front (its sampled slates), in a
+    fraction of the memory of one key per event. Asking at another point is refused."""
+
+    points: np.ndarray  # int64, sorted unique key * step + time step (the index's layout)
+    counts: np.ndarray  # float32, per point
+    layout: KeyLayout
+
+    @classmethod
+    def of(cls, index: TimeIndex, key: np.ndarray, time_us: np.ndarray) -> CountsAtPoints:
+        """`index`'s counts at the points (key[i], time_us[i])."""
+        points = np.unique(_point_keys(index.layout, key, time_us))
+        lay = index.layout
+        counts = index.count_before(
+            points // lay.step, lay.t0 + (points % lay.step) * lay.resolution
+        )
+        return cls(points, counts, lay)
+
+    def count_before(self, key: np.ndarray, time_us: np.ndarray) -> np.ndarray:
+        points = _point_keys(self.layout, key, time_us)
+        if points.size == 0:
+            return np.zeros(0, dtype=np.float32)
+        pos = search_sorted(self.points, points).clip(0, max(self.points.size - 1, 0))
+        found = self.points[pos] == points if self.points.size else np.zeros(points.size, bool)
+        if not found.all():
+            k = int(points[~found][0])
+            raise ValueError(
+                f"counts were taken at fixed points only, not at key {k // self.layout.step} "
+                f"time step {k % self.layout.step}"
+            )
+        return self.counts[pos].astype(np.float32)
+
+
+def _point_keys(layout: KeyLayout, key: np.ndarray, time_us: np.ndarray) -> np.ndarray:
+    """(key, time) points as TimeIndex.count_before reads them: times clipped to the layout's
+    span, so two times it would count alike are one point."""
+    key = np.asarray(key, dtype=np.int64)
+    rel = np.clip(
+        (np.asarray(time_us, dtype=np.int64) - layout.t0) // layout.resolution, 0, layout.step - 1
+    )
+    return key * layout.step + rel
+
+
 def time_index(key: np.ndarray, time_us: np.ndarray) -> TimeIndex:
     """The index of events (key[i], time_us[i]); keys are non-negative ints."""
     key = np.asarray(key, dtype=np.int64)
@@ -116,7 +161,7 @@ class PairCounter:
     one sorted (pair, time) index answers every query with two binary searches."""
 
     pairs: np.ndarray  # int64 sorted unique a * PAIR_BASE + b
-    index: TimeIndex | CountsAt  # keyed by the pair's position in `pairs`
+    index: TimeIndex | CountsAt | CountsAtPoints  # keyed by the pair's position in `pairs`
 
     @classmethod
     def build(cls, a: np.ndarray, b: np.ndarray, time_us: np.ndarray) -> PairCounter:
@@ -133,12 +178,43 @@ class PairCounter:
         known = key >= 0
         return cls.build(user[known], key[known], time_us[known])
 
+    def at_points(self, a: np.ndarray, b: np.ndarray, time_us: np.ndarray) -> PairCounter:
+        """This counter's counts at the points (a[i], b[i], time_us[i]) only: the pairs
+        queried that have events, each with its counts at its queried times (a TimeIndex
+        index is needed). Pairs without events still count zero anywhere."""
+        assert isinstance(self.index, TimeIndex)
+        key = np.asarray(a, np.int64) * PAIR_BASE + np.asarray(b, np.int64)
+        time_us = np.broadcast_to(np.asarray(time_us, np.int64), key.shape)
+        pos, found = self._find(key, np.asarray(b))
+        pairs = np.unique(key[found])
+        # Count at the old dense ids, store under the new ones (ranks among `pairs`): the
+        # new ids are no larger, so the old layout still fits them.
+        lay = self.index.layout
+        points = np.unique(_point_keys(lay, pos[found], time_us[found]))
+        old, step = points // lay.step, points % lay.step
+        counts = self.index.count_before(old, lay.t0 + step * lay.resolution)
+        new = search_sorted(pairs, self.pairs[old]) * lay.step + step
+        order = np.argsort(new, kind="stable")
+        return PairCounter(pairs, CountsAtPoints(new[order], counts[order], lay))
+
+    def _find(self, key: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(position in `pairs`, whether the pair is there and its b known)."""
+        if self.pairs.size == 0:
+            return np.zeros(len(key), np.int64), np.zeros(len(key), bool)
+        pos = search_sorted(self.pairs, key).clip(0, self.pairs.size - 1)
+        return pos, (self.pairs[pos] == key) & (b >= 0)
+
     def before(self, a: np.ndarray, b: np.ndarray, time_us: np.ndarray) -> np.ndarray:
         key = np.asarray(a, np.int64) * PAIR_BASE + np.asarray(b, np.int64)
         if self.pairs.size == 0:
             return np.zeros(len(key), dtype=np.float32)
-        pos = search_sorted(self.pairs, key).clip(0, self.pairs.size - 1)
-        found = (self.pairs[pos] == key) & (np.asarray(b) >= 0)
+        pos, found = self._find(key, np.asarray(b))
+        if isinstance(self.index, CountsAtPoints):
+            # Only pairs with events were kept, at their queried times: ask for those only.
+            time_us = np.broadcast_to(np.asarray(time_us, np.int64), key.shape)
+            out = np.zeros(len(key), dtype=np.float32)
+            out[found] = self.index.count_before(pos[found], time_us[found])
+            return out
         return np.where(found, self.index.count_before(pos, time_us), 0.0).astype(np.float32)
 
 

@@ -136,3 +136,37 @@ class RollingPeerFeatures:
                 idx = np.flatnonzero(rows)
                 out[idx] = f(np.asarray(users)[idx], np.asarray(articles)[idx], times_us[idx])
         return out
+
+
+class RollingPeersOnDemand:
+    """The features of `RollingPeerFeatures.fit(engagements, cuts)`, with each cut fitted
+    when rows first need it and only one fit held at a time: a fit with the item-kNN rows of
+    the posts it scored is hundreds of MB at 100k users, and a trainer's slates reach the
+    cuts in turn. The latest fit stays for the next call (the validation slates read it);
+    a call that goes back to an earlier cut fits it again, to the same features."""
+
+    def __init__(self, engagements: pl.DataFrame, cuts: list[datetime]):
+        self._engagements = engagements
+        self.cuts = sorted(set(cuts))
+        self.cuts_us = [to_micros(c) for c in self.cuts]
+        self._held: tuple[int, PeerFeatures] | None = None
+
+    def _fit(self, i: int) -> PeerFeatures:
+        if self._held is None or self._held[0] != i:
+            self._held = None  # the previous fit goes before the next one is made
+            self._held = (i, PeerFeatures.fit(self._engagements, self.cuts[i]))
+        return self._held[1]
+
+    def __call__(self, users: np.ndarray, articles: np.ndarray, times_us: np.ndarray) -> np.ndarray:
+        times_us = np.asarray(times_us)
+        out = np.zeros((len(users), N_PEER_FEATURES), np.float32)
+        for i, cut_us in enumerate(self.cuts_us):
+            rows = times_us >= cut_us
+            if i + 1 < len(self.cuts_us):
+                rows &= times_us < self.cuts_us[i + 1]
+            if rows.any():
+                idx = np.flatnonzero(rows)
+                out[idx] = self._fit(i)(
+                    np.asarray(users)[idx], np.asarray(articles)[idx], times_us[idx]
+                )
+        return out

@@ -27,11 +27,11 @@ from feed_dagster.memory import peak_rss_mib
 from feed_dagster.metrics.classic import ClassicPeers
 from feed_dagster.metrics.ranking import evaluate_scores
 from feed_dagster.models.budget import TrainingBudget
-from feed_dagster.models.catalog import FeatureConfig, ItemCatalog, to_micros
+from feed_dagster.models.catalog import FeatureConfig, ItemCatalog, _micros, to_micros
 from feed_dagster.models.engagement_log import EngagementLog
-from feed_dagster.models.exposures import ExposureLog
+from feed_dagster.models.exposures import ExposureLog, ExposurePoints
 from feed_dagster.models.layers import CatalogTensors
-from feed_dagster.models.peers import PeerFeatures, RollingPeerFeatures
+from feed_dagster.models.peers import PeerFeatures, RollingPeersOnDemand
 from feed_dagster.models.ranker import (
     PhoenixRanker,
     RankerConfig,
@@ -209,7 +209,7 @@ def prepare_training_data(
     counts come from every impression in its `impressions` table (world.impressions is then
     only the budget's sample of them)."""
     base = prepare_retrieval_data(
-        world, content_vectors, features, valid_fraction, budget, valid_start, warehouse
+        world, content_vectors, features, valid_fraction, budget, valid_start, warehouse, mix
     )
     return add_ranker_data(base, world, mix)
 
@@ -222,10 +222,13 @@ def prepare_retrieval_data(
     budget: TrainingBudget | None = None,
     valid_start: datetime | None = None,
     warehouse: Location | None = None,
+    mix: TrainingMix | None = None,
 ) -> TrainingData:
     """The temporal split and the two-tower's examples; the ranker's groups are left empty
-    (`add_ranker_data` fills them), so the two-tower can start training before they exist."""
+    (`add_ranker_data` fills them, with `mix`), so the two-tower can start training before
+    they exist."""
     features = features or FeatureConfig()
+    mix = mix or TrainingMix()
     impressions = drop_impossible_rows(world.impressions, world.articles)
     split = temporal_split(impressions, valid_fraction, valid_start)
     # Retrieval positives follow the same time cut as the impressions.
@@ -239,8 +242,13 @@ def prepare_retrieval_data(
         # world.impressions is the budget's sample: per-user counts are needed for its
         # users only (at 1M users, a few percent of the log's), the global ones for all.
         sampled = world.impressions["user_id"].unique().to_numpy()
+        # When every ranker group is a logged slate, the counts are read at the sampled
+        # rows only: kept there, they take megabytes instead of one key per impression.
+        points = None
+        if not _samples_groups(mix, split):
+            points = exposure_points(impressions, catalog)
         exposures = ExposureLog.from_warehouse(
-            warehouse, catalog, sampled if len(sampled) else None
+            warehouse, catalog, sampled if len(sampled) else None, points=points
         )
     log = EngagementLog.build(world.engagements, catalog, exposures)
 
@@ -278,6 +286,30 @@ def prepare_retrieval_data(
         features=features,
         dropped_rows=world.impressions.height - impressions.height,
         id_cutoff_us=to_micros(valid_start),
+        mix=mix,
+    )
+
+
+def _samples_groups(mix: TrainingMix, split: Split) -> bool:
+    """Whether `add_ranker_data` may add groups sampled from engagements (their times are
+    engagement times, not known before they are drawn)."""
+    return mix.sampled_per_logged > 0 or not mix.logged_slates or split.train.height == 0
+
+
+def exposure_points(impressions: pl.DataFrame, catalog: ItemCatalog) -> ExposurePoints:
+    """Where the ranker's groups read exposure counts: each impression row at its
+    impression's time (a group reads all its rows at the time of its first; every shown_at
+    of the impression is kept, should its rows disagree)."""
+    times = (
+        impressions.group_by("impression_id").agg(pl.col("shown_at").unique()).explode("shown_at")
+    )
+    rows = impressions.select("impression_id", "user_id", "article_id").join(
+        times, on="impression_id"
+    )
+    return ExposurePoints(
+        user=rows["user_id"].to_numpy().astype(np.int64),
+        item=catalog.rows(rows["article_id"].to_numpy(), "impressions.article_id"),
+        time_us=_micros(rows["shown_at"]),
     )
 
 
@@ -292,22 +324,19 @@ def add_ranker_data(
     base: TrainingData, world: World, mix: TrainingMix | None = None
 ) -> TrainingData:
     """`base` (from prepare_retrieval_data) with the ranker's training, validation and
-    held-out groups, and the classic peers they read."""
-    mix = mix or TrainingMix()
+    held-out groups, and the classic peers they read; `mix` defaults to the one `base` was
+    prepared for."""
+    mix = mix or base.mix
     catalog, log, split, features = base.catalog, base.log, base.split, base.features
     valid_start, heldout_start = _period_starts(split, world.now)
-    # The classic peers at the held-out start: evaluated as methods of their own, and the
-    # ranker's peer inputs on held-out impressions.
-    heldout_classic = ClassicPeers.fit(world.engagements, heldout_start)
-    train_peers = heldout_peers = None
+    train_peers = None
     if mix.peer_features:
         first = peer_cut(log, split, valid_start, mix.peer_start_quantile)
         step = (valid_start - first) / max(1, mix.peer_fits)
         cuts = [first + step * i for i in range(max(1, mix.peer_fits))]
-        train_peers = RollingPeerFeatures.fit(world.engagements, cuts)
-        heldout_peers = PeerFeatures.of(heldout_classic)
+        train_peers = RollingPeersOnDemand(world.engagements, cuts)
 
-    def ranker(imp: pl.DataFrame, peers: PeerScores | None = train_peers) -> RankerData:
+    def ranker(imp: pl.DataFrame, peers: PeerScores | None) -> RankerData:
         return build_ranker_data(
             imp,
             world.engagements,
@@ -319,7 +348,7 @@ def add_ranker_data(
             peers=peers,
         )
 
-    logged = ranker(split.train if mix.logged_slates else split.train.clear())
+    logged = ranker(split.train if mix.logged_slates else split.train.clear(), train_peers)
     n_positives = int((log.positive() & (log.time_us < to_micros(valid_start))).sum())
     n_sampled = mix.n_sampled(len(logged), n_positives)
     train_groups = logged
@@ -347,10 +376,17 @@ def add_ranker_data(
         )
         train_groups = RankerData.concat([logged, sampled]) if len(logged) else sampled
 
+    valid_groups = ranker(split.valid, train_peers)
+    # The classic peers at the held-out start (evaluated as methods of their own, and the
+    # ranker's peer inputs on held-out impressions), fitted once the training-time fits are
+    # gone: the two are never held at once.
+    train_peers = None
+    heldout_classic = ClassicPeers.fit(world.engagements, heldout_start)
+    heldout_peers = PeerFeatures.of(heldout_classic) if mix.peer_features else None
     return replace(
         base,
         ranker_train=train_groups,
-        ranker_valid=ranker(split.valid),
+        ranker_valid=valid_groups,
         ranker_heldout=ranker(split.heldout, heldout_peers),
         mix=mix,
         logged_groups=len(logged),
@@ -611,8 +647,10 @@ def prepare_and_train(
     and builds the ranker's groups. Same data and weights as the two calls in sequence."""
     valid_fraction = budget.valid_fraction if budget is not None else 0.1
     base = prepare_retrieval_data(
-        world, content_vectors, features, valid_fraction, budget, valid_start, warehouse
+        world, content_vectors, features, valid_fraction, budget, valid_start, warehouse, mix
     )
+    # The catalog holds its own copy of the vectors (256 MiB at a million posts).
+    del content_vectors
     with _two_tower_in_background(base) as pending:
         data = add_ranker_data(base, world, mix)
         ranker = train_ranker(data)

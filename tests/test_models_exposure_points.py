@@ -1,0 +1,85 @@
+"""Exposure counts kept at the points a trainer reads them: the same numbers, in less memory."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from feed_dagster.data.world_tables import world_from_tables
+from feed_dagster.embeddings import LexicalEncoder
+from feed_dagster.models import train
+from feed_dagster.models.budget import TrainingBudget, read_training_tables
+from feed_dagster.models.catalog import FeatureConfig
+from feed_dagster.models.counts import CountsAtPoints, PairCounter, time_index
+from feed_dagster.models.ranker_data import PROFILE_FEATURES
+from feed_dagster.models.train import prepare_training_data
+
+TABLES = ["world_info", "users", "articles", "engagements", "impressions", "impression_truth"]
+FEATURES = FeatureConfig(history_len=8, author_buckets=1024, user_buckets=1024)
+
+
+def _events(n: int = 5_000, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    return rng.integers(0, 40, n), rng.integers(0, 9, n), rng.integers(10**6, 10**6 + 5_000, n)
+
+
+def test_counts_at_points_equal_the_index_there_and_refuse_other_points():
+    key, _, t = _events()
+    index = time_index(key, t)
+    rng = np.random.default_rng(1)
+    q_key = rng.integers(0, 45, 300)  # some keys without events
+    q_t = rng.integers(10**6 - 10, 10**6 + 5_010, 300)  # some before and after every event
+    at = CountsAtPoints.of(index, q_key, q_t)
+    np.testing.assert_array_equal(at.count_before(q_key, q_t), index.count_before(q_key, q_t))
+    assert at.points.size <= 300
+    with pytest.raises(ValueError, match="fixed points only"):
+        at.count_before(np.array([q_key[0]]), np.array([q_t[0] + 10**7]))
+
+
+def test_pair_counts_at_points_equal_the_full_counter_there():
+    user, attr, t = _events()
+    full = PairCounter.build(user, attr, t)
+    rng = np.random.default_rng(2)
+    q_user, q_attr = rng.integers(0, 45, 400), rng.integers(-1, 11, 400)  # unknown and new
+    q_t = rng.integers(10**6, 10**6 + 5_000, 400)
+    cut = full.at_points(q_user, q_attr, q_t)
+    np.testing.assert_array_equal(cut.before(q_user, q_attr, q_t), full.before(q_user, q_attr, q_t))
+    assert cut.pairs.size < full.pairs.size
+    # A pair nobody queried counts zero; a queried one at another time is refused.
+    known = np.flatnonzero(np.isin(q_user * 2**31 + q_attr, cut.pairs))[0]
+    with pytest.raises(ValueError, match="fixed points only"):
+        cut.before(q_user[[known]], q_attr[[known]], q_t[[known]] + 1)
+
+
+@pytest.fixture(scope="module")
+def warehouse(tmp_path_factory, tiny_world, make_warehouse):
+    return make_warehouse(tmp_path_factory.mktemp("points") / "warehouse.duckdb", tiny_world)
+
+
+def test_ranker_groups_are_the_same_with_counts_kept_at_their_points(warehouse, monkeypatch):
+    budget = TrainingBudget(train_slates=150, valid_slates=40, heldout_users=20)
+    tables, sample = read_training_tables(warehouse, TABLES, budget)
+    world = world_from_tables(tables, tables["world_info"])
+    vectors = LexicalEncoder().encode(world.articles)
+
+    def prepare():
+        return prepare_training_data(
+            world,
+            vectors,
+            FEATURES,
+            budget=budget,
+            valid_start=sample.valid_start,
+            warehouse=warehouse,
+        )
+
+    at_points = prepare()
+    assert isinstance(at_points.log.exposures.shown_post, CountsAtPoints)
+    monkeypatch.setattr(train, "_samples_groups", lambda mix, split: True)
+    whole = prepare()
+    assert not isinstance(whole.log.exposures.shown_post, CountsAtPoints)
+    for name in ("ranker_train", "ranker_valid", "ranker_heldout"):
+        a, b = getattr(at_points, name), getattr(whole, name)
+        assert len(a) > 0
+        np.testing.assert_array_equal(a.cand_profile, b.cand_profile)
+        np.testing.assert_array_equal(a.cand_item, b.cand_item)
+        assert a.cand_profile[..., PROFILE_FEATURES.index("log_shown_post")].any()
