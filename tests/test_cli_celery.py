@@ -18,7 +18,7 @@ from celery_helpers import ROOT, celery_workers, shared_instance, worker_env, wo
 from servers import free_port
 
 import feed_dagster.cli as cli
-import feed_dagster.jobs.run_build as run_build
+import feed_dagster.cli.build as run_build
 from feed_dagster.jobs.executors import CELERY_BROKER_VARIABLE, EXECUTOR_VARIABLE
 from feed_dagster.progress import PlainProgress
 from feed_dagster.serving.read import connect

@@ -9,7 +9,7 @@ import uuid
 import dagster as dg
 
 from feed_dagster.assets.models import epoch_line
-from feed_dagster.jobs.run_build import _dispatch, _step_listener
+from feed_dagster.cli.build import _dispatch, _step_listener
 from feed_dagster.progress import (
     PlainProgress,
     Progress,

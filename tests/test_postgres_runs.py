@@ -14,7 +14,7 @@ import yaml
 from servers import PostgresServer, free_port
 
 import feed_dagster.cli as cli
-import feed_dagster.jobs.run_build as run_build
+import feed_dagster.cli.build as run_build
 from feed_dagster.cli import POSTGRES_URL_VARIABLE, main
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -9,7 +9,7 @@ import polars as pl
 import pytest
 from dagster_helpers import materialize
 
-from feed_dagster.jobs.run_build import error_text
+from feed_dagster.cli.build import error_text
 from feed_dagster.serving.guard import GenerationStats, GuardConfig, decide
 
 LIVE = GenerationStats(rows=1000, users=100)
@@ -157,7 +157,7 @@ def test_low_coverage_is_refused(published) -> None:
 
 def test_the_cli_reports_a_refused_publish_and_keeps_serving(published, capsys, monkeypatch):
     import feed_dagster.cli as cli
-    import feed_dagster.jobs.run_build as run_build
+    import feed_dagster.cli.build as run_build
 
     _rewrite_shards(pl.col("position") <= 5)
     with pytest.raises(run_build.PublishRefused) as err:

@@ -517,8 +517,10 @@ def predict(
                 local = torch.from_numpy(context_of[groups] - lo)
                 b = candidate_batch(data, groups, cand_row)
                 logits, d = model.score_with_contexts(cache, local, b, cat, tables)
-                probs.append(torch.sigmoid(logits).numpy())
-                dwell.append(torch.expm1(d.clamp(min=0)).numpy())
+                # float(): under a bfloat16 autocast (bench_feeds compares it) the
+                # outputs are bfloat16, which numpy cannot hold.
+                probs.append(torch.sigmoid(logits.float()).numpy())
+                dwell.append(torch.expm1(d.float().clamp(min=0)).numpy())
     finally:
         model.train(was_training)
     n_a = len(model.cfg.actions)

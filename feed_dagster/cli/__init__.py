@@ -14,14 +14,14 @@ from pathlib import Path
 import polars as pl
 
 from feed_dagster.artifacts import Location
-from feed_dagster.jobs.instance import POSTGRES_URL_FORM, POSTGRES_URL_VARIABLE, instance_problem
-from feed_dagster.jobs.run_build import (
+from feed_dagster.cli.build import (
     EXECUTOR_VARIABLE,
     SHARD_RUNS_VARIABLE,
     BuildFailed,
     engine_problem,
     materialize_everything,
 )
+from feed_dagster.cli.instance import POSTGRES_URL_FORM, POSTGRES_URL_VARIABLE, instance_problem
 from feed_dagster.paths import ARTIFACTS_URI_VARIABLE, MODELS_URI_VARIABLE, DataRoot, data_root
 from feed_dagster.progress import make_progress
 
@@ -536,7 +536,3 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     return args.func(args)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from feed_dagster.jobs.instance import run_instance
+from feed_dagster.cli.instance import run_instance
 from feed_dagster.paths import DataRoot, data_root
 from feed_dagster.progress import PlainProgress, Progress
 
