@@ -167,10 +167,18 @@ def test_exposure_indexes_built_in_duckdb_equal_the_numpy_ones(world, catalog, t
     assert from_frame.shown_post.keys.size == imp.height
 
 
-def test_impressions_of_unknown_posts_are_refused(world, catalog):
+def test_impressions_of_unknown_posts_are_refused(world, catalog, tmp_path):
     bad = world.impressions.head(3).with_columns(pl.lit(-77).cast(pl.Int64).alias("article_id"))
+    impressions = pl.concat([world.impressions, bad])
     with pytest.raises(ValueError, match="not in the articles table.*-77"):
-        ExposureLog.build(pl.concat([world.impressions, bad]), catalog)
+        ExposureLog.build(impressions, catalog)
+    # Counted at one time (serving, evaluation), from the warehouse: refused the same way.
+    path = tmp_path / "w.duckdb"
+    with duckdb.connect(str(path)) as con:
+        con.register("frame", impressions.to_arrow())
+        con.execute("create table impressions as select * from frame")
+    with pytest.raises(ValueError, match="not in the articles table.*-77"):
+        ExposureLog.from_warehouse(path, catalog, at=world.now)
 
 
 def test_without_impressions_exposure_counts_are_zero(world, catalog):

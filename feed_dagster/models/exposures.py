@@ -164,15 +164,7 @@ class ExposureLog:
             con.register("exposure_users", pl.DataFrame({"user_id": users}).to_arrow())
         if at_us is not None:  # `source` holds only the impressions before it
             return cls._indexes_at(con, source, users, at_us)
-        missing = con.execute(
-            f"select distinct article_id from {source} anti join exposure_catalog "
-            "using (article_id) order by article_id limit 5"
-        ).fetchall()
-        if missing:
-            raise ValueError(
-                f"impressions.article_id: ids not in the articles table, e.g. "
-                f"{[m[0] for m in missing]}"
-            )
+        _refuse_unknown_articles(con, f"select distinct article_id from {source}")
         exposed = _EXPOSED.format(source=source)
         rows = con.execute(f"select count(*) from {source}").fetchone()[0]
         author = f"select author as k, t from ({exposed}) where author >= 0"
@@ -222,15 +214,7 @@ class ExposureLog:
             "create or replace temp table exposure_posts as "
             f"select article_id, count(*) as n from {source} group by article_id"
         )
-        missing = con.execute(
-            "select article_id from exposure_posts anti join exposure_catalog "
-            "using (article_id) order by article_id limit 5"
-        ).fetchall()
-        if missing:
-            raise ValueError(
-                f"impressions.article_id: ids not in the articles table, e.g. "
-                f"{[m[0] for m in missing]}"
-            )
+        _refuse_unknown_articles(con, "select article_id from exposure_posts")
         rows = con.execute("select coalesce(sum(n), 0) from exposure_posts").fetchone()[0]
         scoped = source
         if users is not None:
@@ -343,3 +327,16 @@ class WarehouseExposures:
 
     def load(self, catalog: ItemCatalog) -> ExposureLog:
         return ExposureLog.from_warehouse(self.path, catalog, self.users, self.at)
+
+
+def _refuse_unknown_articles(con: duckdb.DuckDBPyConnection, article_ids: str) -> None:
+    """Raise naming up to five of the article ids `article_ids` (a query) that the
+    registered exposure_catalog does not hold: an impression of an unknown post."""
+    missing = con.execute(
+        f"select article_id from ({article_ids}) anti join exposure_catalog "
+        "using (article_id) order by article_id limit 5"
+    ).fetchall()
+    if missing:
+        raise ValueError(
+            f"impressions.article_id: ids not in the articles table, e.g. {[m[0] for m in missing]}"
+        )
