@@ -101,7 +101,7 @@ class RemoteWarehouseIOManager(dg.IOManager):
         if context.has_asset_partitions:
             # No warehouse asset is partitioned; a shard of a whole-table object would need
             # a read-modify-write that two shard runs could race.
-            raise NotImplementedError(
+            raise ValueError(
                 f"partitioned asset {context.asset_key.to_user_string()} cannot be stored in "
                 f"the warehouse on a bucket ({self.warehouse})"
             )
