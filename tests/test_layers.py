@@ -22,7 +22,7 @@ ROOT = "feed_dagster"
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
     # Building blocks with no project imports: errors, atomic file writes, artifacts on a
     # directory or a bucket, storage paths, step memory, plot/table rendering, the CLI's
-    # progress display, batched sorted search.
+    # progress display, batched sorted search, workers that end with their parent.
     (
         "base",
         (
@@ -34,6 +34,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
             "plots",
             "progress",
             "sorted_search",
+            "processes",
         ),
     ),
     # Canonical tables, validation, the warehouse connection and its two backends (a DuckDB

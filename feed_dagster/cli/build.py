@@ -19,6 +19,7 @@ from typing import Any
 
 from feed_dagster.cli.instance import run_instance
 from feed_dagster.paths import DataRoot, data_root
+from feed_dagster.processes import die_with_parent
 from feed_dagster.progress import PlainProgress, Progress
 
 
@@ -94,9 +95,10 @@ def _dispatch(progress: Progress, event: StepEvent) -> None:
 _WORKER_EVENTS: Any = None
 
 
-def _worker_init(events: Any) -> None:
+def _worker_init(events: Any, parent_pid: int) -> None:
     global _WORKER_EVENTS
     _WORKER_EVENTS = events
+    die_with_parent(parent_pid)
 
 
 def _run_step(
@@ -322,7 +324,7 @@ def _in_fresh_processes(
         workers,
         mp_context=ctx,
         initializer=_worker_init,
-        initargs=(events,),
+        initargs=(events, os.getpid()),
         max_tasks_per_child=1,
     ) as pool:
         pending = {
@@ -457,7 +459,12 @@ def _shards_on_engine(
                 followed[run_id] = (listen, page.cursor)
 
         # spawn, not fork: the parent has used torch's thread pool, which a fork can deadlock.
-        with ProcessPoolExecutor(at_once, mp_context=get_context("spawn")) as pool:
+        with ProcessPoolExecutor(
+            at_once,
+            mp_context=get_context("spawn"),
+            initializer=die_with_parent,
+            initargs=(os.getpid(),),
+        ) as pool:
             pending = {pool.submit(_shard_run, key, build, log_level, root): key for key in shards}
             try:
                 while pending:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import math
 import multiprocessing
+import os
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
@@ -61,6 +62,7 @@ from feed_dagster.models.two_tower import (
     retrieval_recall,
     user_vectors,
 )
+from feed_dagster.processes import die_with_parent
 
 
 @dataclass(frozen=True)
@@ -683,5 +685,7 @@ def _two_tower_in_background(data: TrainingData) -> Iterator[Future[TrainResult]
         heldout_classic=None,
     )
     ctx = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(max_workers=1, mp_context=ctx) as pool:
+    with ProcessPoolExecutor(
+        max_workers=1, mp_context=ctx, initializer=die_with_parent, initargs=(os.getpid(),)
+    ) as pool:
         yield pool.submit(_two_tower_job, slim)
