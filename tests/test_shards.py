@@ -39,3 +39,31 @@ def test_the_user_feeds_partitions_follow_the_source(tmp_path, source, override,
         [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
     )
     assert int(out.stdout.strip()) == expected
+
+
+@pytest.mark.parametrize(("override", "expected"), [("", 16), ("6", 6)])
+def test_run_builds_the_partitions_the_assets_define_without_importing_them(
+    tmp_path, override, expected
+):
+    """`feed-dagster run`'s process waits beside every phase: it takes the shard keys from
+    the same settings as the user_feeds partitions, without the assets and torch, which
+    would stay in its memory for the whole run."""
+    env = {**os.environ, "FEED_DAGSTER_SOURCE": "synthetic:m", "FEED_DAGSTER_DATA": str(tmp_path)}
+    env.pop("FEED_DAGSTER_SHARDS", None)
+    if override:
+        env["FEED_DAGSTER_SHARDS"] = override
+    code = (
+        "import sys\n"
+        "from pathlib import Path\n"
+        "import feed_dagster.cli.build as build\n"
+        "seen = []\n"
+        "build._materialize_phases = lambda level, workers, progress, shards, root: "
+        "seen.extend(shards)\n"
+        f"build.materialize_everything(root=Path({str(tmp_path)!r}))\n"
+        "print(len(seen), seen[0], seen[-1], 'torch' in sys.modules, "
+        "'feed_dagster.assets' in sys.modules)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
+    )
+    assert out.stdout.split() == [str(expected), "0", str(expected - 1), "False", "False"]

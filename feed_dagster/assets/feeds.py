@@ -1,7 +1,5 @@
 """Per-user precomputed feeds (one partition per user shard) and their atomic publish."""
 
-import os
-
 import dagster as dg
 from pydantic import Field
 
@@ -12,7 +10,7 @@ from feed_dagster.feeds.build import PIPELINE_TABLES
 from feed_dagster.feeds.precompute import precompute_shard, read_shard_tables
 from feed_dagster.feeds.report import feed_preview_markdown, stage_timings_markdown
 from feed_dagster.feeds.shard_files import write_shard
-from feed_dagster.feeds.shards import default_shard_count
+from feed_dagster.feeds.shards import shard_keys
 from feed_dagster.generation import publish_generation
 from feed_dagster.memory import StepMemory
 from feed_dagster.resources.storage import StorageResource
@@ -20,10 +18,8 @@ from feed_dagster.resources.stores import LanceDBResource, ModelStoreResource, m
 from feed_dagster.serving.bucket import read_live_served
 from feed_dagster.serving.guard import GuardConfig, GuardDecision
 
-N_SHARDS = default_shard_count(
-    os.environ.get("FEED_DAGSTER_SOURCE", "synthetic:demo"), os.environ.get("FEED_DAGSTER_SHARDS")
-)
-user_shards = dg.StaticPartitionsDefinition([str(i) for i in range(N_SHARDS)])
+user_shards = dg.StaticPartitionsDefinition(shard_keys())
+N_SHARDS = len(user_shards.get_partition_keys())
 
 MODEL_DEPS = ["promoted_ranker", "article_vectors"]
 

@@ -233,15 +233,15 @@ def materialize_everything(
 
     Returns None, or the report of a publish the guard refused (the build goes on: the
     live generation stays served and feed quality is still measured)."""
-    from feed_dagster.assets.feeds import user_shards
+    # The partitions user_feeds is defined with, without importing the assets (and torch
+    # with them) into this process, which waits beside the phases for their whole length.
+    from feed_dagster.feeds.shards import shard_keys
 
     own = progress is None
     progress = progress or PlainProgress()
     root = root or DataRoot(data_root()).data_root()
     try:
-        return _materialize_phases(
-            log_level, workers, progress, user_shards.get_partition_keys(), root
-        )
+        return _materialize_phases(log_level, workers, progress, shard_keys(), root)
     finally:
         if own:
             progress.close()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import polars as pl
 
@@ -47,3 +49,17 @@ def default_shard_count(source: str, override: str | None = None) -> int:
     if kind == "synthetic":
         return SHARDS_BY_SCALE.get(scale, DEFAULT_SHARDS)
     return DEFAULT_SHARDS
+
+
+def configured_shard_count() -> int:
+    """The shard count of this process's settings: FEED_DAGSTER_SHARDS, else by the tier of
+    FEED_DAGSTER_SOURCE (default synthetic:demo). The user_feeds partitions are these."""
+    return default_shard_count(
+        os.environ.get("FEED_DAGSTER_SOURCE", "synthetic:demo"),
+        os.environ.get("FEED_DAGSTER_SHARDS"),
+    )
+
+
+def shard_keys() -> list[str]:
+    """The user_feeds partition keys, "0" .. str(configured_shard_count() - 1)."""
+    return [str(i) for i in range(configured_shard_count())]
