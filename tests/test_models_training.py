@@ -11,6 +11,8 @@ import torch
 
 from feed_dagster.embeddings import LexicalEncoder
 from feed_dagster.memory import peak_rss_mib
+from feed_dagster.models import train as train_module
+from feed_dagster.models.budget import TrainingBudget
 from feed_dagster.models.catalog import FeatureConfig
 from feed_dagster.models.evaluate import evaluate_models, evaluation_chart, training_curves
 from feed_dagster.models.layers import CatalogTensors
@@ -250,7 +252,7 @@ def test_store_round_trip_gives_identical_scores(tmp_path, data, ranker_result):
     assert a.equals(b)
 
 
-def test_training_both_models_in_two_processes_gives_the_same_weights(world, data):
+def test_training_both_models_in_two_processes_gives_the_same_weights(world, data, monkeypatch):
     # 1 GiB held here while the two-tower's process starts: its reported peak must be its
     # own, not this process's high-water mark that a forked child inherits.
     ballast = np.ones(2**30 // 8)
@@ -266,7 +268,19 @@ def test_training_both_models_in_two_processes_gives_the_same_weights(world, dat
         world, LexicalEncoder().encode(world.articles), FEATURES
     )
     assert len(overlapped_data.ranker_train) == len(data.ranker_train) > 0
-    for run in (parallel, overlapped):
+    # Past the budget's engagements, the groups are built first, then both train at once.
+    calls = []
+    monkeypatch.setattr(
+        train_module, "train_both", lambda d: calls.append(d) or train_both(d, parallel=True)
+    )
+    grouped_first = prepare_and_train(
+        world,
+        LexicalEncoder().encode(world.articles),
+        FEATURES,
+        budget=TrainingBudget(overlap_max_engagements=world.engagements.height - 1),
+    )[1:]
+    assert len(calls) == 1 and len(calls[0].ranker_train) == len(data.ranker_train)
+    for run in (parallel, overlapped, grouped_first):
         for a, b in zip(run, sequential, strict=True):
             assert a.state_dict.keys() == b.state_dict.keys()
             for key in a.state_dict:

@@ -46,6 +46,12 @@ class TrainingBudgetConfig(dg.Config):
         description="held-out metrics on every impression of this many random users",
     )
     retrieval_positives: int = Field(default=TrainingBudget.retrieval_positives, ge=1)
+    overlap_max_engagements: int = Field(
+        default=TrainingBudget.overlap_max_engagements,
+        ge=0,
+        description="worlds with more engagements build the ranker's groups before the "
+        "two-tower starts training, so the two peaks of memory do not add up",
+    )
     seed: int = TrainingBudget.seed
 
 

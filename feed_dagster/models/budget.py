@@ -43,6 +43,12 @@ class TrainingBudget:
     retrieval_eval_positives: int = 50_000
     valid_fraction: float = 0.1
     seed: int = 0
+    # Worlds with at most this many engagements train the two-tower in its own process while
+    # this one fits the classic peers and builds the ranker's groups. Bigger worlds build the
+    # groups first and train the two models side by side: the peer fits' peak and the
+    # two-tower process's would otherwise add up (at 100k users, 20.8M engagements, the
+    # two together passed 8 GiB). The models are the same either way.
+    overlap_max_engagements: int = 5_000_000
 
     def __post_init__(self) -> None:
         for name in (
@@ -54,6 +60,8 @@ class TrainingBudget:
         ):
             if getattr(self, name) < 1:
                 raise ValueError(f"training budget: {name} must be >= 1")
+        if self.overlap_max_engagements < 0:
+            raise ValueError("training budget: overlap_max_engagements must be >= 0")
         if not 0.0 <= self.valid_fraction < 1.0:
             raise ValueError("training budget: valid_fraction must be in [0, 1)")
 

@@ -646,13 +646,21 @@ def prepare_and_train(
 ) -> tuple[TrainingData, TrainResult, TrainResult]:
     """prepare_training_data + train_both, overlapped: the two-tower starts training in a
     second process as soon as its examples exist, while this process fits the classic peers
-    and builds the ranker's groups. Same data and weights as the two calls in sequence."""
+    and builds the ranker's groups. Same data and weights as the two calls in sequence.
+
+    Past the budget's `overlap_max_engagements`, the two-tower starts once the groups are
+    built (beside the ranker's training, as train_both), so the two processes' peaks do not
+    add up."""
     valid_fraction = budget.valid_fraction if budget is not None else 0.1
     base = prepare_retrieval_data(
         world, content_vectors, features, valid_fraction, budget, valid_start, warehouse, mix
     )
     # The catalog holds its own copy of the vectors (256 MiB at a million posts).
     del content_vectors
+    limit = budget.overlap_max_engagements if budget is not None else None
+    if limit is not None and world.engagements.height > limit:
+        data = add_ranker_data(base, world, mix)
+        return data, *train_both(data)
     with _two_tower_in_background(base) as pending:
         data = add_ranker_data(base, world, mix)
         ranker = train_ranker(data)

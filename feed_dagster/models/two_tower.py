@@ -181,11 +181,12 @@ def catalog_item_vectors(
     cat = catalog if isinstance(catalog, CatalogTensors) else CatalogTensors(catalog)
     model.eval()
     n = len(cat.content)
-    out = [
-        model.item_vectors(torch.arange(s, min(n, s + batch_size)), cat)
-        for s in range(0, n, batch_size)
-    ]
-    vecs = torch.cat(out).numpy()
+    # Written batch by batch into one array: concatenating the batches would hold every
+    # vector twice (2 x 256 MiB at 1M posts).
+    vecs = np.empty((n, model.cfg.dim), dtype=np.float32)
+    for s in range(0, n, batch_size):
+        e = min(n, s + batch_size)
+        vecs[s:e] = model.item_vectors(torch.arange(s, e), cat).numpy()
     vecs[0] = 0.0
     return vecs
 
