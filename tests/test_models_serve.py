@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import time
+from concurrent.futures import ThreadPoolExecutor
+
 import numpy as np
 import polars as pl
 import pytest
@@ -9,6 +12,7 @@ import pytest
 from feed_dagster.embeddings import LexicalEncoder
 from feed_dagster.metrics.classic import ClassicPeers
 from feed_dagster.models.catalog import FeatureConfig
+from feed_dagster.models.peers import PeerFeatures
 from feed_dagster.models.ranker import RankerConfig, build_ranker
 from feed_dagster.models.serve import (
     ServingContext,
@@ -116,3 +120,36 @@ def test_a_shared_peer_fit_arrives_with_the_candidate_posts_prepared(tmp_path, s
     np.testing.assert_allclose(
         scored["p_click"], score_candidates(model, plain, cands, world.now)["p_click"], atol=1e-6
     )
+
+
+def test_contexts_asking_for_the_same_peers_at_once_fit_them_once(setup, tmp_path, monkeypatch):
+    """Shards started together wait for the first one's fit instead of each fitting it."""
+    world, _, _ = setup
+    fits = []
+    real_fit = PeerFeatures.fit
+
+    def slow_fit(engagements, now):
+        fits.append(now)
+        time.sleep(0.5)  # long enough for the other context to ask meanwhile
+        return real_fit(engagements, now)
+
+    monkeypatch.setattr(PeerFeatures, "fit", staticmethod(slow_fit))
+    vectors = LexicalEncoder().encode(world.articles)
+    contexts = [
+        ServingContext.build(
+            world.articles,
+            vectors,
+            world.engagements,
+            world.follows,
+            world.topic_follows,
+            FEATURES,
+            peers_dir=tmp_path,
+            impressions=world.impressions,
+        )
+        for _ in range(2)
+    ]
+    with ThreadPoolExecutor(2) as pool:
+        a, b = pool.map(lambda ctx: ctx.peers_at(world.now), contexts)
+    assert fits == [world.now]
+    assert np.array_equal(a.peers.item_ids, b.peers.item_ids)
+    assert len(list(tmp_path.glob("peers-*.pkl"))) == 1

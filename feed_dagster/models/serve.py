@@ -7,9 +7,12 @@ training, with everything strictly before `now`.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import os
 import pickle
+from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
@@ -61,24 +64,33 @@ class ServingContext:
                 f"this context holds some users' engagements only: peers are fitted on "
                 f"everyone's, at the times given to for_users, not at {now}"
             )
-        path = None
-        peers = None
-        if self.peers_dir is not None:
+        if self.peers_dir is None:
+            peers, fitted = self._fit_peers(now), True
+        else:
             path = self.peers_dir / f"peers-{_fingerprint(self.engagements, now)}.pkl"
-            peers = _load_peers(path)
-        if peers is None:
-            peers = PeerFeatures.fit(self.engagements, now)
-            if self.candidate_posts is not None:
-                peers.peers.prepare(self.candidate_posts)
-                peers.peers.drop_transpose()
-            if path is not None:
-                _save_peers(peers, path)
-        elif self.candidate_posts is not None:
+            peers, fitted = _load_peers(path), False
+            if peers is None:
+                # One process fits, the others wait for its file: shards started together
+                # would otherwise each spend minutes fitting the same peers (3 min at 100k
+                # users). The lock is the kernel's, so a process that dies lets go of it.
+                with _exclusive(path.with_suffix(".lock")):
+                    peers = _load_peers(path)
+                    if peers is None:
+                        peers, fitted = self._fit_peers(now), True
+                        _save_peers(peers, path)
+        if not fitted and self.candidate_posts is not None:
             # Every post this run scores had its item-kNN rows prepared by the fit's
             # process (a fit saved before the transpose was dropped still holds it).
             peers.peers.drop_transpose()
         self._peers.clear()
         self._peers[now] = peers
+        return peers
+
+    def _fit_peers(self, now: datetime) -> PeerFeatures:
+        peers = PeerFeatures.fit(self.engagements, now)
+        if self.candidate_posts is not None:
+            peers.peers.prepare(self.candidate_posts)
+            peers.peers.drop_transpose()
         return peers
 
     def for_users(self, users: np.ndarray, now: datetime, peers: bool = True) -> ServingContext:
@@ -183,6 +195,18 @@ def _fingerprint(engagements: pl.DataFrame, now: datetime) -> str:
     return hashlib.sha256(f"{now.isoformat()}|{e}".encode()).hexdigest()[:16]
 
 
+@contextlib.contextmanager
+def _exclusive(lock: Path) -> Iterator[None]:
+    """Hold an exclusive lock on the file `lock` (created if need be) for the block."""
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with lock.open("a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 def _load_peers(path: Path) -> PeerFeatures | None:
     try:
         with path.open("rb") as f:
@@ -203,6 +227,7 @@ def _save_peers(peers: PeerFeatures, path: Path, keep: int = 4) -> None:
     old = sorted(path.parent.glob("peers-*.pkl"), key=lambda p: p.stat().st_mtime)[:-keep]
     for p in old:
         p.unlink(missing_ok=True)
+        p.with_suffix(".lock").unlink(missing_ok=True)
 
 
 def user_vectors_at(
