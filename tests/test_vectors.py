@@ -21,6 +21,7 @@ from feed_dagster.vectors import (
     vector_index,
     write_vectors,
 )
+from feed_dagster.vectors import search as search_module
 
 T0 = datetime(2024, 3, 1)
 
@@ -242,6 +243,33 @@ class TestIndex:
             # Automatic mode ranks a small allowed set exactly.
             auto = search_batch(table, queries, 50, published_after=cutoff, exact_below=10_000)
             assert recall_at_k(auto, want, 50) == 1.0
+
+    def test_filtered_queries_are_ranked_in_memory_unless_too_many_rows_pass(
+        self, tmp_path, monkeypatch
+    ) -> None:
+        """A filter sends the search to memory below filtered_exact_below allowed rows,
+        however many pass exact_below; no filter goes through the index."""
+        vectors = clustered(6000, 16, clusters=60, seed=9)
+        hours = np.random.default_rng(9).integers(0, 1000, 6000)
+        write_vectors(tmp_path, "t", frame(vectors, hours_old=hours))
+        table = open_vectors(tmp_path, "t")
+        ensure_index(table, threshold=1000)
+        exact_calls = []
+        real = search_module.exact_topk
+        monkeypatch.setattr(
+            search_module, "exact_topk", lambda *a, **k: exact_calls.append(1) or real(*a, **k)
+        )
+        queries = vectors[:20]
+        cutoff = T0 - timedelta(hours=300)  # ~30% of the rows: 1,800, over exact_below
+        allowed = np.flatnonzero(hours <= 300)
+        got = search_batch(table, queries, 50, published_after=cutoff, exact_below=1000)
+        assert len(exact_calls) == 1
+        assert recall_at_k(got, exact_topk(vectors[allowed], allowed, queries, 50), 50) == 1.0
+        search_batch(
+            table, queries, 50, published_after=cutoff, exact_below=1000, filtered_exact_below=1000
+        )
+        search_batch(table, queries, 50, exact_below=1000)
+        assert len(exact_calls) == 1  # both through the index
 
     def test_explicit_calibration_queries_and_other_types(self, small) -> None:
         uri, vectors = small
