@@ -91,6 +91,44 @@ def random_scores(
     return impressions.with_columns(pl.Series(SCORE, rng.random(impressions.height)))
 
 
+def _on_shown_articles(impressions: pl.DataFrame, engagements: pl.DataFrame) -> pl.LazyFrame:
+    """The engagements on the impressions' articles only, lazily: a per-article count can
+    only be asked of those, and a held-out sample shows a fraction of the catalog (at 100k
+    users, grouping all 20.8M engagements per article and time held over 3 GiB at once)."""
+    shown = impressions.select(pl.col("article_id").cast(engagements["article_id"].dtype)).unique()
+    return engagements.lazy().join(shown.lazy(), on="article_id", how="semi")
+
+
+def _totals_before(
+    times: pl.Series,
+    events: pl.DataFrame,
+    columns: dict[str, pl.Expr],
+    where: pl.Expr,
+    block: int = 1 << 21,
+) -> dict[str, pl.Series]:
+    """For each of `times`, the sum of each of `columns` (expressions over `events`) over
+    the events that pass `where` and whose `engaged_at` is strictly before it.
+
+    Each event is put in the interval between two consecutive distinct query times it
+    falls in, `block` events at a time: the memory follows a block and the query times, not
+    a sort or a group-by of every event (20.8M at 100k users)."""
+    at = times.cast(pl.Datetime("us")).dt.epoch("us").to_numpy()
+    grid = np.unique(at)
+    sums = {name: np.zeros(len(grid) + 1) for name in columns}
+    for part in events.iter_slices(block):
+        part = part.filter(where & pl.col("engaged_at").is_not_null())
+        t = part["engaged_at"].cast(pl.Datetime("us")).dt.epoch("us").to_numpy()
+        # bin = number of query times at or before the event: the event is strictly before
+        # grid[i] exactly when bin <= i.
+        bins = np.searchsorted(grid, t, side="right")
+        values = part.select(**columns)
+        for name in columns:
+            weights = values[name].cast(pl.Float64).to_numpy()
+            sums[name] += np.bincount(bins, weights=weights, minlength=len(grid) + 1)
+    where = np.searchsorted(grid, at)
+    return {name: pl.Series(name, np.cumsum(total)).gather(where) for name, total in sums.items()}
+
+
 def popularity_scores(
     impressions: pl.DataFrame,
     engagements: pl.DataFrame,
@@ -102,7 +140,10 @@ def popularity_scores(
     """Positive engagements on the article in [shown_at - window, shown_at)."""
     positive = pl.any_horizontal([pl.col(a) for a in POSITIVE_ACTIONS if a in engagements.columns])
     events = _cumulative(
-        engagements.filter(positive).select("article_id", pl.col("engaged_at").alias("t")),
+        _on_shown_articles(impressions, engagements)
+        .filter(positive)
+        .select("article_id", pl.col("engaged_at").alias("t"))
+        .collect(),
         {"n": pl.len().cast(pl.Float64)},
     )
     upto_now = _as_of(impressions, events, pl.col("shown_at"), ["n"])["n"]
@@ -146,14 +187,21 @@ def read_time_scores(
     An article nobody has read yet gets the mean dwell of all earlier engagements, so the
     score ranks depth of reading, not merely having been read (that is popularity).
     """
-    timed = engagements.filter(pl.col("dwell_seconds").is_not_null()).select(
-        "article_id", pl.col("engaged_at").alias("t"), "dwell_seconds"
+    has_dwell = pl.col("dwell_seconds").is_not_null()
+    timed = (
+        _on_shown_articles(impressions, engagements)
+        .filter(has_dwell)
+        .select("article_id", pl.col("engaged_at").alias("t"), "dwell_seconds")
+        .collect()
     )
     sums = {"dwell": pl.col("dwell_seconds").cast(pl.Float64).sum(), "n": pl.len().cast(pl.Float64)}
-    at = pl.col("shown_at")
-    own = _as_of(impressions, _cumulative(timed, sums), at, ["dwell", "n"])
-    every = _as_of(
-        impressions, _cumulative(timed, sums, by_article=False), at, ["dwell", "n"], False
+    own = _as_of(impressions, _cumulative(timed, sums), pl.col("shown_at"), ["dwell", "n"])
+    # Every article's engagements, for the fallback, summed per interval between impressions.
+    every = _totals_before(
+        impressions["shown_at"],
+        engagements,
+        {"dwell": pl.col("dwell_seconds"), "n": pl.lit(1.0)},
+        where=has_dwell,
     )
     score = (
         pl.when(own["n"] > 0)

@@ -36,9 +36,14 @@ def two_tower_scores(model: TwoTower, data: RankerData, cat: CatalogTensors) -> 
     """user·item dot product of every real candidate of `data`, in `data.rows()` order."""
     u = user_vectors(model, data.history, cat)
     items = catalog_item_vectors(model, cat)
-    m = data.cand_mask
-    g = np.nonzero(m)[0]
-    return np.einsum("nd,nd->n", u[g], items[data.cand_item[m]])
+    group, slot = np.nonzero(data.cand_mask)
+    out = np.empty(len(group), dtype=np.float32)
+    # A block of candidates at a time: gathering every candidate's two vectors at once
+    # took 2 x 256 bytes per candidate (over 300 MiB for the held-out slates at 100k users).
+    for s in range(0, len(group), 1 << 16):
+        g, c = group[s : s + (1 << 16)], slot[s : s + (1 << 16)]
+        out[s : s + len(g)] = np.einsum("nd,nd->n", u[g], items[data.cand_item[g, c]])
+    return out
 
 
 def normalized_entropy(p: np.ndarray, y: np.ndarray) -> float:
