@@ -42,9 +42,9 @@ PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
 # which values.yaml leaves at the chart's default).
 CHART_DAGSTER_HOME = "/opt/dagster/dagster_home"
 
-# Peaks measured at 100k users (synthetic:m), docs/SCALING.md, "The whole `feed-dagster run`
-# at `m`": one user_feeds shard run, and the training step's process with the two-tower's
-# own process beside it in the same pod.
+# Peaks measured at 100k users (synthetic:m), docs/SCALING.md, "An earlier whole
+# `feed-dagster run` at `m`": one user_feeds shard run, and the training step's process
+# with the two-tower's own process beside it in the same pod.
 SHARD_PEAK_GIB = 7.9
 TRAINING_PEAKS_GIB = (11.6, 5.9)
 
