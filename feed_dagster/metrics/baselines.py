@@ -125,8 +125,8 @@ def _totals_before(
         for name in columns:
             weights = values[name].cast(pl.Float64).to_numpy()
             sums[name] += np.bincount(bins, weights=weights, minlength=len(grid) + 1)
-    where = np.searchsorted(grid, at)
-    return {name: pl.Series(name, np.cumsum(total)).gather(where) for name, total in sums.items()}
+    slot = np.searchsorted(grid, at)  # each time's place in the grid
+    return {name: pl.Series(name, np.cumsum(total)).gather(slot) for name, total in sums.items()}
 
 
 def popularity_scores(
