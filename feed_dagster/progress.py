@@ -4,7 +4,7 @@ time, shard progress and the log lines steps emit (training epochs among them).
 Three reporters share one interface: `RichProgress` (a live display, for a terminal),
 `PlainProgress` (one line per event, for logs and pipes, with a periodic "still running"
 line so a long step is never silent) and `QuietProgress` (errors only, for scripts).
-No dagster import: cli/build.py turns Dagster's events into these calls.
+No dagster import: feed_dagster/jobs/step_runs.py turns Dagster's events into these calls.
 """
 
 from __future__ import annotations

@@ -147,7 +147,7 @@ def test_build_fails_clearly_when_every_post_is_older_than_the_window(tiny_world
 
 
 def _failure(result) -> str:
-    from feed_dagster.cli.build import error_text
+    from feed_dagster.jobs.outcomes import error_text
 
     return "\n".join(
         error_text(e.step_failure_data.error) for e in result.get_step_failure_events()

@@ -19,6 +19,7 @@ from servers import free_port
 
 import feed_dagster.cli as cli
 import feed_dagster.cli.build as run_build
+import feed_dagster.jobs.step_runs as step_runs
 from feed_dagster.jobs.executors import CELERY_BROKER_VARIABLE, EXECUTOR_VARIABLE
 from feed_dagster.progress import PlainProgress
 from feed_dagster.serving.read import connect
@@ -37,7 +38,7 @@ def _record_phases(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, list[str]
         return [f"- user_feeds shard {key}: built" for key in shards]
 
     monkeypatch.setattr(run_build, "_in_fresh_processes", pool)
-    monkeypatch.setattr(run_build, "_shards_on_engine", engine)
+    monkeypatch.setattr(step_runs, "shards_on_engine", engine)
     monkeypatch.setattr(run_build, "_run_step", lambda label, *args: f"- {label}: built")
     return calls
 
@@ -126,8 +127,8 @@ def test_run_sends_each_shard_to_a_celery_worker(data_dir, tmp_path, monkeypatch
 
     instance = dg.DagsterInstance.get()
     try:
-        shard_runs = instance.get_runs(filters=dg.RunsFilter(job_name=run_build.SHARD_JOB))
-        assert sorted(r.tags[run_build.PARTITION_TAG] for r in shard_runs) == ["0", "1"]
+        shard_runs = instance.get_runs(filters=dg.RunsFilter(job_name=step_runs.SHARD_JOB))
+        assert sorted(r.tags[step_runs.PARTITION_TAG] for r in shard_runs) == ["0", "1"]
         assert {r.status for r in shard_runs} == {dg.DagsterRunStatus.SUCCESS}
         for shard_run in shard_runs:
             # Each shard's step ran in a worker's process, not in `run`'s (nor in this one).
@@ -155,7 +156,7 @@ class _FailedRun:
     def __init__(self) -> None:
         error = dg.DagsterEvent(
             event_type_value="PIPELINE_FAILURE",
-            job_name=run_build.SHARD_JOB,
+            job_name=step_runs.SHARD_JOB,
             message="run failed",
             event_specific_data=None,
         )
@@ -173,5 +174,5 @@ class _FailedRun:
 
 def test_a_shard_run_that_failed_before_its_step_stops_the_build() -> None:
     with pytest.raises(cli.BuildFailed) as caught:
-        run_build._step_report("user_feeds shard 0", 1.0, _FailedRun())
+        step_runs.step_report("user_feeds shard 0", 1.0, _FailedRun())
     assert "FAILED run r1: run failed" in str(caught.value)

@@ -9,7 +9,8 @@ import uuid
 import dagster as dg
 
 from feed_dagster.assets.models import epoch_line
-from feed_dagster.cli.build import _dispatch, _step_listener
+from feed_dagster.jobs.outcomes import dispatch
+from feed_dagster.jobs.step_runs import step_listener
 from feed_dagster.progress import (
     PlainProgress,
     Progress,
@@ -110,7 +111,7 @@ def test_listener_follows_a_dagster_run_as_it_happens() -> None:
     instance = dg.DagsterInstance.ephemeral()
     run_id = str(uuid.uuid4())
     events: list = []
-    instance.add_event_listener(run_id, _step_listener("models", events.append, "WARNING"))
+    instance.add_event_listener(run_id, step_listener("models", events.append, "WARNING"))
     assert job.execute_in_process(instance=instance, run_id=run_id).success
     assert [(e[1], e[2]) for e in events] == [
         ("start", "trained"),
@@ -124,5 +125,5 @@ def test_listener_follows_a_dagster_run_as_it_happens() -> None:
     out = io.StringIO()
     with PlainProgress(out, heartbeat=0) as progress:
         for event in events:
-            _dispatch(progress, event)
+            dispatch(progress, event)
     assert "trained: ranker epoch 1/2" in out.getvalue()

@@ -24,7 +24,7 @@ import pytest
 import torch
 from dagster_helpers import instance_with_ranker_candidate, materialize
 
-from feed_dagster.cli.build import error_text
+from feed_dagster.jobs.outcomes import error_text
 from feed_dagster.models.store import CorruptModelError, ModelStore
 
 pytestmark = pytest.mark.slow

@@ -9,7 +9,7 @@ import polars as pl
 import pytest
 from dagster_helpers import materialize
 
-from feed_dagster.cli.build import error_text
+from feed_dagster.jobs.outcomes import error_text
 from feed_dagster.serving.guard import GenerationStats, GuardConfig, decide
 
 LIVE = GenerationStats(rows=1000, users=100)

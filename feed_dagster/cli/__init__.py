@@ -21,7 +21,7 @@ from feed_dagster.cli.build import (
     engine_problem,
     materialize_everything,
 )
-from feed_dagster.cli.instance import POSTGRES_URL_FORM, POSTGRES_URL_VARIABLE, instance_problem
+from feed_dagster.jobs.instance import POSTGRES_URL_FORM, POSTGRES_URL_VARIABLE, instance_problem
 from feed_dagster.paths import ARTIFACTS_URI_VARIABLE, MODELS_URI_VARIABLE, DataRoot, data_root
 from feed_dagster.progress import make_progress
 

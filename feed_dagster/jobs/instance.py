@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import dagster as dg
 
 
-def run_instance() -> Any:
+def run_instance() -> dg.DagsterInstance:
     """The Dagster instance of DAGSTER_HOME, or an ephemeral one without it."""
     import dagster as dg
 
