@@ -66,7 +66,8 @@ class StorageLayout(abc.ABC):
         return self.models_dir() / "evaluations"
 
     def serving_peers_dir(self) -> Path:
-        """Cached classic-peer scores the ranker reads as inputs at serving time."""
+        """Classic-peer fits shared by the steps of a build (metrics.fit_store) and the peer
+        scores the ranker reads as inputs at serving time, cached from them."""
         return self.models_dir() / "serving_peers"
 
     def artifacts_root(self) -> Location:

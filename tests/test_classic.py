@@ -320,3 +320,32 @@ def test_item_knn_rows_assembled_block_by_block_equal_one_block(monkeypatch) -> 
     rebuilt = sp.csr_matrix((coo.data, (coo.row, coo.col)), shape=whole.shape)
     np.testing.assert_array_equal(rebuilt.indices, whole.indices)
     np.testing.assert_array_equal(rebuilt.data, whole.data)
+
+
+def test_als_factors_do_not_depend_on_its_threads(monkeypatch) -> None:
+    """ALS shares out rows between threads, each solved on its own: one thread or two give
+    the same factors bit for bit, so fits stay reproducible on any machine."""
+    rng = np.random.default_rng(4)
+    users, posts = rng.integers(0, 300, 4000), rng.integers(0, 500, 4000)
+    rows = [(int(users[i]), int(posts[i]), T0 + i * H) for i in range(4000)]
+    eng = engagements(rows)
+    factors = []
+    for threads in (1, 2):
+        monkeypatch.setattr(classic, "ALS_THREADS", threads)
+        peers = ClassicPeers.fit(eng, CUT, methods=("als",), als_iterations=5)
+        factors.append((peers.user_factors, peers.item_factors))
+    np.testing.assert_array_equal(factors[0][0], factors[1][0])
+    np.testing.assert_array_equal(factors[0][1], factors[1][1])
+
+
+@pytest.mark.parametrize("spread", [1_000, 10**15])
+def test_the_id_index_equals_numpy_unique(spread: int) -> None:
+    """Dense ids are indexed through a table of their range, sparse ones by sorting: both
+    give np.unique's sorted vocabulary and inverse."""
+    rng = np.random.default_rng(0)
+    ids = rng.integers(-5, spread, 50_000)
+    vocab, codes = classic._index(ids)
+    expected, inverse = np.unique(ids, return_inverse=True)
+    np.testing.assert_array_equal(vocab, expected)
+    np.testing.assert_array_equal(codes, inverse)
+    assert classic._index(np.array([], dtype=np.int64))[0].size == 0

@@ -128,10 +128,10 @@ def test_contexts_asking_for_the_same_peers_at_once_fit_them_once(setup, tmp_pat
     fits = []
     real_fit = PeerFeatures.fit
 
-    def slow_fit(engagements, now):
+    def slow_fit(engagements, now, store=None):
         fits.append(now)
         time.sleep(0.5)  # long enough for the other context to ask meanwhile
-        return real_fit(engagements, now)
+        return real_fit(engagements, now, store)
 
     monkeypatch.setattr(PeerFeatures, "fit", staticmethod(slow_fit))
     vectors = LexicalEncoder().encode(world.articles)

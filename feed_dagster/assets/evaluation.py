@@ -39,7 +39,7 @@ def impressions_evaluation(config: EvaluationConfig, storage: StorageResource):
         storage.warehouse_path(), EVALUATION_TABLES, config.max_users, config.seed
     )
     world = world_from_tables(tables, tables["world_info"])
-    table = evaluate_baselines(world, heldout_only=True)
+    table = evaluate_baselines(world, heldout_only=True, peer_fits=storage.serving_peers_dir())
     return dg.Output(
         table,
         metadata={

@@ -123,6 +123,7 @@ def trained_models(
         budget=budget,
         valid_start=sample.valid_start,
         warehouse=storage.warehouse_path(),
+        peer_fits=storage.serving_peers_dir(),
     )
     context.log.info(
         f"training data: {data.logged_groups:,} logged slates + "

@@ -19,6 +19,8 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from datetime import timedelta
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import polars as pl
@@ -280,22 +282,20 @@ def evaluate_baselines(
     heldout_only: bool = True,
     action: str = "click",
     baselines: dict[str, Baseline] | None = None,
+    peer_fits: Path | None = None,
 ) -> pl.DataFrame:
     """Score the (held-out) impressions with every baseline and compute ranking metrics.
 
     One row per baseline: baseline, auc, mrr, ndcg@5, ndcg@10, n_impressions, n_skipped,
     n_no_positive. By default the classic collaborative-filtering peers (metrics.classic)
-    come too, each fitted at the first scored impression; chronological_following is left
+    come too, fitted once at the first scored impression, or at the world's held-out start
+    with `heldout_only` (the fit trained_models and feed_quality make too: through the fit
+    store `peer_fits`, metrics.fit_store, it is made once); chronological_following is left
     out when the world has no follows, where it would only repeat recency.
     """
     chosen = dict(BASELINES if baselines is None else baselines)
     if baselines is None and world.follows.height == 0:
         chosen.pop("chronological_following")
-    if baselines is None:
-        # Imported here: the classic peers build on this module's definitions.
-        from feed_dagster.metrics.classic import CLASSIC_PEERS
-
-        chosen.update(CLASSIC_PEERS)
     imps = world.impressions
     if heldout_only:
         imps = imps.filter(pl.col("is_heldout"))
@@ -304,4 +304,31 @@ def evaluate_baselines(
     for name, fn in chosen.items():
         scored = fn(imps, world.engagements, world.articles, world.follows)
         rows.append({"baseline": name, **evaluate_scores(scored, SCORE, "label")})
+    if baselines is None:
+        rows += _classic_rows(world, imps, heldout_only, peer_fits)
     return pl.DataFrame(rows)
+
+
+def _classic_rows(
+    world: World, imps: pl.DataFrame, heldout_only: bool, peer_fits: Path | None
+) -> list[dict[str, Any]]:
+    """evaluate_baselines' rows of the classic peers, all from one fit."""
+    # Imported here: the classic peers build on this module's definitions.
+    from feed_dagster.metrics.classic import CLASSIC_METHODS
+    from feed_dagster.metrics.fit_store import stored_fit
+
+    if imps.height == 0:
+        scored = imps.with_columns(pl.lit(None, dtype=pl.Float32).alias(SCORE))
+        return [{"baseline": m, **evaluate_scores(scored, SCORE, "label")} for m in CLASSIC_METHODS]
+    cut = imps["shown_at"].min()
+    if heldout_only:
+        cut = min(cut, world.heldout_start)
+    peers = stored_fit(world.engagements, cut, peer_fits)
+    users, articles = imps["user_id"].to_numpy(), imps["article_id"].to_numpy()
+    rows = []
+    for method in CLASSIC_METHODS:
+        scored = imps.with_columns(
+            pl.Series(SCORE, peers.score(method, users, articles), dtype=pl.Float32)
+        )
+        rows.append({"baseline": method, **evaluate_scores(scored, SCORE, "label")})
+    return rows

@@ -39,12 +39,15 @@ regularization 0.01-10 x alpha 1-40):
     ease      lambda=250, 24 h     0.553 / 0.619   (EBNeRD peaks at 0.637 with lambda 1000)
     popularity_all_time            0.505 / 0.605
 
-Everything runs on one BLAS thread and one `implicit` thread, so repeated fits are
-bit-identical.
+Everything runs on one BLAS thread, so repeated fits are bit-identical. ALS solves each
+user's (each item's) factors on its own from the other side's, so its threads only share
+out the rows: it uses every core, with the same factors as on one (at 100k users, 20%
+faster on two cores; the fits run where the other core would idle).
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -87,13 +90,15 @@ _PAIR_CHUNK = 32_768
 _DENSE_CELLS = 2**25
 _PRODUCT_USERS = 4096
 _PRODUCT_FLOPS = 2**25
+# Threads of an ALS fit: the factors do not depend on them (see the module doc).
+ALS_THREADS = os.cpu_count() or 1
 # Multiply-adds per X^T X block in item_knn: bounds the block's nonzeros (and memory).
 _KNN_BLOCK_FLOPS = 20_000_000
 
 Baseline = Callable[..., pl.DataFrame]
 
 
-def _positive_pairs(engagements: pl.DataFrame, cut: datetime) -> pl.DataFrame:
+def positive_pairs(engagements: pl.DataFrame, cut: datetime) -> pl.DataFrame:
     """(user_id, article_id, engaged_at) of positive engagement rows strictly before the cut."""
     actions = [a for a in POSITIVE_ACTIONS if a in engagements.columns]
     if not actions:
@@ -104,6 +109,25 @@ def _positive_pairs(engagements: pl.DataFrame, cut: datetime) -> pl.DataFrame:
         pl.any_horizontal([pl.col(a).fill_null(False) for a in actions])
         & (pl.col("engaged_at") < cut)
     ).select(pl.col("user_id").cast(pl.Int64), pl.col("article_id").cast(pl.Int64), "engaged_at")
+
+
+def _index(ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(the sorted distinct ids, the index of each id in them): np.unique with
+    return_inverse. Ids spanning a range not much wider than their count are marked in a
+    table of that range instead of sorted: at 100k users, 19M pairs' post ids in 4 s
+    rather than 15."""
+    ids = np.asarray(ids, dtype=np.int64)
+    if ids.size == 0:
+        return ids, ids
+    lo, hi = int(ids.min()), int(ids.max())
+    if hi - lo > 8 * ids.size + 2**20:
+        vocab, codes = np.unique(ids, return_inverse=True)
+        return vocab, codes.astype(np.int64)
+    offset = ids - lo
+    present = np.zeros(hi - lo + 1, dtype=bool)
+    present[offset] = True
+    codes = (np.cumsum(present, dtype=np.int64) - 1)[offset]
+    return np.flatnonzero(present) + lo, codes
 
 
 def _lookup(vocab: np.ndarray, ids: np.ndarray) -> np.ndarray:
@@ -289,11 +313,9 @@ class ClassicPeers:
         if unknown:
             raise ValueError(f"unknown hyperparameters {sorted(unknown)}")
         h = {**HYPER_DEFAULTS, **hyper}
-        pairs = _positive_pairs(engagements, cut)
-        user_ids = np.unique(pairs["user_id"].to_numpy())
-        item_ids = np.unique(pairs["article_id"].to_numpy())
-        u = _lookup(user_ids, pairs["user_id"].to_numpy())
-        i = _lookup(item_ids, pairs["article_id"].to_numpy())
+        pairs = positive_pairs(engagements, cut)
+        user_ids, u = _index(pairs["user_id"].to_numpy())
+        item_ids, i = _index(pairs["article_id"].to_numpy())
         shape = (user_ids.size, item_ids.size)
         history = sp.csr_matrix((np.ones(u.size, dtype=np.float32), (u, i)), shape=shape)
         history.sum_duplicates()
@@ -371,7 +393,7 @@ class ClassicPeers:
             alpha=float(h["als_alpha"]),
             iterations=int(h["als_iterations"]),
             random_state=int(h["seed"]),
-            num_threads=1,
+            num_threads=ALS_THREADS,
         )
         model.fit(self.history, show_progress=False)
         self.user_factors = np.ascontiguousarray(model.user_factors, dtype=np.float32)

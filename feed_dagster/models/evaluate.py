@@ -146,7 +146,8 @@ def evaluate_models(
     if classic and impressions.height:
         cut = impressions["shown_at"].min()
         peers = data.heldout_classic
-        if peers is None or peers.cut != cut or set(peers.methods) != set(CLASSIC_METHODS):
+        # A fit at or before the first scored impression sees none of what it scores.
+        if peers is None or peers.cut > cut or set(peers.methods) != set(CLASSIC_METHODS):
             peers = ClassicPeers.fit(world.engagements, cut)
         users = impressions["user_id"].to_numpy()
         articles = impressions["article_id"].to_numpy()

@@ -15,11 +15,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime
+from pathlib import Path
 
 import numpy as np
 import polars as pl
 
 from feed_dagster.metrics.classic import ClassicPeers
+from feed_dagster.metrics.fit_store import stored_fit
 from feed_dagster.models.catalog import to_micros
 from feed_dagster.models.ranker_data import N_PEER_FEATURES
 
@@ -45,8 +47,12 @@ class PeerFeatures:
     user_std: np.ndarray
 
     @classmethod
-    def fit(cls, engagements: pl.DataFrame, cut: datetime) -> PeerFeatures:
-        return cls.of(ClassicPeers.fit(engagements, cut, methods=PEER_METHODS))
+    def fit(
+        cls, engagements: pl.DataFrame, cut: datetime, store: Path | None = None
+    ) -> PeerFeatures:
+        """Features of PEER_METHODS fitted at `cut` (through the fit store `store`, when
+        given: see metrics.fit_store)."""
+        return cls.of(stored_fit(engagements, cut, store, PEER_METHODS))
 
     @classmethod
     def of(cls, peers: ClassicPeers, seed: int = 0) -> PeerFeatures:

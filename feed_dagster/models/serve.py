@@ -7,12 +7,7 @@ training, with everything strictly before `now`.
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import hashlib
-import os
-import pickle
-from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
@@ -21,6 +16,7 @@ import numpy as np
 import polars as pl
 
 from feed_dagster.data.schema import World
+from feed_dagster.metrics.fit_store import exclusive, load, save
 from feed_dagster.models.catalog import FeatureConfig, ItemCatalog, to_micros
 from feed_dagster.models.engagement_log import EngagementLog
 from feed_dagster.models.exposures import WarehouseExposures
@@ -43,7 +39,8 @@ class ServingContext:
     follows: pl.DataFrame
     topic_follows: pl.DataFrame
     features: FeatureConfig
-    # Where fitted peers are shared between processes (the shards of one refresh fit once).
+    # Where fitted peers are shared between processes (the shards of one refresh fit once;
+    # the steps of a build share their classic-peer fits there too, metrics.fit_store).
     peers_dir: Path | None = None
     # Every post this run can score (its candidate window): a fresh fit computes their
     # item-kNN rows before it is shared, rather than each shard computing the same rows.
@@ -68,16 +65,16 @@ class ServingContext:
             peers, fitted = self._fit_peers(now), True
         else:
             path = self.peers_dir / f"peers-{_fingerprint(self.engagements, now)}.pkl"
-            peers, fitted = _load_peers(path), False
+            peers, fitted = load(path, PeerFeatures), False
             if peers is None:
                 # One process fits, the others wait for its file: shards started together
                 # would otherwise each spend minutes fitting the same peers (3 min at 100k
                 # users). The lock is the kernel's, so a process that dies lets go of it.
-                with _exclusive(path.with_suffix(".lock")):
-                    peers = _load_peers(path)
+                with exclusive(path.with_suffix(".lock")):
+                    peers = load(path, PeerFeatures)
                     if peers is None:
                         peers, fitted = self._fit_peers(now), True
-                        _save_peers(peers, path)
+                        save(peers, path, "peers-*.pkl", keep=4)
         if not fitted and self.candidate_posts is not None:
             # Every post this run scores had its item-kNN rows prepared by the fit's
             # process (a fit saved before the transpose was dropped still holds it).
@@ -87,7 +84,8 @@ class ServingContext:
         return peers
 
     def _fit_peers(self, now: datetime) -> PeerFeatures:
-        peers = PeerFeatures.fit(self.engagements, now)
+        # The fit itself may be another step's (feed_quality's is trained_models').
+        peers = PeerFeatures.fit(self.engagements, now, store=self.peers_dir)
         if self.candidate_posts is not None:
             peers.peers.prepare(self.candidate_posts)
             peers.peers.drop_transpose()
@@ -193,41 +191,6 @@ def _fingerprint(engagements: pl.DataFrame, now: datetime) -> str:
         pl.col("article_id").sum().alias("articles"),
     ).row(0)
     return hashlib.sha256(f"{now.isoformat()}|{e}".encode()).hexdigest()[:16]
-
-
-@contextlib.contextmanager
-def _exclusive(lock: Path) -> Iterator[None]:
-    """Hold an exclusive lock on the file `lock` (created if need be) for the block."""
-    lock.parent.mkdir(parents=True, exist_ok=True)
-    with lock.open("a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
-
-
-def _load_peers(path: Path) -> PeerFeatures | None:
-    try:
-        with path.open("rb") as f:
-            peers = pickle.load(f)
-    except (OSError, pickle.UnpicklingError, EOFError, AttributeError):
-        return None  # absent or unreadable: fit again
-    return peers if isinstance(peers, PeerFeatures) else None
-
-
-def _save_peers(peers: PeerFeatures, path: Path, keep: int = 4) -> None:
-    """Written beside and renamed, so a concurrent reader sees all of it or nothing; only
-    the `keep` newest fits stay."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    with tmp.open("wb") as f:
-        pickle.dump(peers, f, protocol=pickle.HIGHEST_PROTOCOL)
-    os.replace(tmp, path)
-    old = sorted(path.parent.glob("peers-*.pkl"), key=lambda p: p.stat().st_mtime)[:-keep]
-    for p in old:
-        p.unlink(missing_ok=True)
-        p.with_suffix(".lock").unlink(missing_ok=True)
 
 
 def user_vectors_at(

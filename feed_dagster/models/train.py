@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -26,6 +27,7 @@ from feed_dagster.artifacts import Location
 from feed_dagster.data.schema import ACTIONS, World
 from feed_dagster.memory import peak_rss_mib
 from feed_dagster.metrics.classic import ClassicPeers
+from feed_dagster.metrics.fit_store import stored_fit
 from feed_dagster.metrics.ranking import evaluate_scores
 from feed_dagster.models.budget import TrainingBudget
 from feed_dagster.models.catalog import FeatureConfig, ItemCatalog, _micros, to_micros
@@ -171,7 +173,7 @@ class TrainingData:
     id_cutoff_us: int = 0
     mix: TrainingMix = field(default_factory=TrainingMix)
     logged_groups: int = 0  # training groups from logged slates (the rest are sampled)
-    heldout_classic: ClassicPeers | None = None  # fitted at the first held-out impression
+    heldout_classic: ClassicPeers | None = None  # fitted at the held-out start
 
 
 def source_actions(engagements: pl.DataFrame) -> tuple[str, ...]:
@@ -323,11 +325,15 @@ def _period_starts(split: Split, now: datetime) -> tuple[datetime, datetime]:
 
 
 def add_ranker_data(
-    base: TrainingData, world: World, mix: TrainingMix | None = None
+    base: TrainingData,
+    world: World,
+    mix: TrainingMix | None = None,
+    peer_fits: Path | None = None,
 ) -> TrainingData:
     """`base` (from prepare_retrieval_data) with the ranker's training, validation and
     held-out groups, and the classic peers they read; `mix` defaults to the one `base` was
-    prepared for."""
+    prepared for. The peers at the held-out start go through the fit store `peer_fits`
+    (metrics.fit_store), where impressions_evaluation left the same fit."""
     mix = mix or base.mix
     catalog, log, split, features = base.catalog, base.log, base.split, base.features
     valid_start, heldout_start = _period_starts(split, world.now)
@@ -383,7 +389,10 @@ def add_ranker_data(
     # ranker's peer inputs on held-out impressions), fitted once the training-time fits are
     # gone: the two are never held at once.
     train_peers = None
-    heldout_classic = ClassicPeers.fit(world.engagements, heldout_start)
+    # At the world's held-out start, which precedes every held-out impression, so that the
+    # fit is the one impressions_evaluation and feed_quality make at that time too.
+    heldout_cut = min(heldout_start, world.heldout_start)
+    heldout_classic = stored_fit(world.engagements, heldout_cut, peer_fits)
     heldout_peers = PeerFeatures.of(heldout_classic) if mix.peer_features else None
     return replace(
         base,
@@ -643,6 +652,7 @@ def prepare_and_train(
     budget: TrainingBudget | None = None,
     valid_start: datetime | None = None,
     warehouse: Location | None = None,
+    peer_fits: Path | None = None,
 ) -> tuple[TrainingData, TrainResult, TrainResult]:
     """prepare_training_data + train_both, overlapped: the two-tower starts training in a
     second process as soon as its examples exist, while this process fits the classic peers
@@ -650,7 +660,7 @@ def prepare_and_train(
 
     Past the budget's `overlap_max_engagements`, the two-tower starts once the groups are
     built (beside the ranker's training, as train_both), so the two processes' peaks do not
-    add up."""
+    add up. `peer_fits`: the fit store of the held-out classic peers (add_ranker_data)."""
     valid_fraction = budget.valid_fraction if budget is not None else 0.1
     base = prepare_retrieval_data(
         world, content_vectors, features, valid_fraction, budget, valid_start, warehouse, mix
@@ -659,10 +669,10 @@ def prepare_and_train(
     del content_vectors
     limit = budget.overlap_max_engagements if budget is not None else None
     if limit is not None and world.engagements.height > limit:
-        data = add_ranker_data(base, world, mix)
+        data = add_ranker_data(base, world, mix, peer_fits)
         return data, *train_both(data)
     with _two_tower_in_background(base) as pending:
-        data = add_ranker_data(base, world, mix)
+        data = add_ranker_data(base, world, mix, peer_fits)
         ranker = train_ranker(data)
         return data, pending.result(), ranker
 

@@ -1,0 +1,116 @@
+"""Classic-peer fits kept on disk, so that the steps of one build that need the same fit
+make it once.
+
+At 100k users one fit of the four classic methods takes about two minutes, ALS most of it,
+and three steps need the one at the held-out start: impressions_evaluation (the peers as
+baselines), trained_models (the ranker's peer inputs on held-out impressions, and the
+peers' rows of ranker_evaluation) and feed_quality (the ranker's inputs at its cut).
+
+A fit is named by everything that decides it: the positive engagement rows before the cut
+(hashed without regard to their order, which a warehouse scan does not keep), the cut, the
+methods and the hyperparameters. Two processes asking for the same fit at once take turns
+on a file lock, so the second loads what the first saved. Files are written beside and
+renamed, so a reader sees a whole fit or none; only the newest few are kept.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import os
+import pickle
+from collections.abc import Iterator
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import polars as pl
+
+from feed_dagster.metrics.classic import (
+    CLASSIC_METHODS,
+    HYPER_DEFAULTS,
+    ClassicPeers,
+    positive_pairs,
+)
+
+# Fits kept in a store: one build needs two or three (the held-out start, `now`).
+KEEP = 3
+
+
+def fit_name(
+    engagements: pl.DataFrame, cut: datetime, methods: tuple[str, ...], **hyper: Any
+) -> str:
+    """The name of the fit ClassicPeers.fit(engagements, cut, methods, **hyper) makes."""
+    pairs = positive_pairs(engagements, cut)
+    rows = pairs.select(
+        pl.col("user_id"), pl.col("article_id"), pl.col("engaged_at").dt.epoch("us")
+    ).hash_rows(seed=0)
+    # The count, sum and xor of the row hashes: the same for any order of the same rows.
+    values = rows.to_numpy()
+    digest = (values.size, int(values.sum()), int(np.bitwise_xor.reduce(values)))
+    h = {**HYPER_DEFAULTS, **hyper}
+    key = f"{cut.isoformat()}|{sorted(methods)}|{sorted(h.items())}|{digest}"
+    return hashlib.sha256(key.encode()).hexdigest()[:20]
+
+
+def stored_fit(
+    engagements: pl.DataFrame,
+    cut: datetime,
+    store: Path | None,
+    methods: tuple[str, ...] = CLASSIC_METHODS,
+    **hyper: Any,
+) -> ClassicPeers:
+    """ClassicPeers.fit(engagements, cut, methods, **hyper), loaded from `store` when a
+    process fitted the same peers before (and saved there after fitting otherwise). With
+    `store` None it is the plain fit."""
+    if store is None:
+        return ClassicPeers.fit(engagements, cut, methods, **hyper)
+    path = store / f"fit-{fit_name(engagements, cut, methods, **hyper)}.pkl"
+    peers = load(path, ClassicPeers)
+    if peers is not None:
+        return peers
+    with exclusive(path.with_suffix(".lock")):
+        peers = load(path, ClassicPeers)
+        if peers is None:
+            peers = ClassicPeers.fit(engagements, cut, methods, **hyper)
+            save(peers, path, "fit-*.pkl")
+    return peers
+
+
+@contextlib.contextmanager
+def exclusive(lock: Path) -> Iterator[None]:
+    """Hold an exclusive lock on the file `lock` (created if need be) for the block. The
+    lock is the kernel's, so a process that dies lets go of it."""
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with lock.open("a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def load(path: Path, kind: type) -> Any | None:
+    """The `kind` object pickled at `path`; None when absent or unreadable (fit again)."""
+    try:
+        with path.open("rb") as f:
+            value = pickle.load(f)
+    except (OSError, pickle.UnpicklingError, EOFError, AttributeError):
+        return None
+    return value if isinstance(value, kind) else None
+
+
+def save(value: object, path: Path, pattern: str, keep: int = KEEP) -> None:
+    """Pickle `value` to `path`, written beside and renamed, then remove all but the `keep`
+    newest files matching `pattern` beside it (and their locks)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    with tmp.open("wb") as f:
+        pickle.dump(value, f, protocol=pickle.HIGHEST_PROTOCOL)
+    os.replace(tmp, path)
+    old = sorted(path.parent.glob(pattern), key=lambda p: p.stat().st_mtime)[:-keep]
+    for p in old:
+        p.unlink(missing_ok=True)
+        p.with_suffix(".lock").unlink(missing_ok=True)
