@@ -349,3 +349,22 @@ def test_the_id_index_equals_numpy_unique(spread: int) -> None:
     np.testing.assert_array_equal(vocab, expected)
     np.testing.assert_array_equal(codes, inverse)
     assert classic._index(np.array([], dtype=np.int64))[0].size == 0
+
+
+def test_item_knn_rows_do_not_depend_on_the_threads(monkeypatch) -> None:
+    """Blocks of rows shared out between threads are put together in order: the matrix
+    equals the one-thread matrix bit for bit."""
+    rng = np.random.default_rng(5)
+    users, posts = rng.integers(0, 200, 6000), rng.integers(0, 300, 6000)
+    eng = engagements([(int(users[i]), int(posts[i]), T0 + i * H) for i in range(6000)])
+    monkeypatch.setattr(classic, "_KNN_BLOCK_FLOPS", 2_000)  # many blocks
+    matrices = []
+    for threads in (1, 2):
+        monkeypatch.setattr(classic, "KNN_THREADS", threads)
+        peers = ClassicPeers.fit(eng, CUT, methods=("item_knn",), knn_k=20)
+        matrices.append(peers.knn_rows())
+    one, two = matrices
+    assert one.nnz > 0
+    np.testing.assert_array_equal(one.indptr, two.indptr)
+    np.testing.assert_array_equal(one.indices, two.indices)
+    np.testing.assert_array_equal(one.data, two.data)

@@ -49,6 +49,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
@@ -90,8 +91,9 @@ _PAIR_CHUNK = 32_768
 _DENSE_CELLS = 2**25
 _PRODUCT_USERS = 4096
 _PRODUCT_FLOPS = 2**25
-# Threads of an ALS fit: the factors do not depend on them (see the module doc).
+# Threads of an ALS fit and of item-kNN rows: neither result depends on them (module doc).
 ALS_THREADS = os.cpu_count() or 1
+KNN_THREADS = os.cpu_count() or 1
 # Multiply-adds per X^T X block in item_knn: bounds the block's nonzeros (and memory).
 _KNN_BLOCK_FLOPS = 20_000_000
 
@@ -179,20 +181,28 @@ def _item_knn_rows(
     # Cost of row i of X^T X = sum over its users of their history length; blocks of rows
     # with a bounded cost keep the product's memory bounded on big worlds.
     cost = np.cumsum(xt[rows] @ np.diff(x.indptr).astype(np.float64))
-    counts = np.zeros(n_items, dtype=np.int64)
-    cols, sims = [], []
-    start = 0
-    while start < rows.size:
+    bounds = [0]
+    while bounds[-1] < rows.size:
+        start = bounds[-1]
         stop = int(np.searchsorted(cost, cost[start] + _KNN_BLOCK_FLOPS, side="right"))
-        stop = max(stop, start + 1)
+        bounds.append(max(stop, start + 1))
+
+    def block_rows(start: int, stop: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         block = rows[start:stop]
         r, c, v = _block_topk(xt[block] @ x, block, norm, k, shrink)
         # Canonical CSR order: by row, then column.
         order = np.lexsort((c, r))
-        cols.append(c[order].astype(np.int32))
-        sims.append(v[order].astype(np.float32))
-        counts[block] = np.bincount(np.searchsorted(block, r), minlength=block.size)
-        start = stop
+        counts = np.bincount(np.searchsorted(block, r), minlength=block.size)
+        return counts, c[order].astype(np.int32), v[order].astype(np.float32)
+
+    # Blocks are independent, and scipy's product and numpy's sorts let go of the GIL:
+    # threads share them out, and the blocks are put together in order.
+    with ThreadPoolExecutor(KNN_THREADS) as pool:
+        done = list(pool.map(block_rows, bounds[:-1], bounds[1:]))
+    counts = np.zeros(n_items, dtype=np.int64)
+    counts[rows] = np.concatenate([d[0] for d in done]) if done else 0
+    cols = [d[1] for d in done]
+    sims = [d[2] for d in done]
     if not cols:
         return sp.csr_matrix((n_items, n_items), dtype=np.float32)
     indptr = np.concatenate([[0], np.cumsum(counts)])
