@@ -179,12 +179,14 @@ def _item_knn_rows(
     # about 50 bytes per neighbour at once (3 GB for the rows of 60k slates at 100k users).
     rows = np.unique(np.asarray(rows, dtype=np.int64))
     # Cost of row i of X^T X = sum over its users of their history length; blocks of rows
-    # with a bounded cost keep the product's memory bounded on big worlds.
+    # with a bounded cost keep the product's memory bounded on big worlds; the threads'
+    # blocks in flight together stay within one block's budget.
     cost = np.cumsum(xt[rows] @ np.diff(x.indptr).astype(np.float64))
+    budget = _KNN_BLOCK_FLOPS / max(1, KNN_THREADS)
     bounds = [0]
     while bounds[-1] < rows.size:
         start = bounds[-1]
-        stop = int(np.searchsorted(cost, cost[start] + _KNN_BLOCK_FLOPS, side="right"))
+        stop = int(np.searchsorted(cost, cost[start] + budget, side="right"))
         bounds.append(max(stop, start + 1))
 
     def block_rows(start: int, stop: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
