@@ -100,17 +100,27 @@ _KNN_BLOCK_FLOPS = 20_000_000
 Baseline = Callable[..., pl.DataFrame]
 
 
+def positive_rows(columns: list[str], cut: datetime) -> pl.Expr | None:
+    """The filter of positive engagement rows strictly before the cut (None: the frame has
+    no positive action column, so no row is positive)."""
+    actions = [a for a in POSITIVE_ACTIONS if a in columns]
+    if not actions:
+        return None
+    return pl.any_horizontal([pl.col(a).fill_null(False) for a in actions]) & (
+        pl.col("engaged_at") < cut
+    )
+
+
 def positive_pairs(engagements: pl.DataFrame, cut: datetime) -> pl.DataFrame:
     """(user_id, article_id, engaged_at) of positive engagement rows strictly before the cut."""
-    actions = [a for a in POSITIVE_ACTIONS if a in engagements.columns]
-    if not actions:
+    keep = positive_rows(engagements.columns, cut)
+    if keep is None:
         return pl.DataFrame(
             schema={"user_id": pl.Int64, "article_id": pl.Int64, "engaged_at": pl.Datetime("us")}
         )
-    return engagements.filter(
-        pl.any_horizontal([pl.col(a).fill_null(False) for a in actions])
-        & (pl.col("engaged_at") < cut)
-    ).select(pl.col("user_id").cast(pl.Int64), pl.col("article_id").cast(pl.Int64), "engaged_at")
+    return engagements.filter(keep).select(
+        pl.col("user_id").cast(pl.Int64), pl.col("article_id").cast(pl.Int64), "engaged_at"
+    )
 
 
 def _index(ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
