@@ -268,6 +268,8 @@ def test_training_both_models_in_two_processes_gives_the_same_weights(world, dat
         world, LexicalEncoder().encode(world.articles), FEATURES
     )
     assert len(overlapped_data.ranker_train) == len(data.ranker_train) > 0
+    # The engagement log is let go once the groups are built: nothing after reads it.
+    assert overlapped_data.log.user.size == 0 and overlapped_data.log.exposures is None
     # Past the budget's engagements, the groups are built first, then both train at once.
     calls = []
     monkeypatch.setattr(

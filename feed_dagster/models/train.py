@@ -394,11 +394,16 @@ def add_ranker_data(
     heldout_cut = min(heldout_start, world.heldout_start)
     heldout_classic = stored_fit(world.engagements, heldout_cut, peer_fits)
     heldout_peers = PeerFeatures.of(heldout_classic) if mix.peer_features else None
+    heldout_groups = ranker(split.heldout, heldout_peers)
+    # The held-out groups computed the item-kNN rows the evaluation scores; the history's
+    # transpose serves only new rows (rebuilt if one is ever asked for) and would otherwise
+    # sit beside the training (160 MB at 100k users).
+    heldout_classic.drop_transpose()
     return replace(
         base,
         ranker_train=train_groups,
         ranker_valid=valid_groups,
-        ranker_heldout=ranker(split.heldout, heldout_peers),
+        ranker_heldout=heldout_groups,
         mix=mix,
         logged_groups=len(logged),
         heldout_classic=heldout_classic,
@@ -669,12 +674,26 @@ def prepare_and_train(
     del content_vectors
     limit = budget.overlap_max_engagements if budget is not None else None
     if limit is not None and world.engagements.height > limit:
-        data = add_ranker_data(base, world, mix, peer_fits)
+        data = _without_log(add_ranker_data(base, world, mix, peer_fits))
+        del base
         return data, *train_both(data)
     with _two_tower_in_background(base) as pending:
-        data = add_ranker_data(base, world, mix, peer_fits)
+        data = _without_log(add_ranker_data(base, world, mix, peer_fits))
         ranker = train_ranker(data)
         return data, pending.result(), ranker
+
+
+def _without_log(data: TrainingData) -> TrainingData:
+    """`data` with an empty engagement log. Once the ranker's groups are built no trainer
+    and no evaluation reads it, and at 100k users it is gigabytes (every engagement and the
+    exposure counts) that would otherwise sit beside the training."""
+    log = data.log
+    empty = replace(
+        log,
+        **{f: getattr(log, f)[:0] for f in ("user", "time_us", "item", "actions", "dwell", "age")},
+        exposures=None,
+    )
+    return replace(data, log=empty)
 
 
 @contextlib.contextmanager
@@ -682,19 +701,12 @@ def _two_tower_in_background(data: TrainingData) -> Iterator[Future[TrainResult]
     """The two-tower trained in a spawned process ("spawn" keeps it clear of this process's
     thread pools), which gets only what the two-tower reads."""
     none = np.arange(0)
-    log = data.log
     # The engagement log (with every impression's exposure) and the impression frames are
     # the largest inputs and the two-tower reads neither: at 100k users they are gigabytes
     # the child would otherwise unpickle.
-    empty_log = replace(
-        log,
-        **{f: getattr(log, f)[:0] for f in ("user", "time_us", "item", "actions", "dwell", "age")},
-        exposures=None,
-    )
     split = data.split
     slim = replace(
-        data,
-        log=empty_log,
+        _without_log(data),
         split=Split(split.train.clear(), split.valid.clear(), split.heldout.clear()),
         ranker_train=data.ranker_train.take(none),
         ranker_valid=data.ranker_valid.take(none),
