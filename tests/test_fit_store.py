@@ -82,8 +82,12 @@ def test_the_baselines_fit_the_classic_peers_once_at_the_heldout_start(
     calls = _count_fits(monkeypatch)
     table = evaluate_baselines(world, heldout_only=True, peer_fits=tmp_path)
     assert calls == [world.heldout_start]
-    stored_fit(world.engagements, world.heldout_start, tmp_path)
+    loaded = stored_fit(world.engagements, world.heldout_start, tmp_path)
     assert len(calls) == 1
+    # The item-kNN rows the baselines computed came along with the fit.
+    held = world.impressions.filter(pl.col("is_heldout"))["article_id"].to_numpy()
+    rows = classic._lookup(loaded.item_ids, held)
+    assert loaded._knn_done[rows[rows >= 0]].all()
     # The same figures as a fresh fit at the held-out start, which precedes every
     # held-out impression.
     imps = world.impressions.filter(pl.col("is_heldout"))

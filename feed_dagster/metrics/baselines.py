@@ -315,7 +315,7 @@ def _classic_rows(
     """evaluate_baselines' rows of the classic peers, all from one fit."""
     # Imported here: the classic peers build on this module's definitions.
     from feed_dagster.metrics.classic import CLASSIC_METHODS
-    from feed_dagster.metrics.fit_store import stored_fit
+    from feed_dagster.metrics.fit_store import store_again, stored_fit
 
     if imps.height == 0:
         scored = imps.with_columns(pl.lit(None, dtype=pl.Float32).alias(SCORE))
@@ -331,4 +331,5 @@ def _classic_rows(
             pl.Series(SCORE, peers.score(method, users, articles), dtype=pl.Float32)
         )
         rows.append({"baseline": method, **evaluate_scores(scored, SCORE, "label")})
+    store_again(peers, world.engagements, peer_fits)
     return rows

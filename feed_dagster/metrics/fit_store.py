@@ -89,6 +89,18 @@ def stored_fit(
     return peers
 
 
+def store_again(peers: ClassicPeers, engagements: pl.DataFrame, store: Path | None) -> None:
+    """Save `peers`, a fit from stored_fit that has since computed item-kNN rows, over its
+    stored file: the next process that loads the fit gets the rows with it (trained_models
+    scores the held-out posts impressions_evaluation scored)."""
+    if store is None:
+        return
+    name = fit_name(engagements, peers.cut, peers.methods, **peers.hyper)
+    path = store / f"fit-{name}.pkl"
+    with exclusive(path.with_suffix(".lock")):
+        save(peers, path, "fit-*.pkl")
+
+
 @contextlib.contextmanager
 def exclusive(lock: Path) -> Iterator[None]:
     """Hold an exclusive lock on the file `lock` (created if need be) for the block. The
