@@ -46,7 +46,6 @@ def step_listener(
 
     Log lines of steps at INFO up to (not including) the console's `log_level` are passed
     on: those at or above it the Dagster console logger prints already."""
-
     threshold = logging.getLevelName(log_level.upper())
     if not isinstance(threshold, int):
         threshold = logging.WARNING
@@ -170,7 +169,7 @@ def step_report(label: str, seconds: float, result: Any) -> str:
 
 
 def run_failure_text(result: Any) -> str:
-
+    """Why a run failed when no step says so: its RUN_FAILURE event's error."""
     for event in result.all_events:
         if event.event_type == dg.DagsterEventType.RUN_FAILURE:
             data = event.event_specific_data

@@ -7,7 +7,6 @@ training, with everything strictly before `now`.
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
@@ -16,12 +15,12 @@ import numpy as np
 import polars as pl
 
 from feed_dagster.data.schema import World
-from feed_dagster.metrics.fit_store import exclusive, load, save
+from feed_dagster.metrics.fit_store import exclusive, fit_name, load, save
 from feed_dagster.models.catalog import FeatureConfig, ItemCatalog, to_micros
 from feed_dagster.models.engagement_log import EngagementLog
 from feed_dagster.models.exposures import WarehouseExposures
 from feed_dagster.models.layers import CatalogTensors
-from feed_dagster.models.peers import PeerFeatures
+from feed_dagster.models.peers import PEER_METHODS, PeerFeatures
 from feed_dagster.models.ranker import PhoenixRanker, predict
 from feed_dagster.models.ranker_data import POST_RECENT_US, build_serving_data
 from feed_dagster.models.retrieval_data import user_histories
@@ -64,7 +63,8 @@ class ServingContext:
         if self.peers_dir is None:
             peers, fitted = self._fit_peers(now), True
         else:
-            path = self.peers_dir / f"peers-{_fingerprint(self.engagements, now)}.pkl"
+            # Named like the fit they come from (metrics.fit_store): what decides it, not the frame.
+            path = self.peers_dir / f"peers-{fit_name(self.engagements, now, PEER_METHODS)}.pkl"
             peers, fitted = load(path, PeerFeatures), False
             if peers is None:
                 # One process fits, the others wait for its file: shards started together
@@ -180,17 +180,6 @@ def _count_times(at: datetime | None) -> tuple[int, ...]:
         return ()
     at_us = to_micros(at)
     return (at_us, at_us - POST_RECENT_US)
-
-
-def _fingerprint(engagements: pl.DataFrame, now: datetime) -> str:
-    """Names one fit: the scoring time and a summary of the engagements it saw."""
-    e = engagements.select(
-        pl.len().alias("n"),
-        pl.col("engaged_at").max().cast(pl.String).alias("last"),
-        pl.col("user_id").sum().alias("users"),
-        pl.col("article_id").sum().alias("articles"),
-    ).row(0)
-    return hashlib.sha256(f"{now.isoformat()}|{e}".encode()).hexdigest()[:16]
 
 
 def user_vectors_at(
