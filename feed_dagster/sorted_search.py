@@ -5,7 +5,8 @@ memory latency: each binary search misses the cache at almost every step. Search
 distinct values in ascending order makes successive searches walk nearby memory. Measured
 (358k needles into 40M int64 keys, one core): 1.33 s for `np.searchsorted` against 0.14 s
 here with every needle distinct, 0.07 s with 30k distinct needles, as at serving time when
-every candidate of a batch is counted at the same `now`.
+every candidate of a batch is counted at the same `now`. Needles that already ascend (the
+distinct keys a caller deduplicated, see `models.counts`) are searched as they are.
 """
 
 from __future__ import annotations
@@ -22,8 +23,13 @@ _MIN_KEYS = 2**18
 def search_sorted(haystack: np.ndarray, needles: np.ndarray, side: str = "left") -> np.ndarray:
     """Exactly `np.searchsorted(haystack, needles, side)` (haystack sorted ascending)."""
     needles = np.asarray(needles)
-    if needles.size < _MIN_NEEDLES or haystack.size < _MIN_KEYS:
+    if needles.size < _MIN_NEEDLES or haystack.size < _MIN_KEYS or ascending(needles):
         return np.searchsorted(haystack, needles, side=side)
     distinct, inverse = np.unique(needles.ravel(), return_inverse=True)
     found = np.searchsorted(haystack, distinct, side=side)
     return found[inverse.ravel()].reshape(needles.shape)
+
+
+def ascending(values: np.ndarray) -> bool:
+    """Whether a 1-D array never decreases (one pass, no sort)."""
+    return values.ndim == 1 and bool((values[1:] >= values[:-1]).all())

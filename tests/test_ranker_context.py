@@ -12,6 +12,12 @@ import torch
 
 from feed_dagster.embeddings import LexicalEncoder
 from feed_dagster.models.catalog import FeatureConfig, ItemCatalog
+from feed_dagster.models.compiled import (
+    COMPILE_ENV,
+    COMPILE_MIN_USERS,
+    CompiledBlocks,
+    worth_compiling,
+)
 from feed_dagster.models.engagement_log import EngagementLog
 from feed_dagster.models.layers import CatalogTensors
 from feed_dagster.models.ranker import (
@@ -162,3 +168,47 @@ def test_fast_path_without_optional_inputs(setup):
     model = build_ranker(cfg, seed=2).eval()
     data = serving(cands, 16)
     np.testing.assert_allclose(_fast(model, data, cat), _reference(model, data, cat), atol=1e-5)
+
+
+def test_compiled_blocks_score_as_the_uncompiled(setup):
+    """torch.compile'd candidate blocks (long feed runs use them) give the same scores,
+    with the last pass of each context block padded to the compiled shape."""
+    cands, serving, cat, model = setup
+    data = serving(cands, 16)
+    base = _fast(model, data, cat, 4)
+    blocks = CompiledBlocks(model)
+    probs, dwell = predict(model, data, cat, 4, blocks)  # 18 groups: passes of 4, 4, 4, 4, 2
+    assert blocks.failed is None
+    m = data.cand_mask
+    got = np.concatenate([probs[m], np.log1p(dwell[m])[:, None]], axis=1)
+    np.testing.assert_allclose(got, base, rtol=0, atol=1e-5)
+
+
+def test_a_compile_failure_falls_back_to_the_uncompiled_blocks(setup):
+    cands, serving, cat, model = setup
+    data = serving(cands, 16)
+    blocks = CompiledBlocks(model)
+
+    def broken(*args):
+        raise RuntimeError("no C compiler\nsecond line")
+
+    blocks.compiled = broken
+    with pytest.warns(UserWarning, match="could not be compiled .RuntimeError: no C compiler"):
+        probs, _ = predict(model, data, cat, 4, blocks)
+    assert blocks.failed == "RuntimeError: no C compiler"
+    np.testing.assert_allclose(probs, predict(model, data, cat, 4)[0], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(
+    ("env", "users", "expected"),
+    [("", 100, False), ("", COMPILE_MIN_USERS, True), ("1", 1, True), ("0", 10**6, False)],
+)
+def test_runs_compile_by_size_unless_told(monkeypatch, env, users, expected):
+    monkeypatch.setenv(COMPILE_ENV, env)
+    assert worth_compiling(users) is expected
+
+
+def test_an_unknown_compile_setting_is_refused(monkeypatch):
+    monkeypatch.setenv(COMPILE_ENV, "yes")
+    with pytest.raises(ValueError, match="FEED_RANKER_COMPILE must be 0, 1 or unset"):
+        worth_compiling(10)

@@ -26,6 +26,7 @@ import polars as pl
 from feed_dagster.artifacts import Location
 from feed_dagster.embeddings.stored import content_vectors
 from feed_dagster.models.catalog import FeatureConfig
+from feed_dagster.models.compiled import CompiledBlocks
 from feed_dagster.models.exposures import WarehouseExposures
 from feed_dagster.models.ranker import PhoenixRanker, load_ranker
 from feed_dagster.models.serve import ServingContext, score_candidates, user_vectors_at
@@ -152,9 +153,18 @@ class RankerScorer:
     model: PhoenixRanker
     context: ServingContext
     name: str = "phoenix_ranker"
+    # The candidate blocks compiled (models.compiled): set for runs that score many users.
+    blocks: CompiledBlocks | None = None
+
+    def compile(self) -> None:
+        """Score with the model's candidate blocks compiled from now on."""
+        if self.blocks is None:
+            self.blocks = CompiledBlocks(self.model)
 
     def score(self, candidates: pl.DataFrame, context: Query) -> pl.DataFrame:
-        return score_candidates(self.model, self.context, candidates, context.now)
+        return score_candidates(
+            self.model, self.context, candidates, context.now, blocks=self.blocks
+        )
 
 
 def serving_context(

@@ -8,14 +8,61 @@ in DuckDB (`models.exposures`) from the same `KeyLayout`, so both give identical
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 
-from feed_dagster.sorted_search import search_sorted
+from feed_dagster.sorted_search import ascending, search_sorted
 
 # Pair keys a * PAIR_BASE + b (user, topic) or (user, author): ids below 2**31 each.
 PAIR_BASE = 2**31
+# From this many queries at one time, each distinct key is counted once (see per_distinct_key).
+DISTINCT_MIN = 4096
+
+
+def per_distinct_key(
+    count: Callable[[np.ndarray, np.ndarray], np.ndarray], key: np.ndarray, time_us: np.ndarray
+) -> np.ndarray:
+    """`count(key, time_us)`, asked once per distinct key when every query is at one time.
+
+    A feed batch asks at one `now` for hundreds of thousands of candidates that share a few
+    thousand posts and authors and each user's few dozen topics. One sort of the keys
+    replaces a sort per binary search (see sorted_search), and the searches run over the
+    distinct keys in ascending order: the same counts, several times fewer passes."""
+    key = np.asarray(key, dtype=np.int64)
+    times = np.broadcast_to(np.asarray(time_us, dtype=np.int64), key.shape)
+    if key.ndim != 1 or key.size < DISTINCT_MIN or not one_time(times) or ascending(key):
+        return count(key, times)
+    values, inverse = distinct(key)
+    return count(values, times[: values.size])[inverse]
+
+
+def one_time(time_us: np.ndarray) -> bool:
+    """Whether every query of a (1-D) batch is at the same time."""
+    return time_us.size == 0 or bool((time_us == time_us[0]).all())
+
+
+def distinct(key: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(sorted distinct values, index of each key among them) of 1-D int64 `key`:
+    `np.unique(key, return_inverse=True)`, without a sort when the values span a range
+    not much larger than their number (catalog rows, user ids): a presence mask then."""
+    if key.size == 0:
+        return key.copy(), np.zeros(0, dtype=np.int64)
+    lo, hi = int(key.min()), int(key.max())
+    if hi - lo > 8 * key.size + 2**20:
+        return np.unique(key, return_inverse=True)
+    present = np.zeros(hi - lo + 1, dtype=bool)
+    present[key - lo] = True
+    values = np.flatnonzero(present)
+    rank = np.cumsum(present) - 1
+    return values + lo, rank[key - lo]
+
+
+def pair_key(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """a * PAIR_BASE + b, or -1 where b is unknown (< 0): no pair has that key."""
+    b = np.asarray(b, np.int64)
+    return np.where(b >= 0, np.asarray(a, np.int64) * PAIR_BASE + b, -1)
 
 
 @dataclass(frozen=True)
@@ -51,8 +98,10 @@ class TimeIndex:
         """Events of `key` strictly before `time_us` (element-wise), as float32."""
         if self.keys.size == 0:
             return np.zeros(len(key), dtype=np.float32)
+        return per_distinct_key(self._count_before, key, time_us)
+
+    def _count_before(self, key: np.ndarray, time_us: np.ndarray) -> np.ndarray:
         lay = self.layout
-        key = np.asarray(key, dtype=np.int64)
         # Times before the index's start count nothing; later ones are capped inside the key.
         rel = np.clip(
             (np.asarray(time_us, dtype=np.int64) - lay.t0) // lay.resolution, 0, lay.step - 1
@@ -82,6 +131,9 @@ class CountsAt:
             )
         if self.keys.size == 0:
             return np.zeros(len(key), dtype=np.float32)
+        return per_distinct_key(self._count, key, times)
+
+    def _count(self, key: np.ndarray, _times: np.ndarray) -> np.ndarray:
         pos = search_sorted(self.keys, key).clip(0, self.keys.size - 1)
         return np.where(self.keys[pos] == key, self.counts[pos], 0.0).astype(np.float32)
 
@@ -205,10 +257,16 @@ class PairCounter:
         return pos, (self.pairs[pos] == key) & (b >= 0)
 
     def before(self, a: np.ndarray, b: np.ndarray, time_us: np.ndarray) -> np.ndarray:
-        key = np.asarray(a, np.int64) * PAIR_BASE + np.asarray(b, np.int64)
+        return self.before_keys(pair_key(a, b), time_us)
+
+    def before_keys(self, key: np.ndarray, time_us: np.ndarray) -> np.ndarray:
+        """`before` of pairs given as `pair_key`s."""
         if self.pairs.size == 0:
             return np.zeros(len(key), dtype=np.float32)
-        pos, found = self._find(key, np.asarray(b))
+        return per_distinct_key(self._before, key, time_us)
+
+    def _before(self, key: np.ndarray, time_us: np.ndarray) -> np.ndarray:
+        pos, found = self._find(key, key)
         if isinstance(self.index, CountsAtPoints):
             # Only pairs with events were kept, at their queried times: ask for those only.
             time_us = np.broadcast_to(np.asarray(time_us, np.int64), key.shape)

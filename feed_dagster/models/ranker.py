@@ -9,8 +9,9 @@ plus a dwell regression head (log1p seconds).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import polars as pl
@@ -36,6 +37,9 @@ from feed_dagster.models.ranker_data import (
     PROFILE_FEATURES_V1,
     RankerData,
 )
+
+if TYPE_CHECKING:
+    from feed_dagster.models.compiled import CompiledBlocks
 
 # Loss weight per action head. Clicks carry most of the signal and drive evaluation; the rare
 # actions (replies, blocks, reports) still get a head but a smaller share of the gradient.
@@ -278,17 +282,31 @@ class PhoenixRanker(nn.Module):
         b: dict[str, torch.Tensor],
         cat: CatalogTensors,
         tables: CandidateTables,
+        blocks: Callable[..., torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """forward()'s outputs (within float rounding) for candidate groups `b` (candidate
         tensors and `logged`, [G, C]) whose contexts are rows `group_context` [G] of
-        `cache`; `b["cand_row"]` indexes `tables.rows` (built for these candidates)."""
+        `cache`; `b["cand_row"]` indexes `tables.rows` (built for these candidates).
+        `blocks`: `candidate_blocks` compiled (see `compiled_blocks`), or None."""
         take = group_context
         cand = self.fast_candidate_tokens(b, cat, cache.limit[take], cache, take, tables)
-        bias = cache.key_bias[take]
-        for block, kc, vc in zip(self.blocks, cache.keys, cache.values, strict=True):
-            cand = block.candidate_step(cand, kc[take], vc[take], bias)
-        out = self.head(self.ln(cand))
+        keys = [kc[take] for kc in cache.keys]
+        values = [vc[take] for vc in cache.values]
+        out = (blocks or self.candidate_blocks)(cand, keys, values, cache.key_bias[take])
         return out[..., :-1], out[..., -1]
+
+    def candidate_blocks(
+        self,
+        cand: torch.Tensor,
+        keys: list[torch.Tensor],
+        values: list[torch.Tensor],
+        key_bias: torch.Tensor,
+    ) -> torch.Tensor:
+        """Head outputs [G, C, n_actions + 1] of candidate tokens [G, C, d] through every
+        block, against their groups' context keys and values (gathered per group)."""
+        for block, kc, vc in zip(self.blocks, keys, values, strict=True):
+            cand = block.candidate_step(cand, kc, vc, key_bias)
+        return self.head(self.ln(cand))
 
     def fast_candidate_tokens(
         self,
@@ -488,6 +506,7 @@ def predict(
     data: RankerData,
     catalog: ItemCatalog | CatalogTensors,
     batch_size: int | None = None,
+    blocks: CompiledBlocks | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """(probabilities [G, C, n_actions], dwell seconds [G, C]) for every group of `data`.
 
@@ -495,7 +514,8 @@ def predict(
     time, and every group's candidates attend to its context's cached keys and values: a
     user with 1,000 candidates in four groups costs one context, not four. Candidates go
     through the blocks `batch_size` groups at a time (default: about PREDICT_TOKENS slots);
-    a candidate's scores depend on neither."""
+    a candidate's scores depend on neither. `blocks`: the model's candidate blocks
+    compiled (models.compiled), fed passes of exactly `batch_size` groups."""
     cat = catalog if isinstance(catalog, CatalogTensors) else CatalogTensors(catalog)
     c = data.cand_item.shape[1]
     if batch_size is None:
@@ -514,13 +534,17 @@ def predict(
             cache = model.encode_contexts(history_tensors(data.history, firsts[lo:hi]), cat)
             for s in range(firsts[lo], group_end[hi - 1], batch_size):
                 groups = np.arange(s, min(group_end[hi - 1], s + batch_size))
+                n = len(groups)
+                if blocks is not None and n < batch_size:
+                    # Compiled for one shape: the last group repeats, its copies dropped.
+                    groups = np.r_[groups, np.full(batch_size - n, groups[-1])]
                 local = torch.from_numpy(context_of[groups] - lo)
                 b = candidate_batch(data, groups, cand_row)
-                logits, d = model.score_with_contexts(cache, local, b, cat, tables)
+                logits, d = model.score_with_contexts(cache, local, b, cat, tables, blocks)
                 # float(): under a bfloat16 autocast (bench_feeds compares it) the
                 # outputs are bfloat16, which numpy cannot hold.
-                probs.append(torch.sigmoid(logits.float()).numpy())
-                dwell.append(torch.expm1(d.float().clamp(min=0)).numpy())
+                probs.append(torch.sigmoid(logits[:n].float()).numpy())
+                dwell.append(torch.expm1(d[:n].float().clamp(min=0)).numpy())
     finally:
         model.train(was_training)
     n_a = len(model.cfg.actions)

@@ -29,6 +29,7 @@ from feed_dagster.models.catalog import (
     age_bucket,
     to_micros,
 )
+from feed_dagster.models.counts import DISTINCT_MIN, distinct, one_time, pair_key
 from feed_dagster.models.engagement_log import EngagementLog, History
 
 # Long-term engagement profile of (user, candidate): positive engagements before the impression
@@ -187,6 +188,23 @@ def _follow_flags(
     return out
 
 
+class _Asked:
+    """Queries (key, time) that several counters answer: when every query is at one time
+    (a feed batch at `now`), each distinct key is asked once and the answers are spread
+    back to the queries. Distinct keys ascend, so the counters' binary searches need no
+    sort of their own (models.counts.per_distinct_key)."""
+
+    def __init__(self, key: np.ndarray, time_us: np.ndarray):
+        self.key, self.time_us, self.inverse = key, time_us, None
+        if key.size >= DISTINCT_MIN and one_time(time_us):
+            self.key, self.inverse = distinct(key)
+            self.time_us = time_us[: self.key.size]
+
+    def of(self, count: Callable[[np.ndarray, np.ndarray], np.ndarray]) -> np.ndarray:
+        out = count(self.key, self.time_us)
+        return out if self.inverse is None else out[self.inverse]
+
+
 def engagement_profile(
     log: EngagementLog,
     catalog: ItemCatalog,
@@ -200,28 +218,33 @@ def engagement_profile(
     earlier positive engagement, so the model sees a user's lasting topic and author tastes.
     """
     user = np.asarray(user, dtype=np.int64)
+    time_us = np.broadcast_to(np.asarray(time_us, dtype=np.int64), user.shape)
     topic, author = catalog.topic[item].astype(np.int64), catalog.author_id[item]
-    n_topic = log.positive_topic.before(user, topic, time_us)
-    n_author = log.positive_author.before(user, author, time_us)
-    n_total = log.positive_total.before(user, np.zeros_like(user), time_us)
+    user_topic = _Asked(pair_key(user, topic), time_us)
+    user_author = _Asked(pair_key(user, author), time_us)
+    users, posts = _Asked(user, time_us), _Asked(np.asarray(item, dtype=np.int64), time_us)
+    n_topic = user_topic.of(log.positive_topic.before_keys)
+    n_author = user_author.of(log.positive_author.before_keys)
+    n_total = users.of(lambda u, t: log.positive_total.before(u, np.zeros_like(u), t))
     # Everyone's engagement with the post so far: a fresh post's only quality signal before
     # its id is trained.
-    n_post = log.positives_before(item, time_us)
-    n_post_recent = n_post - log.positives_before(item, np.asarray(time_us) - POST_RECENT_US)
+    n_post = posts.of(log.positives_before)
+    n_post_recent = n_post - posts.of(lambda p, t: log.positives_before(p, t - POST_RECENT_US))
     shown_topic = shown_author = shown_post = np.zeros(len(user), dtype=np.float32)
     if log.exposures is not None:
         log.exposures.require(user)
-        shown_topic = log.shown_topic.before(user, topic, time_us)
-        shown_author = log.shown_author.before(user, author, time_us)
-        shown_post = log.exposures.shown_before(item, time_us)
-    author_engaged, author_shown = log.author_counts(item, time_us)
+        shown_topic = user_topic.of(log.shown_topic.before_keys)
+        shown_author = user_author.of(log.shown_author.before_keys)
+        shown_post = posts.of(log.exposures.shown_before)
+    by_post = posts.of(lambda p, t: np.stack(log.author_counts(p, t), axis=1))
+    author_engaged, author_shown = by_post[:, 0], by_post[:, 1]
     # The user's share of engagement on each of the author's main topics, weighted by how
     # much of the author's output the topic is.
     rows = catalog.author_row[item]
     topic_affinity = np.zeros(len(user), dtype=np.float32)
     for k in range(AUTHOR_TOPICS):
         t = catalog.author_topics[rows, k]
-        n_k = log.positive_topic.before(user, t, time_us)
+        n_k = _Asked(pair_key(user, t), time_us).of(log.positive_topic.before_keys)
         topic_affinity += catalog.author_topic_share[rows, k] * n_k / (n_total + 1.0)
     # Unknown topics/authors (EBNeRD has no authors) carry no evidence: zero, not a match.
     known_topic, known_author = topic >= 0, author >= 0

@@ -17,6 +17,7 @@ import polars as pl
 from feed_dagster.data.schema import World
 from feed_dagster.metrics.fit_store import exclusive, fit_name, load, save
 from feed_dagster.models.catalog import FeatureConfig, ItemCatalog, to_micros
+from feed_dagster.models.compiled import CompiledBlocks
 from feed_dagster.models.engagement_log import EngagementLog
 from feed_dagster.models.exposures import WarehouseExposures
 from feed_dagster.models.layers import CatalogTensors
@@ -208,8 +209,10 @@ def score_candidates(
     candidates: pl.DataFrame,
     now: datetime,
     batch_size: int | None = None,
+    blocks: CompiledBlocks | None = None,
 ) -> pl.DataFrame:
-    """Ranker predictions for (user_id, article_id) candidate rows scored at `now`.
+    """Ranker predictions for (user_id, article_id) candidate rows scored at `now`
+    (`blocks`: the model's candidate blocks compiled, see models.compiled).
 
     Returns user_id, article_id, p_<action> for each head of the model and dwell_seconds,
     one row per input row, in input order. A candidate's scores do not depend on the other
@@ -232,7 +235,7 @@ def score_candidates(
         log=ctx.log,
         peers=ctx.peers_at(now) if model.cfg.peer_features else None,
     )
-    probs, dwell = predict(model, data, ctx.tensors, batch_size)
+    probs, dwell = predict(model, data, ctx.tensors, batch_size, blocks)
     m = data.cand_mask
     # Groups come out sorted by (user, position) = the order of `ordered`.
     out = ordered.with_columns(
