@@ -33,3 +33,23 @@ def search_sorted(haystack: np.ndarray, needles: np.ndarray, side: str = "left")
 def ascending(values: np.ndarray) -> bool:
     """Whether a 1-D array never decreases (one pass, no sort)."""
     return values.ndim == 1 and bool((values[1:] >= values[:-1]).all())
+
+
+def distinct(ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(the sorted distinct ids, the index of each id among them): `np.unique(ids,
+    return_inverse=True)` of 1-D int64 ids. Ids spanning a range not much wider than their
+    count (catalog rows, user ids) are marked in a table of that range instead of sorted:
+    at 100k users, 19M engagements' post ids in 4 s rather than 15."""
+    ids = np.asarray(ids, dtype=np.int64)
+    if ids.size == 0:
+        return ids.copy(), np.zeros(0, dtype=np.int64)
+    lo, hi = int(ids.min()), int(ids.max())
+    # A table costs its range: small batches sort instead.
+    if ids.size < _MIN_NEEDLES or hi - lo > 8 * ids.size + 2**20:
+        values, inverse = np.unique(ids, return_inverse=True)
+        return values, inverse.astype(np.int64)
+    offset = ids - lo
+    present = np.zeros(hi - lo + 1, dtype=bool)
+    present[offset] = True
+    codes = (np.cumsum(present, dtype=np.int64) - 1)[offset]
+    return np.flatnonzero(present) + lo, codes

@@ -338,19 +338,6 @@ def test_als_factors_do_not_depend_on_its_threads(monkeypatch) -> None:
     np.testing.assert_array_equal(factors[0][1], factors[1][1])
 
 
-@pytest.mark.parametrize("spread", [1_000, 10**15])
-def test_the_id_index_equals_numpy_unique(spread: int) -> None:
-    """Dense ids are indexed through a table of their range, sparse ones by sorting: both
-    give np.unique's sorted vocabulary and inverse."""
-    rng = np.random.default_rng(0)
-    ids = rng.integers(-5, spread, 50_000)
-    vocab, codes = classic._index(ids)
-    expected, inverse = np.unique(ids, return_inverse=True)
-    np.testing.assert_array_equal(vocab, expected)
-    np.testing.assert_array_equal(codes, inverse)
-    assert classic._index(np.array([], dtype=np.int64))[0].size == 0
-
-
 def test_item_knn_rows_do_not_depend_on_the_threads(monkeypatch) -> None:
     """Blocks of rows shared out between threads are put together in order: the matrix
     equals the one-thread matrix bit for bit."""

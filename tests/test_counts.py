@@ -8,21 +8,18 @@ import pytest
 
 from feed_dagster.embeddings import LexicalEncoder
 from feed_dagster.models.catalog import FeatureConfig, ItemCatalog, to_micros
-from feed_dagster.models.counts import (
-    DISTINCT_MIN,
-    PairCounter,
-    distinct,
-    time_index,
-)
+from feed_dagster.models.counts import DISTINCT_MIN, PairCounter, time_index
 from feed_dagster.models.engagement_log import EngagementLog
 from feed_dagster.models.ranker_data import engagement_profile
-from feed_dagster.sorted_search import search_sorted
+from feed_dagster.sorted_search import distinct, search_sorted
 
 RNG = np.random.default_rng(3)
 
 
-@pytest.mark.parametrize("span", [50, 10**12])  # a presence mask, then a sort
+@pytest.mark.parametrize("span", [50, 10**12])  # a table of the range, then a sort
 def test_distinct_is_np_unique(span):
+    """Dense ids are indexed through a table of their range, sparse ones by sorting: both
+    give np.unique's sorted values and inverse."""
     key = RNG.integers(-5, span, 20_000)
     values, inverse = distinct(key)
     want_values, want_inverse = np.unique(key, return_inverse=True)

@@ -63,7 +63,7 @@ from threadpoolctl import threadpool_limits
 
 from feed_dagster.data.schema import POSITIVE_ACTIONS
 from feed_dagster.metrics.baselines import SCORE
-from feed_dagster.sorted_search import search_sorted
+from feed_dagster.sorted_search import distinct
 
 CLASSIC_METHODS: tuple[str, ...] = ("popularity_all_time", "item_knn", "als", "ease")
 
@@ -123,33 +123,15 @@ def positive_pairs(engagements: pl.DataFrame, cut: datetime) -> pl.DataFrame:
     )
 
 
-def _index(ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(the sorted distinct ids, the index of each id in them): np.unique with
-    return_inverse. Ids spanning a range not much wider than their count are marked in a
-    table of that range instead of sorted: at 100k users, 19M pairs' post ids in 4 s
-    rather than 15."""
-    ids = np.asarray(ids, dtype=np.int64)
-    if ids.size == 0:
-        return ids, ids
-    lo, hi = int(ids.min()), int(ids.max())
-    if hi - lo > 8 * ids.size + 2**20:
-        vocab, codes = np.unique(ids, return_inverse=True)
-        return vocab, codes.astype(np.int64)
-    offset = ids - lo
-    present = np.zeros(hi - lo + 1, dtype=bool)
-    present[offset] = True
-    codes = (np.cumsum(present, dtype=np.int64) - 1)[offset]
-    return np.flatnonzero(present) + lo, codes
-
-
 def _lookup(vocab: np.ndarray, ids: np.ndarray) -> np.ndarray:
-    """Index of each id in the sorted vocab, -1 when absent."""
+    """Index of each id in the sorted vocab, -1 when absent. Each distinct id is looked up
+    once: a feed batch's hundreds of thousands of pairs hold a few thousand posts."""
     ids = np.asarray(ids, dtype=np.int64)
     if vocab.size == 0:
         return np.full(ids.shape, -1, dtype=np.int64)
-    pos = search_sorted(vocab, ids)
-    pos = np.minimum(pos, vocab.size - 1)
-    return np.where(vocab[pos] == ids, pos, -1)
+    values, inverse = distinct(ids.ravel())
+    pos = np.minimum(np.searchsorted(vocab, values), vocab.size - 1)
+    return np.where(vocab[pos] == values, pos, -1)[inverse].reshape(ids.shape)
 
 
 def _block_topk(
@@ -336,8 +318,8 @@ class ClassicPeers:
             raise ValueError(f"unknown hyperparameters {sorted(unknown)}")
         h = {**HYPER_DEFAULTS, **hyper}
         pairs = positive_pairs(engagements, cut)
-        user_ids, u = _index(pairs["user_id"].to_numpy())
-        item_ids, i = _index(pairs["article_id"].to_numpy())
+        user_ids, u = distinct(pairs["user_id"].to_numpy())
+        item_ids, i = distinct(pairs["article_id"].to_numpy())
         shape = (user_ids.size, item_ids.size)
         history = sp.csr_matrix((np.ones(u.size, dtype=np.float32), (u, i)), shape=shape)
         history.sum_duplicates()
@@ -450,15 +432,22 @@ class ClassicPeers:
 
     def score(self, method: str, user_ids: np.ndarray, article_ids: np.ndarray) -> np.ndarray:
         """float32 score of each (user_ids[p], article_ids[p]) pair; 0 for unseen ids."""
-        if method not in self.methods:
-            raise ValueError(f"method {method!r} was not fitted; fitted: {self.methods}")
+        return self.score_at(method, *self.positions(user_ids, article_ids))
+
+    def positions(self, user_ids: np.ndarray, article_ids: np.ndarray) -> tuple[np.ndarray, ...]:
+        """(user row, item row) of each pair in the fit, -1 where unseen: what `score_at`
+        takes, so several methods scoring the same pairs look them up once."""
         user_ids = np.asarray(user_ids, dtype=np.int64)
         article_ids = np.asarray(article_ids, dtype=np.int64)
         if user_ids.shape != article_ids.shape:
             raise ValueError("user_ids and article_ids must have the same shape")
-        u = _lookup(self.user_ids, user_ids)
-        i = _lookup(self.item_ids, article_ids)
-        out = np.zeros(user_ids.shape, dtype=np.float32)
+        return _lookup(self.user_ids, user_ids), _lookup(self.item_ids, article_ids)
+
+    def score_at(self, method: str, u: np.ndarray, i: np.ndarray) -> np.ndarray:
+        """`score` of pairs given by their `positions`."""
+        if method not in self.methods:
+            raise ValueError(f"method {method!r} was not fitted; fitted: {self.methods}")
+        out = np.zeros(u.shape, dtype=np.float32)
         if method == "popularity_all_time":
             assert self.popularity is not None
             known = i >= 0

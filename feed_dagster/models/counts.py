@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from feed_dagster.sorted_search import ascending, search_sorted
+from feed_dagster.sorted_search import ascending, distinct, search_sorted
 
 # Pair keys a * PAIR_BASE + b (user, topic) or (user, author): ids below 2**31 each.
 PAIR_BASE = 2**31
@@ -41,22 +41,6 @@ def per_distinct_key(
 def one_time(time_us: np.ndarray) -> bool:
     """Whether every query of a (1-D) batch is at the same time."""
     return time_us.size == 0 or bool((time_us == time_us[0]).all())
-
-
-def distinct(key: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(sorted distinct values, index of each key among them) of 1-D int64 `key`:
-    `np.unique(key, return_inverse=True)`, without a sort when the values span a range
-    not much larger than their number (catalog rows, user ids): a presence mask then."""
-    if key.size == 0:
-        return key.copy(), np.zeros(0, dtype=np.int64)
-    lo, hi = int(key.min()), int(key.max())
-    if hi - lo > 8 * key.size + 2**20:
-        return np.unique(key, return_inverse=True)
-    present = np.zeros(hi - lo + 1, dtype=bool)
-    present[key - lo] = True
-    values = np.flatnonzero(present)
-    rank = np.cumsum(present) - 1
-    return values + lo, rank[key - lo]
 
 
 def pair_key(a: np.ndarray, b: np.ndarray) -> np.ndarray:

@@ -87,7 +87,8 @@ class PeerFeatures:
 
     @staticmethod
     def _raw(peers: ClassicPeers, users: np.ndarray, items: np.ndarray) -> np.ndarray:
-        cols = [peers.score(m, users, items).astype(np.float64) for m in PEER_METHODS]
+        at = peers.positions(users, items)
+        cols = [peers.score_at(m, *at).astype(np.float64) for m in PEER_METHODS]
         # Counts are heavy-tailed: their log is what a linear layer can use.
         i = PEER_METHODS.index("popularity_all_time")
         cols[i] = np.log1p(cols[i])

@@ -29,8 +29,9 @@ from feed_dagster.models.catalog import (
     age_bucket,
     to_micros,
 )
-from feed_dagster.models.counts import DISTINCT_MIN, distinct, one_time, pair_key
+from feed_dagster.models.counts import DISTINCT_MIN, one_time, pair_key
 from feed_dagster.models.engagement_log import EngagementLog, History
+from feed_dagster.sorted_search import distinct
 
 # Long-term engagement profile of (user, candidate): positive engagements before the impression
 # on the candidate's topic, with its author, and in total, as log counts and shares.
