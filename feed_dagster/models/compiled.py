@@ -41,6 +41,11 @@ class CompiledBlocks:
     the uncompiled method after the first failure to compile."""
 
     def __init__(self, model: torch.nn.Module):
+        import torch._inductor.config as inductor
+
+        # Compile in this process: the default pool of compile workers is a process per
+        # core, each holding torch (hundreds of MB) beside two feed shards' 4.5 GiB each.
+        inductor.compile_threads = 1
         self.model = model
         self.compiled = torch.compile(model.candidate_blocks, dynamic=False)
         self.failed: str | None = None
