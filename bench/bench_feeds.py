@@ -24,6 +24,7 @@ import hashlib
 import json
 import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -451,6 +452,114 @@ def measure(
     return out
 
 
+@dataclass
+class Setup:
+    """What every throughput run scores with: the world, content vectors, both models and
+    the serving context, with the seconds each took to make."""
+
+    world: World
+    vectors: np.ndarray
+    tower: TwoTower
+    ranker: PhoenixRanker
+    ctx: ServingContext
+    info: dict[str, Any]
+    key: str
+    gen_s: float
+    enc_s: float
+    train_s: float
+    ctx_s: float
+
+
+def load_setup(scale: str, retrain: bool = False) -> Setup:
+    t0 = time.perf_counter()
+    world = generate_world(world_config(scale))
+    gen_s = time.perf_counter() - t0
+    encoder = LexicalEncoder()
+    t0 = time.perf_counter()
+    vectors = encoder.encode(world.articles)
+    enc_s = time.perf_counter() - t0
+    key = world_key(scale, encoder)
+    t0 = time.perf_counter()
+    tower, ranker, info = trained_models(world, vectors, ModelStore(CACHE / key), retrain)
+    train_s = time.perf_counter() - t0
+    if tower.cfg.features != ranker.cfg.features:
+        raise SystemExit("the two models were trained with different feature configs")
+    t0 = time.perf_counter()
+    ctx = ServingContext.build(
+        world.articles,
+        vectors,
+        world.engagements,
+        world.follows,
+        world.topic_follows,
+        serving_features(ranker.cfg.features),
+        impressions=world.impressions,
+    )
+    ctx_s = time.perf_counter() - t0
+    return Setup(world, vectors, tower, ranker, ctx, info, key, gen_s, enc_s, train_s, ctx_s)
+
+
+# -- processes side by side, as feed shards run ------------------------------------------------
+
+
+def _wait_for(paths: list[Path], procs: list[subprocess.Popen] | None = None) -> None:
+    while not all(p.exists() for p in paths):
+        if procs and any(p.poll() not in (None, 0) for p in procs):
+            raise SystemExit("a side-by-side worker failed (its output is above)")
+        time.sleep(0.02)
+
+
+def side_by_side(
+    args: argparse.Namespace, lance_dir: str, processes: int, compiled: bool
+) -> list[float]:
+    """Wall seconds of each repeat of `processes` worker processes scoring the users split
+    between them, started together (one torch thread each, as feed shards run on this
+    machine), each repeat from the first start to the last end."""
+    with tempfile.TemporaryDirectory(prefix="bench-feeds-sync-") as sync_dir:
+        sync = Path(sync_dir)
+        cmd = [sys.executable, __file__, "--scale", args.scale, "--repeats", str(args.repeats)]
+        cmd += ["--batch-size", str(args.batch_size), "--threads", "1", "--lance", lance_dir]
+        cmd += ["--sync", sync_dir, "--of", str(processes)] + (["--compile"] if compiled else [])
+        procs = [subprocess.Popen([*cmd, "--worker", str(k)]) for k in range(processes)]
+        walls = []
+        try:
+            for r in range(args.repeats):
+                _wait_for([sync / f"ready-{r}-{k}" for k in range(processes)], procs)
+                (sync / f"go-{r}").touch()
+                done = [sync / f"done-{r}-{k}" for k in range(processes)]
+                _wait_for(done, procs)
+                spans = [json.loads(p.read_text()) for p in done]
+                walls.append(max(s["end"] for s in spans) - min(s["start"] for s in spans))
+                print(f"  {processes} processes, repeat {r + 1}: {walls[-1]:.2f} s", flush=True)
+        finally:
+            for p in procs:
+                p.wait(timeout=600)
+    return walls
+
+
+def side_by_side_worker(args: argparse.Namespace) -> None:
+    """One of `side_by_side`'s processes: every `--of`-th user from `--worker`, scored at
+    `world.now` once per repeat when the coordinator says go."""
+    su = load_setup(args.scale)
+    table = open_vectors(args.lance, VECTOR_TABLE)
+    retriever = TwoTowerRetriever(su.tower, su.ctx, table)
+    scorer = RankerScorer(su.ranker, su.ctx)
+    if args.compile:
+        scorer.compile()
+    users = su.world.users["user_id"].to_numpy()[args.worker :: args.of]
+    # Untimed warm-up: the classic peers' fit, and the compile.
+    build_feeds(su.world, users[:64], su.world.now, retriever, scorer, batch_size=args.batch_size)
+    sync = Path(args.sync)
+    for r in range(args.repeats):
+        (sync / f"ready-{r}-{args.worker}").touch()
+        _wait_for([sync / f"go-{r}"])
+        start = time.time()
+        build_feeds(su.world, users, su.world.now, retriever, scorer, batch_size=args.batch_size)
+        span = {"start": start, "end": time.time(), "users": len(users)}
+        done = sync / f"done-{r}-{args.worker}"
+        done.with_suffix(".tmp").write_text(json.dumps(span))
+        done.with_suffix(".tmp").rename(done)
+
+
 def fmt_recall(row: dict[str, Any]) -> list[str]:
     return [
         f"{row['recall_macro']:.3f}",
@@ -486,37 +595,30 @@ def main() -> None:
         "(FEED_TORCH_THREADS): on a busy 2-core box two threads made the ranker 3-10x slower",
     )
     ap.add_argument("--no-write", action="store_true")
+    ap.add_argument(
+        "--processes",
+        type=int,
+        default=2,
+        help="processes of the side-by-side runs (one per core, as feed shards run)",
+    )
+    # A side-by-side worker process (see side_by_side), not for direct use.
+    for flag in ("--worker", "--of"):
+        ap.add_argument(flag, type=int, help=argparse.SUPPRESS)
+    for flag in ("--lance", "--sync"):
+        ap.add_argument(flag, help=argparse.SUPPRESS)
+    ap.add_argument("--compile", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     load_start = os.getloadavg()[0]
     instrument_serving()
 
-    t0 = time.perf_counter()
-    world = generate_world(world_config(args.scale))
-    gen_s = time.perf_counter() - t0
-    encoder = LexicalEncoder()
-    t0 = time.perf_counter()
-    vectors = encoder.encode(world.articles)
-    enc_s = time.perf_counter() - t0
-    key = world_key(args.scale, encoder)
-    store = ModelStore(CACHE / key)
-    t0 = time.perf_counter()
-    tower, ranker, info = trained_models(world, vectors, store, args.retrain)
-    train_s = time.perf_counter() - t0
-    if tower.cfg.features != ranker.cfg.features:
-        raise SystemExit("the two models were trained with different feature configs")
-
-    t0 = time.perf_counter()
-    ctx = ServingContext.build(
-        world.articles,
-        vectors,
-        world.engagements,
-        world.follows,
-        world.topic_follows,
-        serving_features(ranker.cfg.features),
-        impressions=world.impressions,
-    )
-    ctx_s = time.perf_counter() - t0
+    if args.worker is not None:
+        side_by_side_worker(args)
+        return
+    su = load_setup(args.scale, args.retrain)
+    world, vectors, ctx, info = su.world, su.vectors, su.ctx, su.info
+    tower, ranker = su.tower, su.ranker
+    gen_s, enc_s, train_s, ctx_s, key = su.gen_s, su.enc_s, su.train_s, su.ctx_s, su.key
     users = world.users["user_id"].to_numpy()
 
     with tempfile.TemporaryDirectory(prefix="bench-feeds-lancedb-") as lance_dir:
@@ -542,10 +644,20 @@ def main() -> None:
         retriever, scorer = TwoTowerRetriever(tower, ctx, table), RankerScorer(ranker, ctx)
         # Untimed warm-up: the first scoring at `now` fits the classic peers (cached after).
         build_feeds(world, users[:64], world.now, retriever, scorer, batch_size=args.batch_size)
+        # The ranker's candidate blocks compiled, as feed shards of 4,000+ users score
+        # (models.compiled); compiled on its first batch, with the compile cache as found.
+        compiled_scorer = RankerScorer(ranker, ctx)
+        compiled_scorer.compile()
+        t0 = time.perf_counter()
+        build_feeds(
+            world, users[:64], world.now, retriever, compiled_scorer, batch_size=args.batch_size
+        )
+        compile_s = time.perf_counter() - t0
         peak_before = matmul_peak(threads)[1]
-        learned, baseline, wide, fallback = measure(
+        learned, compiled, baseline, wide, fallback = measure(
             [
                 Variant("learned", retriever, scorer),
+                Variant("learned, compiled", retriever, compiled_scorer),
                 Variant("learned, context per group", retriever, scorer, legacy_predict=True),
                 Variant("learned, wide", retriever, scorer, config=wide_config),
                 Variant(
@@ -560,6 +672,12 @@ def main() -> None:
             args.repeats,
             args.batch_size,
         )
+
+        # Processes side by side, one per core, as the shards of a feed run.
+        pair = {
+            label: side_by_side(args, lance_dir, args.processes, flag)
+            for label, flag in (("learned", False), ("learned, compiled", True))
+        }
 
         # 2. Ranker FLOP/s against the matmul peak, same thread count, same run.
         # Sampled before and after the throughput runs: the peak moves with the load too.
@@ -728,8 +846,27 @@ def main() -> None:
         ],
     ]
     ratio = learned.total / fallback.total
+    pair_rows = [
+        [
+            "1 process, learned (the table above)",
+            f"{learned.total:.2f} s",
+            ", ".join(f"{t:.2f}" for t in learned.totals),
+            f"{n / learned.total:,.0f} users/s",
+        ]
+    ]
+    for label, walls in pair.items():
+        wall = statistics.median(walls)
+        pair_rows.append(
+            [
+                f"{args.processes} processes, {label}",
+                f"{wall:.2f} s",
+                ", ".join(f"{t:.2f}" for t in walls),
+                f"**{n / wall:,.0f} users/s**",
+            ]
+        )
     keys = ["user_id", "position", "article_id"]
     same_rows = learned.feeds.select(keys).join(baseline.feeds.select(keys), on=keys).height
+    compiled_same = learned.feeds.select(keys).join(compiled.feeds.select(keys), on=keys).height
 
     flop_rows = [
         [
@@ -798,8 +935,30 @@ def main() -> None:
         f"### Throughput: every user at `world.now`, batches of {args.batch_size}",
         "",
         markdown_table(
-            ["", ""], summary(learned) + summary(baseline) + summary(wide) + summary(fallback)
+            ["", ""],
+            summary(learned)
+            + summary(compiled)
+            + summary(baseline)
+            + summary(wide)
+            + summary(fallback),
         ),
+        "",
+        '"learned, compiled": the same models with the ranker\'s candidate blocks compiled '
+        "(`torch.compile`, `feed_dagster/models/compiled.py`), as feed shards of 4,000 users "
+        f"or more score: **{learned.total / compiled.total:.2f}x** the learned throughput; "
+        f"{compiled_same:,} of {learned.feed_rows:,} feed rows identical. Compiling (with the "
+        f"compile cache as this run found it) and scoring the first 64 users took "
+        f"{compile_s:.1f} s, not timed above.",
+        "",
+        f"### {args.processes} processes side by side, as the shards of a feed run",
+        "",
+        f"The users split into {args.processes} parts, each scored by its own process with one "
+        "torch thread (the shards of `feed-dagster run` go one per core), started together; "
+        "wall time from the first start to the last end, median of "
+        f"{args.repeats}. Each process loads the world, models and vector table and fits the "
+        "classic peers before the start (not timed).",
+        "",
+        markdown_table(["run", "wall (median)", "runs", "throughput"], pair_rows),
         "",
         'Variants ran interleaved (repeat r of each, then r + 1). "learned, context per '
         'group": the same models with the ranker forward as it ran before the context cache '
