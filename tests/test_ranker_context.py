@@ -12,12 +12,7 @@ import torch
 
 from feed_dagster.embeddings import LexicalEncoder
 from feed_dagster.models.catalog import FeatureConfig, ItemCatalog
-from feed_dagster.models.compiled import (
-    COMPILE_ENV,
-    COMPILE_MIN_USERS,
-    CompiledBlocks,
-    worth_compiling,
-)
+from feed_dagster.models.compiled import COMPILE_ENV, CompiledBlocks, compile_requested
 from feed_dagster.models.engagement_log import EngagementLog
 from feed_dagster.models.layers import CatalogTensors
 from feed_dagster.models.ranker import (
@@ -171,7 +166,7 @@ def test_fast_path_without_optional_inputs(setup):
 
 
 def test_compiled_blocks_score_as_the_uncompiled(setup):
-    """torch.compile'd candidate blocks (long feed runs use them) give the same scores,
+    """torch.compile'd candidate blocks (FEED_RANKER_COMPILE=1) give the same scores,
     with the last pass of each context block padded to the compiled shape."""
     cands, serving, cat, model = setup
     data = serving(cands, 16)
@@ -199,16 +194,13 @@ def test_a_compile_failure_falls_back_to_the_uncompiled_blocks(setup):
     np.testing.assert_allclose(probs, predict(model, data, cat, 4)[0], rtol=0, atol=0)
 
 
-@pytest.mark.parametrize(
-    ("env", "users", "expected"),
-    [("", 100, False), ("", COMPILE_MIN_USERS, True), ("1", 1, True), ("0", 10**6, False)],
-)
-def test_runs_compile_by_size_unless_told(monkeypatch, env, users, expected):
+@pytest.mark.parametrize(("env", "expected"), [("", False), ("0", False), ("1", True)])
+def test_feed_runs_compile_when_told(monkeypatch, env, expected):
     monkeypatch.setenv(COMPILE_ENV, env)
-    assert worth_compiling(users) is expected
+    assert compile_requested() is expected
 
 
 def test_an_unknown_compile_setting_is_refused(monkeypatch):
     monkeypatch.setenv(COMPILE_ENV, "yes")
     with pytest.raises(ValueError, match="FEED_RANKER_COMPILE must be 0, 1 or unset"):
-        worth_compiling(10)
+        compile_requested()

@@ -13,7 +13,7 @@ from feed_dagster.data.warehouse import IMPRESSION_TOTALS, read_tables
 from feed_dagster.feeds.build import OPTIONAL_TABLES, PIPELINE_TABLES, build_feeds
 from feed_dagster.feeds.model_backends import ModelLocations, RankerScorer
 from feed_dagster.feeds.shards import users_in_shard
-from feed_dagster.models.compiled import worth_compiling
+from feed_dagster.models.compiled import compile_requested
 from feed_dagster.models.train import torch_threads
 from feed_dagster.pipeline.config import PipelineConfig, resolve_window
 from feed_dagster.pipeline.stats import PipelineStats
@@ -88,7 +88,7 @@ def precompute_shard(
             on="user_id",
             how="semi",
         )
-    if isinstance(scorer, RankerScorer) and worth_compiling(len(user_ids)):
+    if isinstance(scorer, RankerScorer) and compile_requested():
         scorer.compile()
     with torch_threads(threads):
         feeds, stats = build_feeds(

@@ -1,15 +1,16 @@
-"""The ranker's candidate blocks compiled with `torch.compile`, for long scoring runs.
+"""The ranker's candidate blocks compiled with `torch.compile`, on request.
 
 With d_model 64 the candidate forward is bound by passes over memory: layer norms, the
 softmax over the context keys, GELU and residual adds each stream the activations once.
-Inductor fuses them into a few loops around the matmuls. Compiling costs about 25 s the
-first time on a machine (its cache, in the system temp directory, keeps the result) and a
-few seconds in each new process after that, so only runs scoring many users compile: a
-feed shard of `m` (6,250 users), not one of the demo world (750) or a test's.
-
-FEED_RANKER_COMPILE=1 compiles whatever the size, =0 never; unset decides by size. A machine
-without a C compiler, or any compile error, falls back to the uncompiled blocks, with a
-warning: the scores are the same within float rounding either way (tested).
+Inductor fuses them into a few loops around the matmuls. On this 2-core machine
+(`bench/bench_feeds.py`, demo world, one torch thread) the forward took 1.13x less time and
+a whole feed run 1.06x; two processes side by side, as feed shards run, gained 1.01x, less
+than the compile costs: about 25 s the first time on a machine (its cache, in the system
+temp directory, keeps the result) and a few seconds in each new process after that. So
+feed runs compile only when FEED_RANKER_COMPILE=1, e.g. on a machine with more cores per
+shard. Any compile error (a machine without a C compiler, say) falls back to the
+uncompiled blocks, with a warning: the scores are the same within float rounding either
+way (tested).
 """
 
 from __future__ import annotations
@@ -21,19 +22,14 @@ from typing import Any
 import torch
 
 COMPILE_ENV = "FEED_RANKER_COMPILE"
-# Users per scoring run from which compiling pays for itself (see the module docstring).
-COMPILE_MIN_USERS = 4_000
 
 
-def worth_compiling(users: int) -> bool:
-    """Whether a run scoring `users` users should compile the ranker (FEED_RANKER_COMPILE
-    overrides: 1 always, 0 never)."""
+def compile_requested() -> bool:
+    """Whether feed runs should compile the ranker: FEED_RANKER_COMPILE=1 (0 or unset: no)."""
     mode = os.environ.get(COMPILE_ENV, "").strip()
-    if mode in ("0", "1"):
-        return mode == "1"
-    if mode:
+    if mode not in ("", "0", "1"):
         raise ValueError(f"{COMPILE_ENV} must be 0, 1 or unset, not {mode!r}")
-    return users >= COMPILE_MIN_USERS
+    return mode == "1"
 
 
 class CompiledBlocks:
