@@ -644,7 +644,7 @@ def main() -> None:
         retriever, scorer = TwoTowerRetriever(tower, ctx, table), RankerScorer(ranker, ctx)
         # Untimed warm-up: the first scoring at `now` fits the classic peers (cached after).
         build_feeds(world, users[:64], world.now, retriever, scorer, batch_size=args.batch_size)
-        # The ranker's candidate blocks compiled, as FEED_RANKER_COMPILE=1 scores
+        # The ranker's candidate blocks compiled, as FEED_DAGSTER_COMPILE_RANKER=1 scores
         # (models.compiled); compiled on its first batch, with the compile cache as found.
         compiled_scorer = RankerScorer(ranker, ctx)
         compiled_scorer.compile()
@@ -944,7 +944,7 @@ def main() -> None:
         ),
         "",
         '"learned, compiled": the same models with the ranker\'s candidate blocks compiled '
-        "(`torch.compile`, `feed_dagster/models/compiled.py`, what FEED_RANKER_COMPILE=1 "
+        "(`torch.compile`, `feed_dagster/models/compiled.py`, what FEED_DAGSTER_COMPILE_RANKER=1 "
         f"turns on): **{learned.total / compiled.total:.2f}x** the learned throughput; "
         f"{compiled_same:,} of {learned.feed_rows:,} feed rows identical. Compiling (with the "
         f"compile cache as this run found it) and scoring the first 64 users took "

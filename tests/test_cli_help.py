@@ -19,6 +19,7 @@ from feed_dagster.cli import (
     main,
 )
 from feed_dagster.jobs.executors import CELERY_BROKER_VARIABLE, EXECUTOR_VARIABLE
+from feed_dagster.models.compiled import COMPILE_ENV
 from feed_dagster.paths import ARTIFACTS_URI_VARIABLE, MODELS_URI_VARIABLE
 
 
@@ -75,6 +76,7 @@ def test_the_list_holds_every_variable_the_code_reads() -> None:
     constants["EXECUTOR_VARIABLE"] = EXECUTOR_VARIABLE
     constants["CELERY_BROKER_VARIABLE"] = CELERY_BROKER_VARIABLE
     constants["SHARD_RUNS_VARIABLE"] = SHARD_RUNS_VARIABLE
+    constants["COMPILE_ENV"] = COMPILE_ENV
     read = set()
     pattern = re.compile(r"""os\.(?:environ\.get|environ\[|getenv)\(?\s*["']?([A-Za-z_]+)""")
     for path in Path(feed_dagster.__file__).parent.rglob("*.py"):

@@ -166,7 +166,7 @@ def test_fast_path_without_optional_inputs(setup):
 
 
 def test_compiled_blocks_score_as_the_uncompiled(setup):
-    """torch.compile'd candidate blocks (FEED_RANKER_COMPILE=1) give the same scores,
+    """torch.compile'd candidate blocks (FEED_DAGSTER_COMPILE_RANKER=1) give the same scores,
     with the last pass of each context block padded to the compiled shape."""
     cands, serving, cat, model = setup
     data = serving(cands, 16)
@@ -202,5 +202,5 @@ def test_feed_runs_compile_when_told(monkeypatch, env, expected):
 
 def test_an_unknown_compile_setting_is_refused(monkeypatch):
     monkeypatch.setenv(COMPILE_ENV, "yes")
-    with pytest.raises(ValueError, match="FEED_RANKER_COMPILE must be 0, 1 or unset"):
+    with pytest.raises(ValueError, match="FEED_DAGSTER_COMPILE_RANKER must be 0, 1 or unset"):
         compile_requested()

@@ -328,6 +328,9 @@ ENVIRONMENT = {
     "synthetic:m, 64 for synthetic:l)",
     "FEED_DAGSTER_ENCODER": "article content encoder: lexical, minilm (needs the [text] "
     "extra) or precomputed (default: lexical)",
+    "FEED_DAGSTER_COMPILE_RANKER": "1: feed shards compile the ranker's candidate blocks "
+    "with torch.compile (the same scores; pays off where a shard has cores of its own); 0 "
+    "or unset: not compiled (default: unset)",
 }
 # Set by `serve` for its worker processes (from its options), read by the app factory.
 SERVE_ENVIRONMENT = {

@@ -7,7 +7,7 @@ Inductor fuses them into a few loops around the matmuls. On this 2-core machine
 a whole feed run 1.06x; two processes side by side, as feed shards run, gained 1.01x, less
 than the compile costs: about 25 s the first time on a machine (its cache, in the system
 temp directory, keeps the result) and a few seconds in each new process after that. So
-feed runs compile only when FEED_RANKER_COMPILE=1, e.g. on a machine with more cores per
+feed runs compile only when FEED_DAGSTER_COMPILE_RANKER=1, e.g. on a machine with more cores per
 shard. Any compile error (a machine without a C compiler, say) falls back to the
 uncompiled blocks, with a warning: the scores are the same within float rounding either
 way (tested).
@@ -21,11 +21,11 @@ from typing import Any
 
 import torch
 
-COMPILE_ENV = "FEED_RANKER_COMPILE"
+COMPILE_ENV = "FEED_DAGSTER_COMPILE_RANKER"
 
 
 def compile_requested() -> bool:
-    """Whether feed runs should compile the ranker: FEED_RANKER_COMPILE=1 (0 or unset: no)."""
+    """Whether feed runs compile the ranker: FEED_DAGSTER_COMPILE_RANKER=1 (0 or unset: no)."""
     mode = os.environ.get(COMPILE_ENV, "").strip()
     if mode not in ("", "0", "1"):
         raise ValueError(f"{COMPILE_ENV} must be 0, 1 or unset, not {mode!r}")
