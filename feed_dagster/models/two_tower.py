@@ -254,6 +254,12 @@ def retrieval_recall(
             valid &= pub[None, :] >= t - window
         tgt = torch.from_numpy(targets[q].astype(np.int64))
         own = (u @ iv[tgt].T).diagonal()[:, None]
+        # Where the target is among the batch's items, its score is read from the same
+        # matmul as theirs: another matmul may round it differently (how depends on the
+        # shapes and the CPU), and the target would then rank above or below itself.
+        is_target = cols[None, :] == tgt[:, None]
+        in_batch = is_target.any(1, keepdim=True)
+        own = torch.where(in_batch, scores.masked_fill(~is_target, -torch.inf).amax(1, True), own)
         rank[q] = ((scores > own) & valid).sum(1).numpy()
         size[q] = valid.sum(1).numpy()
         s += len(q)
