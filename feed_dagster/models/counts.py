@@ -21,21 +21,36 @@ PAIR_BASE = 2**31
 DISTINCT_MIN = 4096
 
 
-def per_distinct_key(
-    count: Callable[[np.ndarray, np.ndarray], np.ndarray], key: np.ndarray, time_us: np.ndarray
-) -> np.ndarray:
-    """`count(key, time_us)`, asked once per distinct key when every query is at one time.
+class DistinctQueries:
+    """Queries (key, time) asked of one or more counters, each distinct key once when every
+    query is at one time.
 
     A feed batch asks at one `now` for hundreds of thousands of candidates that share a few
     thousand posts and authors and each user's few dozen topics. One sort of the keys
-    replaces a sort per binary search (see sorted_search), and the searches run over the
-    distinct keys in ascending order: the same counts, several times fewer passes."""
-    key = np.asarray(key, dtype=np.int64)
-    times = np.broadcast_to(np.asarray(time_us, dtype=np.int64), key.shape)
-    if key.ndim != 1 or key.size < DISTINCT_MIN or not one_time(times) or ascending(key):
-        return count(key, times)
-    values, inverse = distinct(key)
-    return count(values, times[: values.size])[inverse]
+    replaces a sort per binary search (see sorted_search), the searches run over the
+    distinct keys in ascending order, and the answers are spread back to the queries: the
+    same counts, several times fewer passes. Several counters asked of the same keys share
+    the one sort (ranker_data.engagement_profile)."""
+
+    def __init__(self, key: np.ndarray, time_us: np.ndarray):
+        key = np.asarray(key, dtype=np.int64)
+        times = np.broadcast_to(np.asarray(time_us, dtype=np.int64), key.shape)
+        self.key, self.time_us, self.inverse = key, times, None
+        if key.ndim == 1 and key.size >= DISTINCT_MIN and one_time(times) and not ascending(key):
+            self.key, self.inverse = distinct(key)
+            self.time_us = times[: self.key.size]
+
+    def of(self, count: Callable[[np.ndarray, np.ndarray], np.ndarray]) -> np.ndarray:
+        """`count(key, time_us)` of every query."""
+        out = count(self.key, self.time_us)
+        return out if self.inverse is None else out[self.inverse]
+
+
+def per_distinct_key(
+    count: Callable[[np.ndarray, np.ndarray], np.ndarray], key: np.ndarray, time_us: np.ndarray
+) -> np.ndarray:
+    """`count(key, time_us)`, asked once per distinct key when every query is at one time."""
+    return DistinctQueries(key, time_us).of(count)
 
 
 def one_time(time_us: np.ndarray) -> bool:
@@ -219,9 +234,9 @@ class PairCounter:
         queried that have events, each with its counts at its queried times (a TimeIndex
         index is needed). Pairs without events still count zero anywhere."""
         assert isinstance(self.index, TimeIndex)
-        key = np.asarray(a, np.int64) * PAIR_BASE + np.asarray(b, np.int64)
+        key = pair_key(a, b)
         time_us = np.broadcast_to(np.asarray(time_us, np.int64), key.shape)
-        pos, found = self._find(key, np.asarray(b))
+        pos, found = self._find(key)
         pairs = np.unique(key[found])
         # Count at the old dense ids, store under the new ones (ranks among `pairs`): the
         # new ids are no larger, so the old layout still fits them.
@@ -233,12 +248,13 @@ class PairCounter:
         order = np.argsort(new, kind="stable")
         return PairCounter(pairs, CountsAtPoints(new[order], counts[order], lay))
 
-    def _find(self, key: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(position in `pairs`, whether the pair is there and its b known)."""
+    def _find(self, key: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(position in `pairs`, whether the pair is there) of `pair_key`s; an unknown b's
+        key (-1) is never there."""
         if self.pairs.size == 0:
             return np.zeros(len(key), np.int64), np.zeros(len(key), bool)
         pos = search_sorted(self.pairs, key).clip(0, self.pairs.size - 1)
-        return pos, (self.pairs[pos] == key) & (b >= 0)
+        return pos, self.pairs[pos] == key
 
     def before(self, a: np.ndarray, b: np.ndarray, time_us: np.ndarray) -> np.ndarray:
         return self.before_keys(pair_key(a, b), time_us)
@@ -250,7 +266,7 @@ class PairCounter:
         return per_distinct_key(self._before, key, time_us)
 
     def _before(self, key: np.ndarray, time_us: np.ndarray) -> np.ndarray:
-        pos, found = self._find(key, key)
+        pos, found = self._find(key)
         if isinstance(self.index, CountsAtPoints):
             # Only pairs with events were kept, at their queried times: ask for those only.
             time_us = np.broadcast_to(np.asarray(time_us, np.int64), key.shape)

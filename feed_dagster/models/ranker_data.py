@@ -29,9 +29,8 @@ from feed_dagster.models.catalog import (
     age_bucket,
     to_micros,
 )
-from feed_dagster.models.counts import DISTINCT_MIN, one_time, pair_key
+from feed_dagster.models.counts import DistinctQueries, pair_key
 from feed_dagster.models.engagement_log import EngagementLog, History
-from feed_dagster.sorted_search import distinct
 
 # Long-term engagement profile of (user, candidate): positive engagements before the impression
 # on the candidate's topic, with its author, and in total, as log counts and shares.
@@ -189,23 +188,6 @@ def _follow_flags(
     return out
 
 
-class _Asked:
-    """Queries (key, time) that several counters answer: when every query is at one time
-    (a feed batch at `now`), each distinct key is asked once and the answers are spread
-    back to the queries. Distinct keys ascend, so the counters' binary searches need no
-    sort of their own (models.counts.per_distinct_key)."""
-
-    def __init__(self, key: np.ndarray, time_us: np.ndarray):
-        self.key, self.time_us, self.inverse = key, time_us, None
-        if key.size >= DISTINCT_MIN and one_time(time_us):
-            self.key, self.inverse = distinct(key)
-            self.time_us = time_us[: self.key.size]
-
-    def of(self, count: Callable[[np.ndarray, np.ndarray], np.ndarray]) -> np.ndarray:
-        out = count(self.key, self.time_us)
-        return out if self.inverse is None else out[self.inverse]
-
-
 def engagement_profile(
     log: EngagementLog,
     catalog: ItemCatalog,
@@ -221,9 +203,9 @@ def engagement_profile(
     user = np.asarray(user, dtype=np.int64)
     time_us = np.broadcast_to(np.asarray(time_us, dtype=np.int64), user.shape)
     topic, author = catalog.topic[item].astype(np.int64), catalog.author_id[item]
-    user_topic = _Asked(pair_key(user, topic), time_us)
-    user_author = _Asked(pair_key(user, author), time_us)
-    users, posts = _Asked(user, time_us), _Asked(np.asarray(item, dtype=np.int64), time_us)
+    user_topic = DistinctQueries(pair_key(user, topic), time_us)
+    user_author = DistinctQueries(pair_key(user, author), time_us)
+    users, posts = DistinctQueries(user, time_us), DistinctQueries(item, time_us)
     n_topic = user_topic.of(log.positive_topic.before_keys)
     n_author = user_author.of(log.positive_author.before_keys)
     n_total = users.of(lambda u, t: log.positive_total.before(u, np.zeros_like(u), t))
@@ -245,7 +227,7 @@ def engagement_profile(
     topic_affinity = np.zeros(len(user), dtype=np.float32)
     for k in range(AUTHOR_TOPICS):
         t = catalog.author_topics[rows, k]
-        n_k = _Asked(pair_key(user, t), time_us).of(log.positive_topic.before_keys)
+        n_k = DistinctQueries(pair_key(user, t), time_us).of(log.positive_topic.before_keys)
         topic_affinity += catalog.author_topic_share[rows, k] * n_k / (n_total + 1.0)
     # Unknown topics/authors (EBNeRD has no authors) carry no evidence: zero, not a match.
     known_topic, known_author = topic >= 0, author >= 0
