@@ -13,8 +13,6 @@ reports a 3 GiB parent's peak).
 
 from __future__ import annotations
 
-import ctypes
-import gc
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,41 +37,6 @@ def rss_mib() -> float:
 def peak_rss_mib() -> float:
     """This process's peak RSS since it started or since the last `reset_peak_rss`."""
     return _status_mib("VmHWM")
-
-
-# glibc's mallopt parameter for the size from which blocks are mapped on their own.
-_M_MMAP_THRESHOLD = -3
-# Measured on the first 4 feed shards at 100k users, two worker processes each taking two:
-# the process tree's peak 7.39 GiB with fresh processes and glibc's default, 6.75 GiB with
-# the workers reused and 4 MiB (6.92 GiB with 1 MiB), in the same time (276 s, 271 s).
-MMAP_THRESHOLD = 4 << 20
-
-
-def map_large_blocks(threshold: int = MMAP_THRESHOLD) -> None:
-    """Have glibc map each block of at least `threshold` bytes on its own, so that freeing
-    it returns it to the system at once (a no-op where there is no glibc).
-
-    glibc's default threshold rises with the largest block freed, up to 32 MiB: after a
-    step frees a few big arrays, its batches' arrays of a few MiB come from the heap,
-    whose freed pages stay with the process, and its peak grows by what they left behind.
-    Setting the threshold also stops it moving."""
-    try:
-        ctypes.CDLL("libc.so.6").mallopt(_M_MMAP_THRESHOLD, int(threshold))
-    except (OSError, AttributeError):
-        pass
-
-
-def release_freed_memory() -> None:
-    """Give memory that is free inside this process back to the system: collect cyclic
-    garbage, then ask glibc's allocator to return the free pages it keeps for reuse
-    (`malloc_trim`; a no-op where there is no glibc). For a process that goes on to a
-    next task, so that task starts from what the process needs, not from what the last
-    one left cached."""
-    gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
 
 
 def reset_peak_rss() -> None:

@@ -29,7 +29,7 @@ def _record_phases(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, list[str]
     """Replace the ways `run` builds with recorders: (how, shards or phases, runs at once)."""
     calls: list[tuple[str, list[str], int]] = []
 
-    def pool(log_level, progress, root, tasks, workers, on_finished=None, tasks_per_process=1):
+    def pool(log_level, progress, root, tasks, workers, on_finished=None):
         calls.append(("pool", [key or which for _, which, key in tasks], workers))
         return [f"- {label}: built" for label, _, _ in tasks]
 
@@ -37,7 +37,7 @@ def _record_phases(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, list[str]
         calls.append(("engine", list(shards), at_once))
         return [f"- user_feeds shard {key}: built" for key in shards]
 
-    monkeypatch.setattr(run_build, "_in_worker_processes", pool)
+    monkeypatch.setattr(run_build, "_in_fresh_processes", pool)
     monkeypatch.setattr(step_runs, "shards_on_engine", engine)
     monkeypatch.setattr(run_build, "_run_step", lambda label, *args: f"- {label}: built")
     return calls

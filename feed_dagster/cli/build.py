@@ -24,14 +24,10 @@ from feed_dagster.progress import PlainProgress, Progress
 _WORKER_EVENTS: Any = None
 
 
-def _worker_init(events: Any, parent_pid: int, map_blocks: bool) -> None:
+def _worker_init(events: Any, parent_pid: int) -> None:
     global _WORKER_EVENTS
     _WORKER_EVENTS = events
     die_with_parent(parent_pid)
-    if map_blocks:
-        from feed_dagster.memory import map_large_blocks
-
-        map_large_blocks()
 
 
 def _run_step(
@@ -48,17 +44,12 @@ def _run_step(
     BuildFailed(report) when anything fails."""
     from feed_dagster.definitions import build_definitions
     from feed_dagster.jobs.step_runs import execute_step
-    from feed_dagster.memory import release_freed_memory
     from feed_dagster.resources.storage import StorageResource
 
     if emit is None and _WORKER_EVENTS is not None:
         emit = _WORKER_EVENTS.put
     defs = build_definitions(StorageResource(root=str(root)))
-    try:
-        return execute_step(defs, label, which, partition_key, log_level, emit)
-    finally:
-        if _WORKER_EVENTS is not None:  # a worker process, which may take another task
-            release_freed_memory()
+    return execute_step(defs, label, which, partition_key, log_level, emit)
 
 
 def materialize_everything(
@@ -96,14 +87,14 @@ def _materialize_phases(
         progress.phase_started(label, note)
         if fresh:
             task = [(label, which, None)]
-            (report,) = _in_worker_processes(log_level, progress, root, task, workers=1)
+            (report,) = _in_fresh_processes(log_level, progress, root, task, workers=1)
         else:
             emit = functools.partial(dispatch, progress)
             report = _run_step(label, which, None, log_level, root, emit)
         progress.phase_finished(label, report)
         return report
 
-    # The heavy phases run in processes of their own (see _in_worker_processes); publish and
+    # The heavy phases run in processes of their own (see _in_fresh_processes); publish and
     # feed quality run here, after them, where a process start would only add time.
     phase("sources", "sources", "generate or load the world, check its tables", fresh=True)
     phase("models and vectors", "derived", "training takes a few minutes", fresh=True)
@@ -118,18 +109,7 @@ def _materialize_phases(
         labels = [(f"user_feeds shard {k}", "shard", k) for k in shards]
         workers = workers or min(len(shards), os.cpu_count() or 1)
         progress.shards_started(len(shards), workers)
-        # A worker goes on to the next shard: every shard is the same step, so the next
-        # one's peak is the last one's, and it skips starting a process and importing
-        # torch, Dagster and the project again (about 9 s a shard at 100k users).
-        _in_worker_processes(
-            log_level,
-            progress,
-            root,
-            labels,
-            workers,
-            progress.shard_finished,
-            tasks_per_process=None,
-        )
+        _in_fresh_processes(log_level, progress, root, labels, workers, progress.shard_finished)
     refused = None
     try:
         phase("publish", "publish")
@@ -144,25 +124,20 @@ def _materialize_phases(
     return refused
 
 
-def _in_worker_processes(
+def _in_fresh_processes(
     log_level: str,
     progress: Progress,
     root: Path,
     tasks: list[tuple[str, str, str | None]],
     workers: int,
     on_finished: Callable[[str, str, int, int], None] | None = None,
-    tasks_per_process: int | None = 1,
-    run_task: Callable[..., str] = _run_step,
 ) -> list[str]:
-    """`run_task(label, which, partition_key, log_level, root)` (a step, `_run_step`) for
-    each task in `workers` worker processes; returns the reports in task order. By default
-    each task gets a new process, which gives the step's memory back to the system when it
-    ends, so the peak of a build is the peak of its largest step (plus the idle parent),
-    not the sum of what earlier steps left behind. `tasks_per_process` (None: no limit)
-    lets a worker go on to further tasks, for tasks that are the same step; such workers
-    map large blocks on their own (memory.map_large_blocks), so that what one task freed
-    does not add to the next one's peak. Step events come back over a queue, so progress
-    shows while they run."""
+    """`_run_step(label, which, partition_key)` under `root` for each task, each in a new
+    process, at most `workers` at a time; returns the reports in task order. A fresh process
+    per task gives each step's memory back to the system when it ends, so the peak of a
+    build is the peak of its largest step (plus the idle parent), not the sum of what
+    earlier steps left behind. Step events come back over a queue, so progress shows while
+    they run."""
     import queue
     from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
     from multiprocessing import get_context
@@ -184,11 +159,11 @@ def _in_worker_processes(
         workers,
         mp_context=ctx,
         initializer=_worker_init,
-        initargs=(events, os.getpid(), tasks_per_process != 1),
-        max_tasks_per_child=tasks_per_process,
+        initargs=(events, os.getpid()),
+        max_tasks_per_child=1,
     ) as pool:
         pending = {
-            pool.submit(run_task, label, which, key, log_level, root): i
+            pool.submit(_run_step, label, which, key, log_level, root): i
             for i, (label, which, key) in enumerate(tasks)
         }
         while pending:
