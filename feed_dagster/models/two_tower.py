@@ -253,7 +253,7 @@ def retrieval_recall(
         if window is not None:
             valid &= pub[None, :] >= t - window
         tgt = torch.from_numpy(targets[q].astype(np.int64))
-        own = (u @ iv[tgt].T).diagonal()[:, None]
+        own = (u * iv[tgt]).sum(1, keepdim=True)
         # Where the target is among the batch's items, its score is read from the same
         # matmul as theirs: another matmul may round it differently (how depends on the
         # shapes and the CPU), and the target would then rank above or below itself.
