@@ -11,7 +11,7 @@ import pytest
 
 from feed_dagster.embeddings import LexicalEncoder
 from feed_dagster.metrics.classic import ClassicPeers
-from feed_dagster.models.catalog import FeatureConfig
+from feed_dagster.models.catalog import FeatureConfig, ItemCatalog
 from feed_dagster.models.peers import PeerFeatures
 from feed_dagster.models.ranker import RankerConfig, build_ranker
 from feed_dagster.models.serve import (
@@ -70,6 +70,12 @@ def test_new_users_and_user_vectors(setup):
     items = item_vectors_of(tt, ctx)
     assert items.height == world.articles.height
     assert items["vector"].dtype == pl.Array(pl.Float32, tt.cfg.dim)
+    # The vector index builds its item vectors from a catalog alone (article_vectors): a
+    # post's first engagement comes from two engagement columns, the vectors are the same.
+    engaged = world.engagements.select("article_id", "engaged_at")
+    content = LexicalEncoder().encode(world.articles)
+    catalog = ItemCatalog.build(world.articles, content, FEATURES, engaged)
+    assert item_vectors_of(tt, catalog).equals(items)
     new_user = pl.DataFrame({"user_id": [10**9] * 3, "article_id": [1, 2, 3]})
     scored = score_candidates(
         build_ranker(RankerConfig(content_dim=ctx.catalog.dim, features=FEATURES)),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from datetime import datetime, timedelta
+from types import SimpleNamespace
 
 import polars as pl
 
@@ -27,7 +28,7 @@ from feed_dagster.pipeline.hydrators import (
     hydrate_core_data,
     post_fields,
 )
-from feed_dagster.pipeline.query import Query, hydrate_query
+from feed_dagster.pipeline.query import Query, hydrate_query, normalise_text
 
 NOW = datetime(2026, 1, 3)
 H = timedelta(hours=1)
@@ -244,3 +245,35 @@ def test_core_data_of_the_candidates_posts_equals_the_whole_catalogs() -> None:
     got = hydrate_core_data(rows, articles)
     assert got.equals(want)
     assert got["original_id"].null_count() == 1  # the unknown post
+
+
+def test_drop_muted_keywords_each_users_own_phrases_overlapping() -> None:
+    # One pass finds every keyword a post holds, overlapping ones too, and each user loses
+    # only the posts with their own keywords, as whole words or phrases.
+    kw = pl.DataFrame({"user_id": [1, 1, 2], "keyword": ["New York", "york", "york city"]})
+    q = SimpleNamespace(
+        muted_keywords=kw.select("user_id", normalise_text(pl.col("keyword")).alias("keyword"))
+    )
+    posts = {
+        300: ("New York City", "marathon day"),  # user 1 twice, user 2 once
+        301: ("Yorkshire pudding", None),  # "york" is not a word here
+        302: ("Meet the new yorker", "york"),  # user 1 ("york" in the text), not user 2
+        303: (None, "new  YORK, city!"),  # punctuation and case are not words
+    }
+    c = pl.DataFrame(
+        [
+            {"user_id": u, "article_id": a, "title": t, "text": x}
+            for u in (1, 2, 3)
+            for a, (t, x) in posts.items()
+        ]
+    )
+    kept, removed = drop_muted_keywords(c, q, CFG)
+    gone = c.join(kept, on=["user_id", "article_id"], how="anti")
+    assert sorted(gone.select("user_id", "article_id").rows()) == [
+        (1, 300),
+        (1, 302),
+        (1, 303),
+        (2, 300),
+        (2, 303),
+    ]
+    assert removed == 5 and kept.filter(pl.col("user_id") == 3).height == 4

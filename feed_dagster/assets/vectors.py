@@ -6,8 +6,9 @@ import polars as pl
 
 from feed_dagster.assets.retry import IO_RETRY
 from feed_dagster.assets.upstream import upstream_metadata
-from feed_dagster.data.warehouse import read_tables
-from feed_dagster.feeds.model_backends import serving_context
+from feed_dagster.data.warehouse import read_table, read_tables
+from feed_dagster.embeddings.stored import content_vectors
+from feed_dagster.models.catalog import ItemCatalog
 from feed_dagster.models.serve import item_vectors_of
 from feed_dagster.models.two_tower import load_two_tower
 from feed_dagster.paths import TWO_TOWER
@@ -26,7 +27,8 @@ from feed_dagster.vectors import (
 from feed_dagster.vectors.index import proxy_queries
 from feed_dagster.vectors.search import read_vectors
 
-VECTOR_TABLES = ["articles", "engagements", "follows", "topic_follows"]
+# The item tower reads a post's content, author, topic and first engagement time only.
+VECTOR_TABLES = ["articles", "engagements"]
 
 
 @dg.asset(
@@ -52,14 +54,14 @@ def article_vectors(
         context.instance, "retrieval_model", ["two_tower_version"], produced_by="trained_models"
     )["two_tower_version"]
     model = load_two_tower(*store.load(TWO_TOWER, version))
-    tables = read_tables(storage.warehouse_path(), VECTOR_TABLES)
-    ctx = serving_context(
-        tables,
-        model.cfg.features,
-        embeddings=storage.embeddings_path(),
-        peers_dir=storage.serving_peers_dir(),
-    )
-    frame = retrieval_frame(item_vectors_of(model, ctx), tables["articles"])
+    articles = read_table(storage.warehouse_path(), "articles")
+    # Only the catalog, not a serving context: the engagement log and follow tables a
+    # context builds are the user tower's (a minute at 100k users, unused here).
+    engaged = read_table(storage.warehouse_path(), "engagements", ["article_id", "engaged_at"])
+    vectors = content_vectors(articles, storage.embeddings_path())
+    catalog = ItemCatalog.build(articles, vectors, model.cfg.features, engaged)
+    del engaged, vectors
+    frame = retrieval_frame(item_vectors_of(model, catalog), articles)
     try:
         table_version = write_vectors(uri, name, frame)
     except ValueError:  # the vector dimension changed with a new model configuration

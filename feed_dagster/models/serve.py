@@ -194,11 +194,16 @@ def user_vectors_at(
     return user_vectors(model, hist, ctx.tensors)
 
 
-def item_vectors_of(model: TwoTower, ctx: ServingContext) -> pl.DataFrame:
-    """(article_id, vector) of every article, for the vector index."""
-    vecs = catalog_item_vectors(model, ctx.tensors)[1:]
+def item_vectors_of(model: TwoTower, source: ServingContext | ItemCatalog) -> pl.DataFrame:
+    """(article_id, vector) of every article of a context's or a catalog's, for the vector
+    index."""
+    if isinstance(source, ServingContext):
+        catalog, tensors = source.catalog, source.tensors
+    else:
+        catalog, tensors = source, CatalogTensors(source)
+    vecs = catalog_item_vectors(model, tensors)[1:]
     return pl.DataFrame(
-        {"article_id": ctx.catalog.article_ids, "vector": vecs},
+        {"article_id": catalog.article_ids, "vector": vecs},
         schema={"article_id": pl.Int64, "vector": pl.Array(pl.Float32, vecs.shape[1])},
     )
 
