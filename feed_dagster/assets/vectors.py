@@ -6,7 +6,7 @@ import polars as pl
 
 from feed_dagster.assets.retry import IO_RETRY
 from feed_dagster.assets.upstream import upstream_metadata
-from feed_dagster.data.warehouse import read_table, read_tables
+from feed_dagster.data.warehouse import read_tables
 from feed_dagster.embeddings.stored import content_vectors
 from feed_dagster.models.catalog import ItemCatalog
 from feed_dagster.models.serve import item_vectors_of
@@ -54,13 +54,17 @@ def article_vectors(
         context.instance, "retrieval_model", ["two_tower_version"], produced_by="trained_models"
     )["two_tower_version"]
     model = load_two_tower(*store.load(TWO_TOWER, version))
-    articles = read_table(storage.warehouse_path(), "articles")
     # Only the catalog, not a serving context: the engagement log and follow tables a
     # context builds are the user tower's (a minute at 100k users, unused here).
-    engaged = read_table(storage.warehouse_path(), "engagements", ["article_id", "engaged_at"])
+    tables = read_tables(
+        storage.warehouse_path(),
+        VECTOR_TABLES,
+        columns={"engagements": ["article_id", "engaged_at"]},
+    )
+    articles, engaged = tables["articles"], tables.pop("engagements")
     vectors = content_vectors(articles, storage.embeddings_path())
     catalog = ItemCatalog.build(articles, vectors, model.cfg.features, engaged)
-    del engaged, vectors
+    del tables, engaged, vectors
     frame = retrieval_frame(item_vectors_of(model, catalog), articles)
     try:
         table_version = write_vectors(uri, name, frame)

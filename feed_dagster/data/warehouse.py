@@ -67,8 +67,10 @@ def read_tables(
     optional: tuple[str, ...] = (),
     users: np.ndarray | None = None,
     totals_at: datetime | None = None,
+    columns: dict[str, list[str]] | None = None,
 ) -> dict[str, pl.DataFrame]:
-    """Whole tables by name, read in one read-only session (one consistent snapshot).
+    """Whole tables by name, read in one read-only session (one consistent snapshot);
+    `columns` names the only columns to read of some of them.
 
     Names in `optional` that the warehouse lacks (tables added after it was built, such as
     deleted_posts) are left out of the result instead of failing the read. With `users` (a
@@ -85,11 +87,17 @@ def read_tables(
             ).fetchall()
         }
         wanted = [n for n in names if n in present or n not in optional]
+
+        def select(name: str) -> str:
+            cols = (columns or {}).get(name)
+            listed = ", ".join('"' + c + '"' for c in cols) if cols else "*"
+            return f'select {listed} from main."{name}"'
+
         if users is None or "impressions" not in wanted:
-            return {name: con.execute(f'select * from main."{name}"').pl() for name in wanted}
+            return {name: con.execute(select(name)).pl() for name in wanted}
         shard_users = pl.DataFrame({"user_id": np.asarray(users, np.int64)})
         con.register("shard_users", shard_users.to_arrow())
-        queries = {name: f'select * from main."{name}"' for name in wanted}
+        queries = {name: select(name) for name in wanted}
         queries["impressions"] = (
             "select * from main.impressions semi join shard_users using (user_id)"
         )
