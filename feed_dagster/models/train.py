@@ -25,7 +25,7 @@ import torch
 
 from feed_dagster.artifacts import Location
 from feed_dagster.data.schema import ACTIONS, World
-from feed_dagster.memory import peak_rss_mib
+from feed_dagster.memory import peak_rss_mib, small_heap
 from feed_dagster.metrics.classic import ClassicPeers
 from feed_dagster.metrics.fit_store import stored_fit
 from feed_dagster.metrics.ranking import evaluate_scores
@@ -667,18 +667,23 @@ def prepare_and_train(
     built (beside the ranker's training, as train_both), so the two processes' peaks do not
     add up. `peer_fits`: the fit store of the held-out classic peers (add_ranker_data)."""
     valid_fraction = budget.valid_fraction if budget is not None else 0.1
-    base = prepare_retrieval_data(
-        world, content_vectors, features, valid_fraction, budget, valid_start, warehouse, mix
-    )
+    # The preparation is numpy and scipy work on large arrays, whose freed memory would
+    # otherwise stay in this process beside the training (see small_heap).
+    with small_heap():
+        base = prepare_retrieval_data(
+            world, content_vectors, features, valid_fraction, budget, valid_start, warehouse, mix
+        )
     # The catalog holds its own copy of the vectors (256 MiB at a million posts).
     del content_vectors
     limit = budget.overlap_max_engagements if budget is not None else None
     if limit is not None and world.engagements.height > limit:
-        data = _without_log(add_ranker_data(base, world, mix, peer_fits))
+        with small_heap():
+            data = _without_log(add_ranker_data(base, world, mix, peer_fits))
         del base
         return data, *train_both(data)
     with _two_tower_in_background(base) as pending:
-        data = _without_log(add_ranker_data(base, world, mix, peer_fits))
+        with small_heap():
+            data = _without_log(add_ranker_data(base, world, mix, peer_fits))
         ranker = train_ranker(data)
         return data, pending.result(), ranker
 
