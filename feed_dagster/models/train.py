@@ -677,15 +677,21 @@ def prepare_and_train(
     del content_vectors
     limit = budget.overlap_max_engagements if budget is not None else None
     if limit is not None and world.engagements.height > limit:
-        with small_heap():
-            data = _without_log(add_ranker_data(base, world, mix, peer_fits))
+        data = _ranker_groups(base, world, mix, peer_fits)
         del base
         return data, *train_both(data)
     with _two_tower_in_background(base) as pending:
-        with small_heap():
-            data = _without_log(add_ranker_data(base, world, mix, peer_fits))
+        data = _ranker_groups(base, world, mix, peer_fits)
         ranker = train_ranker(data)
         return data, pending.result(), ranker
+
+
+def _ranker_groups(
+    base: TrainingData, world: World, mix: TrainingMix | None, peer_fits: Path | None
+) -> TrainingData:
+    """add_ranker_data in a small heap, its engagement log let go once the groups exist."""
+    with small_heap():
+        return _without_log(add_ranker_data(base, world, mix, peer_fits))
 
 
 def _without_log(data: TrainingData) -> TrainingData:
