@@ -256,16 +256,19 @@ def test_training_both_models_in_two_processes_gives_the_same_weights(world, dat
     # 1 GiB held here while the two-tower's process starts: its reported peak must be its
     # own, not this process's high-water mark that a forked child inherits.
     ballast = np.ones(2**30 // 8)
-    parallel = train_both(data, parallel=True)
+    # What runs beside the two-tower gets the data and the ranker once it is trained.
+    seen = []
+    record = lambda d, ranker: seen.append((d, ranker))  # noqa: E731
+    parallel = train_both(data, parallel=True, while_two_tower=record)
     del ballast
     assert peak_rss_mib() > 1024
     assert parallel[0].process_peak_rss_mib is not None
     assert 0 < parallel[0].process_peak_rss_mib < peak_rss_mib() - 512
-    sequential = train_both(data, parallel=False)
+    sequential = train_both(data, parallel=False, while_two_tower=record)
     assert sequential[0].process_peak_rss_mib is None
     # Overlapped: the two-tower trains while the ranker's data is still being built.
     overlapped_data, *overlapped = prepare_and_train(
-        world, LexicalEncoder().encode(world.articles), FEATURES
+        world, LexicalEncoder().encode(world.articles), FEATURES, while_two_tower=record
     )
     assert len(overlapped_data.ranker_train) == len(data.ranker_train) > 0
     # The engagement log is let go once the groups are built: nothing after reads it.
@@ -273,13 +276,16 @@ def test_training_both_models_in_two_processes_gives_the_same_weights(world, dat
     # Past the budget's engagements, the groups are built first, then both train at once.
     calls = []
     monkeypatch.setattr(
-        train_module, "train_both", lambda d: calls.append(d) or train_both(d, parallel=True)
+        train_module,
+        "train_both",
+        lambda d, **kw: calls.append(d) or train_both(d, parallel=True, **kw),
     )
     grouped_first = prepare_and_train(
         world,
         LexicalEncoder().encode(world.articles),
         FEATURES,
         budget=TrainingBudget(overlap_max_engagements=world.engagements.height - 1),
+        while_two_tower=record,
     )[1:]
     assert len(calls) == 1 and len(calls[0].ranker_train) == len(data.ranker_train)
     for run in (parallel, overlapped, grouped_first):
@@ -287,6 +293,10 @@ def test_training_both_models_in_two_processes_gives_the_same_weights(world, dat
             assert a.state_dict.keys() == b.state_dict.keys()
             for key in a.state_dict:
                 assert torch.equal(a.state_dict[key], b.state_dict[key]), key
+    returned = [parallel[1], sequential[1], overlapped[1], grouped_first[1]]
+    assert len(seen) == len(returned)
+    assert all(r is ranker for (_, r), ranker in zip(seen, returned, strict=True))
+    assert seen[0][0] is data and seen[2][0] is overlapped_data
 
 
 def test_without_a_validation_period_the_last_epoch_is_kept(world):

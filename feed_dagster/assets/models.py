@@ -1,5 +1,7 @@
 """Training, evaluation and promotion of the two-tower retrieval model and the ranker."""
 
+from typing import Any
+
 import dagster as dg
 import polars as pl
 from pydantic import Field
@@ -10,10 +12,16 @@ from feed_dagster.data.world_tables import world_from_tables
 from feed_dagster.embeddings.stored import content_vectors
 from feed_dagster.memory import StepMemory
 from feed_dagster.models.budget import TrainingBudget, read_training_tables
-from feed_dagster.models.evaluate import evaluate_models, evaluation_chart, training_curves
+from feed_dagster.models.evaluate import (
+    evaluation_chart,
+    evaluation_frame,
+    evaluation_rows,
+    training_curves,
+    two_tower_row,
+)
 from feed_dagster.models.promotion import promotion_decision
 from feed_dagster.models.ranker import load_ranker
-from feed_dagster.models.train import prepare_and_train
+from feed_dagster.models.train import TrainingData, TrainResult, prepare_and_train
 from feed_dagster.models.two_tower import load_two_tower
 from feed_dagster.paths import RANKER, TWO_TOWER
 from feed_dagster.plots import markdown_table, png_bytes_markdown
@@ -117,6 +125,22 @@ def trained_models(
     tables, sample = read_training_tables(storage.warehouse_path(), MODEL_TABLES, budget)
     context.log.info(f"training sample (budget {budget.to_dict()}): {sample.summary()}")
     world = world_from_tables(tables, tables["world_info"])
+    incumbent = store.promoted(RANKER)
+    ranker_side: dict[str, Any] = {}
+
+    def evaluate_rankers(data: TrainingData, rk: TrainResult) -> None:
+        # Every row of the evaluation but the two-tower's, while the two-tower still trains.
+        ranker = load_ranker(rk.state_dict, rk.config)
+        version = store.save(RANKER, rk.state_dict, rk.config, rk.summary())
+        extra = {}
+        if incumbent and incumbent != version:
+            try:
+                extra["promoted"] = load_ranker(*store.load(RANKER, incumbent))
+            except (RuntimeError, KeyError, ValueError) as exc:  # incompatible architecture
+                context.log.warning(f"cannot evaluate the promoted ranker {incumbent}: {exc}")
+        rows = evaluation_rows(world, data, ranker, extra_rankers=extra)
+        ranker_side.update(version=version, rows=rows, incumbent_evaluated=bool(extra))
+
     data, tt, rk = prepare_and_train(
         world,
         content_vectors(world.articles, storage.embeddings_path()),
@@ -124,6 +148,7 @@ def trained_models(
         valid_start=sample.valid_start,
         warehouse=storage.warehouse_path(),
         peer_fits=storage.serving_peers_dir(),
+        while_two_tower=evaluate_rankers,
     )
     context.log.info(
         f"training data: {data.logged_groups:,} logged slates + "
@@ -137,19 +162,11 @@ def trained_models(
         for row in result.history:
             context.log.info(epoch_line(name, row, len(result.history), result.best_epoch))
     tt_version = store.save(TWO_TOWER, tt.state_dict, tt.config, tt.summary())
-    rk_version = store.save(RANKER, rk.state_dict, rk.config, rk.summary())
+    rk_version = ranker_side["version"]
     # The retrieval model has no gate of its own: article_vectors promotes it together with
     # the vector table built from it, so the user and item towers always match.
     two_tower = load_two_tower(tt.state_dict, tt.config)
-    ranker = load_ranker(rk.state_dict, rk.config)
-    incumbent = store.promoted(RANKER)
-    extra = {}
-    if incumbent and incumbent != rk_version:
-        try:
-            extra["promoted"] = load_ranker(*store.load(RANKER, incumbent))
-        except (RuntimeError, KeyError, ValueError) as exc:  # incompatible older architecture
-            context.log.warning(f"cannot evaluate the promoted ranker {incumbent}: {exc}")
-    table = evaluate_models(world, data, ranker=ranker, two_tower=two_tower, extra_rankers=extra)
+    table = evaluation_frame(ranker_side["rows"], two_tower_row(data, two_tower))
     storage.evaluation_dir().mkdir(parents=True, exist_ok=True)
     eval_path = storage.evaluation_dir() / f"ranker-{rk_version}.parquet"
     table.write_parquet(eval_path)
@@ -204,7 +221,7 @@ def trained_models(
             "candidate_version": rk_version,
             "ranker_version": rk_version,
             "two_tower_version": tt_version,
-            "incumbent_version": incumbent if "promoted" in extra else "",
+            "incumbent_version": incumbent if ranker_side["incumbent_evaluated"] else "",
             "path": str(eval_path),
             "table": dg.MetadataValue.md(markdown_table(table.select(metric_cols))),
             "chart": dg.MetadataValue.md(png_bytes_markdown(evaluation_chart(table), "evaluation")),

@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import math
 from collections.abc import Mapping
+from dataclasses import dataclass
 
 import matplotlib
 
@@ -61,13 +62,17 @@ def normalized_entropy(p: np.ndarray, y: np.ndarray) -> float:
     return float(loss / -(base * math.log(base) + (1 - base) * math.log(1 - base)))
 
 
+# One method's metrics, as a row of the evaluation table.
+Row = dict[str, float | str | int]
+
+
 def _method_row(
     method: str,
     frame: pl.DataFrame,
     score_for: Mapping[str, str],
     actions: tuple[str, ...],
     probabilities: bool = False,
-) -> dict[str, float | str | int]:
+) -> Row:
     """Ranking metrics on the click label, per-action grouped AUC, and (for methods that
     output probabilities) the normalized entropy of the click probability."""
     main = evaluate_scores(frame, score_for["click"], label_col="click")
@@ -104,28 +109,67 @@ def evaluate_models(
     metrics.classic (popularity_all_time, item_knn, als, ease), and `oracle` (true click
     probability) when the world has ground truth. Sorted by AUC, best first.
     """
+    rows = evaluation_rows(world, data, ranker, extra_rankers, baselines, classic)
+    return evaluation_frame(rows, None if two_tower is None else two_tower_row(data, two_tower))
+
+
+@dataclass(frozen=True)
+class EvaluationRows:
+    """evaluate_models' rows but the two-tower's: the rankers', then everything else."""
+
+    rankers: list[Row]
+    others: list[Row]
+
+
+def evaluation_frame(rows: EvaluationRows, two_tower: Row | None = None) -> pl.DataFrame:
+    """evaluate_models' table from `evaluation_rows` and, when given, `two_tower_row`."""
+    middle = [] if two_tower is None else [two_tower]
+    table = pl.DataFrame([*rows.rankers, *middle, *rows.others])
+    return table.sort("auc", descending=True, nulls_last=True)
+
+
+def two_tower_row(data: TrainingData, two_tower: TwoTower) -> Row:
+    """The two-tower's row of evaluate_models (its dot product as the click score)."""
     held = data.ranker_heldout
-    base = held.rows()
+    base = _heldout_rows(data)
+    actions = tuple(a for a in data.actions if a in ACTIONS)
+    scores = two_tower_scores(two_tower, held, CatalogTensors(data.catalog))
+    frame = base.with_columns(pl.Series("score", scores))
+    return _method_row("two_tower", frame, {"click": "score"}, actions)
+
+
+def _heldout_rows(data: TrainingData) -> pl.DataFrame:
+    base = data.ranker_heldout.rows()
     if base.height == 0:
         raise ValueError("evaluate_models: no held-out impressions (is_heldout) to evaluate")
+    return base
+
+
+def evaluation_rows(
+    world: World,
+    data: TrainingData,
+    ranker: PhoenixRanker | None = None,
+    extra_rankers: Mapping[str, PhoenixRanker] | None = None,
+    baselines: tuple[str, ...] | None = None,
+    classic: bool = True,
+) -> EvaluationRows:
+    """Every row of evaluate_models but the two-tower's, unsorted: what can be measured
+    while the two-tower still trains (models.train.prepare_and_train's `while_two_tower`)."""
+    held = data.ranker_heldout
+    base = _heldout_rows(data)
     cat = CatalogTensors(data.catalog)
     actions = tuple(a for a in data.actions if a in ACTIONS)
     rows = []
 
-    def ranker_row(name: str, model: PhoenixRanker) -> dict[str, float | str | int]:
+    def ranker_row(name: str, model: PhoenixRanker) -> Row:
         scored = score_frame(model, held, cat)
         heads = {a: f"p_{a}" for a in model.cfg.actions}
         if "click" not in heads:
             heads["click"] = f"p_{model.cfg.actions[0]}"
         return _method_row(name, scored, heads, actions, probabilities="p_click" in scored.columns)
 
-    if ranker is not None:
-        rows.append(ranker_row("ranker", ranker))
-    for name, model in (extra_rankers or {}).items():
-        rows.append(ranker_row(name, model))
-    if two_tower is not None:
-        frame = base.with_columns(pl.Series("score", two_tower_scores(two_tower, held, cat)))
-        rows.append(_method_row("two_tower", frame, {"click": "score"}, actions))
+    rankers = [] if ranker is None else [ranker_row("ranker", ranker)]
+    rankers += [ranker_row(name, model) for name, model in (extra_rankers or {}).items()]
 
     # Baselines score the same rows, from the raw tables and only the past.
     impressions = base.select("impression_id", "user_id", "article_id", "position").join(
@@ -165,7 +209,7 @@ def evaluate_models(
         if frame["true_p_click"].null_count() == 0:
             heads = {a: f"true_p_{a}" for a in ACTIONS}
             rows.append(_method_row("oracle", frame, heads, actions, probabilities=True))
-    return pl.DataFrame(rows).sort("auc", descending=True, nulls_last=True)
+    return EvaluationRows(rankers, rows)
 
 
 def _png(fig: plt.Figure) -> bytes:

@@ -637,16 +637,34 @@ def _two_tower_job(data: TrainingData) -> TrainResult:
     return replace(result, process_peak_rss_mib=round(peak_rss_mib(), 1))
 
 
-def train_both(data: TrainingData, parallel: bool = True) -> tuple[TrainResult, TrainResult]:
+# Work for the ranker's process once the ranker is trained, while the two-tower may still
+# train in its own (e.g. the held-out evaluation of the rankers).
+AfterRanker = Callable[[TrainingData, TrainResult], None]
+
+
+def train_both(
+    data: TrainingData, parallel: bool = True, while_two_tower: AfterRanker | None = None
+) -> tuple[TrainResult, TrainResult]:
     """(two-tower, ranker) trained with their default configs. With `parallel`, the
     two-tower trains in a second process while the ranker trains here: each trainer uses one
     core, so on two cores both finish in about the time of the slower one. The weights are
-    the same either way (fixed seeds, one thread each)."""
+    the same either way (fixed seeds, one thread each). `while_two_tower(data, ranker)` runs
+    here as soon as the ranker is trained."""
     if not parallel:
-        return train_two_tower(data), train_ranker(data)
+        tower, ranker = train_two_tower(data), train_ranker(data)
+        _after_ranker(while_two_tower, data, ranker)
+        return tower, ranker
     with _two_tower_in_background(data) as pending:
         ranker = train_ranker(data)
+        _after_ranker(while_two_tower, data, ranker)
         return pending.result(), ranker
+
+
+def _after_ranker(work: AfterRanker | None, data: TrainingData, ranker: TrainResult) -> None:
+    if work is not None:
+        # One torch thread, as the trainers: the other core is the two-tower's.
+        with torch_threads(1):
+            work(data, ranker)
 
 
 def prepare_and_train(
@@ -658,6 +676,7 @@ def prepare_and_train(
     valid_start: datetime | None = None,
     warehouse: Location | None = None,
     peer_fits: Path | None = None,
+    while_two_tower: AfterRanker | None = None,
 ) -> tuple[TrainingData, TrainResult, TrainResult]:
     """prepare_training_data + train_both, overlapped: the two-tower starts training in a
     second process as soon as its examples exist, while this process fits the classic peers
@@ -665,7 +684,10 @@ def prepare_and_train(
 
     Past the budget's `overlap_max_engagements`, the two-tower starts once the groups are
     built (beside the ranker's training, as train_both), so the two processes' peaks do not
-    add up. `peer_fits`: the fit store of the held-out classic peers (add_ranker_data)."""
+    add up. `peer_fits`: the fit store of the held-out classic peers (add_ranker_data).
+    `while_two_tower(data, ranker)` runs in this process once the ranker is trained, on the
+    core the two-tower's process does not use: at 100k users the ranker trains in about
+    half the two-tower's time."""
     valid_fraction = budget.valid_fraction if budget is not None else 0.1
     # The preparation is numpy and scipy work on large arrays, whose freed memory would
     # otherwise stay in this process beside the training (see small_heap).
@@ -679,10 +701,11 @@ def prepare_and_train(
     if limit is not None and world.engagements.height > limit:
         data = _ranker_groups(base, world, mix, peer_fits)
         del base
-        return data, *train_both(data)
+        return data, *train_both(data, while_two_tower=while_two_tower)
     with _two_tower_in_background(base) as pending:
         data = _ranker_groups(base, world, mix, peer_fits)
         ranker = train_ranker(data)
+        _after_ranker(while_two_tower, data, ranker)
         return data, pending.result(), ranker
 
 
