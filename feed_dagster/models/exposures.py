@@ -296,7 +296,8 @@ def _index(
 
 def _only(con: duckdb.DuckDBPyConnection, events: str, column: str, keys: np.ndarray) -> str:
     """`events` restricted to the rows whose `column` is one of `keys` (negative keys, which
-    no event has, are left out)."""
+    no event has, are left out). The keys are registered under one name per column, so the
+    query is good until the next call for the same column."""
     wanted = np.unique(np.asarray(keys, dtype=np.int64))
     name = f"exposure_wanted_{column}"
     con.register(name, pl.DataFrame({column: wanted[wanted >= 0]}).to_arrow())
