@@ -139,7 +139,7 @@ def trained_models(
             except (RuntimeError, KeyError, ValueError) as exc:  # incompatible architecture
                 context.log.warning(f"cannot evaluate the promoted ranker {incumbent}: {exc}")
         rows = evaluation_rows(world, data, ranker, extra_rankers=extra)
-        ranker_side.update(version=version, rows=rows, incumbent_evaluated=bool(extra))
+        ranker_side.update(version=version, rows=rows)
 
     data, tt, rk = prepare_and_train(
         world,
@@ -166,7 +166,8 @@ def trained_models(
     # The retrieval model has no gate of its own: article_vectors promotes it together with
     # the vector table built from it, so the user and item towers always match.
     two_tower = load_two_tower(tt.state_dict, tt.config)
-    table = evaluation_frame(ranker_side["rows"], two_tower_row(data, two_tower))
+    rows = ranker_side["rows"]
+    table = evaluation_frame(rows, two_tower_row(data, two_tower))
     storage.evaluation_dir().mkdir(parents=True, exist_ok=True)
     eval_path = storage.evaluation_dir() / f"ranker-{rk_version}.parquet"
     table.write_parquet(eval_path)
@@ -221,7 +222,9 @@ def trained_models(
             "candidate_version": rk_version,
             "ranker_version": rk_version,
             "two_tower_version": tt_version,
-            "incumbent_version": incumbent if ranker_side["incumbent_evaluated"] else "",
+            "incumbent_version": (
+                incumbent if any(r["method"] == "promoted" for r in rows.rankers) else ""
+            ),
             "path": str(eval_path),
             "table": dg.MetadataValue.md(markdown_table(table.select(metric_cols))),
             "chart": dg.MetadataValue.md(png_bytes_markdown(evaluation_chart(table), "evaluation")),

@@ -178,7 +178,8 @@ class ExposureLog:
             # cut to the points before the next is built: a key's counts need its own
             # events and no other key's.
             p = points
-            author_of = np.maximum(catalog.author_id[p.item], 0)
+            author_id = catalog.author_id[p.item]
+            author_of = np.maximum(author_id, 0)
             topic_of = catalog.topic[p.item].astype(np.int64)
             return cls(
                 rows=int(rows),
@@ -191,9 +192,9 @@ class ExposureLog:
                 shown_topic=_pairs(con, scoped, "topic", pair_key(p.user, topic_of)).at_points(
                     p.user, topic_of, p.time_us
                 ),
-                shown_author=_pairs(
-                    con, scoped, "author", pair_key(p.user, catalog.author_id[p.item])
-                ).at_points(p.user, catalog.author_id[p.item], p.time_us),
+                shown_author=_pairs(con, scoped, "author", pair_key(p.user, author_id)).at_points(
+                    p.user, author_id, p.time_us
+                ),
                 users=users,
             )
         return cls(

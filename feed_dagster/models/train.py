@@ -662,7 +662,8 @@ def train_both(
 
 def _after_ranker(work: AfterRanker | None, data: TrainingData, ranker: TrainResult) -> None:
     if work is not None:
-        # One torch thread, as the trainers: the other core is the two-tower's.
+        # One torch thread, as the trainers: in the parallel paths the other core is the
+        # two-tower's.
         with torch_threads(1):
             work(data, ranker)
 
