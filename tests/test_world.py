@@ -8,6 +8,7 @@ import pytest
 from feed_dagster.data.schema import ACTIONS, TABLE_SCHEMAS
 from feed_dagster.graph.stats import account_stats, degree_summary, in_degrees, read_edge_list
 from feed_dagster.world import generate_world, world_config
+from feed_dagster.world.vocabulary import TOPICS
 
 
 def _digest(world) -> str:
@@ -101,6 +102,27 @@ def test_posts_threads_are_consistent(tiny_world):
     )
     assert (reposts["kind_p"] != "repost").all()
     assert (reposts["text"] == reposts["text_p"]).all()
+
+
+def test_post_texts_are_8_to_14_words_mostly_of_their_topic_with_a_title(tiny_world):
+    a = tiny_world.articles
+    words = a["text"].str.split(" ")
+    assert words.list.len().min() >= 8 and words.list.len().max() <= 14
+    first = words.list.head(5).list.join(" ")
+    assert (a["title"] == first.str.slice(0, 1).str.to_uppercase() + first.str.slice(1)).all()
+    vocabulary = pl.DataFrame(
+        [(topic, w) for topic, ws in TOPICS.items() for w in ws],
+        schema=["topic_name", "word"],
+        orient="row",
+    ).with_columns(pl.lit(True).alias("of_topic"))
+    used = (
+        a.filter(pl.col("kind") == "original")
+        .select("topic_name", pl.col("text").str.split(" ").alias("word"))
+        .explode("word")
+        .join(vocabulary, on=["topic_name", "word"], how="left")
+    )
+    # 70% of the words are drawn from the topic's vocabulary, the rest from common words.
+    assert 0.65 < used["of_topic"].fill_null(False).mean() < 0.75
 
 
 def test_unknown_scale_and_setting_are_refused():

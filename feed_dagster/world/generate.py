@@ -266,24 +266,34 @@ def _posts(
     }
 
 
-def _texts(posts: dict[str, np.ndarray], rng: np.random.Generator) -> tuple[list[str], list[str]]:
-    """Post text: 8-14 words, ~70% from the topic's vocabulary. Reposts copy their parent."""
+def _texts(posts: dict[str, np.ndarray], rng: np.random.Generator) -> tuple[pl.Series, pl.Series]:
+    """Post text: 8-14 words, ~70% from the topic's vocabulary. Reposts copy their parent.
+
+    Words are drawn as indexes and joined by polars: joining a million rows of Python
+    strings took 8.3 s at 1M posts, this 1.7 s, with the same draws and the same text."""
     vocab_size = len(next(iter(TOPICS.values())))
-    topic_words = np.array([w for name in TOPIC_NAMES for w in TOPICS[name]])
-    common = np.array(COMMON)
+    topic_words = [w for name in TOPIC_NAMES for w in TOPICS[name]]
     n, max_len = len(posts["topic"]), 14
     from_topic = rng.random((n, max_len)) < 0.7
     topic_idx = posts["topic"][:, None] * vocab_size + rng.integers(0, vocab_size, (n, max_len))
-    words = np.where(
-        from_topic, topic_words[topic_idx], common[rng.integers(0, len(common), (n, max_len))]
-    )
+    common_idx = len(topic_words) + rng.integers(0, len(COMMON), (n, max_len))
+    word = np.where(from_topic, topic_idx, common_idx)
     lengths = rng.integers(8, max_len + 1, size=n)
-    text = [" ".join(row[:k]) for row, k in zip(words.tolist(), lengths.tolist(), strict=True)]
+    # A repost's parent is the root of its conversation: an original or a quote, never
+    # another repost, so one gather copies every repost's words.
     repost = np.flatnonzero(posts["kind"] == 2)
-    for i, p in zip(repost.tolist(), posts["parent"][repost].tolist(), strict=True):
-        text[i] = text[p]
-    title = [" ".join(t.split()[:5]).capitalize() for t in text]
-    return text, title
+    word[repost] = word[posts["parent"][repost]]
+    lengths[repost] = lengths[posts["parent"][repost]]
+    vocabulary = pl.Series(topic_words + list(COMMON), dtype=pl.String)
+    words = vocabulary.gather(word.ravel()).reshape((n, max_len)).arr.to_list()
+    joined = pl.DataFrame({"words": words, "length": lengths}).select(
+        pl.col("words").list.head(pl.col("length")).list.join(" ").alias("text"),
+        pl.col("words").list.head(5).list.join(" ").alias("title"),
+    )
+    title = joined["title"]
+    # str.capitalize: the first character upper case, the rest lower case.
+    title = title.str.slice(0, 1).str.to_uppercase() + title.str.slice(1).str.to_lowercase()
+    return joined["text"], title
 
 
 def _social_extras(
@@ -577,6 +587,21 @@ def _rank_within(group: np.ndarray) -> np.ndarray:
     return (np.arange(len(group)) - run_start).astype(np.int32)
 
 
+# Rows per slice of _interest_overlap: its two [rows, topics] gathers stay in cache.
+OVERLAP_ROWS = 16_384
+
+
+def _interest_overlap(interest: np.ndarray, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """float32 [len(a)]: dot product of interest rows a[i] and b[i]. Slice by slice, the
+    same sums as one expression over all rows (each row is summed alone), in about a third
+    of the time at 2M rows, where the two gathered [rows, topics] arrays leave the cache."""
+    out = np.empty(len(a), dtype=interest.dtype)
+    for i in range(0, len(a), OVERLAP_ROWS):
+        s = slice(i, i + OVERLAP_ROWS)
+        out[s] = (interest[a[s]] * interest[b[s]]).sum(axis=1)
+    return out
+
+
 def _truth(
     users: dict[str, np.ndarray],
     posts: dict[str, np.ndarray],
@@ -594,7 +619,7 @@ def _truth(
     key = u * n_users + author
     at = np.searchsorted(follow_keys, key).clip(0, len(follow_keys) - 1)
     follows = (follow_keys[at] == key).astype(np.float32)
-    affinity = (interest[u] * interest[author]).sum(axis=1) * 2.0
+    affinity = _interest_overlap(interest, u, author) * 2.0
     quality = posts["quality"][post]
     age_h = (t - posts["time"][post]) / HOUR
     feats = (match, follows, affinity, quality, age_h, position.astype(np.float32))
