@@ -315,16 +315,20 @@ def _pairs(
     known = f"select {pair} as pk, t from ({exposed}) where {attribute} >= 0"
     if only is not None:
         known = _only(con, known, "pk", only)
+    # One pass over the exposures gives the distinct pairs and the index's stats (rows,
+    # first and last time), which the join below then need not count.
     con.execute(
         f"""create or replace temp table exposure_pairs as
-        select pk, (row_number() over (order by pk)) - 1 as dense
-        from (select distinct pk from ({known}))"""
+        select pk, count(*) as n, min(t) as t_min, max(t) as t_max,
+            (row_number() over (order by pk)) - 1 as dense
+        from ({known}) group by pk"""
     )
     pairs = np.asarray(
         con.execute("select pk from exposure_pairs order by pk").fetchnumpy()["pk"], np.int64
     )
-    # The join is the costly pass: the stats come from the unjoined rows.
-    n, t_min, t_max = con.execute(f"select count(*), min(t), max(t) from ({known})").fetchone()
+    n, t_min, t_max = con.execute(
+        "select coalesce(sum(n), 0), min(t_min), max(t_max) from exposure_pairs"
+    ).fetchone()
     events = f"select p.dense as k, e.t from ({known}) e join exposure_pairs p using (pk)"
     index = _index(con, events, (int(n), len(pairs) - 1, t_min or 0, t_max or 0))
     con.execute("drop table exposure_pairs")
