@@ -132,10 +132,14 @@ def two_tower_row(data: TrainingData, two_tower: TwoTower) -> Row:
     """The two-tower's row of evaluate_models (its dot product as the click score)."""
     held = data.ranker_heldout
     base = _heldout_rows(data)
-    actions = tuple(a for a in data.actions if a in ACTIONS)
+    actions = _evaluated_actions(data)
     scores = two_tower_scores(two_tower, held, CatalogTensors(data.catalog))
     frame = base.with_columns(pl.Series("score", scores))
     return _method_row("two_tower", frame, {"click": "score"}, actions)
+
+
+def _evaluated_actions(data: TrainingData) -> tuple[str, ...]:
+    return tuple(a for a in data.actions if a in ACTIONS)
 
 
 def _heldout_rows(data: TrainingData) -> pl.DataFrame:
@@ -158,7 +162,7 @@ def evaluation_rows(
     held = data.ranker_heldout
     base = _heldout_rows(data)
     cat = CatalogTensors(data.catalog)
-    actions = tuple(a for a in data.actions if a in ACTIONS)
+    actions = _evaluated_actions(data)
     rows = []
 
     def ranker_row(name: str, model: PhoenixRanker) -> Row:

@@ -282,8 +282,9 @@ def _texts(posts: dict[str, np.ndarray], rng: np.random.Generator) -> tuple[pl.S
     # A repost's parent is the root of its conversation: an original or a quote, never
     # another repost, so one gather copies every repost's words.
     repost = np.flatnonzero(posts["kind"] == 2)
-    word[repost] = word[posts["parent"][repost]]
-    lengths[repost] = lengths[posts["parent"][repost]]
+    parent = posts["parent"][repost]
+    word[repost] = word[parent]
+    lengths[repost] = lengths[parent]
     vocabulary = pl.Series(topic_words + list(COMMON), dtype=pl.String)
     words = vocabulary.gather(word.ravel()).reshape((n, max_len)).arr.to_list()
     joined = pl.DataFrame({"words": words, "length": lengths}).select(
