@@ -8,7 +8,7 @@ import polars as pl
 import pytest
 from polars.testing import assert_frame_equal
 
-from feed_dagster.data.warehouse import IMPRESSION_TOTALS, read_tables
+from feed_dagster.data.warehouse import ENGAGEMENT_USERS, IMPRESSION_TOTALS, read_tables
 from feed_dagster.embeddings import LexicalEncoder
 from feed_dagster.feeds.build import OPTIONAL_TABLES, PIPELINE_TABLES
 from feed_dagster.feeds.evaluation import evaluate_feeds, read_evaluation_tables
@@ -39,14 +39,20 @@ def test_a_shard_reads_its_users_impressions_and_the_global_count(warehouse, tin
     totals = tables[IMPRESSION_TOTALS]
     assert totals["now"][0] == now
     assert totals["shown"][0] == imp.filter(pl.col("shown_at") < now).height
+    # So are the engagements, and the users they are of are named.
+    eng = tiny_world.engagements.filter(pl.col("user_id").is_in(mine.tolist()))
+    assert 0 < tables["engagements"].height == eng.height < tiny_world.engagements.height
+    assert tables[ENGAGEMENT_USERS]["user_id"].to_list() == sorted(mine.tolist())
     # Every other table is whole.
-    assert tables["engagements"].height == tiny_world.engagements.height
+    assert tables["follows"].height == tiny_world.follows.height
 
 
 def test_shard_feeds_equal_feeds_from_the_whole_tables(warehouse, tmp_path):
     """The table fallbacks score with a global impression rate: a shard must not see a
     rate of its own users only."""
-    models = ModelLocations(ModelStore(tmp_path / "models"), str(tmp_path / "lancedb"), "v")
+    models = ModelLocations(
+        ModelStore(tmp_path / "models"), str(tmp_path / "lancedb"), "v", warehouse=warehouse
+    )
     whole = read_tables(warehouse, PIPELINE_TABLES, OPTIONAL_TABLES)
     for shard in range(N_SHARDS):
         got = precompute_shard(

@@ -32,6 +32,7 @@ from feed_dagster.models.ranker import PhoenixRanker, load_ranker
 from feed_dagster.models.serve import ServingContext, score_candidates, user_vectors_at
 from feed_dagster.models.store import ModelStore
 from feed_dagster.models.two_tower import TwoTower, load_two_tower
+from feed_dagster.models.warehouse_engagements import WarehouseEngagements
 from feed_dagster.paths import RANKER, TWO_TOWER, data_root
 from feed_dagster.pipeline.protocols import RETRIEVED_SCHEMA, Retriever, Scorer
 from feed_dagster.pipeline.query import Query
@@ -177,6 +178,7 @@ def serving_context(
     candidate_posts: np.ndarray | None = None,
     users: np.ndarray | None = None,
     at: datetime | None = None,
+    everyone: WarehouseEngagements | None = None,
 ) -> ServingContext:
     """The models' serving inputs from warehouse tables and the stored content vectors.
 
@@ -184,7 +186,8 @@ def serving_context(
     default to their places under the data root; the Dagster layer passes its storage's.
     With `warehouse`, the exposure counts come from the warehouse's impression log, so
     `tables` may hold just some users' impressions. With `users`, the engagement log holds
-    only theirs, and with `at` everyone's counts are kept for that time (ServingContext.build)."""
+    only theirs, and with `at` everyone's counts are kept for that time (ServingContext.build);
+    with `everyone` too, `tables["engagements"]` need hold only their rows."""
     articles = tables["articles"]
     return ServingContext.build(
         articles,
@@ -199,6 +202,7 @@ def serving_context(
         candidate_posts=candidate_posts,
         users=users,
         at=at if users is not None else None,
+        everyone=everyone,
     )
 
 
@@ -215,13 +219,15 @@ def feed_models(
     candidate_posts: np.ndarray | None = None,
     users: np.ndarray | None = None,
     at: datetime | None = None,
+    everyone: WarehouseEngagements | None = None,
 ) -> tuple[Retriever, Scorer, dict[str, str]]:
     """The promoted ranker and two-tower + LanceDB retrieval; the table-based fallbacks
     (and a warning through `warn`) while no model has been promoted or the vector table
     does not exist. With `users` (the only users scored) the models hold only their
     engagement rows besides what everyone shares, and with `at` too (the one time they
     score at) the context drops everyone else's engagement frame rows once the peers are
-    fitted (ServingContext.for_users).
+    fitted (ServingContext.for_users). With `everyone` (and both), `tables["engagements"]`
+    holds the users' rows only and what everyone shares is read from the warehouse.
 
     A vector table that exists but cannot be read fails the run (VectorTableError, naming
     the table): quietly serving fallback feeds in place of the models' would be a quality
@@ -236,6 +242,9 @@ def feed_models(
             warn(f"{exc}: rematerialise article_vectors")
     if ranker_v is None or tower_v is None or table is None:
         warn("no promoted models or vector table yet: using table fallbacks")
+        if everyone is not None:
+            # The fallbacks' popularity and base rates are every user's.
+            tables = {**tables, "engagements": everyone.read()}
         return (
             PopularityRetriever.from_tables(tables),
             TopicAffinityScorer.from_tables(tables),
@@ -252,6 +261,7 @@ def feed_models(
         candidate_posts=candidate_posts,
         users=users,
         at=at,
+        everyone=everyone,
     )
     if users is not None and at is not None:
         ctx = ctx.for_users(users, at, peers=ranker.cfg.peer_features)
@@ -286,6 +296,7 @@ class ModelLocations:
         users: np.ndarray | None = None,
         candidate_posts: np.ndarray | None = None,
         at: datetime | None = None,
+        engagements_of_users: bool = False,
     ) -> tuple[Retriever, Scorer, dict[str, str]]:
         """`feed_models` over these stores: the promoted models or the table fallbacks.
 
@@ -295,10 +306,19 @@ class ModelLocations:
         models will score at (the shard's `now`, the evaluation's cut): the warehouse's
         exposure counts are then taken as of it (see ExposureLog.from_warehouse).
         `candidate_posts`: every article id the run can score (its candidate window),
-        prepared once per fit of the classic peers (ServingContext.candidate_posts)."""
-        warehouse = None
+        prepared once per fit of the classic peers (ServingContext.candidate_posts).
+        `engagements_of_users`: `tables["engagements"]` holds the `users`' rows only too
+        (read_tables(engagements_of_users=True)); what every user's engagements give is
+        then read from the warehouse (models.warehouse_engagements)."""
+        warehouse, everyone = None, None
         if users is not None and self.warehouse is not None:
             warehouse = WarehouseExposures(self.warehouse, users, at)
+        if engagements_of_users:
+            if users is None or at is None or self.warehouse is None:
+                raise ValueError(
+                    "engagements of some users only need the users, the time and the warehouse"
+                )
+            everyone = WarehouseEngagements(self.warehouse)
         return feed_models(
             tables,
             self.store,
@@ -311,4 +331,5 @@ class ModelLocations:
             candidate_posts=candidate_posts,
             users=users,
             at=at,
+            everyone=everyone,
         )

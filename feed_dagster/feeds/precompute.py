@@ -9,7 +9,7 @@ from datetime import datetime
 import polars as pl
 
 from feed_dagster.artifacts import Location
-from feed_dagster.data.warehouse import IMPRESSION_TOTALS, read_tables
+from feed_dagster.data.warehouse import ENGAGEMENT_USERS, IMPRESSION_TOTALS, read_tables
 from feed_dagster.feeds.build import OPTIONAL_TABLES, PIPELINE_TABLES, build_feeds
 from feed_dagster.feeds.model_backends import ModelLocations, RankerScorer
 from feed_dagster.feeds.shards import users_in_shard
@@ -34,10 +34,16 @@ class ShardFeeds:
 def read_shard_tables(path: Location, shard: int, n_shards: int) -> dict[str, pl.DataFrame]:
     """What one shard's feed build reads: the pipeline's tables whole, except the
     impression log (the largest table, 62.7M rows at 100k users), of which only the shard's
-    users' rows and the global count before `now` are read."""
+    users' rows and the global count before `now` are read, and the engagements (20.8M
+    rows), of which only the shard's users' rows are read: what all users share comes from
+    the warehouse (models.warehouse_engagements)."""
     users = read_tables(path, ["users"])["users"]
     return read_tables(
-        path, PIPELINE_TABLES, OPTIONAL_TABLES, users=users_in_shard(users, shard, n_shards)
+        path,
+        PIPELINE_TABLES,
+        OPTIONAL_TABLES,
+        users=users_in_shard(users, shard, n_shards),
+        engagements_of_users=True,
     )
 
 
@@ -60,15 +66,13 @@ def precompute_shard(
     source's candidate window unless `window_hours` or `no_window` overrides it, posts in
     `served` left out, scored with `threads` torch threads.
 
-    Tables from read_shard_tables are cut to the shard's users' engagements once the
-    models are loaded: `tables["engagements"]` holds those rows only afterwards.
-
     Raises NoCandidatesError when the window misses the data (see build_feeds)."""
     now = tables["world_info"]["now"][0]
     window = resolve_window(candidate_window(tables), window_hours, no_window)
     user_ids = users_in_shard(tables["users"], shard, n_shards)
-    # Tables from read_shard_tables hold only this shard's impressions: the models then
-    # take the exposure counts from the warehouse's whole log (ModelLocations.load).
+    # Tables from read_shard_tables hold only this shard's impressions and engagements: the
+    # models then take the exposure counts from the warehouse's whole log, and what every
+    # user's engagements give from its engagements table (ModelLocations.load).
     scoped = user_ids if IMPRESSION_TOTALS in tables else None
     # The posts of the window, prepared once per refresh; without a window (a catalog of
     # long-lived items) only what retrieval brings is prepared, as it comes.
@@ -76,18 +80,14 @@ def precompute_shard(
     if window is not None:
         in_window = tables["articles"].filter(published_between(now - window, now))
         posts = in_window["article_id"].to_numpy()
-    retriever, scorer, versions = models.load(tables, warn, scoped, candidate_posts=posts, at=now)
-    if scoped is not None and isinstance(tables, dict):
-        # The models have taken what every user shares from the whole engagement log, and
-        # the pipeline reads each batch's own users' rows only: the others' (15/16 of 20.8M
-        # rows at 100k users) are let go, in the caller's dict too.
-        tables["engagements"] = tables["engagements"].join(
-            pl.DataFrame({"user_id": user_ids}).cast(
-                {"user_id": tables["engagements"]["user_id"].dtype}
-            ),
-            on="user_id",
-            how="semi",
-        )
+    retriever, scorer, versions = models.load(
+        tables,
+        warn,
+        scoped,
+        candidate_posts=posts,
+        at=now,
+        engagements_of_users=ENGAGEMENT_USERS in tables,
+    )
     if isinstance(scorer, RankerScorer) and compile_requested():
         scorer.compile()
     with torch_threads(threads):

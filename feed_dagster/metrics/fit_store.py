@@ -27,6 +27,9 @@ from typing import Any
 
 import polars as pl
 
+from feed_dagster.artifacts import Location
+from feed_dagster.data.schema import POSITIVE_ACTIONS
+from feed_dagster.data.warehouse import connect_read_only
 from feed_dagster.metrics.classic import (
     CLASSIC_METHODS,
     HYPER_DEFAULTS,
@@ -60,6 +63,40 @@ def fit_name(
             .collect(engine="streaming")
             .row(0)
         )
+    return _name(digest, cut, methods, hyper)
+
+
+def fit_name_in_warehouse(
+    path: Location, cut: datetime, methods: tuple[str, ...], **hyper: Any
+) -> str:
+    """The name of the fit of every engagement in the warehouse at `path`, from a digest
+    DuckDB takes where the rows live: a feed shard reads its own users' rows only.
+
+    DuckDB's row hash is not polars', so the same rows named from a frame (fit_name) get
+    another name: the two never meet on the same fit (shards name the serving fit at
+    `now` this way, every other step its fits from frames), and if they did, a fit would be
+    made twice, never loaded for the wrong rows."""
+    con = connect_read_only(path)
+    try:
+        columns = {r[0] for r in con.execute("describe main.engagements").fetchall()}
+        actions = [a for a in POSITIVE_ACTIONS if a in columns]
+        digest: tuple[int, ...] = (0,)
+        if actions:
+            positive = " or ".join(f'coalesce("{a}", false)' for a in actions)
+            # Count and two sums of the row hashes, as in fit_name; DuckDB sums them
+            # exactly (hugeint), so the digest does not depend on the scan's order either.
+            digest = con.execute(
+                "select count(*), sum(h), sum(h // 7) from (select hash(user_id::bigint, "
+                "article_id::bigint, epoch_us(engaged_at)) as h from main.engagements "
+                f"where ({positive}) and engaged_at < $cut)",
+                {"cut": cut},
+            ).fetchone()
+    finally:
+        con.close()
+    return _name(tuple(int(d or 0) for d in digest), cut, methods, hyper)
+
+
+def _name(digest: tuple[int, ...], cut: datetime, methods: tuple[str, ...], hyper: dict) -> str:
     h = {**HYPER_DEFAULTS, **hyper}
     key = f"{cut.isoformat()}|{sorted(methods)}|{sorted(h.items())}|{digest}"
     return hashlib.sha256(key.encode()).hexdigest()[:20]

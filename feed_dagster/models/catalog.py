@@ -153,6 +153,19 @@ def _micros(s: pl.Series) -> np.ndarray:
     return s.cast(pl.Datetime("us")).dt.epoch("us").fill_null(0).to_numpy().astype(np.int64)
 
 
+def post_firsts(engagements: pl.DataFrame) -> pl.DataFrame:
+    """(article_id, first_us): each engaged post's earliest engagement in microseconds,
+    0 when any of its times is missing (as _micros reads a missing time). One minimum per
+    post, so no array (or column) of every engagement is made."""
+    return engagements.group_by("article_id").agg(
+        pl.when(pl.col("engaged_at").null_count() > 0)
+        .then(0)
+        .otherwise(pl.col("engaged_at").min().cast(pl.Datetime("us")).dt.epoch("us"))
+        .cast(pl.Int64)
+        .alias("first_us")
+    )
+
+
 def to_micros(t: datetime) -> int:
     """Microseconds since the epoch of a (naive UTC) datetime, as the tables store them."""
     return int(pl.Series([t]).cast(pl.Datetime("us")).dt.epoch("us")[0])
@@ -199,11 +212,14 @@ class ItemCatalog:
         cfg: FeatureConfig,
         engagements: pl.DataFrame | None = None,
         profile_before: datetime | None = None,
+        firsts: pl.DataFrame | None = None,
     ) -> ItemCatalog:
         """Catalog of `articles`; `content_vectors[i]` is the vector of `articles` row i.
 
         `engagements` give each post's first engagement time (without them no post counts
-        as engaged, and models score by content, author and topic only). Author profiles
+        as engaged, and models score by content, author and topic only); or `firsts` gives
+        those times, as `post_firsts` makes them from a frame (or the warehouse from its
+        table: models.warehouse_engagements). Author profiles
         read only posts published before `profile_before` (all posts when None), so an
         evaluation never sees what an author writes later."""
         vectors = np.asarray(content_vectors, dtype=np.float32)
@@ -231,15 +247,12 @@ class ItemCatalog:
         topic_bucket = np.where(topic_p < 0, 0, topic_p % (cfg.topic_buckets - 1) + 1)
         ids_p = np.concatenate([[-1], ids])
         first = np.full(len(ids_p), NEVER_US, dtype=np.int64)
-        if engagements is not None and engagements.height:
-            # Each post's earliest time first, so no array (or column) of every engagement
-            # is made; a missing time reads as 0, as _micros reads it.
-            firsts = engagements.group_by("article_id").agg(
-                pl.col("engaged_at").min().alias("t"),
-                pl.col("engaged_at").null_count().alias("missing"),
+        if firsts is None and engagements is not None:
+            firsts = post_firsts(engagements)
+        if firsts is not None and firsts.height:
+            first[1:] = first_engaged(
+                firsts["article_id"].to_numpy(), firsts["first_us"].to_numpy(), ids
             )
-            t = np.where(firsts["missing"].to_numpy() > 0, 0, _micros(firsts["t"]))
-            first[1:] = first_engaged(firsts["article_id"].to_numpy(), t, ids)
         published = padded(_micros(articles["published_at"]), 0)
         limit = NEVER_US if profile_before is None else to_micros(profile_before)
         author_row, author_content = author_profiles(author_p, content, published < limit)

@@ -89,13 +89,24 @@ class EveryonesPositives:
             item = catalog.rows(rows["article_id"].to_numpy(), "engagements.article_id")
             time_us = rows["t"].to_numpy().astype(np.int64)
             return cls(time_index(item, time_us), attribute_index(catalog.author_id, item, time_us))
+        per_post = {
+            at: pos.filter(pl.col("t") < at).group_by("article_id").len("n").collect()
+            for at in {int(x) for x in times_us}
+        }
+        return cls.from_counts(per_post, catalog)
+
+    @classmethod
+    def from_counts(
+        cls, per_post: dict[int, pl.DataFrame], catalog: ItemCatalog
+    ) -> EveryonesPositives:
+        """From each time's (article_id, n) positive engagements before it, one row per
+        engaged post: what `of` counts from a frame, or the warehouse from its table
+        (models.warehouse_engagements)."""
         items, authors = {}, {}
-        for at in sorted({int(x) for x in times_us}):
-            per_post = (
-                pos.filter(pl.col("t") < at).group_by("article_id").len("n").sort("article_id")
-            ).collect()
-            item = catalog.rows(per_post["article_id"].to_numpy(), "engagements.article_id")
-            n = per_post["n"].to_numpy().astype(np.int64)
+        for at, counts in sorted(per_post.items()):
+            counts = counts.sort("article_id")
+            item = catalog.rows(counts["article_id"].to_numpy(), "engagements.article_id")
+            n = counts["n"].to_numpy().astype(np.int64)
             # One article per catalog row, and the rows ascend with the ids.
             items[at] = CountsAt(item.astype(np.int64), n.astype(np.float32), at)
             author = catalog.author_id[item]
@@ -135,18 +146,23 @@ class EngagementLog:
         exposures: ExposureLog | pl.DataFrame | None = None,
         users: np.ndarray | None = None,
         times_us: tuple[int, ...] = (),
+        everyone: EveryonesPositives | None = None,
     ) -> EngagementLog:
         """`exposures`: the logged impressions' count indexes, or a frame of impressions
         (user_id, article_id, shown_at) to build them from. `users`: keep only these
         users' rows (a feed shard's), for their histories and per-user counts; the counts
         over everyone stay those of every row, asked at `times_us` only when given (a feed
-        run's, see EveryonesPositives). A feed shard holds 1/16 of the rows so."""
+        run's, see EveryonesPositives). A feed shard holds 1/16 of the rows so. With
+        `everyone` (counted where every row lives), `engagements` need hold only the
+        users' rows."""
         if isinstance(exposures, pl.DataFrame):
             exposures = ExposureLog.build(exposures, catalog)
-        everyone = None
+        if everyone is not None and users is None:
+            raise ValueError("everyone's positives come with the users whose rows are kept")
         if users is not None:
             users = np.unique(np.asarray(users, dtype=np.int64))
-            everyone = EveryonesPositives.of(engagements, catalog, times_us)
+            if everyone is None:
+                everyone = EveryonesPositives.of(engagements, catalog, times_us)
             engagements = engagements.join(
                 pl.DataFrame({"user_id": users}, schema={"user_id": engagements["user_id"].dtype}),
                 on="user_id",

@@ -18,7 +18,7 @@ from feed_dagster.data.schema import World
 from feed_dagster.metrics.fit_store import exclusive, fit_name, load, save
 from feed_dagster.models.catalog import FeatureConfig, ItemCatalog, to_micros
 from feed_dagster.models.compiled import CompiledBlocks
-from feed_dagster.models.engagement_log import EngagementLog
+from feed_dagster.models.engagement_log import EngagementLog, EveryonesPositives
 from feed_dagster.models.exposures import WarehouseExposures
 from feed_dagster.models.layers import CatalogTensors
 from feed_dagster.models.peers import PEER_METHODS, PeerFeatures
@@ -26,6 +26,7 @@ from feed_dagster.models.ranker import PhoenixRanker, predict
 from feed_dagster.models.ranker_data import POST_RECENT_US, build_serving_data
 from feed_dagster.models.retrieval_data import user_histories
 from feed_dagster.models.two_tower import TwoTower, catalog_item_vectors, user_vectors
+from feed_dagster.models.warehouse_engagements import WarehouseEngagements
 
 
 @dataclass(frozen=True)
@@ -48,6 +49,9 @@ class ServingContext:
     # The users whose engagement rows `engagements` and `log` hold (see for_users); None:
     # every user's.
     users: np.ndarray | None = None
+    # Every user's engagements in the warehouse, when `engagements` holds some users' rows
+    # only (a feed shard's, see build): the peers are named and fitted from there.
+    everyone: WarehouseEngagements | None = None
     # Classic peers fitted at a scoring time, kept for the next batch scored at that time.
     _peers: dict[datetime, PeerFeatures] = field(default_factory=dict, repr=False)
 
@@ -56,7 +60,7 @@ class ServingContext:
         `peers_dir` when another process fitted them on the same engagements, else fitted."""
         if now in self._peers:
             return self._peers[now]
-        if self.users is not None:
+        if self.users is not None and self.everyone is None:
             raise ValueError(
                 f"this context holds some users' engagements only: peers are fitted on "
                 f"everyone's, at the times given to for_users, not at {now}"
@@ -65,7 +69,12 @@ class ServingContext:
             peers, fitted = self._fit_peers(now), True
         else:
             # Named like the fit they come from (metrics.fit_store): what decides it, not the frame.
-            path = self.peers_dir / f"peers-{fit_name(self.engagements, now, PEER_METHODS)}.pkl"
+            name = (
+                self.everyone.fit_name(now, PEER_METHODS)
+                if self.everyone is not None
+                else fit_name(self.engagements, now, PEER_METHODS)
+            )
+            path = self.peers_dir / f"peers-{name}.pkl"
             peers, fitted = load(path, PeerFeatures), False
             if peers is None:
                 # One process fits, the others wait for its file: shards started together
@@ -86,7 +95,9 @@ class ServingContext:
 
     def _fit_peers(self, now: datetime) -> PeerFeatures:
         # The fit itself may be another step's (feed_quality's is trained_models').
-        peers = PeerFeatures.fit(self.engagements, now, store=self.peers_dir)
+        engagements = self.everyone.read() if self.everyone is not None else self.engagements
+        peers = PeerFeatures.fit(engagements, now, store=self.peers_dir)
+        del engagements  # every row read for the fit goes before the item-kNN rows are made
         if self.candidate_posts is not None:
             peers.peers.prepare(self.candidate_posts)
             peers.peers.drop_transpose()
@@ -134,6 +145,7 @@ class ServingContext:
         candidate_posts: np.ndarray | None = None,
         users: np.ndarray | None = None,
         at: datetime | None = None,
+        everyone: WarehouseEngagements | None = None,
     ) -> ServingContext:
         """`content_vectors[i]` belongs to `articles` row i; `features` must be the models'
         (their config's `features`), since hashed buckets depend on it. `impressions` (the
@@ -142,15 +154,30 @@ class ServingContext:
         frame holds only some users' rows). `candidate_posts`: the article ids the run can
         score (see the field). `users`: the log holds only their rows (see for_users);
         with `at` too, the one time they are scored at, everyone's engagement counts per
-        post and author are kept for it only."""
+        post and author are kept for it only. With `everyone` (and `users` and `at`),
+        `engagements` need hold only the users' rows: what every user shares is counted
+        in the warehouse."""
         features = features or FeatureConfig()
-        catalog = ItemCatalog.build(articles, content_vectors, features, engagements)
+        times = _count_times(at)
+        if everyone is not None and (users is None or at is None):
+            raise ValueError("everyone's engagements serve some users at one time only")
+        counts = everyone.post_counts(times) if everyone is not None else None
+        catalog = ItemCatalog.build(
+            articles,
+            content_vectors,
+            features,
+            engagements if counts is None else None,
+            firsts=None if counts is None else counts.firsts,
+        )
+        shared = None
+        if counts is not None:
+            shared = EveryonesPositives.from_counts(counts.positives, catalog)
         exposures = warehouse.load(catalog) if warehouse is not None else impressions
         return cls(
             catalog=catalog,
             tensors=CatalogTensors(catalog),
             log=EngagementLog.build(
-                engagements, catalog, exposures, users=users, times_us=_count_times(at)
+                engagements, catalog, exposures, users=users, times_us=times, everyone=shared
             ),
             engagements=engagements,
             follows=follows,
@@ -158,6 +185,7 @@ class ServingContext:
             features=features,
             peers_dir=peers_dir,
             candidate_posts=candidate_posts,
+            everyone=everyone,
         )
 
     @classmethod
