@@ -18,6 +18,7 @@ Everything is vectorised numpy; the only Python loops run over batches and topic
 from __future__ import annotations
 
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
@@ -377,31 +378,45 @@ def _impressions(
     eng_parts: list[pl.DataFrame] = []
     truth_parts: list[pl.DataFrame] = []
     chunk = max(1, 2_000_000 // slate)
-    for c0 in range(0, n_sessions, chunk):
+    starts = range(0, n_sessions, chunk)
+
+    def shown(c0: int) -> tuple[np.ndarray, ...]:
         sess = np.arange(c0, min(n_sessions, c0 + chunk))
         u, t, sid, post = _fill_slates(cfg, lookups, posts, s_user[sess], s_time[sess], sess, rng)
-        position = _rank_within(sid)
-        imp_parts.append(
-            conform(
-                "impressions",
-                pl.DataFrame(
-                    {
-                        "impression_id": sid,
-                        "user_id": u,
-                        "article_id": post,
-                        "position": position,
-                        "shown_at": ts(t),
-                        "is_heldout": t >= heldout_from,
-                    }
-                ),
+        return u, t, sid, post, _rank_within(sid)
+
+    # The next chunk's slates are filled (from `rng`) on a second thread while this one's
+    # actions are drawn (from `rng_truth`): each stream still draws chunk after chunk, so the
+    # world is the same, and numpy lets go of the GIL for most of the work of either.
+    with ThreadPoolExecutor(1) as slates:
+        ahead = slates.submit(shown, starts[0]) if starts else None
+        for i, c0 in enumerate(starts):
+            u, t, sid, post, position = ahead.result()
+            if i + 1 < len(starts):
+                ahead = slates.submit(shown, starts[i + 1])
+            imp_parts.append(
+                conform(
+                    "impressions",
+                    pl.DataFrame(
+                        {
+                            "impression_id": sid,
+                            "user_id": u,
+                            "article_id": post,
+                            "position": position,
+                            "shown_at": ts(t),
+                            "is_heldout": t >= heldout_from,
+                        }
+                    ),
+                )
             )
-        )
-        probs, dwell_mean = _truth(users, posts, follow_keys, n_users, u, post, t, position)
-        eng_parts.append(_draw_engagements(u, t, sid, post, probs, dwell_mean, span, rng_truth, ts))
-        truth = _heldout_truth(t, sid, post, probs, dwell_mean, heldout_from)
-        if truth is not None:
-            truth_parts.append(truth)
-        say(f"sessions {min(n_sessions, c0 + chunk):,}/{n_sessions:,}")
+            probs, dwell_mean = _truth(users, posts, follow_keys, n_users, u, post, t, position)
+            eng_parts.append(
+                _draw_engagements(u, t, sid, post, probs, dwell_mean, span, rng_truth, ts)
+            )
+            truth = _heldout_truth(t, sid, post, probs, dwell_mean, heldout_from)
+            if truth is not None:
+                truth_parts.append(truth)
+            say(f"sessions {min(n_sessions, c0 + chunk):,}/{n_sessions:,}")
 
     return (
         _concat("impressions", imp_parts),
