@@ -254,6 +254,8 @@ def exact_topk(
         items_t = torch.from_numpy(np.ascontiguousarray(m.T))
     n_items = items_t.shape[1]
     q = _as_queries(queries, m.shape[1])
+    if not q.flags.writeable:
+        q = q.copy()  # queries read from Arrow: torch warns on a read-only array
     excluded = _exclusion_frame(exclude, len(q))
     fetch = min(k, n_items)
     if len(q) == 0 or fetch == 0:
