@@ -117,6 +117,13 @@ def positive_rows(columns: list[str], cut: datetime) -> pl.Expr | None:
     )
 
 
+def positive_rows_sql(columns: set[str] | list[str]) -> str | None:
+    """positive_rows' test of a row's actions as SQL (a missing action is no action; None:
+    no positive action column). The caller adds the cut."""
+    actions = [a for a in POSITIVE_ACTIONS if a in columns]
+    return " or ".join(f'coalesce("{a}", false)' for a in actions) or None
+
+
 def positive_pairs(engagements: pl.DataFrame, cut: datetime) -> pl.DataFrame:
     """(user_id, article_id, engaged_at) of positive engagement rows strictly before the cut."""
     keep = positive_rows(engagements.columns, cut)

@@ -28,13 +28,13 @@ from typing import Any
 import polars as pl
 
 from feed_dagster.artifacts import Location
-from feed_dagster.data.schema import POSITIVE_ACTIONS
 from feed_dagster.data.warehouse import connect_read_only
 from feed_dagster.metrics.classic import (
     CLASSIC_METHODS,
     HYPER_DEFAULTS,
     ClassicPeers,
     positive_rows,
+    positive_rows_sql,
 )
 
 # Fits kept in a store: one build needs two or three (the held-out start, `now`).
@@ -79,10 +79,9 @@ def fit_name_in_warehouse(
     con = connect_read_only(path)
     try:
         columns = {r[0] for r in con.execute("describe main.engagements").fetchall()}
-        actions = [a for a in POSITIVE_ACTIONS if a in columns]
+        positive = positive_rows_sql(columns)
         digest: tuple[int, ...] = (0,)
-        if actions:
-            positive = " or ".join(f'coalesce("{a}", false)' for a in actions)
+        if positive is not None:
             # Count and two sums of the row hashes, as in fit_name; DuckDB sums them
             # exactly (hugeint), so the digest does not depend on the scan's order either.
             digest = con.execute(

@@ -19,8 +19,8 @@ from typing import Any
 import polars as pl
 
 from feed_dagster.artifacts import Location
-from feed_dagster.data.schema import POSITIVE_ACTIONS
 from feed_dagster.data.warehouse import connect_read_only
+from feed_dagster.metrics.classic import positive_rows_sql
 from feed_dagster.metrics.fit_store import fit_name_in_warehouse
 
 
@@ -48,8 +48,7 @@ class WarehouseEngagements:
         con = connect_read_only(self.path)
         try:
             columns = {r[0] for r in con.execute("describe main.engagements").fetchall()}
-            actions = [a for a in POSITIVE_ACTIONS if a in columns]
-            positive = " or ".join(f'coalesce("{a}", false)' for a in actions) or "false"
+            positive = positive_rows_sql(columns) or "false"
             t = "coalesce(epoch_us(engaged_at), 0)"
             counts = "".join(
                 f", count(*) filter (where ({positive}) and {t} < {at}) as n{i}"
