@@ -391,10 +391,15 @@ def _quarantine(path: Path, reason: str) -> None:
     (failed / f"{path.name}.error.txt").write_text(reason + "\n")
 
 
+def done_batches(done: Path) -> list[Path]:
+    """The committed batch files in `done/`, in the order they were committed."""
+    return sorted(done.glob("*.parquet")) if done.is_dir() else []
+
+
 def replay_done(world: World, done: Path) -> World:
     """The world with every committed batch in `done/` appended (for full rebuilds):
     new rows for articles and engagements, set union for tombstones, blocks and mutes."""
-    files = sorted(done.glob("*.parquet")) if done.is_dir() else []
+    files = done_batches(done)
     if not files:
         return world
     extra: dict[str, list[pl.DataFrame]] = {t: [] for t in BATCH_TABLES.values()}

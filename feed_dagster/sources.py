@@ -10,13 +10,15 @@ kind of source, so the lower packages never import each other to dispatch.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from feed_dagster.data.schema import World
+from feed_dagster.data.world_stream import WorldStream
 from feed_dagster.data.world_tables import load_parquet_world
 from feed_dagster.ebnerd.load import load_ebnerd
-from feed_dagster.world import generate_world, world_config
+from feed_dagster.world import stream_world, world_config
 from feed_dagster.world.catalog import CATALOG_SCALES, catalog_config, generate_catalog
 
 SOURCE_KINDS = ("synthetic", "ebnerd", "parquet")
@@ -50,10 +52,16 @@ class SourceSpec:
 
 
 def load_source(spec: SourceSpec) -> World:
+    return stream_source(spec).collect()
+
+
+def stream_source(spec: SourceSpec, progress: Callable[[str], None] | None = None) -> WorldStream:
+    """The source's world as a stream: the synthetic social world generates its largest
+    tables chunk by chunk as the stream is read; the other sources arrive whole."""
     if spec.kind == "synthetic":
         if spec.scale in CATALOG_SCALES:
-            return generate_catalog(catalog_config(spec.scale, seed=spec.seed))
-        return generate_world(world_config(spec.scale, seed=spec.seed))
+            return WorldStream.whole(generate_catalog(catalog_config(spec.scale, seed=spec.seed)))
+        return stream_world(world_config(spec.scale, seed=spec.seed), progress)
     if spec.kind == "ebnerd":
-        return load_ebnerd(spec.path)
-    return load_parquet_world(Path(spec.path))
+        return WorldStream.whole(load_ebnerd(spec.path))
+    return WorldStream.whole(load_parquet_world(Path(spec.path)))

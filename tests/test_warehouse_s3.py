@@ -337,3 +337,17 @@ def test_a_missing_bucket_names_the_setting(
     monkeypatch.setenv(ARTIFACTS_URI_VARIABLE, f"s3://{s3_bucket}/feed")
     with pytest.raises(FileNotFoundError, match="materialise the raw assets"):
         read_tables(DataRoot(tmp_path / "data").warehouse_path(), ["users"])
+
+
+def test_a_world_written_in_parts_goes_up_whole(tmp_path: Path, remote: str) -> None:
+    from feed_dagster.world import stream_world, world_config
+
+    cfg = world_config("tiny", n_users=100, n_posts=500)
+    stream = stream_world(cfg)
+    tables = {"world_info": world_info(stream.head, "test"), **stream.head.tables()}
+    rows = write_tables(remote, tables, stream.parts())
+    local = tmp_path / "whole.duckdb"
+    world = stream_world(cfg).collect()
+    write_tables(local, _tables(world))
+    assert rows["impressions"] == world.impressions.height > 0
+    _assert_same(read_tables(local, list(tables)), read_tables(remote, list(tables)))

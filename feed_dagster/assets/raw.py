@@ -1,8 +1,8 @@
 """The canonical tables, loaded from the configured source into the DuckDB warehouse."""
 
 import dagster as dg
-import polars as pl
 
+from feed_dagster.data.warehouse_store import write_tables
 from feed_dagster.data.world_tables import world_info
 from feed_dagster.resources.source import SourceResource
 from feed_dagster.resources.warehouse import WAREHOUSE_POOL
@@ -36,28 +36,31 @@ RAW_TABLES: dict[str, tuple[str, str]] = {
 
 
 @dg.multi_asset(
-    outs={
-        name: dg.AssetOut(group_name=group, description=desc, kinds={"duckdb", "polars"})
+    specs=[
+        dg.AssetSpec(name, group_name=group, description=desc, kinds={"duckdb", "polars"})
         for name, (group, desc) in RAW_TABLES.items()
-    },
+    ],
     pool=WAREHOUSE_POOL,
     can_subset=False,
 )
 def source_tables(context: dg.AssetExecutionContext, source: SourceResource):
-    """Load every canonical table from the source in one pass (one consistent snapshot)."""
+    """Load every canonical table from the source in one pass (one consistent snapshot).
+
+    The tables are written here, in one transaction, rather than handed to the IO manager
+    one frame each: the largest arrive in parts (1M users' impressions would not fit in
+    memory whole), and the warehouse appends each part as it comes."""
     spec = source.parsed()
     context.log.info(f"loading source {spec.describe()}")
-    world = source.load()
-    tables: dict[str, pl.DataFrame] = {"world_info": world_info(world, spec.describe())}
-    tables.update(world.tables())
+    stream = source.stream(progress=context.log.info)
+    tables = {"world_info": world_info(stream.head, spec.describe()), **stream.head.tables()}
+    warehouse = source.storage.warehouse_path()
+    rows = write_tables(warehouse, tables, stream.parts())
     for name in RAW_TABLES:
-        df = tables[name]
-        yield dg.Output(
-            df,
-            output_name=name,
+        yield dg.MaterializeResult(
+            asset_key=name,
             metadata={
-                "dagster/row_count": df.height,
+                "dagster/row_count": rows[name],
                 "source": spec.describe(),
-                "columns": ", ".join(df.columns),
+                "columns": ", ".join(tables[name].columns),
             },
         )

@@ -30,6 +30,7 @@ checks) share the `warehouse` pool, which keeps them apart.
 
 from __future__ import annotations
 
+import tempfile
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
@@ -125,28 +126,62 @@ def upload_tables(
             )
 
 
-def write_tables(warehouse: Location, tables: Mapping[str, pl.DataFrame]) -> None:
+def write_tables(
+    warehouse: Location,
+    tables: Mapping[str, pl.DataFrame],
+    parts: Iterable[Mapping[str, pl.DataFrame]] = (),
+) -> dict[str, int]:
     """Create or replace the tables `tables` (name -> frame) in the warehouse, empty frames
-    included: in one transaction of the DuckDB file, or as one object each on a bucket."""
-    if is_remote_warehouse(warehouse):
-        check_warehouse(warehouse)
-        con = duckdb.connect()
+    included, then append each of `parts` (name -> more rows of one of `tables`) as it
+    comes, so a table may be written that is never whole in memory. Returns each table's
+    row count.
+
+    Nothing shows until all is written: the DuckDB file takes it in one transaction; for a
+    bucket, a temporary local DuckDB file takes it, then each table goes up in one PUT."""
+    if not is_remote_warehouse(warehouse):
+        Path(warehouse).parent.mkdir(parents=True, exist_ok=True)
+        con = duckdb.connect(str(warehouse))
+        try:
+            con.execute("begin transaction")
+            rows = _fill(con, tables, parts)
+            con.execute("commit")
+        finally:
+            con.close()
+        return rows
+    check_warehouse(warehouse)
+    with tempfile.TemporaryDirectory(prefix="feed-warehouse-") as tmp:
+        con = duckdb.connect(str(Path(tmp) / "tables.duckdb"))
         try:
             con.execute("set enable_progress_bar = false")
-            for name, df in tables.items():
-                con.register(name, df.to_arrow())
+            rows = _fill(con, tables, parts)
             upload_tables(con, warehouse, tables)
         finally:
             con.close()
-        return
-    Path(warehouse).parent.mkdir(parents=True, exist_ok=True)
-    con = duckdb.connect(str(warehouse))
+    return rows
+
+
+def _fill(
+    con: duckdb.DuckDBPyConnection,
+    tables: Mapping[str, pl.DataFrame],
+    parts: Iterable[Mapping[str, pl.DataFrame]],
+) -> dict[str, int]:
+    rows = {}
+    for name, df in tables.items():
+        _from_frame(con, f'create or replace table main."{name}" as select * from _frame', df)
+        rows[name] = df.height
+    for part in parts:
+        for name, df in part.items():
+            if name not in rows:
+                raise ValueError(f"rows for table {name!r}, which is not among {sorted(rows)}")
+            _from_frame(con, f'insert into main."{name}" select * from _frame', df)
+            rows[name] += df.height
+    return rows
+
+
+def _from_frame(con: duckdb.DuckDBPyConnection, sql: str, df: pl.DataFrame) -> None:
+    """Run `sql`, which reads the frame `df` as `_frame`."""
+    con.register("_frame", df.to_arrow())
     try:
-        con.execute("begin transaction")
-        for name, df in tables.items():
-            con.register("_frame", df.to_arrow())
-            con.execute(f'create or replace table main."{name}" as select * from _frame')
-            con.unregister("_frame")
-        con.execute("commit")
+        con.execute(sql)
     finally:
-        con.close()
+        con.unregister("_frame")

@@ -1,14 +1,16 @@
 """The data source as a Dagster resource: switching data is configuration, not code."""
 
 import os
+from collections.abc import Callable
 
 import dagster as dg
 from dagster._config.pythonic_config import PartialResource
 
 from feed_dagster.data.schema import World
-from feed_dagster.incoming import replay_done
+from feed_dagster.data.world_stream import WorldStream
+from feed_dagster.incoming import done_batches, replay_done
 from feed_dagster.resources.storage import StorageResource
-from feed_dagster.sources import SourceSpec, load_source
+from feed_dagster.sources import SourceSpec, stream_source
 
 
 class SourceResource(dg.ConfigurableResource):
@@ -29,10 +31,18 @@ class SourceResource(dg.ConfigurableResource):
         return SourceSpec.parse(self.spec, seed=self.seed)
 
     def load(self) -> World:
-        world = load_source(self.parsed())
-        if self.include_ingested:
-            world = replay_done(world, self.storage.incoming_dir() / "done")
-        return world
+        return self.stream().collect()
+
+    def stream(self, progress: Callable[[str], None] | None = None) -> WorldStream:
+        """The source's world, its largest tables in parts where the source makes them so
+        (`feed_dagster.sources.stream_source`)."""
+        stream = stream_source(self.parsed(), progress)
+        done = self.storage.incoming_dir() / "done"
+        if self.include_ingested and done_batches(done):
+            # A replayed batch adds to whole tables, engagements among them: the world is
+            # collected first (ingested batches are small beside it).
+            return WorldStream.whole(replay_done(stream.collect(), done))
+        return stream
 
 
 def default_source(

@@ -17,7 +17,7 @@ Everything is vectorised numpy; the only Python loops run over batches and topic
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -26,10 +26,14 @@ import numpy as np
 import polars as pl
 
 from feed_dagster.data.schema import ACTIONS, TABLE_SCHEMAS, World, conform
+from feed_dagster.data.world_stream import STREAMED_TABLES, WorldStream
 from feed_dagster.world.config import WorldConfig
 from feed_dagster.world.vocabulary import COMMON, TOPICS
 
 HOUR = 3600
+# Shown slots per chunk of impressions: what the generator (and a warehouse appending the
+# chunks) holds at a time, about 0.1 GiB of frames.
+CHUNK_SLOTS = 2_000_000
 RECENT_SECONDS = 48 * HOUR
 TOPIC_NAMES = tuple(TOPICS)
 N_TOPICS = len(TOPIC_NAMES)
@@ -56,6 +60,13 @@ assert set(TRUTH_WEIGHTS) == set(ACTIONS)
 
 def generate_world(cfg: WorldConfig, progress: Callable[[str], None] | None = None) -> World:
     """Generate every canonical table for `cfg`. Same config and seed give identical tables."""
+    return stream_world(cfg, progress).collect()
+
+
+def stream_world(cfg: WorldConfig, progress: Callable[[str], None] | None = None) -> WorldStream:
+    """The world of `cfg` with its impressions, engagements and held-out truth in chunks of
+    about CHUNK_SLOTS impressions: they are drawn as the stream's tail is read, so a writer that
+    appends each chunk holds one at a time. Collected, it is `generate_world`'s world."""
     say = progress or (lambda _msg: None)
     streams = np.random.SeedSequence(cfg.seed).spawn(8)
     rng_users, rng_graph, rng_social, rng_posts, rng_text, rng_sessions, rng_truth, _ = (
@@ -77,14 +88,9 @@ def generate_world(cfg: WorldConfig, progress: Callable[[str], None] | None = No
     posts = _posts(cfg, users, span, rng_posts)
     text, title = _texts(posts, rng_text)
     social = _social_extras(cfg, users, posts, rng_social)
-    say("impressions and engagements")
 
     def ts(seconds: np.ndarray) -> pl.Series:
         return pl.Series(start_us + seconds.astype(np.int64) * 1_000_000).cast(pl.Datetime("us"))
-
-    impressions, engagements, truth = _impressions(
-        cfg, users, follows, posts, span, heldout_from, rng_sessions, rng_truth, ts, say
-    )
 
     n = cfg.n_users
     user_ids = np.arange(n, dtype=np.int64)
@@ -115,9 +121,6 @@ def generate_world(cfg: WorldConfig, progress: Callable[[str], None] | None = No
                 "text": text,
             }
         ),
-        "impressions": impressions,
-        "engagements": engagements,
-        "impression_truth": truth,
         "topic_follows": pl.DataFrame(
             {"user_id": social["topic_follow_user"], "topic": social["topic_follow_topic"]}
         ),
@@ -126,15 +129,20 @@ def generate_world(cfg: WorldConfig, progress: Callable[[str], None] | None = No
         "muted_keywords": pl.DataFrame(
             {"user_id": social["kw_user"], "keyword": social["kw_word"]}
         ),
+        **{name: pl.DataFrame(schema=TABLE_SCHEMAS[name]) for name in STREAMED_TABLES},
     }
     tables = {name: conform(name, df) for name, df in tables.items()}
     window_start = cfg.window_start
-    return World(
+    head = World(
         **tables,
         window_start=window_start,
         heldout_start=window_start + timedelta(seconds=heldout_from),
         now=window_start + timedelta(seconds=span),
     )
+    tail = _impressions(
+        cfg, users, follows, posts, span, heldout_from, rng_sessions, rng_truth, ts, say
+    )
+    return WorldStream(head, tail)
 
 
 def _nullable(values: np.ndarray) -> pl.Series:
@@ -362,22 +370,20 @@ def _impressions(
     rng_truth: np.random.Generator,
     ts: Callable[[np.ndarray], pl.Series],
     say: Callable[[str], None],
-) -> tuple[pl.DataFrame, pl.DataFrame, pl.DataFrame]:
-    """Impressions, engagements and held-out truth, built chunk by chunk as canonical frames
-    so that peak memory stays near the size of the final tables.
+) -> Iterator[Mapping[str, pl.DataFrame]]:
+    """Impressions, engagements and held-out truth, yielded chunk by chunk as canonical
+    frames (one mapping per chunk of about CHUNK_SLOTS shown slots).
 
     The random draws happen in a fixed order (sessions, then per chunk: slate slots from
     `rng`, actions from `rng_truth`), so a seed gives the same world."""
+    say("impressions and engagements")
     n_users, slate = cfg.n_users, cfg.slate_size
     follow_keys = follows[0] * n_users + follows[1]  # sorted: edges come out of np.unique
     s_user, s_time = _sessions(cfg, users, span, rng)
     n_sessions = len(s_user)
     lookups = _slate_lookups(users, follows, posts, span, n_users)
 
-    imp_parts: list[pl.DataFrame] = []
-    eng_parts: list[pl.DataFrame] = []
-    truth_parts: list[pl.DataFrame] = []
-    chunk = max(1, 2_000_000 // slate)
+    chunk = max(1, CHUNK_SLOTS // slate)
     starts = range(0, n_sessions, chunk)
 
     def shown(c0: int) -> tuple[np.ndarray, ...]:
@@ -394,8 +400,8 @@ def _impressions(
             u, t, sid, post, position = ahead.result()
             if i + 1 < len(starts):
                 ahead = slates.submit(shown, starts[i + 1])
-            imp_parts.append(
-                conform(
+            part = {
+                "impressions": conform(
                     "impressions",
                     pl.DataFrame(
                         {
@@ -408,21 +414,18 @@ def _impressions(
                         }
                     ),
                 )
-            )
+            }
             probs, dwell_mean = _truth(users, posts, follow_keys, n_users, u, post, t, position)
-            eng_parts.append(
-                _draw_engagements(u, t, sid, post, probs, dwell_mean, span, rng_truth, ts)
+            part["engagements"] = _draw_engagements(
+                u, t, sid, post, probs, dwell_mean, span, rng_truth, ts
             )
             truth = _heldout_truth(t, sid, post, probs, dwell_mean, heldout_from)
             if truth is not None:
-                truth_parts.append(truth)
-            say(f"sessions {min(n_sessions, c0 + chunk):,}/{n_sessions:,}")
-
-    return (
-        _concat("impressions", imp_parts),
-        _concat("engagements", eng_parts),
-        _concat("impression_truth", truth_parts),
-    )
+                part["impression_truth"] = truth
+            # About ten progress lines, however many chunks (250 at 1M users).
+            if (10 * (i + 1)) // len(starts) > (10 * i) // len(starts):
+                say(f"sessions {min(n_sessions, c0 + chunk):,}/{n_sessions:,}")
+            yield part
 
 
 def _sessions(
@@ -582,12 +585,6 @@ def _heldout_truth(
             }
         ),
     )
-
-
-def _concat(name: str, parts: list[pl.DataFrame]) -> pl.DataFrame:
-    if not parts:
-        return pl.DataFrame(schema=TABLE_SCHEMAS[name])
-    return pl.concat(parts, rechunk=False)
 
 
 def _recent_from(t: np.ndarray) -> np.ndarray:
