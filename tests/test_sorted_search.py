@@ -1,11 +1,11 @@
-"""search_sorted gives exactly np.searchsorted's answers."""
+"""search_sorted and unique give exactly np.searchsorted's and np.unique's answers."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from feed_dagster.sorted_search import search_sorted
+from feed_dagster.sorted_search import search_sorted, unique
 
 
 @pytest.mark.parametrize("side", ["left", "right"])
@@ -28,3 +28,20 @@ def test_empty_inputs() -> None:
     assert np.array_equal(
         search_sorted(np.array([], dtype=np.int64), np.arange(5_000)), np.zeros(5_000)
     )
+
+
+@pytest.mark.parametrize(
+    "values",
+    [
+        np.random.default_rng(1).integers(-(10**12), 10**12, 50_000),  # wide, unsorted
+        np.random.default_rng(2).integers(0, 300, 50_000),  # many repeats
+        np.arange(1_000) // 3,  # already ascending
+        np.random.default_rng(3).integers(0, 9, (40, 25)),  # 2-D: flattened, as np.unique
+        np.zeros(0, dtype=np.int64),
+    ],
+)
+def test_unique_equals_numpy_unique(values: np.ndarray) -> None:
+    got = unique(values)
+    want = np.unique(values)
+    assert got.dtype == want.dtype
+    assert np.array_equal(got, want)

@@ -97,6 +97,12 @@ def test_a_stream_that_fails_half_way_leaves_the_warehouse_as_it_was(
     with pytest.raises(OSError, match="disk full"):
         write_tables(warehouse, _head_tables(other), breaks())
     assert {n: read_table(warehouse, n).height for n in counts} == counts
+    con = duckdb.connect(str(warehouse), read_only=True)
+    try:
+        names = {r[0] for r in con.execute("select table_name from duckdb_tables()").fetchall()}
+    finally:
+        con.close()
+    assert names == {"world_info", *before.head.tables()}
 
 
 def test_a_part_for_a_table_not_written_is_refused(tmp_path: Path, tiny_world) -> None:

@@ -49,6 +49,10 @@ from feed_dagster.artifacts import (
 from feed_dagster.paths import ARTIFACTS_URI_VARIABLE
 
 TABLE_SUFFIX = ".parquet"
+# What DuckDB may cache while it writes tables (its default is 80% of the machine's memory).
+WRITER_MEMORY_LIMIT = "2GB"
+# Tables being written are built under this prefix and renamed once all is written.
+STAGING_PREFIX = "_writing_"
 
 
 def is_remote_warehouse(warehouse: Location) -> bool:
@@ -136,21 +140,21 @@ def write_tables(
     comes, so a table may be written that is never whole in memory. Returns each table's
     row count.
 
-    Nothing shows until all is written: the DuckDB file takes it in one transaction; for a
-    bucket, a temporary local DuckDB file takes it, then each table goes up in one PUT."""
+    Nothing shows until all is written: in the DuckDB file the new tables take their names
+    in one transaction at the end (`_fill`); for a bucket, a temporary local DuckDB file
+    takes them, then each table goes up in one PUT."""
     if not is_remote_warehouse(warehouse):
         Path(warehouse).parent.mkdir(parents=True, exist_ok=True)
-        con = duckdb.connect(str(warehouse))
+        con = duckdb.connect(str(warehouse), config={"memory_limit": WRITER_MEMORY_LIMIT})
         try:
-            con.execute("begin transaction")
-            rows = _fill(con, tables, parts)
-            con.execute("commit")
+            return _fill(con, tables, parts)
         finally:
             con.close()
-        return rows
     check_warehouse(warehouse)
     with tempfile.TemporaryDirectory(prefix="feed-warehouse-") as tmp:
-        con = duckdb.connect(str(Path(tmp) / "tables.duckdb"))
+        con = duckdb.connect(
+            str(Path(tmp) / "tables.duckdb"), config={"memory_limit": WRITER_MEMORY_LIMIT}
+        )
         try:
             con.execute("set enable_progress_bar = false")
             rows = _fill(con, tables, parts)
@@ -165,16 +169,37 @@ def _fill(
     tables: Mapping[str, pl.DataFrame],
     parts: Iterable[Mapping[str, pl.DataFrame]],
 ) -> dict[str, int]:
+    """Write each table under a staging name (`STAGING_PREFIX`), statement by statement,
+    then, in one transaction, drop the old tables and give the new ones their names.
+
+    Not one transaction throughout: DuckDB keeps a transaction's appended rows in memory
+    until it commits (1M users' impressions would not fit), while rows appended outside
+    one go to the file. A failure drops the staged tables; the old ones stay as they were."""
+    staged = {name: f'main."{STAGING_PREFIX}{name}"' for name in tables}
     rows = {}
-    for name, df in tables.items():
-        _from_frame(con, f'create or replace table main."{name}" as select * from _frame', df)
-        rows[name] = df.height
-    for part in parts:
-        for name, df in part.items():
-            if name not in rows:
-                raise ValueError(f"rows for table {name!r}, which is not among {sorted(rows)}")
-            _from_frame(con, f'insert into main."{name}" select * from _frame', df)
-            rows[name] += df.height
+    in_transaction = False
+    try:
+        for name, df in tables.items():
+            _from_frame(con, f"create or replace table {staged[name]} as select * from _frame", df)
+            rows[name] = df.height
+        for part in parts:
+            for name, df in part.items():
+                if name not in rows:
+                    raise ValueError(f"rows for table {name!r}, which is not among {sorted(rows)}")
+                _from_frame(con, f"insert into {staged[name]} select * from _frame", df)
+                rows[name] += df.height
+        con.execute("begin transaction")
+        in_transaction = True
+        for name in tables:
+            con.execute(f'drop table if exists main."{name}"')
+            con.execute(f'alter table {staged[name]} rename to "{name}"')
+        con.execute("commit")
+    except BaseException:
+        if in_transaction:
+            con.execute("rollback")
+        for table in staged.values():
+            con.execute(f"drop table if exists {table}")
+        raise
     return rows
 
 

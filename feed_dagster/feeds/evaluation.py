@@ -50,6 +50,7 @@ from feed_dagster.pipeline.tables import (
     table,
     user_frame,
 )
+from feed_dagster.sorted_search import unique
 
 LEARNED, CHRONOLOGICAL, POPULARITY = "learned", "chronological_following", "popularity"
 CLASSIC_FEEDS = (CHRONOLOGICAL, POPULARITY)
@@ -117,7 +118,7 @@ def sample_users(positives: pl.DataFrame, size: int = DEFAULT_SAMPLE, seed: int 
     """
     if size < 1:
         raise ValueError(f"sample size must be >= 1, got {size}")
-    eligible = np.unique(positives["user_id"].cast(pl.Int64).to_numpy())
+    eligible = unique(positives["user_id"].cast(pl.Int64).to_numpy())
     if len(eligible) <= size:
         return eligible
     rng = np.random.default_rng(seed)
@@ -345,7 +346,7 @@ def build_compared_feeds(
     if clash:
         raise ValueError(f"feed names {sorted(clash)} are reserved for the classic feeds")
     known = tables_before(tables, cut)
-    users = np.unique(np.asarray(users, dtype=np.int64))
+    users = unique(np.asarray(users, dtype=np.int64))
     specs = [(name, factory, cfg) for name, factory in learned.items()]
     specs += [(name, factory, classic_config(cfg)) for name, factory in classic_feeds().items()]
     out = []
@@ -392,7 +393,7 @@ def evaluate_feeds(
     eligible = positives["user_id"].n_unique()
     if users is None:
         users = sample_users(positives, sample_size, seed)
-    users = np.unique(np.asarray(users, dtype=np.int64))
+    users = unique(np.asarray(users, dtype=np.int64))
     positives = positives.join(user_frame(users), on="user_id", how="semi")
     k = cfg.selection.served
     feeds = build_compared_feeds(full, cut, users, learned, config=cfg, batch_size=batch_size)

@@ -27,6 +27,7 @@ import polars as pl
 
 from feed_dagster.data.schema import POSITIVE_ACTIONS, World
 from feed_dagster.metrics.ranking import evaluate_scores
+from feed_dagster.sorted_search import unique
 
 SCORE = "score"
 # Larger than any age in seconds, so the followed block always outranks the rest.
@@ -115,7 +116,7 @@ def _totals_before(
     falls in, `block` events at a time: the memory follows a block and the query times, not
     a sort or a group-by of every event (20.8M at 100k users)."""
     at = times.cast(pl.Datetime("us")).dt.epoch("us").to_numpy()
-    grid = np.unique(at)
+    grid = unique(at)
     sums = {name: np.zeros(len(grid) + 1) for name in columns}
     for part in events.iter_slices(block):
         part = part.filter(where & pl.col("engaged_at").is_not_null())

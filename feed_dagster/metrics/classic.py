@@ -69,7 +69,7 @@ from threadpoolctl import threadpool_limits
 
 from feed_dagster.data.schema import POSITIVE_ACTIONS
 from feed_dagster.metrics.baselines import SCORE
-from feed_dagster.sorted_search import distinct
+from feed_dagster.sorted_search import distinct, unique
 
 CLASSIC_METHODS: tuple[str, ...] = ("popularity_all_time", "item_knn", "als", "ease")
 
@@ -182,7 +182,7 @@ def _item_knn_rows(
     # In item order, so the blocks' rows follow one another and the matrix is assembled
     # row by row: a (row, col, value) list of every neighbour, converted at the end, held
     # about 50 bytes per neighbour at once (3 GB for the rows of 60k slates at 100k users).
-    rows = np.unique(np.asarray(rows, dtype=np.int64))
+    rows = unique(np.asarray(rows, dtype=np.int64))
     # Cost of row i of X^T X = sum over its users of their history length; blocks of rows
     # with a bounded cost keep the product's memory bounded on big worlds; the threads'
     # blocks in flight together stay within one block's budget.
@@ -373,7 +373,7 @@ class ClassicPeers:
         computed; rows computed once are kept."""
         if self.knn is None or self._knn_done is None:
             raise ValueError(f"method 'item_knn' was not fitted; fitted: {self.methods}")
-        wanted = np.arange(self._knn_done.size) if items is None else np.unique(items)
+        wanted = np.arange(self._knn_done.size) if items is None else unique(items)
         missing = wanted[~self._knn_done[wanted]]
         if missing.size:
             if self._history_t is None:

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from feed_dagster.sorted_search import ascending, distinct, search_sorted
+from feed_dagster.sorted_search import ascending, distinct, search_sorted, unique
 
 # Pair keys a * PAIR_BASE + b (user, topic) or (user, author): ids below 2**31 each.
 PAIR_BASE = 2**31
@@ -150,7 +150,7 @@ class CountsAtPoints:
     @classmethod
     def of(cls, index: TimeIndex, key: np.ndarray, time_us: np.ndarray) -> CountsAtPoints:
         """`index`'s counts at the points (key[i], time_us[i])."""
-        points = np.unique(_point_keys(index.layout, key, time_us))
+        points = unique(_point_keys(index.layout, key, time_us))
         lay = index.layout
         counts = index.count_before(
             points // lay.step, lay.t0 + (points % lay.step) * lay.resolution
@@ -237,11 +237,11 @@ class PairCounter:
         key = pair_key(a, b)
         time_us = np.broadcast_to(np.asarray(time_us, np.int64), key.shape)
         pos, found = self._find(key)
-        pairs = np.unique(key[found])
+        pairs = unique(key[found])
         # Count at the old dense ids, store under the new ones (ranks among `pairs`): the
         # new ids are no larger, so the old layout still fits them.
         lay = self.index.layout
-        points = np.unique(_point_keys(lay, pos[found], time_us[found]))
+        points = unique(_point_keys(lay, pos[found], time_us[found]))
         old, step = points // lay.step, points % lay.step
         counts = self.index.count_before(old, lay.t0 + step * lay.resolution)
         new = search_sorted(pairs, self.pairs[old]) * lay.step + step

@@ -33,7 +33,7 @@ from feed_dagster.models.counts import (
     time_index,
 )
 from feed_dagster.models.exposures import ExposureLog
-from feed_dagster.sorted_search import search_sorted
+from feed_dagster.sorted_search import search_sorted, unique
 
 N_ACTIONS = len(ACTIONS)
 
@@ -160,7 +160,7 @@ class EngagementLog:
         if everyone is not None and users is None:
             raise ValueError("everyone's positives come with the users whose rows are kept")
         if users is not None:
-            users = np.unique(np.asarray(users, dtype=np.int64))
+            users = unique(np.asarray(users, dtype=np.int64))
             if everyone is None:
                 everyone = EveryonesPositives.of(engagements, catalog, times_us)
             engagements = engagements.join(
@@ -279,7 +279,7 @@ class EngagementLog:
     def _user_times(self) -> tuple[np.ndarray, np.ndarray, KeyLayout]:
         """(distinct users, keys, layout): the log's (user, time) as one int64 per row,
         user rank * step + time. The log is sorted by (user, time), so the keys are too."""
-        distinct = np.unique(self.user)
+        distinct = unique(self.user)
         n = len(self.user)
         layout = KeyLayout.of(
             n,

@@ -31,6 +31,7 @@ from feed_dagster.models.counts import (
     TimeIndex,
     pair_key,
 )
+from feed_dagster.sorted_search import unique
 
 EXPOSURE_MEMORY = "2GB"
 
@@ -161,7 +162,7 @@ class ExposureLog:
         )
         con.register("exposure_catalog", mapping.to_arrow())
         if users is not None:
-            users = np.unique(np.asarray(users, dtype=np.int64))
+            users = unique(np.asarray(users, dtype=np.int64))
             con.register("exposure_users", pl.DataFrame({"user_id": users}).to_arrow())
         if at_us is not None:  # `source` holds only the impressions before it
             return cls._indexes_at(con, source, users, at_us)
@@ -299,7 +300,7 @@ def _only(con: duckdb.DuckDBPyConnection, events: str, column: str, keys: np.nda
     """`events` restricted to the rows whose `column` is one of `keys` (negative keys, which
     no event has, are left out). The keys are registered under one name per column, so the
     query is good until the next call for the same column."""
-    wanted = np.unique(np.asarray(keys, dtype=np.int64))
+    wanted = unique(np.asarray(keys, dtype=np.int64))
     name = f"exposure_wanted_{column}"
     con.register(name, pl.DataFrame({column: wanted[wanted >= 0]}).to_arrow())
     return f"select * from ({events}) semi join {name} using ({column})"

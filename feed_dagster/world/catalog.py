@@ -32,6 +32,7 @@ import numpy as np
 import polars as pl
 
 from feed_dagster.data.schema import ACTIONS, TABLE_SCHEMAS, World, conform
+from feed_dagster.sorted_search import unique
 
 DAY = 86_400
 GENRES: tuple[str, ...] = (
@@ -388,7 +389,7 @@ def _slates(
     popular = rng.random(len(u)) < cfg.popular_share
     item = rng.integers(0, n_items, size=len(u))
     item[popular] = _sample_weighted(engaged_count + 1.0, int(popular.sum()), rng)
-    seen = np.unique(history["user"] * n_items + history["item"])
+    seen = unique(history["user"] * n_items + history["item"])
     key = u * n_items + item
     at = np.searchsorted(seen, key).clip(0, len(seen) - 1)
     ok = seen[at] != key

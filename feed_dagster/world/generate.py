@@ -27,6 +27,7 @@ import polars as pl
 
 from feed_dagster.data.schema import ACTIONS, TABLE_SCHEMAS, World, conform
 from feed_dagster.data.world_stream import STREAMED_TABLES, WorldStream
+from feed_dagster.sorted_search import unique
 from feed_dagster.world.config import WorldConfig
 from feed_dagster.world.vocabulary import COMMON, TOPICS
 
@@ -230,7 +231,7 @@ def _follow_graph(
     back = rng.random(len(src)) < cfg.follow_back_prob
     src, dst = np.concatenate([src, dst[back]]), np.concatenate([dst, src[back]])
     keep = src != dst
-    keys = np.unique(src[keep] * n + dst[keep])
+    keys = unique(src[keep] * n + dst[keep])
     follower, followee = keys // n, keys % n
     # Follows happen before the window opens, so the graph is fixed while feeds are served.
     followed_at = -rng.integers(60, 180 * 24 * HOUR, size=len(keys))
@@ -323,7 +324,7 @@ def _social_extras(
         count = rng.poisson(mean, size=n)
         u = np.repeat(np.arange(n), count)
         t = _sample_weighted(post_counts, len(u), rng)
-        keys = np.unique(u * n + t)
+        keys = unique(u * n + t)
         keys = keys[keys // n != keys % n]
         return keys // n, keys % n
 
@@ -378,7 +379,7 @@ def _impressions(
     `rng`, actions from `rng_truth`), so a seed gives the same world."""
     say("impressions and engagements")
     n_users, slate = cfg.n_users, cfg.slate_size
-    follow_keys = follows[0] * n_users + follows[1]  # sorted: edges come out of np.unique
+    follow_keys = follows[0] * n_users + follows[1]  # sorted: edges come out of unique()
     s_user, s_time = _sessions(cfg, users, span, rng)
     n_sessions = len(s_user)
     lookups = _slate_lookups(users, follows, posts, span, n_users)
