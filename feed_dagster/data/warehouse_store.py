@@ -156,7 +156,6 @@ def write_tables(
             str(Path(tmp) / "tables.duckdb"), config={"memory_limit": WRITER_MEMORY_LIMIT}
         )
         try:
-            con.execute("set enable_progress_bar = false")
             rows = _fill(con, tables, parts)
             upload_tables(con, warehouse, tables)
         finally:
@@ -175,6 +174,8 @@ def _fill(
     Not one transaction throughout: DuckDB keeps a transaction's appended rows in memory
     until it commits (1M users' impressions would not fit), while rows appended outside
     one go to the file. A failure drops the staged tables; the old ones stay as they were."""
+    # DuckDB's progress bar would print into the step's log.
+    con.execute("set enable_progress_bar = false")
     staged = {name: f'main."{STAGING_PREFIX}{name}"' for name in tables}
     rows = {}
     in_transaction = False

@@ -41,6 +41,7 @@ from feed_dagster.ebnerd.layout import (
     HISTORY_SCHEMA,
     TEST_BEHAVIORS_SCHEMA,
 )
+from feed_dagster.sorted_search import unique
 from feed_dagster.world.vocabulary import COMMON, TOPICS
 
 HISTORY_DAYS = 14
@@ -154,7 +155,7 @@ def write_articles_for_ids(
     sighting are published at a random time in the week before the earliest one given.
     """
     rng = np.random.default_rng(seed)
-    ids = np.unique(np.fromiter((int(a) for a in article_ids), dtype=np.int64))
+    ids = unique(np.fromiter((int(a) for a in article_ids), dtype=np.int64))
     if isinstance(first_seen, pl.DataFrame):
         seen = first_seen.select(
             pl.col("article_id").cast(pl.Int64), pl.col("first_seen").cast(pl.Datetime("us"))

@@ -12,7 +12,7 @@ import numpy as np
 import polars as pl
 
 from feed_dagster.embeddings.hashing import hash_ints
-from feed_dagster.sorted_search import search_sorted
+from feed_dagster.sorted_search import search_sorted, unique
 
 # Age of a post (hours) at the moment it is shown or engaged with. Fine steps over the first
 # two days, where a feed's posts live and freshness matters most, then coarse ones for the
@@ -281,6 +281,6 @@ class ItemCatalog:
         pos = search_sorted(self.article_ids, ids).clip(0, max(len(self.article_ids) - 1, 0))
         found = self.article_ids[pos] == ids if len(self.article_ids) else np.zeros(0, bool)
         if not found.all():
-            missing = np.unique(ids[~found])[:5].tolist()
+            missing = unique(ids[~found])[:5].tolist()
             raise ValueError(f"{what}: ids not in the articles table, e.g. {missing}")
         return (pos + 1).astype(np.int32)

@@ -288,7 +288,7 @@ class CountsAtTimes:
         key = np.asarray(key, dtype=np.int64)
         times = np.asarray(time_us, dtype=np.int64)
         out = np.zeros(len(key), dtype=np.float32)
-        for t in np.unique(times):
+        for t in unique(times):
             if int(t) not in self.at:
                 raise ValueError(
                     f"counts were taken at {sorted(self.at)} us only, not at {int(t)} us"

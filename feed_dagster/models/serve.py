@@ -27,6 +27,7 @@ from feed_dagster.models.ranker_data import POST_RECENT_US, build_serving_data
 from feed_dagster.models.retrieval_data import user_histories
 from feed_dagster.models.two_tower import TwoTower, catalog_item_vectors, user_vectors
 from feed_dagster.models.warehouse_engagements import WarehouseEngagements
+from feed_dagster.sorted_search import unique
 
 
 @dataclass(frozen=True)
@@ -111,7 +112,7 @@ class ServingContext:
         whole. A feed shard holds its users' 1/16 of the engagements so, not all of them."""
         if self.log.users is None:
             raise ValueError("for_users needs a log built for some users (users=...)")
-        self.log.require(np.unique(np.asarray(users, dtype=np.int64)))
+        self.log.require(unique(np.asarray(users, dtype=np.int64)))
         if peers:
             self.peers_at(now)
         mine = pl.DataFrame({"user_id": self.log.users})

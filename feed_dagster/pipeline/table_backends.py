@@ -26,6 +26,7 @@ from feed_dagster.pipeline.tables import (
     published_between,
     table,
 )
+from feed_dagster.sorted_search import unique
 
 NEGATIVE_ACTIONS: tuple[str, ...] = tuple(a for a in ACTIONS if a not in POSITIVE_ACTIONS)
 NULL_TOPIC = -1  # stand-in key so posts without a topic still get a (prior) affinity
@@ -134,7 +135,7 @@ class PopularityRetriever:
     ) -> pl.DataFrame:
         now = naive_utc(now)
         after = None if published_after is None else naive_utc(published_after)
-        users = np.unique(np.asarray(user_ids, dtype=np.int64))
+        users = unique(np.asarray(user_ids, dtype=np.int64))
         recent = self.articles.filter(published_between(after, now)).sort("article_id")
         if users.size == 0 or recent.is_empty() or k <= 0:
             return pl.DataFrame(schema=RETRIEVED_SCHEMA)

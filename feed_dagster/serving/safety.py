@@ -47,6 +47,7 @@ import polars as pl
 from feed_dagster.atomic import replace_atomically, temp_path_beside
 from feed_dagster.errors import DataValidationError
 from feed_dagster.paths import SAFETY_SUFFIX
+from feed_dagster.sorted_search import unique
 
 SAFETY_SCHEMA = {"kind": pl.String, "user_id": pl.Int64, "target_id": pl.Int64}
 
@@ -174,7 +175,7 @@ class SafetyList:
             .sort("user_id", "target_id")
         )
         return cls(
-            deleted=np.unique(deleted.drop_nulls().to_numpy().astype(np.int64)),
+            deleted=unique(deleted.drop_nulls().to_numpy().astype(np.int64)),
             viewers=pairs["user_id"].to_numpy().astype(np.int64),
             hidden_authors=pairs["target_id"].to_numpy().astype(np.int64),
             seen_users=seen["user_id"].to_numpy().astype(np.int64),
