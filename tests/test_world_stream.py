@@ -14,6 +14,7 @@ from dagster_helpers import materialize
 from polars.testing import assert_frame_equal
 
 import feed_dagster.world.generate as generate_module
+from feed_dagster.assets.raw import RAW_TABLES
 from feed_dagster.data.warehouse import read_table
 from feed_dagster.data.warehouse_store import write_tables
 from feed_dagster.data.world_stream import STREAMED_TABLES, WorldStream
@@ -123,6 +124,11 @@ def test_source_tables_writes_the_world_in_parts(data_dir: Path, small_chunks) -
     assert result.success
     materialized = [e.materialization for e in result.get_asset_materialization_events()]
     counts = {m.asset_key.path[-1]: m.metadata["dagster/row_count"].value for m in materialized}
+    # The step's own peak, which the UI and bench/bench_tier.py show.
+    peaks = {
+        m.metadata["peak_rss_mib"].value for m in materialized if m.asset_key.path[-1] in RAW_TABLES
+    }
+    assert len(peaks) == 1 and peaks.pop() > 50
     con = duckdb.connect(str(data_dir / "warehouse.duckdb"), read_only=True)
     try:
         for name, df in world.tables().items():

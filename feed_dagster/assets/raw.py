@@ -4,6 +4,7 @@ import dagster as dg
 
 from feed_dagster.data.warehouse_store import write_tables
 from feed_dagster.data.world_tables import world_info
+from feed_dagster.memory import StepMemory
 from feed_dagster.resources.source import SourceResource
 from feed_dagster.resources.warehouse import WAREHOUSE_POOL
 
@@ -51,10 +52,10 @@ def source_tables(context: dg.AssetExecutionContext, source: SourceResource):
     memory whole), and the warehouse appends each part as it comes."""
     spec = source.parsed()
     context.log.info(f"loading source {spec.describe()}")
-    stream = source.stream(progress=context.log.info)
-    tables = {"world_info": world_info(stream.head, spec.describe()), **stream.head.tables()}
-    warehouse = source.storage.warehouse_path()
-    rows = write_tables(warehouse, tables, stream.parts())
+    with StepMemory() as memory:
+        stream = source.stream(progress=context.log.info)
+        tables = {"world_info": world_info(stream.head, spec.describe()), **stream.head.tables()}
+        rows = write_tables(source.storage.warehouse_path(), tables, stream.parts())
     for name in RAW_TABLES:
         yield dg.MaterializeResult(
             asset_key=name,
@@ -62,5 +63,6 @@ def source_tables(context: dg.AssetExecutionContext, source: SourceResource):
                 "dagster/row_count": rows[name],
                 "source": spec.describe(),
                 "columns": ", ".join(tables[name].columns),
+                **memory.metadata(),
             },
         )
