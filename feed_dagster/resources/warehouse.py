@@ -81,6 +81,8 @@ class WarehouseClient(DuckDbClient):
             max_retries=10,
         )
         try:
+            # A long load draws DuckDB's progress bar on stdout, into the step's log.
+            conn.execute("set enable_progress_bar = false")
             yield conn
         finally:
             conn.close()
