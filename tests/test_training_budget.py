@@ -176,3 +176,22 @@ def test_groups_sampled_from_engagements_come_from_users_with_exposure_counts(wa
     sampled = data.ranker_train.group_logged == 0
     assert sampled.sum() > 0
     assert np.isin(data.ranker_train.group_user[sampled], data.log.exposures.users).all()
+
+
+def test_the_baselines_score_the_same_on_the_articles_columns_they_read(warehouse) -> None:
+    from feed_dagster.assets.evaluation import EVALUATION_COLUMNS, EVALUATION_TABLES
+    from feed_dagster.data.warehouse import read_heldout_sample
+    from feed_dagster.data.world_tables import world_from_tables
+    from feed_dagster.metrics.baselines import evaluate_baselines
+
+    def evaluated(columns):
+        tables, _ = read_heldout_sample(warehouse, EVALUATION_TABLES, 40, columns=columns)
+        world = world_from_tables(tables, tables["world_info"])
+        return tables, evaluate_baselines(world, heldout_only=True)
+
+    pruned, got = evaluated(EVALUATION_COLUMNS)
+    assert pruned["articles"].columns == EVALUATION_COLUMNS["articles"]
+    whole, want = evaluated(None)
+    assert "text" in whole["articles"].columns
+    assert got.height > 3
+    assert got.equals(want)

@@ -12,6 +12,9 @@ from feed_dagster.resources.storage import StorageResource
 from feed_dagster.resources.warehouse import WAREHOUSE_POOL
 
 EVALUATION_TABLES = ["world_info", "impressions", "engagements", "articles", "follows"]
+# The baselines read an article's author and publication time only: its texts, the bulk
+# of the table (about 2 GiB at 10M posts), are left in the warehouse.
+EVALUATION_COLUMNS = {"articles": ["article_id", "author_id", "published_at"]}
 
 
 class EvaluationConfig(dg.Config):
@@ -36,7 +39,11 @@ def impressions_evaluation(config: EvaluationConfig, storage: StorageResource):
     Only the sampled users' held-out impressions are read (SQL), so the step's cost follows
     the sample, not the world."""
     tables, sample = read_heldout_sample(
-        storage.warehouse_path(), EVALUATION_TABLES, config.max_users, config.seed
+        storage.warehouse_path(),
+        EVALUATION_TABLES,
+        config.max_users,
+        config.seed,
+        columns=EVALUATION_COLUMNS,
     )
     world = world_from_tables(tables, tables["world_info"])
     table = evaluate_baselines(world, heldout_only=True, peer_fits=storage.serving_peers_dir())

@@ -133,11 +133,16 @@ order by hash(user_id, $seed), user_id
 
 
 def read_heldout_sample(
-    path: Location, names: list[str], max_users: int, seed: int = 0
+    path: Location,
+    names: list[str],
+    max_users: int,
+    seed: int = 0,
+    columns: dict[str, list[str]] | None = None,
 ) -> tuple[dict[str, pl.DataFrame], dict[str, int]]:
     """Tables `names` for a held-out evaluation, read in one session: `impressions` (and
     `impression_truth`) are the held-out impressions of a seeded random sample of at most
-    `max_users` users (every user when `max_users` is 0); other tables are read whole.
+    `max_users` users (every user when `max_users` is 0); other tables are read whole, or
+    only the columns `columns` names for them.
 
     Returns (tables, {"evaluated_users", "heldout_users"}): per-user metrics on a fixed-size
     sample stay comparable across world sizes, and the sample size goes in the metadata."""
@@ -165,7 +170,9 @@ def read_heldout_sample(
                     "user_id in (select user_id from _users)) using (impression_id)"
                 )
             else:
-                query = f'select * from main."{name}"'
+                wanted = (columns or {}).get(name)
+                select = ", ".join(f'"{c}"' for c in wanted) if wanted else "*"
+                query = f'select {select} from main."{name}"'
             tables[name] = con.execute(query).pl()
     finally:
         con.close()
