@@ -35,7 +35,8 @@ def unique(values: np.ndarray) -> np.ndarray:
 
     numpy 2.4's `np.unique` without return_index/return_inverse uses a hash table, which
     is many times slower on this machine for large arrays of wide-ranging keys: 10M random
-    int64 took 12.1 s against 0.7 s for a sort and a pass."""
+    int64 took 12.7 s against 0.66 s for a sort and a pass (medians of three), 57.6M
+    (the follow graph's edges at 1M users) 111 s against 4.4 s."""
     values = np.asarray(values).ravel()
     ordered = values if ascending(values) else np.sort(values)
     if ordered.size == 0:
