@@ -47,9 +47,10 @@ RAW_TABLES: dict[str, tuple[str, str]] = {
 def source_tables(context: dg.AssetExecutionContext, source: SourceResource):
     """Load every canonical table from the source in one pass (one consistent snapshot).
 
-    The tables are written here, in one transaction, rather than handed to the IO manager
-    one frame each: the largest arrive in parts (1M users' impressions would not fit in
-    memory whole), and the warehouse appends each part as it comes."""
+    The tables are written here rather than handed to the IO manager one frame each: the
+    largest arrive in parts (1M users' impressions would not fit in memory whole), the
+    warehouse appends each part as it comes, and the new tables replace the old ones
+    together, in one transaction (`warehouse_store.write_tables`)."""
     spec = source.parsed()
     context.log.info(f"loading source {spec.describe()}")
     with StepMemory() as memory:

@@ -30,6 +30,7 @@ checks) share the `warehouse` pool, which keeps them apart.
 
 from __future__ import annotations
 
+import contextlib
 import tempfile
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -196,10 +197,12 @@ def _fill(
             con.execute(f'alter table {staged[name]} rename to "{name}"')
         con.execute("commit")
     except BaseException:
-        if in_transaction:
-            con.execute("rollback")
-        for table in staged.values():
-            con.execute(f"drop table if exists {table}")
+        # Best effort: the error that stopped the writing is the one to raise.
+        with contextlib.suppress(duckdb.Error):
+            if in_transaction:
+                con.execute("rollback")
+            for table in staged.values():
+                con.execute(f"drop table if exists {table}")
         raise
     return rows
 
