@@ -139,3 +139,11 @@ def test_slates_only_show_posts_published_before_the_session(tiny_world):
     assert (shown["published_at"] <= shown["shown_at"]).all()
     age = (shown["shown_at"] - shown["published_at"]).dt.total_hours()
     assert age.max() <= 48
+
+
+def test_texts_joined_in_blocks_are_the_texts_joined_at_once(tiny_world, monkeypatch):
+    import feed_dagster.world.generate as generate_module
+
+    monkeypatch.setattr(generate_module, "TEXT_ROWS", 700)  # the tiny world's 3,000 posts in 5
+    blocked = generate_world(world_config("tiny")).articles
+    assert blocked.select("title", "text").equals(tiny_world.articles.select("title", "text"))
