@@ -21,8 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from report import machine, markdown_table, peak_rss_mb, write_section  # noqa: E402
 
-from feed_dagster.data.warehouse_store import write_tables  # noqa: E402
-from feed_dagster.data.world_tables import world_info  # noqa: E402
+from feed_dagster.data.world_tables import write_world  # noqa: E402
 from feed_dagster.graph.stats import (  # noqa: E402
     account_stats,
     degree_summary,
@@ -42,8 +41,7 @@ def _into_warehouse(cfg, say) -> tuple[object, dict[str, int], int]:
     with tempfile.TemporaryDirectory(prefix="bench-world-") as tmp:
         path = Path(tmp) / "warehouse.duckdb"
         stream = stream_world(cfg, progress=say)
-        tables = {"world_info": world_info(stream.head, "bench"), **stream.head.tables()}
-        rows = write_tables(path, tables, stream.parts())
+        rows = write_world(path, stream, "bench")
         rows.pop("world_info")
         return stream.head, rows, path.stat().st_size
 

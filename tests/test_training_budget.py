@@ -7,6 +7,7 @@ from dataclasses import replace
 import numpy as np
 import polars as pl
 import pytest
+from polars.testing import assert_frame_equal
 
 from feed_dagster.data.world_tables import world_from_tables
 from feed_dagster.embeddings import LexicalEncoder
@@ -194,4 +195,5 @@ def test_the_baselines_score_the_same_on_the_articles_columns_they_read(warehous
     whole, want = evaluated(None)
     assert "text" in whole["articles"].columns
     assert got.height > 3
-    assert got.equals(want)
+    # Means over impressions read in a parallel scan's order differ in the last bit (5e-17).
+    assert_frame_equal(got, want)

@@ -29,7 +29,7 @@ from feed_dagster.data.warehouse import (
     read_tables,
 )
 from feed_dagster.data.warehouse_store import remote_table_names, write_tables
-from feed_dagster.data.world_tables import world_info
+from feed_dagster.data.world_tables import world_info, write_world
 from feed_dagster.embeddings.lexical import LexicalEncoder
 from feed_dagster.feeds.build import OPTIONAL_TABLES, PIPELINE_TABLES
 from feed_dagster.feeds.precompute import read_shard_tables
@@ -344,10 +344,10 @@ def test_a_world_written_in_parts_goes_up_whole(tmp_path: Path, remote: str) -> 
 
     cfg = world_config("tiny", n_users=100, n_posts=500)
     stream = stream_world(cfg)
-    tables = {"world_info": world_info(stream.head, "test"), **stream.head.tables()}
-    rows = write_tables(remote, tables, stream.parts())
+    tables = ["world_info", *stream.head.tables()]
+    rows = write_world(remote, stream, "test")
     local = tmp_path / "whole.duckdb"
     world = stream_world(cfg).collect()
     write_tables(local, _tables(world))
     assert rows["impressions"] == world.impressions.height > 0
-    _assert_same(read_tables(local, list(tables)), read_tables(remote, list(tables)))
+    _assert_same(read_tables(local, tables), read_tables(remote, tables))

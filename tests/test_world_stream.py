@@ -18,7 +18,7 @@ from feed_dagster.assets.raw import RAW_TABLES
 from feed_dagster.data.warehouse import read_table
 from feed_dagster.data.warehouse_store import write_tables
 from feed_dagster.data.world_stream import STREAMED_TABLES, WorldStream
-from feed_dagster.data.world_tables import world_info
+from feed_dagster.data.world_tables import world_info, write_world
 from feed_dagster.world import generate_world, stream_world, world_config
 
 # Shown slots per chunk in these tests: the tiny world's 33k impressions in a dozen parts.
@@ -28,10 +28,6 @@ SMALL_CHUNKS = 3_000
 @pytest.fixture()
 def small_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(generate_module, "CHUNK_SLOTS", SMALL_CHUNKS)
-
-
-def _head_tables(stream: WorldStream) -> dict[str, pl.DataFrame]:
-    return {"world_info": world_info(stream.head, "test"), **stream.head.tables()}
 
 
 def _read_all(warehouse: Path, names) -> dict[str, pl.DataFrame]:
@@ -69,7 +65,7 @@ def test_the_warehouse_appends_each_part_into_the_tables_a_whole_world_writes(
             seen.append(part["impressions"].height)
             yield part
 
-    rows = write_tables(streamed, _head_tables(stream), counted())
+    rows = write_world(streamed, WorldStream(stream.head, counted()), "test")
     assert len(seen) >= 10
     assert rows["impressions"] == sum(seen) == world.impressions.height
     assert rows["engagements"] == world.engagements.height
@@ -84,7 +80,7 @@ def test_a_stream_that_fails_half_way_leaves_the_warehouse_as_it_was(
 ) -> None:
     warehouse = tmp_path / "warehouse.duckdb"
     before = stream_world(world_config("tiny"))
-    write_tables(warehouse, _head_tables(before), before.parts())
+    write_world(warehouse, before, "test")
     counts = {n: read_table(warehouse, n).height for n in ("users", *STREAMED_TABLES)}
 
     other = stream_world(world_config("tiny", seed=7, n_users=200))
@@ -96,7 +92,7 @@ def test_a_stream_that_fails_half_way_leaves_the_warehouse_as_it_was(
             yield part
 
     with pytest.raises(OSError, match="disk full"):
-        write_tables(warehouse, _head_tables(other), breaks())
+        write_world(warehouse, WorldStream(other.head, breaks()), "test")
     assert {n: read_table(warehouse, n).height for n in counts} == counts
     con = duckdb.connect(str(warehouse), read_only=True)
     try:

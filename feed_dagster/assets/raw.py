@@ -2,8 +2,7 @@
 
 import dagster as dg
 
-from feed_dagster.data.warehouse_store import write_tables
-from feed_dagster.data.world_tables import world_info
+from feed_dagster.data.world_tables import world_info, write_world
 from feed_dagster.memory import StepMemory
 from feed_dagster.resources.source import SourceResource
 from feed_dagster.resources.warehouse import WAREHOUSE_POOL
@@ -55,15 +54,16 @@ def source_tables(context: dg.AssetExecutionContext, source: SourceResource):
     context.log.info(f"loading source {spec.describe()}")
     with StepMemory() as memory:
         stream = source.stream(progress=context.log.info)
-        tables = {"world_info": world_info(stream.head, spec.describe()), **stream.head.tables()}
-        rows = write_tables(source.storage.warehouse_path(), tables, stream.parts())
+        rows = write_world(source.storage.warehouse_path(), stream, spec.describe())
+    # The head's frames carry every table's columns (a streamed one's first rows, or none).
+    frames = {"world_info": world_info(stream.head, spec.describe()), **stream.head.tables()}
     for name in RAW_TABLES:
         yield dg.MaterializeResult(
             asset_key=name,
             metadata={
                 "dagster/row_count": rows[name],
                 "source": spec.describe(),
-                "columns": ", ".join(tables[name].columns),
+                "columns": ", ".join(frames[name].columns),
                 **memory.metadata(),
             },
         )

@@ -53,13 +53,18 @@ IMPRESSION_TOTALS = "impression_totals"
 ENGAGEMENT_USERS = "engagement_users"
 
 
+def select_sql(name: str, columns: list[str] | None = None) -> str:
+    """The query of table `name`, or of only its `columns` (DuckDB reads column by column,
+    so the others are never fetched)."""
+    listed = ", ".join(f'"{c}"' for c in columns) if columns else "*"
+    return f'select {listed} from main."{name}"'
+
+
 def read_table(path: Location, name: str, columns: list[str] | None = None) -> pl.DataFrame:
-    """One table, or only its `columns` (read column by column, so the others are never
-    fetched), from the warehouse at `path`."""
-    select = ", ".join(f'"{c}"' for c in columns) if columns else "*"
+    """One table, or only its `columns`, from the warehouse at `path`."""
     con = connect_read_only(path)
     try:
-        return con.execute(f'select {select} from main."{name}"').pl()
+        return con.execute(select_sql(name, columns)).pl()
     finally:
         con.close()
 
@@ -97,9 +102,7 @@ def read_tables(
         wanted = [n for n in names if n in present or n not in optional]
 
         def select(name: str) -> str:
-            cols = (columns or {}).get(name)
-            listed = ", ".join('"' + c + '"' for c in cols) if cols else "*"
-            return f'select {listed} from main."{name}"'
+            return select_sql(name, (columns or {}).get(name))
 
         if users is None or "impressions" not in wanted:
             return {name: con.execute(select(name)).pl() for name in wanted}
@@ -170,9 +173,7 @@ def read_heldout_sample(
                     "user_id in (select user_id from _users)) using (impression_id)"
                 )
             else:
-                wanted = (columns or {}).get(name)
-                select = ", ".join(f'"{c}"' for c in wanted) if wanted else "*"
-                query = f'select {select} from main."{name}"'
+                query = select_sql(name, (columns or {}).get(name))
             tables[name] = con.execute(query).pl()
     finally:
         con.close()

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import polars as pl
 
+from feed_dagster.artifacts import Location
 from feed_dagster.data.schema import DEFAULT_CANDIDATE_WINDOW, TABLE_SCHEMAS, World, conform
 from feed_dagster.data.validate import (
     check_canonical,
@@ -21,6 +22,8 @@ from feed_dagster.data.validate import (
     conform_checked,
     read_parquet,
 )
+from feed_dagster.data.warehouse_store import write_tables
+from feed_dagster.data.world_stream import WorldStream
 from feed_dagster.errors import DataValidationError
 
 
@@ -53,6 +56,14 @@ def window_from_info(row: dict) -> timedelta | None:
         return DEFAULT_CANDIDATE_WINDOW
     hours = row["candidate_window_hours"]
     return None if hours is None else timedelta(hours=float(hours))
+
+
+def write_world(warehouse: Location, stream: WorldStream, source: str) -> dict[str, int]:
+    """Every table of the stream, and its world_info, into the warehouse: the streamed
+    tables part by part as they come, all replacing the old tables together
+    (`warehouse_store.write_tables`). Returns each table's row count."""
+    tables = {"world_info": world_info(stream.head, source), **stream.head.tables()}
+    return write_tables(warehouse, tables, stream.parts())
 
 
 def save_parquet_world(world: World, folder: Path, source: str = "parquet") -> None:

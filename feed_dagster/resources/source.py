@@ -6,7 +6,6 @@ from collections.abc import Callable
 import dagster as dg
 from dagster._config.pythonic_config import PartialResource
 
-from feed_dagster.data.schema import World
 from feed_dagster.data.world_stream import WorldStream
 from feed_dagster.incoming import done_batches, replay_done
 from feed_dagster.resources.storage import StorageResource
@@ -29,9 +28,6 @@ class SourceResource(dg.ConfigurableResource):
 
     def parsed(self) -> SourceSpec:
         return SourceSpec.parse(self.spec, seed=self.seed)
-
-    def load(self) -> World:
-        return self.stream().collect()
 
     def stream(self, progress: Callable[[str], None] | None = None) -> WorldStream:
         """The source's world, its largest tables in parts where the source makes them so
