@@ -8,12 +8,26 @@ from datetime import datetime, timedelta
 import numpy as np
 import polars as pl
 import pytest
+from polars.testing import assert_frame_equal
 
 import feed_dagster.metrics.classic as classic
 from feed_dagster.data.schema import World
-from feed_dagster.metrics.baselines import SCORE, evaluate_baselines, label_impressions
+from feed_dagster.data.warehouse import read_heldout_sample
+from feed_dagster.data.world_tables import world_from_tables
+from feed_dagster.metrics.baselines import (
+    BASELINES,
+    SCORE,
+    evaluate_baselines,
+    label_impressions,
+)
 from feed_dagster.metrics.classic import ClassicPeers
-from feed_dagster.metrics.fit_store import fit_name, stored_fit
+from feed_dagster.metrics.fit_store import (
+    fit_name,
+    fit_name_in_warehouse,
+    read_positive_pairs,
+    stored_fit,
+    stored_fit_in_warehouse,
+)
 from feed_dagster.metrics.ranking import evaluate_scores
 
 
@@ -100,3 +114,69 @@ def test_the_baselines_fit_the_classic_peers_once_at_the_heldout_start(
         scored = imps.with_columns(pl.Series(SCORE, fresh.score(method, users, posts)))
         expected = evaluate_scores(scored, SCORE, "label")["auc"]
         assert rows[method]["auc"] == pytest.approx(expected, abs=1e-12)
+
+
+def test_a_fit_is_named_alike_in_a_frame_and_in_the_warehouse(world, warehouse, tmp_path):
+    """One query hashes the rows wherever they are, so a step that reads the engagements
+    and one that leaves them in the warehouse share a fit; the pairs the warehouse hands
+    over make the frame's fit."""
+    cut = world.heldout_start
+    name = fit_name(world.engagements, cut, classic.CLASSIC_METHODS)
+    assert fit_name_in_warehouse(warehouse, cut, classic.CLASSIC_METHODS) == name
+    assert fit_name_in_warehouse(warehouse, cut - timedelta(hours=1), ("als",)) == fit_name(
+        world.engagements, cut - timedelta(hours=1), ("als",)
+    )
+    pairs = read_positive_pairs(warehouse, cut)
+    assert_frame_equal(pairs, classic.positive_pairs(world.engagements, cut), check_row_order=False)
+    stored = stored_fit_in_warehouse(warehouse, cut, tmp_path)
+    assert [p.name for p in tmp_path.glob("fit-*.pkl")] == [f"fit-{name}.pkl"]
+    fresh = ClassicPeers.fit(world.engagements, cut)
+    users = world.impressions["user_id"].to_numpy()[:500]
+    posts = world.impressions["article_id"].to_numpy()[:500]
+    for method in classic.CLASSIC_METHODS:
+        np.testing.assert_array_equal(
+            stored.score(method, users, posts), fresh.score(method, users, posts)
+        )
+
+
+def test_the_baselines_on_a_scoped_sample_match_the_whole_world(world, warehouse, tmp_path):
+    """impressions_evaluation reads the sample's rows only and takes what everyone's rows
+    decide from the warehouse: the same figures as from every row, and the same fit."""
+    names = ["world_info", "impressions", "engagements", "articles", "follows"]
+    whole, _ = read_heldout_sample(warehouse, names, max_users=12, seed=3)
+    scoped, _ = read_heldout_sample(warehouse, names, max_users=12, seed=3, scoped=True)
+    assert scoped["engagements"].height < whole["engagements"].height
+    assert scoped["follows"].height < whole["follows"].height
+    assert set(scoped["follows"]["follower_id"]) <= set(scoped["impressions"]["user_id"])
+    expected = evaluate_baselines(world_from_tables(whole, whole["world_info"]))
+    got = evaluate_baselines(
+        world_from_tables(scoped, scoped["world_info"]), peer_fits=tmp_path, warehouse=warehouse
+    )
+    # random's scores follow the rows' order, which two reads need not share.
+    assert got["baseline"].to_list() == expected["baseline"].to_list()
+    assert "chronological_following" in got["baseline"]
+    assert_frame_equal(
+        got.filter(pl.col("baseline") != "random"),
+        expected.filter(pl.col("baseline") != "random"),
+        check_exact=False,
+        abs_tol=1e-9,
+    )
+    loaded = stored_fit(world.engagements, world.heldout_start, tmp_path)
+    assert len(list(tmp_path.glob("fit-*.pkl"))) == 1 and loaded.cut == world.heldout_start
+
+
+def test_chronological_following_stays_when_the_sample_follows_nobody(world, warehouse):
+    """Whether anyone follows anyone is the warehouse's answer, not the sample's."""
+    names = ["world_info", "impressions", "engagements", "articles", "follows"]
+    scoped, _ = read_heldout_sample(warehouse, names, max_users=5, scoped=True)
+    scoped["follows"] = scoped["follows"].clear()
+    chosen = {b: BASELINES[b] for b in ("recency", "chronological_following")}
+    table = evaluate_baselines(
+        world_from_tables(scoped, scoped["world_info"]), baselines=chosen, warehouse=warehouse
+    )
+    assert "chronological_following" in table["baseline"]
+    chrono, recency = (
+        table.filter(pl.col("baseline") == b)["auc"].item()
+        for b in ("chronological_following", "recency")
+    )
+    assert chrono == pytest.approx(recency)

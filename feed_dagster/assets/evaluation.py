@@ -36,17 +36,25 @@ class EvaluationConfig(dg.Config):
 def impressions_evaluation(config: EvaluationConfig, storage: StorageResource):
     """AUC, MRR and nDCG@5/10 of the non-learned baselines on held-out impressions, scored
     as the EBNeRD benchmark does (label = inview article clicked), with no future leakage.
-    Only the sampled users' held-out impressions are read (SQL), so the step's cost follows
-    the sample, not the world."""
+    Only the sampled users' held-out impressions, the engagements on the posts they show
+    and their follows are read (SQL); what every user's engagements decide (the classic
+    peers' fit, read_time's fallback) is taken where they are, so the step holds the
+    sample, not the world."""
     tables, sample = read_heldout_sample(
         storage.warehouse_path(),
         EVALUATION_TABLES,
         config.max_users,
         config.seed,
         columns=EVALUATION_COLUMNS,
+        scoped=True,
     )
     world = world_from_tables(tables, tables["world_info"])
-    table = evaluate_baselines(world, heldout_only=True, peer_fits=storage.serving_peers_dir())
+    table = evaluate_baselines(
+        world,
+        heldout_only=True,
+        peer_fits=storage.serving_peers_dir(),
+        warehouse=storage.warehouse_path(),
+    )
     return dg.Output(
         table,
         metadata={

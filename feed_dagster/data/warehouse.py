@@ -12,6 +12,7 @@ read-only. Readers here retry with backoff for a bounded time instead of failing
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
 
@@ -135,17 +136,29 @@ order by hash(user_id, $seed), user_id
 """
 
 
+# read_heldout_sample's `scoped` rows: a table's rows that concern the sampled users.
+_SAMPLE_SCOPES = {
+    "engagements": "{} where article_id in (select distinct article_id from main.impressions "
+    "where is_heldout and user_id in (select user_id from _users))",
+    "follows": "{} where follower_id in (select user_id from _users)",
+}
+
+
 def read_heldout_sample(
     path: Location,
     names: list[str],
     max_users: int,
     seed: int = 0,
     columns: dict[str, list[str]] | None = None,
+    scoped: bool = False,
 ) -> tuple[dict[str, pl.DataFrame], dict[str, int]]:
     """Tables `names` for a held-out evaluation, read in one session: `impressions` (and
     `impression_truth`) are the held-out impressions of a seeded random sample of at most
     `max_users` users (every user when `max_users` is 0); other tables are read whole, or
-    only the columns `columns` names for them.
+    only the columns `columns` names for them. With `scoped`, `engagements` holds only the
+    rows on the posts those impressions show (their labels and the posts' own histories)
+    and `follows` only the sampled users' own: what is asked of everyone stays in the
+    warehouse (at 1M users 165M engagement rows, 5.7 GiB as a frame).
 
     Returns (tables, {"evaluated_users", "heldout_users"}): per-user metrics on a fixed-size
     sample stay comparable across world sizes, and the sample size goes in the metadata."""
@@ -172,9 +185,26 @@ def read_heldout_sample(
                     "(select impression_id from main.impressions where is_heldout and "
                     "user_id in (select user_id from _users)) using (impression_id)"
                 )
+            elif scoped and name in _SAMPLE_SCOPES:
+                query = _SAMPLE_SCOPES[name].format(select_sql(name, (columns or {}).get(name)))
             else:
                 query = select_sql(name, (columns or {}).get(name))
             tables[name] = con.execute(query).pl()
     finally:
         con.close()
     return tables, {"evaluated_users": int(sampled), "heldout_users": int(available)}
+
+
+def scan_batches(
+    path: Location, query: str, params: dict | None = None, rows: int = 1 << 21
+) -> Iterator[pl.DataFrame]:
+    """The rows of `query` on the warehouse at `path`, `rows` at a time: one pass over a
+    table that need not fit in memory."""
+    con = connect_read_only(path)
+    try:
+        result = con.execute(query, params or {})
+        # to_arrow_reader is the newer name (DuckDB 1.4+) of fetch_record_batch.
+        for batch in getattr(result, "to_arrow_reader", result.fetch_record_batch)(rows):
+            yield pl.from_arrow(batch)
+    finally:
+        con.close()

@@ -17,15 +17,18 @@ and keeps the input row order.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from datetime import timedelta
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import polars as pl
 
+from feed_dagster.artifacts import Location
 from feed_dagster.data.schema import POSITIVE_ACTIONS, World
+from feed_dagster.data.warehouse import scan_batches
 from feed_dagster.metrics.ranking import evaluate_scores
 from feed_dagster.sorted_search import unique
 
@@ -104,21 +107,20 @@ def _on_shown_articles(impressions: pl.DataFrame, engagements: pl.DataFrame) -> 
 
 def _totals_before(
     times: pl.Series,
-    events: pl.DataFrame,
+    events: Iterable[pl.DataFrame],
     columns: dict[str, pl.Expr],
     where: pl.Expr,
-    block: int = 1 << 21,
 ) -> dict[str, pl.Series]:
-    """For each of `times`, the sum of each of `columns` (expressions over `events`) over
+    """For each of `times`, the sum of each of `columns` (expressions over the events) over
     the events that pass `where` and whose `engaged_at` is strictly before it.
 
     Each event is put in the interval between two consecutive distinct query times it
-    falls in, `block` events at a time: the memory follows a block and the query times, not
-    a sort or a group-by of every event (20.8M at 100k users)."""
+    falls in, a slice of `events` at a time: the memory follows a slice and the query
+    times, not a sort or a group-by of every event (20.8M at 100k users)."""
     at = times.cast(pl.Datetime("us")).dt.epoch("us").to_numpy()
     grid = unique(at)
     sums = {name: np.zeros(len(grid) + 1) for name in columns}
-    for part in events.iter_slices(block):
+    for part in events:
         part = part.filter(where & pl.col("engaged_at").is_not_null())
         t = part["engaged_at"].cast(pl.Datetime("us")).dt.epoch("us").to_numpy()
         # bin = number of query times at or before the event: the event is strictly before
@@ -184,11 +186,15 @@ def read_time_scores(
     engagements: pl.DataFrame,
     articles: pl.DataFrame | None = None,
     follows: pl.DataFrame | None = None,
+    *,
+    every: Callable[[], Iterable[pl.DataFrame]] | None = None,
 ) -> pl.DataFrame:
     """Mean dwell of the article's engagements strictly before shown_at.
 
     An article nobody has read yet gets the mean dwell of all earlier engagements, so the
-    score ranks depth of reading, not merely having been read (that is popularity).
+    score ranks depth of reading, not merely having been read (that is popularity). Those
+    are `engagements`, or, given `every`, the slices it returns (with engaged_at and
+    dwell_seconds): every user's, where `engagements` holds the shown posts' rows only.
     """
     has_dwell = pl.col("dwell_seconds").is_not_null()
     timed = (
@@ -200,17 +206,17 @@ def read_time_scores(
     sums = {"dwell": pl.col("dwell_seconds").cast(pl.Float64).sum(), "n": pl.len().cast(pl.Float64)}
     own = _as_of(impressions, _cumulative(timed, sums), pl.col("shown_at"), ["dwell", "n"])
     # Every article's engagements, for the fallback, summed per interval between impressions.
-    every = _totals_before(
+    every_before = _totals_before(
         impressions["shown_at"],
-        engagements,
+        engagements.iter_slices(1 << 21) if every is None else every(),
         {"dwell": pl.col("dwell_seconds"), "n": pl.lit(1.0)},
         where=has_dwell,
     )
     score = (
         pl.when(own["n"] > 0)
         .then(own["dwell"] / own["n"])
-        .when(every["n"] > 0)
-        .then(every["dwell"] / every["n"])
+        .when(every_before["n"] > 0)
+        .then(every_before["dwell"] / every_before["n"])
         .otherwise(0.0)
     )
     return impressions.with_columns(score.alias(SCORE))
@@ -284,6 +290,7 @@ def evaluate_baselines(
     action: str = "click",
     baselines: dict[str, Baseline] | None = None,
     peer_fits: Path | None = None,
+    warehouse: Location | None = None,
 ) -> pl.DataFrame:
     """Score the (held-out) impressions with every baseline and compute ranking metrics.
 
@@ -293,10 +300,18 @@ def evaluate_baselines(
     with `heldout_only` (the fit trained_models and feed_quality make too: through the fit
     store `peer_fits`, metrics.fit_store, it is made once); chronological_following is left
     out when the world has no follows, where it would only repeat recency.
+
+    With `warehouse`, the world may hold only what concerns its impressions
+    (data.warehouse.read_heldout_sample with `scoped`): the engagements on the posts they
+    show and their users' follows. What every user's rows decide (read_time's fallback,
+    the classic peers' fit, whether anyone follows anyone) is then taken from the
+    warehouse at that path, in a pass or in SQL.
     """
     chosen = dict(BASELINES if baselines is None else baselines)
-    if baselines is None and world.follows.height == 0:
+    if baselines is None and not _any_follows(world, warehouse):
         chosen.pop("chronological_following")
+    if warehouse is not None and chosen.get("read_time") is read_time_scores:
+        chosen["read_time"] = partial(read_time_scores, every=partial(_dwell_slices, warehouse))
     imps = world.impressions
     if heldout_only:
         imps = imps.filter(pl.col("is_heldout"))
@@ -306,17 +321,41 @@ def evaluate_baselines(
         scored = fn(imps, world.engagements, world.articles, world.follows)
         rows.append({"baseline": name, **evaluate_scores(scored, SCORE, "label")})
     if baselines is None:
-        rows += _classic_rows(world, imps, heldout_only, peer_fits)
+        rows += _classic_rows(world, imps, heldout_only, peer_fits, warehouse)
     return pl.DataFrame(rows)
 
 
+def _any_follows(world: World, warehouse: Location | None) -> bool:
+    if warehouse is None:
+        return world.follows.height > 0
+    return next(scan_batches(warehouse, "select * from main.follows limit 1"), None) is not None
+
+
+def _dwell_slices(warehouse: Location) -> Iterator[pl.DataFrame]:
+    """Every engagement with a dwell time in the warehouse, in slices."""
+    return scan_batches(
+        warehouse,
+        "select engaged_at, dwell_seconds from main.engagements where dwell_seconds is not null",
+    )
+
+
 def _classic_rows(
-    world: World, imps: pl.DataFrame, heldout_only: bool, peer_fits: Path | None
+    world: World,
+    imps: pl.DataFrame,
+    heldout_only: bool,
+    peer_fits: Path | None,
+    warehouse: Location | None,
 ) -> list[dict[str, Any]]:
     """evaluate_baselines' rows of the classic peers, all from one fit."""
     # Imported here: the classic peers build on this module's definitions.
-    from feed_dagster.metrics.classic import CLASSIC_METHODS
-    from feed_dagster.metrics.fit_store import store_again, stored_fit
+    from feed_dagster.metrics.classic import CLASSIC_METHODS, ClassicPeers
+    from feed_dagster.metrics.fit_store import (
+        fit_name,
+        fit_name_in_warehouse,
+        load_or_fit,
+        read_positive_pairs,
+        store_again,
+    )
 
     if imps.height == 0:
         scored = imps.with_columns(pl.lit(None, dtype=pl.Float32).alias(SCORE))
@@ -324,7 +363,20 @@ def _classic_rows(
     cut = imps["shown_at"].min()
     if heldout_only:
         cut = min(cut, world.heldout_start)
-    peers = stored_fit(world.engagements, cut, peer_fits)
+
+    def fit() -> ClassicPeers:
+        if warehouse is None:
+            return ClassicPeers.fit(world.engagements, cut)
+        return ClassicPeers.fit_pairs(read_positive_pairs(warehouse, cut), cut)
+
+    # Named as the fit store names it: from where the engagements are.
+    if peer_fits is None:
+        name = ""
+    elif warehouse is None:
+        name = fit_name(world.engagements, cut, CLASSIC_METHODS)
+    else:
+        name = fit_name_in_warehouse(warehouse, cut, CLASSIC_METHODS)
+    peers = fit() if peer_fits is None else load_or_fit(peer_fits, name, fit)
     users, articles = imps["user_id"].to_numpy(), imps["article_id"].to_numpy()
     rows = []
     for method in CLASSIC_METHODS:
@@ -332,5 +384,5 @@ def _classic_rows(
             pl.Series(SCORE, peers.score(method, users, articles), dtype=pl.Float32)
         )
         rows.append({"baseline": method, **evaluate_scores(scored, SCORE, "label")})
-    store_again(peers, world.engagements, peer_fits)
+    store_again(peers, peer_fits, name)
     return rows

@@ -323,6 +323,20 @@ class ClassicPeers:
         als_regularization, als_alpha, als_iterations, ease_lambda, ease_items,
         ease_window_hours, seed).
         """
+        return cls.fit_pairs(positive_pairs(engagements, cut), cut, methods, **hyper)
+
+    @classmethod
+    def fit_pairs(
+        cls,
+        pairs: pl.DataFrame,
+        cut: datetime,
+        methods: tuple[str, ...] = CLASSIC_METHODS,
+        **hyper: Any,
+    ) -> ClassicPeers:
+        """`fit` on `pairs`, the (user_id, article_id, engaged_at) of the positive
+        engagements before `cut` as positive_pairs selects them (or as the warehouse hands
+        them over, metrics.fit_store.read_positive_pairs). The fit does not depend on the
+        rows' order."""
         unknown_methods = set(methods) - set(CLASSIC_METHODS)
         if unknown_methods:
             raise ValueError(f"unknown methods {sorted(unknown_methods)}; known {CLASSIC_METHODS}")
@@ -330,7 +344,6 @@ class ClassicPeers:
         if unknown:
             raise ValueError(f"unknown hyperparameters {sorted(unknown)}")
         h = {**HYPER_DEFAULTS, **hyper}
-        pairs = positive_pairs(engagements, cut)
         user_ids, u = distinct(pairs["user_id"].to_numpy())
         item_ids, i = distinct(pairs["article_id"].to_numpy())
         shape = (user_ids.size, item_ids.size)

@@ -15,7 +15,7 @@ import numpy as np
 import polars as pl
 
 from feed_dagster.data.schema import World
-from feed_dagster.metrics.fit_store import exclusive, fit_name, load, save
+from feed_dagster.metrics.fit_store import exclusive, fit_name, load, save, stored_fit_in_warehouse
 from feed_dagster.models.catalog import FeatureConfig, ItemCatalog, to_micros
 from feed_dagster.models.compiled import CompiledBlocks
 from feed_dagster.models.engagement_log import EngagementLog, EveryonesPositives
@@ -96,9 +96,12 @@ class ServingContext:
 
     def _fit_peers(self, now: datetime) -> PeerFeatures:
         # The fit itself may be another step's (feed_quality's is trained_models').
-        engagements = self.everyone.read() if self.everyone is not None else self.engagements
-        peers = PeerFeatures.fit(engagements, now, store=self.peers_dir)
-        del engagements  # every row read for the fit goes before the item-kNN rows are made
+        if self.everyone is None:
+            peers = PeerFeatures.fit(self.engagements, now, store=self.peers_dir)
+        else:
+            peers = PeerFeatures.of(
+                stored_fit_in_warehouse(self.everyone.path, now, self.peers_dir, PEER_METHODS)
+            )
         if self.candidate_posts is not None:
             peers.peers.prepare(self.candidate_posts)
             peers.peers.drop_transpose()
