@@ -51,6 +51,20 @@ def test_a_world_within_the_budget_is_read_whole_and_split_as_before(warehouse, 
     )
 
 
+def test_the_training_read_leaves_the_posts_words_in_the_warehouse(warehouse, tiny_world):
+    """trained_models reads the articles without their texts, and trains on the same
+    frame as with them (the words are nulls once conformed, and nothing reads them)."""
+    from feed_dagster.assets.models import TRAINING_COLUMNS
+
+    tables, _ = read_training_tables(warehouse, TABLES, TrainingBudget(), TRAINING_COLUMNS)
+    assert {"title", "text", "topic_name"}.isdisjoint(tables["articles"].columns)
+    whole, _ = read_training_tables(warehouse, TABLES, TrainingBudget())
+    assert_frame_equal(tables["articles"], whole["articles"].drop("title", "text", "topic_name"))
+    world = world_from_tables(tables, tables["world_info"])
+    assert world.articles.height == tiny_world.articles.height
+    assert world.articles["text"].null_count() == world.articles.height
+
+
 def test_a_small_budget_samples_whole_impressions_and_users(warehouse, tiny_world):
     budget = TrainingBudget(train_slates=200, valid_slates=30, heldout_users=25)
     tables, sample = read_training_tables(warehouse, TABLES, budget)

@@ -26,7 +26,7 @@ from typing import Any
 import polars as pl
 
 from feed_dagster.artifacts import Location
-from feed_dagster.data.warehouse import HELDOUT_USERS_SQL, connect_read_only
+from feed_dagster.data.warehouse import HELDOUT_USERS_SQL, connect_read_only, select_sql
 
 
 @dataclass(frozen=True)
@@ -123,11 +123,15 @@ where (period = 'train' and r <= $train_slates)
 
 
 def read_training_tables(
-    path: Location, names: list[str], budget: TrainingBudget
+    path: Location,
+    names: list[str],
+    budget: TrainingBudget,
+    columns: dict[str, list[str]] | None = None,
 ) -> tuple[dict[str, pl.DataFrame], TrainingSample]:
     """Warehouse tables `names` for training, with `impressions` (and `impression_truth`)
-    cut to the budget's sample of whole impressions; every other table is read whole. (The
-    exposure counts over every impression are built in DuckDB: models.exposures.)"""
+    cut to the budget's sample of whole impressions; every other table is read whole, or
+    only the columns `columns` names for it. (The exposure counts over every impression are
+    built in DuckDB: models.exposures.)"""
     con = connect_read_only(path)
     try:
         con.execute(
@@ -154,7 +158,7 @@ def read_training_tables(
             if name in ("impressions", "impression_truth"):
                 query = f'select t.* from main."{name}" t semi join sampled using (impression_id)'
             else:
-                query = f'select * from main."{name}"'
+                query = select_sql(name, (columns or {}).get(name))
             tables[name] = con.execute(query).pl()
     finally:
         con.close()
