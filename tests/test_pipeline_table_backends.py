@@ -77,3 +77,20 @@ def test_topic_affinity_scorer_probabilities(tiny_world) -> None:
     boosted = s.score(c.with_columns(in_network=pl.lit(True)), q)
     assert (boosted["p_favorite"] >= out["p_favorite"]).all()
     assert boosted["p_report"].equals(out["p_report"])
+
+
+def test_popularity_top_k_takes_the_lowest_indices_among_ties() -> None:
+    """Which of the posts tied at the k-th place are retrieved must not depend on the
+    machine (np.argpartition's choice does): the lowest indices, the rest by score."""
+    from feed_dagster.pipeline.table_backends import _top_k_lowest_index_on_ties
+
+    scores = np.array([[1.0, 3.0, 3.0, 3.0, 0.0, -np.inf], [5.0] * 6, [0, 1, 2, 3, 4, 5.0]])
+    assert _top_k_lowest_index_on_ties(scores, 2).tolist() == [[1, 2], [0, 1], [4, 5]]
+    assert _top_k_lowest_index_on_ties(scores, 5).tolist() == [
+        [0, 1, 2, 3, 4],
+        [0, 1, 2, 3, 4],
+        [1, 2, 3, 4, 5],
+    ]
+    rounded = np.round(np.random.default_rng(0).random((40, 300)), 1)  # many ties
+    stable = np.sort(np.argsort(-rounded, axis=1, kind="stable")[:, :17], axis=1)
+    np.testing.assert_array_equal(_top_k_lowest_index_on_ties(rounded, 17), stable)

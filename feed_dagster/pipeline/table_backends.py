@@ -91,6 +91,19 @@ def global_stats(articles: pl.DataFrame, engagements: pl.DataFrame, now: datetim
     return GlobalStats(topic_prior(pos, articles), pos.group_by("article_id").len("n"))
 
 
+def _top_k_lowest_index_on_ties(scores: np.ndarray, k: int) -> np.ndarray:
+    """Per row, the column indices of the k highest scores, ascending; among scores tied at
+    the k-th place, the lowest indices. np.argpartition alone picks any of the tied ones,
+    and which depends on the CPU's SIMD path (AVX-512 or not): the same data retrieved
+    different posts on two machines."""
+    kth = -np.partition(-scores, k - 1, axis=1)[:, k - 1 : k]
+    better = scores > kth
+    tied = scores == kth
+    room = k - better.sum(axis=1, keepdims=True)
+    take = better | (tied & (np.cumsum(tied, axis=1) <= room))
+    return np.nonzero(take)[1].reshape(len(scores), k)
+
+
 @dataclass
 class PopularityRetriever:
     """Fallback out-of-network retrieval: recent posts ranked by topic-weighted popularity.
@@ -184,11 +197,10 @@ class PopularityRetriever:
             sel = (blocked_cells[0] >= lo) & (blocked_cells[0] < hi)
             scores[blocked_cells[0][sel] - lo, blocked_cells[1][sel]] = -np.inf
             if k < len(post_ids):
-                top = np.argpartition(-scores, k - 1, axis=1)[:, :k]
+                top = _top_k_lowest_index_on_ties(scores, k)
             else:
                 top = np.broadcast_to(np.arange(len(post_ids)), (hi - lo, len(post_ids)))
             # Best first within each user, ties by article id, as the source wants them.
-            top = np.sort(top, axis=1)
             top_scores = np.take_along_axis(scores, top, axis=1)
             order = np.argsort(-top_scores, axis=1, kind="stable")
             top = np.take_along_axis(top, order, axis=1)
