@@ -28,7 +28,7 @@ import polars as pl
 
 from feed_dagster.artifacts import Location
 from feed_dagster.data.schema import POSITIVE_ACTIONS, World
-from feed_dagster.data.warehouse import scan_batches
+from feed_dagster.data.warehouse import connect_read_only, scan_batches
 from feed_dagster.metrics.ranking import evaluate_scores
 from feed_dagster.sorted_search import unique
 
@@ -328,7 +328,11 @@ def evaluate_baselines(
 def _any_follows(world: World, warehouse: Location | None) -> bool:
     if warehouse is None:
         return world.follows.height > 0
-    return next(scan_batches(warehouse, "select * from main.follows limit 1"), None) is not None
+    con = connect_read_only(warehouse)
+    try:
+        return con.execute("select exists (select 1 from main.follows)").fetchone()[0]
+    finally:
+        con.close()
 
 
 def _dwell_slices(warehouse: Location) -> Iterator[pl.DataFrame]:
@@ -348,14 +352,8 @@ def _classic_rows(
 ) -> list[dict[str, Any]]:
     """evaluate_baselines' rows of the classic peers, all from one fit."""
     # Imported here: the classic peers build on this module's definitions.
-    from feed_dagster.metrics.classic import CLASSIC_METHODS, ClassicPeers
-    from feed_dagster.metrics.fit_store import (
-        fit_name,
-        fit_name_in_warehouse,
-        load_or_fit,
-        read_positive_pairs,
-        store_again,
-    )
+    from feed_dagster.metrics.classic import CLASSIC_METHODS
+    from feed_dagster.metrics.fit_store import store_again, stored_fit_named
 
     if imps.height == 0:
         scored = imps.with_columns(pl.lit(None, dtype=pl.Float32).alias(SCORE))
@@ -363,20 +361,13 @@ def _classic_rows(
     cut = imps["shown_at"].min()
     if heldout_only:
         cut = min(cut, world.heldout_start)
-
-    def fit() -> ClassicPeers:
-        if warehouse is None:
-            return ClassicPeers.fit(world.engagements, cut)
-        return ClassicPeers.fit_pairs(read_positive_pairs(warehouse, cut), cut)
-
-    # Named as the fit store names it: from where the engagements are.
-    if peer_fits is None:
-        name = ""
-    elif warehouse is None:
-        name = fit_name(world.engagements, cut, CLASSIC_METHODS)
-    else:
-        name = fit_name_in_warehouse(warehouse, cut, CLASSIC_METHODS)
-    peers = fit() if peer_fits is None else load_or_fit(peer_fits, name, fit)
+    # With a warehouse, everyone's engagements are there, not in the (scoped) world.
+    peers, name = stored_fit_named(
+        cut,
+        peer_fits,
+        engagements=world.engagements if warehouse is None else None,
+        warehouse=warehouse,
+    )
     users, articles = imps["user_id"].to_numpy(), imps["article_id"].to_numpy()
     rows = []
     for method in CLASSIC_METHODS:

@@ -76,14 +76,18 @@ def fit_name_in_warehouse(
     name fit_name gives the same rows in a frame."""
     con = connect_read_only(path)
     try:
-        columns = {r[0] for r in con.execute("describe main.engagements").fetchall()}
-        positive = positive_rows_sql(columns)
+        positive = _positive_sql(con)
         digest: tuple[int, ...] = (0,)
         if positive is not None:
             digest = con.execute(_digest_sql("main.engagements", positive), {"cut": cut}).fetchone()
     finally:
         con.close()
     return _name(digest, cut, methods, hyper)
+
+
+def _positive_sql(con: duckdb.DuckDBPyConnection) -> str | None:
+    """positive_rows_sql of the warehouse's engagements table."""
+    return positive_rows_sql({r[0] for r in con.execute("describe main.engagements").fetchall()})
 
 
 def _digest_sql(source: str, positive: str) -> str:
@@ -114,10 +118,7 @@ def stored_fit(
     """ClassicPeers.fit(engagements, cut, methods, **hyper), loaded from `store` when a
     process fitted the same peers before (and saved there after fitting otherwise). With
     `store` None it is the plain fit."""
-    if store is None:
-        return ClassicPeers.fit(engagements, cut, methods, **hyper)
-    name = fit_name(engagements, cut, methods, **hyper)
-    return load_or_fit(store, name, lambda: ClassicPeers.fit(engagements, cut, methods, **hyper))
+    return stored_fit_named(cut, store, methods, engagements=engagements, **hyper)[0]
 
 
 def stored_fit_in_warehouse(
@@ -131,13 +132,37 @@ def stored_fit_in_warehouse(
     (fit_name_in_warehouse) and, when no process fitted it before, fitted on the positive
     pairs the warehouse hands over, never on the whole table (at 1M users 165M rows of ten
     columns, 5.7 GiB as a frame, against 3.6 GiB for the pairs)."""
+    return stored_fit_named(cut, store, methods, warehouse=path, **hyper)[0]
+
+
+def stored_fit_named(
+    cut: datetime,
+    store: Path | None,
+    methods: tuple[str, ...] = CLASSIC_METHODS,
+    *,
+    engagements: pl.DataFrame | None = None,
+    warehouse: Location | None = None,
+    **hyper: Any,
+) -> tuple[ClassicPeers, str]:
+    """(the stored fit, its name in `store`) of `engagements`, or, without them, of every
+    engagement in `warehouse`; the name is "" without a store. The name is what
+    store_again needs, so the rows are hashed once."""
+    if engagements is None and warehouse is None:
+        raise ValueError("a fit needs the engagements or the warehouse that keeps them")
 
     def fit() -> ClassicPeers:
-        return ClassicPeers.fit_pairs(read_positive_pairs(path, cut), cut, methods, **hyper)
+        if engagements is not None:
+            return ClassicPeers.fit(engagements, cut, methods, **hyper)
+        return ClassicPeers.fit_pairs(read_positive_pairs(warehouse, cut), cut, methods, **hyper)
 
     if store is None:
-        return fit()
-    return load_or_fit(store, fit_name_in_warehouse(path, cut, methods, **hyper), fit)
+        return fit(), ""
+    name = (
+        fit_name(engagements, cut, methods, **hyper)
+        if engagements is not None
+        else fit_name_in_warehouse(warehouse, cut, methods, **hyper)
+    )
+    return load_or_fit(store, name, fit), name
 
 
 def read_positive_pairs(path: Location, cut: datetime) -> pl.DataFrame:
@@ -145,8 +170,7 @@ def read_positive_pairs(path: Location, cut: datetime) -> pl.DataFrame:
     the positive rows before `cut`, selected where they live."""
     con = connect_read_only(path)
     try:
-        columns = {r[0] for r in con.execute("describe main.engagements").fetchall()}
-        positive = positive_rows_sql(columns) or "false"
+        positive = _positive_sql(con) or "false"
         return con.execute(
             "select user_id::bigint as user_id, article_id::bigint as article_id, engaged_at "
             f"from main.engagements where ({positive}) and engaged_at < $cut",
