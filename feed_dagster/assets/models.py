@@ -12,7 +12,11 @@ from feed_dagster.data.schema import TABLE_SCHEMAS
 from feed_dagster.data.world_tables import world_from_tables
 from feed_dagster.embeddings.stored import content_vectors
 from feed_dagster.memory import StepMemory
-from feed_dagster.models.budget import TrainingBudget, read_training_tables
+from feed_dagster.models.budget import (
+    HELDOUT_POST_ENGAGEMENTS,
+    TrainingBudget,
+    read_training_tables,
+)
 from feed_dagster.models.evaluate import (
     evaluation_chart,
     evaluation_frame,
@@ -60,6 +64,12 @@ class TrainingBudgetConfig(dg.Config):
         ge=0,
         description="worlds with more engagements build the ranker's groups before the "
         "two-tower starts training, so the two peaks of memory do not add up",
+    )
+    whole_max_engagements: int = Field(
+        default=TrainingBudget.whole_max_engagements,
+        ge=0,
+        description="worlds with more engagements train on the sampled slates' users' own "
+        "rows; what every user's rows decide is counted in the warehouse",
     )
     seed: int = TrainingBudget.seed
 
@@ -132,6 +142,9 @@ def trained_models(
         storage.warehouse_path(), MODEL_TABLES, budget, columns=TRAINING_COLUMNS
     )
     context.log.info(f"training sample (budget {budget.to_dict()}): {sample.summary()}")
+    # Past the budget's whole_max_engagements: everyone's engagements on the held-out
+    # posts, for the baselines (the world holds the sampled users' own).
+    on_heldout_posts = tables.pop(HELDOUT_POST_ENGAGEMENTS, None)
     world = world_from_tables(tables, tables["world_info"])
     incumbent = store.promoted(RANKER)
     ranker_side: dict[str, Any] = {}
@@ -146,7 +159,9 @@ def trained_models(
                 extra["promoted"] = load_ranker(*store.load(RANKER, incumbent))
             except (RuntimeError, KeyError, ValueError) as exc:  # incompatible architecture
                 context.log.warning(f"cannot evaluate the promoted ranker {incumbent}: {exc}")
-        rows = evaluation_rows(world, data, ranker, extra_rankers=extra)
+        rows = evaluation_rows(
+            world, data, ranker, extra_rankers=extra, heldout_post_engagements=on_heldout_posts
+        )
         ranker_side.update(version=version, rows=rows)
 
     data, tt, rk = prepare_and_train(
@@ -157,6 +172,7 @@ def trained_models(
         warehouse=storage.warehouse_path(),
         peer_fits=storage.serving_peers_dir(),
         while_two_tower=evaluate_rankers,
+        users_only=sample.users_only,
     )
     context.log.info(
         f"training data: {data.logged_groups:,} logged slates + "

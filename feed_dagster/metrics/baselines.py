@@ -308,10 +308,10 @@ def evaluate_baselines(
     warehouse at that path, in a pass or in SQL.
     """
     chosen = dict(BASELINES if baselines is None else baselines)
-    if baselines is None and not _any_follows(world, warehouse):
+    if baselines is None and not any_follows(world, warehouse):
         chosen.pop("chronological_following")
-    if warehouse is not None and chosen.get("read_time") is read_time_scores:
-        chosen["read_time"] = partial(read_time_scores, every=partial(_dwell_slices, warehouse))
+    if warehouse is not None:
+        chosen = with_warehouse_fallbacks(chosen, warehouse)
     imps = world.impressions
     if heldout_only:
         imps = imps.filter(pl.col("is_heldout"))
@@ -325,7 +325,20 @@ def evaluate_baselines(
     return pl.DataFrame(rows)
 
 
-def _any_follows(world: World, warehouse: Location | None) -> bool:
+def with_warehouse_fallbacks(
+    chosen: dict[str, Baseline], warehouse: Location
+) -> dict[str, Baseline]:
+    """`chosen` with what a baseline asks of every user's rows taken from the warehouse
+    (read_time's fallback: every dwell time), for worlds that hold only some of them."""
+    if chosen.get("read_time") is read_time_scores:
+        every = partial(_dwell_slices, warehouse)
+        return {**chosen, "read_time": partial(read_time_scores, every=every)}
+    return chosen
+
+
+def any_follows(world: World, warehouse: Location | None) -> bool:
+    """Whether anyone follows anyone: in `world`, or (it holding only some users' follows)
+    in `warehouse`."""
     if warehouse is None:
         return world.follows.height > 0
     con = connect_read_only(warehouse)

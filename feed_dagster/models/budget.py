@@ -13,6 +13,12 @@ impressions ever reach Python:
 - two-tower positives: a uniform sample of the positive engagements before the validation
   start (`retrieval_data.build_retrieval_examples(max_examples=...)`).
 
+Past `whole_max_engagements`, even the engagements are not read whole (165M rows at 1M
+users): only the sampled impressions' users' own rows (their histories, labels and
+per-user counts; the two-tower's positives are drawn from them), their follows, and the
+rows on the posts the held-out impressions show (the baselines' per-post counts). What
+every user's rows decide stays in the warehouse (models.warehouse_engagements).
+
 The choice is a seeded hash of the ids, so the same warehouse and budget give the same
 sample. Worlds within the budget (the demo world) are read whole.
 """
@@ -49,6 +55,9 @@ class TrainingBudget:
     # two-tower process's would otherwise add up (at 100k users, 20.8M engagements, the
     # two together passed 8 GiB). The models are the same either way.
     overlap_max_engagements: int = 5_000_000
+    # Worlds with more engagements train on the sampled slates' users' own rows (the 100k
+    # world, 20.8M engagements, is read whole; the 1M world, 165M, is not).
+    whole_max_engagements: int = 50_000_000
 
     def __post_init__(self) -> None:
         for name in (
@@ -60,8 +69,9 @@ class TrainingBudget:
         ):
             if getattr(self, name) < 1:
                 raise ValueError(f"training budget: {name} must be >= 1")
-        if self.overlap_max_engagements < 0:
-            raise ValueError("training budget: overlap_max_engagements must be >= 0")
+        for name in ("overlap_max_engagements", "whole_max_engagements"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"training budget: {name} must be >= 0")
         if not 0.0 <= self.valid_fraction < 1.0:
             raise ValueError("training budget: valid_fraction must be in [0, 1)")
 
@@ -77,12 +87,25 @@ class TrainingSample:
     valid_start: datetime | None
     kept: dict[str, int]
     available: dict[str, int]
+    # Engagement rows in the warehouse, and the rows read (of the sampled users only, when
+    # fewer: see `users_only`).
+    engagements: int = 0
+    engagements_read: int = 0
+    users: int = 0  # distinct users of the sampled impressions
+    # Whether the engagements (and follows) read are the sampled users' own rows only.
+    users_only: bool = False
 
     def summary(self) -> dict[str, Any]:
         return {
-            f"{period}_{what}": counts.get(period, 0)
-            for what, counts in (("sampled", self.kept), ("available", self.available))
-            for period in ("train", "valid", "heldout")
+            **{
+                f"{period}_{what}": counts.get(period, 0)
+                for what, counts in (("sampled", self.kept), ("available", self.available))
+                for period in ("train", "valid", "heldout")
+            },
+            "sampled_users": self.users,
+            "engagements_read": self.engagements_read,
+            "engagements_available": self.engagements,
+            "users_only": self.users_only,
         }
 
 
@@ -121,6 +144,19 @@ where (period = 'train' and r <= $train_slates)
    or (period = 'heldout' and user_id in (select user_id from heldout_users))
 """
 
+# A users-only read's rows of a table: the sampled impressions' users' own.
+_USERS_ONLY = {
+    "engagements": "{} semi join sampled_users using (user_id)",
+    "follows": "{} where follower_id in (select user_id from sampled_users)",
+    "topic_follows": "{} semi join sampled_users using (user_id)",
+}
+# Everyone's engagements on the posts the sampled held-out impressions show.
+HELDOUT_POST_ENGAGEMENTS = "engagements_on_heldout_posts"
+_ON_HELDOUT_POSTS = """{} where article_id in (
+    select distinct i.article_id from main.impressions i
+    semi join (select impression_id from sampled where period = 'heldout') using (impression_id)
+)"""
+
 
 def read_training_tables(
     path: Location,
@@ -131,7 +167,12 @@ def read_training_tables(
     """Warehouse tables `names` for training, with `impressions` (and `impression_truth`)
     cut to the budget's sample of whole impressions; every other table is read whole, or
     only the columns `columns` names for it. (The exposure counts over every impression are
-    built in DuckDB: models.exposures.)"""
+    built in DuckDB: models.exposures.)
+
+    Past the budget's `whole_max_engagements`, `engagements`, `follows` and `topic_follows`
+    hold the sampled users' own rows only (`TrainingSample.users_only`), and the tables
+    gain HELDOUT_POST_ENGAGEMENTS: every user's engagements on the posts the held-out
+    sample shows."""
     con = connect_read_only(path)
     try:
         con.execute(
@@ -153,13 +194,39 @@ def read_training_tables(
         # The first validation impression of the whole log (not of the sample), so the
         # split of the sampled rows is the split of the world.
         start = con.execute("select min(shown_at) from periods where period = 'valid'").fetchone()
+        con.execute(
+            "create temp table sampled_users as select distinct user_id from periods "
+            "semi join sampled using (impression_id)"
+        )
+        n_users = con.execute("select count(*) from sampled_users").fetchone()[0]
+        n_engagements = 0
+        if "engagements" in names:
+            n_engagements = con.execute("select count(*) from main.engagements").fetchone()[0]
+        users_only = n_engagements > budget.whole_max_engagements
         tables = {}
         for name in names:
+            select = select_sql(name, (columns or {}).get(name))
             if name in ("impressions", "impression_truth"):
                 query = f'select t.* from main."{name}" t semi join sampled using (impression_id)'
+            elif users_only and name in _USERS_ONLY:
+                query = _USERS_ONLY[name].format(f"select * from ({select})")
             else:
-                query = select_sql(name, (columns or {}).get(name))
+                query = select
             tables[name] = con.execute(query).pl()
+        if users_only:
+            select = select_sql("engagements", (columns or {}).get("engagements"))
+            tables[HELDOUT_POST_ENGAGEMENTS] = con.execute(
+                _ON_HELDOUT_POSTS.format(f"select * from ({select})")
+            ).pl()
     finally:
         con.close()
-    return tables, TrainingSample(valid_start=start[0], kept=kept, available=available)
+    read = tables["engagements"].height if "engagements" in tables else 0
+    return tables, TrainingSample(
+        valid_start=start[0],
+        kept=kept,
+        available=available,
+        engagements=int(n_engagements),
+        engagements_read=int(read),
+        users=int(n_users),
+        users_only=users_only,
+    )

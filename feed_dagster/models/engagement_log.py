@@ -25,6 +25,7 @@ from feed_dagster.models.catalog import (
 )
 from feed_dagster.models.counts import (
     CountsAt,
+    CountsAtPoints,
     CountsAtTimes,
     KeyLayout,
     PairCounter,
@@ -64,10 +65,11 @@ class History:
 class EveryonesPositives:
     """Every user's positive engagements per catalog row and per author, as the indexes an
     EngagementLog of every row builds (EngagementLog._item_positives, _author_positives),
-    or as counts at a few times only."""
+    or as counts at a few times only, or at a trainer's points only
+    (models.warehouse_engagements)."""
 
-    item: TimeIndex | CountsAtTimes
-    author: TimeIndex | CountsAtTimes
+    item: TimeIndex | CountsAtTimes | CountsAtPoints
+    author: TimeIndex | CountsAtTimes | CountsAtPoints
 
     @classmethod
     def of(
@@ -238,7 +240,7 @@ class EngagementLog:
         return PairCounter.of_attribute(self.catalog_topic, *self._positives())
 
     @functools.cached_property
-    def _author_positives(self) -> TimeIndex | CountsAtTimes:
+    def _author_positives(self) -> TimeIndex | CountsAtTimes | CountsAtPoints:
         if self.everyone is not None:
             return self.everyone.author
         assert self.catalog_author is not None
@@ -260,7 +262,7 @@ class EngagementLog:
         return engaged.astype(np.float32), shown.astype(np.float32)
 
     @functools.cached_property
-    def _item_positives(self) -> TimeIndex | CountsAtTimes:
+    def _item_positives(self) -> TimeIndex | CountsAtTimes | CountsAtPoints:
         if self.everyone is not None:
             return self.everyone.item
         _, item, time_us = self._positives()

@@ -21,8 +21,13 @@ import numpy as np  # noqa: E402
 import polars as pl  # noqa: E402
 
 from feed_dagster.data.schema import ACTIONS, World  # noqa: E402
-from feed_dagster.metrics.baselines import BASELINES  # noqa: E402
-from feed_dagster.metrics.classic import CLASSIC_METHODS, ClassicPeers  # noqa: E402
+from feed_dagster.metrics.baselines import (  # noqa: E402
+    BASELINES,
+    any_follows,
+    with_warehouse_fallbacks,
+)
+from feed_dagster.metrics.classic import CLASSIC_METHODS  # noqa: E402
+from feed_dagster.metrics.fit_store import stored_fit_named  # noqa: E402
 from feed_dagster.metrics.ranking import evaluate_scores, group_auc  # noqa: E402
 from feed_dagster.models.layers import CatalogTensors  # noqa: E402
 from feed_dagster.models.ranker import PhoenixRanker, score_frame  # noqa: E402
@@ -156,9 +161,14 @@ def evaluation_rows(
     extra_rankers: Mapping[str, PhoenixRanker] | None = None,
     baselines: tuple[str, ...] | None = None,
     classic: bool = True,
+    heldout_post_engagements: pl.DataFrame | None = None,
 ) -> EvaluationRows:
     """Every row of evaluate_models but the two-tower's, unsorted: what can be measured
-    while the two-tower still trains (models.train.prepare_and_train's `while_two_tower`)."""
+    while the two-tower still trains (models.train.prepare_and_train's `while_two_tower`).
+
+    When `world` holds only the sampled users' engagements (data.everyone names the
+    warehouse with everyone's), the baselines read `heldout_post_engagements`: every
+    user's engagements on the posts the held-out impressions show (models.budget)."""
     held = data.ranker_heldout
     base = _heldout_rows(data)
     cat = CatalogTensors(data.catalog)
@@ -182,11 +192,20 @@ def evaluation_rows(
         how="left",
         maintain_order="left",
     )
-    chosen = tuple(BASELINES) if baselines is None else baselines
-    for name in chosen:
-        if name == "chronological_following" and world.follows.height == 0:
+    chosen = {n: BASELINES[n] for n in (tuple(BASELINES) if baselines is None else baselines)}
+    engagements = world.engagements
+    if data.everyone is not None:
+        if heldout_post_engagements is None:
+            raise ValueError(
+                "the world holds the sampled users' engagements only: the baselines need "
+                "everyone's on the held-out posts (heldout_post_engagements)"
+            )
+        engagements = heldout_post_engagements
+        chosen = with_warehouse_fallbacks(chosen, data.everyone)
+    for name, baseline in chosen.items():
+        if name == "chronological_following" and not any_follows(world, data.everyone):
             continue
-        scored = BASELINES[name](impressions, world.engagements, world.articles, world.follows)
+        scored = baseline(impressions, engagements, world.articles, world.follows)
         frame = base.with_columns(scored["score"].cast(pl.Float64).alias("score"))
         rows.append(_method_row(name, frame, {"click": "score"}, actions))
     # The classic collaborative-filtering peers, fitted once on everything before the
@@ -196,7 +215,12 @@ def evaluation_rows(
         peers = data.heldout_classic
         # A fit at or before the first scored impression sees none of what it scores.
         if peers is None or peers.cut > cut or set(peers.methods) != set(CLASSIC_METHODS):
-            peers = ClassicPeers.fit(world.engagements, cut)
+            peers, _ = stored_fit_named(
+                cut,
+                None,
+                engagements=world.engagements if data.everyone is None else None,
+                warehouse=data.everyone,
+            )
         users = impressions["user_id"].to_numpy()
         articles = impressions["article_id"].to_numpy()
         for name in CLASSIC_METHODS:

@@ -20,8 +20,9 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
+from feed_dagster.artifacts import Location
 from feed_dagster.metrics.classic import ClassicPeers
-from feed_dagster.metrics.fit_store import stored_fit
+from feed_dagster.metrics.fit_store import stored_fit_named
 from feed_dagster.models.catalog import to_micros
 from feed_dagster.models.ranker_data import N_PEER_FEATURES
 
@@ -48,11 +49,19 @@ class PeerFeatures:
 
     @classmethod
     def fit(
-        cls, engagements: pl.DataFrame, cut: datetime, store: Path | None = None
+        cls,
+        engagements: pl.DataFrame | None,
+        cut: datetime,
+        store: Path | None = None,
+        warehouse: Location | None = None,
     ) -> PeerFeatures:
-        """Features of PEER_METHODS fitted at `cut` (through the fit store `store`, when
-        given: see metrics.fit_store)."""
-        return cls.of(stored_fit(engagements, cut, store, PEER_METHODS))
+        """Features of PEER_METHODS fitted at `cut` on `engagements`, or without them on
+        every engagement in `warehouse` (through the fit store `store`, when given: see
+        metrics.fit_store)."""
+        peers, _ = stored_fit_named(
+            cut, store, PEER_METHODS, engagements=engagements, warehouse=warehouse
+        )
+        return cls.of(peers)
 
     @classmethod
     def of(cls, peers: ClassicPeers, seed: int = 0) -> PeerFeatures:
@@ -150,10 +159,19 @@ class RollingPeersOnDemand:
     when rows first need it and only one fit held at a time: a fit with the item-kNN rows of
     the posts it scored is hundreds of MB at 100k users, and a trainer's slates reach the
     cuts in turn. The latest fit stays for the next call (the validation slates read it);
-    a call that goes back to an earlier cut fits it again, to the same features."""
+    a call that goes back to an earlier cut fits it again, to the same features. Without
+    `engagements`, the fits are of every engagement in `warehouse`."""
 
-    def __init__(self, engagements: pl.DataFrame, cuts: list[datetime]):
+    def __init__(
+        self,
+        engagements: pl.DataFrame | None,
+        cuts: list[datetime],
+        warehouse: Location | None = None,
+    ):
+        if engagements is None and warehouse is None:
+            raise ValueError("peers are fitted on engagements or on a warehouse's")
         self._engagements = engagements
+        self._warehouse = warehouse
         self.cuts = sorted(set(cuts))
         self.cuts_us = [to_micros(c) for c in self.cuts]
         self._held: tuple[int, PeerFeatures] | None = None
@@ -161,7 +179,8 @@ class RollingPeersOnDemand:
     def _fit(self, i: int) -> PeerFeatures:
         if self._held is None or self._held[0] != i:
             self._held = None  # the previous fit goes before the next one is made
-            self._held = (i, PeerFeatures.fit(self._engagements, self.cuts[i]))
+            fit = PeerFeatures.fit(self._engagements, self.cuts[i], warehouse=self._warehouse)
+            self._held = (i, fit)
         return self._held[1]
 
     def __call__(self, users: np.ndarray, articles: np.ndarray, times_us: np.ndarray) -> np.ndarray:

@@ -27,7 +27,7 @@ from feed_dagster.artifacts import Location
 from feed_dagster.data.schema import ACTIONS, World
 from feed_dagster.memory import peak_rss_mib, small_heap
 from feed_dagster.metrics.classic import ClassicPeers
-from feed_dagster.metrics.fit_store import stored_fit
+from feed_dagster.metrics.fit_store import stored_fit_named
 from feed_dagster.metrics.ranking import evaluate_scores
 from feed_dagster.models.budget import TrainingBudget
 from feed_dagster.models.catalog import FeatureConfig, ItemCatalog, _micros, to_micros
@@ -44,6 +44,7 @@ from feed_dagster.models.ranker import (
     start_at_base_rates,
 )
 from feed_dagster.models.ranker_data import (
+    POST_RECENT_US,
     PeerScores,
     RankerData,
     build_ranker_data,
@@ -64,6 +65,7 @@ from feed_dagster.models.two_tower import (
     retrieval_recall,
     user_vectors,
 )
+from feed_dagster.models.warehouse_engagements import WarehouseEngagements
 from feed_dagster.processes import die_with_parent
 
 
@@ -174,6 +176,9 @@ class TrainingData:
     mix: TrainingMix = field(default_factory=TrainingMix)
     logged_groups: int = 0  # training groups from logged slates (the rest are sampled)
     heldout_classic: ClassicPeers | None = None  # fitted at the held-out start
+    # The warehouse holding every user's engagements, when the world's hold only the
+    # sampled users' own rows (models.budget): the classic peers are fitted there.
+    everyone: Location | None = None
 
 
 def source_actions(engagements: pl.DataFrame) -> tuple[str, ...]:
@@ -205,15 +210,27 @@ def prepare_training_data(
     budget: TrainingBudget | None = None,
     valid_start: datetime | None = None,
     warehouse: Location | None = None,
+    users_only: bool = False,
 ) -> TrainingData:
     """Temporal split + model inputs of a world; `content_vectors` aligned with world.articles.
 
     `budget` caps the two-tower's training positives; `valid_start` (from the budget's
     sample, see models.budget) fixes where validation begins. With `warehouse`, the exposure
     counts come from every impression in its `impressions` table (world.impressions is then
-    only the budget's sample of them)."""
+    only the budget's sample of them). With `users_only` too, world.engagements (and
+    follows) hold only the sampled impressions' users' rows, and what every user's rows
+    decide comes from the warehouse: each post's first engagement, everyone's positives
+    per post and author at the slates' times, and the classic peers' fits."""
     base = prepare_retrieval_data(
-        world, content_vectors, features, valid_fraction, budget, valid_start, warehouse, mix
+        world,
+        content_vectors,
+        features,
+        valid_fraction,
+        budget,
+        valid_start,
+        warehouse,
+        mix,
+        users_only,
     )
     return add_ranker_data(base, world, mix)
 
@@ -227,19 +244,32 @@ def prepare_retrieval_data(
     valid_start: datetime | None = None,
     warehouse: Location | None = None,
     mix: TrainingMix | None = None,
+    users_only: bool = False,
 ) -> TrainingData:
     """The temporal split and the two-tower's examples; the ranker's groups are left empty
     (`add_ranker_data` fills them, with `mix`), so the two-tower can start training before
-    they exist."""
+    they exist. `users_only`: as prepare_training_data."""
     features = features or FeatureConfig()
     mix = mix or TrainingMix()
     impressions = drop_impossible_rows(world.impressions, world.articles)
     split = temporal_split(impressions, valid_fraction, valid_start)
+    if users_only and (warehouse is None or _samples_groups(mix, split)):
+        raise ValueError(
+            "training on the sampled users' rows needs the warehouse and logged slates only "
+            "(groups sampled from engagements would ask everyone's counts at unknown times)"
+        )
     # Retrieval positives follow the same time cut as the impressions.
     valid_start, heldout_start = _period_starts(split, world.now)
+    everyone = WarehouseEngagements(warehouse) if users_only else None
     catalog = ItemCatalog.build(
-        world.articles, content_vectors, features, world.engagements, heldout_start
+        world.articles,
+        content_vectors,
+        features,
+        None if everyone else world.engagements,
+        heldout_start,
+        firsts=everyone.post_counts(()).firsts if everyone else None,
     )
+    positives = None
     if warehouse is None:
         exposures = ExposureLog.build(world.impressions, catalog)
     else:
@@ -254,7 +284,23 @@ def prepare_retrieval_data(
         exposures = ExposureLog.from_warehouse(
             warehouse, catalog, sampled if len(sampled) else None, points=points
         )
-    log = EngagementLog.build(world.engagements, catalog, exposures)
+        if everyone is not None and points is not None:
+            # The ranker reads each post's positives at its slate's time and
+            # POST_RECENT_US before it (ranker_data.engagement_profile).
+            positives = everyone.positives_at(
+                catalog,
+                np.concatenate([points.item, points.item]),
+                np.concatenate([points.time_us, points.time_us - POST_RECENT_US]),
+            )
+    # With everyone's positives counted in the warehouse, the log holds (and refuses to
+    # answer for any but) the sampled users, whose rows world.engagements holds.
+    log = EngagementLog.build(
+        world.engagements,
+        catalog,
+        exposures,
+        users=None if positives is None else world.impressions["user_id"].unique().to_numpy(),
+        everyone=positives,
+    )
 
     def retrieval(
         start: datetime | None, end: datetime | None, cap: int | None = None
@@ -291,6 +337,7 @@ def prepare_retrieval_data(
         dropped_rows=world.impressions.height - impressions.height,
         id_cutoff_us=to_micros(valid_start),
         mix=mix,
+        everyone=warehouse if users_only else None,
     )
 
 
@@ -342,7 +389,10 @@ def add_ranker_data(
         first = peer_cut(log, split, valid_start, mix.peer_start_quantile)
         step = (valid_start - first) / max(1, mix.peer_fits)
         cuts = [first + step * i for i in range(max(1, mix.peer_fits))]
-        train_peers = RollingPeersOnDemand(world.engagements, cuts)
+        if base.everyone is None:
+            train_peers = RollingPeersOnDemand(world.engagements, cuts)
+        else:
+            train_peers = RollingPeersOnDemand(None, cuts, warehouse=base.everyone)
 
     def ranker(imp: pl.DataFrame, peers: PeerScores | None) -> RankerData:
         return build_ranker_data(
@@ -392,7 +442,12 @@ def add_ranker_data(
     # At the world's held-out start, which precedes every held-out impression, so that the
     # fit is the one impressions_evaluation and feed_quality make at that time too.
     heldout_cut = min(heldout_start, world.heldout_start)
-    heldout_classic = stored_fit(world.engagements, heldout_cut, peer_fits)
+    heldout_classic, _ = stored_fit_named(
+        heldout_cut,
+        peer_fits,
+        engagements=world.engagements if base.everyone is None else None,
+        warehouse=base.everyone,
+    )
     heldout_peers = PeerFeatures.of(heldout_classic) if mix.peer_features else None
     heldout_groups = ranker(split.heldout, heldout_peers)
     # The held-out groups computed the item-kNN rows the evaluation scores; the history's
@@ -678,6 +733,7 @@ def prepare_and_train(
     warehouse: Location | None = None,
     peer_fits: Path | None = None,
     while_two_tower: AfterRanker | None = None,
+    users_only: bool = False,
 ) -> tuple[TrainingData, TrainResult, TrainResult]:
     """prepare_training_data + train_both, overlapped: the two-tower starts training in a
     second process as soon as its examples exist, while this process fits the classic peers
@@ -685,7 +741,9 @@ def prepare_and_train(
 
     Past the budget's `overlap_max_engagements`, the two-tower starts once the groups are
     built (beside the ranker's training, as train_both), so the two processes' peaks do not
-    add up. `peer_fits`: the fit store of the held-out classic peers (add_ranker_data).
+    add up, and so for `users_only` worlds (prepare_training_data): they are past the
+    budget's `whole_max_engagements`. `peer_fits`: the fit store of the held-out classic
+    peers (add_ranker_data).
     `while_two_tower(data, ranker)` runs in this process once the ranker is trained, on the
     core the two-tower's process does not use: at 100k users the ranker trains in about
     half the two-tower's time."""
@@ -694,12 +752,20 @@ def prepare_and_train(
     # otherwise stay in this process beside the training (see small_heap).
     with small_heap():
         base = prepare_retrieval_data(
-            world, content_vectors, features, valid_fraction, budget, valid_start, warehouse, mix
+            world,
+            content_vectors,
+            features,
+            valid_fraction,
+            budget,
+            valid_start,
+            warehouse,
+            mix,
+            users_only,
         )
     # The catalog holds its own copy of the vectors (256 MiB at a million posts).
     del content_vectors
     limit = budget.overlap_max_engagements if budget is not None else None
-    if limit is not None and world.engagements.height > limit:
+    if users_only or (limit is not None and world.engagements.height > limit):
         data = _ranker_groups(base, world, mix, peer_fits)
         del base
         return data, *train_both(data, while_two_tower=while_two_tower)

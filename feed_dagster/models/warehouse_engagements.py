@@ -12,16 +12,22 @@ read whole only by the one shard of a refresh that fits the peers.
 
 from __future__ import annotations
 
+import tempfile
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+import numpy as np
 import polars as pl
 
 from feed_dagster.artifacts import Location
 from feed_dagster.data.warehouse import connect_read_only
 from feed_dagster.metrics.classic import positive_rows_sql
 from feed_dagster.metrics.fit_store import fit_name_in_warehouse
+from feed_dagster.models.catalog import ItemCatalog
+from feed_dagster.models.counts import CountsAtPoints
+from feed_dagster.models.engagement_log import EveryonesPositives
+from feed_dagster.models.exposures import EXPOSURE_MEMORY, _index, _only
 
 
 @dataclass(frozen=True)
@@ -68,6 +74,52 @@ class WarehouseEngagements:
                 for i, at in enumerate(times)
             },
         )
+
+    def positives_at(
+        self, catalog: ItemCatalog, item: np.ndarray, time_us: np.ndarray
+    ) -> EveryonesPositives:
+        """Everyone's positive engagements with catalog row `item[i]`, and with its author,
+        strictly before `time_us[i]`, kept at those points only (CountsAtPoints): what
+        EveryonesPositives.of counts from every row, for a trainer whose slates, and so
+        whose points, are known up front. DuckDB hands over the events of the asked posts
+        and authors only, one index at a time."""
+        item = np.asarray(item, dtype=np.int64)
+        time_us = np.asarray(time_us, dtype=np.int64)
+        # Rows of unknown authors ask author 0, as EngagementLog.author_counts does.
+        author = np.maximum(catalog.author_id[item], 0)
+        ids = catalog.article_ids
+        mapping = pl.DataFrame(
+            {
+                "article_id": ids,
+                "item": np.arange(1, len(ids) + 1, dtype=np.int64),
+                "author": catalog.author_id[1:],
+            }
+        )
+        con = connect_read_only(self.path)
+        try:
+            with tempfile.TemporaryDirectory(prefix="positives-") as spill:
+                con.execute(f"set memory_limit = '{EXPOSURE_MEMORY}'")
+                con.execute(f"set temp_directory = '{spill}'")
+                con.register("positive_catalog", mapping.to_arrow())
+                columns = {r[0] for r in con.execute("describe main.engagements").fetchall()}
+                positive = positive_rows_sql(columns) or "false"
+                events = (
+                    "select c.item, c.author, coalesce(epoch_us(e.engaged_at), 0) as t "
+                    "from main.engagements e join positive_catalog c using (article_id) "
+                    f"where {positive}"
+                )
+                posts = _index(con, _only(con, f"select item as k, t from ({events})", "k", item))
+                by_post = CountsAtPoints.of(posts, item, time_us)
+                del posts
+                authors = _index(
+                    con,
+                    _only(
+                        con, f"select author as k, t from ({events}) where author >= 0", "k", author
+                    ),
+                )
+                return EveryonesPositives(by_post, CountsAtPoints.of(authors, author, time_us))
+        finally:
+            con.close()
 
     def fit_name(self, cut: datetime, methods: tuple[str, ...], **hyper: Any) -> str:
         """The name a fit of every engagement before `cut` is stored under (see
