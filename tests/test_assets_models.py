@@ -60,3 +60,26 @@ def test_promotion_without_a_training_run_names_what_to_materialise(data_dir):
     (failure,) = result.get_step_failure_events()
     assert "materialise trained_models first" in str(failure.step_failure_data.error)
     assert not [e for e in result.all_events if e.event_type_value == "STEP_UP_FOR_RETRY"]
+
+
+def test_training_on_the_sampled_users_rows_through_the_asset(data_dir):
+    """Past whole_max_engagements (0 here), trained_models reads the sampled users' own
+    engagements, says so in its metadata, and still evaluates every baseline."""
+    defs = definitions()
+    instance = dg.DagsterInstance.ephemeral()
+    assert _run(defs, instance, "article_embeddings", groups=("raw", "social_graph")).success
+    budget = {"whole_max_engagements": 0, "train_slates": 300, "heldout_users": 40}
+    result = materialize(
+        dg.AssetSelection.assets("retrieval_model", "ranker_weights", "ranker_evaluation"),
+        defs=defs,
+        instance=instance,
+        run_config={"ops": {"trained_models": {"config": budget}}},
+    )
+    assert result.success
+    sample = _latest(instance, "ranker_weights")["training_sample"]
+    assert sample["users_only"] is True
+    assert 0 < sample["engagements_read"] < sample["engagements_available"]
+    assert sample["sampled_users"] > 0
+    evaluation = _latest(instance, "ranker_evaluation")
+    for method in ("ranker", "popularity", "read_time", "item_knn", "als"):
+        assert f"auc_{method}" in evaluation, method
