@@ -10,6 +10,7 @@ import numpy as np
 import polars as pl
 import pytest
 
+from feed_dagster.assets.models import MODEL_TABLES
 from feed_dagster.data.world_tables import world_from_tables
 from feed_dagster.embeddings import LexicalEncoder
 from feed_dagster.models.budget import (
@@ -23,16 +24,7 @@ from feed_dagster.models.evaluate import evaluation_rows
 from feed_dagster.models.ranker_data import RankerData
 from feed_dagster.models.train import TrainingMix, prepare_training_data
 
-TABLES = [
-    "world_info",
-    "users",
-    "articles",
-    "engagements",
-    "impressions",
-    "impression_truth",
-    "follows",
-    "topic_follows",
-]
+TABLES = MODEL_TABLES  # what trained_models reads
 FEATURES = FeatureConfig(history_len=8, author_buckets=1024, user_buckets=1024)
 BUDGET = TrainingBudget(
     train_slates=150,

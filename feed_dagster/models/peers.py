@@ -25,6 +25,7 @@ from feed_dagster.metrics.classic import ClassicPeers
 from feed_dagster.metrics.fit_store import stored_fit_named
 from feed_dagster.models.catalog import to_micros
 from feed_dagster.models.ranker_data import N_PEER_FEATURES
+from feed_dagster.sorted_search import unique
 
 # Peers the ranker sees.
 PEER_METHODS: tuple[str, ...] = ("als", "item_knn", "ease", "popularity_all_time")
@@ -38,14 +39,65 @@ _ITEMS_PER_USER = 64
 assert N_PEER_FEATURES == len(PEER_METHODS) + len(PER_USER) + 1
 
 
+class UserStats:
+    """Each user's mean and spread of the PER_USER scores over one shared set of posts,
+    computed the first time a user is asked about and kept: a fit at 1M users holds every
+    user, and a trainer or a feed shard asks about a few percent of them (at that size,
+    every user's took most of a training run's preparation). A user's figures depend on
+    that user's scores alone, so they do not depend on who else was asked, or when."""
+
+    def __init__(self, peers: ClassicPeers, items: np.ndarray):
+        self.peers = peers
+        self.items = items  # the shared posts (none when the fit has no users or posts)
+        self.users = np.zeros(0, np.int64)  # sorted
+        self.mean = np.zeros((0, len(PER_USER)), np.float32)
+        self.std = np.ones((0, len(PER_USER)), np.float32)
+
+    def of(self, users: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(seen, mean, std): whether each of `users` is one of the fit's, and for those
+        their rows of the stats."""
+        users = np.asarray(users, dtype=np.int64)
+        fit_users = self.peers.user_ids
+        pos = np.searchsorted(fit_users, users).clip(0, max(len(fit_users) - 1, 0))
+        seen = fit_users[pos] == users if len(fit_users) else np.zeros(len(users), bool)
+        self._add(unique(users[seen]))
+        at = np.searchsorted(self.users, users[seen])
+        return seen, self.mean[at], self.std[at]
+
+    def _add(self, users: np.ndarray) -> None:
+        new = users[~np.isin(users, self.users, assume_unique=True)]
+        if not len(new):
+            return
+        k = len(self.items)
+        mean = np.zeros((len(new), len(PER_USER)), np.float32)
+        std = np.ones((len(new), len(PER_USER)), np.float32)
+        # A slice of users at a time: their scores are users x k floats per method. (Without
+        # shared posts every user's stats are 0 and 1.)
+        for lo in range(0, len(new) if k else 0, _USERS_PER_SLICE):
+            part = new[lo : lo + _USERS_PER_SLICE]
+            n = len(part)
+            for j, m in enumerate(PER_USER):
+                s = self.peers.score(m, np.repeat(part, k), np.tile(self.items, n))
+                s = s.reshape(n, k).astype(np.float64)
+                mean[lo : lo + n, j] = s.mean(1)
+                std[lo : lo + n, j] = np.maximum(s.std(1), 1e-6)
+        users = np.concatenate([self.users, new])
+        order = np.argsort(users, kind="stable")
+        self.users = users[order]
+        self.mean = np.concatenate([self.mean, mean])[order]
+        self.std = np.concatenate([self.std, std])[order]
+
+
+_USERS_PER_SLICE = 16_384
+
+
 @dataclass(frozen=True)
 class PeerFeatures:
     peers: ClassicPeers
     cut_us: int
     mean: np.ndarray  # float32 [len(PEER_METHODS)]
     std: np.ndarray
-    user_mean: np.ndarray  # float32 [len(peers.user_ids), len(PER_USER)]
-    user_std: np.ndarray
+    user_stats: UserStats
 
     @classmethod
     def fit(
@@ -80,19 +132,11 @@ class PeerFeatures:
             mean = raw.mean(0).astype(np.float32)
             std = np.maximum(raw.std(0), 1e-6).astype(np.float32)
         # Each user's scores over one shared random set of posts.
-        n_u = len(peers.user_ids)
         k = min(_ITEMS_PER_USER, len(peers.item_ids))
-        user_mean = np.zeros((n_u, len(PER_USER)), np.float32)
-        user_std = np.ones((n_u, len(PER_USER)), np.float32)
-        if n_u and k:
-            items = rng.choice(peers.item_ids, k, replace=False)
-            users = np.repeat(peers.user_ids, k)
-            for j, m in enumerate(PER_USER):
-                s = peers.score(m, users, np.tile(items, n_u)).reshape(n_u, k).astype(np.float64)
-                user_mean[:, j] = s.mean(1)
-                user_std[:, j] = np.maximum(s.std(1), 1e-6)
-        cut_us = to_micros(cut)
-        return cls(peers, cut_us, mean, std, user_mean, user_std)
+        shared = np.zeros(0, np.int64)
+        if len(peers.user_ids) and k:
+            shared = rng.choice(peers.item_ids, k, replace=False)
+        return cls(peers, to_micros(cut), mean, std, UserStats(peers, shared))
 
     @staticmethod
     def _raw(peers: ClassicPeers, users: np.ndarray, items: np.ndarray) -> np.ndarray:
@@ -114,14 +158,11 @@ class PeerFeatures:
             n = len(PEER_METHODS)
             out[present, :n] = np.clip((raw - self.mean) / self.std, -10, 10)
             # Users unseen by the fit keep the global standardisation.
-            pos = np.searchsorted(self.peers.user_ids, u).clip(0, max(len(self.user_mean) - 1, 0))
-            seen = (
-                (self.peers.user_ids[pos] == u) if len(self.user_mean) else np.zeros(len(u), bool)
-            )
+            seen, user_mean, user_std = self.user_stats.of(u)
             cols = [PEER_METHODS.index(m) for m in PER_USER]
             per_user = out[present][:, cols]
             if seen.any():
-                z = (raw[seen][:, cols] - self.user_mean[pos[seen]]) / self.user_std[pos[seen]]
+                z = (raw[seen][:, cols] - user_mean) / user_std
                 per_user[seen] = np.clip(z, -10, 10)
             out[present, n : n + len(PER_USER)] = per_user
             out[present, -1] = 1.0
