@@ -215,12 +215,8 @@ def evaluation_rows(
         peers = data.heldout_classic
         # A fit at or before the first scored impression sees none of what it scores.
         if peers is None or peers.cut > cut or set(peers.methods) != set(CLASSIC_METHODS):
-            peers, _ = stored_fit_named(
-                cut,
-                None,
-                engagements=world.engagements if data.everyone is None else None,
-                warehouse=data.everyone,
-            )
+            fit_rows, everyone = data.peer_rows(world)
+            peers, _ = stored_fit_named(cut, None, engagements=fit_rows, warehouse=everyone)
         users = impressions["user_id"].to_numpy()
         articles = impressions["article_id"].to_numpy()
         for name in CLASSIC_METHODS:

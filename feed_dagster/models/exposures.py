@@ -11,7 +11,9 @@ the same arrays.
 
 from __future__ import annotations
 
+import contextlib
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -41,6 +43,30 @@ select e.user_id::bigint as user_id, c.item, c.author, c.topic,
        coalesce(epoch_us(e.shown_at), 0) as t
 from {source} e join exposure_catalog c using (article_id)
 """
+
+
+@contextlib.contextmanager
+def spilling(con: duckdb.DuckDBPyConnection, prefix: str) -> Iterator[None]:
+    """`con` held to EXPOSURE_MEMORY, spilling to a temporary directory past it: DuckDB
+    would otherwise take up to 80% of the machine for the distinct pairs and the joins."""
+    with tempfile.TemporaryDirectory(prefix=prefix) as spill:
+        con.execute(f"set memory_limit = '{EXPOSURE_MEMORY}'")
+        con.execute(f"set temp_directory = '{spill}'")
+        yield
+
+
+def catalog_frame(catalog: ItemCatalog) -> pl.DataFrame:
+    """(article_id, item, author, topic) of every catalog row: what the queries join each
+    event to (-1: unknown author or topic)."""
+    ids = catalog.article_ids
+    return pl.DataFrame(
+        {
+            "article_id": ids,
+            "item": np.arange(1, len(ids) + 1, dtype=np.int64),
+            "author": catalog.author_id[1:],
+            "topic": catalog.topic[1:].astype(np.int64),
+        }
+    )
 
 
 @dataclass(frozen=True)
@@ -134,11 +160,7 @@ class ExposureLog:
         at_us: int | None = None,
         points: ExposurePoints | None = None,
     ) -> ExposureLog:
-        with tempfile.TemporaryDirectory(prefix="exposures-") as spill:
-            # DuckDB would otherwise take up to 80% of the machine for the distinct pairs
-            # and the joins; past this it spills to disk.
-            con.execute(f"set memory_limit = '{EXPOSURE_MEMORY}'")
-            con.execute(f"set temp_directory = '{spill}'")
+        with spilling(con, "exposures-"):
             return cls._indexes(con, source, catalog, users, at_us, points)
 
     @classmethod
@@ -151,16 +173,7 @@ class ExposureLog:
         at_us: int | None = None,
         points: ExposurePoints | None = None,
     ) -> ExposureLog:
-        ids = catalog.article_ids
-        mapping = pl.DataFrame(
-            {
-                "article_id": ids,
-                "item": np.arange(1, len(ids) + 1, dtype=np.int64),
-                "author": catalog.author_id[1:],
-                "topic": catalog.topic[1:].astype(np.int64),
-            }
-        )
-        con.register("exposure_catalog", mapping.to_arrow())
+        con.register("exposure_catalog", catalog_frame(catalog).to_arrow())
         if users is not None:
             users = unique(np.asarray(users, dtype=np.int64))
             con.register("exposure_users", pl.DataFrame({"user_id": users}).to_arrow())

@@ -180,6 +180,13 @@ class TrainingData:
     # sampled users' own rows (models.budget): the classic peers are fitted there.
     everyone: Location | None = None
 
+    def peer_rows(self, world: World) -> tuple[pl.DataFrame | None, Location | None]:
+        """(engagements, warehouse) the classic peers are fitted on: world.engagements, or
+        every engagement in `everyone` when the world holds only the sampled users'."""
+        if self.everyone is None:
+            return world.engagements, None
+        return None, self.everyone
+
 
 def source_actions(engagements: pl.DataFrame) -> tuple[str, ...]:
     """Actions that occur at least once: a source without an action gets no head for it."""
@@ -269,7 +276,7 @@ def prepare_retrieval_data(
         heldout_start,
         firsts=everyone.post_counts(()).firsts if everyone else None,
     )
-    positives = None
+    positives = log_users = None
     if warehouse is None:
         exposures = ExposureLog.build(world.impressions, catalog)
     else:
@@ -292,14 +299,11 @@ def prepare_retrieval_data(
                 np.concatenate([points.item, points.item]),
                 np.concatenate([points.time_us, points.time_us - POST_RECENT_US]),
             )
-    # With everyone's positives counted in the warehouse, the log holds (and refuses to
-    # answer for any but) the sampled users, whose rows world.engagements holds.
+            # The log then holds (and refuses to answer for any but) the sampled users,
+            # whose rows world.engagements holds.
+            log_users = sampled
     log = EngagementLog.build(
-        world.engagements,
-        catalog,
-        exposures,
-        users=None if positives is None else world.impressions["user_id"].unique().to_numpy(),
-        everyone=positives,
+        world.engagements, catalog, exposures, users=log_users, everyone=positives
     )
 
     def retrieval(
@@ -389,10 +393,8 @@ def add_ranker_data(
         first = peer_cut(log, split, valid_start, mix.peer_start_quantile)
         step = (valid_start - first) / max(1, mix.peer_fits)
         cuts = [first + step * i for i in range(max(1, mix.peer_fits))]
-        if base.everyone is None:
-            train_peers = RollingPeersOnDemand(world.engagements, cuts)
-        else:
-            train_peers = RollingPeersOnDemand(None, cuts, warehouse=base.everyone)
+        engagements, everyone = base.peer_rows(world)
+        train_peers = RollingPeersOnDemand(engagements, cuts, warehouse=everyone)
 
     def ranker(imp: pl.DataFrame, peers: PeerScores | None) -> RankerData:
         return build_ranker_data(
@@ -442,11 +444,9 @@ def add_ranker_data(
     # At the world's held-out start, which precedes every held-out impression, so that the
     # fit is the one impressions_evaluation and feed_quality make at that time too.
     heldout_cut = min(heldout_start, world.heldout_start)
+    engagements, everyone = base.peer_rows(world)
     heldout_classic, _ = stored_fit_named(
-        heldout_cut,
-        peer_fits,
-        engagements=world.engagements if base.everyone is None else None,
-        warehouse=base.everyone,
+        heldout_cut, peer_fits, engagements=engagements, warehouse=everyone
     )
     heldout_peers = PeerFeatures.of(heldout_classic) if mix.peer_features else None
     heldout_groups = ranker(split.heldout, heldout_peers)

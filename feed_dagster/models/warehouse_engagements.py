@@ -12,7 +12,6 @@ read whole only by the one shard of a refresh that fits the peers.
 
 from __future__ import annotations
 
-import tempfile
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -27,7 +26,7 @@ from feed_dagster.metrics.fit_store import fit_name_in_warehouse
 from feed_dagster.models.catalog import ItemCatalog
 from feed_dagster.models.counts import CountsAtPoints
 from feed_dagster.models.engagement_log import EveryonesPositives
-from feed_dagster.models.exposures import EXPOSURE_MEMORY, _index, _only
+from feed_dagster.models.exposures import _index, _only, catalog_frame, spilling
 
 
 @dataclass(frozen=True)
@@ -87,20 +86,10 @@ class WarehouseEngagements:
         time_us = np.asarray(time_us, dtype=np.int64)
         # Rows of unknown authors ask author 0, as EngagementLog.author_counts does.
         author = np.maximum(catalog.author_id[item], 0)
-        ids = catalog.article_ids
-        mapping = pl.DataFrame(
-            {
-                "article_id": ids,
-                "item": np.arange(1, len(ids) + 1, dtype=np.int64),
-                "author": catalog.author_id[1:],
-            }
-        )
         con = connect_read_only(self.path)
         try:
-            with tempfile.TemporaryDirectory(prefix="positives-") as spill:
-                con.execute(f"set memory_limit = '{EXPOSURE_MEMORY}'")
-                con.execute(f"set temp_directory = '{spill}'")
-                con.register("positive_catalog", mapping.to_arrow())
+            with spilling(con, "positives-"):
+                con.register("positive_catalog", catalog_frame(catalog).to_arrow())
                 columns = {r[0] for r in con.execute("describe main.engagements").fetchall()}
                 positive = positive_rows_sql(columns) or "false"
                 events = (
