@@ -36,7 +36,13 @@ from feed_dagster.models.train import (
     train_two_tower,
     two_tower_recall,
 )
-from feed_dagster.models.two_tower import item_vectors, load_two_tower, user_vectors
+from feed_dagster.models.two_tower import (
+    catalog_item_vectors,
+    item_vectors,
+    load_two_tower,
+    retrieval_recall,
+    user_vectors,
+)
 from feed_dagster.world import generate_world, world_config
 
 FEATURES = FeatureConfig(history_len=16, author_buckets=4096, user_buckets=4096)
@@ -149,6 +155,22 @@ def test_two_tower_retrieves_better_than_chance(data, tt_result):
     assert 0.05 < r["chance@100"] < 0.2
     assert r["recall@100"] > 2 * r["chance@100"]
     assert r["recall@1000"] > r["recall@100"]
+
+
+def test_item_vectors_of_some_rows_and_recall_from_them(data, tt_result):
+    """Recall and the evaluation compute the vectors of the rows they need only: the same
+    vectors as the whole catalog's, and the same recall."""
+    model = load_two_tower(tt_result.state_dict, tt_result.config)
+    whole = catalog_item_vectors(model, data.catalog)
+    rows = np.array([5, 0, 3, len(whole) - 1, 5])
+    some = catalog_item_vectors(model, data.catalog, batch_size=2, rows=rows)
+    # (other batch shapes may round the last bit differently)
+    np.testing.assert_allclose(some, whole[rows], rtol=0, atol=1e-6)
+    assert not some[1].any()  # row 0, the padding item
+    ex = data.retrieval_heldout
+    u = user_vectors(model, ex.history, data.catalog)
+    expected = retrieval_recall(u, ex.item, ex.time_us, whole, data.catalog.published_us)
+    assert two_tower_recall(model, ex, data.catalog) == expected
 
 
 def test_user_and_item_vectors_for_serving(world, data, tt_result):

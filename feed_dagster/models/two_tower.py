@@ -10,6 +10,7 @@ popular items are not over-penalised for appearing as negatives more often.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -175,19 +176,24 @@ def user_vectors(
 
 @torch.no_grad()
 def catalog_item_vectors(
-    model: TwoTower, catalog: ItemCatalog | CatalogTensors, batch_size: int = 16_384
+    model: TwoTower,
+    catalog: ItemCatalog | CatalogTensors,
+    batch_size: int = 16_384,
+    rows: np.ndarray | None = None,
 ) -> np.ndarray:
-    """float32 [n+1, dim] vectors of every catalog row (row 0, the padding item, is zero)."""
+    """float32 [n+1, dim] vectors of every catalog row (row 0, the padding item, is zero),
+    or with `rows` [len(rows), dim] those rows' only, in their order."""
     cat = catalog if isinstance(catalog, CatalogTensors) else CatalogTensors(catalog)
     model.eval()
-    n = len(cat.content)
+    wanted = torch.arange(len(cat.content)) if rows is None else torch.from_numpy(rows)
+    n = len(wanted)
     # Written batch by batch into one array: concatenating the batches would hold every
     # vector twice (2 x 256 MiB at 1M posts).
     vecs = np.empty((n, model.cfg.dim), dtype=np.float32)
     for s in range(0, n, batch_size):
         e = min(n, s + batch_size)
-        vecs[s:e] = model.item_vectors(torch.arange(s, e), cat).numpy()
-    vecs[0] = 0.0
+        vecs[s:e] = model.item_vectors(wanted[s:e], cat).numpy()
+    vecs[(wanted == 0).numpy()] = 0.0
     return vecs
 
 
@@ -209,7 +215,7 @@ def retrieval_recall(
     user_vecs: np.ndarray,
     targets: np.ndarray,
     times_us: np.ndarray,
-    item_vecs: np.ndarray,
+    item_vecs: np.ndarray | Callable[[np.ndarray], np.ndarray],
     published_us: np.ndarray,
     ks: tuple[int, ...] = (100, 1000),
     recent_hours: float | None = 48.0,
@@ -219,8 +225,11 @@ def retrieval_recall(
 
     The corpus of each query is every item published before its time (and within
     `recent_hours`, the in-feed window, when given); rank = items scoring strictly higher.
+    Row 0 of `item_vecs` and `published_us` is the padding item, in no corpus.
+    `item_vecs`: every row's vector, or a function giving the vectors of the rows it is
+    given, so that only the rows some query's window holds, and the targets, are computed.
     """
-    iv = torch.from_numpy(item_vecs)
+    vectors_of = item_vecs if callable(item_vecs) else item_vecs.__getitem__
     window = None if recent_hours is None else int(recent_hours * 3_600_000_000)
     # Queries in time order score only the items published in their batch's window, a
     # contiguous run of the items in publication order: at 1M posts a 48 h window is a
@@ -229,6 +238,18 @@ def retrieval_recall(
     by_pub = np.argsort(published_us, kind="stable")
     by_pub = by_pub[by_pub > 0]  # row 0 is the padding item
     pub_sorted = published_us[by_pub]
+    # The items any query's window holds, copied once in publication order, so a batch's
+    # items are a slice of them: gathering each batch's (1.4M items at 10M posts, for a
+    # dozen queries) cost more than scoring them.
+    t_first, t_last = (int(times_us.min()), int(times_us.max())) if len(times_us) else (0, 0)
+    first = 0 if window is None else int(np.searchsorted(pub_sorted, t_first - window, "left"))
+    last = int(np.searchsorted(pub_sorted, t_last, "left"))
+    span = by_pub[first:last]
+    items = torch.from_numpy(vectors_of(span))
+    target_vecs = torch.from_numpy(vectors_of(targets.astype(np.int64)))
+    # Where each item sits in `items` (-1: in no query's window).
+    position = np.full(len(published_us), -1, np.int64)
+    position[span] = np.arange(len(span))
     order = np.argsort(times_us, kind="stable")
     rank = np.zeros(len(targets), np.int64)
     size = np.zeros(len(targets), np.int64)
@@ -244,24 +265,42 @@ def retrieval_recall(
             if b == 1 or len(q) * (hi - lo) <= _SCORE_CELLS:
                 break
             b //= 2
-        cols = torch.from_numpy(by_pub[lo:hi])
-        pub = torch.from_numpy(pub_sorted[lo:hi])
+        # Each query's own window, [q_lo, q_hi) in publication order: the items it ranks.
+        tq = times_us[q]
+        q_hi = np.searchsorted(pub_sorted, tq, "left")
+        q_lo = np.zeros_like(q_hi) if window is None else np.searchsorted(pub_sorted, tq - window)
+        lo, hi = lo - first, hi - first
+        q_lo, q_hi = q_lo - first - lo, q_hi - first - lo
         u = torch.from_numpy(user_vecs[q])
-        scores = u @ iv[cols].T
-        t = torch.from_numpy(times_us[q])[:, None]
-        valid = pub[None, :] < t
-        if window is not None:
-            valid &= pub[None, :] >= t - window
-        tgt = torch.from_numpy(targets[q].astype(np.int64))
-        own = (u * iv[tgt]).sum(1, keepdim=True)
+        scores = u @ items[lo:hi].T
+        tgt = targets[q].astype(np.int64)
+        own = (u * target_vecs[q]).sum(1)
         # Where the target is among the batch's items, its score is read from the same
         # matmul as theirs: another matmul may round it differently (how depends on the
         # shapes and the CPU), and the target would then rank above or below itself.
-        is_target = cols[None, :] == tgt[:, None]
-        in_batch = is_target.any(1, keepdim=True)
-        own = torch.where(in_batch, scores.masked_fill(~is_target, -torch.inf).amax(1, True), own)
-        rank[q] = ((scores > own) & valid).sum(1).numpy()
-        size[q] = valid.sum(1).numpy()
+        at = position[tgt] - lo
+        inside = np.flatnonzero((at >= 0) & (at < hi - lo))
+        own[inside] = scores[inside, at[inside]]
+        higher = scores > own[:, None]
+        # Every item of the batch's span counted, less those before a query's window start
+        # or at or after its end: the queries of a batch are close in time, so those edges
+        # are narrow and no mask as wide as the batch is built.
+        # (int32: summing bools into the default int64 took twice as long)
+        count = torch.sum(higher, 1, dtype=torch.int32)
+        left = int(q_lo.max(initial=0))
+        if left > 0:
+            cols = torch.arange(left)[None, :]
+            count -= torch.sum(
+                higher[:, :left] & (cols < torch.from_numpy(q_lo)[:, None]), 1, dtype=torch.int32
+            )
+        right = int(q_hi.min(initial=hi - lo))
+        if right < hi - lo:
+            cols = torch.arange(right, hi - lo)[None, :]
+            count -= torch.sum(
+                higher[:, right:] & (cols >= torch.from_numpy(q_hi)[:, None]), 1, dtype=torch.int32
+            )
+        rank[q] = count.numpy()
+        size[q] = q_hi - q_lo
         s += len(q)
     size = size.astype(np.float64)
     n = max(len(rank), 1)
