@@ -3,6 +3,7 @@ hyperparameters), loaded by whoever asks for it next."""
 
 from __future__ import annotations
 
+import pickle
 from datetime import datetime, timedelta
 
 import numpy as np
@@ -22,6 +23,7 @@ from feed_dagster.metrics.baselines import (
 )
 from feed_dagster.metrics.classic import ClassicPeers
 from feed_dagster.metrics.fit_store import (
+    code_version,
     fit_name,
     fit_name_in_warehouse,
     read_positive_pairs,
@@ -86,6 +88,26 @@ def test_an_unreadable_fit_is_made_again(world, tmp_path, monkeypatch):
     path.write_bytes(b"not a pickle")
     peers = stored_fit(world.engagements, cut, tmp_path)
     assert len(calls) == 2 and isinstance(peers, ClassicPeers)
+
+
+@pytest.mark.parametrize("written_by", ["older code, bare object", "other code"])
+def test_a_fit_written_by_other_code_is_made_again(world, tmp_path, monkeypatch, written_by):
+    """A file pickled by other code unpickles, but may lack what this code reads (an
+    attribute added since): it is refitted, not used."""
+    calls = _count_fits(monkeypatch)
+    cut = world.heldout_start
+    fitted = stored_fit(world.engagements, cut, tmp_path)
+    (path,) = tmp_path.glob("fit-*.pkl")
+    if written_by == "other code":
+        path.write_bytes(pickle.dumps(("0" * 16, fitted)))
+    else:
+        path.write_bytes(pickle.dumps(fitted))
+    assert isinstance(stored_fit(world.engagements, cut, tmp_path), ClassicPeers)
+    assert len(calls) == 2
+    # The refit is stored with this code's version: the next asker loads it.
+    stored_fit(world.engagements, cut, tmp_path)
+    assert len(calls) == 2
+    assert pickle.loads(path.read_bytes())[0] == code_version(ClassicPeers)
 
 
 def test_the_baselines_fit_the_classic_peers_once_at_the_heldout_start(

@@ -20,8 +20,10 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import hashlib
+import inspect
 import os
 import pickle
+import sys
 from collections.abc import Callable, Iterator
 from datetime import datetime
 from pathlib import Path
@@ -33,6 +35,7 @@ import polars as pl
 from feed_dagster.artifacts import Location
 from feed_dagster.data.schema import POSITIVE_ACTIONS
 from feed_dagster.data.warehouse import connect_read_only
+from feed_dagster.metrics import classic
 from feed_dagster.metrics.classic import (
     CLASSIC_METHODS,
     HYPER_DEFAULTS,
@@ -224,23 +227,40 @@ def exclusive(lock: Path) -> Iterator[None]:
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
+def code_version(kind: type) -> str:
+    """A digest of the source that defines a stored `kind`: its own module's and the
+    classic fits' (which every stored kind holds). A file pickled by other code loads
+    without error but may lack what this code reads (an attribute added since): it is
+    refitted rather than used."""
+    digest = hashlib.sha256()
+    for module in dict.fromkeys((sys.modules[kind.__module__], classic)):
+        digest.update(Path(inspect.getfile(module)).read_bytes())
+    return digest.hexdigest()[:16]
+
+
 def load(path: Path, kind: type) -> Any | None:
-    """The `kind` object pickled at `path`; None when absent or unreadable (fit again)."""
+    """The `kind` object pickled at `path`; None when absent, unreadable or written by
+    other code (see code_version): fit again."""
     try:
         with path.open("rb") as f:
-            value = pickle.load(f)
-    except (OSError, pickle.UnpicklingError, EOFError, AttributeError):
+            stored = pickle.load(f)
+    except (OSError, pickle.UnpicklingError, EOFError, AttributeError, ImportError):
         return None
-    return value if isinstance(value, kind) else None
+    if not (isinstance(stored, tuple) and len(stored) == 2):
+        return None  # a bare object, as files were written before they carried a version
+    version, value = stored
+    if version != code_version(kind) or not isinstance(value, kind):
+        return None
+    return value
 
 
 def save(value: object, path: Path, pattern: str, keep: int = KEEP) -> None:
-    """Pickle `value` to `path`, written beside and renamed, then remove all but the `keep`
-    newest files matching `pattern` beside it (and their locks)."""
+    """Pickle `value` with its code_version to `path`, written beside and renamed, then
+    remove all but the `keep` newest files matching `pattern` beside it (and their locks)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     with tmp.open("wb") as f:
-        pickle.dump(value, f, protocol=pickle.HIGHEST_PROTOCOL)
+        pickle.dump((code_version(type(value)), value), f, protocol=pickle.HIGHEST_PROTOCOL)
     os.replace(tmp, path)
     old = sorted(path.parent.glob(pattern), key=lambda p: p.stat().st_mtime)[:-keep]
     for p in old:
