@@ -24,12 +24,13 @@ import numpy as np
 import polars as pl
 
 from feed_dagster.artifacts import Location
-from feed_dagster.embeddings.stored import content_vectors
+from feed_dagster.embeddings.stored import content_vectors, embeddings_path
 from feed_dagster.models.catalog import FeatureConfig
 from feed_dagster.models.compiled import CompiledBlocks
 from feed_dagster.models.exposures import WarehouseExposures
 from feed_dagster.models.ranker import PhoenixRanker, load_ranker
 from feed_dagster.models.serve import ServingContext, score_candidates, user_vectors_at
+from feed_dagster.models.shared_inputs import shared_inputs
 from feed_dagster.models.store import ModelStore
 from feed_dagster.models.two_tower import TwoTower, load_two_tower
 from feed_dagster.models.warehouse_engagements import WarehouseEngagements
@@ -202,20 +203,34 @@ def serving_context(
     only theirs, and with `at` everyone's counts are kept for that time (ServingContext.build);
     with `everyone` too, `tables["engagements"]` need hold only their rows."""
     articles = tables["articles"]
+    peers_dir = peers_dir or data_root() / "models" / "serving_peers"
+    shared = None
+    if everyone is not None and users is not None and at is not None and "impressions" in tables:
+        # A shard of a refresh: what every shard shares is built once (models.shared_inputs).
+        shared = shared_inputs(
+            articles,
+            lambda: content_vectors(articles, embeddings),
+            features,
+            everyone.path,
+            at,
+            peers_dir,
+            embeddings or embeddings_path(),
+        )
     return ServingContext.build(
         articles,
-        content_vectors(articles, embeddings),
+        None if shared is not None else content_vectors(articles, embeddings),
         tables["engagements"],
         tables["follows"],
         tables["topic_follows"],
         features,
-        peers_dir=peers_dir or data_root() / "models" / "serving_peers",
+        peers_dir=peers_dir,
         impressions=tables.get("impressions"),
         warehouse=warehouse,
         candidate_posts=candidate_posts,
         users=users,
         at=at if users is not None else None,
         everyone=everyone,
+        shared=shared,
     )
 
 

@@ -127,13 +127,11 @@ class ExposureLog:
         try:
             if at is None:
                 return cls._query(con, "main.impressions", catalog, users, points=points)
-            if at.tzinfo is not None:  # the tables hold naive UTC times
-                at = at.astimezone(UTC).replace(tzinfo=None)
             con.execute(
                 "create temp view impressions_before as "
-                f"select * from main.impressions where shown_at < '{at.isoformat()}'"
+                f"select * from main.impressions where shown_at < '{_naive(at).isoformat()}'"
             )
-            return cls._query(con, "impressions_before", catalog, users, to_micros(at))
+            return cls._query(con, "impressions_before", catalog, users, to_micros(_naive(at)))
         finally:
             con.close()
 
@@ -221,23 +219,52 @@ class ExposureLog:
         )
 
     @classmethod
+    def for_users_at(
+        cls,
+        impressions: pl.DataFrame,
+        catalog: ItemCatalog,
+        users: np.ndarray,
+        at: datetime,
+        totals: ExposureTotals,
+    ) -> ExposureLog:
+        """The counts as of `at` for `users`, per-user ones from `impressions` (a frame
+        holding at least every impression of theirs, as a feed shard reads them) and
+        everyone's from `totals` (taken from the whole log at the same time): what
+        from_warehouse(users=users, at=at) gives, without a pass over the whole log."""
+        at_us = to_micros(_naive(at))
+        if totals.at_us != at_us:
+            raise ValueError(f"exposure totals taken at {totals.at_us} us, not at {at_us} us")
+        con = duckdb.connect()
+        try:
+            frame = impressions.select("user_id", "article_id", "shown_at")
+            con.register("impressions_frame", frame.to_arrow())
+            con.execute(
+                "create temp view impressions_before as select * from impressions_frame "
+                f"where shown_at < '{_naive(at).isoformat()}'"
+            )
+            con.register("exposure_catalog", catalog_frame(catalog).to_arrow())
+            users = unique(np.asarray(users, dtype=np.int64))
+            con.register("exposure_users", pl.DataFrame({"user_id": users}).to_arrow())
+            return cls._indexes_at(con, "impressions_before", users, at_us, totals)
+        finally:
+            con.close()
+
+    @classmethod
     def _indexes_at(
         cls,
         con: duckdb.DuckDBPyConnection,
         source: str,
         users: np.ndarray | None,
         at_us: int,
+        totals: ExposureTotals | None = None,
     ) -> ExposureLog:
         """The counts of every impression of `source` (all before `at_us`), from two passes
-        over it: impressions per post, and per (user, post) of `users`' (None: everyone's).
-        Every count is a sum of those, so each row of the log is read twice instead of
-        once per index and joined to its post's author and topic never."""
-        con.execute(
-            "create or replace temp table exposure_posts as "
-            f"select article_id, count(*) as n from {source} group by article_id"
-        )
-        _refuse_unknown_articles(con, "select article_id from exposure_posts")
-        rows = con.execute("select coalesce(sum(n), 0) from exposure_posts").fetchone()[0]
+        over it: impressions per post (unless `totals` has them), and per (user, post) of
+        `users`' (None: everyone's). Every count is a sum of those, so each row of the log
+        is read twice instead of once per index and joined to its post's author and topic
+        never."""
+        if totals is None:
+            totals = _totals_at(con, source, at_us)
         scoped = source
         if users is not None:
             scoped = f"(select * from {source} semi join exposure_users using (user_id))"
@@ -246,13 +273,8 @@ class ExposureLog:
             f"select user_id::bigint as user_id, article_id, count(*) as n from {scoped} "
             "group by user_id, article_id"
         )
-        posts = "exposure_posts p join exposure_catalog c using (article_id)"
         user_posts = "exposure_user_posts p join exposure_catalog c using (article_id)"
         counts = {
-            "shown_post": f"select c.item as k, sum(p.n) as n from {posts} group by k",
-            "shown_author_everyone": (
-                f"select c.author as k, sum(p.n) as n from {posts} where c.author >= 0 group by k"
-            ),
             "shown_topic": (
                 f"select p.user_id * {PAIR_BASE} + c.topic as k, sum(p.n) as n "
                 f"from {user_posts} where c.topic >= 0 group by k"
@@ -262,20 +284,17 @@ class ExposureLog:
                 f"from {user_posts} where c.author >= 0 group by k"
             ),
         }
-        at = {name: _summed_at(con, query, at_us) for name, query in counts.items()}
-        con.execute("drop table exposure_posts")
-        con.execute("drop table exposure_user_posts")
-        pairs = {
-            name: PairCounter(
-                at[name].keys,
-                CountsAt(np.arange(at[name].keys.size, dtype=np.int64), at[name].counts, at_us),
+        pairs = {}
+        for name, query in counts.items():
+            at = _summed_at(con, query, at_us)
+            pairs[name] = PairCounter(
+                at.keys, CountsAt(np.arange(at.keys.size, dtype=np.int64), at.counts, at_us)
             )
-            for name in ("shown_topic", "shown_author")
-        }
+        con.execute("drop table exposure_user_posts")
         return cls(
-            rows=int(rows),
-            shown_post=at["shown_post"],
-            shown_author_everyone=at["shown_author_everyone"],
+            rows=totals.rows,
+            shown_post=totals.shown_post,
+            shown_author_everyone=totals.shown_author_everyone,
             shown_topic=pairs["shown_topic"],
             shown_author=pairs["shown_author"],
             users=users,
@@ -347,6 +366,63 @@ def _pairs(
     index = _index(con, events, (int(n), len(pairs) - 1, t_min or 0, t_max or 0))
     con.execute("drop table exposure_pairs")
     return PairCounter(pairs, index)
+
+
+@dataclass(frozen=True)
+class ExposureTotals:
+    """Everyone's impressions strictly before one time: how many, and per catalog row and
+    per author. The same in every feed shard of a refresh (models.shared_inputs)."""
+
+    rows: int
+    shown_post: CountsAt  # keyed by catalog row
+    shown_author_everyone: CountsAt  # keyed by author id
+    at_us: int
+
+    @classmethod
+    def from_warehouse(cls, path: Location, catalog: ItemCatalog, at: datetime) -> ExposureTotals:
+        """From one pass over the warehouse's impressions before `at`."""
+        con = connect_read_only(path)
+        try:
+            con.execute(
+                "create temp view impressions_before as select * from main.impressions "
+                f"where shown_at < '{_naive(at).isoformat()}'"
+            )
+            with spilling(con, "exposures-"):
+                con.register("exposure_catalog", catalog_frame(catalog).to_arrow())
+                return _totals_at(con, "impressions_before", to_micros(_naive(at)))
+        finally:
+            con.close()
+
+
+def _totals_at(con: duckdb.DuckDBPyConnection, source: str, at_us: int) -> ExposureTotals:
+    """ExposureTotals of `source` (impressions, all before `at_us`) from one pass over it;
+    refuses impressions of posts the registered exposure_catalog does not hold."""
+    con.execute(
+        "create or replace temp table exposure_posts as "
+        f"select article_id, count(*) as n from {source} group by article_id"
+    )
+    _refuse_unknown_articles(con, "select article_id from exposure_posts")
+    rows = con.execute("select coalesce(sum(n), 0) from exposure_posts").fetchone()[0]
+    posts = "exposure_posts p join exposure_catalog c using (article_id)"
+    totals = ExposureTotals(
+        rows=int(rows),
+        shown_post=_summed_at(
+            con, f"select c.item as k, sum(p.n) as n from {posts} group by k", at_us
+        ),
+        shown_author_everyone=_summed_at(
+            con,
+            f"select c.author as k, sum(p.n) as n from {posts} where c.author >= 0 group by k",
+            at_us,
+        ),
+        at_us=at_us,
+    )
+    con.execute("drop table exposure_posts")
+    return totals
+
+
+def _naive(at: datetime) -> datetime:
+    """`at` as the tables hold times: naive UTC."""
+    return at.astimezone(UTC).replace(tzinfo=None) if at.tzinfo is not None else at
 
 
 def _summed_at(con: duckdb.DuckDBPyConnection, counts: str, at_us: int) -> CountsAt:

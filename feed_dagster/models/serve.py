@@ -19,12 +19,13 @@ from feed_dagster.metrics.fit_store import exclusive, fit_name, load, save, stor
 from feed_dagster.models.catalog import FeatureConfig, ItemCatalog, to_micros
 from feed_dagster.models.compiled import CompiledBlocks
 from feed_dagster.models.engagement_log import EngagementLog, EveryonesPositives
-from feed_dagster.models.exposures import WarehouseExposures
+from feed_dagster.models.exposures import ExposureLog, WarehouseExposures
 from feed_dagster.models.layers import CatalogTensors
 from feed_dagster.models.peers import PEER_METHODS, PeerFeatures
 from feed_dagster.models.ranker import PhoenixRanker, predict
-from feed_dagster.models.ranker_data import POST_RECENT_US, build_serving_data
+from feed_dagster.models.ranker_data import build_serving_data
 from feed_dagster.models.retrieval_data import user_histories
+from feed_dagster.models.shared_inputs import SharedInputs, count_times
 from feed_dagster.models.two_tower import TwoTower, catalog_item_vectors, user_vectors
 from feed_dagster.models.warehouse_engagements import WarehouseEngagements
 from feed_dagster.sorted_search import unique
@@ -53,6 +54,9 @@ class ServingContext:
     # Every user's engagements in the warehouse, when `engagements` holds some users' rows
     # only (a feed shard's, see build): the peers are named and fitted from there.
     everyone: WarehouseEngagements | None = None
+    # The name of the classic peers' fit at a scoring time, when the shared inputs
+    # (models.shared_inputs) hold it: naming it otherwise takes a pass over every engagement.
+    peers_name: tuple[datetime, str] | None = None
     # Classic peers fitted at a scoring time, kept for the next batch scored at that time.
     _peers: dict[datetime, PeerFeatures] = field(default_factory=dict, repr=False)
 
@@ -70,11 +74,12 @@ class ServingContext:
             peers, fitted = self._fit_peers(now), True
         else:
             # Named like the fit they come from (metrics.fit_store): what decides it, not the frame.
-            name = (
-                self.everyone.fit_name(now, PEER_METHODS)
-                if self.everyone is not None
-                else fit_name(self.engagements, now, PEER_METHODS)
-            )
+            if self.peers_name is not None and self.peers_name[0] == now:
+                name = self.peers_name[1]
+            elif self.everyone is not None:
+                name = self.everyone.fit_name(now, PEER_METHODS)
+            else:
+                name = fit_name(self.engagements, now, PEER_METHODS)
             path = self.peers_dir / f"peers-{name}.pkl"
             peers, fitted = load(path, PeerFeatures), False
             if peers is None:
@@ -138,7 +143,7 @@ class ServingContext:
     def build(
         cls,
         articles: pl.DataFrame,
-        content_vectors: np.ndarray,
+        content_vectors: np.ndarray | None,
         engagements: pl.DataFrame,
         follows: pl.DataFrame,
         topic_follows: pl.DataFrame,
@@ -150,38 +155,57 @@ class ServingContext:
         users: np.ndarray | None = None,
         at: datetime | None = None,
         everyone: WarehouseEngagements | None = None,
+        shared: SharedInputs | None = None,
     ) -> ServingContext:
-        """`content_vectors[i]` belongs to `articles` row i; `features` must be the models'
-        (their config's `features`), since hashed buckets depend on it. `impressions` (the
-        logged ones, when the source has them) give the ranker its exposure counts; with
-        `warehouse`, they come from the warehouse's impression log instead (when the
-        frame holds only some users' rows). `candidate_posts`: the article ids the run can
-        score (see the field). `users`: the log holds only their rows (see for_users);
-        with `at` too, the one time they are scored at, everyone's engagement counts per
-        post and author are kept for it only. With `everyone` (and `users` and `at`),
-        `engagements` need hold only the users' rows: what every user shares is counted
-        in the warehouse."""
+        """`content_vectors[i]` belongs to `articles` row i (None with `shared`); `features` must be
+        the models' (their config's `features`), since hashed buckets depend on it.
+        `impressions` (the logged ones, when the source has them) give the ranker its
+        exposure counts; with `warehouse`, they come from the warehouse's impression log
+        instead (when the frame holds only some users' rows). `candidate_posts`: the article
+        ids the run can score (see the field). `users`: the log holds only their rows (see
+        for_users); with `at` too, the one time they are scored at, everyone's engagement
+        counts per post and author are kept for it only. With `everyone` (and `users` and
+        `at`), `engagements` need hold only the users' rows: what every user shares is
+        counted in the warehouse. With `shared` too (built for `at` from the same warehouse,
+        models.shared_inputs), what every user shares is taken from it, and the users'
+        exposure counts from `impressions` (which must hold every impression of theirs): the
+        same context without a pass over the warehouse."""
         features = features or FeatureConfig()
         times = _count_times(at)
         if everyone is not None and (users is None or at is None):
             raise ValueError("everyone's engagements serve some users at one time only")
-        counts = everyone.post_counts(times) if everyone is not None else None
-        catalog = ItemCatalog.build(
-            articles,
-            content_vectors,
-            features,
-            engagements if counts is None else None,
-            firsts=None if counts is None else counts.firsts,
-        )
-        shared = None
-        if counts is not None:
-            shared = EveryonesPositives.from_counts(counts.positives, catalog)
-        exposures = warehouse.load(catalog) if warehouse is not None else impressions
+        peers_name = None
+        if shared is not None:
+            if users is None or at is None or everyone is None or impressions is None:
+                raise ValueError(
+                    "shared inputs serve some users at one time, with their impressions and "
+                    "everyone's engagements in the warehouse"
+                )
+            if shared.at_us != to_micros(at):
+                raise ValueError(f"shared inputs built for {shared.at_us} us, not for {at}")
+            catalog, positives = shared.catalog, shared.everyone
+            exposures = ExposureLog.for_users_at(impressions, catalog, users, at, shared.exposures)
+            peers_name = (at, shared.peers_name)
+        else:
+            if content_vectors is None:
+                raise ValueError("content vectors are needed unless shared inputs are given")
+            counts = everyone.post_counts(times) if everyone is not None else None
+            catalog = ItemCatalog.build(
+                articles,
+                content_vectors,
+                features,
+                engagements if counts is None else None,
+                firsts=None if counts is None else counts.firsts,
+            )
+            positives = None
+            if counts is not None:
+                positives = EveryonesPositives.from_counts(counts.positives, catalog)
+            exposures = warehouse.load(catalog) if warehouse is not None else impressions
         return cls(
             catalog=catalog,
             tensors=CatalogTensors(catalog),
             log=EngagementLog.build(
-                engagements, catalog, exposures, users=users, times_us=times, everyone=shared
+                engagements, catalog, exposures, users=users, times_us=times, everyone=positives
             ),
             engagements=engagements,
             follows=follows,
@@ -190,6 +214,7 @@ class ServingContext:
             peers_dir=peers_dir,
             candidate_posts=candidate_posts,
             everyone=everyone,
+            peers_name=peers_name,
         )
 
     @classmethod
@@ -209,10 +234,7 @@ class ServingContext:
 
 def _count_times(at: datetime | None) -> tuple[int, ...]:
     """The times a ranker scoring at `at` asks everyone's engagement counts at."""
-    if at is None:
-        return ()
-    at_us = to_micros(at)
-    return (at_us, at_us - POST_RECENT_US)
+    return () if at is None else count_times(at)
 
 
 def user_vectors_at(
