@@ -1,10 +1,18 @@
 """The model versions travel as materialization metadata, across runs of one instance."""
 
 import dagster as dg
+import numpy as np
 import pytest
 from dagster_helpers import definitions, materialize
 
+from feed_dagster.data.warehouse import read_tables
+from feed_dagster.embeddings.stored import content_vectors
+from feed_dagster.models.catalog import ItemCatalog
+from feed_dagster.models.serve import item_vectors_of
 from feed_dagster.models.store import ModelStore
+from feed_dagster.models.two_tower import load_two_tower
+from feed_dagster.vectors import open_vectors
+from feed_dagster.vectors.search import read_vectors
 
 
 def _run(defs: dg.Definitions, instance: dg.DagsterInstance, *assets: str, groups=()):
@@ -51,6 +59,22 @@ def test_promotion_and_vectors_read_the_trained_versions_in_later_runs(data_dir)
     store = ModelStore(data_dir / "models")
     assert store.promoted("ranker") == evaluation["ranker_version"]
     assert store.promoted("two_tower") == tower
+    # The table's vectors are the item tower's over a catalog of every engagement (the
+    # step takes each post's first engagement from the warehouse, not the rows).
+    tables = read_tables(data_dir / "warehouse.duckdb", ["articles", "engagements"])
+    model = load_two_tower(*store.load("two_tower", tower))
+    embeddings = data_dir / "embeddings" / "article_embeddings.parquet"
+    catalog = ItemCatalog.build(
+        tables["articles"],
+        content_vectors(tables["articles"], embeddings),
+        model.cfg.features,
+        tables["engagements"],
+    )
+    want = item_vectors_of(model, catalog).sort("article_id")
+    ids, got = read_vectors(open_vectors(str(data_dir / "lancedb"), "article_vectors"))
+    order = np.argsort(ids)
+    np.testing.assert_array_equal(ids[order], want["article_id"].to_numpy())
+    np.testing.assert_allclose(got[order], np.stack(want["vector"].to_list()), rtol=0, atol=1e-6)
 
 
 def test_promotion_without_a_training_run_names_what_to_materialise(data_dir):
