@@ -11,6 +11,8 @@ import torch
 
 from feed_dagster.embeddings import LexicalEncoder
 from feed_dagster.memory import peak_rss_mib
+from feed_dagster.metrics.classic import CLASSIC_METHODS, ClassicPeers
+from feed_dagster.metrics.ranking import evaluate_scores
 from feed_dagster.models import train as train_module
 from feed_dagster.models.budget import TrainingBudget
 from feed_dagster.models.catalog import FeatureConfig
@@ -85,6 +87,23 @@ def test_training_data_shapes(data):
     assert data.split.train["shown_at"].max() < data.split.heldout["shown_at"].min()
     assert data.actions[0] == "favorite" and "click" in data.actions
     assert data.dropped_rows == 0, "the world never shows a post before it exists"
+
+
+def test_training_data_keeps_the_heldout_peers_scores_not_the_fit(world, data, evaluation):
+    """The held-out classic fit is let go once the held-out groups exist: its scores of the
+    held-out candidates are kept, and they are what the evaluation reports."""
+    kept = data.heldout_classic
+    assert kept.cut <= world.heldout_start
+    rows = data.ranker_heldout.rows()
+    fit = ClassicPeers.fit(world.engagements, kept.cut)
+    users, articles = rows["user_id"].to_numpy(), rows["article_id"].to_numpy()
+    for method in CLASSIC_METHODS:
+        np.testing.assert_array_equal(kept.scores[method], fit.score(method, users, articles))
+    auc = dict(zip(evaluation["method"], evaluation["auc"], strict=True))
+    for method in CLASSIC_METHODS:
+        frame = rows.with_columns(pl.Series("score", kept.scores[method], dtype=pl.Float64))
+        want = evaluate_scores(frame, "score", label_col="click")["auc"]
+        assert auc[method] == pytest.approx(want, abs=1e-12)
 
 
 def test_ranker_learns_and_reports_history(ranker_result):

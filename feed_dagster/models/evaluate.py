@@ -32,7 +32,7 @@ from feed_dagster.metrics.ranking import evaluate_scores, group_auc  # noqa: E40
 from feed_dagster.models.layers import CatalogTensors  # noqa: E402
 from feed_dagster.models.ranker import PhoenixRanker, score_frame  # noqa: E402
 from feed_dagster.models.ranker_data import RankerData  # noqa: E402
-from feed_dagster.models.train import TrainingData  # noqa: E402
+from feed_dagster.models.train import ClassicScores, TrainingData  # noqa: E402
 from feed_dagster.models.two_tower import TwoTower, catalog_item_vectors, user_vectors  # noqa: E402
 from feed_dagster.sorted_search import unique  # noqa: E402
 
@@ -216,17 +216,16 @@ def evaluation_rows(
     # held-out period.
     if classic and impressions.height:
         cut = impressions["shown_at"].min()
+        # Scored by the fit the held-out groups were built with (add_ranker_data), whose
+        # rows are these; a fit at or before the first scored impression sees none of what
+        # it scores.
         peers = data.heldout_classic
-        # A fit at or before the first scored impression sees none of what it scores.
-        if peers is None or peers.cut > cut or set(peers.methods) != set(CLASSIC_METHODS):
+        if peers is None or peers.cut > cut or not set(CLASSIC_METHODS) <= set(peers.scores):
             fit_rows, everyone = data.peer_rows(world)
-            peers, _ = stored_fit_named(cut, None, engagements=fit_rows, warehouse=everyone)
-        users = impressions["user_id"].to_numpy()
-        articles = impressions["article_id"].to_numpy()
+            fit, _ = stored_fit_named(cut, None, engagements=fit_rows, warehouse=everyone)
+            peers = ClassicScores.of(fit, impressions)
         for name in CLASSIC_METHODS:
-            frame = base.with_columns(
-                pl.Series("score", peers.score(name, users, articles), dtype=pl.Float64)
-            )
+            frame = base.with_columns(pl.Series("score", peers.scores[name], dtype=pl.Float64))
             rows.append(_method_row(name, frame, {"click": "score"}, actions))
 
     truth = world.impression_truth

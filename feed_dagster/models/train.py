@@ -156,6 +156,20 @@ class TrainingMix:
 
 
 @dataclass(frozen=True)
+class ClassicScores:
+    """The classic peers' scores of some candidates (user_id, article_id rows), by method,
+    from a fit at `cut`."""
+
+    cut: datetime
+    scores: dict[str, np.ndarray]
+
+    @classmethod
+    def of(cls, peers: ClassicPeers, rows: pl.DataFrame) -> ClassicScores:
+        users, articles = rows["user_id"].to_numpy(), rows["article_id"].to_numpy()
+        return cls(peers.cut, {m: peers.score(m, users, articles) for m in peers.methods})
+
+
+@dataclass(frozen=True)
 class TrainingData:
     """Everything both trainers and the evaluation read, built once from a world."""
 
@@ -175,7 +189,7 @@ class TrainingData:
     id_cutoff_us: int = 0
     mix: TrainingMix = field(default_factory=TrainingMix)
     logged_groups: int = 0  # training groups from logged slates (the rest are sampled)
-    heldout_classic: ClassicPeers | None = None  # fitted at the held-out start
+    heldout_classic: ClassicScores | None = None  # the peers' scores, fitted at the held-out start
     # The warehouse holding every user's engagements, when the world's hold only the
     # sampled users' own rows (models.budget): the classic peers are fitted there.
     everyone: Location | None = None
@@ -450,10 +464,9 @@ def add_ranker_data(
     )
     heldout_peers = PeerFeatures.of(heldout_classic) if mix.peer_features else None
     heldout_groups = ranker(split.heldout, heldout_peers)
-    # The held-out groups computed the item-kNN rows the evaluation scores; the history's
-    # transpose serves only new rows (rebuilt if one is ever asked for) and would otherwise
-    # sit beside the training (160 MB at 100k users).
-    heldout_classic.drop_transpose()
+    # The evaluation reports the peers' own scores of the held-out candidates: kept instead
+    # of the fit, which would otherwise sit beside the training and the two-tower's process
+    # (4 to 5 GiB at 1M users, the largest part of the step's peak there).
     return replace(
         base,
         ranker_train=train_groups,
@@ -461,7 +474,7 @@ def add_ranker_data(
         ranker_heldout=heldout_groups,
         mix=mix,
         logged_groups=len(logged),
-        heldout_classic=heldout_classic,
+        heldout_classic=ClassicScores.of(heldout_classic, heldout_groups.rows()),
     )
 
 
