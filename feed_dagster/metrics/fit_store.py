@@ -27,7 +27,8 @@ import sys
 from collections.abc import Callable, Iterator
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from types import ModuleType
+from typing import Any, TypeVar
 
 import duckdb
 import polars as pl
@@ -45,6 +46,8 @@ from feed_dagster.metrics.classic import (
 
 # Fits kept in a store: one build needs two or three (the held-out start, `now`).
 KEEP = 3
+
+T = TypeVar("T")
 
 
 def fit_name(
@@ -184,18 +187,25 @@ def read_positive_pairs(path: Location, cut: datetime) -> pl.DataFrame:
 
 
 def load_or_fit(store: Path, name: str, fit: Callable[[], ClassicPeers]) -> ClassicPeers:
-    """The fit stored as `name` in `store`; made by `fit` and stored when absent. Two
-    processes asking at once take turns on a lock, so the second loads the first's."""
-    path = fit_file(store, name)
-    peers = load(path, ClassicPeers)
-    if peers is not None:
-        return peers
+    """The fit stored as `name` in `store`; made by `fit` and stored when absent."""
+    return load_or_make(fit_file(store, name), ClassicPeers, fit, "fit-*.pkl")
+
+
+def load_or_make(
+    path: Path, kind: type[T], make: Callable[[], T], pattern: str, keep: int = KEEP
+) -> T:
+    """The `kind` object stored at `path`; made by `make` and stored (keeping the `keep`
+    newest files matching `pattern`) when absent. Two processes asking at once take turns
+    on a lock, so the second loads what the first stored."""
+    value = load(path, kind)
+    if value is not None:
+        return value
     with exclusive(path.with_suffix(".lock")):
-        peers = load(path, ClassicPeers)
-        if peers is None:
-            peers = fit()
-            save(peers, path, "fit-*.pkl")
-    return peers
+        value = load(path, kind)
+        if value is None:
+            value = make()
+            save(value, path, pattern, keep=keep)
+    return value
 
 
 def fit_file(store: Path, name: str) -> Path:
@@ -232,8 +242,13 @@ def code_version(kind: type) -> str:
     classic fits' (which every stored kind holds). A file pickled by other code loads
     without error but may lack what this code reads (an attribute added since): it is
     refitted rather than used."""
+    return source_digest(sys.modules[kind.__module__], classic)
+
+
+def source_digest(*modules: ModuleType) -> str:
+    """A digest of the source files of `modules` (each once)."""
     digest = hashlib.sha256()
-    for module in dict.fromkeys((sys.modules[kind.__module__], classic)):
+    for module in dict.fromkeys(modules):
         digest.update(Path(inspect.getfile(module)).read_bytes())
     return digest.hexdigest()[:16]
 

@@ -127,11 +127,8 @@ class ExposureLog:
         try:
             if at is None:
                 return cls._query(con, "main.impressions", catalog, users, points=points)
-            con.execute(
-                "create temp view impressions_before as "
-                f"select * from main.impressions where shown_at < '{_naive(at).isoformat()}'"
-            )
-            return cls._query(con, "impressions_before", catalog, users, to_micros(_naive(at)))
+            at_us = _view_before(con, "main.impressions", at)
+            return cls._query(con, "impressions_before", catalog, users, at_us)
         finally:
             con.close()
 
@@ -170,13 +167,14 @@ class ExposureLog:
         users: np.ndarray | None,
         at_us: int | None = None,
         points: ExposurePoints | None = None,
+        totals: ExposureTotals | None = None,
     ) -> ExposureLog:
         con.register("exposure_catalog", catalog_frame(catalog).to_arrow())
         if users is not None:
             users = unique(np.asarray(users, dtype=np.int64))
             con.register("exposure_users", pl.DataFrame({"user_id": users}).to_arrow())
         if at_us is not None:  # `source` holds only the impressions before it
-            return cls._indexes_at(con, source, users, at_us)
+            return cls._indexes_at(con, source, users, at_us, totals)
         _refuse_unknown_articles(con, f"select distinct article_id from {source}")
         exposed = _EXPOSED.format(source=source)
         rows = con.execute(f"select count(*) from {source}").fetchone()[0]
@@ -231,21 +229,14 @@ class ExposureLog:
         holding at least every impression of theirs, as a feed shard reads them) and
         everyone's from `totals` (taken from the whole log at the same time): what
         from_warehouse(users=users, at=at) gives, without a pass over the whole log."""
-        at_us = to_micros(_naive(at))
-        if totals.at_us != at_us:
-            raise ValueError(f"exposure totals taken at {totals.at_us} us, not at {at_us} us")
         con = duckdb.connect()
         try:
             frame = impressions.select("user_id", "article_id", "shown_at")
             con.register("impressions_frame", frame.to_arrow())
-            con.execute(
-                "create temp view impressions_before as select * from impressions_frame "
-                f"where shown_at < '{_naive(at).isoformat()}'"
-            )
-            con.register("exposure_catalog", catalog_frame(catalog).to_arrow())
-            users = unique(np.asarray(users, dtype=np.int64))
-            con.register("exposure_users", pl.DataFrame({"user_id": users}).to_arrow())
-            return cls._indexes_at(con, "impressions_before", users, at_us, totals)
+            at_us = _view_before(con, "impressions_frame", at)
+            if totals.at_us != at_us:
+                raise ValueError(f"exposure totals taken at {totals.at_us} us, not at {at_us} us")
+            return cls._indexes(con, "impressions_before", catalog, users, at_us, totals=totals)
         finally:
             con.close()
 
@@ -383,13 +374,10 @@ class ExposureTotals:
         """From one pass over the warehouse's impressions before `at`."""
         con = connect_read_only(path)
         try:
-            con.execute(
-                "create temp view impressions_before as select * from main.impressions "
-                f"where shown_at < '{_naive(at).isoformat()}'"
-            )
+            at_us = _view_before(con, "main.impressions", at)
             with spilling(con, "exposures-"):
                 con.register("exposure_catalog", catalog_frame(catalog).to_arrow())
-                return _totals_at(con, "impressions_before", to_micros(_naive(at)))
+                return _totals_at(con, "impressions_before", at_us)
         finally:
             con.close()
 
@@ -420,9 +408,16 @@ def _totals_at(con: duckdb.DuckDBPyConnection, source: str, at_us: int) -> Expos
     return totals
 
 
-def _naive(at: datetime) -> datetime:
-    """`at` as the tables hold times: naive UTC."""
-    return at.astimezone(UTC).replace(tzinfo=None) if at.tzinfo is not None else at
+def _view_before(con: duckdb.DuckDBPyConnection, table: str, at: datetime) -> int:
+    """Create the view `impressions_before`: the rows of `table` shown strictly before
+    `at`; returns `at` in microseconds."""
+    if at.tzinfo is not None:  # the tables hold naive UTC times
+        at = at.astimezone(UTC).replace(tzinfo=None)
+    con.execute(
+        "create temp view impressions_before as "
+        f"select * from {table} where shown_at < '{at.isoformat()}'"
+    )
+    return to_micros(at)
 
 
 def _summed_at(con: duckdb.DuckDBPyConnection, counts: str, at_us: int) -> CountsAt:

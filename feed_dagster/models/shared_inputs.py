@@ -19,7 +19,6 @@ there each shard builds its own, as before.
 from __future__ import annotations
 
 import hashlib
-import inspect
 import json
 import os
 import sys
@@ -32,7 +31,7 @@ import numpy as np
 import polars as pl
 
 from feed_dagster.artifacts import Location, filesystem, is_remote
-from feed_dagster.metrics.fit_store import exclusive, load, save
+from feed_dagster.metrics.fit_store import load_or_make, source_digest
 from feed_dagster.models import catalog as catalog_module
 from feed_dagster.models import counts as counts_module
 from feed_dagster.models import engagement_log as engagement_log_module
@@ -102,17 +101,13 @@ def shared_inputs(
     name = inputs_name(warehouse, embeddings, features, at, articles.height)
     if store is None or name is None:
         return build_shared_inputs(articles, content_vectors, features, warehouse, at)
-    path = store / f"inputs-{name}.pkl"
-    found = load(path, SharedInputs)
-    if found is not None:
-        return found
-    with exclusive(path.with_suffix(".lock")):
-        found = load(path, SharedInputs)
-        if found is not None:
-            return found
-        built = build_shared_inputs(articles, content_vectors, features, warehouse, at)
-        save(built, path, "inputs-*.pkl", keep=KEEP)
-        return built
+    return load_or_make(
+        store / f"inputs-{name}.pkl",
+        SharedInputs,
+        lambda: build_shared_inputs(articles, content_vectors, features, warehouse, at),
+        "inputs-*.pkl",
+        keep=KEEP,
+    )
 
 
 def inputs_name(
@@ -138,22 +133,20 @@ def inputs_name(
     embedded = [
         str(info.get(k)) for k in ("size", "mtime", "LastModified", "ETag", "created") if k in info
     ]
-    code = hashlib.sha256()
-    for module in (
+    code = source_digest(
         sys.modules[__name__],
         catalog_module,
         counts_module,
         engagement_log_module,
         exposures_module,
         warehouse_engagements_module,
-    ):
-        code.update(Path(inspect.getfile(module)).read_bytes())
+    )
     key = {
         "warehouse": [str(Path(warehouse).resolve()), stats],
         "embeddings": [str(embeddings), embedded],
         "features": features.to_dict(),
         "at": at.isoformat(),
         "articles": n_articles,
-        "code": code.hexdigest(),
+        "code": code,
     }
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
