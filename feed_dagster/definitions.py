@@ -10,7 +10,7 @@ from feed_dagster.assets.checks import raw_table_checks
 from feed_dagster.assets.embeddings import article_embeddings
 from feed_dagster.assets.evaluation import impressions_evaluation
 from feed_dagster.assets.feed_quality import feed_quality
-from feed_dagster.assets.feeds import published_feeds, user_feeds
+from feed_dagster.assets.feeds import published_feeds, serving_inputs, user_feeds
 from feed_dagster.assets.graph import follow_graph
 from feed_dagster.assets.models import promoted_ranker, ranker_promotion_gate, trained_models
 from feed_dagster.assets.raw import source_tables
@@ -41,6 +41,7 @@ def build_definitions(storage: StorageResource | None = None) -> dg.Definitions:
             trained_models,
             promoted_ranker,
             article_vectors,
+            serving_inputs,
             user_feeds,
             published_feeds,
             feed_quality,

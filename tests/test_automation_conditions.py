@@ -94,6 +94,7 @@ def test_the_sensors_left_watch_the_outside_world_and_one_evaluates_the_conditio
     assert with_condition == {
         "article_embeddings",
         "article_vectors",
+        "serving_inputs",
         "user_feeds",
         "published_feeds",
     }
@@ -117,6 +118,7 @@ def test_an_ingest_requests_embeddings_vectors_and_every_shard_but_not_the_publi
     assert built.tick() == {
         "article_embeddings": True,
         "article_vectors": True,
+        "serving_inputs": True,
         "user_feeds": SHARDS,
     }
     assert built.tick() == {}  # asked for once, not on every tick
@@ -129,7 +131,8 @@ def test_blocks_and_mutes_reach_the_feeds_without_touching_the_vectors(built: Da
 
 def test_a_promoted_ranker_refreshes_every_shard(built: Daemon):
     built.report("promoted_ranker")
-    assert built.tick() == {"user_feeds": SHARDS}
+    # What the shards share too (its catalog follows the ranker's features).
+    assert built.tick() == {"serving_inputs": True, "user_feeds": SHARDS}
 
 
 def test_a_new_two_tower_rebuilds_the_vectors_then_the_feeds(built: Daemon):

@@ -57,7 +57,12 @@ def test_without_the_celery_engine_shards_run_in_runs_own_processes(
         run_build._materialize_phases("WARNING", 2, progress, ["0", "1"], tmp_path)
     assert run_build.shard_engine() is None and cli.engine_problem() is None
     assert cli.EXECUTOR_VARIABLE == EXECUTOR_VARIABLE  # named twice: the CLI reads it early
-    assert calls == [("pool", ["sources"], 1), ("pool", ["derived"], 1), ("pool", ["0", "1"], 2)]
+    assert calls == [
+        ("pool", ["sources"], 1),
+        ("pool", ["derived"], 1),
+        ("pool", ["serving"], 1),
+        ("pool", ["0", "1"], 2),
+    ]
     assert "- user_feeds: 2 shards on 2 worker processes ..." in out.getvalue()
 
 
@@ -74,6 +79,7 @@ def test_with_celery_the_shards_go_to_the_engine_as_many_at_once_as_asked(
     assert calls == [
         ("pool", ["sources"], 1),
         ("pool", ["derived"], 1),
+        ("pool", ["serving"], 1),
         ("engine", ["0", "1", "2"], 3),
     ]
     assert "3 shards on 3 runs at a time on the Celery workers" in out.getvalue()

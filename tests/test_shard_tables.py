@@ -43,8 +43,44 @@ def test_a_shard_reads_its_users_impressions_and_the_global_count(warehouse, tin
     eng = tiny_world.engagements.filter(pl.col("user_id").is_in(mine.tolist()))
     assert 0 < tables["engagements"].height == eng.height < tiny_world.engagements.height
     assert tables[ENGAGEMENT_USERS]["user_id"].to_list() == sorted(mine.tolist())
-    # Every other table is whole.
-    assert tables["follows"].height == tiny_world.follows.height
+    # Of the follows, blocks, mutes and muted keywords, its users' rows (blocks both ways).
+    mine_list = mine.tolist()
+    follows = tiny_world.follows.filter(pl.col("follower_id").is_in(mine_list))
+    assert 0 < tables["follows"].height == follows.height < tiny_world.follows.height
+    assert_frame_equal(tables["follows"], follows.sort("follower_id", "followee_id"))
+    for name, keys in (
+        ("mutes", ["user_id", "muted_id"]),
+        ("muted_keywords", ["user_id", "keyword"]),
+    ):
+        frame = getattr(tiny_world, name)
+        want = frame.filter(pl.col("user_id").is_in(mine_list)).sort(keys)
+        assert_frame_equal(tables[name], want)
+    blocks = tiny_world.blocks.filter(
+        pl.col("user_id").is_in(mine_list) | pl.col("blocked_id").is_in(mine_list)
+    )
+    assert_frame_equal(tables["blocks"], blocks.sort("user_id", "blocked_id"))
+    # Of the articles, the window's posts, their parents and thread roots, and the posts
+    # in the users' histories; the users table is whole.
+    arts = tiny_world.articles
+    in_window = arts.filter(
+        (pl.col("published_at") > now - tiny_world.candidate_window)
+        & (pl.col("published_at") <= now)
+    )
+    wanted = pl.concat(
+        [
+            in_window["article_id"],
+            in_window["parent_id"].drop_nulls(),
+            in_window["conversation_id"].drop_nulls(),
+            eng["article_id"],
+        ]
+    )
+    kept = arts.filter(pl.col("article_id").is_in(wanted.to_list())).sort("article_id")
+    assert_frame_equal(tables["articles"], kept)
+    assert in_window.height < tables["articles"].height < arts.height
+    assert tables["users"].height == tiny_world.users.height
+    # Without a window (a catalog of long-lived items), every post.
+    unwindowed = read_shard_tables(warehouse, 1, N_SHARDS, no_window=True)
+    assert unwindowed["articles"].height == arts.height
 
 
 def test_shard_feeds_equal_feeds_from_the_whole_tables(warehouse, tmp_path):

@@ -81,7 +81,7 @@ def test_a_shard_with_the_shared_inputs_scores_as_one_that_builds_its_own(
             shared=shared,
         ).for_users(mine, now)
 
-    shared = shared_inputs(articles, lambda: vectors, FEATURES, warehouse, now, tmp_path, path)
+    shared = shared_inputs(FEATURES, warehouse, now, tmp_path, path)
     assert shared.peers_name == everyone.fit_name(now, PEER_METHODS)
     own, with_shared = context(None), context(shared)
     model = build_ranker(RankerConfig(content_dim=vectors.shape[1], features=FEATURES), seed=0)
@@ -116,14 +116,11 @@ def test_a_shard_with_the_shared_inputs_scores_as_one_that_builds_its_own(
 def test_the_first_shard_builds_them_and_the_next_loads_them(
     warehouse, tiny_world, embeddings, tmp_path, monkeypatch
 ):
-    path, vectors = embeddings
+    path, _ = embeddings
     calls = _counting_builds(monkeypatch)
-    articles = tiny_world.articles
 
     def ask():
-        return shared_inputs(
-            articles, lambda: vectors, FEATURES, warehouse, tiny_world.now, tmp_path, path
-        )
+        return shared_inputs(FEATURES, warehouse, tiny_world.now, tmp_path, path)
 
     first = ask()
     second = ask()
@@ -136,14 +133,11 @@ def test_the_first_shard_builds_them_and_the_next_loads_them(
     ask()
     assert len(calls) == 2
     # Another time, another feature config: built again too.
-    shared_inputs(
-        articles, lambda: vectors, FeatureConfig(), warehouse, tiny_world.now, tmp_path, path
-    )
+    shared_inputs(FeatureConfig(), warehouse, tiny_world.now, tmp_path, path)
     assert len(calls) == 3
-    # Without a store, or without the embeddings file to name them by: built, not stored.
-    shared_inputs(articles, lambda: vectors, FEATURES, warehouse, tiny_world.now, None, path)
-    shared_inputs(articles, lambda: vectors, FEATURES, warehouse, tiny_world.now, tmp_path, None)
-    assert len(calls) == 5
+    # Without a store: built, not stored.
+    shared_inputs(FEATURES, warehouse, tiny_world.now, None, path)
+    assert len(calls) == 4
     assert len(list(tmp_path.glob("inputs-*.pkl"))) == shared_module.KEEP
 
 

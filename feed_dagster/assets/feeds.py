@@ -9,6 +9,7 @@ from feed_dagster.assets.retry import IO_RETRY, fail_fast
 from feed_dagster.feeds.build import PIPELINE_TABLES
 from feed_dagster.feeds.precompute import precompute_shard, read_shard_tables
 from feed_dagster.feeds.report import feed_preview_markdown, stage_timings_markdown
+from feed_dagster.feeds.serving_inputs import prepare_serving_inputs
 from feed_dagster.feeds.shard_files import write_shard
 from feed_dagster.feeds.shards import shard_keys
 from feed_dagster.generation import publish_generation
@@ -22,6 +23,8 @@ user_shards = dg.StaticPartitionsDefinition(shard_keys())
 N_SHARDS = len(user_shards.get_partition_keys())
 
 MODEL_DEPS = ["promoted_ranker", "article_vectors"]
+# The warehouse tables the shards' shared inputs are built from (feeds.serving_inputs).
+SERVING_INPUT_TABLES = ["world_info", "articles", "engagements", "impressions"]
 
 
 # Intra-op torch threads of a feed step. Shard runs go side by side, one per core, and the
@@ -35,10 +38,9 @@ FEED_TORCH_THREADS = Field(
 )
 
 
-class FeedConfig(dg.Config):
-    batch_size: int = 512
-    torch_threads: int = FEED_TORCH_THREADS
-    exclude_previously_served: bool = True
+class WindowConfig(dg.Config):
+    """The candidate window of a refresh: the source's unless overridden."""
+
     candidate_window_hours: float | None = Field(
         default=None,
         description="Oldest post (hours before now) a feed may hold; null = the source's "
@@ -49,6 +51,12 @@ class FeedConfig(dg.Config):
         description="True = no age limit (catalogs of long-lived items), whatever the source "
         "says; leave candidate_window_hours null then.",
     )
+
+
+class FeedConfig(WindowConfig):
+    batch_size: int = 512
+    torch_threads: int = FEED_TORCH_THREADS
+    exclude_previously_served: bool = True
 
 
 class PublishConfig(dg.Config):
@@ -86,8 +94,53 @@ PUBLISH_GUARD = dg.AssetCheckSpec(
 
 @dg.asset(
     group_name="feeds",
+    deps=["promoted_ranker", "article_embeddings", *SERVING_INPUT_TABLES],
+    kinds={"python"},
+    retry_policy=IO_RETRY,
+    automation_condition=dg.AutomationCondition.eager(),
+)
+def serving_inputs(
+    context: dg.AssetExecutionContext,
+    config: WindowConfig,
+    models: ModelStoreResource,
+    lancedb: LanceDBResource,
+    storage: StorageResource,
+) -> dg.MaterializeResult:
+    """What every shard of a refresh shares, built once before them: the catalog, everyone's
+    engagement and impression counts at `now`, and the classic peers fitted at `now` with
+    the item-kNN rows of the window's posts. Stored beside the peers' fits; a shard that
+    finds none for its warehouse builds them itself. Use the shards' window settings."""
+    memory = StepMemory().start()
+    storage.check_artifacts()
+    prepared = prepare_serving_inputs(
+        model_locations(models, lancedb, storage),
+        window_hours=config.candidate_window_hours,
+        no_window=config.no_candidate_window,
+        progress=context.log.info,
+    )
+    memory.stop()
+    if prepared is None:
+        # No promoted ranker (the table fallbacks share nothing), or a warehouse in a bucket.
+        context.log.info("nothing to share: each shard builds what it needs")
+        return dg.MaterializeResult(metadata={"prepared": False, **memory.metadata()})
+    return dg.MaterializeResult(
+        metadata={
+            "prepared": True,
+            "now": str(prepared.now),
+            "ranker_version": prepared.ranker_version,
+            "articles": prepared.articles,
+            "window_posts": prepared.window_posts if prepared.window_posts is not None else -1,
+            "peers_name": prepared.peers_name or "none (the ranker reads no peer features)",
+            "seconds": dg.MetadataValue.json({k: round(v, 1) for k, v in prepared.seconds.items()}),
+            **memory.metadata(),
+        }
+    )
+
+
+@dg.asset(
+    group_name="feeds",
     partitions_def=user_shards,
-    deps=[*PIPELINE_TABLES, *MODEL_DEPS],
+    deps=[*PIPELINE_TABLES, *MODEL_DEPS, serving_inputs],
     kinds={"polars", "parquet"},
     retry_policy=IO_RETRY,
     automation_condition=dg.AutomationCondition.eager(),
@@ -104,7 +157,13 @@ def user_feeds(
     memory = StepMemory().start()
     storage.check_artifacts()  # a wrong bucket stops the step before the feeds are built
     shard = int(context.partition_key)
-    tables = read_shard_tables(storage.warehouse_path(), shard, N_SHARDS)
+    tables = read_shard_tables(
+        storage.warehouse_path(),
+        shard,
+        N_SHARDS,
+        window_hours=config.candidate_window_hours,
+        no_window=config.no_candidate_window,
+    )
     served = (
         read_live_served(storage.serving_bucket(), storage.serving_path())
         if config.exclude_previously_served

@@ -8,7 +8,7 @@ from feed_dagster.assets.retry import IO_RETRY
 from feed_dagster.assets.upstream import upstream_metadata
 from feed_dagster.data.warehouse import read_tables
 from feed_dagster.embeddings.stored import content_vectors
-from feed_dagster.models.catalog import ItemCatalog
+from feed_dagster.models.catalog import CATALOG_COLUMNS, ItemCatalog
 from feed_dagster.models.serve import item_vectors_of
 from feed_dagster.models.two_tower import load_two_tower
 from feed_dagster.models.warehouse_engagements import WarehouseEngagements
@@ -31,7 +31,7 @@ from feed_dagster.vectors.search import read_vectors
 # The item tower reads a post's content, author, topic and first engagement time only.
 VECTOR_TABLES = ["articles", "engagements"]
 # What the catalog and the vector table's filter columns read of the articles.
-ARTICLE_COLUMNS = ["article_id", "author_id", "published_at", "topic", "kind"]
+ARTICLE_COLUMNS = [*CATALOG_COLUMNS, "kind"]
 
 
 @dg.asset(

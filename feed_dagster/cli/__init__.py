@@ -384,7 +384,8 @@ def build_parser() -> argparse.ArgumentParser:
     run = command(
         "run",
         "materialise the whole asset graph and show what was built",
-        "Materialise every asset: sources, models and vectors, then each user shard of "
+        "Materialise every asset: sources, models and vectors, what the shards share "
+        "(serving_inputs), then each user shard of "
         "user_feeds in worker processes (with FEED_DAGSTER_EXECUTOR=celery: one run per "
         "shard on the Celery workers), then the publish and the feed-quality evaluation. "
         "Shows each step with its elapsed time, training epochs and shard progress (a live "

@@ -98,6 +98,9 @@ def _materialize_phases(
     # feed quality run here, after them, where a process start would only add time.
     phase("sources", "sources", "generate or load the world, check its tables", fresh=True)
     phase("models and vectors", "derived", "training takes a few minutes", fresh=True)
+    phase(
+        "serving inputs", "serving", "what every shard shares: catalog, counts, peers", fresh=True
+    )
     if shard_engine():
         # Each shard one run of refresh_feeds, as the schedule and the sensor start them.
         runs = workers or shard_runs_at_once(len(shards))

@@ -78,6 +78,7 @@ def read_tables(
     totals_at: datetime | None = None,
     columns: dict[str, list[str]] | None = None,
     engagements_of_users: bool = False,
+    scopes: dict[str, str] | None = None,
 ) -> dict[str, pl.DataFrame]:
     """Whole tables by name, read in one read-only session (one consistent snapshot);
     `columns` names the only columns to read of some of them.
@@ -89,9 +90,11 @@ def read_tables(
     from it: how many impressions anyone was shown before `totals_at` (default: the
     world's `now`, when feeds are built; an evaluation builds them at its cut). With
     `engagements_of_users` too, `engagements` holds only those users' rows as well (20.8M
-    rows at 100k users, 1.3M a shard's), and ENGAGEMENT_USERS names the users."""
-    if engagements_of_users and users is None:
-        raise ValueError("engagements_of_users needs the users")
+    rows at 100k users, 1.3M a shard's), and ENGAGEMENT_USERS names the users. `scopes`
+    (with `users`) gives, by table name, the query of the only rows to read of it, which
+    may name the users as the view `shard_users` (user_id)."""
+    if (engagements_of_users or scopes) and users is None:
+        raise ValueError("engagements_of_users and scopes need the users")
     con = connect_read_only(path)
     try:
         present = {
@@ -109,7 +112,7 @@ def read_tables(
             return {name: con.execute(select(name)).pl() for name in wanted}
         shard_users = pl.DataFrame({"user_id": np.asarray(users, np.int64)})
         con.register("shard_users", shard_users.to_arrow())
-        queries = {name: select(name) for name in wanted}
+        queries = {name: (scopes or {}).get(name) or select(name) for name in wanted}
         queries["impressions"] = (
             "select * from main.impressions semi join shard_users using (user_id)"
         )

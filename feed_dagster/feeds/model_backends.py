@@ -24,6 +24,7 @@ import numpy as np
 import polars as pl
 
 from feed_dagster.artifacts import Location
+from feed_dagster.data.warehouse import read_tables
 from feed_dagster.embeddings.stored import content_vectors, embeddings_path
 from feed_dagster.models.catalog import FeatureConfig
 from feed_dagster.models.compiled import CompiledBlocks
@@ -208,13 +209,7 @@ def serving_context(
     if everyone is not None and users is not None and at is not None and "impressions" in tables:
         # A shard of a refresh: what every shard shares is built once (models.shared_inputs).
         shared = shared_inputs(
-            articles,
-            lambda: content_vectors(articles, embeddings),
-            features,
-            everyone.path,
-            at,
-            peers_dir,
-            embeddings or embeddings_path(),
+            features, everyone.path, at, peers_dir, embeddings or embeddings_path()
         )
     return ServingContext.build(
         articles,
@@ -271,8 +266,10 @@ def feed_models(
     if ranker_v is None or tower_v is None or table is None:
         warn("no promoted models or vector table yet: using table fallbacks")
         if everyone is not None:
-            # The fallbacks' popularity and base rates are every user's.
-            tables = {**tables, "engagements": everyone.read()}
+            # The fallbacks' popularity and base rates are every user's, over every post (a
+            # shard reads its users' engagements and the posts its feeds can show only).
+            whole = read_tables(everyone.path, ["articles"])
+            tables = {**tables, "engagements": everyone.read(), "articles": whole["articles"]}
         return (
             PopularityRetriever.from_tables(tables),
             TopicAffinityScorer.from_tables(tables),

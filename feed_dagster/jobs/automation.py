@@ -29,7 +29,10 @@ UPSTREAM_OF_FEEDS = dg.AssetSelection.all() - FEEDS.downstream() - FEED_QUALITY
 # builds them in separate processes, so the memory the source step leaves behind is
 # returned to the system before the models train.
 SOURCE_TABLES = dg.AssetSelection.assets(*RAW_TABLES)
-DERIVED_UPSTREAM = UPSTREAM_OF_FEEDS - SOURCE_TABLES
+# What the shards share, built in a process of its own too: at 1M users its peak (the
+# classic peers' fit) would add to what training left behind.
+SERVING_INPUTS = dg.AssetSelection.assets("serving_inputs")
+DERIVED_UPSTREAM = UPSTREAM_OF_FEEDS - SOURCE_TABLES - SERVING_INPUTS
 
 refresh_feeds = dg.define_asset_job(
     "refresh_feeds",
@@ -54,9 +57,10 @@ retrain = dg.define_asset_job(
         "ranker_evaluation",
         "promoted_ranker",
         "article_vectors",
+        "serving_inputs",
     ),
     description="Retrain both models, evaluate, promote the ranker only if the gate passes, "
-    "and rebuild the item vectors with the new two-tower.",
+    "rebuild the item vectors with the new two-tower and what the shards share.",
 )
 evaluate_feeds_job = dg.define_asset_job(
     "evaluate_feeds",

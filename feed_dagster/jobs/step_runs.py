@@ -88,8 +88,9 @@ def execute_step(
 ) -> str:
     """Materialise one step of `run` from `defs` in this process; returns its report lines.
 
-    `which`: "sources" (the source's tables), "derived" (the rest upstream of the feeds),
-    "shard" (one user_feeds partition), "publish" or "quality" (feed_quality). `emit`
+    `which`: "sources" (the source's tables), "derived" (the rest upstream of the feeds but
+    serving_inputs), "serving" (serving_inputs: what the shards share), "shard" (one
+    user_feeds partition), "publish" or "quality" (feed_quality). `emit`
     receives the steps' progress. Raises BuildFailed(report) when anything fails.
     """
     # Here, not at the top: the parent of `run` follows engine runs through this module
@@ -98,12 +99,14 @@ def execute_step(
         DERIVED_UPSTREAM,
         FEED_QUALITY,
         FEEDS,
+        SERVING_INPUTS,
         SOURCE_TABLES,
     )
 
     selection = {
         "sources": SOURCE_TABLES,
         "derived": DERIVED_UPSTREAM,
+        "serving": SERVING_INPUTS,
         "shard": FEEDS,
         "publish": dg.AssetSelection.assets("published_feeds"),
         "quality": FEED_QUALITY,

@@ -29,6 +29,10 @@ NEVER_US = np.iinfo(np.int64).max
 AUTHOR_TOPICS = 3
 
 
+# The columns of the articles table a catalog reads (ItemCatalog.build).
+CATALOG_COLUMNS = ["article_id", "author_id", "published_at", "topic"]
+
+
 @dataclass(frozen=True)
 class FeatureConfig:
     """Sizes of the input vocabulary; stored with every model so serving builds the same inputs."""

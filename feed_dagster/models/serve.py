@@ -14,8 +14,9 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
+from feed_dagster.artifacts import Location
 from feed_dagster.data.schema import World
-from feed_dagster.metrics.fit_store import exclusive, fit_name, load, save, stored_fit_in_warehouse
+from feed_dagster.metrics.fit_store import fit_name, load_or_make, stored_fit_in_warehouse
 from feed_dagster.models.catalog import FeatureConfig, ItemCatalog, to_micros
 from feed_dagster.models.compiled import CompiledBlocks
 from feed_dagster.models.engagement_log import EngagementLog, EveryonesPositives
@@ -71,7 +72,7 @@ class ServingContext:
                 f"everyone's, at the times given to for_users, not at {now}"
             )
         if self.peers_dir is None:
-            peers, fitted = self._fit_peers(now), True
+            peers = self._fit_peers(now)
         else:
             # Named like the fit they come from (metrics.fit_store): what decides it, not the frame.
             if self.peers_name is not None and self.peers_name[0] == now:
@@ -80,18 +81,17 @@ class ServingContext:
                 name = self.everyone.fit_name(now, PEER_METHODS)
             else:
                 name = fit_name(self.engagements, now, PEER_METHODS)
-            path = self.peers_dir / f"peers-{name}.pkl"
-            peers, fitted = load(path, PeerFeatures), False
-            if peers is None:
-                # One process fits, the others wait for its file: shards started together
-                # would otherwise each spend minutes fitting the same peers (3 min at 100k
-                # users). The lock is the kernel's, so a process that dies lets go of it.
-                with exclusive(path.with_suffix(".lock")):
-                    peers = load(path, PeerFeatures)
-                    if peers is None:
-                        peers, fitted = self._fit_peers(now), True
-                        save(peers, path, "peers-*.pkl", keep=4)
-        if not fitted and self.candidate_posts is not None:
+            # One process fits, the others wait for its file: shards started together
+            # would otherwise each spend minutes fitting the same peers (3 min at 100k
+            # users). A refresh fits them before its shards (feeds.serving_inputs).
+            peers = load_or_make(
+                peers_file(self.peers_dir, name),
+                PeerFeatures,
+                lambda: self._fit_peers(now),
+                PEERS_PATTERN,
+                keep=PEERS_KEEP,
+            )
+        if self.candidate_posts is not None:
             # Every post this run scores had its item-kNN rows prepared by the fit's
             # process (a fit saved before the transpose was dropped still holds it).
             peers.peers.drop_transpose()
@@ -101,12 +101,9 @@ class ServingContext:
 
     def _fit_peers(self, now: datetime) -> PeerFeatures:
         # The fit itself may be another step's (feed_quality's is trained_models').
-        if self.everyone is None:
-            peers = PeerFeatures.fit(self.engagements, now, store=self.peers_dir)
-        else:
-            peers = PeerFeatures.of(
-                stored_fit_in_warehouse(self.everyone.path, now, self.peers_dir, PEER_METHODS)
-            )
+        if self.everyone is not None:
+            return fit_serving_peers(self.everyone.path, now, self.peers_dir, self.candidate_posts)
+        peers = PeerFeatures.fit(self.engagements, now, store=self.peers_dir)
         if self.candidate_posts is not None:
             peers.peers.prepare(self.candidate_posts)
             peers.peers.drop_transpose()
@@ -230,6 +227,29 @@ class ServingContext:
             features,
             impressions=world.impressions,
         )
+
+
+# Serving peers' files: `peers-<fit name>.pkl`, the few newest kept (a refresh needs one).
+PEERS_PATTERN = "peers-*.pkl"
+PEERS_KEEP = 4
+
+
+def peers_file(store: Path, name: str) -> Path:
+    """Where the serving peers of the classic fit named `name` are kept in `store`."""
+    return store / f"peers-{name}.pkl"
+
+
+def fit_serving_peers(
+    warehouse: Location, at: datetime, store: Path | None, candidate_posts: np.ndarray | None
+) -> PeerFeatures:
+    """Peer features at `at` from every engagement in `warehouse` (the classic fit stored in
+    `store`), with the item-kNN rows of `candidate_posts` (the posts a refresh can score)
+    computed, so the processes that load them only score."""
+    peers = PeerFeatures.of(stored_fit_in_warehouse(warehouse, at, store, PEER_METHODS))
+    if candidate_posts is not None:
+        peers.peers.prepare(candidate_posts)
+        peers.peers.drop_transpose()
+    return peers
 
 
 def _count_times(at: datetime | None) -> tuple[int, ...]:

@@ -22,22 +22,20 @@ import hashlib
 import json
 import os
 import sys
-from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
-import numpy as np
-import polars as pl
-
 from feed_dagster.artifacts import Location, filesystem, is_remote
+from feed_dagster.data.warehouse import read_tables
+from feed_dagster.embeddings.stored import content_vectors
 from feed_dagster.metrics.fit_store import load_or_make, source_digest
 from feed_dagster.models import catalog as catalog_module
 from feed_dagster.models import counts as counts_module
 from feed_dagster.models import engagement_log as engagement_log_module
 from feed_dagster.models import exposures as exposures_module
 from feed_dagster.models import warehouse_engagements as warehouse_engagements_module
-from feed_dagster.models.catalog import FeatureConfig, ItemCatalog, to_micros
+from feed_dagster.models.catalog import CATALOG_COLUMNS, FeatureConfig, ItemCatalog, to_micros
 from feed_dagster.models.engagement_log import EveryonesPositives
 from feed_dagster.models.exposures import ExposureTotals
 from feed_dagster.models.peers import PEER_METHODS
@@ -66,17 +64,17 @@ def count_times(at: datetime) -> tuple[int, ...]:
 
 
 def build_shared_inputs(
-    articles: pl.DataFrame,
-    content_vectors: Callable[[], np.ndarray],
-    features: FeatureConfig,
-    warehouse: Location,
-    at: datetime,
+    features: FeatureConfig, warehouse: Location, at: datetime, embeddings: Location | None
 ) -> SharedInputs:
-    """The shared inputs at `at`, from the articles table, their content vectors (row i:
-    `articles` row i) and the warehouse's engagements and impressions."""
+    """The shared inputs at `at`, from the warehouse's articles, engagements and impressions
+    and the posts' content vectors in `embeddings` (default: the artifacts root's file)."""
+    articles = read_tables(warehouse, ["articles"], columns={"articles": CATALOG_COLUMNS})
+    articles = articles["articles"]
     everyone = WarehouseEngagements(warehouse)
     counts = everyone.post_counts(count_times(at))
-    catalog = ItemCatalog.build(articles, content_vectors(), features, firsts=counts.firsts)
+    catalog = ItemCatalog.build(
+        articles, content_vectors(articles, embeddings), features, firsts=counts.firsts
+    )
     return SharedInputs(
         catalog=catalog,
         everyone=EveryonesPositives.from_counts(counts.positives, catalog),
@@ -87,24 +85,23 @@ def build_shared_inputs(
 
 
 def shared_inputs(
-    articles: pl.DataFrame,
-    content_vectors: Callable[[], np.ndarray],
     features: FeatureConfig,
     warehouse: Location,
     at: datetime,
     store: Path | None,
     embeddings: Location | None,
 ) -> SharedInputs:
-    """The shared inputs at `at`: loaded from `store` when a shard of the same refresh
-    built them, else built (and stored, when they can be named). Shards asking at once take
-    turns on a lock, so the second loads what the first stored."""
-    name = inputs_name(warehouse, embeddings, features, at, articles.height)
+    """The shared inputs at `at`: loaded from `store` when a shard of the same refresh (or
+    the step before the shards, feeds.serving_inputs) built them, else built (and stored,
+    when they can be named). Shards asking at once take turns on a lock, so the second
+    loads what the first stored."""
+    name = inputs_name(warehouse, embeddings, features, at)
     if store is None or name is None:
-        return build_shared_inputs(articles, content_vectors, features, warehouse, at)
+        return build_shared_inputs(features, warehouse, at, embeddings)
     return load_or_make(
         store / f"inputs-{name}.pkl",
         SharedInputs,
-        lambda: build_shared_inputs(articles, content_vectors, features, warehouse, at),
+        lambda: build_shared_inputs(features, warehouse, at, embeddings),
         "inputs-*.pkl",
         keep=KEEP,
     )
@@ -115,7 +112,6 @@ def inputs_name(
     embeddings: Location | None,
     features: FeatureConfig,
     at: datetime,
-    n_articles: int,
 ) -> str | None:
     """The name the shared inputs are stored under, or None when the warehouse has no
     cheap identity (a bucket) or the embeddings file is not known."""
@@ -146,7 +142,6 @@ def inputs_name(
         "embeddings": [str(embeddings), embedded],
         "features": features.to_dict(),
         "at": at.isoformat(),
-        "articles": n_articles,
         "code": code,
     }
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
