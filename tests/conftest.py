@@ -6,11 +6,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import duckdb
+import numpy as np
 import polars as pl
 import pytest
 
 from feed_dagster.data.schema import World
 from feed_dagster.data.world_tables import world_info
+from feed_dagster.embeddings import LexicalEncoder
 from feed_dagster.world import generate_world, world_config
 
 # Real servers on loopback (PostgreSQL, ...) as fixtures: tests/servers.py.
@@ -41,6 +43,22 @@ def write_warehouse(path: Path, world: World) -> Path:
     finally:
         con.close()
     return path
+
+
+def write_lexical_embeddings(path: Path, world: World) -> tuple[Path, np.ndarray]:
+    """The world's lexical content vectors as an article_embeddings file at `path`."""
+    vectors = LexicalEncoder().encode(world.articles)
+    pl.DataFrame(
+        {"article_id": world.articles["article_id"], "vector": vectors},
+        schema={"article_id": pl.Int64, "vector": pl.Array(pl.Float32, vectors.shape[1])},
+    ).write_parquet(path)
+    return path, vectors
+
+
+@pytest.fixture(scope="session")
+def make_embeddings():
+    """`write_lexical_embeddings(path, world)`, an embeddings file at the test's path."""
+    return write_lexical_embeddings
 
 
 @pytest.fixture(scope="session")

@@ -7,7 +7,6 @@ import polars as pl
 import pytest
 
 from feed_dagster.data.warehouse import read_tables
-from feed_dagster.embeddings import LexicalEncoder
 from feed_dagster.feeds import serving_inputs as serving_inputs_module
 from feed_dagster.feeds.build import OPTIONAL_TABLES, PIPELINE_TABLES
 from feed_dagster.feeds.model_backends import ModelLocations, serving_features
@@ -26,17 +25,12 @@ N_SHARDS = 3
 
 
 @pytest.fixture(scope="module")
-def promoted(tmp_path_factory, tiny_world, make_warehouse):
+def promoted(tmp_path_factory, tiny_world, make_warehouse, make_embeddings):
     """A warehouse, the posts' embeddings file, and a ranker and two-tower promoted with
     their vector table: what a refresh finds once the models phase is done."""
     root = tmp_path_factory.mktemp("serving_inputs")
     warehouse = make_warehouse(root / "warehouse.duckdb", tiny_world)
-    vectors = LexicalEncoder().encode(tiny_world.articles)
-    embeddings = root / "article_embeddings.parquet"
-    pl.DataFrame(
-        {"article_id": tiny_world.articles["article_id"], "vector": vectors},
-        schema={"article_id": pl.Int64, "vector": pl.Array(pl.Float32, vectors.shape[1])},
-    ).write_parquet(embeddings)
+    embeddings, vectors = make_embeddings(root / "article_embeddings.parquet", tiny_world)
     ranker = build_ranker(RankerConfig(content_dim=vectors.shape[1]), seed=0)
     assert ranker.cfg.peer_features
     tower = TwoTower(TwoTowerConfig(content_dim=vectors.shape[1])).eval()

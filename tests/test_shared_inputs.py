@@ -26,15 +26,9 @@ FEATURES = FeatureConfig(history_len=16, max_candidates=8)
 
 
 @pytest.fixture()
-def embeddings(tmp_path, tiny_world):
+def embeddings(tmp_path, tiny_world, make_embeddings):
     """The tiny world's lexical vectors as an embeddings file."""
-    vectors = LexicalEncoder().encode(tiny_world.articles)
-    path = tmp_path / "article_embeddings.parquet"
-    pl.DataFrame(
-        {"article_id": tiny_world.articles["article_id"], "vector": vectors},
-        schema={"article_id": pl.Int64, "vector": pl.Array(pl.Float32, vectors.shape[1])},
-    ).write_parquet(path)
-    return path, vectors
+    return make_embeddings(tmp_path / "article_embeddings.parquet", tiny_world)
 
 
 def _counting_builds(monkeypatch) -> list[int]:
