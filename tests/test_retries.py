@@ -19,7 +19,8 @@ def _retries(result) -> int:
 
 def test_io_steps_carry_the_retry_policy(data_dir) -> None:
     defs = definitions()
-    for name in ("article_embeddings", "article_vectors", "user_feeds", "published_feeds"):
+    steps = ("article_embeddings", "article_vectors", "serving_inputs", "user_feeds")
+    for name in (*steps, "published_feeds"):
         node = defs.resolve_assets_def(name).node_def
         assert node.retry_policy == IO_RETRY, name
     assert IO_RETRY.max_retries >= 1
