@@ -116,8 +116,8 @@ def test_item_knn_pairs_scored_one_by_one_equal_one_product(monkeypatch) -> None
 @pytest.mark.parametrize("cells", [2**25, 0])
 def test_item_knn_sparse_product_equals_the_dense_product_bit_for_bit(monkeypatch, cells) -> None:
     """A feed batch's pairs are read off a sparse (items x users) product: the same sums in
-    the same order as the dense product's, also past the dense product's cells (by its
-    cost then)."""
+    the same order as the dense product's, also past the dense product's cells (in
+    slices then)."""
     monkeypatch.setattr(classic, "_DENSE_CELLS", cells)
     rng = np.random.default_rng(7)
     x = rng.random((80, 60)) < 0.2

@@ -90,13 +90,12 @@ HYPER_DEFAULTS: dict[str, Any] = {
 # item-kNN gathers a neighbour row and a history row (up to 200 entries each) per pair: at
 # 100k users, 262k-pair chunks held about 2 GB at once, 32k-pair chunks an eighth of it.
 _PAIR_CHUNK = 32_768
-# item-kNN pairs scored by one sparse (items x users) product when it has at most this many
-# cells, or when it spans at most _PRODUCT_USERS users and costs at most _PRODUCT_FLOPS
-# multiply-adds (a feed batch: at 100k users, 512 users' candidates span 68k posts, 35M
-# cells of which 800k are not 0); else pair by pair.
+# item-kNN pairs scored by a sparse (items x users) product, made in slices of at most this
+# many cells, when it has at most that many or spans at most _PRODUCT_USERS users (a feed
+# batch: at 100k users, 512 users' candidates span 68k posts, 35M cells of which 800k are
+# not 0); else pair by pair.
 _DENSE_CELLS = 2**25
 _PRODUCT_USERS = 4096
-_PRODUCT_FLOPS = 2**25
 # Threads of an ALS fit and of item-kNN rows: neither result depends on them (module doc).
 ALS_THREADS = os.cpu_count() or 1
 KNN_THREADS = os.cpu_count() or 1
@@ -272,16 +271,19 @@ def _item_knn_scores(
     ii, i_at = np.unique(items, return_inverse=True)
     if len(ui) * len(ii) > _DENSE_CELLS and len(ui) > _PRODUCT_USERS:
         return _sparse_pair_dot(knn, items, history, users)
-    rows, histories = knn[ii], history[ui]
-    if len(ui) * len(ii) > _DENSE_CELLS:
-        # Multiply-adds of the product (each neighbour j of a post, once per user who
-        # engaged with j): they bound its nonzeros, so its memory.
-        engaged = np.bincount(histories.indices, minlength=histories.shape[1])
-        if engaged[rows.indices].sum() > _PRODUCT_FLOPS:
-            return _sparse_pair_dot(knn, items, history, users)
-    block = (rows @ histories.T).tocsr()
-    block.sort_indices()
-    return np.asarray(block[i_at.ravel(), u_at.ravel()], dtype=np.float64).ravel()
+    # The product in slices of at most _DENSE_CELLS cells, which bound its memory. (Sizing
+    # it first by its multiply-adds cost more than making it: at 1M users a batch's 415k
+    # posts have 82M neighbours to look up and 454k multiply-adds.) The users' histories
+    # are transposed once, not by every slice's product.
+    histories_t = history[ui].T.tocsr()
+    step = max(1, _DENSE_CELLS // len(ui))
+    out = np.empty(items.size, dtype=np.float64)
+    for start in range(0, len(ii), step):
+        sel = np.flatnonzero((i_at >= start) & (i_at < start + step))
+        block = (knn[ii[start : start + step]] @ histories_t).tocsr()
+        block.sort_indices()
+        out[sel] = np.asarray(block[i_at[sel] - start, u_at[sel]], dtype=np.float64).ravel()
+    return out
 
 
 @dataclass
