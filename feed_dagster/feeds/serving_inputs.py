@@ -21,10 +21,8 @@ from datetime import datetime
 from feed_dagster.artifacts import is_remote
 from feed_dagster.data.warehouse import read_tables
 from feed_dagster.feeds.model_backends import ModelLocations, serving_features
-from feed_dagster.metrics.fit_store import load_or_make
-from feed_dagster.models.peers import PeerFeatures
 from feed_dagster.models.ranker import load_ranker
-from feed_dagster.models.serve import PEERS_KEEP, PEERS_PATTERN, fit_serving_peers, peers_file
+from feed_dagster.models.serve import fit_serving_peers, stored_serving_peers
 from feed_dagster.models.shared_inputs import shared_inputs
 from feed_dagster.paths import RANKER
 from feed_dagster.pipeline.config import resolve_window
@@ -96,12 +94,10 @@ def prepare_serving_inputs(
 
     if peers_name is not None:
         t0 = time.perf_counter()
-        load_or_make(
-            peers_file(models.peers_dir, peers_name),
-            PeerFeatures,
+        stored_serving_peers(
+            models.peers_dir,
+            peers_name,
             lambda: fit_serving_peers(models.warehouse, now, models.peers_dir, posts),
-            PEERS_PATTERN,
-            keep=PEERS_KEEP,
         )
         seconds["peers"] = time.perf_counter() - t0
         progress(f"serving peers ready in {seconds['peers']:.1f}s")

@@ -7,6 +7,7 @@ training, with everything strictly before `now`.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
@@ -84,13 +85,7 @@ class ServingContext:
             # One process fits, the others wait for its file: shards started together
             # would otherwise each spend minutes fitting the same peers (3 min at 100k
             # users). A refresh fits them before its shards (feeds.serving_inputs).
-            peers = load_or_make(
-                peers_file(self.peers_dir, name),
-                PeerFeatures,
-                lambda: self._fit_peers(now),
-                PEERS_PATTERN,
-                keep=PEERS_KEEP,
-            )
+            peers = stored_serving_peers(self.peers_dir, name, lambda: self._fit_peers(now))
         if self.candidate_posts is not None:
             # Every post this run scores had its item-kNN rows prepared by the fit's
             # process (a fit saved before the transpose was dropped still holds it).
@@ -104,10 +99,7 @@ class ServingContext:
         if self.everyone is not None:
             return fit_serving_peers(self.everyone.path, now, self.peers_dir, self.candidate_posts)
         peers = PeerFeatures.fit(self.engagements, now, store=self.peers_dir)
-        if self.candidate_posts is not None:
-            peers.peers.prepare(self.candidate_posts)
-            peers.peers.drop_transpose()
-        return peers
+        return _prepared(peers, self.candidate_posts)
 
     def for_users(self, users: np.ndarray, now: datetime, peers: bool = True) -> ServingContext:
         """This context for scoring `users` at `now` only: the engagement and follow frames
@@ -229,14 +221,10 @@ class ServingContext:
         )
 
 
-# Serving peers' files: `peers-<fit name>.pkl`, the few newest kept (a refresh needs one).
-PEERS_PATTERN = "peers-*.pkl"
-PEERS_KEEP = 4
-
-
-def peers_file(store: Path, name: str) -> Path:
-    """Where the serving peers of the classic fit named `name` are kept in `store`."""
-    return store / f"peers-{name}.pkl"
+def stored_serving_peers(store: Path, name: str, fit: Callable[[], PeerFeatures]) -> PeerFeatures:
+    """The serving peers of the classic fit named `name`, kept in `store` (the few newest: a
+    refresh needs one); made by `fit` and stored when absent, one process at a time."""
+    return load_or_make(store / f"peers-{name}.pkl", PeerFeatures, fit, "peers-*.pkl", keep=4)
 
 
 def fit_serving_peers(
@@ -246,6 +234,10 @@ def fit_serving_peers(
     `store`), with the item-kNN rows of `candidate_posts` (the posts a refresh can score)
     computed, so the processes that load them only score."""
     peers = PeerFeatures.of(stored_fit_in_warehouse(warehouse, at, store, PEER_METHODS))
+    return _prepared(peers, candidate_posts)
+
+
+def _prepared(peers: PeerFeatures, candidate_posts: np.ndarray | None) -> PeerFeatures:
     if candidate_posts is not None:
         peers.peers.prepare(candidate_posts)
         peers.peers.drop_transpose()
