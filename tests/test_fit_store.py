@@ -12,6 +12,7 @@ import pytest
 from polars.testing import assert_frame_equal
 
 import feed_dagster.metrics.classic as classic
+from feed_dagster import mapped_pickle
 from feed_dagster.data.schema import World
 from feed_dagster.data.warehouse import read_heldout_sample
 from feed_dagster.data.world_tables import world_from_tables
@@ -90,16 +91,21 @@ def test_an_unreadable_fit_is_made_again(world, tmp_path, monkeypatch):
     assert len(calls) == 2 and isinstance(peers, ClassicPeers)
 
 
-@pytest.mark.parametrize("written_by", ["older code, bare object", "other code"])
+@pytest.mark.parametrize(
+    "written_by", ["older code, bare object", "older code, plain pickle", "other code"]
+)
 def test_a_fit_written_by_other_code_is_made_again(world, tmp_path, monkeypatch, written_by):
-    """A file pickled by other code unpickles, but may lack what this code reads (an
-    attribute added since): it is refitted, not used."""
+    """A file written by other code may load, but lack what this code reads (an attribute
+    added since): it is refitted, not used. So are the plain pickles stored before fits
+    were mapped pickles."""
     calls = _count_fits(monkeypatch)
     cut = world.heldout_start
     fitted = stored_fit(world.engagements, cut, tmp_path)
     (path,) = tmp_path.glob("fit-*.pkl")
     if written_by == "other code":
-        path.write_bytes(pickle.dumps(("0" * 16, fitted)))
+        mapped_pickle.dump(("0" * 16, fitted), path)
+    elif written_by == "older code, plain pickle":
+        path.write_bytes(pickle.dumps((code_version(ClassicPeers), fitted)))
     else:
         path.write_bytes(pickle.dumps(fitted))
     assert isinstance(stored_fit(world.engagements, cut, tmp_path), ClassicPeers)
@@ -107,7 +113,7 @@ def test_a_fit_written_by_other_code_is_made_again(world, tmp_path, monkeypatch,
     # The refit is stored with this code's version: the next asker loads it.
     stored_fit(world.engagements, cut, tmp_path)
     assert len(calls) == 2
-    assert pickle.loads(path.read_bytes())[0] == code_version(ClassicPeers)
+    assert mapped_pickle.load(path)[0] == code_version(ClassicPeers)
 
 
 def test_the_baselines_fit_the_classic_peers_once_at_the_heldout_start(

@@ -104,3 +104,25 @@ def test_rolling_fits_made_on_demand_give_the_same_features_one_fit_at_a_time():
     late = times >= _us(cuts[2])
     np.testing.assert_array_equal(on_demand(users[late], items[late], times[late]), want[late])
     np.testing.assert_array_equal(on_demand(users, items, times), want)  # refits the earlier
+
+
+def test_prepared_peers_score_their_posts_without_computing_a_row(monkeypatch):
+    """A shard scores the posts its peers were prepared for; each user's own figures are
+    taken over posts of the fit's choosing, which are prepared with them. Afterwards
+    nothing is computed (a missing row at 1M users meant rebuilding the history's
+    transpose, 1.2 GB, in every shard)."""
+    eng = _engagements()
+    cut = T0 + timedelta(days=5)
+    peers = PeerFeatures.fit(eng, cut)
+    posts = np.array([0, 1, 2])  # not the users' figures' posts
+    assert not np.isin(peers.user_stats.items, posts).all()
+    peers.prepare(posts)
+    assert peers.peers._history_t is None
+
+    def computed(*args, **kwargs):
+        raise AssertionError("an item-kNN row was computed after preparing")
+
+    monkeypatch.setattr("feed_dagster.metrics.classic._item_knn_rows", computed)
+    users = np.arange(10).repeat(3)
+    f = peers(users, np.tile(posts, 10), np.full(users.size, _us(cut)))
+    assert np.isfinite(f).all() and (f[:, -1] == 1).all()

@@ -112,7 +112,10 @@ def test_a_shared_peer_fit_arrives_with_the_candidate_posts_prepared(tmp_path, s
     first = ServingContext.build(**kw, candidate_posts=posts)
     scored = score_candidates(model, first, cands, world.now)
     assert model.cfg.peer_features and len(list(tmp_path.glob("peers-*.pkl"))) == 1
-    assert len(prepared) == 1 and np.array_equal(prepared[0][0], posts) and prepared[0][1] == 0
+    assert len(prepared) == 1 and prepared[0][1] == 0
+    # The candidates, and the posts each user's own peer figures are taken over.
+    figures = first.peers_at(world.now).user_stats.items
+    np.testing.assert_array_equal(prepared[0][0], np.concatenate([posts, figures]))
     # A second process loads the fit from peers_dir: nothing is prepared or fitted again,
     # and every candidate's row is there.
     second = ServingContext.build(**kw, candidate_posts=posts)

@@ -12,6 +12,7 @@ from feed_dagster.feeds.build import OPTIONAL_TABLES, PIPELINE_TABLES
 from feed_dagster.feeds.model_backends import ModelLocations, serving_features
 from feed_dagster.feeds.precompute import precompute_shard, read_shard_tables
 from feed_dagster.feeds.serving_inputs import prepare_serving_inputs
+from feed_dagster.metrics import classic
 from feed_dagster.models import serve as serve_module
 from feed_dagster.models import shared_inputs as shared_module
 from feed_dagster.models.ranker import RankerConfig, build_ranker
@@ -58,6 +59,11 @@ def _locations(promoted, peers_dir) -> ModelLocations:
 def _counting(monkeypatch) -> dict[str, int]:
     calls = {"inputs": 0, "peers": 0}
     build, fit = shared_module.build_shared_inputs, serve_module.fit_serving_peers
+    knn_rows = classic._item_knn_rows
+
+    def computed(*args, **kwargs):
+        calls["knn rows"] = calls.get("knn rows", 0) + 1
+        return knn_rows(*args, **kwargs)
 
     def built(*args, **kwargs):
         calls["inputs"] += 1
@@ -70,6 +76,7 @@ def _counting(monkeypatch) -> dict[str, int]:
     monkeypatch.setattr(shared_module, "build_shared_inputs", built)
     monkeypatch.setattr(serve_module, "fit_serving_peers", fitted)
     monkeypatch.setattr(serving_inputs_module, "fit_serving_peers", fitted)
+    monkeypatch.setattr(classic, "_item_knn_rows", computed)
     return calls
 
 
@@ -86,7 +93,7 @@ def test_shards_load_what_was_prepared_and_build_the_same_feeds(
     # Shards on their own: the first builds and fits, the next load.
     own = _locations(promoted, tmp_path / "own")
     unprepared = [_shard(own, s) for s in range(N_SHARDS)]
-    assert calls == {"inputs": 1, "peers": 1}
+    assert calls["inputs"] == 1 and calls["peers"] == 1
     # The same feeds as from the whole tables (every user's rows, every post).
     whole = read_tables(promoted[0], PIPELINE_TABLES, OPTIONAL_TABLES)
     whole_models = _locations(promoted, tmp_path / "whole")
@@ -98,7 +105,8 @@ def test_shards_load_what_was_prepared_and_build_the_same_feeds(
     models = _locations(promoted, prepared_dir)
     messages: list[str] = []
     prepared = prepare_serving_inputs(models, progress=messages.append)
-    assert calls == {"inputs": 2, "peers": 2}
+    assert calls["inputs"] == 2 and calls["peers"] == 2
+    computed_before = dict(calls)
     assert prepared is not None and prepared.now == tiny_world.now
     assert prepared.articles == tiny_world.articles.height
     window = tiny_world.articles.filter(
@@ -114,12 +122,14 @@ def test_shards_load_what_was_prepared_and_build_the_same_feeds(
         got = _shard(models, shard)
         assert got.feeds.height > 0
         assert got.feeds.equals(unprepared[shard].feeds)
-    assert calls == {"inputs": 2, "peers": 2}  # the shards built and fitted nothing
+    # The shards built and fitted nothing, nor computed an item-kNN row: every post they
+    # score, and those each user's own peer figures are taken over, came prepared.
+    assert calls == computed_before
 
     # Prepared again for the same warehouse: kept, not rebuilt.
     again = prepare_serving_inputs(models)
     assert again is not None and again.peers_name == prepared.peers_name
-    assert calls == {"inputs": 2, "peers": 2}
+    assert calls == computed_before
 
 
 def test_nothing_is_prepared_without_a_promoted_ranker_or_a_local_warehouse(promoted, tmp_path):

@@ -21,8 +21,8 @@ import contextlib
 import fcntl
 import hashlib
 import inspect
-import os
 import pickle
+import struct
 import sys
 from collections.abc import Callable, Iterator
 from datetime import datetime
@@ -33,6 +33,7 @@ from typing import Any, TypeVar
 import duckdb
 import polars as pl
 
+from feed_dagster import mapped_pickle
 from feed_dagster.artifacts import Location
 from feed_dagster.data.schema import POSITIVE_ACTIONS
 from feed_dagster.data.warehouse import connect_read_only
@@ -254,12 +255,20 @@ def source_digest(*modules: ModuleType) -> str:
 
 
 def load(path: Path, kind: type) -> Any | None:
-    """The `kind` object pickled at `path`; None when absent, unreadable or written by
+    """The `kind` object stored at `path`, its arrays mapped from the file (shared by the
+    processes that load it, see mapped_pickle); None when absent, unreadable or written by
     other code (see code_version): fit again."""
     try:
-        with path.open("rb") as f:
-            stored = pickle.load(f)
-    except (OSError, pickle.UnpicklingError, EOFError, AttributeError, ImportError):
+        stored = mapped_pickle.load(path)
+    except (
+        OSError,
+        ValueError,  # mapped_pickle.NotMappedPickle: a plain pickle of older code, or cut short
+        struct.error,
+        pickle.UnpicklingError,
+        EOFError,
+        AttributeError,
+        ImportError,
+    ):
         return None
     if not (isinstance(stored, tuple) and len(stored) == 2):
         return None  # a bare object, as files were written before they carried a version
@@ -270,13 +279,11 @@ def load(path: Path, kind: type) -> Any | None:
 
 
 def save(value: object, path: Path, pattern: str, keep: int = KEEP) -> None:
-    """Pickle `value` with its code_version to `path`, written beside and renamed, then
-    remove all but the `keep` newest files matching `pattern` beside it (and their locks)."""
+    """Store `value` with its code_version at `path` (a mapped_pickle, written beside and
+    renamed), then remove all but the `keep` newest files matching `pattern` beside it (and
+    their locks)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    with tmp.open("wb") as f:
-        pickle.dump((code_version(type(value)), value), f, protocol=pickle.HIGHEST_PROTOCOL)
-    os.replace(tmp, path)
+    mapped_pickle.dump((code_version(type(value)), value), path)
     old = sorted(path.parent.glob(pattern), key=lambda p: p.stat().st_mtime)[:-keep]
     for p in old:
         p.unlink(missing_ok=True)

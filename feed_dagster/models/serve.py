@@ -239,8 +239,7 @@ def fit_serving_peers(
 
 def _prepared(peers: PeerFeatures, candidate_posts: np.ndarray | None) -> PeerFeatures:
     if candidate_posts is not None:
-        peers.peers.prepare(candidate_posts)
-        peers.peers.drop_transpose()
+        peers.prepare(candidate_posts)
     return peers
 
 
