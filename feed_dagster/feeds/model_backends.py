@@ -41,6 +41,7 @@ from feed_dagster.pipeline.query import Query
 from feed_dagster.pipeline.table_backends import PopularityRetriever, TopicAffinityScorer
 from feed_dagster.pipeline.tables import excluded_pairs, naive_utc, published_between
 from feed_dagster.vectors import open_verified, read_vectors, search_batch
+from feed_dagster.vectors.lists import ListIndex
 
 # Candidate slots per group at serving time. Training groups slates by 16; at serving a
 # user has ~1,000 candidates. `predict` encodes each user's context (user + history tokens)
@@ -75,6 +76,10 @@ class TwoTowerRetriever:
     # The last rows the exact search read, by filter: every batch of a feed run searches
     # the same window (13 reads of 143k vectors a shard at 100k users otherwise).
     _rows: dict[str | None, tuple[np.ndarray, np.ndarray]] = field(
+        default_factory=dict, init=False, repr=False, compare=False
+    )
+    # The same for a window large enough to be searched through lists (search_batch).
+    _lists: dict[str | None, ListIndex] = field(
         default_factory=dict, init=False, repr=False, compare=False
     )
 
@@ -124,6 +129,7 @@ class TwoTowerRetriever:
             where=where,
             exclude=self.excluded(users, now, after, exclude, exclude_authors),
             read_rows=self.rows,
+            read_lists=self.lists,
         )
         ids = pl.Series("user_id", users)
         return hits.select(
@@ -138,6 +144,15 @@ class TwoTowerRetriever:
             self._rows.clear()
             self._rows[where] = read_vectors(table, where)
         return self._rows[where]
+
+    def lists(self, table: Any, where: str | None) -> ListIndex:
+        """The table's rows under `where` grouped into lists (vectors.lists), built once per
+        filter; the lists hold the vectors, so the rows are not kept beside them."""
+        if where not in self._lists:
+            self._lists.clear()
+            self._lists[where] = ListIndex.build(*self.rows(table, where))
+            self._rows.pop(where)
+        return self._lists[where]
 
     def excluded(
         self,

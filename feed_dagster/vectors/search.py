@@ -12,6 +12,7 @@ import numpy as np
 import polars as pl
 import torch
 
+from feed_dagster.vectors.lists import LISTS_FROM, ListIndex
 from feed_dagster.vectors.table import (
     DEFAULT_INDEX_THRESHOLD,
     FILTERED_EXACT_BELOW,
@@ -126,6 +127,8 @@ def search_batch(
     filtered_exact_below: int = FILTERED_EXACT_BELOW,
     batch_size: int = 256,
     read_rows: Callable[[Any, str | None], tuple[np.ndarray, np.ndarray]] | None = None,
+    read_lists: Callable[[Any, str | None], ListIndex] | None = None,
+    lists_from: int = LISTS_FROM,
 ) -> pl.DataFrame:
     """Top-k articles by dot product for each row of `user_vectors`.
 
@@ -146,6 +149,10 @@ def search_batch(
       path, `exact=False` the LanceDB one (a brute-force scan when there is no index).
       `read_rows(table, where)` reads the exact path's rows (default `read_vectors`): a
       caller searching the same rows batch after batch can keep them.
+    - In memory, from `lists_from` allowed rows up (and `exact` not True), the rows are
+      grouped into lists and each query searches the few it is nearest (vectors.lists: at
+      1.43M rows 5.4x faster, 99.8% of the exact top-1,000). `read_lists(table, where)`
+      gives the lists (default: built from `read_rows`' rows at each call).
     - `nprobes`, `refine_factor` (IVF_PQ) and `ef` (HNSW) default to the settings
       `ensure_index` calibrated for the table. Under a filter that keeps a fraction f of
       the rows, IVF searches at least nprobes / f partitions, and more if it has not found k
@@ -165,12 +172,16 @@ def search_batch(
     index = vector_index(table)
     n_rows = int(table.count_rows())
     allowed = int(table.count_rows(flt)) if flt else n_rows
+    in_memory = (
+        index is None
+        or allowed < exact_below
+        or (flt is not None and allowed < filtered_exact_below)
+    )
+    if exact is None and in_memory and allowed >= lists_from:
+        lists = (read_lists or _lists_of(read_rows or read_vectors))(table, flt)
+        return _finish(lists.search(queries, k, exclude=excluded), None, k)
     if exact is None:
-        exact = (
-            index is None
-            or allowed < exact_below
-            or (flt is not None and allowed < filtered_exact_below)
-        )
+        exact = in_memory
     if exact:
         ids, matrix = (read_rows or read_vectors)(table, flt)
         if len(ids) == 0:
@@ -220,6 +231,12 @@ def search_batch(
             )
         )
     return _finish(pl.concat(parts), excluded, k)
+
+
+def _lists_of(
+    read_rows: Callable[[Any, str | None], tuple[np.ndarray, np.ndarray]],
+) -> Callable[[Any, str | None], ListIndex]:
+    return lambda table, where: ListIndex.build(*read_rows(table, where))
 
 
 def exact_topk(
