@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 from datetime import datetime, timedelta
 
 import numpy as np
@@ -10,6 +11,7 @@ import pytest
 
 from feed_dagster.data.schema import conform
 from feed_dagster.errors import DataValidationError
+from feed_dagster.pipeline import candidate_sources
 from feed_dagster.pipeline.candidate_sources import in_network_source, out_of_network_source
 from feed_dagster.pipeline.config import SourceConfig
 from feed_dagster.pipeline.query import Query, hydrate_query
@@ -75,6 +77,52 @@ def test_in_network_per_author_caps_and_max() -> None:
     assert out["article_id"].to_list() == [111, 108, 100, 107, 109]
     top2 = in_network_source(query(), tables()["articles"], SourceConfig(in_network_max=2))
     assert top2["article_id"].to_list() == [111, 108]
+
+
+def test_the_capped_recent_posts_are_made_once_per_frame_time_and_config(monkeypatch) -> None:
+    """Every batch of a feed run passes the same articles frame: the user-independent part
+    of the in-network source is kept for it, and made again for another time, config or
+    frame."""
+    made = []
+    real = candidate_sources.newest_per_author
+
+    def counted(*args):
+        made.append(1)
+        return real(*args)
+
+    monkeypatch.setattr(candidate_sources, "newest_per_author", counted)
+    articles = tables()["articles"]
+    first = in_network_source(query(), articles, SourceConfig())
+    assert in_network_source(query(), articles, SourceConfig()).equals(first)
+    assert len(made) == 1
+    # Another config or time is made anew, and gives what it gives without the cache.
+    capped = SourceConfig(per_author_originals=1, per_author_replies=1)
+    assert in_network_source(query(), articles, capped)["article_id"].to_list() == [
+        111,
+        108,
+        100,
+        107,
+        109,
+    ]
+    later = hydrate_query(tables(), [1], NOW + 4 * H)
+    assert in_network_source(later, articles, SourceConfig())["article_id"].to_list() == [
+        102,
+        111,
+        108,
+        100,
+        107,
+        103,
+        109,
+    ]
+    assert len(made) == 3
+    # Another frame with the same rows is made anew; a frame's entry goes with it.
+    other = tables()["articles"]
+    assert in_network_source(query(), other, SourceConfig()).equals(first)
+    assert len(made) == 4
+    held = len(candidate_sources._CAPPED)
+    del other
+    gc.collect()
+    assert len(candidate_sources._CAPPED) == held - 1
 
 
 class StubRetriever:

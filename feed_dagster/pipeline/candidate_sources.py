@@ -6,6 +6,7 @@ first per user; source_rank is 1-based within the source.
 
 from __future__ import annotations
 
+import weakref
 from datetime import datetime
 
 import polars as pl
@@ -37,6 +38,28 @@ def published_after(now: datetime, cfg: SourceConfig) -> datetime | None:
 def recent_posts(articles: pl.DataFrame, now: datetime, cfg: SourceConfig) -> pl.DataFrame:
     """Posts published in (now - max_age, now]; every post up to `now` without an age limit."""
     return articles.filter(published_between(published_after(now, cfg), now))
+
+
+# The capped recent posts of an articles frame (newest_capped), by the frame's id, with the
+# (now, config) they were made for; an entry goes when its frame does.
+_CAPPED: dict[int, tuple[tuple[datetime, SourceConfig], pl.DataFrame]] = {}
+
+
+def newest_capped(articles: pl.DataFrame, now: datetime, cfg: SourceConfig) -> pl.DataFrame:
+    """newest_per_author of the recent posts: the same for every batch of a feed run, which
+    passes the same articles frame, so it is made once per (frame, now, config) and kept
+    while the frame lives. At 1M users the window holds 1.43M posts, and joining and
+    sorting them took a second of every 512-user batch. (Frames are not changed in place
+    here: a frame is replaced, never edited.)"""
+    key = (now, cfg)
+    held = _CAPPED.get(id(articles))
+    if held is not None and held[0] == key:
+        return held[1]
+    capped = newest_per_author(recent_posts(articles, now, cfg), articles, cfg)
+    if held is None:
+        weakref.finalize(articles, _CAPPED.pop, id(articles), None)
+    _CAPPED[id(articles)] = (key, capped)
+    return capped
 
 
 def newest_per_author(
@@ -129,7 +152,7 @@ def in_network_source(query: Query, articles: pl.DataFrame, cfg: SourceConfig) -
     at most `in_network_max` per user.
     """
     cols = ["article_id", "author_id", "kind", "parent_id", "conversation_id", "published_at"]
-    recent = newest_per_author(recent_posts(articles, query.now, cfg), articles, cfg)
+    recent = newest_capped(articles, query.now, cfg)
     by_author = query.follows.join(
         recent.filter(pl.col("author_id").is_not_null()).select(cols), on="author_id"
     )

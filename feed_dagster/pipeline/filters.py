@@ -117,9 +117,13 @@ def drop_muted_keywords(c: pl.DataFrame, q: Query, cfg: FilterConfig) -> FilterR
         return FilterResult(c, 0)
     keywords = pl.lit(kw["keyword"].unique().implode())
     text = pl.concat_str([pl.col("title"), pl.col("text")], separator=" ", ignore_nulls=True)
+    # Only the candidates of users who muted something are searched: a third of the users
+    # at 1M (synthetic:l), whose filter took 2.1 ms a user searching every candidate's
+    # text, 0.9 ms after.
+    muting = c.join(kw.select("user_id").unique(), on="user_id", how="semi")
     # Overlapping: " new york " and " york " both count in " new york city ".
     found = (
-        c.select("article_id", "title", "text")
+        muting.select("article_id", "title", "text")
         .unique("article_id")
         .select(
             "article_id",
