@@ -1,17 +1,22 @@
 """The whole `feed-dagster run` at a world tier, from an empty data root: wall time and peak
-RSS of the whole process tree, per phase and per step, against the tier's targets.
+memory of the whole process tree, per phase and per step, against the tier's targets.
 
     .venv/bin/python bench/bench_tier.py --tier m          # ~1 h on 2 cores
     .venv/bin/python bench/bench_tier.py --tier tiny --no-write
 
 The run is the README's `feed-dagster run` in a child process (FEED_DAGSTER_SOURCE=
-synthetic:<tier>, a fresh FEED_DAGSTER_DATA and DAGSTER_HOME). Every second the RSS of the
-child and all its descendants is summed from /proc: the tree's peak is the issue's measure,
-since the run's phases, shard workers and the two-tower's trainer are processes of their
-own. Sampling misses spikes shorter than the interval; each step also reports its own
-process's high-water mark (`peak_rss_mib` metadata), read back from the run's Dagster
-instance with the steps' start and end times. `--limit-gib` kills the tree past a limit
-rather than letting the kernel pick a victim on a shared machine.
+synthetic:<tier>, a fresh FEED_DAGSTER_DATA and DAGSTER_HOME). Every second the memory of
+the child and all its descendants is summed from /proc: the tree's peak is the issue's
+measure, since the run's phases, shard workers and the two-tower's trainer are processes
+of their own. What is summed is each process's PSS (proportional set size), which splits
+a page that several processes map between them, so the tree counts it once. The shards of
+a refresh map the same stored inputs and peers (metrics.fit_store): summed RSS counts
+those pages once per shard (two `l` shards held 15.96 GiB between them and summed 22.5
+GiB of RSS). Summed RSS is reported beside it. Sampling misses spikes shorter than the
+interval; each step also reports its own process's high-water mark (`peak_rss_mib`
+metadata), read back from the run's Dagster instance with the steps' start and end
+times. `--limit-gib` kills the tree past a limit (of summed PSS) rather than letting the
+kernel pick a victim on a shared machine.
 
 Writes the section `tier-<tier>` of docs/SCALING.md (unless --no-write).
 """
@@ -37,14 +42,15 @@ from report import machine, markdown_table, write_section  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 SCALING = ROOT / "docs" / "SCALING.md"
-# (peak RSS GiB, minutes) each tier must stay within (docs/SCALING.md).
+# (peak GiB of the tree's summed PSS, minutes) each tier must stay within (docs/SCALING.md).
 TARGETS = {"m": (8.0, 30.0), "l": (20.0, 180.0)}
 # `feed-dagster run` starts each phase with "- <phase> (...) ..." or "- user_feeds: ...".
 PHASE_START = re.compile(r"^- (?P<phase>[^:(]+?)(?: \(.*\))? \.\.\.$|^- (?P<shards>user_feeds): ")
 
 
-def tree_rss_mib(root_pid: int) -> float:
-    """Summed VmRSS of `root_pid` and every descendant, from /proc."""
+def tree_memory_mib(root_pid: int) -> tuple[float, float]:
+    """(summed PSS, summed RSS) in MiB of `root_pid` and every descendant, from /proc (RSS
+    for both where a process's smaps_rollup cannot be read)."""
     children: dict[int, list[int]] = {}
     for entry in os.scandir("/proc"):
         if not entry.name.isdigit():
@@ -56,29 +62,49 @@ def tree_rss_mib(root_pid: int) -> float:
         # The command name may hold spaces and parentheses: the fields follow the last ")".
         ppid = int(stat.rsplit(")", 1)[1].split()[1])
         children.setdefault(ppid, []).append(int(entry.name))
-    total, todo = 0.0, [root_pid]
+    pss = rss = 0.0
+    todo = [root_pid]
     while todo:
         pid = todo.pop()
         todo.extend(children.get(pid, ()))
-        try:
-            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-                if line.startswith("VmRSS:"):
-                    total += int(line.split()[1]) / 1024
-                    break
-        except OSError:
-            continue  # ended between the scan and the read
-    return total
+        own = _memory_kib(pid)
+        if own is not None:
+            pss += own[0] / 1024
+            rss += own[1] / 1024
+    return pss, rss
+
+
+def _memory_kib(pid: int) -> tuple[int, int] | None:
+    """(PSS, RSS) of one process in KiB; None when it has ended."""
+    try:
+        fields = dict(
+            line.split()[:2]
+            for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines()[1:]
+        )
+        return int(fields["Pss:"]), int(fields["Rss:"])
+    except (OSError, KeyError, ValueError):
+        pass
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                kib = int(line.split()[1])
+                return kib, kib
+    except OSError:
+        pass
+    return None  # ended between the scan and the read
 
 
 @dataclass
 class TreeSampler:
-    """Samples the tree's RSS every `interval` s, keeping the peak per phase."""
+    """Samples the tree's memory every `interval` s, keeping the peak per phase: summed PSS
+    (`peak_mib`, what `limit_mib` applies to) and summed RSS (`peak_rss_mib`)."""
 
     pid: int
     interval: float
     limit_mib: float | None
     phase: str = "start"
     peak_mib: float = 0.0
+    peak_rss_mib: float = 0.0
     phase_peaks: dict[str, float] = field(default_factory=dict)
     killed_at_mib: float | None = None
 
@@ -88,8 +114,9 @@ class TreeSampler:
                 os.kill(self.pid, 0)
             except ProcessLookupError:
                 return
-            mib = tree_rss_mib(self.pid)
+            mib, rss = tree_memory_mib(self.pid)
             self.peak_mib = max(self.peak_mib, mib)
+            self.peak_rss_mib = max(self.peak_rss_mib, rss)
             self.phase_peaks[self.phase] = max(self.phase_peaks.get(self.phase, 0.0), mib)
             if self.limit_mib is not None and mib > self.limit_mib:
                 self.killed_at_mib = mib
@@ -157,8 +184,9 @@ def report(
     lines = [
         f"`bench/bench_tier.py --tier {tier}` at `{commit}` ({machine()}; load average "
         f"{load[0]:.1f} before, {load[1]:.1f} after): `FEED_DAGSTER_SOURCE=synthetic:{tier} "
-        f"feed-dagster run` from an empty data root, the process tree's RSS summed every "
-        f"{sampler.interval:g} s.",
+        f"feed-dagster run` from an empty data root, the process tree's memory summed every "
+        f"{sampler.interval:g} s (PSS: a page mapped by several processes counted once; "
+        f"summed RSS, which counts it in each, peaked at {gib(sampler.peak_rss_mib)}).",
         "",
     ]
     verdict = "finished" if ok else "FAILED"
@@ -175,7 +203,7 @@ def report(
     lines += [head, ""]
     lines.append(
         markdown_table(
-            ["phase", "wall time", "peak RSS (tree)"],
+            ["phase", "wall time", "peak PSS (tree)"],
             [
                 [p, minutes(phase_seconds.get(p, 0.0)), gib(sampler.phase_peaks.get(p))]
                 for p in phase_seconds
@@ -200,7 +228,7 @@ def report(
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tier", default="m", help="tiny, demo, m or l")
-    parser.add_argument("--interval", type=float, default=1.0, help="RSS sampling, seconds")
+    parser.add_argument("--interval", type=float, default=1.0, help="memory sampling, seconds")
     parser.add_argument("--limit-gib", type=float, default=None, help="kill the run past this")
     parser.add_argument("--keep", type=Path, default=None, help="data root to keep (default: temp)")
     parser.add_argument("--no-write", action="store_true", help="print only")

@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-from bench_tier import PHASE_START, TreeSampler, tree_rss_mib  # noqa: E402
+from bench_tier import PHASE_START, TreeSampler, tree_memory_mib  # noqa: E402
 
 from feed_dagster.progress import PlainProgress
 
@@ -73,11 +73,55 @@ def test_the_tree_rss_counts_the_grandchildren(tmp_path: Path) -> None:
     try:
         own = float(Path(f"/proc/{child.pid}/status").read_text().split("VmRSS:")[1].split()[0])
         assert own / 1024 < 100  # the child itself holds little
-        assert tree_rss_mib(child.pid) > 300
+        pss, rss = tree_memory_mib(child.pid)
+        assert pss > 300 and rss > 300
     finally:
         child.kill()
         subprocess.run(["pkill", "-KILL", "-s", str(child.pid)], check=False)
         child.wait()
+
+
+# A parent and a child mapping the same file and reading every page of it.
+SHARER = """
+import mmap, os, sys, time
+with open(sys.argv[1], "rb") as f:
+    pages = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+total = sum(pages[i] for i in range(0, len(pages), 4096))  # resident, shared
+if len(sys.argv) == 2:
+    r, w = os.pipe()
+    os.set_inheritable(w, True)
+    if os.fork() == 0:
+        os.execv(sys.executable, [sys.executable, __file__, sys.argv[1], "child", str(w)])
+    os.close(w)
+    if os.read(r, 1) != b"x":
+        sys.exit("the child did not map the file")
+    print("shared", flush=True)
+else:
+    os.write(int(sys.argv[3]), b"x")
+time.sleep(60)
+"""
+
+
+def test_pages_two_processes_map_count_once_in_the_tree_pss(tmp_path: Path) -> None:
+    data = tmp_path / "shared.bin"
+    data.write_bytes(b"\1" * (200 * 1024 * 1024))
+    script = tmp_path / "sharer.py"
+    script.write_text(SHARER)
+    parent = subprocess.Popen(
+        [sys.executable, str(script), str(data)],
+        stdout=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        assert parent.stdout is not None and parent.stdout.readline().strip() == "shared"
+        pss, rss = tree_memory_mib(parent.pid)
+        assert rss > 400  # the 200 MiB once in each process's RSS
+        assert 200 <= pss < 300  # once in the tree's
+    finally:
+        subprocess.run(["pkill", "-KILL", "-s", str(parent.pid)], check=False)
+        parent.wait()
+        data.unlink()
 
 
 def test_the_sampler_kills_the_whole_tree_past_its_limit(tmp_path: Path) -> None:
