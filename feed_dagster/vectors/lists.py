@@ -24,7 +24,7 @@ import torch
 
 # From this many vectors up, the in-memory search goes through lists (search_batch): at
 # 1.43M (synthetic:l's window) exact search took 7.2 s a batch of 512 queries, the lists
-# 1.3 s with 99.8% of the exact top-1,000. Below, exact search is the reference and cheap
+# 1.3 s with 99.7% of the exact top-1,000. Below, exact search is the reference and cheap
 # enough (synthetic:m's window, 143k, stays exact), and recall there was not measured.
 LISTS_FROM = 1_000_000
 # The share of lists a query probes: 60 of synthetic:l's 1,195 lists, 5% of its window;

@@ -151,7 +151,7 @@ def search_batch(
       caller searching the same rows batch after batch can keep them.
     - In memory, from `lists_from` allowed rows up (and `exact` not True), the rows are
       grouped into lists and each query searches the few it is nearest (vectors.lists: at
-      1.43M rows 5.4x faster, 99.8% of the exact top-1,000). `read_lists(table, where)`
+      1.43M rows 5.5x faster, 99.7% of the exact top-1,000). `read_lists(table, where)`
       gives the lists (default: built from `read_rows`' rows at each call).
     - `nprobes`, `refine_factor` (IVF_PQ) and `ef` (HNSW) default to the settings
       `ensure_index` calibrated for the table. Under a filter that keeps a fraction f of
