@@ -22,7 +22,8 @@ ROOT = "feed_dagster"
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
     # Building blocks with no project imports: errors, atomic file writes, artifacts on a
     # directory or a bucket, storage paths, step memory, plot/table rendering, the CLI's
-    # progress display, batched sorted search, workers that end with their parent.
+    # progress display, batched sorted search, workers that end with their parent, pickles
+    # whose arrays are mapped.
     (
         "base",
         (
@@ -35,6 +36,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
             "progress",
             "sorted_search",
             "processes",
+            "mapped_pickle",
         ),
     ),
     # Canonical tables, validation, the warehouse connection and its two backends (a DuckDB
