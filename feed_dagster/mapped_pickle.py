@@ -28,6 +28,7 @@ MAGIC = b"FDMAPPK1"
 # Arrays start at multiples of this: a cache line, and what numpy's SIMD loops prefer.
 ALIGN = 64
 _U64 = struct.Struct("<Q")
+_SPAN = struct.Struct("<QQ")  # an (offset, length) of the table
 
 
 class NotMappedPickle(ValueError):
@@ -56,7 +57,7 @@ def dump(value: object, path: Path) -> None:
             table = f.tell()
             f.write(_U64.pack(len(spans)))
             for offset, length in spans:
-                f.write(_U64.pack(offset) + _U64.pack(length))
+                f.write(_SPAN.pack(offset, length))
             f.write(_U64.pack(table) + MAGIC)
         os.replace(tmp, path)
     finally:
@@ -78,17 +79,12 @@ def load(path: Path) -> Any:
     if table + _U64.size > end:
         raise NotMappedPickle(f"{path} is cut short: its table lies past its end")
     (count,) = _U64.unpack_from(view, table)
-    if table + _U64.size * (1 + 2 * count) > end:
+    if table + _U64.size + _SPAN.size * count > end:
         raise NotMappedPickle(f"{path} is cut short: its table runs past its end")
-    spans = [_span(view, table + _U64.size * (1 + 2 * i), size) for i in range(count)]
+    spans = [_SPAN.unpack_from(view, table + _U64.size + _SPAN.size * i) for i in range(count)]
+    if any(offset + length > size for offset, length in spans):
+        raise NotMappedPickle(f"{path} is cut short: its table points past its end")
     if not spans:
         raise NotMappedPickle(f"{path} holds no pickle")
     *arrays, (start, length) = spans
     return pickle.loads(view[start : start + length], buffers=[view[o : o + n] for o, n in arrays])
-
-
-def _span(view: memoryview, at: int, size: int) -> tuple[int, int]:
-    offset, length = _U64.unpack_from(view, at)[0], _U64.unpack_from(view, at + _U64.size)[0]
-    if offset + length > size:
-        raise NotMappedPickle("a mapped pickle's table points past its end: cut short")
-    return offset, length

@@ -111,7 +111,7 @@ class ListIndex:
         before the top-k, so they take no room in it); best first within a query."""
         q = np.ascontiguousarray(queries, dtype=np.float32)
         nprobe = max(1, min(nprobe or self.probes(), self.n_lists))
-        cells = _excluded_cells(self, exclude, len(q))
+        cells = excluded_cells(self.ids, exclude, len(q))
         parts = []
         with torch.inference_mode():
             centroids = torch.from_numpy(self.centroids)
@@ -201,13 +201,14 @@ def _nearest(x: np.ndarray, centroids: np.ndarray) -> np.ndarray:
     return out
 
 
-def _excluded_cells(
-    index: ListIndex, exclude: pl.DataFrame | None, n_queries: int
+def excluded_cells(
+    ids: np.ndarray, exclude: pl.DataFrame | None, n_queries: int
 ) -> tuple[np.ndarray, np.ndarray]:
-    """(query, row of the index) of each excluded pair whose article the index holds."""
+    """(query, row) of each excluded (query_idx, article_id) pair of `exclude` whose article
+    is ids[row], for queries 0..n_queries-1: the cells a search masks before its top-k."""
     if exclude is None or exclude.is_empty():
         return np.empty(0, np.int64), np.empty(0, np.int64)
-    rows = pl.DataFrame({"article_id": index.ids, "row": np.arange(len(index), dtype=np.int64)})
+    rows = pl.DataFrame({"article_id": ids, "row": np.arange(len(ids), dtype=np.int64)})
     hit = exclude.join(rows, on="article_id").filter(
         (pl.col("query_idx") >= 0) & (pl.col("query_idx") < n_queries)
     )

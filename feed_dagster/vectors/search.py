@@ -12,7 +12,7 @@ import numpy as np
 import polars as pl
 import torch
 
-from feed_dagster.vectors.lists import LISTS_FROM, ListIndex
+from feed_dagster.vectors.lists import LISTS_FROM, ListIndex, excluded_cells
 from feed_dagster.vectors.table import (
     DEFAULT_INDEX_THRESHOLD,
     FILTERED_EXACT_BELOW,
@@ -280,13 +280,7 @@ def exact_topk(
     ids = np.asarray(ids, dtype=np.int64)
     # Excluded pairs as (query, item row) cells, masked to -inf before the top-k: the top-k
     # then needs no room for them, however many a query has.
-    cells = (np.empty(0, np.int64), np.empty(0, np.int64))
-    if excluded is not None and len(excluded):
-        rows = pl.DataFrame({"article_id": ids, "row": np.arange(len(ids), dtype=np.int64)})
-        hit = excluded.join(rows, on="article_id").filter(
-            (pl.col("query_idx") >= 0) & (pl.col("query_idx") < len(q))
-        )
-        cells = (hit["query_idx"].to_numpy(), hit["row"].to_numpy())
+    cells = excluded_cells(ids, excluded, len(q))
     # Queries per matmul: the [chunk, n] score block stays near 64 MiB (2^24 cells). Larger
     # blocks were no faster (143k rows, 512 queries: 0.96 s at 2^24 and at 2^27) and held
     # 4x the memory, which a feed shard pays once per process.
