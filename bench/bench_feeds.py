@@ -640,6 +640,7 @@ def main() -> None:
         wide_config = replace(
             wide_config,
             sources=replace(wide_config.sources, out_of_network_max=args.wide_out_of_network),
+            filters=replace(wide_config.filters, out_of_network_scored=None),
         )
         retriever, scorer = TwoTowerRetriever(tower, ctx, table), RankerScorer(ranker, ctx)
         # Untimed warm-up: the first scoring at `now` fits the classic peers (cached after).

@@ -6,6 +6,7 @@ from datetime import datetime, timedelta
 from types import SimpleNamespace
 
 import polars as pl
+import pytest
 
 from feed_dagster.data.schema import conform
 from feed_dagster.pipeline.config import FilterConfig
@@ -22,6 +23,7 @@ from feed_dagster.pipeline.filters import (
     drop_previously_seen,
     drop_previously_served,
     drop_too_old,
+    keep_out_of_network_budget,
 )
 from feed_dagster.pipeline.hydrators import (
     hydrate_author_handles,
@@ -277,3 +279,38 @@ def test_drop_muted_keywords_each_users_own_phrases_overlapping() -> None:
         (2, 303),
     ]
     assert removed == 5 and kept.filter(pl.col("user_id") == 3).height == 4
+
+
+def budget_candidates(in_network: dict[int, int], out_of_network: int) -> pl.DataFrame:
+    """Candidates in pipeline order: per user, `in_network[user]` in-network rows, then
+    `out_of_network` out-of-network rows with article ids 1000 + source rank."""
+    rows = []
+    for user, n_in in in_network.items():
+        rows += [(user, 100 + i, True, i + 1) for i in range(n_in)]
+        rows += [(user, 1000 + r, False, r) for r in range(1, out_of_network + 1)]
+    return pl.DataFrame(
+        rows, schema=["user_id", "article_id", "in_network", "source_rank"], orient="row"
+    )
+
+
+def test_out_of_network_budget_cuts_only_users_whose_in_network_posts_fill_the_selection() -> None:
+    # User 1 has 3 in-network candidates (the selection's top 3 full), user 2 has 2, user 3 4.
+    c = budget_candidates({1: 3, 2: 2, 3: 4}, out_of_network=6)
+    kept, removed = keep_out_of_network_budget(c, budget=2, top_k=3)
+    out = kept.filter(~pl.col("in_network"))
+    per_user = {u: g["source_rank"].to_list() for (u,), g in out.group_by("user_id")}
+    # The best two by source rank for users 1 and 3; all six for user 2.
+    assert per_user == {1: [1, 2], 2: [1, 2, 3, 4, 5, 6], 3: [1, 2]}
+    assert kept.filter(pl.col("in_network")).height == 9
+    assert removed == 8 and kept.height == c.height - 8
+    # Order is kept: later filters and scorers read the rows in pipeline order.
+    assert kept.equals(c.join(kept, on=c.columns, how="semi", maintain_order="left"))
+    # No budget keeps every row; a zero budget drops every out-of-network row of users 1 and 3.
+    assert keep_out_of_network_budget(c, None, 3).kept.equals(c)
+    zero = keep_out_of_network_budget(c, 0, 3).kept
+    assert zero.filter(~pl.col("in_network"))["user_id"].unique().to_list() == [2]
+
+
+def test_out_of_network_budget_rejects_a_negative_budget() -> None:
+    with pytest.raises(ValueError, match="out_of_network_scored"):
+        FilterConfig(out_of_network_scored=-1)

@@ -3,7 +3,9 @@ must give the very same feeds (posts, order, sources and scores) for the same se
 
 The stage counts were recorded on the pipeline as it was before its stages became typed
 classes; the hashes when in-network posts came to be served first (out-of-network factor
-0.0001) with 5 slots kept for out-of-network posts. A change that is meant to alter feeds
+0.0001) with 5 slots kept for out-of-network posts, then again when users whose
+in-network candidates fill the selection came to have 50 out-of-network candidates scored
+(15 users' out-of-network slots changed, positions 31-35). A change that is meant to alter feeds
 updates them, and says why in its commit.
 """
 
@@ -23,9 +25,9 @@ from feed_dagster.pipeline import (
 )
 
 # sha256 of feed_digest_frame(...) written as CSV.
-TINY_FEEDS = "6193ebfa46470a6fef12f33bc513b9139beb229a3c33d784cd3416e0ec479964"
-TINY_FEEDS_AFTER_SERVED = "81a1dcd3ab54a62a98ca7ff33db8273ddeee142fa720650cb5695ec855df5cee"
-TINY_FEEDS_AUTHORLESS = "0295c9204670350186e2ea602da5abef55aa1292396a31dd789c4689bf66928e"
+TINY_FEEDS = "fd92c44460dcfac04c124e52db7e6a04806a9d98a2ec4191f0b81946dc99bc1a"
+TINY_FEEDS_AFTER_SERVED = "dd5add8d8738816056c3ef3aa3f918e5090f9cce2a53872f91601d7967da2723"
+TINY_FEEDS_AUTHORLESS = "adcca436e39bb472546a1e80113199a8bf497fbdb91266750069f47adbfa0b93"
 # Rows out of each stage and rows each filter removed, summed over the batches of
 # test_same_seed_same_feeds, recorded when the popularity retriever came to break ties at
 # its k-th place by article id: np.argpartition chose among the tied posts by the CPU's
@@ -46,10 +48,11 @@ TINY_STAGE_ROWS = {
     "filter.previously_served": 233123,
     "filter.muted_keywords": 230747,
     "filter.blocked_muted_authors": 229678,
-    "scorer.model": 229678,
-    "scorer.weighted": 229678,
-    "scorer.author_diversity": 229678,
-    "scorer.out_of_network_factor": 229678,
+    "filter.out_of_network_budget": 213377,
+    "scorer.model": 213377,
+    "scorer.weighted": 213377,
+    "scorer.author_diversity": 213377,
+    "scorer.out_of_network_factor": 213377,
     "selector.top_k": 15000,
     "post_selection.conversation_dedupe": 14968,
     "post_selection.serve": 10500,
@@ -66,6 +69,7 @@ TINY_REMOVED = {
     "previously_served": 0,
     "muted_keywords": 2376,
     "blocked_muted_authors": 1069,
+    "out_of_network_budget": 16301,
 }
 # Batches smaller than the world, so per-batch results are concatenated and summed.
 BATCH_SIZE = 100

@@ -137,6 +137,7 @@ def test_stats_cover_every_stage(run) -> None:
         "filter.previously_served",
         "filter.muted_keywords",
         "filter.blocked_muted_authors",
+        "filter.out_of_network_budget",
         "scorer.model",
         "scorer.weighted",
         "scorer.author_diversity",
@@ -149,7 +150,7 @@ def test_stats_cover_every_stage(run) -> None:
     rows = stats.rows
     assert rows["hydrator.core_data"] == rows["source.in_network"] + rows["source.out_of_network"]
     removed = sum(stats.removed.values())
-    assert rows["filter.blocked_muted_authors"] == rows["hydrator.core_data"] - removed
+    assert rows["filter.out_of_network_budget"] == rows["hydrator.core_data"] - removed
     assert rows["post_selection.serve"] == feeds.height
     assert stats.retriever == "popularity" and stats.scorer == "topic_affinity"
 

@@ -278,9 +278,11 @@ class MostEngagedRetriever:
 
 def classic_config(config: PipelineConfig) -> PipelineConfig:
     """`config` with author diversity and the out-of-network factor neutral, so a classic
-    feed keeps its own order; filters, sources and selection are unchanged."""
+    feed keeps its own order, and every candidate scored (the out-of-network budget assumes
+    in-network posts rank first); sources and selection are unchanged."""
     scoring = replace(config.scoring, author_diversity_floor=1.0, out_of_network_factor=1.0)
-    return replace(config, scoring=scoring)
+    filters = replace(config.filters, out_of_network_scored=None)
+    return replace(config, scoring=scoring, filters=filters)
 
 
 def classic_feeds() -> dict[str, FeedFactory]:

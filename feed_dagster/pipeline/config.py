@@ -49,9 +49,19 @@ class FilterConfig:
     # An author who blocked the viewer is filtered like one the viewer blocked (the reference
     # hydrates "blocked by" for the same purpose).
     drop_blocked_by: bool = True
+    # Out-of-network candidates the ranker scores for a user whose in-network candidates
+    # fill the top-k selection: the retriever's best that pass the other filters (see
+    # filters.keep_out_of_network_budget). None scores every candidate, as the reference
+    # does; other users' candidates are all scored either way. The budget assumes
+    # in-network posts rank first (ScoringConfig.out_of_network_factor): with a factor near
+    # 1, set None.
+    out_of_network_scored: int | None = 50
 
     def __post_init__(self) -> None:
         check_max_age(self.max_age, "FilterConfig.max_age")
+        n = self.out_of_network_scored
+        if n is not None and n < 0:
+            raise ValueError(f"FilterConfig.out_of_network_scored must be >= 0 or None, got {n}")
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,11 @@ from dataclasses import dataclass
 import polars as pl
 
 from feed_dagster.pipeline.candidate_sources import in_network_source, out_of_network_source
-from feed_dagster.pipeline.filters import PRE_SCORING_FILTERS, FilterFn
+from feed_dagster.pipeline.filters import (
+    PRE_SCORING_FILTERS,
+    FilterFn,
+    keep_out_of_network_budget,
+)
 from feed_dagster.pipeline.hydrators import hydrate_core_data
 from feed_dagster.pipeline.query import Query, hydrate_query
 from feed_dagster.pipeline.scoring import (
@@ -93,6 +97,18 @@ class FunctionFilter(Filter):
         return self.fn(candidates, batch.query, batch.config.filters).kept
 
 
+class OutOfNetworkBudget(Filter):
+    """Users whose in-network candidates fill the selection keep their best
+    `filters.out_of_network_scored` out-of-network candidates for the ranker."""
+
+    name = "out_of_network_budget"
+
+    def run(self, candidates: pl.DataFrame, batch: Batch) -> pl.DataFrame:
+        cfg = batch.config
+        budget, top_k = cfg.filters.out_of_network_scored, cfg.selection.top_k
+        return keep_out_of_network_budget(candidates, budget, top_k).kept
+
+
 class ModelScores(CandidateScorer):
     """The scorer model's p_<action> and dwell_seconds for every candidate."""
 
@@ -164,7 +180,11 @@ DEFAULT_SPEC = PipelineSpec(
     query_hydrator=UserQuery(),
     sources=(InNetworkSource(), OutOfNetworkSource()),
     hydrators=(CoreDataHydrator(),),
-    filters=tuple(FunctionFilter(name, fn) for name, fn in PRE_SCORING_FILTERS),
+    # The budget last, so it counts the candidates that could be served.
+    filters=(
+        *(FunctionFilter(name, fn) for name, fn in PRE_SCORING_FILTERS),
+        OutOfNetworkBudget(),
+    ),
     scorers=(ModelScores(), WeightedScore(), AuthorDiversity(), OutOfNetworkFactor()),
     selector=TopK(),
     post_selection=(ConversationDedupe(), Serve()),
