@@ -9,6 +9,7 @@ import polars as pl
 import pytest
 from test_vectors import clustered, frame, unit
 
+from feed_dagster.feeds.model_backends import TwoTowerRetriever
 from feed_dagster.vectors import exact_topk, open_vectors, recall_at_k, search_batch, write_vectors
 from feed_dagster.vectors import search as search_module
 from feed_dagster.vectors.lists import ListIndex
@@ -103,3 +104,44 @@ def test_search_batch_searches_a_large_window_through_lists(tmp_path, window, mo
     # Below `lists_from` the window is searched exactly.
     assert search_batch(table, queries, K, lists_from=len(ids) + 1).equals(exact)
     assert built == [1]
+
+
+def test_a_refresh_builds_a_windows_lists_once_and_a_new_table_version_again(
+    tmp_path, window, monkeypatch
+):
+    """The shards of a refresh share one build of their window's lists through the store
+    (feeds.model_backends.stored_lists); a rewritten table gets lists of its own."""
+    ids, vectors, queries = window
+    write_vectors(tmp_path / "lance", "articles", frame(vectors, ids, hours_old=np.zeros(len(ids))))
+    table = open_vectors(tmp_path / "lance", "articles")
+    store = tmp_path / "store"
+    built = []
+    build = ListIndex.build
+
+    def counted(*args, **kwargs):
+        built.append(1)
+        return build(*args, **kwargs)
+
+    monkeypatch.setattr(ListIndex, "build", counted)
+
+    def search(tbl):
+        # A shard's retriever: only its lists store and its read of the rows are used here.
+        shard = TwoTowerRetriever(None, None, tbl, lists_dir=store)  # type: ignore[arg-type]
+        return search_batch(
+            tbl, queries, K, read_rows=shard.rows, read_lists=shard.lists, lists_from=1_000
+        )
+
+    first = search(table)
+    second = search(open_vectors(tmp_path / "lance", "articles"))
+    assert built == [1] and second.equals(first)
+    assert len(list(store.glob("lists-*.pkl"))) == 1
+    # A table that changed since: a new version, its lists built again rather than trusted.
+    kept = slice(0, 5_000)
+    write_vectors(
+        tmp_path / "lance",
+        "articles",
+        frame(vectors[kept], ids[kept], hours_old=np.zeros(5_000)),
+    )
+    third = search(open_vectors(tmp_path / "lance", "articles"))
+    assert built == [1, 1] and len(list(store.glob("lists-*.pkl"))) == 2
+    assert set(third["article_id"].to_list()) <= set(ids[kept].tolist())

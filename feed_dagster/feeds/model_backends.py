@@ -14,6 +14,7 @@ below the models and never imports them.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from datetime import datetime
@@ -26,6 +27,7 @@ import polars as pl
 from feed_dagster.artifacts import Location
 from feed_dagster.data.warehouse import read_tables
 from feed_dagster.embeddings.stored import content_vectors, embeddings_path
+from feed_dagster.metrics.fit_store import load_or_make
 from feed_dagster.models.catalog import FeatureConfig
 from feed_dagster.models.compiled import CompiledBlocks
 from feed_dagster.models.exposures import WarehouseExposures
@@ -78,6 +80,9 @@ class TwoTowerRetriever:
     _rows: dict[str | None, tuple[np.ndarray, np.ndarray]] = field(
         default_factory=dict, init=False, repr=False, compare=False
     )
+    # Where the lists of a large window are kept for the other processes of the refresh
+    # (stored_lists); None: each process builds its own.
+    lists_dir: Path | None = None
     # The same for a window large enough to be searched through lists (search_batch).
     _lists: dict[str | None, ListIndex] = field(
         default_factory=dict, init=False, repr=False, compare=False
@@ -150,8 +155,16 @@ class TwoTowerRetriever:
         filter; the lists hold the vectors, so the rows are not kept beside them."""
         if where not in self._lists:
             self._lists.clear()
-            self._lists[where] = ListIndex.build(*self.rows(table, where))
-            self._rows.pop(where)
+
+            def build() -> ListIndex:
+                index = ListIndex.build(*self.rows(table, where))
+                self._rows.pop(where)
+                return index
+
+            if self.lists_dir is None:
+                self._lists[where] = build()
+            else:
+                self._lists[where] = stored_lists(table, where, self.lists_dir, build)
         return self._lists[where]
 
     def excluded(
@@ -306,13 +319,30 @@ def feed_models(
     if users is not None and at is not None:
         ctx = ctx.for_users(users, at, peers=ranker.cfg.peer_features)
     return (
-        TwoTowerRetriever(tower, ctx, table),
+        TwoTowerRetriever(tower, ctx, table, lists_dir=peers_dir),
         RankerScorer(ranker, ctx),
         {
             "model_version": f"ranker:{ranker_v},two_tower:{tower_v}",
             "vector_table_version": str(table.version),
         },
     )
+
+
+def stored_lists(
+    table: Any, where: str | None, store: Path, build: Callable[[], ListIndex]
+) -> ListIndex:
+    """The lists of the table's rows under `where`, kept in `store`: made by `build` in the
+    first process of a refresh that asks, mapped from the file by the others (the shards
+    of a refresh search the same window; at 1M users building its lists took 13 s a
+    shard). Named by the table's location, version and the version's time, so a rewritten
+    or rebuilt table is never searched through an older table's lists."""
+    version = int(table.version)
+    stamp = next(
+        (str(v["timestamp"]) for v in table.list_versions() if int(v["version"]) == version), ""
+    )
+    key = f"{table.uri}|{version}|{stamp}|{where}"
+    name = hashlib.sha256(key.encode()).hexdigest()[:20]
+    return load_or_make(store / f"lists-{name}.pkl", ListIndex, build, "lists-*.pkl", keep=2)
 
 
 @dataclass(frozen=True)
