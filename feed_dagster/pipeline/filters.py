@@ -165,14 +165,11 @@ def keep_out_of_network_budget(c: pl.DataFrame, budget: int | None, top_k: int) 
     if budget is None:
         return FilterResult(c, 0)
     inn = pl.col("in_network")
-    oon = (~inn).cast(pl.Int64)
-    # Rows come by user, in-network first, then by source rank: the position among the
-    # user's out-of-network rows is a running count from the user's first row.
-    count = oon.cum_sum()
-    start = pl.when(run_position("user_id") == 0).then(count - oon).forward_fill()
-    position = count - start
-    enough = inn.cast(pl.Int64).sum().over("user_id") >= top_k
-    return _result(c, c.filter(inn | (position <= budget) | ~enough))
+    n_in = inn.cast(pl.Int64).sum().over("user_id")
+    # Rows come by user, in-network first, then by source rank: an out-of-network row's
+    # place among the user's out-of-network rows is its place after the in-network ones.
+    position = run_position("user_id") + 1 - n_in
+    return _result(c, c.filter(inn | (n_in < top_k) | (position <= budget)))
 
 
 # The reference order (structural checks first, per-user state last), with the
