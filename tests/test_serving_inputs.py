@@ -5,10 +5,17 @@ from __future__ import annotations
 
 import polars as pl
 import pytest
+from polars.testing import assert_frame_equal
 
 from feed_dagster.data.warehouse import read_tables
 from feed_dagster.feeds import serving_inputs as serving_inputs_module
 from feed_dagster.feeds.build import OPTIONAL_TABLES, PIPELINE_TABLES
+from feed_dagster.feeds.evaluation import (
+    LEARNED,
+    evaluate_feeds,
+    read_evaluation_tables,
+    tables_before,
+)
 from feed_dagster.feeds.model_backends import ModelLocations, serving_features
 from feed_dagster.feeds.precompute import precompute_shard, read_shard_tables
 from feed_dagster.feeds.serving_inputs import prepare_serving_inputs
@@ -155,3 +162,26 @@ def test_nothing_is_prepared_without_a_promoted_ranker_or_a_local_warehouse(prom
     assert not (tmp_path / "peers").exists()
     with pytest.raises(ValueError, match="peers store"):
         prepare_serving_inputs(ModelLocations(promoted[2], "x", "y", warehouse=warehouse))
+
+
+def test_the_evaluation_of_the_models_from_its_sample_equals_that_from_the_whole_tables(
+    promoted, tiny_world, tmp_path
+):
+    """feed_quality reads its sample's rows and what all users share from the warehouse
+    (read_evaluation_tables): the learned feed at the cut is the one the whole tables give."""
+    warehouse = promoted[0]
+    tables, users, cut = read_evaluation_tables(warehouse, sample_size=40, seed=3)
+    models = _locations(promoted, tmp_path / "sampled")
+    retriever, scorer, versions = models.load(
+        tables_before(tables, cut), pytest.fail, users, at=cut, engagements_of_users=True
+    )
+    assert versions["model_version"] != "fallback"
+    got = evaluate_feeds(tables, cut, {LEARNED: lambda known: (retriever, scorer)}, users)
+
+    whole = read_tables(warehouse, PIPELINE_TABLES, OPTIONAL_TABLES)
+    retriever, scorer, _ = _locations(promoted, tmp_path / "whole").load(
+        tables_before(whole, cut), pytest.fail, users, at=cut
+    )
+    want = evaluate_feeds(whole, cut, {LEARNED: lambda known: (retriever, scorer)}, users)
+    assert got["feed"][0] == LEARNED and got["hits"][0] > 0
+    assert_frame_equal(got.drop("seconds"), want.drop("seconds"), check_exact=False, rel_tol=1e-9)

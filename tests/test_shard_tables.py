@@ -3,6 +3,8 @@ same feeds, same exposure counts, same figures."""
 
 from __future__ import annotations
 
+from datetime import timedelta
+
 import numpy as np
 import polars as pl
 import pytest
@@ -11,7 +13,14 @@ from polars.testing import assert_frame_equal
 from feed_dagster.data.warehouse import ENGAGEMENT_USERS, IMPRESSION_TOTALS, read_tables
 from feed_dagster.embeddings import LexicalEncoder
 from feed_dagster.feeds.build import OPTIONAL_TABLES, PIPELINE_TABLES
-from feed_dagster.feeds.evaluation import evaluate_feeds, read_evaluation_tables
+from feed_dagster.feeds.evaluation import (
+    CHRONOLOGICAL,
+    POPULARITY,
+    PopularityScorer,
+    evaluate_feeds,
+    read_evaluation_tables,
+    tables_before,
+)
 from feed_dagster.feeds.model_backends import ModelLocations
 from feed_dagster.feeds.precompute import precompute_shard, read_shard_tables
 from feed_dagster.feeds.shards import users_in_shard
@@ -128,11 +137,9 @@ def test_exposure_counts_of_a_shards_users_equal_the_whole_logs(warehouse, tiny_
         scoped.require(others[:3])
 
 
-def _fallbacks(known):
-    return PopularityRetriever.from_tables(known), TopicAffinityScorer.from_tables(known)
-
-
-def test_the_evaluation_reads_its_sample_and_gives_the_whole_tables_figures(warehouse, tiny_world):
+def test_the_evaluation_reads_its_sample_and_gives_the_whole_tables_figures(
+    warehouse, tiny_world, tmp_path
+):
     tables, users, cut = read_evaluation_tables(warehouse, sample_size=40, seed=3)
     assert cut == tiny_world.heldout_start and len(users) == 40
     imp = tiny_world.impressions
@@ -142,12 +149,44 @@ def test_the_evaluation_reads_its_sample_and_gives_the_whole_tables_figures(ware
     totals = tables[IMPRESSION_TOTALS]
     assert totals["now"][0] == cut
     assert totals["shown"][0] == imp.filter(pl.col("shown_at") < cut).height
-    got = evaluate_feeds(tables, cut, {"fallbacks": _fallbacks}, users)
+    # The sample's own engagements (before and after the cut) and follows only.
+    eng = tiny_world.engagements.filter(pl.col("user_id").is_in(users.tolist()))
+    assert 0 < tables["engagements"].height == eng.height < tiny_world.engagements.height
+    assert 0 < tables["follows"].height < tiny_world.follows.height
+    assert tables["articles"].height < tiny_world.articles.height
+    # The table fallbacks (no model promoted) read what all users share from the warehouse.
+    no_models = ModelLocations(
+        ModelStore(tmp_path / "models"),
+        str(tmp_path / "lancedb"),
+        "article_vectors",
+        peers_dir=tmp_path / "peers",
+        warehouse=warehouse,
+    )
+    retriever, scorer, _ = no_models.load(
+        tables_before(tables, cut), lambda _: None, users, at=cut, engagements_of_users=True
+    )
+    got = evaluate_feeds(tables, cut, {"fallbacks": lambda known: (retriever, scorer)}, users)
     whole = read_tables(warehouse, PIPELINE_TABLES, OPTIONAL_TABLES)
-    want = evaluate_feeds(whole, cut, {"fallbacks": _fallbacks}, sample_size=40, seed=3)
-    # Counts exactly; the recall means up to float summation order.
+    fallbacks = (
+        PopularityRetriever.from_tables(tables_before(whole, cut)),
+        TopicAffinityScorer.from_tables(tables_before(whole, cut)),
+    )
+    want = evaluate_feeds(
+        whole, cut, {"fallbacks": lambda known: fallbacks}, sample_size=40, seed=3
+    )
+    # Every feed's counts exactly (the popularity feed's from the warehouse's counts, the
+    # pool of eligible users too); the recall means up to float summation order.
+    assert got["feed"].to_list() == ["fallbacks", CHRONOLOGICAL, POPULARITY]
     assert_frame_equal(got.drop("seconds"), want.drop("seconds"), check_exact=False, rel_tol=1e-9)
-    assert got["hits"].sum() > 0
+    assert got["hits"].sum() > 0 and got["eligible_users"][0] > 40
+
+
+def test_popularity_counts_of_another_time_are_refused(warehouse):
+    tables, _, cut = read_evaluation_tables(warehouse, sample_size=5)
+    scorer = PopularityScorer.from_tables(tables)
+    scorer.counts_at(cut)
+    with pytest.raises(ValueError, match="counted before"):
+        scorer.counts_at(cut + timedelta(hours=1))
 
 
 @pytest.mark.parametrize("when", ["heldout_start", "now"])

@@ -59,10 +59,15 @@ def feed_quality(
     tables, users, cut = read_evaluation_tables(
         storage.warehouse_path(), config.sample_size, config.seed
     )
-    # The models' serving context is built from the data before the cut only; the exposure
-    # counts come from the warehouse's log cut there too, per user for the sample only.
+    # The models' serving context is built from the data before the cut only; the tables
+    # hold the sample's rows, and what every user shares (exposure and engagement counts)
+    # comes from the warehouse, cut there too.
     retriever, scorer, versions = model_locations(models, lancedb, storage).load(
-        tables_before(tables, cut), context.log.warning, users=users, at=cut
+        tables_before(tables, cut),
+        context.log.warning,
+        users=users,
+        at=cut,
+        engagements_of_users=True,
     )
     fallback = versions["model_version"] == "fallback"
     name = FALLBACK if fallback else LEARNED

@@ -30,15 +30,16 @@ import numpy as np
 import polars as pl
 
 from feed_dagster.artifacts import Location
-from feed_dagster.data.schema import FEED_SCHEMA, World
-from feed_dagster.data.warehouse import read_tables
-from feed_dagster.feeds.build import OPTIONAL_TABLES, PIPELINE_TABLES
+from feed_dagster.data.schema import FEED_SCHEMA, POSITIVE_ACTIONS, World
+from feed_dagster.data.warehouse import connect_read_only, read_tables
+from feed_dagster.feeds.precompute import read_users_tables
 from feed_dagster.feeds.quality import later_positives, recall_at_k
-from feed_dagster.pipeline.config import PipelineConfig
+from feed_dagster.metrics.classic import positive_rows_sql
+from feed_dagster.pipeline.config import PipelineConfig, resolve_window
 from feed_dagster.pipeline.protocols import RETRIEVED_SCHEMA, Retriever, Scorer, component_name
 from feed_dagster.pipeline.query import Query
 from feed_dagster.pipeline.run import run_pipeline
-from feed_dagster.pipeline.table_backends import positive_engagements
+from feed_dagster.pipeline.table_backends import NEGATIVE_ACTIONS, positive_engagements
 from feed_dagster.pipeline.tables import (
     Tables,
     as_tables,
@@ -55,6 +56,11 @@ from feed_dagster.sorted_search import unique
 LEARNED, CHRONOLOGICAL, POPULARITY = "learned", "chronological_following", "popularity"
 CLASSIC_FEEDS = (CHRONOLOGICAL, POPULARITY)
 DEFAULT_SAMPLE = 1_000
+# What read_evaluation_tables adds from the whole tables to the sampled users' rows:
+# each post's positive engagements before the cut (article_id, n, now), and how many users
+# have a held-out positive (users).
+POST_POSITIVES = "post_positives"
+HELDOUT_ELIGIBLE = "heldout_eligible"
 # Builds a feed's retriever and scorer from the tables as known at the cut, so a model's
 # serving context (histories, popularity counts) cannot see anything after it.
 FeedFactory = Callable[[Tables], tuple[Retriever, Scorer]]
@@ -98,16 +104,57 @@ def tables_before(tables: World | Tables, cut: datetime) -> dict[str, pl.DataFra
 def read_evaluation_tables(
     path: Location, sample_size: int = DEFAULT_SAMPLE, seed: int = 0
 ) -> tuple[dict[str, pl.DataFrame], np.ndarray, datetime]:
-    """(tables, users, cut) for `evaluate_feeds` at the warehouse's held-out start: every
-    pipeline table whole except the impression log (62.7M rows at 100k users), of which only
-    the sampled users' rows and the global count before the cut are read. `users` is the
-    sample `evaluate_feeds` would draw itself (`sample_users` of the later positives)."""
-    tables = read_tables(path, [t for t in PIPELINE_TABLES if t != "impressions"], OPTIONAL_TABLES)
-    cut = naive_utc(tables["world_info"]["heldout_start"][0])
-    positives = later_positives(tables["engagements"], tables["articles"], cut)
-    users = sample_users(positives, sample_size, seed)
-    tables |= read_tables(path, ["impressions"], users=users, totals_at=cut)
+    """(tables, users, cut) for `evaluate_feeds` at the warehouse's held-out start, read as
+    a feed shard reads its users' (feeds.precompute.read_users_tables, at the cut): the
+    sampled users' own rows of every per-user table (their engagements before and after the
+    cut among them) and the posts a feed at the cut can show or look up. From the whole
+    tables only what every user shares, computed in the warehouse: who has a held-out
+    positive (the sample's pool and HELDOUT_ELIGIBLE), each post's positive engagements
+    before the cut (POST_POSITIVES, the popularity feed's) and the impressions before it.
+    At 1M users the whole tables would be 165M engagement rows and 10M posts. `users` is
+    the sample `evaluate_feeds` would draw itself from the whole tables."""
+    small = read_tables(path, ["users", "world_info"])
+    info = small["world_info"]
+    cut = naive_utc(info["heldout_start"][0])
+    eligible, counts = _shared_at_cut(path, cut)
+    users = sample_users(eligible, sample_size, seed)
+    window = resolve_window(candidate_window(small))
+    tables = read_users_tables(path, users, cut, window, totals_at=cut)
+    tables[POST_POSITIVES] = counts
+    tables[HELDOUT_ELIGIBLE] = pl.DataFrame(
+        {"users": [eligible.height]}, schema={"users": pl.Int64}
+    )
     return tables, users, cut
+
+
+def _shared_at_cut(path: Location, cut: datetime) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """(user_id of every user with a later positive, as `later_positives` finds them;
+    article_id, n, now: positive engagements before the cut per post published by then, as
+    `positive_engagements` counts them), from the whole tables in the warehouse."""
+    con = connect_read_only(path)
+    try:
+        columns = {r[0] for r in con.execute("describe main.engagements").fetchall()}
+        positive = positive_rows_sql(columns) or "false"
+        eligible = con.execute(
+            "select distinct e.user_id::bigint as user_id from main.engagements e "
+            "join main.articles a using (article_id) "
+            f"where e.engaged_at >= $cut and a.published_at < $cut and ({positive}) "
+            "order by user_id",
+            {"cut": cut},
+        ).pl()
+        # Three-valued, as polars' any_horizontal: a null action with no true one drops the row.
+        pos = " or ".join(f'"{a}"' for a in POSITIVE_ACTIONS)
+        neg = " or ".join(f'"{a}"' for a in NEGATIVE_ACTIONS) or "false"
+        counts = con.execute(
+            "select e.article_id, count(*)::bigint as n, $cut::timestamp as now "
+            "from main.engagements e join main.articles a using (article_id) "
+            f"where e.engaged_at < $cut and a.published_at <= $cut and ({pos}) and not ({neg}) "
+            "group by e.article_id order by e.article_id",
+            {"cut": cut},
+        ).pl()
+    finally:
+        con.close()
+    return eligible, counts
 
 
 def sample_users(positives: pl.DataFrame, size: int = DEFAULT_SAMPLE, seed: int = 0) -> np.ndarray:
@@ -152,16 +199,33 @@ class RecencyScorer:
         return _probabilities(candidates, _freshness(context.now, self.scale_hours))
 
 
-def _popularity(articles: pl.DataFrame, engagements: pl.DataFrame, now: datetime) -> pl.DataFrame:
+def _popularity(
+    articles: pl.DataFrame,
+    engagements: pl.DataFrame,
+    now: datetime,
+    counts: pl.DataFrame | None = None,
+) -> pl.DataFrame:
     """(article_id, author_id, published_at, n): posts published at or before `now` with
-    their positive engagements before it."""
-    counts = positive_engagements(engagements, now).group_by("article_id").len("n")
+    their positive engagements before it; from `counts` (POST_POSITIVES) when given, which
+    must be at `now`."""
+    if counts is None:
+        counts = positive_engagements(engagements, now).group_by("article_id").len("n")
+    else:
+        counts = _counts_at(counts, now)
     return (
         articles.filter(pl.col("published_at") <= now)
         .select("article_id", "author_id", "published_at")
-        .join(counts, on="article_id", how="left")
+        .join(counts.select("article_id", "n"), on="article_id", how="left")
         .with_columns(pl.col("n").fill_null(0).cast(pl.Int64))
     )
+
+
+def _counts_at(counts: pl.DataFrame, now: datetime) -> pl.DataFrame:
+    """POST_POSITIVES, checked to be the counts at `now`."""
+    at = counts["now"].unique().to_list()
+    if at and at != [naive_utc(now)]:
+        raise ValueError(f"post positives were counted before {at[0]}, not before {now}")
+    return counts
 
 
 @dataclass
@@ -177,22 +241,27 @@ class PopularityScorer:
     engagements: pl.DataFrame
     scale_hours: float = 24.0
     name: str = "popularity"
+    counts: pl.DataFrame | None = None  # POST_POSITIVES, when the engagements are some users'
     _cache: dict[datetime, tuple[pl.DataFrame, int]] = field(
         default_factory=dict, init=False, repr=False, compare=False
     )
 
     @classmethod
     def from_tables(cls, source: World | Tables, **kwargs: float) -> PopularityScorer:
-        return cls(table(source, "articles"), table(source, "engagements"), **kwargs)  # type: ignore[arg-type]
+        counts = as_tables(source).get(POST_POSITIVES)
+        return cls(table(source, "articles"), table(source, "engagements"), counts=counts, **kwargs)  # type: ignore[arg-type]
 
-    def counts(self, now: datetime) -> tuple[pl.DataFrame, int]:
+    def counts_at(self, now: datetime) -> tuple[pl.DataFrame, int]:
         if now not in self._cache:
-            pop = _popularity(self.articles, self.engagements, now)
-            self._cache[now] = (pop.select("article_id", "n"), int(pop["n"].max() or 0))
+            pop = _popularity(self.articles, self.engagements, now, self.counts)
+            # The largest count of any post, read from every post's when the articles are
+            # some users' posts only.
+            n = pop["n"] if self.counts is None else self.counts["n"]
+            self._cache[now] = (pop.select("article_id", "n"), int(n.max() or 0))
         return self._cache[now]
 
     def score(self, candidates: pl.DataFrame, context: Query) -> pl.DataFrame:
-        counts, n_max = self.counts(context.now)
+        counts, n_max = self.counts_at(context.now)
         rows = candidates.join(counts, on="article_id", how="left", maintain_order="left")
         key = (pl.col("n").fill_null(0) + 0.5 * _freshness(context.now, self.scale_hours)) / (
             n_max + 1.0
@@ -228,17 +297,20 @@ class MostEngagedRetriever:
     articles: pl.DataFrame
     engagements: pl.DataFrame
     name: str = "most_engaged"
+    counts: pl.DataFrame | None = None  # POST_POSITIVES, when the engagements are some users'
     _cache: dict[datetime, pl.DataFrame] = field(
         default_factory=dict, init=False, repr=False, compare=False
     )
 
     @classmethod
     def from_tables(cls, source: World | Tables) -> MostEngagedRetriever:
-        return cls(table(source, "articles"), table(source, "engagements"))
+        counts = as_tables(source).get(POST_POSITIVES)
+        return cls(table(source, "articles"), table(source, "engagements"), counts=counts)
 
     def ranked(self, now: datetime) -> pl.DataFrame:
         if now not in self._cache:
-            self._cache[now] = _popularity(self.articles, self.engagements, now).sort(
+            pop = _popularity(self.articles, self.engagements, now, self.counts)
+            self._cache[now] = pop.sort(
                 ["n", "published_at", "article_id"], descending=[True, True, False]
             )
         return self._cache[now]
@@ -392,7 +464,9 @@ def evaluate_feeds(
     cfg = config or PipelineConfig().with_max_age(candidate_window(tables))
     full = as_tables(tables)
     positives = later_positives(table(full, "engagements"), table(full, "articles"), cut)
-    eligible = positives["user_id"].n_unique()
+    # Tables of some users only (read_evaluation_tables) say how many are eligible in all.
+    counted = full.get(HELDOUT_ELIGIBLE)
+    eligible = positives["user_id"].n_unique() if counted is None else int(counted["users"][0])
     if users is None:
         users = sample_users(positives, sample_size, seed)
     users = unique(np.asarray(users, dtype=np.int64))

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 
+import numpy as np
 import polars as pl
 
 from feed_dagster.artifacts import Location
@@ -50,10 +51,23 @@ def read_shard_tables(
     0.9M of 57.6M follows a shard. The users table is read whole."""
     small = read_tables(path, ["users", "world_info"])
     users = users_in_shard(small["users"], shard, n_shards)
-    scopes = dict(_USERS_OWN_ROWS)
     window = resolve_window(candidate_window(small), window_hours, no_window)
+    return read_users_tables(path, users, small["world_info"]["now"][0], window)
+
+
+def read_users_tables(
+    path: Location,
+    users: np.ndarray,
+    now: datetime,
+    window: timedelta | None,
+    totals_at: datetime | None = None,
+) -> dict[str, pl.DataFrame]:
+    """The pipeline tables as a feed build for `users` at `now` reads them (see
+    read_shard_tables): their own rows of the per-user tables, and with a `window`, the
+    posts published in it before `now` and those the feeds look up. `totals_at`: the time
+    of the global impression count (default: the world's `now`)."""
+    scopes = dict(_USERS_OWN_ROWS)
     if window is not None:
-        now = small["world_info"]["now"][0]
         scopes["articles"] = _WINDOW_ARTICLES.format(
             after=_timestamp(now - window), now=_timestamp(now)
         )
@@ -62,6 +76,7 @@ def read_shard_tables(
         PIPELINE_TABLES,
         OPTIONAL_TABLES,
         users=users,
+        totals_at=totals_at,
         engagements_of_users=True,
         scopes=scopes,
     )

@@ -26,6 +26,8 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
+import polars as pl
+
 from feed_dagster.artifacts import Location, filesystem, is_remote
 from feed_dagster.data.warehouse import read_tables
 from feed_dagster.embeddings.stored import content_vectors
@@ -67,13 +69,18 @@ def build_shared_inputs(
     features: FeatureConfig, warehouse: Location, at: datetime, embeddings: Location | None
 ) -> SharedInputs:
     """The shared inputs at `at`, from the warehouse's articles, engagements and impressions
-    and the posts' content vectors in `embeddings` (default: the artifacts root's file)."""
+    and the posts' content vectors in `embeddings` (default: the artifacts root's file).
+
+    What is known at `at` only, as models.serve builds it from tables cut there (an
+    evaluation's cut is days before the warehouse's last event): the posts published by
+    then, whose authors' profiles the catalog holds, and first engagements before it."""
     articles = read_tables(warehouse, ["articles"], columns={"articles": CATALOG_COLUMNS})
-    articles = articles["articles"]
+    articles = articles["articles"].filter(pl.col("published_at").dt.epoch("us") <= to_micros(at))
     everyone = WarehouseEngagements(warehouse)
     counts = everyone.post_counts(count_times(at))
+    firsts = counts.firsts.filter(pl.col("first_us") < to_micros(at))
     catalog = ItemCatalog.build(
-        articles, content_vectors(articles, embeddings), features, firsts=counts.firsts
+        articles, content_vectors(articles, embeddings), features, firsts=firsts
     )
     return SharedInputs(
         catalog=catalog,
