@@ -113,12 +113,15 @@ def read_tables(
         shard_users = pl.DataFrame({"user_id": np.asarray(users, np.int64)})
         con.register("shard_users", shard_users.to_arrow())
         queries = {name: (scopes or {}).get(name) or select(name) for name in wanted}
+        # By user: a feed build hydrates each batch from its users' slice of these
+        # (pipeline.tables.batch_tables), which needs them sorted.
         queries["impressions"] = (
-            "select * from main.impressions semi join shard_users using (user_id)"
+            "select * from main.impressions semi join shard_users using (user_id) order by user_id"
         )
         if engagements_of_users and "engagements" in wanted:
             queries["engagements"] = (
-                "select * from main.engagements semi join shard_users using (user_id)"
+                "select * from main.engagements semi join shard_users using (user_id) "
+                "order by user_id"
             )
             queries[ENGAGEMENT_USERS] = "select user_id from shard_users"
         at = "(select max(now) from main.world_info)" if totals_at is None else "$at::timestamp"

@@ -16,7 +16,15 @@ from feed_dagster.pipeline.protocols import Retriever, Scorer, component_name
 from feed_dagster.pipeline.run import run_pipeline
 from feed_dagster.pipeline.stages import PipelineSpec
 from feed_dagster.pipeline.stats import PipelineStats, window_hours
-from feed_dagster.pipeline.tables import Tables, candidate_window, published_between, table
+from feed_dagster.pipeline.tables import (
+    Tables,
+    as_tables,
+    batch_tables,
+    candidate_window,
+    published_between,
+    sorted_by_user,
+    table,
+)
 
 # The warehouse tables a feed build reads (the served feeds and their held-out evaluation).
 PIPELINE_TABLES = [
@@ -63,9 +71,12 @@ def build_feeds(
         scorer=component_name(scorer),
         candidate_window_hours=window_hours(config.sources.max_age),
     )
+    by_user = sorted_by_user(as_tables(tables))
     for start in range(0, len(user_ids), batch_size):
         batch = user_ids[start : start + batch_size]
-        feeds, stats = run_pipeline(tables, batch, now, retriever, scorer, config, served, spec)
+        feeds, stats = run_pipeline(
+            batch_tables(by_user, batch), batch, now, retriever, scorer, config, served, spec
+        )
         parts.append(feeds)
         total += stats
         if progress:

@@ -15,7 +15,7 @@ from feed_dagster.errors import DataValidationError
 from feed_dagster.pipeline.config import SourceConfig
 from feed_dagster.pipeline.protocols import RETRIEVED_SCHEMA, Retriever, component_name
 from feed_dagster.pipeline.query import PAIR, Query
-from feed_dagster.pipeline.tables import pair_key, published_between, run_position
+from feed_dagster.pipeline.tables import pair_key, published_between, rows_with, run_position
 
 CANDIDATE_SCHEMA = {
     "user_id": pl.Int64,
@@ -121,10 +121,10 @@ def with_reply_eligibility(
     (or a quote, which starts its own thread), or when the user follows the author of the
     thread's root post: replies deep inside a stranger's thread are noise in a home feed.
     """
-    parents = articles.select(
+    parents = rows_with(articles, "article_id", rows["parent_id"]).select(
         pl.col("article_id").alias("parent_id"), pl.col("kind").alias("parent_kind")
     )
-    roots = articles.select(
+    roots = rows_with(articles, "article_id", rows["conversation_id"]).select(
         pl.col("article_id").alias("conversation_id"),
         pl.col("author_id").alias("root_author_id"),
     )
@@ -216,7 +216,7 @@ def out_of_network_source(
             f"{got.columns} ({missing} missing)",
         )
     got = got.select([pl.col(c).cast(t) for c, t in RETRIEVED_SCHEMA.items()])
-    authors = articles.select("article_id", "author_id")
+    authors = rows_with(articles, "article_id", got["article_id"]).select("article_id", "author_id")
     got = (
         got.join(query.users.select("user_id"), on="user_id", how="semi")
         .join(in_network.select(*PAIR), on=["user_id", "article_id"], how="anti")

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import polars as pl
 
+from feed_dagster.pipeline.tables import rows_with
+
 CORE_FIELDS: tuple[str, ...] = (
     "author_id",
     "kind",
@@ -33,13 +35,8 @@ def post_fields(articles: pl.DataFrame, only: pl.Series | None = None) -> pl.Dat
     posts = articles
     parents = articles
     if only is not None:
-        ids = only.cast(articles["article_id"].dtype).unique().to_frame("article_id")
-        posts = articles.join(ids, on="article_id", how="semi")
-        parents = articles.join(
-            posts.select(pl.col("parent_id").drop_nulls().unique().alias("article_id")),
-            on="article_id",
-            how="semi",
-        )
+        posts = rows_with(articles, "article_id", only)
+        parents = rows_with(articles, "article_id", posts["parent_id"])
     parents = parents.select(
         pl.col("article_id").alias("parent_id"), pl.col("author_id").alias("_parent_author")
     )
@@ -70,7 +67,7 @@ def hydrate_core_data(candidates: pl.DataFrame, articles: pl.DataFrame) -> pl.Da
 
 def hydrate_author_handles(feeds: pl.DataFrame, users: pl.DataFrame) -> pl.DataFrame:
     """Post-selection hydrator: the author's handle (null for authorless sources)."""
-    handles = users.select(
+    handles = rows_with(users, "user_id", feeds["author_id"]).select(
         pl.col("user_id").alias("author_id"), pl.col("handle").alias("author_handle")
     )
     return feeds.join(handles, on="author_id", how="left", maintain_order="left")

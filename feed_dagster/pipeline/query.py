@@ -18,6 +18,7 @@ from feed_dagster.pipeline.tables import (
     Tables,
     as_tables,
     naive_utc,
+    rows_with,
     run_position,
     table,
     user_frame,
@@ -56,15 +57,14 @@ class Query:
 
 def hydrate_users(tables: Tables, batch: pl.DataFrame) -> pl.DataFrame:
     """The batch with each user's handle (null for ids the users table lacks)."""
-    users = table(tables, "users").select("user_id", "handle")
-    return batch.join(users, on="user_id", how="left")
+    users = rows_with(table(tables, "users"), "user_id", batch["user_id"])
+    return batch.join(users.select("user_id", "handle"), on="user_id", how="left")
 
 
 def hydrate_history(
     tables: Tables, batch: pl.DataFrame, now: datetime, cfg: QueryConfig
 ) -> pl.DataFrame:
     """The newest `history_max` engagements of each user before `now`, oldest first."""
-    articles = table(tables, "articles").select("article_id", "author_id", "topic")
     eng = (
         table(tables, "engagements")
         .join(batch, on="user_id", how="semi")
@@ -76,7 +76,10 @@ def hydrate_history(
         .filter(run_position("user_id") < cfg.history_max)
         .sort(["user_id", "engaged_at", "article_id"])
     )
-    return recent.join(articles, on="article_id", how="left")
+    articles = rows_with(table(tables, "articles"), "article_id", recent["article_id"])
+    return recent.join(
+        articles.select("article_id", "author_id", "topic"), on="article_id", how="left"
+    )
 
 
 def hydrate_follows(tables: Tables, batch: pl.DataFrame) -> pl.DataFrame:

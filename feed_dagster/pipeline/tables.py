@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Mapping
 from datetime import UTC, datetime, timedelta
 
@@ -11,6 +12,7 @@ import polars as pl
 from feed_dagster.data.schema import DEFAULT_CANDIDATE_WINDOW, TABLE_SCHEMAS, World
 from feed_dagster.data.world_tables import window_from_info
 from feed_dagster.errors import DataValidationError
+from feed_dagster.sorted_search import unique
 
 Tables = Mapping[str, pl.DataFrame]
 
@@ -35,6 +37,97 @@ def table(tables: World | Tables, name: str) -> pl.DataFrame:
             f"table {name}", None, f"columns {list(TABLE_SCHEMAS[name])}", f"{missing} missing"
         )
     return df
+
+
+# Whether a frame's column ascends without nulls, by (frame id, column); an entry goes with
+# its frame. (Frames are replaced, never edited in place, here.)
+_ASCENDS: dict[tuple[int, str], bool] = {}
+
+
+def rows_with(frame: pl.DataFrame, key: str, ids: pl.Series | np.ndarray) -> pl.DataFrame:
+    """The rows of `frame` whose `key` is one of `ids` (nulls match nothing), in the frame's
+    order: `frame.join(ids, on=key, how="semi")`.
+
+    A frame sorted by `key` (the warehouse reads articles by id) is searched instead of
+    hashed. A feed batch looks up some thousands of a shard's posts, and at 1M users a join
+    hashed all 3.3M of them each time: 0.1 to 0.2 s a join, several joins a batch."""
+    column = frame[key]
+    wanted = pl.Series(key, ids).drop_nulls()
+    if not _ascends(frame, key):
+        return frame.join(wanted.cast(column.dtype).unique().to_frame(), on=key, how="semi")
+    values = column.to_numpy()
+    asked = unique(wanted.to_numpy())
+    lo = np.searchsorted(values, asked, side="left")
+    hi = np.searchsorted(values, asked, side="right")
+    counts = hi - lo
+    # Every row from lo to hi of each asked id (one row for a unique key), ascending.
+    starts = np.repeat(lo - np.cumsum(counts) + counts, counts)
+    return frame[starts + np.arange(int(counts.sum()))]
+
+
+def _ascends(frame: pl.DataFrame, key: str) -> bool:
+    cache_key = (id(frame), key)
+    held = _ASCENDS.get(cache_key)
+    if held is None:
+        column = frame[key]
+        values = column.to_numpy()
+        held = (
+            column.null_count() == 0
+            and column.dtype.is_integer()
+            and bool(np.all(values[1:] >= values[:-1]))
+        )
+        if not any(k[0] == id(frame) for k in _ASCENDS):
+            weakref.finalize(frame, _forget, id(frame))
+        _ASCENDS[cache_key] = held
+    return held
+
+
+def _forget(frame_id: int) -> None:
+    for k in [k for k in _ASCENDS if k[0] == frame_id]:
+        del _ASCENDS[k]
+
+
+# The tables the query hydrators read a batch's rows of, by their user column.
+PER_USER_TABLES: dict[str, str] = {
+    "impressions": "user_id",
+    "engagements": "user_id",
+    "follows": "follower_id",
+    "topic_follows": "user_id",
+    "mutes": "user_id",
+    "muted_keywords": "user_id",
+}
+
+
+def sorted_by_user(tables: Tables) -> dict[str, pl.DataFrame]:
+    """`tables` with each of PER_USER_TABLES sorted by its user column (those already sorted
+    are kept as they are), for `batch_tables`."""
+    out = dict(tables)
+    for name, user in PER_USER_TABLES.items():
+        frame = out.get(name)
+        if frame is not None and not _ascends(frame, user):
+            out[name] = frame.sort(user, maintain_order=True)
+    return out
+
+
+def batch_tables(tables: Tables, user_ids: np.ndarray) -> Tables:
+    """`tables` (from `sorted_by_user`) with each per-user table cut to the rows of the users
+    from the least to the greatest of `user_ids`, a slice that copies nothing. A shard's
+    batches take consecutive ids, so each hydrates its own users' rows instead of filtering
+    the shard's: at 1M users 7.7M impressions and 2.6M engagements, 31 times a shard."""
+    ids = np.asarray(user_ids)
+    if ids.size == 0:
+        return tables
+    lo, hi = int(ids.min()), int(ids.max())
+    out = dict(tables)
+    for name, user in PER_USER_TABLES.items():
+        frame = out.get(name)
+        if frame is None or not _ascends(frame, user):
+            continue
+        values = frame[user].to_numpy()
+        start = int(np.searchsorted(values, lo, side="left"))
+        stop = int(np.searchsorted(values, hi, side="right"))
+        out[name] = frame.slice(start, stop - start)
+    return out
 
 
 def candidate_window(source: World | Tables) -> timedelta | None:
