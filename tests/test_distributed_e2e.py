@@ -205,6 +205,24 @@ def _feed_rows(path: Path) -> Any:
         con.close()
 
 
+@contextlib.contextmanager
+def unwritable(path: Path) -> Iterator[None]:
+    """`path` closed to writes while the block runs: its mode, and for root, whom modes do
+    not stop, the immutable attribute (chattr +i). Proven by a write that must fail."""
+    path.chmod(0o555)
+    immutable = os.geteuid() == 0
+    if immutable:
+        subprocess.run(["chattr", "+i", str(path)], check=True)
+    try:
+        with pytest.raises(OSError):
+            (path / "probe").write_text("x")
+        yield
+    finally:
+        if immutable:
+            subprocess.run(["chattr", "-i", str(path)], check=True)
+        path.chmod(0o755)
+
+
 def _files(folder: Path) -> list[str]:
     return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
 
@@ -256,35 +274,32 @@ def test_the_tiny_world_runs_queued_on_celery_workers_with_everything_on_the_buc
     launched: dict[str, int] = {}
     instance = dg.DagsterInstance.get()  # creates Dagster's tables before anyone else
     request.addfinalizer(instance.dispose)
-    shared.chmod(0o555)
-    try:
-        with (
-            celery_workers(WORKERS, env, logs, own_env=own) as worker_pids,
-            code_location(instance) as (workspace, location, repo),
-        ):
-            assert len(stop_instigators(instance, repo)) >= 5
-            with dagster_daemon(env, logs / "daemon.log") as daemon:
-                # Sources, models and vectors (with their checks); then both shards at once;
-                # then the publish: the runs the refresh chain starts, in its order.
-                phases: list[list[Any]] = []
-                for batch in (
-                    [("full_rebuild", SMALL_BUDGET, {})],
-                    [("refresh_feeds", {}, {"dagster/partition": key}) for key in SHARDS],
-                    [("publish_feeds", {}, {})],
-                ):
-                    phase_started = time.monotonic()
-                    submitted = [
-                        submit(instance, workspace, location, repo, job, config, tags)
-                        for job, config, tags in batch
-                    ]
-                    # The queue holds them until the daemon takes them.
-                    assert {r.status for r in submitted} == {dg.DagsterRunStatus.QUEUED}
-                    ids = [r.run_id for r in submitted]
-                    launched |= wait_for(instance, ids, logs, daemon.pid)
-                    phases.append(submitted)
-                    timings.append(f"{batch[0][0]} {time.monotonic() - phase_started:.0f} s")
-    finally:
-        shared.chmod(0o755)
+    with (
+        unwritable(shared),
+        celery_workers(WORKERS, env, logs, own_env=own) as worker_pids,
+        code_location(instance) as (workspace, location, repo),
+    ):
+        assert len(stop_instigators(instance, repo)) >= 5
+        with dagster_daemon(env, logs / "daemon.log") as daemon:
+            # Sources, models and vectors (with their checks); then both shards at once;
+            # then the publish: the runs the refresh chain starts, in its order.
+            phases: list[list[Any]] = []
+            for batch in (
+                [("full_rebuild", SMALL_BUDGET, {})],
+                [("refresh_feeds", {}, {"dagster/partition": key}) for key in SHARDS],
+                [("publish_feeds", {}, {})],
+            ):
+                phase_started = time.monotonic()
+                submitted = [
+                    submit(instance, workspace, location, repo, job, config, tags)
+                    for job, config, tags in batch
+                ]
+                # The queue holds them until the daemon takes them.
+                assert {r.status for r in submitted} == {dg.DagsterRunStatus.QUEUED}
+                ids = [r.run_id for r in submitted]
+                launched |= wait_for(instance, ids, logs, daemon.pid)
+                phases.append(submitted)
+                timings.append(f"{batch[0][0]} {time.monotonic() - phase_started:.0f} s")
     elapsed = time.monotonic() - started
 
     # --- the runs went through the queue and the daemon launched them ----------------------
