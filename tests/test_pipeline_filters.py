@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from datetime import datetime, timedelta
 from types import SimpleNamespace
 
@@ -279,6 +280,28 @@ def test_drop_muted_keywords_each_users_own_phrases_overlapping() -> None:
         (2, 303),
     ]
     assert removed == 5 and kept.filter(pl.col("user_id") == 3).height == 4
+
+
+def test_normalise_text_is_the_words_joined_by_single_spaces_and_padded() -> None:
+    # The lower-cased \w+ words joined by single spaces, padded: what extracting the words
+    # and joining them gives, for punctuation at either end, runs of it, tabs, underscores,
+    # non-ASCII letters and digits, text without a word, empty text and null.
+    texts = [
+        "New York",
+        "  --New  YORK, city!!",
+        "tab\tand\nnewline",
+        "snake_case & co.",
+        "Zürich über-alles ÉTÉ 2024",
+        "...?!",
+        "",
+        None,
+        "a",
+    ]
+    frame = pl.DataFrame({"t": texts}, schema={"t": pl.String})
+    got = frame.select(normalise_text(pl.col("t")).alias("t"))["t"]
+    words = [re.findall(r"\w+", (t or "").lower()) for t in texts]
+    assert got.to_list() == [" " + " ".join(w) + " " for w in words]
+    assert got[1] == " new york city " and got[5] == "  " and got[7] == "  "
 
 
 def budget_candidates(in_network: dict[int, int], out_of_network: int) -> pl.DataFrame:
