@@ -373,12 +373,21 @@ class Throughput:
         return statistics.median(self.totals)
 
 
+def measured_config(world: World) -> PipelineConfig:
+    """The pipeline the throughput figures measure: the default, except that a user whose
+    in-network posts fall short of the selection has every out-of-network candidate
+    scored, as when these figures began (about 750 candidates a user on demo; the default
+    short budget, FilterConfig.out_of_network_scored_short, scores fewer)."""
+    cfg = PipelineConfig().with_max_age(candidate_window(world))
+    return replace(cfg, filters=replace(cfg.filters, out_of_network_scored_short=None))
+
+
 @dataclass
 class Variant:
     label: str
     retriever: Any
     scorer: Any
-    config: PipelineConfig | None = None
+    config: PipelineConfig | None = None  # None: measured_config
     legacy_predict: bool = False
 
 
@@ -412,7 +421,7 @@ def measure(
                     now,
                     v.retriever,
                     v.scorer,
-                    config=v.config,
+                    config=v.config or measured_config(tables),
                     batch_size=batch_size,
                 )
             finally:
@@ -547,13 +556,18 @@ def side_by_side_worker(args: argparse.Namespace) -> None:
         scorer.compile()
     users = su.world.users["user_id"].to_numpy()[args.worker :: args.of]
     # Untimed warm-up: the classic peers' fit, and the compile.
-    build_feeds(su.world, users[:64], su.world.now, retriever, scorer, batch_size=args.batch_size)
+    config = measured_config(su.world)
+    build_feeds(
+        su.world, users[:64], su.world.now, retriever, scorer, config, batch_size=args.batch_size
+    )
     sync = Path(args.sync)
     for r in range(args.repeats):
         (sync / f"ready-{r}-{args.worker}").touch()
         _wait_for([sync / f"go-{r}"])
         start = time.time()
-        build_feeds(su.world, users, su.world.now, retriever, scorer, batch_size=args.batch_size)
+        build_feeds(
+            su.world, users, su.world.now, retriever, scorer, config, batch_size=args.batch_size
+        )
         span = {"start": start, "end": time.time(), "users": len(users)}
         done = sync / f"done-{r}-{args.worker}"
         done.with_suffix(".tmp").write_text(json.dumps(span))
@@ -636,7 +650,7 @@ def main() -> None:
         threads = torch.get_num_threads()
         # The same users with more out-of-network candidates: about 1,000 per user into
         # the ranker (the default config gives ~750 on the demo world).
-        wide_config = PipelineConfig().with_max_age(candidate_window(world))
+        wide_config = measured_config(world)
         wide_config = replace(
             wide_config,
             sources=replace(wide_config.sources, out_of_network_max=args.wide_out_of_network),

@@ -334,6 +334,23 @@ def test_out_of_network_budget_cuts_only_users_whose_in_network_posts_fill_the_s
     assert zero.filter(~pl.col("in_network"))["user_id"].unique().to_list() == [2]
 
 
+def test_users_short_of_the_selection_keep_their_best_short_budget() -> None:
+    # User 1's in-network candidates fill the top 3, user 2's (2) fall short, user 3 has none.
+    c = budget_candidates({1: 3, 2: 2, 3: 0}, out_of_network=6)
+    kept = keep_out_of_network_budget(c, budget=2, top_k=3, short_budget=4).kept
+    out = kept.filter(~pl.col("in_network"))
+    per_user = {u: g["source_rank"].to_list() for (u,), g in out.group_by("user_id")}
+    assert per_user == {1: [1, 2], 2: [1, 2, 3, 4], 3: [1, 2, 3, 4]}
+    assert kept.filter(pl.col("in_network")).height == 5
+    # Either budget alone: the other group keeps everything.
+    only_short = keep_out_of_network_budget(c, None, 3, short_budget=1).kept
+    assert only_short.filter(~pl.col("in_network") & (pl.col("user_id") == 1)).height == 6
+    assert only_short.filter(~pl.col("in_network") & (pl.col("user_id") == 3)).height == 1
+    assert keep_out_of_network_budget(c, 2, 3).kept.filter(pl.col("user_id") == 3).height == 6
+    with pytest.raises(ValueError, match="out_of_network_scored_short"):
+        FilterConfig(out_of_network_scored_short=-1)
+
+
 def test_out_of_network_budget_rejects_a_negative_budget() -> None:
     with pytest.raises(ValueError, match="out_of_network_scored"):
         FilterConfig(out_of_network_scored=-1)

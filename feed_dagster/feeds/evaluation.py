@@ -353,7 +353,7 @@ def classic_config(config: PipelineConfig) -> PipelineConfig:
     feed keeps its own order, and every candidate scored (the out-of-network budget assumes
     in-network posts rank first); sources and selection are unchanged."""
     scoring = replace(config.scoring, author_diversity_floor=1.0, out_of_network_factor=1.0)
-    filters = replace(config.filters, out_of_network_scored=None)
+    filters = replace(config.filters, out_of_network_scored=None, out_of_network_scored_short=None)
     return replace(config, scoring=scoring, filters=filters)
 
 

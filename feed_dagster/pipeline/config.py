@@ -56,12 +56,20 @@ class FilterConfig:
     # in-network posts rank first (ScoringConfig.out_of_network_factor): with a factor near
     # 1, set None.
     out_of_network_scored: int | None = 50
+    # The same for a user whose in-network candidates do not fill the top-k selection, whose
+    # feed is mostly out-of-network posts: the retriever's best this many are scored (None:
+    # all of them, up to SourceConfig.out_of_network_max). 400 of up to 1,000 left held-out
+    # recall@35 as it was on the demo and `m` worlds (one hit fewer of 3,196 on demo) and
+    # took a fifth off a feed batch at 1M users, where these users have about 740 after
+    # the filters (docs/SCALING.md).
+    out_of_network_scored_short: int | None = 400
 
     def __post_init__(self) -> None:
         check_max_age(self.max_age, "FilterConfig.max_age")
-        n = self.out_of_network_scored
-        if n is not None and n < 0:
-            raise ValueError(f"FilterConfig.out_of_network_scored must be >= 0 or None, got {n}")
+        for name in ("out_of_network_scored", "out_of_network_scored_short"):
+            n = getattr(self, name)
+            if n is not None and n < 0:
+                raise ValueError(f"FilterConfig.{name} must be >= 0 or None, got {n}")
 
 
 @dataclass(frozen=True)

@@ -153,23 +153,30 @@ def drop_blocked_muted_authors(c: pl.DataFrame, q: Query, cfg: FilterConfig) -> 
     return _result(c, kept)
 
 
-def keep_out_of_network_budget(c: pl.DataFrame, budget: int | None, top_k: int) -> FilterResult:
+def keep_out_of_network_budget(
+    c: pl.DataFrame, budget: int | None, top_k: int, short_budget: int | None = None
+) -> FilterResult:
     """Every candidate, except that a user with at least `top_k` in-network candidates keeps
-    only the first `budget` out-of-network ones (in source rank order: the retriever's best).
+    only the first `budget` out-of-network ones (in source rank order: the retriever's best),
+    and any other user the first `short_budget` (None: all of them).
 
     In-network posts outrank out-of-network ones (ScoringConfig.out_of_network_factor), so
-    such a user is shown out-of-network posts only in SelectionConfig.out_of_network_slots:
-    scoring hundreds to fill five costs the ranker most of its time at 1M users and changed
-    nothing measurable (docs/SCALING.md). Users with fewer in-network candidates are served
-    many out-of-network posts, and a budget for them did cost recall, so they keep all."""
-    if budget is None:
+    a user whose in-network candidates fill the top-k is shown out-of-network posts only in
+    SelectionConfig.out_of_network_slots: scoring hundreds to fill five costs the ranker
+    most of its time at 1M users and changed nothing measurable (docs/SCALING.md). Users
+    with fewer in-network candidates are served many out-of-network posts: a budget of 50
+    for them cost recall, a larger one barely (`short_budget`, docs/SCALING.md)."""
+    if budget is None and short_budget is None:
         return FilterResult(c, 0)
     inn = pl.col("in_network")
     n_in = inn.cast(pl.Int64).sum().over("user_id")
     # Rows come by user, in-network first, then by source rank: an out-of-network row's
     # place among the user's out-of-network rows is its place after the in-network ones.
     position = run_position("user_id") + 1 - n_in
-    return _result(c, c.filter(inn | (n_in < top_k) | (position <= budget)))
+    full = n_in >= top_k
+    keep_full = pl.lit(True) if budget is None else position <= budget
+    keep_short = pl.lit(True) if short_budget is None else position <= short_budget
+    return _result(c, c.filter(inn | pl.when(full).then(keep_full).otherwise(keep_short)))
 
 
 # The reference order (structural checks first, per-user state last), with the

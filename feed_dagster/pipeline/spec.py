@@ -99,14 +99,17 @@ class FunctionFilter(Filter):
 
 class OutOfNetworkBudget(Filter):
     """Users whose in-network candidates fill the selection keep their best
-    `filters.out_of_network_scored` out-of-network candidates for the ranker."""
+    `filters.out_of_network_scored` out-of-network candidates for the ranker, the others
+    their best `filters.out_of_network_scored_short`."""
 
     name = "out_of_network_budget"
 
     def run(self, candidates: pl.DataFrame, batch: Batch) -> pl.DataFrame:
         cfg = batch.config
-        budget, top_k = cfg.filters.out_of_network_scored, cfg.selection.top_k
-        return keep_out_of_network_budget(candidates, budget, top_k).kept
+        f, top_k = cfg.filters, cfg.selection.top_k
+        return keep_out_of_network_budget(
+            candidates, f.out_of_network_scored, top_k, f.out_of_network_scored_short
+        ).kept
 
 
 class ModelScores(CandidateScorer):
