@@ -92,7 +92,8 @@ def read_tables(
     `engagements_of_users` too, `engagements` holds only those users' rows as well (20.8M
     rows at 100k users, 1.3M a shard's), and ENGAGEMENT_USERS names the users. `scopes`
     (with `users`) gives, by table name, the query of the only rows to read of it, which
-    may name the users as the view `shard_users` (user_id)."""
+    may name the users as the view `shard_users` (user_id) and, with
+    `engagements_of_users`, their engagements as the table `shard_engagements`."""
     if (engagements_of_users or scopes) and users is None:
         raise ValueError("engagements_of_users and scopes need the users")
     con = connect_read_only(path)
@@ -119,10 +120,13 @@ def read_tables(
             "select * from main.impressions semi join shard_users using (user_id) order by user_id"
         )
         if engagements_of_users and "engagements" in wanted:
-            queries["engagements"] = (
-                "select * from main.engagements semi join shard_users using (user_id) "
-                "order by user_id"
+            # Kept in the session: a scope may read them too (a shard's history posts)
+            # without a second pass over every engagement.
+            con.execute(
+                "create temp table shard_engagements as select * from main.engagements "
+                "semi join shard_users using (user_id) order by user_id"
             )
+            queries["engagements"] = "select * from shard_engagements order by user_id"
             queries[ENGAGEMENT_USERS] = "select user_id from shard_users"
         at = "(select max(now) from main.world_info)" if totals_at is None else "$at::timestamp"
         queries[IMPRESSION_TOTALS] = (

@@ -109,9 +109,7 @@ select * from main.articles
 where (published_at > {after} and published_at <= {now})
    or article_id in (select parent_id from window_posts)
    or article_id in (select conversation_id from window_posts)
-   or article_id in (
-       select article_id from main.engagements where user_id in (select user_id from shard_users)
-   )
+   or article_id in (select article_id from shard_engagements)
 order by article_id
 """
 
