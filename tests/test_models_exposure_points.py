@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import duckdb
 import numpy as np
+import polars as pl
 import pytest
 
 from feed_dagster.data.world_tables import world_from_tables
 from feed_dagster.embeddings import LexicalEncoder
-from feed_dagster.models import train
+from feed_dagster.models import exposures, train
 from feed_dagster.models.budget import TrainingBudget, read_training_tables
 from feed_dagster.models.catalog import FeatureConfig
-from feed_dagster.models.counts import CountsAtPoints, PairCounter, time_index
+from feed_dagster.models.counts import CountsAtPoints, PairCounter, TimeIndex, time_index
 from feed_dagster.models.ranker_data import PROFILE_FEATURES
 from feed_dagster.models.train import prepare_training_data
 
@@ -32,6 +34,30 @@ def test_counts_at_points_equal_the_index_there_and_refuse_other_points():
     at = CountsAtPoints.of(index, q_key, q_t)
     np.testing.assert_array_equal(at.count_before(q_key, q_t), index.count_before(q_key, q_t))
     assert at.points.size <= 300
+    with pytest.raises(ValueError, match="fixed points only"):
+        at.count_before(np.array([q_key[0]]), np.array([q_t[0] + 10**7]))
+
+
+@pytest.mark.parametrize("key_scale", [1, 2**50])  # 2**50: a layout coarser than 1 us
+def test_counts_at_points_from_streamed_events_equal_an_index_of_them(monkeypatch, key_scale):
+    monkeypatch.setattr(exposures, "_EVENT_BATCH", 1_000)  # several batches
+    key, _, t = _events(20_000)
+    key = key * key_scale
+    con = duckdb.connect()
+    con.register("events", pl.DataFrame({"k": key, "t": t}).to_arrow())
+    rng = np.random.default_rng(3)
+    # Asked: keys with events, keys without, times before, among and after the events;
+    # keys 0..9 are never asked, so their events must count nowhere.
+    q_key = rng.integers(10, 45, 500) * key_scale
+    q_t = rng.integers(10**6 - 10, 10**6 + 5_010, 500)
+    bounds = (key.size, int(t.min()), int(t.max()))
+    at = exposures.counts_at_points(con, "select k, t from events", q_key, q_t, bounds)
+    lay = at.layout
+    assert (lay.resolution > 1) == (key_scale > 1)
+    index = TimeIndex(np.sort(key * lay.step + (t - lay.t0) // lay.resolution), lay)
+    want = index.count_before(q_key, q_t)
+    np.testing.assert_array_equal(at.count_before(q_key, q_t), want)
+    assert want.min() == 0 and want.max() > 100
     with pytest.raises(ValueError, match="fixed points only"):
         at.count_before(np.array([q_key[0]]), np.array([q_t[0] + 10**7]))
 

@@ -24,9 +24,14 @@ from feed_dagster.data.warehouse import connect_read_only
 from feed_dagster.metrics.classic import positive_rows_sql
 from feed_dagster.metrics.fit_store import fit_name_in_warehouse
 from feed_dagster.models.catalog import ItemCatalog
-from feed_dagster.models.counts import CountsAtPoints
 from feed_dagster.models.engagement_log import EveryonesPositives
-from feed_dagster.models.exposures import _index, _only, catalog_frame, spilling
+from feed_dagster.models.exposures import (
+    catalog_frame,
+    counts_at_points,
+    rows_of_keys,
+    spilling,
+    time_bounds,
+)
 
 
 @dataclass(frozen=True)
@@ -89,24 +94,23 @@ class WarehouseEngagements:
         con = connect_read_only(self.path)
         try:
             with spilling(con, "positives-"):
-                con.register("positive_catalog", catalog_frame(catalog).to_arrow())
+                items = catalog_frame(catalog)
+                con.register("positive_posts", rows_of_keys(items, "item", item))
+                con.register("positive_authors", rows_of_keys(items, "author", author))
                 columns = {r[0] for r in con.execute("describe main.engagements").fetchall()}
                 positive = positive_rows_sql(columns) or "false"
+                bounds = time_bounds(con, "main.engagements", "engaged_at")
                 events = (
-                    "select c.item, c.author, coalesce(epoch_us(e.engaged_at), 0) as t "
-                    "from main.engagements e join positive_catalog c using (article_id) "
+                    "select c.{} as k, coalesce(epoch_us(e.engaged_at), 0) as t "
+                    f"from main.engagements e join positive_{{}}s c using (article_id) "
                     f"where {positive}"
                 )
-                posts = _index(con, _only(con, f"select item as k, t from ({events})", "k", item))
-                by_post = CountsAtPoints.of(posts, item, time_us)
-                del posts
-                authors = _index(
-                    con,
-                    _only(
-                        con, f"select author as k, t from ({events}) where author >= 0", "k", author
+                return EveryonesPositives(
+                    counts_at_points(con, events.format("item", "post"), item, time_us, bounds),
+                    counts_at_points(
+                        con, events.format("author", "author"), author, time_us, bounds
                     ),
                 )
-                return EveryonesPositives(by_post, CountsAtPoints.of(authors, author, time_us))
         finally:
             con.close()
 
