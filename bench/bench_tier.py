@@ -3,6 +3,7 @@ memory of the whole process tree, per phase and per step, against the tier's tar
 
     .venv/bin/python bench/bench_tier.py --tier m          # ~1 h on 2 cores
     .venv/bin/python bench/bench_tier.py --tier tiny --no-write
+    .venv/bin/python bench/bench_tier.py --tier l --no-write --stop-after-shards 4
 
 The run is the README's `feed-dagster run` in a child process (FEED_DAGSTER_SOURCE=
 synthetic:<tier>, a fresh FEED_DAGSTER_DATA and DAGSTER_HOME). Every second the memory of
@@ -46,6 +47,8 @@ SCALING = ROOT / "docs" / "SCALING.md"
 TARGETS = {"m": (8.0, 30.0), "l": (20.0, 180.0)}
 # `feed-dagster run` starts each phase with "- <phase> (...) ..." or "- user_feeds: ...".
 PHASE_START = re.compile(r"^- (?P<phase>[^:(]+?)(?: \(.*\))? \.\.\.$|^- (?P<shards>user_feeds): ")
+# ... and counts its shards as they end.
+SHARDS_DONE = re.compile(r"^\s+(?P<done>\d+)/\d+ shards done$")
 
 
 def tree_memory_mib(root_pid: int) -> tuple[float, float]:
@@ -179,6 +182,7 @@ def report(
     commit: str,
     load: tuple[float, float],
     ok: bool,
+    stopped_after: int | None = None,
 ) -> str:
     target = TARGETS.get(tier)
     lines = [
@@ -190,6 +194,10 @@ def report(
         "",
     ]
     verdict = "finished" if ok else "FAILED"
+    if stopped_after is not None:
+        shards = "shard" if stopped_after == 1 else "shards"
+        verdict = f"stopped after {stopped_after} {shards} (--stop-after-shards): not the whole run"
+        target = None
     if sampler.killed_at_mib is not None:
         verdict = f"killed at {gib(sampler.killed_at_mib)} (over --limit-gib)"
     head = f"**The run: {minutes(wall)}, peak {gib(sampler.peak_mib)} (tree), {verdict}.**"
@@ -232,6 +240,14 @@ def main() -> None:
     parser.add_argument("--limit-gib", type=float, default=None, help="kill the run past this")
     parser.add_argument("--keep", type=Path, default=None, help="data root to keep (default: temp)")
     parser.add_argument("--no-write", action="store_true", help="print only")
+    parser.add_argument(
+        "--stop-after-shards",
+        type=int,
+        default=None,
+        help="stop the run once this many shards are done (0: as the shards start); for "
+        "tiers whose whole run outlasts a sitting, the steps before the shards measured "
+        "in one run",
+    )
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory(prefix=f"bench-tier-{args.tier}-") as tmp:
@@ -268,6 +284,7 @@ def main() -> None:
         thread.start()
         phase_seconds: dict[str, float] = {}
         phase_t0 = t0
+        stopped = None
         try:
             assert child.stdout is not None
             for line in child.stdout:
@@ -278,6 +295,14 @@ def main() -> None:
                     phase_seconds[sampler.phase] = now - phase_t0
                     sampler.phase = match["phase"] or match["shards"]
                     phase_t0 = now
+                if args.stop_after_shards is not None and sampler.phase == "user_feeds":
+                    done = SHARDS_DONE.match(line.rstrip())
+                    if (done and int(done["done"]) >= args.stop_after_shards) or (
+                        match and args.stop_after_shards == 0
+                    ):
+                        stopped = sampler.phase
+                        os.killpg(child.pid, signal.SIGKILL)
+                        break
             code = child.wait()
         except KeyboardInterrupt:
             os.killpg(child.pid, signal.SIGKILL)
@@ -295,11 +320,12 @@ def main() -> None:
             commit,
             (load_before, os.getloadavg()[0]),
             code == 0,
+            args.stop_after_shards if stopped else None,
         )
         print("\n" + body)
         if not args.no_write:
             write_section(f"tier-{args.tier}", body, doc=SCALING)
-        if code != 0:
+        if code != 0 and not stopped:
             raise SystemExit(f"feed-dagster run exited with {code}")
 
 
