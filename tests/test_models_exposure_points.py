@@ -51,7 +51,9 @@ def test_counts_at_points_from_streamed_events_equal_an_index_of_them(monkeypatc
     q_key = rng.integers(10, 45, 500) * key_scale
     q_t = rng.integers(10**6 - 10, 10**6 + 5_010, 500)
     bounds = (key.size, int(t.min()), int(t.max()))
-    at = exposures.counts_at_points(con, "select k, t from events", q_key, q_t, bounds)
+    counts = exposures.PointCounts(q_key, q_t, bounds)
+    exposures.stream_counts(con, f"select {counts.event('k', 't')} from events", [counts])
+    at = counts.counts()
     lay = at.layout
     assert (lay.resolution > 1) == (key_scale > 1)
     index = TimeIndex(np.sort(key * lay.step + (t - lay.t0) // lay.resolution), lay)

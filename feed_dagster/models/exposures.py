@@ -20,7 +20,6 @@ from datetime import UTC, datetime
 import duckdb
 import numpy as np
 import polars as pl
-import pyarrow as pa
 
 from feed_dagster.artifacts import Location
 from feed_dagster.data.warehouse import connect_read_only
@@ -208,37 +207,37 @@ class ExposureLog:
         users: np.ndarray | None,
         points: ExposurePoints,
     ) -> ExposureLog:
-        """The four counts at `points` only (see counts_at_points), each from one pass over
-        the events of the keys the points ask about: the log's rows joined to the catalog
-        rows of the points' posts, or of their authors' posts, and for the per-user counts
-        the rows of `users` (None: everyone) joined to the whole catalog."""
+        """The four counts at `points` only (see PointCounts), from two passes over the
+        log: its rows joined to the catalog rows of the points' posts and of their
+        authors' posts (everyone's counts), and the rows of `users` (None: everyone)
+        joined to the whole catalog (the per-user counts)."""
         p = points
         author_id = catalog.author_id[p.item]
         # Rows of unknown authors ask author 0, as EngagementLog.author_counts does.
         author_of = np.maximum(author_id, 0)
         topic_of = catalog.topic[p.item].astype(np.int64)
         bounds = time_bounds(con, source, "shown_at")
-        rows = bounds[0]
-        items = catalog_frame(catalog)
-        con.register("exposure_points_posts", rows_of_keys(items, "item", p.item))
-        con.register("exposure_points_authors", rows_of_keys(items, "author", author_of))
-        shown = f"{_SHOWN_US} as t from {source} e join exposure_points_{{}} c using (article_id)"
-        post = f"select c.item as k, {shown.format('posts')}"
-        author = f"select c.author as k, {shown.format('authors')}"
+        shown = f"select article_id, {_SHOWN_US} as t from {source} e"
+        by_post, by_author = post_and_author_counts(
+            con, shown, catalog_frame(catalog), p.item, author_of, p.time_us, bounds
+        )
         scoped = source
         if users is not None:
             scoped = f"(select * from {source} semi join exposure_users using (user_id))"
-        exposed = _EXPOSED.format(source=scoped)
+        pairs = _user_pair_counts(
+            con,
+            _EXPOSED.format(source=scoped),
+            p.user,
+            {"topic": topic_of, "author": author_id},
+            p.time_us,
+            bounds,
+        )
         return cls(
-            rows=rows,
-            shown_post=counts_at_points(con, post, p.item, p.time_us, bounds),
-            shown_author_everyone=counts_at_points(con, author, author_of, p.time_us, bounds),
-            shown_topic=_pairs_at_points(
-                con, exposed, "topic", p.user, topic_of, p.time_us, bounds
-            ),
-            shown_author=_pairs_at_points(
-                con, exposed, "author", p.user, author_id, p.time_us, bounds
-            ),
+            rows=bounds[0],
+            shown_post=by_post,
+            shown_author_everyone=by_author,
+            shown_topic=pairs["topic"],
+            shown_author=pairs["author"],
             users=users,
         )
 
@@ -358,89 +357,141 @@ def _only(con: duckdb.DuckDBPyConnection, events: str, column: str, keys: np.nda
 def time_bounds(con: duckdb.DuckDBPyConnection, table: str, column: str) -> tuple[int, int, int]:
     """(rows, first and last time in us, 0 when unknown) of the timestamp `column` of
     `table`: one pass over one column, bounds for the events of any keys of it (see
-    counts_at_points)."""
+    PointCounts)."""
     t = f"coalesce(epoch_us({column}), 0)"
     n, t_min, t_max = con.execute(f"select count(*), min({t}), max({t}) from {table}").fetchone()
     return int(n), t_min or 0, t_max or 0
 
 
-def rows_of_keys(items: pl.DataFrame, column: str, keys: np.ndarray) -> pa.Table:
-    """The rows of a catalog_frame whose `column` (item or author) is one of `keys`: joined
-    to the log, the events of those keys only, before any other key's reach a join."""
-    return items.filter(pl.col(column).is_in(unique(np.asarray(keys, np.int64)))).to_arrow()
+class PointCounts:
+    """Counts of events at fixed (key, time) points, each point's events of its key strictly
+    before its time, under a layout for keys up to the points' largest and times within
+    `bounds` (rows, first and last time of a set of events holding these): the counts
+    CountsAtPoints.of takes from a TimeIndex of the same events, without building the index.
+
+    The events stream past the sorted points once (`add`, a batch at a time): each is
+    counted at the first point of its key after it, and a running sum over each key's
+    points gives the counts. Events of keys no point asks about are never counted. At 1M
+    users an index of everyone's exposures to the points' authors held 417M keys for DuckDB
+    to sort (past its memory limit, on disk) and hand over whole, to be asked at about a
+    million points."""
+
+    def __init__(self, key: np.ndarray, time_us: np.ndarray, bounds: tuple[int, int, int]):
+        key = np.asarray(key, dtype=np.int64)
+        n, t_min, t_max = bounds
+        self.layout = KeyLayout.of(n, int(key.max()) if key.size else 0, t_min, t_max)
+        self.points = unique(_point_keys(self.layout, key, time_us))
+        self._counted = np.zeros(self.points.size, dtype=np.int64)
+
+    def event(self, key: str, time_us: str) -> str:
+        """SQL of an event's key under the layout, from SQL of its key and its time."""
+        lay = self.layout
+        return f"{key} * {lay.step} + ({time_us} - {lay.t0}) // {lay.resolution}"
+
+    def add(self, events: np.ndarray) -> None:
+        """Count a batch of events (`event` keys, in any order; negative: not an event)."""
+        if not self.points.size:
+            return
+        # Sorted first (a batch's order does not matter here): searching ascending needles
+        # walks the points once, 0.10 s for 2M needles into 1.2M points against 0.59 s for
+        # search_sorted, which keeps their order.
+        e = np.sort(events)
+        e = e[np.searchsorted(e, 0) :]
+        at = np.searchsorted(self.points, e, side="right")
+        inside = at < self.points.size
+        at, e = at[inside], e[inside]
+        step = self.layout.step
+        at = at[self.points[at] // step == e // step]
+        self._counted += np.bincount(at, minlength=self.points.size)
+
+    def counts(self) -> CountsAtPoints:
+        running = np.cumsum(self._counted)
+        keys = self.points // self.layout.step
+        starts = np.flatnonzero(np.r_[True, keys[1:] != keys[:-1]])
+        before = (running - self._counted)[starts]
+        sizes = np.diff(np.r_[starts, self.points.size])
+        counts = (running - np.repeat(before, sizes)).astype(np.float32)
+        return CountsAtPoints(self.points, counts, self.layout)
 
 
-def counts_at_points(
+def stream_counts(con: duckdb.DuckDBPyConnection, query: str, counts: list[PointCounts]) -> None:
+    """Count the events of `query`, whose i-th column holds those of `counts[i]` (-1 in a
+    row that is none of its), in one pass."""
+    result = con.execute(query)
+    for batch in getattr(result, "to_arrow_reader", result.fetch_record_batch)(_EVENT_BATCH):
+        for i, c in enumerate(counts):
+            c.add(batch.column(i).to_numpy())
+
+
+def post_and_author_counts(
     con: duckdb.DuckDBPyConnection,
     events: str,
-    key: np.ndarray,
+    items: pl.DataFrame,
+    item: np.ndarray,
+    author: np.ndarray,
     time_us: np.ndarray,
     bounds: tuple[int, int, int],
-) -> CountsAtPoints:
-    """Each point's events (`events`: columns k, t) of its key strictly before its time,
-    under a layout for keys up to the points' largest and times within `bounds` (rows,
-    first and last time of a set of events holding these): the counts CountsAtPoints.of
-    takes from a TimeIndex of the same events, without building the index.
-
-    The events stream past the sorted points once: each is counted at the first point of
-    its key after it, and a running sum over each key's points gives the counts. Events
-    of keys no point asks about are never counted, so `events` need not leave them out.
-    At 1M users an index of everyone's exposures to the points' authors held some 400M
-    keys for DuckDB to sort (past its memory limit, on disk) and hand over whole, to be
-    asked at about a million points."""
-    key = np.asarray(key, dtype=np.int64)
-    n, t_min, t_max = bounds
-    layout = KeyLayout.of(n, int(key.max()) if key.size else 0, t_min, t_max)
-    points = unique(_point_keys(layout, key, time_us))
-    counted = np.zeros(points.size, dtype=np.int64)
-    if points.size and n:
-        result = con.execute(
-            f"select k * $step + (t - $t0) // $resolution as e from ({events})",
-            {"step": layout.step, "t0": layout.t0, "resolution": layout.resolution},
-        )
-        for batch in getattr(result, "to_arrow_reader", result.fetch_record_batch)(_EVENT_BATCH):
-            # Sorted first (the order of a batch does not matter here): searching ascending
-            # needles walks the points once, 0.10 s for 2M needles into 1.2M points against
-            # 0.59 s for search_sorted, which keeps their order.
-            e = np.sort(batch.column(0).to_numpy())
-            at = np.searchsorted(points, e, side="right")
-            inside = at < points.size
-            at, e = at[inside], e[inside]
-            at = at[points[at] // layout.step == e // layout.step]
-            counted += np.bincount(at, minlength=points.size)
-    running = np.cumsum(counted)
-    starts = np.flatnonzero(np.r_[True, np.diff(points // layout.step) != 0])
-    before = (running - counted)[starts]
-    sizes = np.diff(np.r_[starts, points.size])
-    counts = (running - np.repeat(before, sizes)).astype(np.float32)
-    return CountsAtPoints(points, counts, layout)
+) -> tuple[CountsAtPoints, CountsAtPoints]:
+    """Counts at the points (item[i], time_us[i]) and (author[i], time_us[i]) of `events`
+    (columns article_id, t) by catalog row and by author (`items`: a catalog_frame), from
+    one pass over the events of the points' posts and of their authors' posts: DuckDB
+    joins each event to its catalog row once, and the rows of posts nobody asks about
+    never leave it."""
+    posts = PointCounts(item, time_us, bounds)
+    authors = PointCounts(author, time_us, bounds)
+    asked = items.with_columns(
+        post=pl.col("item").is_in(unique(np.asarray(item, np.int64))),
+        by_author=pl.col("author").is_in(unique(np.asarray(author, np.int64))),
+    ).filter(pl.col("post") | pl.col("by_author"))
+    con.register("counted_posts", asked.to_arrow())
+    stream_counts(
+        con,
+        f"select case when c.post then {posts.event('c.item', 'e.t')} else -1 end, "
+        f"case when c.by_author then {authors.event('c.author', 'e.t')} else -1 end "
+        f"from ({events}) e join counted_posts c using (article_id)",
+        [posts, authors],
+    )
+    con.unregister("counted_posts")
+    return posts.counts(), authors.counts()
 
 
-def _pairs_at_points(
+def _user_pair_counts(
     con: duckdb.DuckDBPyConnection,
     exposed: str,
-    attribute: str,
     user: np.ndarray,
-    value: np.ndarray,
+    by_attribute: dict[str, np.ndarray],
     time_us: np.ndarray,
     bounds: tuple[int, int, int],
-) -> PairCounter:
-    """(user, attribute) exposures counted at the points (user[i], value[i], time_us[i]):
+) -> dict[str, PairCounter]:
+    """(user, attribute) exposures counted at the points (user[i], values[i], time_us[i]),
+    for each attribute (topic, author) and its `values`, from one pass over `exposed`:
     every pair asked about keeps its counts at its points (zero for a pair never shown)."""
-    key = pair_key(user, value)
-    known = key >= 0
-    pairs = unique(key[known])
-    name = f"exposure_points_{attribute}_pairs"
-    con.register(
-        name, pl.DataFrame({"pk": pairs, "dense": np.arange(pairs.size, dtype=np.int64)}).to_arrow()
+    out, counts, keys, joins = {}, [], [], []
+    times = np.asarray(time_us, np.int64)
+    for name, values in by_attribute.items():
+        key = pair_key(user, values)
+        known = key >= 0
+        pairs = unique(key[known])
+        table = f"exposure_points_{name}_pairs"
+        dense = np.arange(pairs.size, dtype=np.int64)
+        con.register(table, pl.DataFrame({"pk": pairs, "dense": dense}).to_arrow())
+        counted = PointCounts(search_sorted(pairs, key[known]), times[known], bounds)
+        out[name] = (pairs, counted)
+        counts.append(counted)
+        keys.append(f"case when {name} >= 0 then user_id * {PAIR_BASE} + {name} end as {name}_pk")
+        joins.append(f"left join {table} {name}_p on {name}_p.pk = e.{name}_pk")
+    events = ", ".join(
+        f"coalesce({c.event(f'{n}_p.dense', 'e.t')}, -1)"
+        for n, c in zip(by_attribute, counts, strict=True)
     )
-    events = (
-        f"select p.dense as k, e.t from (select user_id * {PAIR_BASE} + {attribute} as pk, t "
-        f"from ({exposed}) where {attribute} >= 0) e join {name} p using (pk)"
+    matched = " or ".join(f"{n}_p.dense is not null" for n in by_attribute)
+    stream_counts(
+        con,
+        f"select {events} from (select {', '.join(keys)}, t from ({exposed})) e "
+        f"{' '.join(joins)} where {matched}",
+        counts,
     )
-    dense = search_sorted(pairs, key[known])
-    times = np.broadcast_to(np.asarray(time_us, np.int64), key.shape)[known]
-    return PairCounter(pairs, counts_at_points(con, events, dense, times, bounds))
+    return {name: PairCounter(pairs, c.counts()) for name, (pairs, c) in out.items()}
 
 
 def _pairs(

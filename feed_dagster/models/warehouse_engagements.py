@@ -27,8 +27,7 @@ from feed_dagster.models.catalog import ItemCatalog
 from feed_dagster.models.engagement_log import EveryonesPositives
 from feed_dagster.models.exposures import (
     catalog_frame,
-    counts_at_points,
-    rows_of_keys,
+    post_and_author_counts,
     spilling,
     time_bounds,
 )
@@ -86,7 +85,7 @@ class WarehouseEngagements:
         strictly before `time_us[i]`, kept at those points only (CountsAtPoints): what
         EveryonesPositives.of counts from every row, for a trainer whose slates, and so
         whose points, are known up front. DuckDB hands over the events of the asked posts
-        and authors only, one index at a time."""
+        and of their authors' posts only, in one pass."""
         item = np.asarray(item, dtype=np.int64)
         time_us = np.asarray(time_us, dtype=np.int64)
         # Rows of unknown authors ask author 0, as EngagementLog.author_counts does.
@@ -94,22 +93,17 @@ class WarehouseEngagements:
         con = connect_read_only(self.path)
         try:
             with spilling(con, "positives-"):
-                items = catalog_frame(catalog)
-                con.register("positive_posts", rows_of_keys(items, "item", item))
-                con.register("positive_authors", rows_of_keys(items, "author", author))
                 columns = {r[0] for r in con.execute("describe main.engagements").fetchall()}
                 positive = positive_rows_sql(columns) or "false"
                 bounds = time_bounds(con, "main.engagements", "engaged_at")
                 events = (
-                    "select c.{} as k, coalesce(epoch_us(e.engaged_at), 0) as t "
-                    f"from main.engagements e join positive_{{}}s c using (article_id) "
-                    f"where {positive}"
+                    "select article_id, coalesce(epoch_us(engaged_at), 0) as t "
+                    f"from main.engagements where {positive}"
                 )
                 return EveryonesPositives(
-                    counts_at_points(con, events.format("item", "post"), item, time_us, bounds),
-                    counts_at_points(
-                        con, events.format("author", "author"), author, time_us, bounds
-                    ),
+                    *post_and_author_counts(
+                        con, events, catalog_frame(catalog), item, author, time_us, bounds
+                    )
                 )
         finally:
             con.close()
