@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+import duckdb
 import numpy as np
 import polars as pl
 import pytest
@@ -95,6 +96,24 @@ def test_a_small_budget_samples_whole_impressions_and_users(warehouse, tiny_worl
     assert again["impressions"].equals(imp)
     other, _ = read_training_tables(warehouse, TABLES, replace(budget, seed=1))
     assert set(other["impressions"]["impression_id"]) != set(imp["impression_id"])
+
+
+def test_each_period_keeps_its_first_impressions_by_the_seeded_hash(warehouse, tiny_world):
+    budget = TrainingBudget(train_slates=200, valid_slates=30, heldout_users=25, seed=3)
+    tables, sample = read_training_tables(warehouse, TABLES, budget)
+    got = _periods(tables["impressions"], sample.valid_start)
+    # The definition, spelled out by numbering each period's impressions in hash order.
+    con = duckdb.connect()
+    full = _periods(tiny_world.impressions, None)
+    for period, n in (("train", 200), ("valid", 30)):
+        ids = pl.DataFrame({"impression_id": sorted(full[period])})
+        con.register("ids", ids.to_arrow())
+        first = con.execute(
+            "select impression_id from (select impression_id, row_number() over "
+            "(order by hash(impression_id, 3), impression_id) as r from ids) where r <= $n",
+            {"n": n},
+        ).fetchall()
+        assert got[period] == {r[0] for r in first}
 
 
 def test_models_train_on_a_sample_within_its_budget(warehouse, tiny_world):

@@ -129,19 +129,20 @@ select impression_id, user_id, shown_at,
 from imp
 """
 
-# The budget's share of each period: whole impressions, by a seeded hash of their ids.
+# The budget's share of each period: whole impressions, by a seeded hash of their ids. Each
+# period's first n by hash is a top-n query, which DuckDB answers with a heap: at 1M users
+# (41M impressions) 3.2 s against 69.5 s for numbering every impression of its period in
+# hash order (row_number() over a sort), the same sample.
 _SAMPLE_SQL = f"""
-with heldout_users as ({HELDOUT_USERS_SQL} limit $heldout_users),
-ranked as (
-    select *, row_number() over (
-        partition by period order by hash(impression_id, $seed), impression_id
-    ) as r
-    from periods
-)
-select impression_id, period from ranked
-where (period = 'train' and r <= $train_slates)
-   or (period = 'valid' and r <= $valid_slates)
-   or (period = 'heldout' and user_id in (select user_id from heldout_users))
+with heldout_users as ({HELDOUT_USERS_SQL} limit $heldout_users)
+(select impression_id, period from periods where period = 'train'
+ order by hash(impression_id, $seed), impression_id limit $train_slates)
+union all
+(select impression_id, period from periods where period = 'valid'
+ order by hash(impression_id, $seed), impression_id limit $valid_slates)
+union all
+(select impression_id, period from periods
+ where period = 'heldout' and user_id in (select user_id from heldout_users))
 """
 
 # A users-only read's rows of a table: the sampled impressions' users' own.
