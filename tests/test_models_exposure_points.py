@@ -11,8 +11,9 @@ from feed_dagster.data.world_tables import world_from_tables
 from feed_dagster.embeddings import LexicalEncoder
 from feed_dagster.models import exposures, train
 from feed_dagster.models.budget import TrainingBudget, read_training_tables
-from feed_dagster.models.catalog import FeatureConfig
-from feed_dagster.models.counts import CountsAtPoints, PairCounter, TimeIndex, time_index
+from feed_dagster.models.catalog import FeatureConfig, ItemCatalog
+from feed_dagster.models.counts import CountsAtPoints, TimeIndex, time_index
+from feed_dagster.models.exposures import ExposureLog
 from feed_dagster.models.ranker_data import PROFILE_FEATURES
 from feed_dagster.models.train import prepare_training_data
 
@@ -64,24 +65,37 @@ def test_counts_at_points_from_streamed_events_equal_an_index_of_them(monkeypatc
         at.count_before(np.array([q_key[0]]), np.array([q_t[0] + 10**7]))
 
 
-def test_pair_counts_at_points_equal_the_full_counter_there():
-    user, attr, t = _events()
-    full = PairCounter.build(user, attr, t)
-    rng = np.random.default_rng(2)
-    q_user, q_attr = rng.integers(0, 45, 400), rng.integers(-1, 11, 400)  # unknown and new
-    q_t = rng.integers(10**6, 10**6 + 5_000, 400)
-    cut = full.at_points(q_user, q_attr, q_t)
-    np.testing.assert_array_equal(cut.before(q_user, q_attr, q_t), full.before(q_user, q_attr, q_t))
-    assert cut.pairs.size < full.pairs.size
-    # A pair nobody queried counts zero; a queried one at another time is refused.
-    known = np.flatnonzero(np.isin(q_user * 2**31 + q_attr, cut.pairs))[0]
-    with pytest.raises(ValueError, match="fixed points only"):
-        cut.before(q_user[[known]], q_attr[[known]], q_t[[known]] + 1)
-
-
 @pytest.fixture(scope="module")
 def warehouse(tmp_path_factory, tiny_world, make_warehouse):
     return make_warehouse(tmp_path_factory.mktemp("points") / "warehouse.duckdb", tiny_world)
+
+
+def test_every_count_at_the_points_equals_the_whole_logs_there(warehouse, tiny_world):
+    articles = tiny_world.articles
+    vectors = np.zeros((articles.height, 4), np.float32)
+    catalog = ItemCatalog.build(articles, vectors, FEATURES)
+    slates = tiny_world.impressions.filter(pl.col("impression_id") % 3 == 0)
+    p = train.exposure_points(slates, catalog)
+    users = np.unique(p.user)
+    at = ExposureLog.from_warehouse(warehouse, catalog, users, points=p)
+    whole = ExposureLog.from_warehouse(warehouse, catalog, users)
+    author, topic = catalog.author_id[p.item], catalog.topic[p.item].astype(np.int64)
+    author_of = np.maximum(author, 0)
+    pairs = [
+        (at.shown_post.count_before, whole.shown_post.count_before, (p.item,)),
+        (
+            at.shown_author_everyone.count_before,
+            whole.shown_author_everyone.count_before,
+            (author_of,),
+        ),
+        (at.shown_topic.before, whole.shown_topic.before, (p.user, topic)),
+        (at.shown_author.before, whole.shown_author.before, (p.user, author)),
+    ]
+    for got, want, keys in pairs:
+        expected = want(*keys, p.time_us)
+        np.testing.assert_array_equal(got(*keys, p.time_us), expected)
+        assert expected.max() > 0 and expected.min() == 0
+    assert at.rows == whole.rows == tiny_world.impressions.height
 
 
 def test_ranker_groups_are_the_same_with_counts_kept_at_their_points(warehouse, monkeypatch):

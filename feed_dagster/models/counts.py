@@ -229,25 +229,6 @@ class PairCounter:
         known = key >= 0
         return cls.build(user[known], key[known], time_us[known])
 
-    def at_points(self, a: np.ndarray, b: np.ndarray, time_us: np.ndarray) -> PairCounter:
-        """This counter's counts at the points (a[i], b[i], time_us[i]) only: the pairs
-        queried that have events, each with its counts at its queried times (a TimeIndex
-        index is needed). Pairs without events still count zero anywhere."""
-        assert isinstance(self.index, TimeIndex)
-        key = pair_key(a, b)
-        time_us = np.broadcast_to(np.asarray(time_us, np.int64), key.shape)
-        pos, found = self._find(key)
-        pairs = unique(key[found])
-        # Count at the old dense ids, store under the new ones (ranks among `pairs`): the
-        # new ids are no larger, so the old layout still fits them.
-        lay = self.index.layout
-        points = unique(_point_keys(lay, pos[found], time_us[found]))
-        old, step = points // lay.step, points % lay.step
-        counts = self.index.count_before(old, lay.t0 + step * lay.resolution)
-        new = search_sorted(pairs, self.pairs[old]) * lay.step + step
-        order = np.argsort(new, kind="stable")
-        return PairCounter(pairs, CountsAtPoints(new[order], counts[order], lay))
-
     def _find(self, key: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(position in `pairs`, whether the pair is there) of `pair_key`s; an unknown b's
         key (-1) is never there."""

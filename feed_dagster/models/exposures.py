@@ -344,16 +344,6 @@ def _index(
     return TimeIndex(np.asarray(keys, dtype=np.int64), layout)
 
 
-def _only(con: duckdb.DuckDBPyConnection, events: str, column: str, keys: np.ndarray) -> str:
-    """`events` restricted to the rows whose `column` is one of `keys` (negative keys, which
-    no event has, are left out). The keys are registered under one name per column, so the
-    query is good until the next call for the same column."""
-    wanted = unique(np.asarray(keys, dtype=np.int64))
-    name = f"exposure_wanted_{column}"
-    con.register(name, pl.DataFrame({column: wanted[wanted >= 0]}).to_arrow())
-    return f"select * from ({events}) semi join {name} using ({column})"
-
-
 def time_bounds(con: duckdb.DuckDBPyConnection, table: str, column: str) -> tuple[int, int, int]:
     """(rows, first and last time in us, 0 when unknown) of the timestamp `column` of
     `table`: one pass over one column, bounds for the events of any keys of it (see
@@ -441,7 +431,8 @@ def post_and_author_counts(
     authors = PointCounts(author, time_us, bounds)
     asked = items.with_columns(
         post=pl.col("item").is_in(unique(np.asarray(item, np.int64))),
-        by_author=pl.col("author").is_in(unique(np.asarray(author, np.int64))),
+        by_author=pl.col("author").is_in(unique(np.asarray(author, np.int64)))
+        & (pl.col("author") >= 0),
     ).filter(pl.col("post") | pl.col("by_author"))
     con.register("counted_posts", asked.to_arrow())
     stream_counts(
@@ -494,16 +485,11 @@ def _user_pair_counts(
     return {name: PairCounter(pairs, c.counts()) for name, (pairs, c) in out.items()}
 
 
-def _pairs(
-    con: duckdb.DuckDBPyConnection, exposed: str, attribute: str, only: np.ndarray | None = None
-) -> PairCounter:
+def _pairs(con: duckdb.DuckDBPyConnection, exposed: str, attribute: str) -> PairCounter:
     """(user, attribute) exposures as a PairCounter: pairs get their rank among the distinct
-    pairs as dense id, as `PairCounter.build` gives them. With `only` (pair keys), the
-    exposures of those pairs alone."""
+    pairs as dense id, as `PairCounter.build` gives them."""
     pair = f"user_id * {PAIR_BASE} + {attribute}"
     known = f"select {pair} as pk, t from ({exposed}) where {attribute} >= 0"
-    if only is not None:
-        known = _only(con, known, "pk", only)
     # One pass over the exposures gives the distinct pairs and the index's stats (rows,
     # first and last time), which the join below then need not count.
     con.execute(
