@@ -63,6 +63,10 @@ def test_counts_at_points_from_streamed_events_equal_an_index_of_them(monkeypatc
     assert want.min() == 0 and want.max() > 100
     with pytest.raises(ValueError, match="fixed points only"):
         at.count_before(np.array([q_key[0]]), np.array([q_t[0] + 10**7]))
+    # No points (say, no post with a known author): nothing to count, nothing to answer.
+    none = exposures.PointCounts(np.zeros(0, np.int64), np.zeros(0, np.int64), bounds)
+    exposures.stream_counts(con, f"select {none.event('k', 't')} from events", [none])
+    assert none.counts().count_before(np.zeros(0, np.int64), np.zeros(0, np.int64)).size == 0
 
 
 @pytest.fixture(scope="module")

@@ -361,7 +361,8 @@ class PointCounts:
 
     The events stream past the sorted points once (`add`, a batch at a time): each is
     counted at the first point of its key after it, and a running sum over each key's
-    points gives the counts. Events of keys no point asks about are never counted. At 1M
+    points gives the counts. Events of keys no point asks about are never counted (keys
+    above the points' largest must not reach `event`, whose layout ends there). At 1M
     users an index of everyone's exposures to the points' authors held 417M keys for DuckDB
     to sort (past its memory limit, on disk) and hand over whole, to be asked at about a
     million points."""
@@ -374,7 +375,10 @@ class PointCounts:
         self._counted = np.zeros(self.points.size, dtype=np.int64)
 
     def event(self, key: str, time_us: str) -> str:
-        """SQL of an event's key under the layout, from SQL of its key and its time."""
+        """SQL of an event's key under the layout, from SQL of its key and its time (-1,
+        no event, when there are no points to count at)."""
+        if not self.points.size:
+            return "-1"
         lay = self.layout
         return f"{key} * {lay.step} + ({time_us} - {lay.t0}) // {lay.resolution}"
 
@@ -395,6 +399,8 @@ class PointCounts:
         self._counted += np.bincount(at, minlength=self.points.size)
 
     def counts(self) -> CountsAtPoints:
+        if not self.points.size:
+            return CountsAtPoints(self.points, np.zeros(0, np.float32), self.layout)
         running = np.cumsum(self._counted)
         keys = self.points // self.layout.step
         starts = np.flatnonzero(np.r_[True, keys[1:] != keys[:-1]])
