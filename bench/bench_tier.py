@@ -284,7 +284,7 @@ def main() -> None:
         thread.start()
         phase_seconds: dict[str, float] = {}
         phase_t0 = t0
-        stopped = None
+        stopped = False
         try:
             assert child.stdout is not None
             for line in child.stdout:
@@ -300,7 +300,7 @@ def main() -> None:
                     if (done and int(done["done"]) >= args.stop_after_shards) or (
                         match and args.stop_after_shards == 0
                     ):
-                        stopped = sampler.phase
+                        stopped = True
                         os.killpg(child.pid, signal.SIGKILL)
                         break
             code = child.wait()

@@ -19,6 +19,7 @@ from pathlib import Path
 import duckdb
 import numpy as np
 import polars as pl
+import pyarrow as pa
 
 from feed_dagster.artifacts import Location
 from feed_dagster.data.warehouse_store import connect_remote, is_remote_warehouse
@@ -212,9 +213,13 @@ def scan_batches(
     table that need not fit in memory."""
     con = connect_read_only(path)
     try:
-        result = con.execute(query, params or {})
-        # to_arrow_reader is the newer name (DuckDB 1.4+) of fetch_record_batch.
-        for batch in getattr(result, "to_arrow_reader", result.fetch_record_batch)(rows):
+        for batch in arrow_batches(con.execute(query, params or {}), rows):
             yield pl.from_arrow(batch)
     finally:
         con.close()
+
+
+def arrow_batches(result: duckdb.DuckDBPyConnection, rows: int) -> pa.RecordBatchReader:
+    """The rows of an executed query as Arrow record batches of up to `rows` rows."""
+    # to_arrow_reader is the newer name (DuckDB 1.4+) of fetch_record_batch.
+    return getattr(result, "to_arrow_reader", result.fetch_record_batch)(rows)

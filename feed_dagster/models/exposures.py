@@ -22,7 +22,7 @@ import numpy as np
 import polars as pl
 
 from feed_dagster.artifacts import Location
-from feed_dagster.data.warehouse import connect_read_only
+from feed_dagster.data.warehouse import arrow_batches, connect_read_only
 from feed_dagster.models.catalog import ItemCatalog, to_micros
 from feed_dagster.models.counts import (
     PAIR_BASE,
@@ -38,8 +38,14 @@ from feed_dagster.sorted_search import search_sorted, unique
 
 EXPOSURE_MEMORY = "2GB"
 
-# An impression's time in microseconds (0 when unknown).
-_SHOWN_US = "coalesce(epoch_us(e.shown_at), 0)"
+
+def micros_sql(column: str) -> str:
+    """SQL of a timestamp column in microseconds (0 when unknown), as the counts read times."""
+    return f"coalesce(epoch_us({column}), 0)"
+
+
+# An impression's time.
+_SHOWN_US = micros_sql("e.shown_at")
 # Every impression with its catalog row, the post's author and topic (-1: unknown) and time.
 _EXPOSED = f"""
 select e.user_id::bigint as user_id, c.item, c.author, c.topic, {_SHOWN_US} as t
@@ -348,7 +354,7 @@ def time_bounds(con: duckdb.DuckDBPyConnection, table: str, column: str) -> tupl
     """(rows, first and last time in us, 0 when unknown) of the timestamp `column` of
     `table`: one pass over one column, bounds for the events of any keys of it (see
     PointCounts)."""
-    t = f"coalesce(epoch_us({column}), 0)"
+    t = micros_sql(column)
     n, t_min, t_max = con.execute(f"select count(*), min({t}), max({t}) from {table}").fetchone()
     return int(n), t_min or 0, t_max or 0
 
@@ -413,8 +419,7 @@ class PointCounts:
 def stream_counts(con: duckdb.DuckDBPyConnection, query: str, counts: list[PointCounts]) -> None:
     """Count the events of `query`, whose i-th column holds those of `counts[i]` (-1 in a
     row that is none of its), in one pass."""
-    result = con.execute(query)
-    for batch in getattr(result, "to_arrow_reader", result.fetch_record_batch)(_EVENT_BATCH):
+    for batch in arrow_batches(con.execute(query), _EVENT_BATCH):
         for i, c in enumerate(counts):
             c.add(batch.column(i).to_numpy())
 

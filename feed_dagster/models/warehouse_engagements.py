@@ -27,6 +27,7 @@ from feed_dagster.models.catalog import ItemCatalog
 from feed_dagster.models.engagement_log import EveryonesPositives
 from feed_dagster.models.exposures import (
     catalog_frame,
+    micros_sql,
     post_and_author_counts,
     spilling,
     time_bounds,
@@ -58,7 +59,7 @@ class WarehouseEngagements:
         try:
             columns = {r[0] for r in con.execute("describe main.engagements").fetchall()}
             positive = positive_rows_sql(columns) or "false"
-            t = "coalesce(epoch_us(engaged_at), 0)"
+            t = micros_sql("engaged_at")
             counts = "".join(
                 f", count(*) filter (where ({positive}) and {t} < {at}) as n{i}"
                 for i, at in enumerate(times)
@@ -97,7 +98,7 @@ class WarehouseEngagements:
                 positive = positive_rows_sql(columns) or "false"
                 bounds = time_bounds(con, "main.engagements", "engaged_at")
                 events = (
-                    "select article_id, coalesce(epoch_us(engaged_at), 0) as t "
+                    f"select article_id, {micros_sql('engaged_at')} as t "
                     f"from main.engagements where {positive}"
                 )
                 return EveryonesPositives(
